@@ -1,0 +1,358 @@
+"""Pydantic models for the indexer's configuration, loadable from the upstream camelCase form.
+
+Every model forbids unknown keys (the error names the key), accepts both the camelCase name used
+in upstream llm-d YAML (``tokenProcessorConfig.blockSize``) and the Python snake_case name, and
+defaults every field. `load_model` turns pydantic's errors into a `ConfigError` whose path names
+the offending key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from kvaware_scorer.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_TIER_WEIGHTS",
+    "ConfigModel",
+    "HFTokenizerConfig",
+    "InMemoryIndexConfig",
+    "IndexerConfig",
+    "KVBlockIndexConfig",
+    "KVCacheBackendConfig",
+    "KVEventsConfig",
+    "LocalTokenizerConfig",
+    "PrefixStoreConfig",
+    "RedisIndexConfig",
+    "TokenProcessorConfig",
+    "TokenizersPoolConfig",
+    "format_validation_error",
+    "load_model",
+]
+
+HashAlgorithm = Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]
+KeyMode = Literal["derived", "vllm"]
+
+#: Tier weights used when `kvCacheBackendConfigs` is not given (upstream: gpu 1.0, cpu 0.8).
+DEFAULT_TIER_WEIGHTS: dict[str, float] = {"gpu": 1.0, "cpu": 0.8, "storage": 0.5}
+
+
+class ConfigModel(BaseModel):
+    """Base for every config model: camelCase aliases, snake_case accepted, unknown keys refused."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=to_camel,
+        validate_default=True,
+    )
+
+
+class TokenProcessorConfig(ConfigModel):
+    """How prompts are cut into blocks and keyed (`tokenProcessorConfig`).
+
+    Attributes:
+        block_size: Tokens per block (vLLM's default is 16). Under ``derived`` keys it need not
+            equal the engine's block size as long as it divides it (events are re-chunked).
+        hash_seed: Under ``derived`` keys, mixed into every key. Under ``vllm`` keys it is the
+            pods' ``PYTHONHASHSEED``; empty means unset (vLLM then seeds with "vllm-none-hash").
+        hash_algorithm: vLLM's ``--prefix-caching-hash-algo`` (``vllm`` key mode only).
+        key_mode: ``derived`` (default: our own fast chained keys, derived from event tokens) or
+            ``vllm`` (reproduce vLLM's block hashes exactly; needs algorithm, seed, block size).
+        lora_adapters: LoRA name -> adapter path, needed in ``vllm`` key mode because vLLM
+            hashes ``("lora", name, path)`` while its events carry only the name.
+    """
+
+    block_size: int = Field(16, ge=1, le=4096)
+    hash_seed: str = ""
+    hash_algorithm: HashAlgorithm = "sha256"
+    key_mode: KeyMode = "derived"
+    lora_adapters: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_block_size_tokens(cls, data: Any) -> Any:
+        # NOTE: newer upstream releases renamed blockSize -> blockSizeTokens; accept both.
+        if isinstance(data, Mapping) and "blockSizeTokens" in data:
+            data = dict(data)
+            value = data.pop("blockSizeTokens")
+            if "blockSize" in data or "block_size" in data:
+                raise ValueError("give blockSize or blockSizeTokens, not both")
+            data["blockSize"] = value
+        return data
+
+    @field_validator("hash_seed", mode="before")
+    @classmethod
+    def _seed_to_str(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+
+class InMemoryIndexConfig(ConfigModel):
+    """The embedded index (`kvBlockIndexConfig.inMemoryConfig`).
+
+    Attributes:
+        size: Maximum number of (block, pod) entries kept; beyond it the least recently used
+            blocks are evicted (CLOCK approximation of LRU: lookups refresh recency).
+        pod_cache_size: Maximum pods remembered per block key; 0 = no limit. Upstream defaults
+            to 10, which silently forgets holders of popular blocks on larger fleets, so the
+            default here is no limit.
+    """
+
+    size: int = Field(10_000_000, ge=1)
+    pod_cache_size: int = Field(0, ge=0)
+
+
+class RedisIndexConfig(ConfigModel):
+    """A shared index on Redis or Valkey (`redisConfig` / `valkeyConfig`).
+
+    Attributes:
+        address: ``redis://``, ``rediss://`` (TLS), ``unix://`` or ``valkey://`` URL, or
+            ``host:port``.
+        username: ACL user (overrides the URL's).
+        password: Password (overrides the URL's).
+        db: Database number (overrides the URL's; must be 0 on a cluster).
+        cluster: Use the Redis Cluster protocol.
+        key_prefix: Prefix for every key this index writes.
+        ttl_seconds: Entries expire after this many seconds without a refresh (0 = never).
+        socket_timeout: Seconds before a command times out.
+        connect_timeout: Seconds before a connection attempt times out.
+        retry_interval: Seconds to wait before retrying an unreachable server.
+        max_buffered_writes: Writes kept while Redis is unreachable; older ones are dropped
+            (and counted) beyond this.
+    """
+
+    address: str = "redis://127.0.0.1:6379"
+    username: str | None = None
+    password: str | None = None
+    db: int | None = Field(None, ge=0)
+    cluster: bool = False
+    key_prefix: str = "kvaware:"
+    ttl_seconds: float = Field(3600.0, ge=0)
+    socket_timeout: float = Field(0.25, gt=0)
+    connect_timeout: float = Field(0.25, gt=0)
+    retry_interval: float = Field(1.0, gt=0)
+    max_buffered_writes: int = Field(100_000, ge=0)
+
+
+class KVBlockIndexConfig(ConfigModel):
+    """Which index backend to use (`kvBlockIndexConfig`). At most one backend may be set;
+    none means the in-memory default."""
+
+    in_memory_config: InMemoryIndexConfig | None = None
+    redis_config: RedisIndexConfig | None = None
+    valkey_config: RedisIndexConfig | None = None
+    enable_metrics: bool = True
+    metrics_logging_interval: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> KVBlockIndexConfig:
+        chosen = [
+            name
+            for name, value in (
+                ("inMemoryConfig", self.in_memory_config),
+                ("redisConfig", self.redis_config),
+                ("valkeyConfig", self.valkey_config),
+            )
+            if value is not None
+        ]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one index backend, got {', '.join(chosen)}")
+        return self
+
+    @property
+    def backend(self) -> str:
+        """Name of the selected backend: ``memory``, ``redis`` or ``valkey``."""
+        if self.redis_config is not None:
+            return "redis"
+        if self.valkey_config is not None:
+            return "valkey"
+        return "memory"
+
+
+class KVCacheBackendConfig(ConfigModel):
+    """One KV-cache tier and its scoring weight (`kvCacheBackendConfigs[]`)."""
+
+    name: str
+    weight: float = Field(1.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not value:
+            raise ValueError("tier name must not be empty")
+        return value
+
+
+class LocalTokenizerConfig(ConfigModel):
+    """Local tokenizer sources (`tokenizersPoolConfig.local`).
+
+    Attributes:
+        model_tokenizer_map: Model name -> directory or ``tokenizer.json`` path.
+        auto_discovery_dir: Directory searched for tokenizers (Hugging Face cache layout
+            ``models--org--name/snapshots/<rev>/`` or nested ``org/name/``).
+        auto_discovery_tokenizer_file_name: File that marks a tokenizer directory.
+    """
+
+    model_tokenizer_map: dict[str, str] = Field(default_factory=dict)
+    auto_discovery_dir: str | None = None
+    auto_discovery_tokenizer_file_name: str = "tokenizer.json"
+
+
+class HFTokenizerConfig(ConfigModel):
+    """Hub downloads (`tokenizersPoolConfig.hf`). Off unless enabled; `HF_HUB_OFFLINE` wins."""
+
+    enabled: bool = False
+    tokenizers_cache_dir: str | None = None
+    token: str | None = None
+
+
+class TokenizersPoolConfig(ConfigModel):
+    """Tokenization workers and sources (`tokenizersPoolConfig`).
+
+    Attributes:
+        workers_count: Threads that tokenize off the event loop.
+        min_prefix_overlap_ratio: A cached text prefix covering at least this fraction of a
+            prompt's characters is used instead of tokenizing.
+        max_cached_tokenizers: Loaded tokenizers kept (LRU).
+    """
+
+    workers_count: int = Field(5, ge=1, le=256)
+    min_prefix_overlap_ratio: float = Field(0.8, ge=0, le=1)
+    max_cached_tokenizers: int = Field(16, ge=1)
+    local: LocalTokenizerConfig = Field(default_factory=LocalTokenizerConfig)
+    hf: HFTokenizerConfig = Field(default_factory=HFTokenizerConfig)
+
+
+class PrefixStoreConfig(ConfigModel):
+    """Text-prefix -> tokens cache (`prefixStoreConfig`).
+
+    Attributes:
+        cache_size: Maximum chunk entries kept (LRU).
+        block_size: Chunk length in characters.
+    """
+
+    cache_size: int = Field(500_000, ge=1)
+    block_size: int = Field(256, ge=8)
+
+
+class KVEventsConfig(ConfigModel):
+    """How KV events reach the indexer (`kvEventsConfig`).
+
+    Attributes:
+        zmq_endpoint: Bind mode: one SUB socket bound here (e.g. ``tcp://*:5557``); pods
+            connect and name themselves in the topic ``kv@<pod-id>@<model>``.
+        topic_filter: Topic prefix subscribed to ("" = everything, incl. the empty topic).
+        endpoints: Connect mode: pod id (``"<address>:<port>"``) -> the pod's publisher
+            endpoint (``tcp://host:5557``).
+        replay_endpoints: Pod id -> the pod's replay ROUTER endpoint (optional).
+        default_model: Model assumed when the topic does not name one.
+        concurrency: Worker shards applying events (a pod's events stay in order).
+        rcvhwm: Receive high-water mark of each SUB socket.
+        rcvbuf: Kernel receive buffer in bytes (0 = system default).
+        replay_timeout: Seconds to wait for a replay answer.
+        discover_pods: Dial each endpoint's publisher found in the endpoints file.
+        socket_port: Publisher port used by discovery (``tcp://<address>:<socketPort+rank>``).
+        replay_socket_port: Replay port used by discovery (0 = no replay).
+    """
+
+    zmq_endpoint: str | None = None
+    topic_filter: str = ""
+    endpoints: dict[str, str] = Field(default_factory=dict)
+    replay_endpoints: dict[str, str] = Field(default_factory=dict)
+    default_model: str | None = None
+    concurrency: int = Field(1, ge=1, le=64)
+    rcvhwm: int = Field(100_000, ge=0)
+    rcvbuf: int = Field(0, ge=0)
+    replay_timeout: float = Field(2.0, gt=0)
+    discover_pods: bool = False
+    socket_port: int = Field(5557, ge=0, le=65535)
+    replay_socket_port: int = Field(0, ge=0, le=65535)
+
+
+class IndexerConfig(ConfigModel):
+    """Everything the `Indexer` needs; loads from the upstream camelCase dict form.
+
+    Attributes:
+        token_processor_config: Block size, key mode, seed and algorithm.
+        kv_block_index_config: Index backend and its bounds.
+        kv_cache_backend_configs: Tier weights (defaults gpu 1.0, cpu 0.8, storage 0.5).
+        unknown_tier_weight: Weight of a tier not listed (e.g. an LMCache medium string).
+        default_tier: Tier assumed for events whose ``medium`` is nil.
+        match_length_weight: Weight ``w`` of the absolute match-length term (upstream
+            ``matchLengthWeight``): ``score = w*min(1, matched_tokens/scale)^2 + (1-w)*ratio``.
+        match_length_scale_tokens: ``scale`` above (upstream ``matchLengthScaleTokens``).
+        tokenizers_pool_config: Tokenizer sources and workers.
+        prefix_store_config: Text-prefix cache.
+    """
+
+    token_processor_config: TokenProcessorConfig = Field(default_factory=TokenProcessorConfig)
+    kv_block_index_config: KVBlockIndexConfig = Field(default_factory=KVBlockIndexConfig)
+    kv_cache_backend_configs: list[KVCacheBackendConfig] = Field(
+        default_factory=lambda: [
+            KVCacheBackendConfig(name=n, weight=w) for n, w in DEFAULT_TIER_WEIGHTS.items()
+        ]
+    )
+    unknown_tier_weight: float = Field(0.5, ge=0)
+    default_tier: str = "gpu"
+    match_length_weight: float = Field(0.0, ge=0, le=1)
+    match_length_scale_tokens: int = Field(8192, ge=1)
+    tokenizers_pool_config: TokenizersPoolConfig = Field(default_factory=TokenizersPoolConfig)
+    prefix_store_config: PrefixStoreConfig = Field(default_factory=PrefixStoreConfig)
+
+    @field_validator("default_tier")
+    @classmethod
+    def _tier_lower(cls, value: str) -> str:
+        return value.strip().lower() or "gpu"
+
+    @field_validator("kv_cache_backend_configs")
+    @classmethod
+    def _unique_tiers(cls, value: list[KVCacheBackendConfig]) -> list[KVCacheBackendConfig]:
+        names = [b.name for b in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate tier names in {names}")
+        return value
+
+    def tier_weights(self) -> dict[str, float]:
+        """Tier name -> weight, as configured."""
+        return {b.name: b.weight for b in self.kv_cache_backend_configs}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, path: str = "") -> IndexerConfig:
+        """Load from the upstream camelCase dict form; errors name the offending key."""
+        return load_model(cls, data or {}, path)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def format_validation_error(exc: ValidationError, path: str = "") -> ConfigError:
+    """Turn a pydantic error into a `ConfigError` naming the first offending key's path."""
+    first = exc.errors()[0]
+    loc = path
+    for part in first["loc"]:
+        if isinstance(part, int):
+            loc += f"[{part}]"
+        else:
+            loc += f".{part}" if loc else str(part)
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = len(exc.errors()) - 1
+    if more:
+        msg += f" (and {more} more error{'s' if more > 1 else ''})"
+    return ConfigError(msg, loc or None)
+
+
+def load_model(model: type[M], data: Any, path: str = "") -> M:
+    """Validate `data` into `model`, raising `ConfigError` with the offending path."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, path) from None

@@ -1,0 +1,61 @@
+"""The error tree: one root (`KVAwareError`) and a few documented branches.
+
+Every error raised on purpose by kvaware derives from `KVAwareError`, so callers that embed the
+scorer can catch one type. Branches also derive from the matching builtin (`ValueError`,
+`LookupError`, `ConnectionError`) so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "ConfigError",
+    "EventDecodeError",
+    "KVAwareError",
+    "KeyDerivationError",
+    "NoEndpointError",
+    "TokenizerNotFoundError",
+]
+
+
+class KVAwareError(Exception):
+    """Root of every error kvaware raises on purpose."""
+
+
+class ConfigError(KVAwareError, ValueError):
+    """Invalid configuration; `path` names the offending location (YAML path or field path).
+
+    Args:
+        message: What is wrong.
+        path: Dotted/indexed location of the problem, e.g. ``plugins[2].parameters.blockSize``.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class KeyDerivationError(KVAwareError, ValueError):
+    """Block keys cannot be derived for a request (e.g. vllm key mode without a LoRA path)."""
+
+
+class EventDecodeError(KVAwareError, ValueError):
+    """A KV-event payload could not be decoded; `reason` is a short, countable label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class BackendUnavailableError(KVAwareError, ConnectionError):
+    """The index backend (e.g. Redis) cannot be reached or timed out."""
+
+
+class TokenizerNotFoundError(KVAwareError, LookupError):
+    """No tokenizer could be found for a model; the message lists every place searched."""
+
+
+class NoEndpointError(KVAwareError):
+    """Scheduling found no endpoint (a filter left none, or none were given)."""

@@ -1,0 +1,217 @@
+"""The `KVBlockIndex` protocol, its result types and the tier table shared by every backend."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, runtime_checkable
+
+__all__ = [
+    "MAX_TIERS",
+    "IndexStats",
+    "KVBlockIndex",
+    "PodMatch",
+    "TierTable",
+    "normalize_medium",
+]
+
+#: Tier ids are 4-bit fields in the compact entry encoding (and Redis hash fields).
+MAX_TIERS = 16
+
+
+def normalize_medium(medium: str | None, default: str = "gpu") -> str:
+    """vLLM's ``medium`` as a tier name: case-insensitive, stripped; None/"" -> `default`."""
+    if medium is None:
+        return default
+    name = medium.strip().lower()
+    return name or default
+
+
+class TierTable:
+    """Tier names <-> small ids and their scoring weights.
+
+    Id 0 is the default tier (``gpu`` unless configured): entries at that tier with a
+    reference count of one have the cheapest encoding in the memory backend. Other names get
+    ids as they are first seen (at most `MAX_TIERS` in all).
+
+    Args:
+        weights: Tier name -> weight (names lower-case).
+        unknown_weight: Weight of a tier not in `weights`.
+        default_tier: Tier of events whose medium is nil.
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        unknown_weight: float = 0.5,
+        default_tier: str = "gpu",
+    ) -> None:
+        self.default_tier = normalize_medium(default_tier)
+        self._weights = {normalize_medium(k): float(v) for k, v in (weights or {}).items()}
+        self.unknown_weight = float(unknown_weight)
+        self._names: list[str] = [self.default_tier]
+        self._ids: dict[str, int] = {self.default_tier: 0}
+        self.weights_by_id: list[float] = [self.weight(self.default_tier)]
+        for name in self._weights:
+            self.id(name)
+
+    def weight(self, name: str) -> float:
+        """Weight of a tier name."""
+        return self._weights.get(name, self.unknown_weight)
+
+    def id(self, medium: str | None) -> int:
+        """Id of a medium (normalized); new names get the next id.
+
+        Raises:
+            ValueError: When more than `MAX_TIERS` distinct tiers are seen.
+        """
+        name = normalize_medium(medium, self.default_tier)
+        tid = self._ids.get(name)
+        if tid is not None:
+            return tid
+        if len(self._names) >= MAX_TIERS:
+            raise ValueError(f"too many distinct KV-cache tiers (max {MAX_TIERS}): {name!r}")
+        tid = len(self._names)
+        self._names.append(name)
+        self._ids[name] = tid
+        self.weights_by_id.append(self.weight(name))
+        return tid
+
+    def name(self, tier_id: int) -> str:
+        """Name of a tier id."""
+        return self._names[tier_id]
+
+    @property
+    def names(self) -> list[str]:
+        """Known tier names in id order."""
+        return list(self._names)
+
+
+class PodMatch(NamedTuple):
+    """What one pod holds of a prompt, from block 0.
+
+    Attributes:
+        blocks: Consecutive blocks held from block 0.
+        weight: Sum over those blocks of the best tier weight the pod holds each at.
+        tiers: Best tier name -> number of those blocks held best at that tier.
+    """
+
+    blocks: int
+    weight: float
+    tiers: Mapping[str, int]
+
+
+@dataclass(slots=True)
+class IndexStats:
+    """A snapshot of an index's size and activity counters."""
+
+    backend: str
+    blocks: int = 0
+    entries: int = 0
+    pods: int = 0
+    capacity: int = 0
+    evictions: int = 0
+    speculative_entries: int = 0
+    engine_hashes: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class KVBlockIndex(Protocol):
+    """Which pod holds which block, at which tier, reference-counted per (block, pod, tier).
+
+    Keys are our block keys (see `kvaware_scorer.keys`); engine hashes are the hashes vLLM
+    publishes, remembered per pod so that removals and parent lookups can be resolved.
+    Implementations are safe to call from several threads.
+    """
+
+    def add(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> None:
+        """Record that `pod` stored `keys` (one reference each) at `tier`.
+
+        Args:
+            pod: Pod id (``"<address>:<port>"``).
+            keys: Block keys, in prompt order.
+            engine_hashes: The engine hash each key came from (same length as `keys`; equal
+                consecutive hashes mean one engine block covering several keys). None: the
+                keys are the engine hashes (``vllm`` key mode).
+            tier: Medium (normalized; None = the default tier).
+        """
+        ...
+
+    def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
+        """Add `tier` to blocks `pod` already holds, named by engine hash (offload stores).
+
+        Returns:
+            How many engine hashes were unknown for this pod (nothing recorded for those).
+        """
+        ...
+
+    def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> int:
+        """Drop one reference per engine hash at `tier`; unknown hashes are ignored.
+
+        Returns:
+            How many engine hashes were known (and dereferenced).
+        """
+        ...
+
+    def resolve(self, pod: str, engine_hash: int) -> int | None:
+        """The key of the last block `engine_hash` covers on `pod`, or None if unknown."""
+        ...
+
+    def lookup(
+        self, keys: Sequence[int], pods: Collection[str] | None = None
+    ) -> dict[str, PodMatch]:
+        """Walk `keys` from block 0 for the candidate `pods` (None = every known pod).
+
+        Stops at the first block no candidate holds; a pod's run ends at its first miss.
+        Pods that hold block 0 of `keys` appear in the result, others do not.
+        """
+        ...
+
+    def add_speculative(self, pod: str, keys: Sequence[int], ttl: float) -> None:
+        """Count `keys` as held by `pod` for `ttl` seconds (at the default tier's weight)
+        unless real events arrive first (routing decisions not yet confirmed by events)."""
+        ...
+
+    def purge(self, pod: str) -> int:
+        """Forget everything about `pod`. Returns the number of entries dropped."""
+        ...
+
+    def pods(self) -> list[str]:
+        """Pods with at least one entry or engine hash."""
+        ...
+
+    def stats(self) -> IndexStats:
+        """Current size and counters."""
+        ...
+
+    def close(self) -> None:
+        """Release resources (connections, threads)."""
+        ...
+
+
+def iter_groups(
+    keys: Sequence[int], engine_hashes: Sequence[int] | None
+) -> Iterable[tuple[int, tuple[int, ...]]]:
+    """(engine hash, keys it covers) groups; consecutive equal engine hashes form one group."""
+    if engine_hashes is None:
+        for k in keys:
+            yield k, (k,)
+        return
+    if len(engine_hashes) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(engine_hashes)} engine hashes")
+    start = 0
+    n = len(keys)
+    while start < n:
+        eh = engine_hashes[start]
+        end = start + 1
+        while end < n and engine_hashes[end] == eh:
+            end += 1
+        yield eh, tuple(keys[start:end])
+        start = end

@@ -1,0 +1,593 @@
+"""The embedded KV-block index: compact, bounded (CLOCK-approximated LRU), O(pod) purge.
+
+Layout (chosen for memory and for a fast walk over a prompt's keys):
+
+* ``_blocks: dict[key, int | _Multi]``. The common case -- pods holding a block at the default
+  tier with one reference each -- is a plain int: bit ``s`` set means pod slot ``s`` holds the
+  block, bit 0 is the CLOCK "referenced" flag. Anything else (a second reference, another tier)
+  upgrades the value to a `_Multi` with per-(slot, tier) reference counts, and it is downgraded
+  again once it is plain.
+* ``_emaps[slot]: dict[engine_hash, key | tuple[key, ...]]`` per pod: resolves removals and
+  parents, and doubles as the pod's reverse index, so a purge touches only that pod's entries.
+* Lookups walk keys from block 0 with one dict probe and a few int operations per block; pods
+  are bits, so 16 or 1,000 candidates cost the same per block.
+
+NOTE: A lookup sets the referenced bit of every block it walks; eviction gives referenced blocks
+a second chance. A shared system prompt that is hit by every request but never re-stored (vLLM
+does not re-announce hits) therefore stays, where a write-order LRU would evict it first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Sequence
+
+from kvaware_scorer.index.base import IndexStats, PodMatch, TierTable, iter_groups
+
+__all__ = ["InMemoryIndex"]
+
+_PURGE_CHUNK = 4096
+
+
+class _Multi:
+    """A block held at a non-default tier or with more than one reference by some pod."""
+
+    __slots__ = ("counts", "mask")
+
+    def __init__(self, mask: int, counts: dict[int, int]) -> None:
+        self.mask = mask  # bit 0: referenced; bit s: slot s holds the block at some tier
+        self.counts = counts  # (slot << 4 | tier) -> reference count (>= 1)
+
+    def plain(self) -> int | None:
+        """The int encoding when every holding is default-tier with one reference."""
+        for ck, c in self.counts.items():
+            if c != 1 or ck & 15:
+                return None
+        return self.mask
+
+
+def _bits(mask: int) -> Iterator[int]:
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+class InMemoryIndex:
+    """In-process `KVBlockIndex`.
+
+    Args:
+        size: Maximum (block, pod) entries; beyond it blocks are evicted, least recently used
+            first (CLOCK).
+        pod_cache_size: Maximum pods per block (0 = unlimited).
+        tiers: Tier names, ids and weights.
+        clock: Monotonic clock (seconds), for speculative entries' TTL.
+    """
+
+    backend = "memory"
+
+    def __init__(
+        self,
+        size: int = 10_000_000,
+        pod_cache_size: int = 0,
+        tiers: TierTable | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if size < 1:
+            raise ValueError("size must be >= 1")
+        self.size = size
+        self.pod_cache_size = pod_cache_size
+        self.tiers = tiers or TierTable({"gpu": 1.0, "cpu": 0.8, "storage": 0.5})
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._blocks: dict[int, int | _Multi] = {}
+        self._slot_of: dict[str, int] = {}
+        self._pod_of: dict[int, str] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 1
+        self._live_mask = 0
+        self._emaps: dict[int, dict[int, int | tuple[int, ...]]] = {}
+        self._slot_entries: dict[int, int] = {}
+        self._entries = 0
+        self._emap_size = 0
+        self._evictions = 0
+        self._spec: dict[int, int] = {}
+        self._spec_deadline: dict[tuple[int, int], float] = {}
+        self._spec_queue: deque[tuple[float, int, tuple[int, ...]]] = deque()
+
+    # -- slots -----------------------------------------------------------------------------
+
+    def _slot(self, pod: str) -> int:
+        slot = self._slot_of.get(pod)
+        if slot is None:
+            if self._free_slots:
+                slot = min(self._free_slots)
+                self._free_slots.remove(slot)
+            else:
+                slot = self._next_slot
+                self._next_slot += 1
+            self._slot_of[pod] = slot
+            self._pod_of[slot] = pod
+            self._emaps[slot] = {}
+            self._slot_entries[slot] = 0
+            self._live_mask |= 1 << slot
+        return slot
+
+    # -- reference counting -----------------------------------------------------------------
+
+    def _inc(self, key: int, slot: int, bit: int, tier: int) -> None:
+        blocks = self._blocks
+        v = blocks.get(key)
+        if v is None:
+            blocks[key] = bit if tier == 0 else _Multi(bit, {slot << 4 | tier: 1})
+            self._entries += 1
+            self._slot_entries[slot] += 1
+            return
+        if v.__class__ is int:
+            iv: int = v
+            if tier == 0 and not iv & bit:
+                blocks[key] = iv | bit
+                self._entries += 1
+                self._slot_entries[slot] += 1
+                self._limit_holders(key, iv | bit, slot)
+                return
+            m = _Multi(iv, {s << 4: 1 for s in _bits(iv & ~1)})
+            blocks[key] = m
+        else:
+            m = v  # type: ignore[assignment]
+        ck = slot << 4 | tier
+        m.counts[ck] = m.counts.get(ck, 0) + 1
+        if not m.mask & bit:
+            m.mask |= bit
+            self._entries += 1
+            self._slot_entries[slot] += 1
+            self._limit_holders(key, m.mask, slot)
+
+    def _limit_holders(self, key: int, mask: int, keep_slot: int) -> None:
+        limit = self.pod_cache_size
+        if not limit:
+            return
+        live = mask & self._live_mask
+        excess = live.bit_count() - limit
+        if excess <= 0:
+            return
+        # NOTE: forget the holders with the highest slots other than the newcomer: the newest
+        # announcement is the most likely to still be cached.
+        victims = [s for s in _bits(live) if s != keep_slot][-excess:]
+        for s in victims:
+            self._drop_slot_at(key, s)
+
+    def _drop_slot_at(self, key: int, slot: int) -> None:
+        """Remove every holding of `slot` at `key` (all tiers, all references)."""
+        v = self._blocks.get(key)
+        if v is None:
+            return
+        bit = 1 << slot
+        if v.__class__ is int:
+            iv: int = v
+            if not iv & bit:
+                return
+            rest = iv & ~bit
+            if rest & ~1:
+                self._blocks[key] = rest
+            else:
+                del self._blocks[key]
+        else:
+            m: _Multi = v  # type: ignore[assignment]
+            if not m.mask & bit:
+                return
+            for ck in [ck for ck in m.counts if ck >> 4 == slot]:
+                del m.counts[ck]
+            m.mask &= ~bit
+            self._settle(key, m)
+        if self._live_mask & bit:
+            self._entries -= 1
+            self._slot_entries[slot] -= 1
+
+    def _settle(self, key: int, m: _Multi) -> None:
+        if not m.counts:
+            del self._blocks[key]
+            return
+        plain = m.plain()
+        if plain is not None:
+            self._blocks[key] = plain
+
+    def _dec(self, key: int, slot: int, bit: int, tier: int) -> bool:
+        """Drop one reference; returns whether `slot` still holds `key` at any tier."""
+        v = self._blocks.get(key)
+        if v is None:
+            return False
+        if v.__class__ is int:
+            iv: int = v
+            if not iv & bit:
+                return False
+            if tier != 0:
+                return True
+            rest = iv & ~bit
+            if rest & ~1:
+                self._blocks[key] = rest
+            else:
+                del self._blocks[key]
+            self._entries -= 1
+            self._slot_entries[slot] -= 1
+            return False
+        m: _Multi = v  # type: ignore[assignment]
+        counts = m.counts
+        ck = slot << 4 | tier
+        c = counts.get(ck)
+        if c is None:
+            return bool(m.mask & bit)
+        if c > 1:
+            counts[ck] = c - 1
+            return True
+        del counts[ck]
+        still = any(other >> 4 == slot for other in counts)
+        if not still:
+            m.mask &= ~bit
+            self._entries -= 1
+            self._slot_entries[slot] -= 1
+        self._settle(key, m)
+        return still
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def add(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> None:
+        if not keys:
+            return
+        groups = list(iter_groups(keys, engine_hashes))
+        with self._lock:
+            tid = self.tiers.id(tier)
+            slot = self._slot(pod)
+            bit = 1 << slot
+            emap = self._emaps[slot]
+            inc = self._inc
+            for eh, ks in groups:
+                for k in ks:
+                    inc(k, slot, bit, tid)
+                if eh not in emap:
+                    self._emap_size += 1
+                emap[eh] = ks[0] if len(ks) == 1 else ks
+            if self._entries > self.size:
+                self._evict()
+
+    def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
+        with self._lock:
+            slot = self._slot_of.get(pod)
+            if slot is None:
+                return len(engine_hashes)
+            tid = self.tiers.id(tier)
+            bit = 1 << slot
+            emap = self._emaps[slot]
+            unknown = 0
+            for eh in engine_hashes:
+                target = emap.get(eh)
+                if target is None:
+                    unknown += 1
+                    continue
+                for k in (target,) if isinstance(target, int) else target:
+                    self._inc(k, slot, bit, tid)
+            if self._entries > self.size:
+                self._evict()
+            return unknown
+
+    def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> int:
+        with self._lock:
+            slot = self._slot_of.get(pod)
+            if slot is None:
+                return 0
+            tid = self.tiers.id(tier)
+            bit = 1 << slot
+            emap = self._emaps[slot]
+            dec = self._dec
+            known = 0
+            for eh in engine_hashes:
+                target = emap.get(eh)
+                if target is None:
+                    continue
+                known += 1
+                if isinstance(target, int):
+                    still = dec(target, slot, bit, tid)
+                else:
+                    still = False
+                    for k in target:
+                        still = dec(k, slot, bit, tid) or still
+                if not still:
+                    del emap[eh]
+                    self._emap_size -= 1
+            return known
+
+    def resolve(self, pod: str, engine_hash: int) -> int | None:
+        with self._lock:
+            slot = self._slot_of.get(pod)
+            if slot is None:
+                return None
+            target = self._emaps[slot].get(engine_hash)
+        if target is None or isinstance(target, int):
+            return target
+        return target[-1]
+
+    def purge(self, pod: str) -> int:
+        with self._lock:
+            slot = self._slot_of.pop(pod, None)
+            if slot is None:
+                return 0
+            del self._pod_of[slot]
+            bit = 1 << slot
+            self._live_mask &= ~bit
+            emap = self._emaps.pop(slot)
+            self._emap_size -= len(emap)
+            dropped = self._slot_entries.pop(slot, 0)
+            self._entries -= dropped
+            self._drop_speculative_slot(slot)
+        # NOTE: the slot is already invisible to lookups (not live); clear its bits in chunks so
+        # that purging a large pod never holds the lock for long.
+        targets = iter(list(emap.values()))
+        while True:
+            chunk = list(itertools.islice(targets, _PURGE_CHUNK))
+            if not chunk:
+                break
+            with self._lock:
+                for target in chunk:
+                    for k in (target,) if isinstance(target, int) else target:
+                        self._drop_slot_at(k, slot)
+        with self._lock:
+            self._free_slots.append(slot)
+        return dropped
+
+    # -- eviction ----------------------------------------------------------------------------
+
+    def _evict(self) -> None:
+        """CLOCK sweep from the oldest block until entries are 1% under capacity."""
+        target = max(0, self.size - max(1, self.size // 100))
+        blocks = self._blocks
+        live = self._live_mask
+        while self._entries > target and blocks:
+            batch = list(itertools.islice(blocks.items(), 1024))
+            for key, v in batch:
+                if self._entries <= target:
+                    break
+                if v.__class__ is int:
+                    iv: int = v
+                    if iv & 1:
+                        del blocks[key]
+                        blocks[key] = iv & ~1
+                        continue
+                    mask = iv
+                else:
+                    m: _Multi = v  # type: ignore[assignment]
+                    if m.mask & 1:
+                        del blocks[key]
+                        m.mask &= ~1
+                        blocks[key] = m
+                        continue
+                    mask = m.mask
+                del blocks[key]
+                self._evictions += 1
+                for s in _bits(mask & live):
+                    self._entries -= 1
+                    self._slot_entries[s] -= 1
+        if self._emap_size > 2 * self._entries + 65536:
+            self._gc_emaps()
+
+    def _gc_emaps(self) -> None:
+        """Drop engine-hash mappings whose blocks were evicted (stale but harmless until now)."""
+        blocks = self._blocks
+        for slot, emap in self._emaps.items():
+            bit = 1 << slot
+            stale = []
+            for eh, target in emap.items():
+                k = target if isinstance(target, int) else target[-1]
+                v = blocks.get(k)
+                held = v is not None and ((v if isinstance(v, int) else v.mask) & bit)
+                if not held:
+                    stale.append(eh)
+            for eh in stale:
+                del emap[eh]
+            self._emap_size -= len(stale)
+
+    # -- speculative entries -----------------------------------------------------------------
+
+    def add_speculative(self, pod: str, keys: Sequence[int], ttl: float) -> None:
+        if not keys or ttl <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            self._expire_speculative(now)
+            slot = self._slot(pod)
+            bit = 1 << slot
+            deadline = now + ttl
+            spec = self._spec
+            dl = self._spec_deadline
+            for k in keys:
+                spec[k] = spec.get(k, 0) | bit
+                dl[(k, slot)] = deadline
+            self._spec_queue.append((deadline, slot, tuple(keys)))
+
+    def _expire_speculative(self, now: float) -> None:
+        q = self._spec_queue
+        spec = self._spec
+        dl = self._spec_deadline
+        while q and q[0][0] <= now:
+            _, slot, keys = q.popleft()
+            bit = 1 << slot
+            for k in keys:
+                d = dl.get((k, slot))
+                if d is None or d > now:
+                    continue
+                del dl[(k, slot)]
+                rest = spec.get(k, 0) & ~bit
+                if rest:
+                    spec[k] = rest
+                else:
+                    spec.pop(k, None)
+
+    def _drop_speculative_slot(self, slot: int) -> None:
+        bit = 1 << slot
+        for k in [k for (k, s) in self._spec_deadline if s == slot]:
+            del self._spec_deadline[(k, slot)]
+            rest = self._spec.get(k, 0) & ~bit
+            if rest:
+                self._spec[k] = rest
+            else:
+                self._spec.pop(k, None)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def lookup(
+        self, keys: Sequence[int], pods: Collection[str] | None = None
+    ) -> dict[str, PodMatch]:
+        with self._lock:
+            if self._spec_queue:
+                self._expire_speculative(self._clock())
+            if pods is None:
+                cand = self._live_mask
+            else:
+                cand = 0
+                slot_of = self._slot_of
+                for p in pods:
+                    s = slot_of.get(p)
+                    if s is not None:
+                        cand |= 1 << s
+            if not cand or not keys:
+                return {}
+            blocks = self._blocks
+            get = blocks.get
+            active = cand
+            run = 0
+            drops: list[tuple[int, int]] = []
+            multis: list[tuple[int, _Multi, int]] = []
+            spec = self._spec
+            if not spec:
+                for k in keys:
+                    v = get(k)
+                    if v is None:
+                        break
+                    if v.__class__ is int:
+                        iv: int = v
+                        m = iv & active
+                        if not m:
+                            break
+                        if not iv & 1:
+                            blocks[k] = iv | 1
+                    else:
+                        mv: _Multi = v  # type: ignore[assignment]
+                        m = mv.mask & active
+                        if not m:
+                            break
+                        mv.mask |= 1
+                        multis.append((run, mv, m))
+                    if m != active:
+                        drops.append((run, active & ~m))
+                        active = m
+                    run += 1
+            else:
+                sget = spec.get
+                for k in keys:
+                    v = get(k)
+                    sm = sget(k, 0)
+                    if v is None:
+                        m = sm & active
+                        if not m:
+                            break
+                    elif v.__class__ is int:
+                        iv2: int = v
+                        m = (iv2 | sm) & active
+                        if not m:
+                            break
+                        if not iv2 & 1:
+                            blocks[k] = iv2 | 1
+                    else:
+                        mv2: _Multi = v  # type: ignore[assignment]
+                        m = (mv2.mask | sm) & active
+                        if not m:
+                            break
+                        mv2.mask |= 1
+                        multis.append((run, mv2, m))
+                    if m != active:
+                        drops.append((run, active & ~m))
+                        active = m
+                    run += 1
+            return self._results(run, active, drops, multis)
+
+    def _results(
+        self,
+        run: int,
+        active: int,
+        drops: list[tuple[int, int]],
+        multis: list[tuple[int, _Multi, int]],
+    ) -> dict[str, PodMatch]:
+        runs: dict[int, int] = {}
+        for s in _bits(active & ~1):
+            runs[s] = run
+        for r, dropped in drops:
+            if r:
+                for s in _bits(dropped & ~1):
+                    runs[s] = r
+        tiers = self.tiers
+        w0 = tiers.weights_by_id[0]
+        name0 = tiers.name(0)
+        weights = {s: r * w0 for s, r in runs.items()}
+        tier_counts: dict[int, dict[str, int]] = {s: {name0: r} for s, r in runs.items()}
+        wby = tiers.weights_by_id
+        for idx, mv, m in multis:
+            for s in _bits(m & ~1):
+                if runs.get(s, 0) <= idx:
+                    continue
+                best_t = -1
+                best_w = -1.0
+                for ck in mv.counts:
+                    if ck >> 4 == s:
+                        t = ck & 15
+                        w = wby[t]
+                        if w > best_w:
+                            best_w, best_t = w, t
+                if best_t > 0:
+                    weights[s] += best_w - w0
+                    tc = tier_counts[s]
+                    tc[name0] -= 1
+                    name = tiers.name(best_t)
+                    tc[name] = tc.get(name, 0) + 1
+        pod_of = self._pod_of
+        out: dict[str, PodMatch] = {}
+        for s, r in runs.items():
+            pod = pod_of.get(s)
+            if pod is None or r == 0:
+                continue
+            tc = {n: c for n, c in tier_counts[s].items() if c}
+            out[pod] = PodMatch(r, weights[s], tc)
+        return out
+
+    def pods(self) -> list[str]:
+        with self._lock:
+            return list(self._slot_of)
+
+    def entries_for(self, pod: str) -> int:
+        """(block, pod) entries currently held by `pod`."""
+        with self._lock:
+            slot = self._slot_of.get(pod)
+            return 0 if slot is None else self._slot_entries.get(slot, 0)
+
+    def stats(self) -> IndexStats:
+        with self._lock:
+            return IndexStats(
+                backend=self.backend,
+                blocks=len(self._blocks),
+                entries=self._entries,
+                pods=len(self._slot_of),
+                capacity=self.size,
+                evictions=self._evictions,
+                speculative_entries=len(self._spec_deadline),
+                engine_hashes=self._emap_size,
+            )
+
+    def close(self) -> None:
+        return None

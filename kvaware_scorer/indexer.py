@@ -1,0 +1,320 @@
+"""The read-path facade: ``Indexer.score(...)`` (and the write path's ``Indexer.ingest(...)``).
+
+An `Indexer` owns a keyer (tokens -> block keys), an index backend, the tier weights and the
+metrics; it optionally owns tokenization (text -> tokens) and event ingestion (vLLM KV events ->
+index). Scoring never raises into a scheduler for data or backend problems: a missing tokenizer
+or an unreachable backend yields zeros, a counted reason and a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from kvaware_scorer.config import IndexerConfig, load_model
+from kvaware_scorer.errors import (
+    BackendUnavailableError,
+    KeyDerivationError,
+    KVAwareError,
+    TokenizerNotFoundError,
+)
+from kvaware_scorer.index import KVBlockIndex, create_index, tier_table
+from kvaware_scorer.index.base import IndexStats
+from kvaware_scorer.keys import make_keyer
+from kvaware_scorer.metrics import Metrics
+from kvaware_scorer.scoring import PodScore, ScoreResult, score_matches
+
+if TYPE_CHECKING:
+    from kvaware_scorer.events.ingest import EventIngestor
+    from kvaware_scorer.tokenization import TokenizationService
+
+__all__ = ["Indexer"]
+
+logger = logging.getLogger(__name__)
+
+
+class Indexer:
+    """Scores candidate pods by the longest run of prompt blocks each already holds.
+
+    Args:
+        config: An `IndexerConfig`, or its upstream camelCase dict form; None = defaults
+            (embedded in-memory index, derived keys, block size 16).
+        index: Use this backend instead of building one from `config`.
+        metrics: Share a `Metrics` (and its registry); a private one is made otherwise.
+        ingest: Whether this process applies KV events (False for score-only replicas that
+            read a shared Redis index written by another process).
+
+    Example:
+        >>> indexer = Indexer(IndexerConfig())
+        >>> indexer.score(model="m", token_ids=list(range(64)), pods=["10.0.0.1:8000"])
+        {'10.0.0.1:8000': 0.0}
+    """
+
+    def __init__(
+        self,
+        config: IndexerConfig | Mapping[str, Any] | None = None,
+        *,
+        index: KVBlockIndex | None = None,
+        metrics: Metrics | None = None,
+        ingest: bool = True,
+    ) -> None:
+        if config is None:
+            config = IndexerConfig()
+        elif not isinstance(config, IndexerConfig):
+            config = load_model(IndexerConfig, dict(config))
+        self.config = config
+        tp = config.token_processor_config
+        self.keyer = make_keyer(
+            tp.key_mode, tp.block_size, tp.hash_seed, tp.hash_algorithm, tp.lora_adapters
+        )
+        self.block_size = tp.block_size
+        self.tiers = tier_table(config)
+        self.index: KVBlockIndex = index if index is not None else create_index(config)
+        self.metrics = metrics or Metrics()
+        self.ingest_enabled = ingest
+        self._lock = threading.Lock()
+        self._tokenization: TokenizationService | None = None
+        self._ingestor: EventIngestor | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- tokens and keys --------------------------------------------------------------------
+
+    @property
+    def tokenization(self) -> TokenizationService:
+        """Text -> token ids (built on first use; needs the ``tokenizers`` extra)."""
+        if self._tokenization is None:
+            with self._lock:
+                if self._tokenization is None:
+                    from kvaware_scorer.tokenization import TokenizationService
+
+                    self._tokenization = TokenizationService(
+                        self.config.tokenizers_pool_config,
+                        self.config.prefix_store_config,
+                        metrics=self.metrics,
+                    )
+        return self._tokenization
+
+    def tokens(
+        self,
+        model: str,
+        token_ids: Sequence[int] | None = None,
+        prompt: str | Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        **chat: Any,
+    ) -> list[int]:
+        """Token ids for a request: given ids as they are, else tokenized like vLLM does.
+
+        Raises:
+            TokenizerNotFoundError: No tokenizer for `model`.
+            ValueError: None or several of `token_ids`, `prompt`, `messages` given.
+        """
+        given = sum(x is not None for x in (token_ids, prompt, messages))
+        if given != 1:
+            raise ValueError("give exactly one of token_ids, prompt or messages")
+        if token_ids is not None:
+            return list(token_ids)
+        if prompt is not None and not isinstance(prompt, str):
+            return list(prompt)  # a prompt given as token ids is used as it is (as vLLM does)
+        ids: list[int] = self.tokenization.tokenize(model, prompt=prompt, messages=messages, **chat)
+        return ids
+
+    def block_keys(
+        self,
+        token_ids: Sequence[int],
+        model: str,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> list[int]:
+        """The index keys of every full block of `token_ids` in this request's namespace."""
+        return self.keyer.block_keys(token_ids, model, lora_name, cache_salt)
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def match(
+        self,
+        model: str,
+        token_ids: Sequence[int] | None = None,
+        pods: Sequence[str] | None = None,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        *,
+        prompt: str | Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        **chat: Any,
+    ) -> ScoreResult:
+        """Like `score`, with every pod's matched blocks, tiers and any degradation reason."""
+        t0 = time.perf_counter()
+        metrics = self.metrics
+        bs = self.block_size
+        try:
+            ids = self.tokens(model, token_ids, prompt, messages, **chat)
+            keys = self.block_keys(ids, model, lora_name, cache_salt)
+        except (TokenizerNotFoundError, KeyDerivationError) as exc:
+            reason = "tokenizer" if isinstance(exc, TokenizerNotFoundError) else "keys"
+            metrics.score_errors.labels(reason).inc()
+            logger.warning("scoring %s as zeros: %s", model, exc)
+            return ScoreResult(0, bs, {p: PodScore(0.0) for p in pods or ()}, error=str(exc))
+        total = len(keys)
+        try:
+            matches = self.index.lookup(keys, pods) if keys else {}
+        except (BackendUnavailableError, KVAwareError, OSError) as exc:
+            metrics.score_errors.labels("backend").inc()
+            metrics.backend_errors.labels("lookup").inc()
+            logger.warning("index lookup failed, scoring zeros: %s", exc)
+            return ScoreResult(
+                total, bs, {p: PodScore(0.0) for p in pods or ()}, len(ids), str(exc)
+            )
+        cfg = self.config
+        candidates = pods if pods is not None else list(matches)
+        scored = score_matches(
+            matches, candidates, total, bs, cfg.match_length_weight, cfg.match_length_scale_tokens
+        )
+        metrics.lookups.inc()
+        metrics.lookup_blocks.inc(total)
+        if matches:
+            metrics.hit_blocks.inc(max(m.blocks for m in matches.values()))
+        metrics.score_latency.observe(time.perf_counter() - t0)
+        return ScoreResult(total, bs, scored, len(ids))
+
+    def score(
+        self,
+        model: str,
+        token_ids: Sequence[int] | None = None,
+        pods: Sequence[str] | None = None,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        *,
+        prompt: str | Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, Any]] | None = None,
+        **chat: Any,
+    ) -> dict[str, float]:
+        """Score `pods` for a request: fraction of its full blocks each holds from block 0.
+
+        Args:
+            model: Served model name (namespaces keys).
+            token_ids: The prompt as token ids; or give `prompt` (text) or `messages` (chat).
+            pods: Candidate pod ids; None = every pod the index knows.
+            lora_name: LoRA adapter name (keys are namespaced by it instead of the model).
+            cache_salt: vLLM ``cache_salt`` (isolates tenants).
+            prompt: Completion prompt text (or token ids).
+            messages: Chat messages, rendered with the model's chat template.
+            **chat: ``chat_template``, ``chat_template_kwargs``, ``tools``,
+                ``add_generation_prompt``, ``add_special_tokens`` as in vLLM's request.
+
+        Returns:
+            Pod -> score in [0, 1]; pods never seen score 0.
+        """
+        return self.match(
+            model, token_ids, pods, lora_name, cache_salt, prompt=prompt, messages=messages, **chat
+        ).scores()
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        max_workers=self.config.tokenizers_pool_config.workers_count,
+                        thread_name_prefix="kvaware-score",
+                    )
+        return self._executor
+
+    async def amatch(
+        self,
+        model: str,
+        token_ids: Sequence[int] | None = None,
+        pods: Sequence[str] | None = None,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        **kwargs: Any,
+    ) -> ScoreResult:
+        """`match` on the bounded worker pool, so tokenization never blocks the event loop."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(
+            self.match, model, token_ids, pods, lora_name, cache_salt, **kwargs
+        )
+        return await loop.run_in_executor(self._pool(), call)
+
+    async def ascore(
+        self,
+        model: str,
+        token_ids: Sequence[int] | None = None,
+        pods: Sequence[str] | None = None,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, float]:
+        """`score` on the bounded worker pool, so tokenization never blocks the event loop."""
+        result = await self.amatch(model, token_ids, pods, lora_name, cache_salt, **kwargs)
+        return result.scores()
+
+    # -- writes -------------------------------------------------------------------------------
+
+    @property
+    def ingestor(self) -> EventIngestor:
+        """Applies decoded vLLM KV events to the index (built on first use)."""
+        if self._ingestor is None:
+            with self._lock:
+                if self._ingestor is None:
+                    from kvaware_scorer.events.ingest import EventIngestor
+
+                    self._ingestor = EventIngestor(self)
+        return self._ingestor
+
+    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
+        """Apply one vLLM KV-event payload frame (msgpack ``EventBatch``) from `pod`.
+
+        Malformed payloads are dropped and counted, never raised. `seq` is the frame's sequence
+        number when known: gaps and restarts are detected from it.
+        """
+        self.ingestor.ingest(pod=pod, model=model, payload=payload, seq=seq)
+
+    def record_speculative(self, pod: str, keys: Sequence[int], ttl: float) -> None:
+        """Count `keys` as held by `pod` for `ttl` seconds (a routing decision in flight)."""
+        try:
+            self.index.add_speculative(pod, keys, ttl)
+        except (KVAwareError, OSError) as exc:
+            self.metrics.backend_errors.labels("speculative").inc()
+            logger.warning("speculative insert failed: %s", exc)
+
+    def purge_pod(self, pod: str, reason: str = "manual") -> int:
+        """Forget everything indexed for `pod`. Returns the entries dropped."""
+        self.metrics.purges.labels(reason).inc()
+        if self._ingestor is not None:
+            self._ingestor.forget_pod(pod)
+        try:
+            return self.index.purge(pod)
+        except (KVAwareError, OSError) as exc:
+            self.metrics.backend_errors.labels("purge").inc()
+            logger.warning("purge of %s failed: %s", pod, exc)
+            return 0
+
+    def stats(self) -> IndexStats:
+        """Index size and counters; also refreshes the size gauges."""
+        st = self.index.stats()
+        m = self.metrics
+        m.index_entries.set(st.entries)
+        m.index_blocks.set(st.blocks)
+        m.index_pods.set(st.pods)
+        m.index_evictions.set(st.evictions)
+        return st
+
+    def close(self) -> None:
+        """Stop workers and release the backend."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        if self._tokenization is not None:
+            self._tokenization.close()
+        self.index.close()
+
+    def __enter__(self) -> Indexer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,116 @@
+"""Prometheus metrics (prefix ``kvaware_``), held by an object with its own registry.
+
+No module-level collectors: each `Metrics` owns a `CollectorRegistry`, so several indexers (and
+tests) never collide. The gateway serves ``metrics.registry``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+
+
+class Metrics:
+    """Every kvaware metric, registered in `registry` (a new one when not given)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        # index
+        self.index_entries = Gauge(
+            "kvaware_index_entries", "(block, pod) entries in the index", registry=r
+        )
+        self.index_blocks = Gauge(
+            "kvaware_index_blocks", "Distinct block keys in the index", registry=r
+        )
+        self.index_pods = Gauge("kvaware_index_pods", "Pods with entries in the index", registry=r)
+        self.index_evictions = Gauge(
+            "kvaware_index_evictions",
+            "Blocks evicted by the index's capacity bound (cumulative)",
+            registry=r,
+        )
+        # read path
+        self.lookups = Counter("kvaware_lookups", "Prompt lookups against the index", registry=r)
+        self.lookup_blocks = Counter("kvaware_lookup_blocks", "Prompt blocks looked up", registry=r)
+        self.hit_blocks = Counter(
+            "kvaware_hit_blocks",
+            "Blocks of looked-up prompts held by the best candidate",
+            registry=r,
+        )
+        self.score_latency = Histogram(
+            "kvaware_score_latency_seconds",
+            "Indexer.score latency (keys + lookup + scoring)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokenization_latency = Histogram(
+            "kvaware_tokenization_latency_seconds",
+            "Text -> token ids latency",
+            ["source"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.score_errors = Counter(
+            "kvaware_score_errors",
+            "Score calls that degraded to zeros, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.backend_errors = Counter(
+            "kvaware_backend_errors", "Index backend failures, by operation", ["op"], registry=r
+        )
+        # write path
+        self.events = Counter("kvaware_events", "KV events applied, by type", ["type"], registry=r)
+        self.blocks_stored = Counter(
+            "kvaware_blocks_stored", "Blocks stored by KV events", registry=r
+        )
+        self.blocks_removed = Counter(
+            "kvaware_blocks_removed", "Blocks removed by KV events", registry=r
+        )
+        self.dropped = Counter(
+            "kvaware_dropped_messages",
+            "Messages or events dropped, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.orphaned_blocks = Counter(
+            "kvaware_orphaned_blocks",
+            "Stored blocks whose parent was unknown (not indexed)",
+            registry=r,
+        )
+        self.seq_gaps = Counter(
+            "kvaware_seq_gaps", "Sequence gaps detected in pod streams", registry=r
+        )
+        self.lost_batches = Counter(
+            "kvaware_lost_batches",
+            "Event batches known lost (gaps not recovered by replay)",
+            registry=r,
+        )
+        self.replays = Counter(
+            "kvaware_replays", "Replay requests, by result", ["result"], registry=r
+        )
+        self.purges = Counter("kvaware_purges", "Pod purges, by reason", ["reason"], registry=r)
+        # scheduling
+        self.decisions = Counter(
+            "kvaware_decisions",
+            "Scheduling decisions, by chosen endpoint",
+            ["endpoint"],
+            registry=r,
+        )
