@@ -1,0 +1,1 @@
+"""OpenAI-compatible routing proxy (the production main job)."""

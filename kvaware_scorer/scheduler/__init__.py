@@ -1,0 +1,1 @@
+"""The scheduler host: pluggy hooks, EndpointPickerConfig loading, the filter -> scorers -> picker pipeline."""

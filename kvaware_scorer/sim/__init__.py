@@ -1,0 +1,1 @@
+"""vLLM fleet emulator: discrete-event and live (HTTP + ZMQ) modes."""
