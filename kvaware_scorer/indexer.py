@@ -13,7 +13,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,7 @@ class Indexer:
         metrics: Share a `Metrics` (and its registry); a private one is made otherwise.
         ingest: Whether this process applies KV events (False for score-only replicas that
             read a shared Redis index written by another process).
+        clock: Monotonic clock for speculative entries' TTL (the emulator's virtual clock).
 
     Example:
         >>> indexer = Indexer(IndexerConfig())
@@ -63,6 +64,7 @@ class Indexer:
         index: KVBlockIndex | None = None,
         metrics: Metrics | None = None,
         ingest: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if config is None:
             config = IndexerConfig()
@@ -75,7 +77,7 @@ class Indexer:
         )
         self.block_size = tp.block_size
         self.tiers = tier_table(config)
-        self.index: KVBlockIndex = index if index is not None else create_index(config)
+        self.index: KVBlockIndex = index if index is not None else create_index(config, clock)
         self.metrics = metrics or Metrics()
         self.ingest_enabled = ingest
         self._lock = threading.Lock()

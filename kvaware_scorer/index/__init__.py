@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from kvaware_scorer.config import IndexerConfig
@@ -34,14 +35,14 @@ def tier_table(config: IndexerConfig) -> TierTable:
     return TierTable(config.tier_weights(), config.unknown_tier_weight, config.default_tier)
 
 
-def _memory(config: IndexerConfig, tiers: TierTable) -> KVBlockIndex:
+def _memory(config: IndexerConfig, tiers: TierTable, clock: Callable[[], float]) -> KVBlockIndex:
     mem = config.kv_block_index_config.in_memory_config
     if mem is None:
-        return InMemoryIndex(tiers=tiers)
-    return InMemoryIndex(size=mem.size, pod_cache_size=mem.pod_cache_size, tiers=tiers)
+        return InMemoryIndex(tiers=tiers, clock=clock)
+    return InMemoryIndex(size=mem.size, pod_cache_size=mem.pod_cache_size, tiers=tiers, clock=clock)
 
 
-def _redis(config: IndexerConfig, tiers: TierTable) -> KVBlockIndex:
+def _redis(config: IndexerConfig, tiers: TierTable, clock: Callable[[], float]) -> KVBlockIndex:
     try:
         from kvaware_scorer.index.redis import RedisIndex
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -56,15 +57,22 @@ def _redis(config: IndexerConfig, tiers: TierTable) -> KVBlockIndex:
     return index
 
 
-_BACKENDS: dict[str, Callable[[IndexerConfig, TierTable], KVBlockIndex]] = {
+_BACKENDS: dict[str, Callable[[IndexerConfig, TierTable, Callable[[], float]], KVBlockIndex]] = {
     "memory": _memory,
     "redis": _redis,
     "valkey": _redis,
 }
 
 
-def create_index(config: IndexerConfig) -> KVBlockIndex:
+def create_index(
+    config: IndexerConfig, clock: Callable[[], float] = time.monotonic
+) -> KVBlockIndex:
     """Build the backend selected by ``config.kv_block_index_config``.
+
+    Args:
+        config: The indexer configuration.
+        clock: Monotonic clock for TTLs of speculative entries (the emulator passes its
+            virtual clock; the Redis backend uses server time and ignores it).
 
     Raises:
         ConfigError: Unknown backend, or its optional dependency is missing.
@@ -75,4 +83,4 @@ def create_index(config: IndexerConfig) -> KVBlockIndex:
         raise ConfigError(
             f"unknown index backend {name!r}; valid: {sorted(_BACKENDS)}", "kvBlockIndexConfig"
         )
-    return factory(config, tier_table(config))
+    return factory(config, tier_table(config), clock)
