@@ -30,6 +30,7 @@ from kvaware_scorer.index.base import IndexStats, PodMatch, TierTable, iter_grou
 __all__ = ["InMemoryIndex"]
 
 _PURGE_CHUNK = 4096
+_MAX_INTERNED = 1 << 16
 
 
 class _Multi:
@@ -97,6 +98,20 @@ class InMemoryIndex:
         self._spec: dict[int, int] = {}
         self._spec_deadline: dict[tuple[int, int], float] = {}
         self._spec_queue: deque[tuple[float, int, tuple[int, ...]]] = deque()
+        self._masks: dict[int, int] = {}
+
+    def _intern(self, mask: int) -> int:
+        """One shared int object per distinct holder mask.
+
+        NOTE: masks of pods beyond slot 7 are not CPython's cached small ints; a fleet has few
+        distinct holder sets, so sharing them saves an int object (~32 bytes) per block.
+        """
+        shared = self._masks.get(mask)
+        if shared is not None:
+            return shared
+        if len(self._masks) < _MAX_INTERNED:
+            self._masks[mask] = mask
+        return mask
 
     # -- slots -----------------------------------------------------------------------------
 
@@ -122,14 +137,14 @@ class InMemoryIndex:
         blocks = self._blocks
         v = blocks.get(key)
         if v is None:
-            blocks[key] = bit if tier == 0 else _Multi(bit, {slot << 4 | tier: 1})
+            blocks[key] = self._intern(bit) if tier == 0 else _Multi(bit, {slot << 4 | tier: 1})
             self._entries += 1
             self._slot_entries[slot] += 1
             return
         if v.__class__ is int:
             iv: int = v
             if tier == 0 and not iv & bit:
-                blocks[key] = iv | bit
+                blocks[key] = self._intern(iv | bit)
                 self._entries += 1
                 self._slot_entries[slot] += 1
                 self._limit_holders(key, iv | bit, slot)
@@ -172,7 +187,7 @@ class InMemoryIndex:
                 return
             rest = iv & ~bit
             if rest & ~1:
-                self._blocks[key] = rest
+                self._blocks[key] = self._intern(rest)
             else:
                 del self._blocks[key]
         else:
@@ -193,7 +208,7 @@ class InMemoryIndex:
             return
         plain = m.plain()
         if plain is not None:
-            self._blocks[key] = plain
+            self._blocks[key] = self._intern(plain)
 
     def _dec(self, key: int, slot: int, bit: int, tier: int) -> bool:
         """Drop one reference; returns whether `slot` still holds `key` at any tier."""
@@ -208,7 +223,7 @@ class InMemoryIndex:
                 return True
             rest = iv & ~bit
             if rest & ~1:
-                self._blocks[key] = rest
+                self._blocks[key] = self._intern(rest)
             else:
                 del self._blocks[key]
             self._entries -= 1
@@ -359,7 +374,7 @@ class InMemoryIndex:
                     iv: int = v
                     if iv & 1:
                         del blocks[key]
-                        blocks[key] = iv & ~1
+                        blocks[key] = self._intern(iv & ~1)
                         continue
                     mask = iv
                 else:
@@ -461,6 +476,7 @@ class InMemoryIndex:
                 return {}
             blocks = self._blocks
             get = blocks.get
+            intern = self._intern
             active = cand
             run = 0
             drops: list[tuple[int, int]] = []
@@ -477,7 +493,7 @@ class InMemoryIndex:
                         if not m:
                             break
                         if not iv & 1:
-                            blocks[k] = iv | 1
+                            blocks[k] = intern(iv | 1)
                     else:
                         mv: _Multi = v  # type: ignore[assignment]
                         m = mv.mask & active
@@ -504,7 +520,7 @@ class InMemoryIndex:
                         if not m:
                             break
                         if not iv2 & 1:
-                            blocks[k] = iv2 | 1
+                            blocks[k] = intern(iv2 | 1)
                     else:
                         mv2: _Multi = v  # type: ignore[assignment]
                         m = (mv2.mask | sm) & active
