@@ -9,13 +9,11 @@ from __future__ import annotations
 import argparse
 import gc
 import random
-import statistics
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 
 from kvaware_scorer import Indexer, IndexerConfig
-from kvaware_scorer.index import InMemoryIndex
 
 PODS = [f"10.0.{i // 250}.{i % 250 + 1}:8000" for i in range(16)]
 MODEL = "Qwen/Qwen3-32B"
@@ -89,7 +87,9 @@ def fill(
 def _ours(entries: int, sharing: int, engine_hashes: bool) -> float:
     gc.collect()
     rng = random.Random(7)
-    indexer = Indexer(IndexerConfig.from_dict({"kvBlockIndexConfig": {"inMemoryConfig": {"size": entries * 2}}}))
+    indexer = Indexer(
+        IndexerConfig.from_dict({"kvBlockIndexConfig": {"inMemoryConfig": {"size": entries * 2}}})
+    )
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     added = fill(indexer, entries, sharing, rng, engine_hashes=engine_hashes)
@@ -129,15 +129,26 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
-    rng = random.Random(1)
+    latency(args.entries, args.iters)
+    if args.skip_memory:
+        return
+    memory(args.entries)
 
-    print(f"== score latency: 16 candidate pods, index with >= {args.entries:,} (block, pod) entries ==")
-    indexer = Indexer(IndexerConfig.from_dict({"kvBlockIndexConfig": {"inMemoryConfig": {"size": args.entries * 4}}}))
+
+def latency(entries: int, iters: int) -> None:
+    """Score latency table."""
+    rng = random.Random(1)
+    print(f"== score latency: 16 candidate pods, index with >= {entries:,} (block, pod) entries ==")
+    indexer = Indexer(
+        IndexerConfig.from_dict({"kvBlockIndexConfig": {"inMemoryConfig": {"size": entries * 4}}})
+    )
     baseline = NaiveIndex()
-    fill(indexer, args.entries, 2, rng, baseline)
+    fill(indexer, entries, 2, rng, baseline)
     st = indexer.stats()
     print(f"index: {st.entries:,} entries, {st.blocks:,} blocks, {st.pods} pods")
-    print(f"{'prompt':>8} {'blocks':>6} | {'score p50':>10} {'p99':>9} | {'keys p50':>9} {'lookup p50':>10} | {'baseline lookup p50':>19} {'ratio':>6}")
+    print(
+        f"{'prompt':>8} {'blocks':>6} | {'score p50':>10} {'p99':>9} | {'keys p50':>9} {'lookup p50':>10} | {'baseline lookup p50':>19} {'ratio':>6}"
+    )
     for n_tokens in (1024, 8192, 32768):
         toks = [rng.randrange(150_000) for _ in range(n_tokens)]
         keys = indexer.block_keys(toks, MODEL)
@@ -146,23 +157,28 @@ def main() -> None:
             cut = len(keys) * (i + 1) // len(PODS)
             indexer.index.add(pod, keys[:cut], [k ^ 0x77 for k in keys[:cut]])
             baseline.add(pod, keys[:cut])
-        s = timeit(lambda toks=toks: indexer.score(MODEL, toks, PODS), args.iters)
-        kt = timeit(lambda toks=toks: indexer.block_keys(toks, MODEL), args.iters)
-        lt = timeit(lambda keys=keys: indexer.index.lookup(keys, PODS), args.iters)
-        bt = timeit(lambda keys=keys: baseline.lookup(keys, PODS), max(50, args.iters // 10))
-        assert {p: m.blocks for p, m in indexer.index.lookup(keys, PODS).items()} == baseline.lookup(keys, PODS)
+        s = timeit(lambda toks=toks: indexer.score(MODEL, toks, PODS), iters)
+        kt = timeit(lambda toks=toks: indexer.block_keys(toks, MODEL), iters)
+        lt = timeit(lambda keys=keys: indexer.index.lookup(keys, PODS), iters)
+        bt = timeit(lambda keys=keys: baseline.lookup(keys, PODS), max(50, iters // 10))
+        assert {
+            p: m.blocks for p, m in indexer.index.lookup(keys, PODS).items()
+        } == baseline.lookup(keys, PODS)
         print(
-            f"{n_tokens:>8} {len(keys):>6} | {pct(s, .5) * 1e3:>8.3f}ms {pct(s, .99) * 1e3:>7.3f}ms | "
-            f"{pct(kt, .5) * 1e3:>7.3f}ms {pct(lt, .5) * 1e3:>8.3f}ms | {pct(bt, .5) * 1e3:>17.3f}ms "
-            f"{pct(bt, .5) / pct(lt, .5):>5.1f}x"
+            f"{n_tokens:>8} {len(keys):>6} | {pct(s, 0.5) * 1e3:>8.3f}ms {pct(s, 0.99) * 1e3:>7.3f}ms | "
+            f"{pct(kt, 0.5) * 1e3:>7.3f}ms {pct(lt, 0.5) * 1e3:>8.3f}ms | {pct(bt, 0.5) * 1e3:>17.3f}ms "
+            f"{pct(bt, 0.5) / pct(lt, 0.5):>5.1f}x"
         )
-    del indexer, baseline
-    if args.skip_memory:
-        return
-    print(f"\n== memory per (block, pod) entry over {args.entries:,} entries (tracemalloc) ==")
-    print(f"{'pods per block':>14} | {'ours, derived keys':>18} | {'ours, vllm keys':>15} | {'baseline':>8}  (bytes per entry)")
+
+
+def memory(entries: int) -> None:
+    """Memory-per-entry table."""
+    print(f"\n== memory per (block, pod) entry over {entries:,} entries (tracemalloc) ==")
+    print(
+        f"{'pods per block':>14} | {'ours, derived keys':>18} | {'ours, vllm keys':>15} | {'baseline':>8}  (bytes per entry)"
+    )
     for sharing in (1, 2, 4, 16):
-        derived, vllm, theirs = memory_per_entry(args.entries, sharing)
+        derived, vllm, theirs = memory_per_entry(entries, sharing)
         print(f"{sharing:>14} | {derived:>18.1f} | {vllm:>15.1f} | {theirs:>8.1f}")
     print(
         "ours includes the per-pod engine-hash -> key map that resolves removals and doubles as the\n"
