@@ -1,0 +1,315 @@
+"""``precise-prefix-cache-scorer``: scores candidates by the KV blocks they really hold.
+
+The plugin owns an `Indexer` fed by the pods' own KV events (in process through `ingest`, or
+over ZMQ by a `KVEventSubscriber` started in `start`). A request is scored through the index,
+restricted to the candidates: ``score = sum of tier weights over the pod's consecutive run of
+prompt blocks from block 0 / total full blocks`` (optionally blended with the match-length
+term, ``matchLengthWeight``). After a pick, with ``speculativeIndexing`` on, the request's
+block keys are recorded for the chosen pod as speculative entries for ``speculativeTTL``: a
+burst of requests with one prefix then follows the first one instead of scattering while the
+pod's real BlockStored events are still on their way.
+
+Parameters: every `IndexerConfig` field in its camelCase form, at the top level or under the
+upstream ``indexerConfig: {...}``, plus ``kvEventsConfig``, ``speculativeIndexing`` and
+``speculativeTTL``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from kvaware_scorer import Indexer, IndexerConfig
+from kvaware_scorer.config import KVEventsConfig
+from kvaware_scorer.errors import ConfigError, KVAwareError
+from kvaware_scorer.scheduler import (
+    Endpoint,
+    PluginContext,
+    PluginRegistry,
+    SchedulingContext,
+    SchedulingRequest,
+    SchedulingResult,
+    parse_duration,
+)
+
+__all__ = [
+    "PrecisePrefixCacheParams",
+    "PrecisePrefixCacheScorer",
+    "precise_transform",
+    "register",
+]
+
+logger = logging.getLogger(__name__)
+
+#: vLLM's --prefix-caching-hash-algo values (the only ones meaningful in ``vllm`` key mode).
+_VLLM_ALGOS = frozenset({"sha256", "sha256_cbor", "xxhash", "xxhash_cbor"})
+
+
+class PrecisePrefixCacheParams(IndexerConfig):
+    """Parameters of ``precise-prefix-cache-scorer``: the `IndexerConfig` fields plus:
+
+    Attributes:
+        kv_events_config: How KV events reach the index when the scheduler is started.
+        speculative_indexing: Record each pick's blocks for the chosen pod until real events
+            confirm them or `speculative_ttl` passes (upstream's default is off; on here).
+        speculative_ttl: Seconds (or a duration such as ``"2s"``) speculative entries live.
+    """
+
+    kv_events_config: KVEventsConfig = Field(default_factory=KVEventsConfig)
+    speculative_indexing: bool = True
+    speculative_ttl: float = Field(2.0, alias="speculativeTTL")
+
+    @field_validator("speculative_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+    def indexer_config(self) -> IndexerConfig:
+        """The `IndexerConfig` part alone."""
+        fields = set(IndexerConfig.model_fields)
+        return IndexerConfig.model_validate({k: getattr(self, k) for k in fields})
+
+
+def precise_transform(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Upstream forms -> ours: merge ``indexerConfig``, drop what upstream-only values mean
+    nothing here (with warnings).
+
+    Raises:
+        ConfigError: A key given both at the top level and under ``indexerConfig``.
+    """
+    warnings: list[str] = []
+    out = dict(params)
+    nested = out.pop("indexerConfig", None)
+    if nested is not None:
+        if not isinstance(nested, Mapping):
+            raise ConfigError("expected a mapping", "indexerConfig")
+        for k, v in nested.items():
+            if k in out:
+                raise ConfigError(
+                    f"{k!r} given both here and at the top level", f"indexerConfig.{k}"
+                )
+            out[k] = v
+    tp = out.get("tokenProcessorConfig")
+    if isinstance(tp, Mapping) and "hashAlgorithm" in tp:
+        algo = tp["hashAlgorithm"]
+        if algo not in _VLLM_ALGOS:
+            tp = dict(tp)
+            del tp["hashAlgorithm"]
+            out["tokenProcessorConfig"] = tp
+            warnings.append(
+                f"tokenProcessorConfig.hashAlgorithm {algo!r} is upstream's own key hash; "
+                "ignored (keys are derived from the events' token ids)"
+            )
+    kb = out.get("kvBlockIndexConfig")
+    if isinstance(kb, Mapping) and "costAwareMemoryConfig" in kb:
+        kb = dict(kb)
+        del kb["costAwareMemoryConfig"]
+        out["kvBlockIndexConfig"] = kb
+        warnings.append(
+            "kvBlockIndexConfig.costAwareMemoryConfig is not implemented; using the in-memory "
+            "index (bounded by inMemoryConfig.size)"
+        )
+    ev = out.get("kvEventsConfig")
+    if isinstance(ev, Mapping) and ("podDiscoveryConfig" in ev or "engineType" in ev):
+        ev = dict(ev)
+        engine = ev.pop("engineType", "vllm")
+        if engine != "vllm":
+            raise ConfigError(
+                f"only vLLM KV events are supported, got {engine!r}", "kvEventsConfig.engineType"
+            )
+        pd = ev.pop("podDiscoveryConfig", None) or {}
+        if not isinstance(pd, Mapping):
+            raise ConfigError("expected a mapping", "kvEventsConfig.podDiscoveryConfig")
+        for key in ("socketPort", "replaySocketPort"):
+            if key in pd:
+                if key in ev:
+                    raise ConfigError(
+                        f"{key!r} given twice", f"kvEventsConfig.podDiscoveryConfig.{key}"
+                    )
+                ev[key] = pd[key]
+        dropped = sorted(k for k in pd if k not in ("socketPort", "replaySocketPort"))
+        if dropped:
+            warnings.append(
+                f"kvEventsConfig.podDiscoveryConfig {dropped} ignored: pods come from the "
+                "endpoints file"
+            )
+        out["kvEventsConfig"] = ev
+    return out, warnings
+
+
+class PrecisePrefixCacheScorer:
+    """``precise-prefix-cache-scorer`` (see the module docstring)."""
+
+    def __init__(self, params: PrecisePrefixCacheParams, ctx: PluginContext) -> None:
+        self.name = ctx.name
+        self.params = params
+        self.indexer = Indexer(params.indexer_config(), metrics=ctx.metrics, clock=ctx.clock)
+        self.speculative = params.speculative_indexing
+        self.ttl = params.speculative_ttl
+        self._scheduler = ctx.scheduler
+        self._subscriber: Any = None
+        self._lock = threading.Lock()
+
+    # -- tokens and keys ---------------------------------------------------------------------
+
+    def tokens(self, request: SchedulingRequest) -> list[int] | None:
+        """The request's token ids (tokenized once, shared with other plugins), or None
+        when it has no prompt.
+
+        Raises:
+            KVAwareError: Tokenization failed (e.g. no tokenizer for the model).
+        """
+        if request.token_ids is not None:
+            return request.token_ids
+        if request.prompt is None and request.messages is None:
+            return None
+        return request.tokens(
+            lambda: self.indexer.tokens(
+                request.model, prompt=request.prompt, messages=request.messages, **request.chat
+            )
+        )
+
+    def keys(self, request: SchedulingRequest) -> list[int]:
+        """The request's block keys in this index's namespace; cached on the request."""
+        key = self.name + ":keys"
+        cached = request.state.get(key)
+        if cached is None:
+            ids = self.tokens(request) or []
+            cached = request.state[key] = self.indexer.block_keys(
+                ids, request.model, request.lora_name, request.cache_salt
+            )
+        keys: list[int] = cached
+        return keys
+
+    def prepare(self, request: SchedulingRequest) -> None:
+        """Tokenize ahead of scheduling (the scheduler runs this off the event loop)."""
+        self.tokens(request)
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def score(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Mapping[str, float]:
+        try:
+            ids = self.tokens(request)
+        except KVAwareError as exc:
+            # NOTE: a request we cannot tokenize is scored 0 everywhere, never failed: the load
+            # scorers still place it.
+            self.indexer.metrics.score_errors.labels("tokenizer").inc()
+            logger.warning("%s: scoring %s as zeros: %s", self.name, request.model, exc)
+            return {}
+        if not ids:
+            return {}
+        result = self.indexer.match(
+            request.model,
+            ids,
+            [e.id for e in endpoints],
+            request.lora_name,
+            request.cache_salt,
+        )
+        return result.scores()
+
+    # -- after the pick ---------------------------------------------------------------------------
+
+    def pre_request(
+        self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
+    ) -> None:
+        if not self.speculative or self.ttl <= 0:
+            return
+        try:
+            keys = self.keys(request)
+        except KVAwareError as exc:
+            logger.debug("%s: no speculative entries: %s", self.name, exc)
+            return
+        if keys:
+            self.indexer.record_speculative(result.targets[0].id, keys, self.ttl)
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
+        """Apply one vLLM KV-event payload from `pod` (delegates to `Indexer.ingest`)."""
+        self.indexer.ingest(pod, model, payload, seq)
+
+    def _subscription(self, e: Endpoint) -> tuple[str, str | None] | None:
+        cfg = self.params.kv_events_config
+        if e.kv_events:
+            return e.kv_events, e.kv_events_replay
+        if cfg.discover_pods:
+            replay = e.kv_events_replay
+            if replay is None and cfg.replay_socket_port:
+                replay = f"tcp://{e.address}:{cfg.replay_socket_port}"
+            return f"tcp://{e.address}:{cfg.socket_port}", replay
+        return None
+
+    def _subscribe(self, e: Endpoint) -> None:
+        sub = self._subscription(e)
+        if sub is None or self._subscriber is None:
+            return
+        endpoint, replay = sub
+        self._subscriber.add_endpoint(e.id, endpoint, replay_endpoint=replay, model=e.model)
+
+    def start(self) -> None:
+        """Start a `KVEventSubscriber` on ``kvEventsConfig`` and dial every known endpoint's
+        publisher (connect mode); idempotent."""
+        with self._lock:
+            if self._subscriber is not None:
+                return
+            try:
+                # NOTE: imported when started only: the emulator and score-only users never
+                # need ZMQ sockets.
+                subscriber_mod = importlib.import_module("kvaware_scorer.events.subscriber")
+            except ImportError as exc:
+                raise ConfigError(
+                    f"the KV-event subscriber is not available: {exc}", "kvEventsConfig"
+                ) from exc
+            sub = subscriber_mod.KVEventSubscriber(self.indexer, self.params.kv_events_config)
+            sub.start()
+            self._subscriber = sub
+            if self._scheduler is not None:
+                for e in self._scheduler.endpoints:
+                    self._subscribe(e)
+
+    def stop(self) -> None:
+        """Stop the subscriber (bounded); idempotent."""
+        with self._lock:
+            sub, self._subscriber = self._subscriber, None
+        if sub is not None:
+            sub.stop()
+
+    def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        """Purge removed pods from the index (and stop dialing them); dial added ones."""
+        with self._lock:
+            for e in removed:
+                if self._subscriber is not None:
+                    try:
+                        self._subscriber.remove_endpoint(e.id)
+                    except Exception:
+                        logger.exception("%s: unsubscribing %s failed", self.name, e.id)
+                self.indexer.purge_pod(e.id, "endpoint-removed")
+            for e in added:
+                try:
+                    self._subscribe(e)
+                except Exception:
+                    logger.exception("%s: subscribing to %s failed", self.name, e.id)
+
+    def close(self) -> None:
+        """Stop and release the index."""
+        self.stop()
+        self.indexer.close()
+
+
+def register(registry: PluginRegistry) -> None:
+    """Register ``precise-prefix-cache-scorer``."""
+    registry.register(
+        "precise-prefix-cache-scorer",
+        PrecisePrefixCacheScorer,
+        params=PrecisePrefixCacheParams,
+        kinds=("scorer", "pre-request"),
+        description="KV-event-driven prefix-cache affinity (this project's indexer)",
+        transform=precise_transform,
+    )
