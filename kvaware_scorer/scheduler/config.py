@@ -481,8 +481,11 @@ class _Loader:
             self.warn(f"plugin type {alias.old!r} is deprecated; use {alias.new!r}", f"{path}.type")
             params = self.rename(params, alias.param_aliases, params_path)
             params = self.transform(params, alias.transform, params_path)
+        n_errors = len(self.errors)
         params = self.rename(params, spec.param_aliases, params_path)
         params = self.transform(params, spec.transform, params_path)
+        if len(self.errors) > n_errors:
+            return None
         try:
             model = spec.params.model_validate(params)
         except ValidationError as exc:
@@ -510,6 +513,7 @@ class _Loader:
                 self.error(
                     f"give {new!r} or its deprecated name {old!r}, not both", f"{path}.{old}"
                 )
+                params = {k: v for k, v in params.items() if k != old}
                 continue
             self.warn(f"parameter {old!r} is deprecated; use {new!r}", f"{path}.{old}")
             params = {(new if k == old else k): v for k, v in params.items()}
