@@ -104,8 +104,13 @@ class Hooks:
         self.pm = pm
 
     def plugin_names(self) -> list[str]:
-        """Names of the registered plugins (entry-point names for installed ones)."""
-        return sorted(name for name, _ in self.pm.list_name_plugin() if name is not None)
+        """Names of the loaded plugins (entry-point names for installed ones), not blocked ones."""
+        # NOTE: pluggy lists blocked names too, with a None plugin.
+        return sorted(
+            name
+            for name, plugin in self.pm.list_name_plugin()
+            if name is not None and plugin is not None
+        )
 
     def register_plugins(self, registry: PluginRegistry) -> None:
         """Call `kvaware_register_plugins`."""

@@ -91,9 +91,9 @@ def parse_vllm_metrics(text: str) -> EndpointMetrics:
     for family in text_string_to_metric_families(filtered):
         name = family.name
         for sample in family.samples:
-            # NOTE: samples are keyed by their engine (and model) so that one engine's value is
-            # never counted twice, while several engines (DP ranks) add up.
-            engine = sample.labels.get("engine", "") + "\0" + sample.labels.get("model_name", "")
+            # NOTE: one sample per engine (DP rank); engines add up, and an engine's KV usage is
+            # weighted by its own num_gpu_blocks (cache_config_info has no model_name label).
+            engine = sample.labels.get("engine", "")
             if name in WAITING:
                 waiting[engine] = waiting.get(engine, 0.0) + sample.value
             elif name in RUNNING:
