@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 
-from kvaware_scorer.scheduler import PluginRegistry, hookimpl
+from kvaware_scorer.scheduler import PluginRegistry, SchedulerConfig, hookimpl
 
-__all__ = ["BUILTIN_MODULES", "kvaware_register_plugins"]
+__all__ = ["BUILTIN_MODULES", "kvaware_config_resolved", "kvaware_register_plugins"]
 
 #: Modules of this package that register plugin types.
 BUILTIN_MODULES = ("precise", "approximate", "load", "pickers", "profile", "filters", "compat")
@@ -22,3 +22,9 @@ def kvaware_register_plugins(registry: PluginRegistry) -> None:
     """Register every built-in type and the upstream aliases of renamed ones."""
     for name in BUILTIN_MODULES:
         importlib.import_module(f"{__name__}.{name}").register(registry)
+
+
+@hookimpl(trylast=True)
+def kvaware_config_resolved(config: SchedulerConfig) -> None:
+    """Check cross-plugin references of the built-ins (prefixMatchInfoProducerName)."""
+    importlib.import_module(f"{__name__}.approximate").check_producers(config)

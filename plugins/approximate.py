@@ -19,12 +19,12 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from kvaware_scorer.config import ConfigModel, PrefixStoreConfig, TokenizersPoolConfig
-from kvaware_scorer.errors import KVAwareError
+from kvaware_scorer.errors import ConfigError, KVAwareError
 from kvaware_scorer.keys import DerivedKeyer
 from kvaware_scorer.scheduler import (
     Endpoint,
@@ -36,10 +36,15 @@ from kvaware_scorer.scheduler import (
 )
 from kvaware_scorer.scoring import prefix_score
 
+if TYPE_CHECKING:
+    from kvaware_scorer.scheduler import SchedulerConfig
+
 __all__ = [
+    "PRODUCER_TYPES",
     "ApproxPrefixCacheParams",
     "ApproxPrefixCacheScorer",
     "RoutingHistory",
+    "check_producers",
     "estimate_tokens",
     "register",
 ]
@@ -64,8 +69,9 @@ class ApproxPrefixCacheParams(ConfigModel):
         hash_seed: Mixed into every block key.
         chars_per_token: Bytes packed per pseudo-token by the character estimate.
         tokenizers_pool_config: Tokenize text prompts with a real tokenizer (else estimate).
-        prefix_match_info_producer_name: Accepted for upstream configs; must be empty or name
-            an ``approx-prefix-cache-producer`` (this scorer is its own producer).
+        prefix_match_info_producer_name: Upstream's producer/scorer split: name a configured
+            ``precise-prefix-cache-producer`` or ``approx-prefix-cache-producer`` to score from
+            its match info; empty = this plugin produces its own (routing history).
     """
 
     block_size_tokens: int = Field(64, ge=1, le=65536)
@@ -205,6 +211,12 @@ class ApproxPrefixCacheScorer:
             limit = params.max_prefix_blocks_to_match * params.block_size_tokens
         self.token_limit = limit
         self._metrics = ctx.metrics
+        self._scheduler = ctx.scheduler
+        name = params.prefix_match_info_producer_name
+        # NOTE: naming an approximate producer is the same as producing here (upstream
+        # auto-creates one); naming a precise producer reads its index instead.
+        self.producer_name = name if name and name != ctx.name else None
+        self._delegate: Any = None
         self._tokenizer: Any = None
         self._tok_lock = threading.Lock()
 
@@ -274,22 +286,33 @@ class ApproxPrefixCacheScorer:
 
     def match_info(
         self, request: SchedulingRequest, endpoints: Sequence[Endpoint]
-    ) -> tuple[dict[str, int], int]:
-        """(endpoint id -> consecutive matched blocks, total blocks) for the request."""
+    ) -> tuple[dict[str, float], int, int]:
+        """(endpoint id -> consecutive matched blocks, total blocks, block size in tokens)."""
         keys = self.keys(request)
         if not keys:
-            return {}, 0
-        return self.history.lookup(keys, [e.id for e in endpoints]), len(keys)
+            return {}, 0, self.block_size
+        runs = self.history.lookup(keys, [e.id for e in endpoints])
+        return {k: float(v) for k, v in runs.items()}, len(keys), self.block_size
+
+    def _producer(self, ctx: SchedulingContext) -> Any:
+        if self._delegate is None:
+            sched = ctx.scheduler or self._scheduler
+            if sched is None:
+                raise ConfigError(
+                    "no scheduler to find the producer in", "prefixMatchInfoProducerName"
+                )
+            self._delegate = sched.plugin(str(self.producer_name))
+        return self._delegate
 
     def score(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Mapping[str, float]:
-        runs, total = self.match_info(request, endpoints)
+        source = self._producer(ctx) if self.producer_name else self
+        matched, total, bs = source.match_info(request, endpoints)
         p = self.params
-        bs = self.block_size
         return {
             eid: prefix_score(n, total, bs, p.match_length_weight, p.match_length_scale_tokens)
-            for eid, n in runs.items()
+            for eid, n in matched.items()
         }
 
     # -- recording -------------------------------------------------------------------------
@@ -305,6 +328,8 @@ class ApproxPrefixCacheScorer:
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
     ) -> None:
+        if self.producer_name:
+            return  # the producer records routing decisions itself
         target = result.targets[0]
         keys = self.keys(request)
         if keys:
@@ -320,8 +345,43 @@ class ApproxPrefixCacheScorer:
             self._tokenizer.close()
 
 
+#: Types whose objects provide ``match_info`` for ``prefixMatchInfoProducerName``.
+PRODUCER_TYPES = frozenset(
+    {
+        "precise-prefix-cache-producer",
+        "approx-prefix-cache-producer",
+        "precise-prefix-cache-scorer",
+        "prefix-cache-scorer",
+    }
+)
+
+
+def check_producers(config: SchedulerConfig) -> None:
+    """Every ``prefixMatchInfoProducerName`` must name a configured producer.
+
+    Raises:
+        ConfigError: A dangling or wrong-typed reference (with its YAML path).
+    """
+    for p in config.plugins.values():
+        if p.type != "prefix-cache-scorer":
+            continue
+        name = getattr(p.params, "prefix_match_info_producer_name", None)
+        if not name or name == p.name:
+            continue
+        target = config.plugins.get(name)
+        path = f"{p.path}.parameters.prefixMatchInfoProducerName"
+        if target is None:
+            raise ConfigError(f"names no plugin in plugins[]: {name!r}", path)
+        if target.type not in PRODUCER_TYPES:
+            raise ConfigError(
+                f"{name!r} is a {target.type!r}, not a prefix match-info producer "
+                f"({', '.join(sorted(PRODUCER_TYPES))})",
+                path,
+            )
+
+
 def register(registry: PluginRegistry) -> None:
-    """Register ``prefix-cache-scorer``."""
+    """Register ``prefix-cache-scorer`` and ``approx-prefix-cache-producer``."""
     registry.register(
         "prefix-cache-scorer",
         ApproxPrefixCacheScorer,
@@ -329,4 +389,12 @@ def register(registry: PluginRegistry) -> None:
         kinds=("scorer", "pre-request"),
         description="approximate prefix-cache affinity from routing history (no events)",
         param_aliases={"hashBlockSize": "blockSizeTokens", "blockSize": "blockSizeTokens"},
+    )
+    registry.register(
+        "approx-prefix-cache-producer",
+        ApproxPrefixCacheScorer,
+        params=ApproxPrefixCacheParams,
+        kinds=("pre-request",),
+        description="routing-history match info for prefix-cache-scorer (upstream split form)",
+        param_aliases={"blockSize": "blockSizeTokens"},
     )

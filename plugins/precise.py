@@ -192,6 +192,23 @@ class PrecisePrefixCacheScorer:
 
     # -- scoring --------------------------------------------------------------------------------
 
+    def match_info(
+        self, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> tuple[dict[str, float], int, int]:
+        """(endpoint id -> tier-weighted consecutive blocks, total blocks, block size).
+
+        Raises:
+            KVAwareError: The request could not be tokenized.
+        """
+        ids = self.tokens(request)
+        if not ids:
+            return {}, 0, self.indexer.block_size
+        result = self.indexer.match(
+            request.model, ids, [e.id for e in endpoints], request.lora_name, request.cache_salt
+        )
+        matched = {pod: s.weight for pod, s in result.pods.items() if s.blocks}
+        return matched, result.total_blocks, result.block_size
+
     def score(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Mapping[str, float]:
@@ -304,12 +321,20 @@ class PrecisePrefixCacheScorer:
 
 
 def register(registry: PluginRegistry) -> None:
-    """Register ``precise-prefix-cache-scorer``."""
+    """Register ``precise-prefix-cache-scorer`` and ``precise-prefix-cache-producer``."""
     registry.register(
         "precise-prefix-cache-scorer",
         PrecisePrefixCacheScorer,
         params=PrecisePrefixCacheParams,
         kinds=("scorer", "pre-request"),
         description="KV-event-driven prefix-cache affinity (this project's indexer)",
+        transform=precise_transform,
+    )
+    registry.register(
+        "precise-prefix-cache-producer",
+        PrecisePrefixCacheScorer,
+        params=PrecisePrefixCacheParams,
+        kinds=("pre-request",),
+        description="KV-event-driven match info for prefix-cache-scorer (upstream split form)",
         transform=precise_transform,
     )

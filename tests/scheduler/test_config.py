@@ -490,3 +490,81 @@ def test_parse_duration_rejects(value: Any) -> None:
     """Anything else is a ValueError."""
     with pytest.raises(ValueError):
         parse_duration(value)
+
+
+LLMD_SPLIT_FORM = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+  - type: token-producer
+    parameters: {modelName: hf-repo/model-name, vllm: {url: http://localhost:8000}}
+  - type: endpoint-notification-source
+  - type: metrics-data-source
+  - type: core-metrics-extractor
+  - type: single-profile-handler
+  - type: decode-filter
+  - type: precise-prefix-cache-producer
+    parameters:
+      tokenProcessorConfig: {blockSize: 4}
+      indexerConfig: {kvBlockIndexConfig: {enableMetrics: true}}
+  - type: prefix-cache-scorer
+    parameters: {prefixMatchInfoProducerName: precise-prefix-cache-producer}
+  - type: kv-cache-utilization-scorer
+  - type: queue-scorer
+  - type: max-score-picker
+dataLayer:
+  sources:
+    - pluginRef: metrics-data-source
+      extractors: [{pluginRef: core-metrics-extractor}]
+    - pluginRef: endpoint-notification-source
+      extractors: [{pluginRef: precise-prefix-cache-producer}]
+schedulingProfiles:
+  - name: default
+    plugins:
+      - pluginRef: decode-filter
+      - pluginRef: prefix-cache-scorer
+        weight: 2.0
+      - pluginRef: kv-cache-utilization-scorer
+        weight: 1.0
+      - pluginRef: queue-scorer
+        weight: 1.0
+      - pluginRef: max-score-picker
+"""
+
+
+def test_upstream_split_producer_form_scores_from_the_precise_index() -> None:
+    """llm-d's current producer + generic prefix-cache-scorer form reads the precise index."""
+    from kvaware_scorer.scheduler import SchedulingRequest
+
+    from .conftest import endpoints
+
+    s = Scheduler.from_config(
+        LLMD_SPLIT_FORM, plugin_manager=make_plugin_manager(use_env=False), seed=0
+    )
+    producer = s.plugin("precise-prefix-cache-producer")
+    assert s.event_sinks == [producer]
+    eps = endpoints(3)
+    prompt = list(range(32))
+    keys = producer.indexer.block_keys(prompt, "m")
+    producer.indexer.index.add(eps[1].id, keys[:4])
+    r = s.schedule(SchedulingRequest("r", "m", token_ids=prompt), eps)
+    assert r.scores["prefix-cache-scorer"] == {eps[0].id: 0.0, eps[1].id: 0.5, eps[2].id: 0.0}
+    assert r.targets == [eps[1]]
+    # the producer's pre-request hook recorded the pick speculatively
+    r2 = s.schedule(SchedulingRequest("r2", "m", token_ids=prompt), eps)
+    assert r2.scores["prefix-cache-scorer"][eps[1].id] == 1.0
+    s.close()
+
+
+@pytest.mark.parametrize("ref", ["missing", "queue-scorer"])
+def test_producer_reference_checked(ref: str) -> None:
+    """prefixMatchInfoProducerName must name a configured match-info producer."""
+    data = config(
+        [
+            {"type": "queue-scorer"},
+            {"type": "prefix-cache-scorer", "parameters": {"prefixMatchInfoProducerName": ref}},
+        ]
+    )
+    with pytest.raises(ConfigError) as info:
+        Scheduler.from_config(data, plugin_manager=make_plugin_manager(use_env=False))
+    assert info.value.path == "plugins[1].parameters.prefixMatchInfoProducerName"
