@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ from kvaware_scorer.scheduler import (
     SchedulingResult,
     parse_duration,
 )
+from kvaware_scorer.scoring import PodScore, ScoreResult, score_matches
 
 __all__ = [
     "PrecisePrefixCacheParams",
@@ -192,6 +194,47 @@ class PrecisePrefixCacheScorer:
 
     # -- scoring --------------------------------------------------------------------------------
 
+    def _match(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> ScoreResult:
+        """The index match of the request's blocks for the candidates.
+
+        Equivalent to `Indexer.match` (same metrics, same degradation to zeros on a backend
+        failure), but on block keys cached on the request, so the keys are derived once per
+        request although the pre-request hook needs them again for speculative entries.
+
+        Raises:
+            KVAwareError: The request could not be tokenized or keyed.
+        """
+        ix = self.indexer
+        t0 = time.perf_counter()
+        pods = [e.id for e in endpoints]
+        keys = self.keys(request)
+        total = len(keys)
+        m = ix.metrics
+        try:
+            matches = ix.index.lookup(keys, pods) if keys else {}
+        except (KVAwareError, OSError) as exc:
+            m.score_errors.labels("backend").inc()
+            m.backend_errors.labels("lookup").inc()
+            logger.warning("%s: index lookup failed, scoring zeros: %s", self.name, exc)
+            return ScoreResult(
+                total, ix.block_size, {p: PodScore(0.0) for p in pods}, error=str(exc)
+            )
+        cfg = ix.config
+        scored = score_matches(
+            matches,
+            pods,
+            total,
+            ix.block_size,
+            cfg.match_length_weight,
+            cfg.match_length_scale_tokens,
+        )
+        m.lookups.inc()
+        m.lookup_blocks.inc(total)
+        if matches:
+            m.hit_blocks.inc(max(pm.blocks for pm in matches.values()))
+        m.score_latency.observe(time.perf_counter() - t0)
+        return ScoreResult(total, ix.block_size, scored)
+
     def match_info(
         self, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> tuple[dict[str, float], int, int]:
@@ -200,12 +243,7 @@ class PrecisePrefixCacheScorer:
         Raises:
             KVAwareError: The request could not be tokenized.
         """
-        ids = self.tokens(request)
-        if not ids:
-            return {}, 0, self.indexer.block_size
-        result = self.indexer.match(
-            request.model, ids, [e.id for e in endpoints], request.lora_name, request.cache_salt
-        )
+        result = self._match(request, endpoints)
         matched = {pod: s.weight for pod, s in result.pods.items() if s.blocks}
         return matched, result.total_blocks, result.block_size
 
@@ -213,22 +251,13 @@ class PrecisePrefixCacheScorer:
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Mapping[str, float]:
         try:
-            ids = self.tokens(request)
+            result = self._match(request, endpoints)
         except KVAwareError as exc:
             # NOTE: a request we cannot tokenize is scored 0 everywhere, never failed: the load
             # scorers still place it.
             self.indexer.metrics.score_errors.labels("tokenizer").inc()
             logger.warning("%s: scoring %s as zeros: %s", self.name, request.model, exc)
             return {}
-        if not ids:
-            return {}
-        result = self.indexer.match(
-            request.model,
-            ids,
-            [e.id for e in endpoints],
-            request.lora_name,
-            request.cache_salt,
-        )
         return result.scores()
 
     # -- after the pick ---------------------------------------------------------------------------

@@ -90,10 +90,20 @@ class Endpoint:
     metrics_path: str = "/metrics"
     metrics_port: int | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_id", f"{self.address}:{self.port}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in ("address", "port") and "_id" in self.__dict__:
+            object.__setattr__(self, "_id", f"{self.address}:{self.port}")
+
     @property
     def id(self) -> str:
         """Pod id used by the index and by KV events: ``"<address>:<port>"``."""
-        return f"{self.address}:{self.port}"
+        # NOTE: cached (read many times per scheduling call); kept in sync by __setattr__.
+        pid: str = self.__dict__["_id"]
+        return pid
 
     def __repr__(self) -> str:
         return f"Endpoint({self.name!r}, {self.id})"
