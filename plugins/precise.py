@@ -155,6 +155,7 @@ class PrecisePrefixCacheScorer:
         self.ttl = params.speculative_ttl
         self._scheduler = ctx.scheduler
         self._subscriber: Any = None
+        self._started = False
         self._lock = threading.Lock()
 
     # -- tokens and keys ---------------------------------------------------------------------
@@ -299,30 +300,49 @@ class PrecisePrefixCacheScorer:
         endpoint, replay = sub
         self._subscriber.add_endpoint(e.id, endpoint, replay_endpoint=replay, model=e.model)
 
+    def _current_endpoints(self) -> list[Endpoint]:
+        return self._scheduler.endpoints if self._scheduler is not None else []
+
+    def _ensure_subscriber(self) -> None:
+        """Start the subscriber (under the lock) and dial every known endpoint's publisher."""
+        if self._subscriber is not None:
+            return
+        try:
+            # NOTE: imported when needed only: the emulator and score-only users never need
+            # ZMQ sockets.
+            subscriber_mod = importlib.import_module("kvaware_scorer.events.subscriber")
+        except ImportError as exc:
+            raise ConfigError(
+                f"the KV-event subscriber is not available: {exc}", "kvEventsConfig"
+            ) from exc
+        sub = subscriber_mod.KVEventSubscriber(self.indexer, self.params.kv_events_config)
+        sub.start()
+        self._subscriber = sub
+        for e in self._current_endpoints():
+            self._subscribe(e)
+
     def start(self) -> None:
-        """Start a `KVEventSubscriber` on ``kvEventsConfig`` and dial every known endpoint's
-        publisher (connect mode); idempotent."""
+        """Start receiving KV events over ZMQ (idempotent).
+
+        A `KVEventSubscriber` runs on ``kvEventsConfig`` as soon as there is something to
+        receive: a bound ``zmqEndpoint``, static ``endpoints``, or an endpoint with a publisher
+        (its ``kvEvents``, or ``tcp://<address>:<socketPort>`` with ``discoverPods``); until
+        then nothing is opened, and an endpoint with a publisher joining later starts it.
+        """
         with self._lock:
-            if self._subscriber is not None:
-                return
-            try:
-                # NOTE: imported when started only: the emulator and score-only users never
-                # need ZMQ sockets.
-                subscriber_mod = importlib.import_module("kvaware_scorer.events.subscriber")
-            except ImportError as exc:
-                raise ConfigError(
-                    f"the KV-event subscriber is not available: {exc}", "kvEventsConfig"
-                ) from exc
-            sub = subscriber_mod.KVEventSubscriber(self.indexer, self.params.kv_events_config)
-            sub.start()
-            self._subscriber = sub
-            if self._scheduler is not None:
-                for e in self._scheduler.endpoints:
-                    self._subscribe(e)
+            self._started = True
+            cfg = self.params.kv_events_config
+            if (
+                cfg.zmq_endpoint
+                or cfg.endpoints
+                or any(self._subscription(e) for e in self._current_endpoints())
+            ):
+                self._ensure_subscriber()
 
     def stop(self) -> None:
         """Stop the subscriber (bounded); idempotent."""
         with self._lock:
+            self._started = False
             sub, self._subscriber = self._subscriber, None
         if sub is not None:
             sub.stop()
@@ -337,6 +357,15 @@ class PrecisePrefixCacheScorer:
                     except Exception:
                         logger.exception("%s: unsubscribing %s failed", self.name, e.id)
                 self.indexer.purge_pod(e.id, "endpoint-removed")
+            if not self._started:
+                return
+            if self._subscriber is None:
+                if any(self._subscription(e) for e in added):
+                    try:
+                        self._ensure_subscriber()
+                    except Exception:
+                        logger.exception("%s: starting the KV-event subscriber failed", self.name)
+                return
             for e in added:
                 try:
                     self._subscribe(e)
