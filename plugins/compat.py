@@ -12,24 +12,29 @@ EndpointPickerConfig files load: they are validated loosely and do nothing (a wa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from pydantic import BaseModel, ConfigDict
 
 from kvaware_scorer.scheduler import PluginContext, PluginRegistry
 
 __all__ = ["INERT_TYPES", "InertParams", "InertPlugin", "register"]
 
-INERT_TYPES: dict[str, str] = {
-    "metrics-data-source": "pod metrics are scraped by the scheduler itself",
-    "core-metrics-extractor": "vLLM metric names are built in",
-    "endpoint-notification-source": "endpoints come from the endpoints file",
-    "file-discovery": "endpoints come from the endpoints file",
-    "token-producer": "scorers tokenize requests themselves",
-    "openai-parser": "request parsing is done by the gateway",
-    "anthropic-parser": "request parsing is done by the gateway",
-    "vllmhttp-parser": "request parsing is done by the gateway",
-    "passthrough-parser": "request parsing is done by the gateway",
-    "utilization-detector": "no saturation detection here",
-}
+INERT_TYPES: Mapping[str, str] = MappingProxyType(
+    {
+        "metrics-data-source": "pod metrics are scraped by the scheduler itself",
+        "core-metrics-extractor": "vLLM metric names are built in",
+        "endpoint-notification-source": "endpoints come from the endpoints file",
+        "file-discovery": "endpoints come from the endpoints file",
+        "token-producer": "scorers tokenize requests themselves",
+        "openai-parser": "request parsing is done by the gateway",
+        "anthropic-parser": "request parsing is done by the gateway",
+        "vllmhttp-parser": "request parsing is done by the gateway",
+        "passthrough-parser": "request parsing is done by the gateway",
+        "utilization-detector": "no saturation detection here",
+    }
+)
 
 
 class InertParams(BaseModel):

@@ -186,6 +186,7 @@ class ActiveRequestScorer:
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._inflight: dict[int, str] = {}  # token -> endpoint id
+        self._by_request: dict[str, int] = {}  # request id -> token
         self._deadlines: list[tuple[float, int]] = []
         self._tokens = itertools.count(1)
 
@@ -203,6 +204,9 @@ class ActiveRequestScorer:
             if eid is not None:
                 logger.debug("in-flight request on %s timed out after %.1fs", eid, self.timeout)
                 self._release(eid)
+        if len(self._by_request) > 2 * len(self._inflight) + 1024:
+            live = set(self._inflight)
+            self._by_request = {r: t for r, t in self._by_request.items() if t in live}
 
     def _release(self, eid: str) -> None:
         c = self._counts.get(eid, 0) - 1
@@ -229,6 +233,8 @@ class ActiveRequestScorer:
         eid = result.targets[0].id
         with self._lock:
             old = request.state.pop(self.name, None)
+            if old is None:
+                old = self._by_request.get(request.request_id)
             prev = self._inflight.pop(old, None) if old is not None else None
             if prev is not None:
                 # NOTE: the same request scheduled again (a retry): it moves, it does not add.
@@ -239,14 +245,22 @@ class ActiveRequestScorer:
             if self.timeout > 0:
                 heapq.heappush(self._deadlines, (ctx.now + self.timeout, token))
             request.state[self.name] = token
+            self._by_request[request.request_id] = token
 
     def post_response(
         self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
     ) -> None:
         with self._lock:
+            # NOTE: the request id is the fallback for callers that pass an equal request
+            # rather than the same object.
             token = request.state.pop(self.name, None)
+            by_id = self._by_request.get(request.request_id)
+            if token is None:
+                token = by_id
             if token is None:
                 return
+            if by_id == token:
+                del self._by_request[request.request_id]
             eid = self._inflight.pop(token, None)
             if eid is not None:
                 self._release(eid)

@@ -130,7 +130,8 @@ class Scheduler:
             try:
                 obj = pc.spec.factory(pc.params, ctx)
             except ConfigError as exc:
-                raise ConfigError(exc.message, f"{pc.path}.parameters") from exc
+                where = f"{pc.path}.parameters" + (f".{exc.path}" if exc.path else "")
+                raise ConfigError(exc.message, where) from exc
             for kind in pc.kinds:
                 if not callable(getattr(obj, KINDS[kind], None)):
                     raise ConfigError(

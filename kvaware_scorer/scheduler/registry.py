@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -36,14 +37,16 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The roles a plugin can play, and the method that marks each.
-KINDS: dict[str, str] = {
-    "filter": "filter",
-    "scorer": "score",
-    "picker": "pick",
-    "profile-handler": "pick_profiles",
-    "pre-request": "pre_request",
-    "post-response": "post_response",
-}
+KINDS: Mapping[str, str] = MappingProxyType(
+    {
+        "filter": "filter",
+        "scorer": "score",
+        "picker": "pick",
+        "profile-handler": "pick_profiles",
+        "pre-request": "pre_request",
+        "post-response": "post_response",
+    }
+)
 
 #: Rewrites raw ``parameters`` before validation; returns the new mapping and warnings.
 ParamTransform = Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]]

@@ -480,3 +480,14 @@ def test_precise_shuffled_candidates_same_scores() -> None:
     shuffled = eps[:]
     random.Random(1).shuffle(shuffled)
     assert s.schedule(SchedulingRequest("r", "m", token_ids=prompt), shuffled).scores == base
+
+
+def test_active_request_released_by_request_id() -> None:
+    """post_response with an equal request (same id, new object) releases the count."""
+    s = build([{"type": "active-request-scorer"}])
+    ep = endpoints(1)
+    res = s.schedule(SchedulingRequest("same-id", "m", token_ids=[1]), ep)
+    scorer = s.plugin("active-request-scorer")
+    assert scorer.count(ep[0].id) == 1
+    s.post_response(SchedulingRequest("same-id", "m", token_ids=[1]), res, ResponseInfo())
+    assert scorer.count(ep[0].id) == 0

@@ -396,3 +396,43 @@ def test_clock_is_injected_into_the_context() -> None:
     clock.advance(1.5)
     s.schedule(req(), endpoints(1))
     assert seen == [42.0, 43.5]
+
+
+def test_aschedule_prepares_off_the_event_loop() -> None:
+    """aschedule runs request preparation (tokenization) in a worker thread, then schedules."""
+    import threading
+
+    seen: list[str] = []
+
+    class Tokenizing:
+        def __init__(self, params: Any, ctx: PluginContext) -> None:
+            pass
+
+        def prepare(self, request: SchedulingRequest) -> None:
+            request.tokens(lambda: seen.append(threading.current_thread().name) or [7, 8, 9])
+
+        def score(
+            self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+        ) -> Mapping[str, float]:
+            toks = request.tokens(lambda: [0])
+            return {endpoints[len(toks) % len(endpoints)].id: 1.0}
+
+    class P:
+        @hookimpl
+        def kvaware_register_plugins(self, registry: PluginRegistry) -> None:
+            registry.register("tokenizing", Tokenizing)
+
+    s = Scheduler.from_config(
+        config([{"type": "tokenizing"}]),
+        plugin_manager=make_plugin_manager(use_env=False, plugins=[P()]),
+    )
+    eps = endpoints(2)
+
+    async def go() -> tuple[SchedulingResult, str]:
+        r = await s.aschedule(SchedulingRequest("r", "m", prompt="text"), eps)
+        return r, threading.current_thread().name
+
+    r, loop_thread = asyncio.run(go())
+    assert r.targets == [eps[1]]  # 3 tokens from prepare(), not the fallback
+    assert len(seen) == 1 and seen[0] != loop_thread and seen[0].startswith("kvaware-prepare")
+    s.close()
