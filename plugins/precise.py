@@ -229,6 +229,7 @@ class PrecisePrefixCacheScorer:
             cfg.match_length_weight,
             cfg.match_length_scale_tokens,
         )
+        request.state[self.name + ":matched"] = {pod: pm.blocks for pod, pm in matches.items()}
         m.lookups.inc()
         m.lookup_blocks.inc(total)
         if matches:
@@ -266,6 +267,13 @@ class PrecisePrefixCacheScorer:
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
     ) -> None:
+        """Record the request's blocks for the chosen pod as speculative entries.
+
+        Only the blocks past the pod's current match are recorded. NOTE: re-recording matched
+        blocks would refresh their TTL with every pick, so a pod whose KV events never arrive
+        would keep a phantom affinity forever; this way unconfirmed entries always expire
+        `speculativeTTL` after the pick that made them.
+        """
         if not self.speculative or self.ttl <= 0:
             return
         try:
@@ -273,8 +281,11 @@ class PrecisePrefixCacheScorer:
         except KVAwareError as exc:
             logger.debug("%s: no speculative entries: %s", self.name, exc)
             return
-        if keys:
-            self.indexer.record_speculative(result.targets[0].id, keys, self.ttl)
+        target = result.targets[0].id
+        matched = request.state.get(self.name + ":matched")
+        held = matched.get(target, 0) if matched is not None else 0
+        if held < len(keys):
+            self.indexer.record_speculative(target, keys[held:], self.ttl)
 
     # -- events -------------------------------------------------------------------------------------
 

@@ -399,8 +399,8 @@ def test_speculative_entries_appear_and_expire() -> None:
     ]
     assert all(r.targets == [chosen] for r in burst)
     assert burst[0].scores["precise-prefix-cache-scorer"][chosen.id] == 1.0
-    # entries are refreshed by each pick; once the last pick's TTL passes they are gone
-    clock.advance(2.01)
+    # picks that already match do not refresh the entries: they expire TTL after the first
+    clock.advance(1.01)
     r = s.schedule(
         SchedulingRequest("c", "m", token_ids=prompt),
         [e for e in eps if e is not chosen] + [chosen],
@@ -491,3 +491,32 @@ def test_active_request_released_by_request_id() -> None:
     assert scorer.count(ep[0].id) == 1
     s.post_response(SchedulingRequest("same-id", "m", token_ids=[1]), res, ResponseInfo())
     assert scorer.count(ep[0].id) == 0
+
+
+def test_speculative_affinity_does_not_outlive_missing_events() -> None:
+    """A pod whose KV events never arrive loses its speculative affinity TTL after the first pick, however many picks follow."""
+    clock = FakeClock()
+    s = precise(clock, speculativeTTL=2)
+    eps = endpoints(3)
+    prompt = list(range(64))
+    chosen = s.schedule(SchedulingRequest("a", "m", token_ids=prompt), eps).targets[0]
+    for i in range(19):
+        clock.advance(0.1)
+        r = s.schedule(SchedulingRequest(f"b{i}", "m", token_ids=prompt), eps)
+        assert r.targets == [chosen]
+    clock.advance(0.11)  # 2.01 s after the first pick
+    r = s.schedule(SchedulingRequest("c", "m", token_ids=prompt), eps)
+    assert r.scores["precise-prefix-cache-scorer"][chosen.id] == 0.0
+
+
+def test_speculative_extends_a_partial_match() -> None:
+    """A longer prompt records its new blocks beyond what the pod already matched."""
+    clock = FakeClock()
+    s = precise(clock, speculativeTTL=2)
+    eps = endpoints(3)
+    base = list(range(32))
+    chosen = s.schedule(SchedulingRequest("a", "m", token_ids=base), eps).targets[0]
+    longer = base + list(range(100, 132))
+    s.schedule(SchedulingRequest("b", "m", token_ids=longer), eps)
+    r = s.schedule(SchedulingRequest("c", "m", token_ids=longer), eps)
+    assert r.scores["precise-prefix-cache-scorer"][chosen.id] == 1.0
