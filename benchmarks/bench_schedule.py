@@ -173,8 +173,8 @@ def main() -> None:
     p50_over = percentile(precise, 50) - percentile(bare, 50)
     p99_over = percentile(precise, 99) - percentile(bare, 99)
     print(
-        f"precise schedule() over bare Indexer.score: p50 +{p50_over:.1f} us "
-        f"(x{percentile(precise, 50) / percentile(bare, 50):.2f}), p99 +{p99_over:.1f} us; "
+        f"precise schedule() over bare Indexer.score: p50 {p50_over:+.1f} us "
+        f"(x{percentile(precise, 50) / percentile(bare, 50):.2f}), p99 {p99_over:+.1f} us; "
         f"target p50 <= 1000 us: {'met' if percentile(precise, 50) <= 1000 else 'NOT met'}"
     )
 
