@@ -1,2 +1,30 @@
 """Built-in plugins, installed as ``kvaware_scorer.plugins`` and found through the
-``kvaware_scorer.plugins`` entry-point group like any third-party plugin."""
+``kvaware_scorer.plugins`` entry-point group (name ``builtins``) like any third-party plugin.
+
+Each module registers its own types (``register(registry)``); the modules are imported when
+the hook runs, never at import time. Block them all with ``KVAWARE_BLOCK_PLUGINS=builtins``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from kvaware_scorer.scheduler import PluginRegistry, SchedulerConfig, hookimpl
+
+__all__ = ["BUILTIN_MODULES", "kvaware_config_resolved", "kvaware_register_plugins"]
+
+#: Modules of this package that register plugin types.
+BUILTIN_MODULES = ("precise", "approximate", "load", "pickers", "profile", "filters", "compat")
+
+
+@hookimpl(trylast=True)
+def kvaware_register_plugins(registry: PluginRegistry) -> None:
+    """Register every built-in type and the upstream aliases of renamed ones."""
+    for name in BUILTIN_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(registry)
+
+
+@hookimpl(trylast=True)
+def kvaware_config_resolved(config: SchedulerConfig) -> None:
+    """Check cross-plugin references of the built-ins (prefixMatchInfoProducerName)."""
+    importlib.import_module(f"{__name__}.approximate").check_producers(config)

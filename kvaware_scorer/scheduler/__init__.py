@@ -1,1 +1,110 @@
-"""The scheduler host: pluggy hooks, EndpointPickerConfig loading, the filter -> scorers -> picker pipeline."""
+"""The scheduler host: pluggy hooks, EndpointPickerConfig loading, the filter -> scorers -> picker
+pipeline, endpoints and their metrics.
+
+Public API::
+
+    from kvaware_scorer.scheduler import Scheduler, SchedulingRequest, Endpoint
+    scheduler = Scheduler.from_yaml("config/precise.yaml", seed=0)
+    result = scheduler.schedule(SchedulingRequest("r1", "m", token_ids=[...]), endpoints)
+"""
+
+from __future__ import annotations
+
+from kvaware_scorer.scheduler.config import (
+    API_VERSION,
+    DEPRECATED_API_VERSION,
+    ConfigErrorGroup,
+    PluginConfig,
+    ProfileConfig,
+    SchedulerConfig,
+    ScorerRef,
+    load_config,
+    parse_duration,
+)
+from kvaware_scorer.scheduler.endpoints import EndpointsWatcher, load_endpoints, parse_endpoints
+from kvaware_scorer.scheduler.hookspecs import hookimpl, hookspec
+from kvaware_scorer.scheduler.manager import (
+    BLOCK_ENV,
+    ENTRY_POINT_GROUP,
+    Hooks,
+    make_plugin_manager,
+)
+from kvaware_scorer.scheduler.pipeline import DEFAULT_METRICS_STALENESS, Scheduler
+from kvaware_scorer.scheduler.registry import (
+    KINDS,
+    NoParameters,
+    PluginContext,
+    PluginRegistry,
+    PluginSpec,
+)
+from kvaware_scorer.scheduler.scrape import MetricsScraper, parse_vllm_metrics
+from kvaware_scorer.scheduler.types import (
+    Endpoint,
+    EndpointMetrics,
+    EndpointsListener,
+    Filter,
+    KVEventSink,
+    Lifecycle,
+    Picker,
+    PostResponse,
+    PreRequest,
+    ProfileHandler,
+    ProfileResult,
+    ProfileView,
+    RequestPreparer,
+    ResponseInfo,
+    SchedulingContext,
+    SchedulingRequest,
+    SchedulingResult,
+    ScoredEndpoint,
+    Scorer,
+)
+
+__all__ = [
+    "API_VERSION",
+    "BLOCK_ENV",
+    "DEFAULT_METRICS_STALENESS",
+    "DEPRECATED_API_VERSION",
+    "ENTRY_POINT_GROUP",
+    "KINDS",
+    "ConfigErrorGroup",
+    "Endpoint",
+    "EndpointMetrics",
+    "EndpointsListener",
+    "EndpointsWatcher",
+    "Filter",
+    "Hooks",
+    "KVEventSink",
+    "Lifecycle",
+    "MetricsScraper",
+    "NoParameters",
+    "Picker",
+    "PluginConfig",
+    "PluginContext",
+    "PluginRegistry",
+    "PluginSpec",
+    "PostResponse",
+    "PreRequest",
+    "ProfileConfig",
+    "ProfileHandler",
+    "ProfileResult",
+    "ProfileView",
+    "RequestPreparer",
+    "ResponseInfo",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulingContext",
+    "SchedulingRequest",
+    "SchedulingResult",
+    "ScoredEndpoint",
+    "Scorer",
+    "ScorerRef",
+    "hookimpl",
+    "hookspec",
+    "load_config",
+    "load_endpoints",
+    "make_plugin_manager",
+    "parse_duration",
+    "parse_endpoints",
+    "parse_vllm_metrics",
+]

@@ -1,0 +1,554 @@
+"""The `Scheduler`: builds plugin objects from a resolved config and runs the pipeline.
+
+Per request: the profile handler chooses profiles; each runs its filters in order (an empty
+result raises `NoEndpointError` naming the filter), every scorer's scores clamped to [0, 1]
+(endpoints a scorer leaves out score 0), the total ``sum(weight x score)`` (not divided by the
+weights' sum, as upstream), and its picker; then every pre-request hook runs. After the
+response, `post_response` runs the post-response hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+from prometheus_client import CollectorRegistry
+
+from kvaware_scorer.errors import ConfigError, NoEndpointError
+from kvaware_scorer.metrics import Metrics
+from kvaware_scorer.scheduler.config import SchedulerConfig, load_config
+from kvaware_scorer.scheduler.manager import Hooks, make_plugin_manager
+from kvaware_scorer.scheduler.metrics import SchedulerMetrics
+from kvaware_scorer.scheduler.registry import KINDS, PluginContext, PluginRegistry
+from kvaware_scorer.scheduler.types import (
+    Endpoint,
+    EndpointsListener,
+    Filter,
+    KVEventSink,
+    Lifecycle,
+    Picker,
+    PostResponse,
+    PreRequest,
+    ProfileHandler,
+    ProfileResult,
+    ProfileView,
+    RequestPreparer,
+    ResponseInfo,
+    SchedulingContext,
+    SchedulingRequest,
+    SchedulingResult,
+    ScoredEndpoint,
+    Scorer,
+)
+
+if TYPE_CHECKING:
+    from kvaware_scorer.scheduler.endpoints import EndpointsWatcher
+    from kvaware_scorer.scheduler.scrape import MetricsScraper
+
+__all__ = ["DEFAULT_METRICS_STALENESS", "Scheduler"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds after which scraped metrics count as unknown (upstream's staleness threshold).
+DEFAULT_METRICS_STALENESS = 2.0
+
+
+@dataclass
+class _Profile:
+    name: str
+    filters: list[tuple[str, Filter]]
+    scorers: list[tuple[str, float, Scorer]]
+    picker: Picker
+
+
+def _plugin_rng(seed: int | str | None, name: str) -> random.Random:
+    # NOTE: one generator per plugin, derived from (seed, name): adding a plugin does not shift
+    # the random stream of the others, so emulator runs stay comparable across configs.
+    return random.Random(f"{seed}/{name}") if seed is not None else random.Random()
+
+
+class Scheduler:
+    """Runs EndpointPickerConfig profiles: filters -> scorers -> picker -> request hooks.
+
+    Build one with `from_yaml` or `from_config`.
+
+    Args:
+        config: A resolved configuration.
+        registry: The registry it was resolved against.
+        hooks: The hook facade (its plugins get the lifecycle hooks).
+        clock: Monotonic clock in seconds (TTLs, timeouts, metric staleness).
+        seed: Seed of every plugin's random generator (None: nondeterministic).
+        metrics_staleness: Seconds after which endpoint metrics are unknown (None: never).
+        metrics: Share a `Metrics` (and its registry) instead of making one.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        *,
+        registry: PluginRegistry,
+        hooks: Hooks,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | str | None = None,
+        metrics_staleness: float | None = DEFAULT_METRICS_STALENESS,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.hooks = hooks
+        self.clock = clock
+        self.seed = seed
+        self.metrics_staleness = metrics_staleness
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.sched_metrics = SchedulerMetrics(self.metrics.registry)
+        self._lock = threading.RLock()
+        self._running = False
+        self._endpoints: list[Endpoint] = []
+        self._tracked: frozenset[str] = frozenset()
+        self._watcher: EndpointsWatcher | None = None
+        self._scraper: MetricsScraper | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._plugins: dict[str, object] = {}
+        for name, pc in config.plugins.items():
+            ctx = PluginContext(
+                name=name,
+                type=pc.type,
+                clock=clock,
+                rng=_plugin_rng(seed, name),
+                metrics=self.metrics,
+                scheduler=self,
+            )
+            try:
+                obj = pc.spec.factory(pc.params, ctx)
+            except ConfigError as exc:
+                where = f"{pc.path}.parameters" + (f".{exc.path}" if exc.path else "")
+                raise ConfigError(exc.message, where) from exc
+            for kind in pc.kinds:
+                if not callable(getattr(obj, KINDS[kind], None)):
+                    raise ConfigError(
+                        f"plugin type {pc.type!r} declares role {kind!r} but its object has no "
+                        f"{KINDS[kind]}() method",
+                        pc.path,
+                    )
+            self._plugins[name] = obj
+        self._profiles: dict[str, _Profile] = {}
+        for prof in config.profiles.values():
+            self._profiles[prof.name] = _Profile(
+                prof.name,
+                [(f, self._plugins[f]) for f in prof.filters],  # type: ignore[misc]
+                [(s.name, s.weight, self._plugins[s.name]) for s in prof.scorers],  # type: ignore[misc]
+                self._plugins[prof.picker],  # type: ignore[arg-type]
+            )
+        self._views: dict[str, ProfileView] = {
+            p.name: ProfileView(
+                p.name,
+                tuple(p.filters),
+                tuple((s.name, s.weight) for s in p.scorers),
+                p.picker,
+            )
+            for p in config.profiles.values()
+        }
+        self._handler: ProfileHandler = self._plugins[config.profile_handler]  # type: ignore[assignment]
+        self._pre_request: list[tuple[str, PreRequest]] = self._with_kind("pre-request")  # type: ignore[assignment]
+        self._post_response: list[tuple[str, PostResponse]] = self._with_kind("post-response")  # type: ignore[assignment]
+        self._lifecycle: list[Lifecycle] = self._capable(Lifecycle)
+        self._listeners: list[EndpointsListener] = self._capable(EndpointsListener)
+        self._sinks: list[KVEventSink] = self._capable(KVEventSink)
+        self._preparers: list[RequestPreparer] = self._capable(RequestPreparer)
+        hooks.scheduler_created(self)
+
+    def _with_kind(self, kind: str) -> list[tuple[str, object]]:
+        return [
+            (name, self._plugins[name])
+            for name, pc in self.config.plugins.items()
+            if kind in pc.kinds
+        ]
+
+    def _capable(self, proto: type) -> list[Any]:
+        return [obj for obj in self._plugins.values() if isinstance(obj, proto)]
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls,
+        data: Mapping[str, Any] | str | Path,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int | str | None = None,
+        plugin_manager: pluggy.PluginManager | None = None,
+        block_plugins: Sequence[str] = (),
+        metrics_staleness: float | None = DEFAULT_METRICS_STALENESS,
+        metrics: Metrics | None = None,
+    ) -> Scheduler:
+        """A scheduler from a parsed EndpointPickerConfig mapping, YAML text or a file path.
+
+        Args:
+            data: The mapping, YAML text, or a `Path`.
+            clock: Monotonic clock (the emulator passes its virtual clock).
+            seed: Seed for every random choice (pickers, tie-breaks).
+            plugin_manager: Use this manager (default: `make_plugin_manager`).
+            block_plugins: Plugin names not to load (with the default manager).
+            metrics_staleness: Seconds after which endpoint metrics are unknown.
+            metrics: Share a `Metrics`.
+
+        Raises:
+            ConfigError: Invalid configuration (the path names the YAML location).
+        """
+        pm = plugin_manager or make_plugin_manager(block=block_plugins)
+        hooks = Hooks(pm)
+        registry = PluginRegistry()
+        hooks.register_plugins(registry)
+        config = load_config(data, registry)
+        hooks.config_resolved(config)
+        return cls(
+            config,
+            registry=registry,
+            hooks=hooks,
+            clock=clock,
+            seed=seed,
+            metrics_staleness=metrics_staleness,
+            metrics=metrics,
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **kw: Any) -> Scheduler:
+        """A scheduler from an EndpointPickerConfig YAML file (keywords as `from_config`)."""
+        return cls.from_config(Path(path), **kw)
+
+    # -- introspection ------------------------------------------------------------------------
+
+    @property
+    def plugins(self) -> Mapping[str, object]:
+        """Plugin objects by configured name."""
+        return self._plugins
+
+    def plugin(self, name: str) -> Any:
+        """The plugin object configured under `name`.
+
+        Raises:
+            KeyError: No such plugin.
+        """
+        return self._plugins[name]
+
+    @property
+    def profiles(self) -> Mapping[str, ProfileView]:
+        """The configured profiles."""
+        return self._views
+
+    @property
+    def event_sinks(self) -> list[KVEventSink]:
+        """Plugins that accept vLLM KV-event payloads (``ingest(pod, model, payload, seq)``)."""
+        return list(self._sinks)
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """Scheduler and indexer metrics (one registry, for a ``/metrics`` route)."""
+        return self.metrics.registry
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """The current endpoint pool (from `set_endpoints` or the endpoints file)."""
+        return list(self._endpoints)
+
+    # -- scheduling -------------------------------------------------------------------------------
+
+    def context(self) -> SchedulingContext:
+        """A scheduling context for now (what plugins get on each call)."""
+        return SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
+
+    def schedule(
+        self, request: SchedulingRequest, endpoints: Sequence[Endpoint] | None = None
+    ) -> SchedulingResult:
+        """Choose endpoint(s) for `request` among `endpoints` (default: the current pool).
+
+        Returns:
+            The decision with every scorer's per-endpoint scores, the weights and the totals.
+
+        Raises:
+            NoEndpointError: No endpoints given, or a filter left none (the message names it).
+            ValueError: Two endpoints share an id.
+        """
+        t0 = time.perf_counter()
+        eps: Sequence[Endpoint] = self._endpoints if endpoints is None else endpoints
+        if not eps:
+            self.sched_metrics.no_endpoint.labels("input").inc()
+            raise NoEndpointError("no endpoints to schedule on")
+        ctx = SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
+        results: dict[str, ProfileResult] = {}
+        handler = self._handler
+        for _ in range(len(self._profiles) + 1):
+            names = handler.pick_profiles(ctx, request, self._views, results)
+            if not names:
+                break
+            for name in names:
+                if name in results:
+                    raise ConfigError(f"profile handler ran profile {name!r} twice")
+                prof = self._profiles.get(name)
+                if prof is None:
+                    raise ConfigError(f"profile handler chose an unknown profile {name!r}")
+                results[name] = self._run_profile(prof, ctx, request, eps)
+        if not results:
+            self.sched_metrics.no_endpoint.labels("handler").inc()
+            raise NoEndpointError("the profile handler ran no profile")
+        primary = handler.process_results(ctx, request, results)
+        if primary not in results:
+            raise ConfigError(
+                f"profile handler chose a primary profile that did not run: {primary!r}"
+            )
+        pr = results[primary]
+        result = SchedulingResult(
+            targets=pr.targets,
+            profile=primary,
+            candidates=pr.candidates,
+            scores=pr.scores,
+            weights=pr.weights,
+            totals=pr.totals,
+            profile_results=results,
+        )
+        for name, hook in self._pre_request:
+            try:
+                hook.pre_request(ctx, request, result)
+            except Exception:
+                logger.exception("pre-request hook of plugin %s failed", name)
+                self.sched_metrics.plugin_errors.labels(name, "pre_request").inc()
+        self.metrics.decisions.labels(result.targets[0].id).inc()
+        self.sched_metrics.schedule_latency.observe(time.perf_counter() - t0)
+        return result
+
+    def _run_profile(
+        self,
+        prof: _Profile,
+        ctx: SchedulingContext,
+        request: SchedulingRequest,
+        endpoints: Sequence[Endpoint],
+    ) -> ProfileResult:
+        cands: Sequence[Endpoint] = endpoints
+        for fname, flt in prof.filters:
+            before = len(cands)
+            cands = flt.filter(ctx, request, cands)
+            if not cands:
+                self.sched_metrics.no_endpoint.labels("filter").inc()
+                raise NoEndpointError(
+                    f"no endpoint left after filter {fname!r} of profile {prof.name!r} "
+                    f"({before} endpoint(s) before it)"
+                )
+        ids = [e.id for e in cands]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"endpoints share an id: {sorted(i for i in ids if ids.count(i) > 1)}")
+        totals = dict.fromkeys(ids, 0.0)
+        scores: dict[str, dict[str, float]] = {}
+        weights: dict[str, float] = {}
+        for sname, weight, scorer in prof.scorers:
+            try:
+                raw = scorer.score(ctx, request, cands)
+            except Exception:
+                logger.exception("scorer %s failed; scoring 0 for this request", sname)
+                self.sched_metrics.plugin_errors.labels(sname, "score").inc()
+                raw = {}
+            clamped: dict[str, float] = {}
+            get = raw.get
+            for eid in ids:
+                v = get(eid, 0.0)
+                # NOTE: NaN fails both comparisons and lands on 0.0, like a missing score.
+                if not 0.0 <= v <= 1.0:
+                    v = 1.0 if v > 1.0 else 0.0
+                clamped[eid] = v
+                totals[eid] += weight * v
+            scores[sname] = clamped
+            weights[sname] = weight
+        scored = [ScoredEndpoint(e, totals[e.id]) for e in cands]
+        targets = prof.picker.pick(ctx, request, scored)
+        if not targets:
+            self.sched_metrics.no_endpoint.labels("picker").inc()
+            raise NoEndpointError(f"the picker of profile {prof.name!r} chose no endpoint")
+        return ProfileResult(prof.name, list(targets), ids, scores, weights, totals)
+
+    async def aschedule(
+        self, request: SchedulingRequest, endpoints: Sequence[Endpoint] | None = None
+    ) -> SchedulingResult:
+        """`schedule` without blocking the event loop: tokenization runs in a worker thread.
+
+        Plugins that prepare requests (tokenize) do so in the pool; the rest of the pipeline,
+        which is fast, runs on the loop.
+        """
+        preparers = self._preparers
+        if preparers and not request.has_tokens:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pool(), self._prepare, preparers, request)
+        return self.schedule(request, endpoints)
+
+    def _prepare(self, preparers: Sequence[RequestPreparer], request: SchedulingRequest) -> None:
+        for p in preparers:
+            try:
+                p.prepare(request)
+            except Exception:
+                # NOTE: scoring degrades on its own (e.g. a missing tokenizer scores 0); a
+                # preparation failure must not fail the request.
+                logger.exception("request preparation by %r failed", p)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix="kvaware-prepare"
+                )
+            return self._executor
+
+    def post_response(
+        self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
+    ) -> None:
+        """Run the post-response hooks once the response completed (or failed)."""
+        for name, hook in self._post_response:
+            try:
+                hook.post_response(request, result, response)
+            except Exception:
+                logger.exception("post-response hook of plugin %s failed", name)
+                self.sched_metrics.plugin_errors.labels(name, "post_response").inc()
+
+    # -- endpoints ----------------------------------------------------------------------------------
+
+    def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+        """Replace the endpoint pool; removed pods are purged from every index.
+
+        Plugins that listen for pool changes (index owners, in-flight accounting, event
+        subscribers) are told first, then the `kvaware_endpoints_changed` hook fires.
+        """
+        with self._lock:
+            old = {e.id: e for e in self._endpoints}
+            new = {e.id: e for e in endpoints}
+            added = [e for i, e in new.items() if i not in old]
+            removed = [e for i, e in old.items() if i not in new]
+            self._endpoints = list(new.values())
+            if self._scraper is not None:
+                self._tracked = frozenset(new)
+            self.sched_metrics.endpoints.set(len(new))
+        if not added and not removed:
+            return
+        logger.info("endpoints changed: +%s -%s", [e.id for e in added], [e.id for e in removed])
+        for listener in self._listeners:
+            try:
+                listener.endpoints_changed(added, removed)
+            except Exception:
+                logger.exception("endpoints listener %r failed", listener)
+        self.hooks.endpoints_changed(self, added, removed)
+
+    def use_endpoints_file(
+        self,
+        path: str | Path,
+        *,
+        poll_interval: float = 1.0,
+        scrape: bool = True,
+        scrape_interval: float | None = None,
+        scrape_timeout: float | None = None,
+    ) -> None:
+        """Take the pool from an endpoints file, reloaded when it changes, and (optionally)
+        scrape every endpoint's ``/metrics``; both run between `start` and `stop`.
+
+        The file is loaded now (so a bad file fails here, with the YAML path).
+
+        Args:
+            path: The endpoints YAML file.
+            poll_interval: Seconds between checks of the file.
+            scrape: Scrape pod metrics (off when something else writes ``endpoint.metrics``).
+            scrape_interval: Seconds between scrape rounds (default: `MetricsScraper`'s).
+            scrape_timeout: Per-request HTTP timeout in seconds.
+
+        Raises:
+            ConfigError: The file is missing or invalid.
+        """
+        from kvaware_scorer.scheduler.endpoints import EndpointsWatcher
+        from kvaware_scorer.scheduler.scrape import DEFAULT_SCRAPE_INTERVAL, MetricsScraper
+
+        watcher = EndpointsWatcher(
+            Path(path),
+            self.set_endpoints,
+            poll_interval=poll_interval,
+            metrics=self.sched_metrics,
+        )
+        if scrape:
+            self._scraper = MetricsScraper(
+                lambda: self._endpoints,
+                interval=scrape_interval or DEFAULT_SCRAPE_INTERVAL,
+                timeout=scrape_timeout or 1.0,
+                clock=self.clock,
+                metrics=self.sched_metrics,
+                staleness=self.metrics_staleness,
+            )
+        self._watcher = watcher
+        watcher.load()
+        if self._running:
+            watcher.start()
+            if self._scraper is not None:
+                self._scraper.start()
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start plugins' background work (KV-event subscribers), the endpoints-file watcher
+        and the metrics scraper; idempotent."""
+        with self._lock:
+            if self._running:
+                return
+            started: list[Lifecycle] = []
+            try:
+                for obj in self._lifecycle:
+                    obj.start()
+                    started.append(obj)
+            except Exception:
+                for obj in reversed(started):
+                    obj.stop()
+                raise
+            if self._watcher is not None:
+                self._watcher.start()
+            if self._scraper is not None:
+                self._scraper.start()
+            self._running = True
+        self.hooks.scheduler_started(self)
+
+    def stop(self) -> None:
+        """Stop everything `start` started, bounded in time; idempotent."""
+        with self._lock:
+            if not self._running:
+                return
+            self._running = False
+            if self._scraper is not None:
+                self._scraper.stop()
+            if self._watcher is not None:
+                self._watcher.stop()
+            for obj in reversed(self._lifecycle):
+                try:
+                    obj.stop()
+                except Exception:
+                    logger.exception("stopping plugin %r failed", obj)
+        self.hooks.scheduler_stopped(self)
+
+    def close(self) -> None:
+        """`stop`, then release plugin resources (indexers, worker pools)."""
+        self.stop()
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+        for obj in self._plugins.values():
+            close = getattr(obj, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception:
+                    logger.exception("closing plugin %r failed", obj)
+
+    def __enter__(self) -> Scheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,275 @@
+"""Scrapes each pod's Prometheus ``/metrics`` into `EndpointMetrics` (vLLM names).
+
+Read (``vllm-interop.md`` §4; every vLLM metric carries ``model_name`` and ``engine`` labels,
+one ``engine`` per data-parallel rank):
+
+* ``vllm:num_requests_waiting`` -> ``waiting_queue_size`` (summed over engines)
+* ``vllm:num_requests_running`` -> ``running_requests_size`` (summed over engines)
+* ``vllm:kv_cache_usage_perc`` (older vLLM: ``vllm:gpu_cache_usage_perc``) ->
+  ``kv_cache_usage_percent`` (engines averaged, weighted by their ``num_gpu_blocks`` when known)
+* ``vllm:cache_config_info`` labels ``block_size`` -> ``cache_block_size`` and
+  ``num_gpu_blocks`` -> ``cache_num_blocks`` (summed over engines)
+
+The exposition text is parsed with prometheus-client's text parser, after dropping the lines of
+every other family (a vLLM page is mostly histogram buckets, and parsing them would dominate
+the cost of a scrape). A failed scrape leaves the previous metrics in place; they go stale after
+the scheduler's staleness threshold and are then treated as unknown by the scorers.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvaware_scorer.scheduler.types import Endpoint, EndpointMetrics
+
+if TYPE_CHECKING:
+    from kvaware_scorer.scheduler.metrics import SchedulerMetrics
+
+__all__ = ["DEFAULT_SCRAPE_INTERVAL", "MetricsScraper", "parse_vllm_metrics"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between scrape rounds. Upstream's base tick is 50 ms; 100 ms keeps the parse cost of
+#: a 16-pod fleet around a few percent of a core, and the scheduler's own in-flight counts
+#: (``active-request-scorer``) are exact between scrapes anyway.
+DEFAULT_SCRAPE_INTERVAL = 0.1
+
+WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
+RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
+USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
+CACHE_INFO = ("vllm:cache_config_info", "sglang:cache_config_info")
+_WANTED = frozenset(WAITING + RUNNING + USAGE + CACHE_INFO)
+
+
+def _keep(line: str) -> bool:
+    if line.startswith("#"):
+        parts = line.split(None, 3)
+        return len(parts) >= 3 and parts[1] in ("HELP", "TYPE") and parts[2] in _WANTED
+    end = len(line)
+    for sep in ("{", " "):
+        i = line.find(sep)
+        if 0 <= i < end:
+            end = i
+    return line[:end] in _WANTED
+
+
+def _int_label(value: str | None) -> int | None:
+    if not value:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+def parse_vllm_metrics(text: str) -> EndpointMetrics:
+    """`EndpointMetrics` from a vLLM (or SGLang) Prometheus exposition text.
+
+    Args:
+        text: The ``/metrics`` body.
+
+    Returns:
+        The metrics (``update_time`` left at 0 for the caller to set).
+
+    Raises:
+        ValueError: The text is not valid exposition format, or has none of the load metrics.
+    """
+    filtered = "\n".join(line for line in text.splitlines() if _keep(line)) + "\n"
+    waiting: dict[str, float] = {}
+    running: dict[str, float] = {}
+    usage: dict[str, float] = {}
+    blocks: dict[str, int] = {}
+    block_size: int | None = None
+    for family in text_string_to_metric_families(filtered):
+        name = family.name
+        for sample in family.samples:
+            # NOTE: one sample per engine (DP rank); engines add up, and an engine's KV usage is
+            # weighted by its own num_gpu_blocks (cache_config_info has no model_name label).
+            engine = sample.labels.get("engine", "")
+            if name in WAITING:
+                waiting[engine] = waiting.get(engine, 0.0) + sample.value
+            elif name in RUNNING:
+                running[engine] = running.get(engine, 0.0) + sample.value
+            elif name in USAGE:
+                usage.setdefault(engine, sample.value)
+            elif name in CACHE_INFO:
+                labels = sample.labels
+                bs = _int_label(labels.get("block_size") or labels.get("page_size"))
+                if bs and block_size is None:
+                    block_size = bs
+                nb = _int_label(labels.get("num_gpu_blocks") or labels.get("num_pages"))
+                if nb is not None:
+                    blocks[engine] = nb
+    if not (waiting or running or usage):
+        raise ValueError("no vLLM load metrics (num_requests_waiting/running, kv_cache_usage_perc)")
+    if usage:
+        weights = {e: float(blocks.get(e, 0)) for e in usage}
+        total_w = sum(weights.values())
+        if total_w > 0 and all(w > 0 for w in weights.values()):
+            kv = sum(usage[e] * weights[e] for e in usage) / total_w
+        else:
+            kv = sum(usage.values()) / len(usage)
+    else:
+        kv = 0.0
+    return EndpointMetrics(
+        waiting_queue_size=round(sum(waiting.values())),
+        running_requests_size=round(sum(running.values())),
+        kv_cache_usage_percent=min(1.0, max(0.0, kv)),
+        cache_block_size=block_size,
+        cache_num_blocks=sum(blocks.values()) if blocks else None,
+    )
+
+
+class MetricsScraper:
+    """Scrapes every endpoint's metrics on an interval, in a background thread.
+
+    Each round fetches all endpoints in parallel (keep-alive connections, a small thread
+    pool); a successful scrape replaces ``endpoint.metrics`` with fresh values stamped with the
+    scheduler's clock, a failed one leaves the old values to go stale.
+
+    Args:
+        endpoints: Returns the current pool (called every round).
+        interval: Seconds between the starts of two rounds.
+        timeout: HTTP timeout per request in seconds.
+        clock: Clock used for ``update_time`` (the scheduler's).
+        metrics: Counts scrapes by result and reports stale endpoints.
+        staleness: Seconds after which metrics count as stale (for the gauge).
+        max_workers: Parallel fetches.
+    """
+
+    def __init__(
+        self,
+        endpoints: Callable[[], Sequence[Endpoint]],
+        *,
+        interval: float = DEFAULT_SCRAPE_INTERVAL,
+        timeout: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: SchedulerMetrics | None = None,
+        staleness: float | None = 2.0,
+        max_workers: int = 8,
+    ) -> None:
+        if interval <= 0 or timeout <= 0:
+            raise ValueError("interval and timeout must be > 0")
+        self._endpoints = endpoints
+        self.interval = interval
+        self.timeout = timeout
+        self.clock = clock
+        self.metrics = metrics
+        self.staleness = staleness
+        self.max_workers = max_workers
+        self._conns: dict[str, http.client.HTTPConnection] = {}
+        self._conns_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def fetch(self, endpoint: Endpoint) -> str:
+        """GET the endpoint's metrics page (one keep-alive connection per endpoint).
+
+        Raises:
+            OSError: Connection failure or an HTTP status other than 200.
+        """
+        key = endpoint.id
+        with self._conns_lock:
+            conn = self._conns.pop(key, None)
+        if conn is None:
+            conn = http.client.HTTPConnection(
+                endpoint.address, endpoint.metrics_port or endpoint.port, timeout=self.timeout
+            )
+        try:
+            conn.request("GET", endpoint.metrics_path, headers={"Accept": "text/plain"})
+            resp = conn.getresponse()
+            body = resp.read()
+            if resp.status != 200:
+                raise OSError(f"HTTP {resp.status} from {endpoint.id}{endpoint.metrics_path}")
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if isinstance(exc, OSError):
+                raise
+            raise OSError(str(exc)) from exc
+        with self._conns_lock:
+            self._conns[key] = conn
+        return body.decode("utf-8", errors="replace")
+
+    def scrape(self, endpoint: Endpoint) -> bool:
+        """Scrape one endpoint now; returns whether its metrics were updated."""
+        t0 = time.perf_counter()
+        try:
+            fresh = parse_vllm_metrics(self.fetch(endpoint))
+        except (OSError, ValueError) as exc:
+            logger.debug("scrape of %s failed: %s", endpoint.id, exc)
+            if self.metrics is not None:
+                self.metrics.scrapes.labels("error").inc()
+            return False
+        fresh.update_time = self.clock()
+        endpoint.metrics = fresh
+        if self.metrics is not None:
+            self.metrics.scrapes.labels("ok").inc()
+            self.metrics.scrape_latency.observe(time.perf_counter() - t0)
+        return True
+
+    def scrape_all(self) -> int:
+        """One round over the current pool; returns how many endpoints were updated."""
+        eps = list(self._endpoints())
+        live = {e.id for e in eps}
+        with self._conns_lock:
+            for key in [k for k in self._conns if k not in live]:
+                self._conns.pop(key).close()
+        if not eps:
+            return 0
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self.max_workers, thread_name_prefix="kvaware-scrape"
+            )
+        futures = [self._pool.submit(self.scrape, e) for e in eps]
+        done, _ = wait(futures, timeout=self.timeout * 2 + 1.0)
+        ok = sum(1 for f in done if not f.exception() and f.result())
+        if self.metrics is not None:
+            now = self.clock()
+            stale = sum(
+                1
+                for e in eps
+                if e.metrics.update_time == 0.0
+                or (self.staleness is not None and now - e.metrics.update_time > self.staleness)
+            )
+            self.metrics.stale_endpoints.set(stale)
+        return ok
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                self.scrape_all()
+            except Exception:
+                logger.exception("metrics scrape round failed")
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
+
+    def start(self) -> None:
+        """Start scraping in a daemon thread; idempotent."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="kvaware-scrape", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop scraping (waiting at most `timeout` seconds) and close connections."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        with self._conns_lock:
+            for conn in self._conns.values():
+                conn.close()
+            self._conns.clear()

@@ -1,0 +1,416 @@
+"""The scheduler's data model (endpoints, requests, results) and the plugin role Protocols.
+
+The dataclasses are a contract shared with the gateway and the emulator: fields are only ever
+added, never renamed. The Protocols are what the scheduler calls on plugin objects; a plugin
+implements one or more roles (a scorer that is also a pre-request hook, for instance).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from kvaware_scorer.scheduler.pipeline import Scheduler
+
+__all__ = [
+    "Endpoint",
+    "EndpointMetrics",
+    "EndpointsListener",
+    "Filter",
+    "KVEventSink",
+    "Lifecycle",
+    "Picker",
+    "PostResponse",
+    "PreRequest",
+    "ProfileHandler",
+    "ProfileResult",
+    "ProfileView",
+    "RequestPreparer",
+    "ResponseInfo",
+    "SchedulingContext",
+    "SchedulingRequest",
+    "SchedulingResult",
+    "ScoredEndpoint",
+    "Scorer",
+]
+
+
+@dataclass(slots=True)
+class EndpointMetrics:
+    """What scorers read about a pod's load; vLLM metric names in parentheses.
+
+    Attributes:
+        waiting_queue_size: Requests waiting (``vllm:num_requests_waiting``).
+        running_requests_size: Requests running (``vllm:num_requests_running``).
+        kv_cache_usage_percent: KV-cache usage as a fraction 0..1 (``vllm:kv_cache_usage_perc``).
+        cache_block_size: Tokens per KV block (``vllm:cache_config_info{block_size}``).
+        cache_num_blocks: GPU KV blocks (``vllm:cache_config_info{num_gpu_blocks}``).
+        update_time: Scheduler-clock time of the last successful scrape or update; 0 = never.
+    """
+
+    waiting_queue_size: int = 0
+    running_requests_size: int = 0
+    kv_cache_usage_percent: float = 0.0
+    cache_block_size: int | None = None
+    cache_num_blocks: int | None = None
+    update_time: float = 0.0
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One serving endpoint (a vLLM pod, or one data-parallel rank of it).
+
+    Attributes:
+        name: Display name.
+        address: IP address or host name.
+        port: Serving port.
+        labels: Pod labels (e.g. ``llm-d.ai/role``).
+        metrics: Latest load metrics (scraped, or written by an in-process driver).
+        kv_events: The pod's ZMQ publisher endpoint (connect mode), optional.
+        kv_events_replay: Its replay ROUTER endpoint, optional.
+        model: Served model, optional.
+        namespace: Kubernetes namespace, optional (informational).
+        metrics_path: HTTP path of the pod's Prometheus metrics.
+        metrics_port: Port of the metrics endpoint (None = the serving port).
+    """
+
+    name: str
+    address: str
+    port: int
+    labels: dict[str, str] = field(default_factory=dict)
+    metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
+    kv_events: str | None = None
+    kv_events_replay: str | None = None
+    model: str | None = None
+    namespace: str | None = None
+    metrics_path: str = "/metrics"
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_id", f"{self.address}:{self.port}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in ("address", "port") and "_id" in self.__dict__:
+            object.__setattr__(self, "_id", f"{self.address}:{self.port}")
+
+    @property
+    def id(self) -> str:
+        """Pod id used by the index and by KV events: ``"<address>:<port>"``."""
+        # NOTE: cached (read many times per scheduling call); kept in sync by __setattr__.
+        pid: str = self.__dict__["_id"]
+        return pid
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.name!r}, {self.id})"
+
+
+@dataclass
+class SchedulingRequest:
+    """One inference request as the scheduler sees it.
+
+    Give the prompt as `token_ids` (used as they are), `prompt` (completion text) or `messages`
+    (chat). Plugins that need tokens call `tokens`, so a request is tokenized at most once even
+    when several plugins need its tokens.
+
+    Attributes:
+        request_id: Unique id (in-flight accounting keys on it).
+        model: Requested model name.
+        token_ids: Prompt token ids.
+        prompt: Completion prompt text.
+        messages: Chat messages.
+        lora_name: LoRA adapter name.
+        cache_salt: vLLM ``cache_salt``.
+        headers: Request headers.
+        chat: Chat rendering options (``chat_template``, ``chat_template_kwargs``, ``tools``...).
+        state: Per-request scratch space shared by plugins between scheduling and the response
+            (keyed by plugin name by convention).
+    """
+
+    request_id: str
+    model: str
+    token_ids: list[int] | None = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    lora_name: str | None = None
+    cache_salt: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    chat: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict, repr=False)
+    _tokens: list[int] | None = field(default=None, init=False, repr=False)
+    _tokens_lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+
+    def tokens(self, tokenize: Callable[[], list[int]]) -> list[int]:
+        """The prompt's token ids: `token_ids` if given, else ``tokenize()`` (called once).
+
+        Args:
+            tokenize: Computes token ids from `prompt` / `messages`; its result is cached on
+                the request for every later caller. Its exceptions propagate (and nothing is
+                cached).
+        """
+        if self.token_ids is not None:
+            return self.token_ids
+        if self._tokens is None:
+            with self._tokens_lock:
+                if self._tokens is None:
+                    self._tokens = list(tokenize())
+        return self._tokens
+
+    @property
+    def has_tokens(self) -> bool:
+        """Whether token ids are known without tokenizing."""
+        return self.token_ids is not None or self._tokens is not None
+
+
+@dataclass(slots=True)
+class ScoredEndpoint:
+    """An endpoint and its weighted total, as handed to a picker."""
+
+    endpoint: Endpoint
+    score: float
+
+
+@dataclass
+class ProfileResult:
+    """What one scheduling profile produced.
+
+    Attributes:
+        profile: Profile name.
+        targets: Chosen endpoint(s), best first.
+        candidates: Endpoint ids left after the filters.
+        scores: Scorer plugin name -> endpoint id -> clamped score (0 where it gave none).
+        weights: Scorer plugin name -> weight.
+        totals: Endpoint id -> sum over scorers of weight x score.
+    """
+
+    profile: str
+    targets: list[Endpoint]
+    candidates: list[str]
+    scores: dict[str, dict[str, float]]
+    weights: dict[str, float]
+    totals: dict[str, float]
+
+
+@dataclass
+class SchedulingResult:
+    """The scheduler's decision for a request, with the numbers that explain it.
+
+    Attributes:
+        targets: Chosen endpoint(s) of the primary profile, best first.
+        profile: The primary profile's name.
+        candidates: Endpoint ids left after the primary profile's filters.
+        scores: Scorer plugin name -> endpoint id -> clamped score.
+        weights: Scorer plugin name -> weight.
+        totals: Endpoint id -> sum(weight x score).
+        profile_results: Every profile that ran, by name.
+    """
+
+    targets: list[Endpoint]
+    profile: str
+    candidates: list[str]
+    scores: dict[str, dict[str, float]]
+    weights: dict[str, float]
+    totals: dict[str, float]
+    profile_results: dict[str, ProfileResult] = field(default_factory=dict)
+
+    @property
+    def target(self) -> Endpoint:
+        """The first chosen endpoint."""
+        return self.targets[0]
+
+
+@dataclass
+class ResponseInfo:
+    """How a scheduled request ended (given to post-response hooks).
+
+    Attributes:
+        status: HTTP status (or 0 when the connection failed).
+        prompt_tokens: Prompt tokens reported by the server.
+        cached_tokens: Prompt tokens served from the prefix cache, when reported.
+        completion_tokens: Generated tokens.
+        error: Error text when the request failed.
+    """
+
+    status: int = 200
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class SchedulingContext:
+    """Per-call view the scheduler hands to plugins: the time and which metrics are usable.
+
+    Metrics of an endpoint are *unknown* when they are stale (last update older than the
+    scheduler's staleness threshold) or when a scraper tracks the endpoint but has never
+    reached it. Each load scorer documents how it treats unknown metrics; none fails closed.
+
+    Args:
+        now: Scheduler-clock time of this call.
+        staleness: Seconds after which metrics are stale (None = never stale).
+        tracked: Ids of endpoints whose metrics a scraper maintains (never-updated -> unknown).
+        scheduler: The scheduler running this call (None in unit tests of single plugins).
+    """
+
+    __slots__ = ("_stale_before", "now", "scheduler", "tracked")
+
+    def __init__(
+        self,
+        now: float,
+        staleness: float | None = None,
+        tracked: frozenset[str] | set[str] = frozenset(),
+        scheduler: Scheduler | None = None,
+    ) -> None:
+        self.now = now
+        self._stale_before = now - staleness if staleness is not None else -math.inf
+        self.tracked = tracked
+        self.scheduler = scheduler
+
+    def metrics(self, endpoint: Endpoint) -> EndpointMetrics | None:
+        """The endpoint's metrics, or None when they are unknown (stale or never scraped)."""
+        m = endpoint.metrics
+        t = m.update_time
+        if t == 0.0:
+            return None if endpoint.id in self.tracked else m
+        return m if t >= self._stale_before else None
+
+
+@dataclass(frozen=True)
+class ProfileView:
+    """A configured scheduling profile as a profile handler sees it."""
+
+    name: str
+    filters: tuple[str, ...]
+    scorers: tuple[tuple[str, float], ...]
+    picker: str
+
+
+# -- plugin roles ------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Filter(Protocol):
+    """Narrows the candidate endpoints; filters run in profile order."""
+
+    def filter(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Sequence[Endpoint]:
+        """The endpoints that may serve `request` (a subset of `endpoints`, order kept)."""
+        ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Scores candidates in [0, 1]; the scheduler clamps and weights the scores."""
+
+    def score(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Mapping[str, float]:
+        """Endpoint id -> score in [0, 1]; endpoints left out score 0."""
+        ...
+
+
+@runtime_checkable
+class Picker(Protocol):
+    """Chooses the target endpoint(s) from the weighted totals."""
+
+    def pick(
+        self, ctx: SchedulingContext, request: SchedulingRequest, scored: Sequence[ScoredEndpoint]
+    ) -> list[Endpoint]:
+        """The chosen endpoints, best first (at least one when `scored` is not empty)."""
+        ...
+
+
+@runtime_checkable
+class ProfileHandler(Protocol):
+    """Decides which profiles run for a request and which result is primary."""
+
+    def pick_profiles(
+        self,
+        ctx: SchedulingContext,
+        request: SchedulingRequest,
+        profiles: Mapping[str, ProfileView],
+        results: Mapping[str, ProfileResult],
+    ) -> list[str]:
+        """Profiles to run next given the results so far; empty = done."""
+        ...
+
+    def process_results(
+        self,
+        ctx: SchedulingContext,
+        request: SchedulingRequest,
+        results: Mapping[str, ProfileResult],
+    ) -> str:
+        """Name of the primary profile among `results`."""
+        ...
+
+
+@runtime_checkable
+class PreRequest(Protocol):
+    """Runs after a decision, before the request is sent (speculative indexing, accounting)."""
+
+    def pre_request(
+        self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
+    ) -> None:
+        """React to the decision; exceptions are logged and counted, never raised."""
+        ...
+
+
+@runtime_checkable
+class PostResponse(Protocol):
+    """Runs after the response completed or failed."""
+
+    def post_response(
+        self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
+    ) -> None:
+        """React to the outcome; exceptions are logged and counted, never raised."""
+        ...
+
+
+@runtime_checkable
+class Lifecycle(Protocol):
+    """A plugin with background work (sockets, threads), started and stopped by the scheduler."""
+
+    def start(self) -> None:
+        """Start background work; idempotent."""
+        ...
+
+    def stop(self) -> None:
+        """Stop it, bounded in time; idempotent."""
+        ...
+
+
+@runtime_checkable
+class EndpointsListener(Protocol):
+    """Told when the endpoint pool changes (e.g. to purge removed pods from an index)."""
+
+    def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        """`added` joined the pool, `removed` left it."""
+        ...
+
+
+@runtime_checkable
+class KVEventSink(Protocol):
+    """Accepts vLLM KV-event payload frames delivered in process."""
+
+    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
+        """Apply one msgpack ``EventBatch`` payload from `pod`."""
+        ...
+
+
+@runtime_checkable
+class RequestPreparer(Protocol):
+    """Does a request's slow, blocking preparation (tokenization) before scheduling.
+
+    `Scheduler.aschedule` runs `prepare` in a worker thread so the event loop never blocks.
+    """
+
+    def prepare(self, request: SchedulingRequest) -> None:
+        """Compute and cache what scoring will need (e.g. ``request.tokens(...)``)."""
+        ...

@@ -1,0 +1,62 @@
+"""Upstream plugin types that this host provides natively, accepted so that real upstream
+EndpointPickerConfig files load: they are validated loosely and do nothing (a warning says so).
+
+* ``metrics-data-source``, ``core-metrics-extractor``: metrics come from the endpoints' own
+  ``/metrics`` (`kvaware_scorer.scheduler.MetricsScraper`).
+* ``endpoint-notification-source``, ``file-discovery``: endpoints come from the endpoints file.
+* ``token-producer``: scorers tokenize themselves (once per request, shared).
+* ``openai-parser``, ``anthropic-parser``, ``vllmhttp-parser``, ``passthrough-parser``: request
+  parsing is the gateway's.
+* ``utilization-detector``: no saturation detection / flow control here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from pydantic import BaseModel, ConfigDict
+
+from kvaware_scorer.scheduler import PluginContext, PluginRegistry
+
+__all__ = ["INERT_TYPES", "InertParams", "InertPlugin", "register"]
+
+INERT_TYPES: Mapping[str, str] = MappingProxyType(
+    {
+        "metrics-data-source": "pod metrics are scraped by the scheduler itself",
+        "core-metrics-extractor": "vLLM metric names are built in",
+        "endpoint-notification-source": "endpoints come from the endpoints file",
+        "file-discovery": "endpoints come from the endpoints file",
+        "token-producer": "scorers tokenize requests themselves",
+        "openai-parser": "request parsing is done by the gateway",
+        "anthropic-parser": "request parsing is done by the gateway",
+        "vllmhttp-parser": "request parsing is done by the gateway",
+        "passthrough-parser": "request parsing is done by the gateway",
+        "utilization-detector": "no saturation detection here",
+    }
+)
+
+
+class InertParams(BaseModel):
+    """Any parameters (they are not used)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class InertPlugin:
+    """Does nothing; stands for an upstream plugin whose job this host does natively."""
+
+    def __init__(self, params: InertParams, ctx: PluginContext) -> None:
+        self.name = ctx.name
+
+
+def register(registry: PluginRegistry) -> None:
+    """Register the inert upstream types."""
+    for type_name, why in INERT_TYPES.items():
+        registry.register(
+            type_name,
+            InertPlugin,
+            params=InertParams,
+            kinds=(),
+            description=f"accepted for upstream configs; no-op ({why})",
+        )

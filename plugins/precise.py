@@ -1,0 +1,409 @@
+"""``precise-prefix-cache-scorer``: scores candidates by the KV blocks they really hold.
+
+The plugin owns an `Indexer` fed by the pods' own KV events (in process through `ingest`, or
+over ZMQ by a `KVEventSubscriber` started in `start`). A request is scored through the index,
+restricted to the candidates: ``score = sum of tier weights over the pod's consecutive run of
+prompt blocks from block 0 / total full blocks`` (optionally blended with the match-length
+term, ``matchLengthWeight``). After a pick, with ``speculativeIndexing`` on, the request's
+block keys are recorded for the chosen pod as speculative entries for ``speculativeTTL``: a
+burst of requests with one prefix then follows the first one instead of scattering while the
+pod's real BlockStored events are still on their way.
+
+Parameters: every `IndexerConfig` field in its camelCase form, at the top level or under the
+upstream ``indexerConfig: {...}``, plus ``kvEventsConfig``, ``speculativeIndexing`` and
+``speculativeTTL``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from kvaware_scorer import Indexer, IndexerConfig
+from kvaware_scorer.config import KVEventsConfig
+from kvaware_scorer.errors import ConfigError, KVAwareError
+from kvaware_scorer.scheduler import (
+    Endpoint,
+    PluginContext,
+    PluginRegistry,
+    SchedulingContext,
+    SchedulingRequest,
+    SchedulingResult,
+    parse_duration,
+)
+from kvaware_scorer.scoring import PodScore, ScoreResult, score_matches
+
+__all__ = [
+    "PrecisePrefixCacheParams",
+    "PrecisePrefixCacheScorer",
+    "precise_transform",
+    "register",
+]
+
+logger = logging.getLogger(__name__)
+
+#: vLLM's --prefix-caching-hash-algo values (the only ones meaningful in ``vllm`` key mode).
+_VLLM_ALGOS = frozenset({"sha256", "sha256_cbor", "xxhash", "xxhash_cbor"})
+
+
+class PrecisePrefixCacheParams(IndexerConfig):
+    """Parameters of ``precise-prefix-cache-scorer``: the `IndexerConfig` fields plus:
+
+    Attributes:
+        kv_events_config: How KV events reach the index when the scheduler is started.
+        speculative_indexing: Record each pick's blocks for the chosen pod until real events
+            confirm them or `speculative_ttl` passes (upstream's default is off; on here).
+        speculative_ttl: Seconds (or a duration such as ``"2s"``) speculative entries live.
+    """
+
+    kv_events_config: KVEventsConfig = Field(default_factory=KVEventsConfig)
+    speculative_indexing: bool = True
+    speculative_ttl: float = Field(2.0, alias="speculativeTTL")
+
+    @field_validator("speculative_ttl", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+    def indexer_config(self) -> IndexerConfig:
+        """The `IndexerConfig` part alone."""
+        fields = set(IndexerConfig.model_fields)
+        return IndexerConfig.model_validate({k: getattr(self, k) for k in fields})
+
+
+def precise_transform(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Upstream forms -> ours: merge ``indexerConfig``, drop what upstream-only values mean
+    nothing here (with warnings).
+
+    Raises:
+        ConfigError: A key given both at the top level and under ``indexerConfig``.
+    """
+    warnings: list[str] = []
+    out = dict(params)
+    nested = out.pop("indexerConfig", None)
+    if nested is not None:
+        if not isinstance(nested, Mapping):
+            raise ConfigError("expected a mapping", "indexerConfig")
+        for k, v in nested.items():
+            if k in out:
+                raise ConfigError(
+                    f"{k!r} given both here and at the top level", f"indexerConfig.{k}"
+                )
+            out[k] = v
+    tp = out.get("tokenProcessorConfig")
+    if isinstance(tp, Mapping) and "hashAlgorithm" in tp:
+        algo = tp["hashAlgorithm"]
+        if algo not in _VLLM_ALGOS:
+            tp = dict(tp)
+            del tp["hashAlgorithm"]
+            out["tokenProcessorConfig"] = tp
+            warnings.append(
+                f"tokenProcessorConfig.hashAlgorithm {algo!r} is upstream's own key hash; "
+                "ignored (keys are derived from the events' token ids)"
+            )
+    kb = out.get("kvBlockIndexConfig")
+    if isinstance(kb, Mapping) and "costAwareMemoryConfig" in kb:
+        kb = dict(kb)
+        del kb["costAwareMemoryConfig"]
+        out["kvBlockIndexConfig"] = kb
+        warnings.append(
+            "kvBlockIndexConfig.costAwareMemoryConfig is not implemented; using the in-memory "
+            "index (bounded by inMemoryConfig.size)"
+        )
+    ev = out.get("kvEventsConfig")
+    if isinstance(ev, Mapping) and ("podDiscoveryConfig" in ev or "engineType" in ev):
+        ev = dict(ev)
+        engine = ev.pop("engineType", "vllm")
+        if engine != "vllm":
+            raise ConfigError(
+                f"only vLLM KV events are supported, got {engine!r}", "kvEventsConfig.engineType"
+            )
+        pd = ev.pop("podDiscoveryConfig", None) or {}
+        if not isinstance(pd, Mapping):
+            raise ConfigError("expected a mapping", "kvEventsConfig.podDiscoveryConfig")
+        for key in ("socketPort", "replaySocketPort"):
+            if key in pd:
+                if key in ev:
+                    raise ConfigError(
+                        f"{key!r} given twice", f"kvEventsConfig.podDiscoveryConfig.{key}"
+                    )
+                ev[key] = pd[key]
+        dropped = sorted(k for k in pd if k not in ("socketPort", "replaySocketPort"))
+        if dropped:
+            warnings.append(
+                f"kvEventsConfig.podDiscoveryConfig {dropped} ignored: pods come from the "
+                "endpoints file"
+            )
+        out["kvEventsConfig"] = ev
+    return out, warnings
+
+
+class PrecisePrefixCacheScorer:
+    """``precise-prefix-cache-scorer`` (see the module docstring)."""
+
+    def __init__(self, params: PrecisePrefixCacheParams, ctx: PluginContext) -> None:
+        self.name = ctx.name
+        self.params = params
+        self.indexer = Indexer(params.indexer_config(), metrics=ctx.metrics, clock=ctx.clock)
+        self.speculative = params.speculative_indexing
+        self.ttl = params.speculative_ttl
+        self._scheduler = ctx.scheduler
+        self._subscriber: Any = None
+        self._started = False
+        self._lock = threading.Lock()
+
+    # -- tokens and keys ---------------------------------------------------------------------
+
+    def tokens(self, request: SchedulingRequest) -> list[int] | None:
+        """The request's token ids (tokenized once, shared with other plugins), or None
+        when it has no prompt.
+
+        Raises:
+            KVAwareError: Tokenization failed (e.g. no tokenizer for the model).
+        """
+        if request.token_ids is not None:
+            return request.token_ids
+        if request.prompt is None and request.messages is None:
+            return None
+        return request.tokens(
+            lambda: self.indexer.tokens(
+                request.model, prompt=request.prompt, messages=request.messages, **request.chat
+            )
+        )
+
+    def keys(self, request: SchedulingRequest) -> list[int]:
+        """The request's block keys in this index's namespace; cached on the request."""
+        key = self.name + ":keys"
+        cached = request.state.get(key)
+        if cached is None:
+            ids = self.tokens(request) or []
+            cached = request.state[key] = self.indexer.block_keys(
+                ids, request.model, request.lora_name, request.cache_salt
+            )
+        keys: list[int] = cached
+        return keys
+
+    def prepare(self, request: SchedulingRequest) -> None:
+        """Tokenize ahead of scheduling (the scheduler runs this off the event loop)."""
+        self.tokens(request)
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def _match(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> ScoreResult:
+        """The index match of the request's blocks for the candidates.
+
+        Equivalent to `Indexer.match` (same metrics, same degradation to zeros on a backend
+        failure), but on block keys cached on the request, so the keys are derived once per
+        request although the pre-request hook needs them again for speculative entries.
+
+        Raises:
+            KVAwareError: The request could not be tokenized or keyed.
+        """
+        ix = self.indexer
+        t0 = time.perf_counter()
+        pods = [e.id for e in endpoints]
+        keys = self.keys(request)
+        total = len(keys)
+        m = ix.metrics
+        try:
+            matches = ix.index.lookup(keys, pods) if keys else {}
+        except (KVAwareError, OSError) as exc:
+            m.score_errors.labels("backend").inc()
+            m.backend_errors.labels("lookup").inc()
+            logger.warning("%s: index lookup failed, scoring zeros: %s", self.name, exc)
+            return ScoreResult(
+                total, ix.block_size, {p: PodScore(0.0) for p in pods}, error=str(exc)
+            )
+        cfg = ix.config
+        scored = score_matches(
+            matches,
+            pods,
+            total,
+            ix.block_size,
+            cfg.match_length_weight,
+            cfg.match_length_scale_tokens,
+        )
+        request.state[self.name + ":matched"] = {pod: pm.blocks for pod, pm in matches.items()}
+        m.lookups.inc()
+        m.lookup_blocks.inc(total)
+        if matches:
+            m.hit_blocks.inc(max(pm.blocks for pm in matches.values()))
+        m.score_latency.observe(time.perf_counter() - t0)
+        return ScoreResult(total, ix.block_size, scored)
+
+    def match_info(
+        self, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> tuple[dict[str, float], int, int]:
+        """(endpoint id -> tier-weighted consecutive blocks, total blocks, block size).
+
+        Raises:
+            KVAwareError: The request could not be tokenized.
+        """
+        result = self._match(request, endpoints)
+        matched = {pod: s.weight for pod, s in result.pods.items() if s.blocks}
+        return matched, result.total_blocks, result.block_size
+
+    def score(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Mapping[str, float]:
+        try:
+            result = self._match(request, endpoints)
+        except KVAwareError as exc:
+            # NOTE: a request we cannot tokenize is scored 0 everywhere, never failed: the load
+            # scorers still place it.
+            self.indexer.metrics.score_errors.labels("tokenizer").inc()
+            logger.warning("%s: scoring %s as zeros: %s", self.name, request.model, exc)
+            return {}
+        return result.scores()
+
+    # -- after the pick ---------------------------------------------------------------------------
+
+    def pre_request(
+        self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
+    ) -> None:
+        """Record the request's blocks for the chosen pod as speculative entries.
+
+        Only the blocks past the pod's current match are recorded. NOTE: re-recording matched
+        blocks would refresh their TTL with every pick, so a pod whose KV events never arrive
+        would keep a phantom affinity forever; this way unconfirmed entries always expire
+        `speculativeTTL` after the pick that made them.
+        """
+        if not self.speculative or self.ttl <= 0:
+            return
+        try:
+            keys = self.keys(request)
+        except KVAwareError as exc:
+            logger.debug("%s: no speculative entries: %s", self.name, exc)
+            return
+        target = result.targets[0].id
+        matched = request.state.get(self.name + ":matched")
+        held = matched.get(target, 0) if matched is not None else 0
+        if held < len(keys):
+            self.indexer.record_speculative(target, keys[held:], self.ttl)
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
+        """Apply one vLLM KV-event payload from `pod` (delegates to `Indexer.ingest`)."""
+        self.indexer.ingest(pod, model, payload, seq)
+
+    def _subscription(self, e: Endpoint) -> tuple[str, str | None] | None:
+        cfg = self.params.kv_events_config
+        if e.kv_events:
+            return e.kv_events, e.kv_events_replay
+        if cfg.discover_pods:
+            replay = e.kv_events_replay
+            if replay is None and cfg.replay_socket_port:
+                replay = f"tcp://{e.address}:{cfg.replay_socket_port}"
+            return f"tcp://{e.address}:{cfg.socket_port}", replay
+        return None
+
+    def _subscribe(self, e: Endpoint) -> None:
+        sub = self._subscription(e)
+        if sub is None or self._subscriber is None:
+            return
+        endpoint, replay = sub
+        self._subscriber.add_endpoint(e.id, endpoint, replay_endpoint=replay, model=e.model)
+
+    def _current_endpoints(self) -> list[Endpoint]:
+        return self._scheduler.endpoints if self._scheduler is not None else []
+
+    def _ensure_subscriber(self) -> None:
+        """Start the subscriber (under the lock) and dial every known endpoint's publisher."""
+        if self._subscriber is not None:
+            return
+        try:
+            # NOTE: imported when needed only: the emulator and score-only users never need
+            # ZMQ sockets.
+            subscriber_mod = importlib.import_module("kvaware_scorer.events.subscriber")
+        except ImportError as exc:
+            raise ConfigError(
+                f"the KV-event subscriber is not available: {exc}", "kvEventsConfig"
+            ) from exc
+        sub = subscriber_mod.KVEventSubscriber(self.indexer, self.params.kv_events_config)
+        sub.start()
+        self._subscriber = sub
+        for e in self._current_endpoints():
+            self._subscribe(e)
+
+    def start(self) -> None:
+        """Start receiving KV events over ZMQ (idempotent).
+
+        A `KVEventSubscriber` runs on ``kvEventsConfig`` as soon as there is something to
+        receive: a bound ``zmqEndpoint``, static ``endpoints``, or an endpoint with a publisher
+        (its ``kvEvents``, or ``tcp://<address>:<socketPort>`` with ``discoverPods``); until
+        then nothing is opened, and an endpoint with a publisher joining later starts it.
+        """
+        with self._lock:
+            self._started = True
+            cfg = self.params.kv_events_config
+            if (
+                cfg.zmq_endpoint
+                or cfg.endpoints
+                or any(self._subscription(e) for e in self._current_endpoints())
+            ):
+                self._ensure_subscriber()
+
+    def stop(self) -> None:
+        """Stop the subscriber (bounded); idempotent."""
+        with self._lock:
+            self._started = False
+            sub, self._subscriber = self._subscriber, None
+        if sub is not None:
+            sub.stop()
+
+    def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        """Purge removed pods from the index (and stop dialing them); dial added ones."""
+        with self._lock:
+            for e in removed:
+                if self._subscriber is not None:
+                    try:
+                        self._subscriber.remove_endpoint(e.id)
+                    except Exception:
+                        logger.exception("%s: unsubscribing %s failed", self.name, e.id)
+                self.indexer.purge_pod(e.id, "endpoint-removed")
+            if not self._started:
+                return
+            if self._subscriber is None:
+                if any(self._subscription(e) for e in added):
+                    try:
+                        self._ensure_subscriber()
+                    except Exception:
+                        logger.exception("%s: starting the KV-event subscriber failed", self.name)
+                return
+            for e in added:
+                try:
+                    self._subscribe(e)
+                except Exception:
+                    logger.exception("%s: subscribing to %s failed", self.name, e.id)
+
+    def close(self) -> None:
+        """Stop and release the index."""
+        self.stop()
+        self.indexer.close()
+
+
+def register(registry: PluginRegistry) -> None:
+    """Register ``precise-prefix-cache-scorer`` and ``precise-prefix-cache-producer``."""
+    registry.register(
+        "precise-prefix-cache-scorer",
+        PrecisePrefixCacheScorer,
+        params=PrecisePrefixCacheParams,
+        kinds=("scorer", "pre-request"),
+        description="KV-event-driven prefix-cache affinity (this project's indexer)",
+        transform=precise_transform,
+    )
+    registry.register(
+        "precise-prefix-cache-producer",
+        PrecisePrefixCacheScorer,
+        params=PrecisePrefixCacheParams,
+        kinds=("pre-request",),
+        description="KV-event-driven match info for prefix-cache-scorer (upstream split form)",
+        transform=precise_transform,
+    )

@@ -1,0 +1,262 @@
+"""Pod metrics: parsing real vLLM-format exposition text and scraping it over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kvaware_scorer.scheduler import (
+    Endpoint,
+    MetricsScraper,
+    Scheduler,
+    SchedulingRequest,
+    make_plugin_manager,
+    parse_vllm_metrics,
+)
+from kvaware_scorer.scheduler.metrics import SchedulerMetrics
+
+from .conftest import FakeClock, config
+
+MODEL = "Qwen/Qwen3-8B"
+
+
+def vllm_exposition(
+    engines: dict[str, dict[str, float]], block_size: int = 16, legacy_usage: bool = False
+) -> str:
+    """Exposition text shaped like vLLM's PrometheusStatLogger (names, types, labels per engine)."""
+    reg = CollectorRegistry()
+    labels = ["model_name", "engine"]
+    running = Gauge(
+        "vllm:num_requests_running",
+        "Number of requests in model execution batches.",
+        labels,
+        registry=reg,
+    )
+    waiting = Gauge(
+        "vllm:num_requests_waiting",
+        "Number of requests waiting to be processed.",
+        labels,
+        registry=reg,
+    )
+    by_reason = Gauge(
+        "vllm:num_requests_waiting_by_reason",
+        "Waiting requests by reason.",
+        [*labels, "reason"],
+        registry=reg,
+    )
+    usage_name = "vllm:gpu_cache_usage_perc" if legacy_usage else "vllm:kv_cache_usage_perc"
+    usage = Gauge(usage_name, "KV-cache usage. 1 means 100 percent usage.", labels, registry=reg)
+    queries = Counter(
+        "vllm:prefix_cache_queries",
+        "Prefix cache queries, in terms of number of queried tokens.",
+        labels,
+        registry=reg,
+    )
+    hits = Counter(
+        "vllm:prefix_cache_hits",
+        "Prefix cache hits, in terms of number of cached tokens.",
+        labels,
+        registry=reg,
+    )
+    ttft = Histogram(
+        "vllm:time_to_first_token_seconds",
+        "Histogram of time to first token in seconds.",
+        labels,
+        buckets=[
+            0.001,
+            0.005,
+            0.01,
+            0.02,
+            0.04,
+            0.06,
+            0.08,
+            0.1,
+            0.25,
+            0.5,
+            0.75,
+            1.0,
+            2.5,
+            5.0,
+            7.5,
+            10.0,
+        ],
+        registry=reg,
+    )
+    info_labels = [
+        "block_size",
+        "cache_dtype",
+        "enable_prefix_caching",
+        "gpu_memory_utilization",
+        "num_cpu_blocks",
+        "num_gpu_blocks",
+        "prefix_caching_hash_algo",
+        "engine",
+    ]
+    info = Gauge(
+        "vllm:cache_config_info",
+        "Information of the LLMEngine CacheConfig",
+        info_labels,
+        registry=reg,
+    )
+    for engine, v in engines.items():
+        running.labels(MODEL, engine).set(v["running"])
+        waiting.labels(MODEL, engine).set(v["waiting"])
+        by_reason.labels(MODEL, engine, "capacity").set(v["waiting"])
+        usage.labels(MODEL, engine).set(v["usage"])
+        queries.labels(MODEL, engine).inc(1000)
+        hits.labels(MODEL, engine).inc(400)
+        for x in (0.01, 0.2, 3.0):
+            ttft.labels(MODEL, engine).observe(x)
+        info.labels(
+            str(block_size), "auto", "True", "0.9", "0", str(int(v["blocks"])), "sha256", engine
+        ).set(1)
+    return generate_latest(reg).decode()
+
+
+def test_parse_single_engine() -> None:
+    """Queue, running, KV usage and cache_config_info labels come from a vLLM page."""
+    text = vllm_exposition(
+        {"0": {"running": 7, "waiting": 3, "usage": 0.42, "blocks": 12000}}, block_size=32
+    )
+    m = parse_vllm_metrics(text)
+    assert (m.waiting_queue_size, m.running_requests_size) == (3, 7)
+    assert m.kv_cache_usage_percent == pytest.approx(0.42)
+    assert (m.cache_block_size, m.cache_num_blocks) == (32, 12000)
+    assert m.update_time == 0.0
+
+
+def test_parse_data_parallel_pod_sums_engines() -> None:
+    """A DP pod's engines add up (queues, running, blocks); usage is block-weighted."""
+    text = vllm_exposition(
+        {
+            "0": {"running": 4, "waiting": 1, "usage": 0.2, "blocks": 1000},
+            "1": {"running": 6, "waiting": 5, "usage": 0.8, "blocks": 3000},
+        }
+    )
+    m = parse_vllm_metrics(text)
+    assert (m.waiting_queue_size, m.running_requests_size) == (6, 10)
+    assert m.kv_cache_usage_percent == pytest.approx((0.2 * 1000 + 0.8 * 3000) / 4000)
+    assert (m.cache_block_size, m.cache_num_blocks) == (16, 4000)
+
+
+def test_parse_legacy_usage_name() -> None:
+    """Older vLLM's vllm:gpu_cache_usage_perc is read when kv_cache_usage_perc is absent."""
+    text = vllm_exposition(
+        {"0": {"running": 1, "waiting": 0, "usage": 0.5, "blocks": 10}}, legacy_usage=True
+    )
+    assert parse_vllm_metrics(text).kv_cache_usage_percent == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("text", ["", "# HELP foo bar\nfoo 1\n", "not prometheus {{{\n"])
+def test_parse_rejects_pages_without_vllm_metrics(text: str) -> None:
+    """A page without vLLM load metrics is an error (the endpoint's metrics then go stale)."""
+    with pytest.raises(ValueError):
+        parse_vllm_metrics(text)
+
+
+class _Pod:
+    """A real HTTP server on 127.0.0.1 serving a vLLM-format /metrics page."""
+
+    def __init__(self) -> None:
+        self.body = vllm_exposition(
+            {"0": {"running": 0, "waiting": 0, "usage": 0.0, "blocks": 100}}
+        )
+        self.status = 200
+        pod = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                data = pod.body.encode() if self.path == "/metrics" else b"not found"
+                status = pod.status if self.path == "/metrics" else 404
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def pods() -> Iterator[list[_Pod]]:
+    started = [_Pod(), _Pod()]
+    yield started
+    for p in started:
+        p.stop()
+
+
+def test_scraper_updates_metrics_over_http_and_goes_stale(pods: list[_Pod]) -> None:
+    """Scrapes fill endpoint metrics with the scheduler clock's time; a failing pod keeps old values until stale."""
+    clock = FakeClock(500.0)
+    pods[0].body = vllm_exposition({"0": {"running": 2, "waiting": 9, "usage": 0.9, "blocks": 500}})
+    pods[1].body = vllm_exposition({"0": {"running": 1, "waiting": 0, "usage": 0.1, "blocks": 500}})
+    eps = [Endpoint(f"p{i}", "127.0.0.1", p.port) for i, p in enumerate(pods)]
+    from prometheus_client import CollectorRegistry as Reg
+
+    metrics = SchedulerMetrics(Reg())
+    scraper = MetricsScraper(lambda: eps, clock=clock, metrics=metrics, timeout=2.0)
+    try:
+        assert scraper.scrape_all() == 2
+        assert eps[0].metrics.waiting_queue_size == 9
+        assert eps[1].metrics.kv_cache_usage_percent == pytest.approx(0.1)
+        assert eps[0].metrics.update_time == 500.0
+        clock.advance(1.0)
+        pods[0].status = 500
+        assert scraper.scrape_all() == 1
+        assert eps[0].metrics.update_time == 500.0 and eps[0].metrics.waiting_queue_size == 9
+        assert eps[1].metrics.update_time == 501.0
+    finally:
+        scraper.stop()
+
+
+def test_scheduler_scrapes_endpoints_file_and_uses_metrics(pods: list[_Pod], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With an endpoints file and scraping, the queue scorer routes away from the loaded pod."""
+    pods[0].body = vllm_exposition(
+        {"0": {"running": 30, "waiting": 12, "usage": 0.7, "blocks": 500}}
+    )
+    pods[1].body = vllm_exposition({"0": {"running": 3, "waiting": 0, "usage": 0.2, "blocks": 500}})
+    f = tmp_path / "endpoints.yaml"
+    f.write_text(
+        "endpoints:\n" + "".join(f"  - {{address: 127.0.0.1, port: {p.port}}}\n" for p in pods)
+    )
+    s = Scheduler.from_config(
+        config([{"type": "queue-scorer"}, {"type": "kv-cache-utilization-scorer"}]),
+        plugin_manager=make_plugin_manager(use_env=False),
+        seed=0,
+    )
+    s.use_endpoints_file(f, scrape_interval=0.02, scrape_timeout=1.0)
+    # before any scrape, every endpoint's metrics are unknown: neutral, never fail closed
+    r = s.schedule(SchedulingRequest("r0", "m", token_ids=[1]))
+    assert set(r.scores["queue-scorer"].values()) == {0.5}
+    s.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 5
+        while any(e.metrics.update_time == 0 for e in s.endpoints) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = s.schedule(SchedulingRequest("r1", "m", token_ids=[1]))
+        assert r.targets[0].port == pods[1].port
+        assert r.scores["queue-scorer"] == {
+            f"127.0.0.1:{pods[0].port}": 0.0,
+            f"127.0.0.1:{pods[1].port}": 1.0,
+        }
+    finally:
+        s.close()
