@@ -162,6 +162,28 @@ class Indexer:
             metrics.score_errors.labels(reason).inc()
             logger.warning("scoring %s as zeros: %s", model, exc)
             return ScoreResult(0, bs, {p: PodScore(0.0) for p in pods or ()}, error=str(exc))
+        result = self.match_keys(keys, pods, t0=t0)
+        result.tokens = len(ids)
+        return result
+
+    def match_keys(
+        self, keys: Sequence[int], pods: Sequence[str] | None = None, *, t0: float | None = None
+    ) -> ScoreResult:
+        """Score `pods` for a prompt given as block keys (see `block_keys`).
+
+        For callers that derive keys once and reuse them (the scheduler's pre-request hook
+        records the same keys as speculative entries). A backend failure yields zeros, a counted
+        reason and a log line, never an exception.
+
+        Args:
+            keys: The prompt's block keys, from block 0.
+            pods: Candidate pod ids; None = every pod the index knows.
+            t0: `time.perf_counter()` at the start of the request, for the latency histogram.
+        """
+        if t0 is None:
+            t0 = time.perf_counter()
+        metrics = self.metrics
+        bs = self.block_size
         total = len(keys)
         try:
             matches = self.index.lookup(keys, pods) if keys else {}
@@ -169,9 +191,7 @@ class Indexer:
             metrics.score_errors.labels("backend").inc()
             metrics.backend_errors.labels("lookup").inc()
             logger.warning("index lookup failed, scoring zeros: %s", exc)
-            return ScoreResult(
-                total, bs, {p: PodScore(0.0) for p in pods or ()}, len(ids), str(exc)
-            )
+            return ScoreResult(total, bs, {p: PodScore(0.0) for p in pods or ()}, error=str(exc))
         cfg = self.config
         candidates = pods if pods is not None else list(matches)
         scored = score_matches(
@@ -182,7 +202,7 @@ class Indexer:
         if matches:
             metrics.hit_blocks.inc(max(m.blocks for m in matches.values()))
         metrics.score_latency.observe(time.perf_counter() - t0)
-        return ScoreResult(total, bs, scored, len(ids))
+        return ScoreResult(total, bs, scored)
 
     def score(
         self,

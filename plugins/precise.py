@@ -37,7 +37,7 @@ from kvaware_scorer.scheduler import (
     SchedulingResult,
     parse_duration,
 )
-from kvaware_scorer.scoring import PodScore, ScoreResult, score_matches
+from kvaware_scorer.scoring import ScoreResult
 
 __all__ = [
     "PrecisePrefixCacheParams",
@@ -198,44 +198,19 @@ class PrecisePrefixCacheScorer:
     def _match(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> ScoreResult:
         """The index match of the request's blocks for the candidates.
 
-        Equivalent to `Indexer.match` (same metrics, same degradation to zeros on a backend
-        failure), but on block keys cached on the request, so the keys are derived once per
-        request although the pre-request hook needs them again for speculative entries.
+        Uses `Indexer.match_keys` on block keys cached on the request, so the keys are derived
+        once per request although the pre-request hook needs them again for speculative entries.
 
         Raises:
             KVAwareError: The request could not be tokenized or keyed.
         """
-        ix = self.indexer
         t0 = time.perf_counter()
-        pods = [e.id for e in endpoints]
         keys = self.keys(request)
-        total = len(keys)
-        m = ix.metrics
-        try:
-            matches = ix.index.lookup(keys, pods) if keys else {}
-        except (KVAwareError, OSError) as exc:
-            m.score_errors.labels("backend").inc()
-            m.backend_errors.labels("lookup").inc()
-            logger.warning("%s: index lookup failed, scoring zeros: %s", self.name, exc)
-            return ScoreResult(
-                total, ix.block_size, {p: PodScore(0.0) for p in pods}, error=str(exc)
-            )
-        cfg = ix.config
-        scored = score_matches(
-            matches,
-            pods,
-            total,
-            ix.block_size,
-            cfg.match_length_weight,
-            cfg.match_length_scale_tokens,
-        )
-        request.state[self.name + ":matched"] = {pod: pm.blocks for pod, pm in matches.items()}
-        m.lookups.inc()
-        m.lookup_blocks.inc(total)
-        if matches:
-            m.hit_blocks.inc(max(pm.blocks for pm in matches.values()))
-        m.score_latency.observe(time.perf_counter() - t0)
-        return ScoreResult(total, ix.block_size, scored)
+        result = self.indexer.match_keys(keys, [e.id for e in endpoints], t0=t0)
+        request.state[self.name + ":matched"] = {
+            pod: s.blocks for pod, s in result.pods.items() if s.blocks
+        }
+        return result
 
     def match_info(
         self, request: SchedulingRequest, endpoints: Sequence[Endpoint]

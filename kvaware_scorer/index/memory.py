@@ -96,7 +96,7 @@ class InMemoryIndex:
         self._emap_size = 0
         self._evictions = 0
         self._spec: dict[int, int] = {}
-        self._spec_deadline: dict[tuple[int, int], float] = {}
+        self._spec_deadline: dict[int, dict[int, float]] = {}  # slot -> key -> deadline
         self._spec_queue: deque[tuple[float, int, tuple[int, ...]]] = deque()
         self._masks: dict[int, int] = {}
 
@@ -421,34 +421,40 @@ class InMemoryIndex:
             bit = 1 << slot
             deadline = now + ttl
             spec = self._spec
-            dl = self._spec_deadline
+            sget = spec.get
+            dl = self._spec_deadline.get(slot)
+            if dl is None:
+                dl = self._spec_deadline[slot] = {}
             for k in keys:
-                spec[k] = spec.get(k, 0) | bit
-                dl[(k, slot)] = deadline
+                spec[k] = sget(k, 0) | bit
+                dl[k] = deadline
             self._spec_queue.append((deadline, slot, tuple(keys)))
 
     def _expire_speculative(self, now: float) -> None:
         q = self._spec_queue
         spec = self._spec
-        dl = self._spec_deadline
         while q and q[0][0] <= now:
             _, slot, keys = q.popleft()
+            dl = self._spec_deadline.get(slot)
+            if dl is None:
+                continue
             bit = 1 << slot
             for k in keys:
-                d = dl.get((k, slot))
+                d = dl.get(k)
                 if d is None or d > now:
-                    continue
-                del dl[(k, slot)]
+                    continue  # gone already, or re-recorded with a later deadline
+                del dl[k]
                 rest = spec.get(k, 0) & ~bit
                 if rest:
                     spec[k] = rest
                 else:
                     spec.pop(k, None)
+            if not dl:
+                del self._spec_deadline[slot]
 
     def _drop_speculative_slot(self, slot: int) -> None:
         bit = 1 << slot
-        for k in [k for (k, s) in self._spec_deadline if s == slot]:
-            del self._spec_deadline[(k, slot)]
+        for k in self._spec_deadline.pop(slot, {}):
             rest = self._spec.get(k, 0) & ~bit
             if rest:
                 self._spec[k] = rest
@@ -601,7 +607,7 @@ class InMemoryIndex:
                 pods=len(self._slot_of),
                 capacity=self.size,
                 evictions=self._evictions,
-                speculative_entries=len(self._spec_deadline),
+                speculative_entries=sum(len(d) for d in self._spec_deadline.values()),
                 engine_hashes=self._emap_size,
             )
 
