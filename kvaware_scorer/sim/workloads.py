@@ -234,7 +234,7 @@ class SharedPrefixWorkload:
     seed: int = 0
     warmup_first: bool = True
     name: str = "shared-prefix"
-    _prompts: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
+    _prompts: list[tuple[np.ndarray, int]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if min(self.num_groups, self.num_prompts_per_group, self.output_len) < 1:
@@ -244,15 +244,15 @@ class SharedPrefixWorkload:
         if self.system_prompt_len + self.question_len < 1:
             raise ConfigError("prompts must have at least one token")
 
-    def _build(self) -> list[np.ndarray]:
+    def _build(self) -> list[tuple[np.ndarray, int]]:
         if not self._prompts:
             rng = np.random.default_rng([self.seed, 1])
-            prompts: list[np.ndarray] = []
-            for _ in range(self.num_groups):
+            prompts: list[tuple[np.ndarray, int]] = []
+            for g in range(self.num_groups):
                 system = _random_tokens(rng, self.system_prompt_len, self.vocab_size)
                 for _ in range(self.num_prompts_per_group):
                     question = _random_tokens(rng, self.question_len, self.vocab_size)
-                    prompts.append(np.concatenate((system, question)))
+                    prompts.append((np.concatenate((system, question)), g))
             order = rng.permutation(len(prompts))
             self._prompts = [prompts[i] for i in order]
         return self._prompts
@@ -265,26 +265,26 @@ class SharedPrefixWorkload:
         n = len(prompts)
         arrivals = arrival_times(self.load, self.arrival, np.random.default_rng([self.seed, 2]))
         out_rng = np.random.default_rng([self.seed, 3])
-        per_group = self.num_prompts_per_group
         for i, (t, stage) in enumerate(arrivals):
             k = i % n
+            prompt, group = prompts[k]
             yield SimRequest(
                 request_id=f"sp-{i}",
                 arrival_time=t,
-                prompt=prompts[k],
+                prompt=prompt,
                 output_tokens=_random_tokens(out_rng, self.output_len, self.vocab_size),
                 prompt_key=("sp", k),
                 stage=stage,
-                session=f"g{k // per_group}",
+                session=f"g{group}",
             )
 
     def on_complete(self, request: SimRequest, now: float) -> list[SimRequest]:
         return []
 
     def expected_requests(self) -> int | None:
-        if self.arrival == "constant":
-            return sum(math.floor(s.rate * s.duration + 1e-9) for s in self.load)
-        return None
+        # Re-draw the same seeded arrivals: cheap, and exact for Poisson too.
+        rng = np.random.default_rng([self.seed, 2])
+        return sum(1 for _ in arrival_times(self.load, self.arrival, rng))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -397,10 +397,8 @@ class MultiTurnWorkload:
         ]
 
     def expected_requests(self) -> int | None:
-        if self.arrival == "constant":
-            sessions = sum(math.floor(s.rate * s.duration + 1e-9) for s in self.load)
-            return sessions * self.turns
-        return None
+        rng = np.random.default_rng([self.seed, 13])
+        return sum(1 for _ in arrival_times(self.load, self.arrival, rng)) * self.turns
 
     def describe(self) -> dict[str, Any]:
         return {
