@@ -35,8 +35,8 @@ from kvaware_scorer.sim.workloads import (
 __all__ = ["build_fleet", "build_workload_factory", "register", "run"]
 
 DEFAULT_TRACE = Path("benchmarks/traces/mooncake_synthetic_trace.jsonl")
-MULTI_TURN_STAGES = (LoadStage(1, 60), LoadStage(2, 60), LoadStage(3, 60), LoadStage(4, 60))
-MULTI_TURN_QUICK = (LoadStage(2, 30), LoadStage(4, 30))
+MULTI_TURN_STAGES = (LoadStage(2, 60), LoadStage(4, 60), LoadStage(6, 60), LoadStage(8, 60))
+MULTI_TURN_QUICK = (LoadStage(4, 30), LoadStage(8, 30))
 TRACE_QUICK_REQUESTS = 600
 
 
@@ -97,11 +97,11 @@ def register(sub: Any) -> None:
     sp.add_argument("--question-len", type=int, default=1200)
     sp.add_argument("--output-len", type=int, default=1000)
     mt = p.add_argument_group("multi-turn")
-    mt.add_argument("--turns", type=int, default=6)
+    mt.add_argument("--turns", type=int, default=8)
     mt.add_argument("--system-prompts", type=int, default=10)
     mt.add_argument("--mt-system-prompt-len", type=int, default=2000)
     mt.add_argument("--user-message-len", type=int, default=400)
-    mt.add_argument("--answer-len", type=int, default=300)
+    mt.add_argument("--answer-len", type=int, default=400)
     mt.add_argument("--think-time", type=float, default=5.0)
     tr = p.add_argument_group("trace")
     tr.add_argument("--trace", help=f"Mooncake JSONL (default: {DEFAULT_TRACE})")

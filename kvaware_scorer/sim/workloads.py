@@ -318,16 +318,16 @@ class MultiTurnWorkload:
     """
 
     load: Sequence[LoadStage] = (
-        LoadStage(1, 60),
         LoadStage(2, 60),
-        LoadStage(3, 60),
         LoadStage(4, 60),
+        LoadStage(6, 60),
+        LoadStage(8, 60),
     )
     num_system_prompts: int = 10
     system_prompt_len: int = 2000
-    turns: int = 6
+    turns: int = 8
     user_message_len: int = 400
-    answer_len: int = 300
+    answer_len: int = 400
     think_time_s: float = 5.0
     arrival: str = "poisson"
     vocab_size: int = 151936
