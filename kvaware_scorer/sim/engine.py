@@ -319,7 +319,13 @@ class Engine:
             stats = self.stats
             while waiting and budget > 0 and len(running) < self.max_num_seqs:
                 r = waiting[0]
-                hits = pool.longest_hit(r.block_hashes, (r.num_tokens - 1) // bs)
+                max_hits = (r.num_tokens - 1) // bs
+                # Fewest new blocks any hit could leave to allocate: when even that does not fit,
+                # skip the hit lookup (same outcome, and a blocked head retries every step).
+                c = max_hits * bs
+                if (c + min(r.num_tokens - c, budget) + bs - 1) // bs - max_hits > len(pool.free):
+                    break
+                hits = pool.longest_hit(r.block_hashes, max_hits)
                 c = len(hits) * bs
                 n = r.num_tokens - c
                 if n > budget:
