@@ -246,7 +246,7 @@ def plot_runs(path: str | Path, summaries: Sequence[dict[str, Any]], title: str 
     xlabel = "offered load (requests/s)" if use_rate else "time window start (s)"
     ax1.set_xlabel(xlabel)
     ax1.set_ylabel("TTFT p90 (s)")
-    ax1.set_yscale("symlog", linthresh=1.0)
+    ax1.set_yscale("log")
     ax1.set_title("TTFT p90 vs QPS" if use_rate else "TTFT p90 over time")
     ax2.set_xlabel(xlabel)
     ax2.set_ylabel("output tokens/s")
