@@ -81,3 +81,12 @@ def test_bad_configs_fail_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "none.yaml" in capsys.readouterr().err
     with pytest.raises(Exception, match="valid"):
         make_router("builtin:zzz", clock=lambda: 1.0, seed=0, model="m")
+
+
+def test_real_quick_ladder_runs_in_bounded_time(capsys: pytest.CaptureFixture[str]) -> None:
+    """The actual --quick shared-prefix run (150 groups, 8 pods) finishes well within a minute."""
+    t0 = time.perf_counter()
+    assert main(["bench", "--quick", "--configs", "builtin:oracle", "--no-progress"]) == 0
+    assert time.perf_counter() - t0 < 60
+    text = capsys.readouterr().out
+    assert "qps=60" in text and "8 x qwen3-32b-2xh100" in text
