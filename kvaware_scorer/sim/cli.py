@@ -82,6 +82,9 @@ def register(sub: Any) -> None:
         help="metrics scrape period (s); 0 = every step",
     )
     fleet.add_argument(
+        "--event-loss", type=float, default=0.0, help="probability a KV-event payload is lost"
+    )
+    fleet.add_argument(
         "--drain-timeout",
         type=float,
         default=3600.0,
@@ -126,6 +129,8 @@ def build_fleet(args: argparse.Namespace) -> FleetConfig:
         event_delay_s=args.event_delay,
         metrics_interval_s=args.metrics_interval,
         drain_timeout_s=args.drain_timeout,
+        event_loss=args.event_loss,
+        seed=args.seed,
     )
 
 
@@ -216,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
             "event_delay_s": fleet.event_delay_s,
             "metrics_interval_s": fleet.metrics_interval_s,
             "drain_timeout_s": fleet.drain_timeout_s,
+            "event_loss": fleet.event_loss,
         },
         "seed": args.seed,
         "quick": bool(args.quick),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import logging
+import random
 import sys
 import time
 from collections.abc import Iterator
@@ -67,6 +68,9 @@ class FleetConfig:
         num_gpu_blocks: Override the profile's pool size (tests).
         drain_timeout_s: Stop this long after the last stage ends even if requests remain
             (they are reported as unfinished); None = run until every request finished.
+        event_loss: Probability that a published payload never reaches the sinks (its seq is
+            still consumed, so consumers see a gap, as with a ZMQ PUB dropping frames).
+        seed: Seed of the event-loss draws.
     """
 
     profile: EngineProfile
@@ -79,6 +83,8 @@ class FleetConfig:
     model: str | None = None
     num_gpu_blocks: int | None = None
     drain_timeout_s: float | None = None
+    event_loss: float = 0.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.num_pods < 1:
@@ -87,6 +93,8 @@ class FleetConfig:
             raise ConfigError("delays and intervals must be >= 0")
         if self.sample_interval_s <= 0:
             raise ConfigError("must be > 0", "sampleInterval")
+        if not 0.0 <= self.event_loss < 1.0:
+            raise ConfigError("must be in [0, 1)", "eventLoss")
 
     @property
     def model_name(self) -> str:
@@ -147,6 +155,7 @@ class RunResult:
         wall_time_s: Real seconds the run took.
         payloads: KV-event payloads published.
         payload_bytes: Their total size.
+        payloads_lost: Payloads dropped on the way to the sinks (``event_loss``).
         sink_errors: Payloads a sink raised on (logged and skipped).
         engine_stats: Per-pod engine counters.
     """
@@ -161,6 +170,7 @@ class RunResult:
     wall_time_s: float = 0.0
     payloads: int = 0
     payload_bytes: int = 0
+    payloads_lost: int = 0
     sink_errors: int = 0
     engine_stats: dict[str, EngineStats] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)
@@ -283,6 +293,8 @@ class FleetSimulator:
         busy = [False] * len(engines)
         delay = cfg.event_delay_s
         interval = cfg.metrics_interval_s
+        loss = cfg.event_loss
+        loss_rng = random.Random(cfg.seed)
         ideal_seen: set[int] = set()
         live: dict[str, tuple[EngineRequest, int, int]] = {}
 
@@ -384,7 +396,9 @@ class FleetSimulator:
                         seqs[i] = seq + 1
                         result.payloads += 1
                         result.payload_bytes += len(payload)
-                        if sinks:
+                        if loss and loss_rng.random() < loss:
+                            result.payloads_lost += 1
+                        elif sinks:
                             if delay > 0:
                                 pending_deliveries += 1
                                 push(t + delay, _DELIVER, (i, payload, seq))

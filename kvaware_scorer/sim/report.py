@@ -122,6 +122,7 @@ def summarize(result: RunResult) -> dict[str, Any]:
     out["wall_time_s"] = result.wall_time_s
     out["kv_event_payloads"] = result.payloads
     out["kv_event_bytes"] = result.payload_bytes
+    out["kv_event_payloads_lost"] = result.payloads_lost
     out["sink_errors"] = result.sink_errors
     out["engine_preemptions"] = sum(s.preemptions for s in result.engine_stats.values())
     return out

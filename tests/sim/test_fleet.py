@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from kvaware_scorer.sim.fleet import CLOCK_BASE, FleetConfig, FleetSimulator
@@ -171,3 +173,19 @@ def test_endpoint_ids_are_address_and_port() -> None:
     assert [e.id for e in sim.endpoints] == ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
     assert all(isinstance(e, SimEndpoint) and e.metrics.num_blocks == 400 for e in sim.endpoints)
     assert np.all([e.engine.block_size == 16 for e in sim.endpoints])
+
+
+def test_event_loss_leaves_seq_gaps() -> None:
+    """With event loss, some payloads never arrive and the delivered seqs show the gaps."""
+    sim = FleetSimulator(_fleet(event_loss=0.3, seed=4))
+    router = SinkRouter()
+    result = sim.run(_workload(), router)
+    assert 0 < result.payloads_lost < result.payloads
+    assert len(router.sink.frames) == result.payloads - result.payloads_lost
+    by_pod: dict[str, list[int]] = {}
+    for pod, _model, seq, _batch in router.sink.frames:
+        assert seq is not None
+        by_pod.setdefault(pod, []).append(seq)
+    gaps = sum(1 for seqs in by_pod.values() for a, b in itertools.pairwise(seqs) if b != a + 1)
+    assert gaps > 0
+    assert all(seqs == sorted(seqs) for seqs in by_pod.values())
