@@ -158,6 +158,8 @@ class RunResult:
         payloads_lost: Payloads dropped on the way to the sinks (``event_loss``).
         sink_errors: Payloads a sink raised on (logged and skipped).
         engine_stats: Per-pod engine counters.
+        profile: The pods' profile figures (`EngineProfile.describe`).
+        workload: The workload's knobs (`Workload.describe`).
     """
 
     router: str
