@@ -1,0 +1,236 @@
+"""``kvaware bench``: the routing benchmark on the emulated vLLM fleet.
+
+    kvaware bench --workload shared-prefix --quick \\
+        --configs config/random.yaml config/load.yaml config/estimated.yaml config/precise.yaml \\
+        --json out.json --plot out.png
+
+Each ``--configs`` entry is a scheduler YAML (run through the real scheduler) or
+``builtin:random`` / ``builtin:round-robin`` / ``builtin:oracle``. Prints a table per config
+(one row per load stage, plus the overall row) and a comparison with ratios against random.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.sim.bench import run_bench
+from kvaware_scorer.sim.fleet import FleetConfig
+from kvaware_scorer.sim.profiles import PROFILES, get_profile
+from kvaware_scorer.sim.report import format_run, format_summary, plot_runs, write_json
+from kvaware_scorer.sim.workloads import (
+    QUICK_LADDER,
+    UPSTREAM_LADDER,
+    LoadStage,
+    MultiTurnWorkload,
+    SharedPrefixWorkload,
+    TraceWorkload,
+    Workload,
+    parse_stages,
+)
+
+__all__ = ["build_fleet", "build_workload_factory", "register", "run"]
+
+DEFAULT_TRACE = Path("benchmarks/traces/mooncake_synthetic_trace.jsonl")
+MULTI_TURN_STAGES = (LoadStage(2, 60), LoadStage(4, 60), LoadStage(6, 60), LoadStage(8, 60))
+MULTI_TURN_QUICK = (LoadStage(4, 30), LoadStage(8, 30))
+TRACE_QUICK_REQUESTS = 600
+
+
+def register(sub: Any) -> None:
+    """Add the ``bench`` subcommand."""
+    p = sub.add_parser(
+        "bench",
+        help="benchmark routing configs on an emulated vLLM fleet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--workload", choices=["shared-prefix", "multi-turn", "trace"], default="shared-prefix"
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        required=True,
+        metavar="CFG",
+        help="scheduler YAMLs or builtin:<name>",
+    )
+    p.add_argument("--quick", action="store_true", help="short version of the ladder (same shape)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="write TTFT p90 / throughput vs QPS charts (PNG)")
+    p.add_argument("--baseline", help="config name ratios are computed against (default: random)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--seed", type=int, default=0)
+    fleet = p.add_argument_group("fleet")
+    fleet.add_argument("--profile", choices=sorted(PROFILES), default="qwen3-32b-2xh100")
+    fleet.add_argument("--pods", type=int, default=8)
+    fleet.add_argument("--block-size", type=int, help="override the profile's vLLM block size")
+    fleet.add_argument("--max-model-len", type=int, help="override vLLM --max-model-len")
+    fleet.add_argument("--max-num-batched-tokens", type=int)
+    fleet.add_argument("--max-num-seqs", type=int)
+    fleet.add_argument("--engine-hash", choices=["xxh3", "sha256"], default="xxh3")
+    fleet.add_argument(
+        "--event-delay", type=float, default=0.005, help="KV-event delivery delay (s)"
+    )
+    fleet.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=0.05,
+        help="metrics scrape period (s); 0 = every step",
+    )
+    fleet.add_argument(
+        "--event-loss", type=float, default=0.0, help="probability a KV-event payload is lost"
+    )
+    fleet.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=3600.0,
+        help="virtual seconds allowed after the last stage",
+    )
+    load = p.add_argument_group("load")
+    load.add_argument("--stages", help="rate:duration,... (overrides the ladder)")
+    load.add_argument("--arrival", choices=["poisson", "constant"], default="poisson")
+    sp = p.add_argument_group("shared-prefix")
+    sp.add_argument("--groups", type=int, default=150)
+    sp.add_argument("--prompts-per-group", type=int, default=5)
+    sp.add_argument("--system-prompt-len", type=int, default=6000)
+    sp.add_argument("--question-len", type=int, default=1200)
+    sp.add_argument("--output-len", type=int, default=1000)
+    mt = p.add_argument_group("multi-turn")
+    mt.add_argument("--turns", type=int, default=8)
+    mt.add_argument("--system-prompts", type=int, default=10)
+    mt.add_argument("--mt-system-prompt-len", type=int, default=2000)
+    mt.add_argument("--user-message-len", type=int, default=400)
+    mt.add_argument("--answer-len", type=int, default=400)
+    mt.add_argument("--think-time", type=float, default=5.0)
+    tr = p.add_argument_group("trace")
+    tr.add_argument("--trace", help=f"Mooncake JSONL (default: {DEFAULT_TRACE})")
+    tr.add_argument("--time-scale", type=float, default=1.0, help="scale inter-arrival times")
+    tr.add_argument("--max-requests", type=int)
+    tr.add_argument("--window", type=float, default=120.0, help="report window (s)")
+    p.set_defaults(func=run)
+
+
+def build_fleet(args: argparse.Namespace) -> FleetConfig:
+    """The fleet described by the CLI arguments."""
+    profile = get_profile(args.profile).with_overrides(
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+    )
+    return FleetConfig(
+        profile=profile,
+        num_pods=args.pods,
+        engine_hash=args.engine_hash,
+        event_delay_s=args.event_delay,
+        metrics_interval_s=args.metrics_interval,
+        drain_timeout_s=args.drain_timeout,
+        event_loss=args.event_loss,
+        seed=args.seed,
+    )
+
+
+def build_workload_factory(args: argparse.Namespace, vocab_size: int) -> Any:
+    """A zero-argument factory of the workload described by the CLI arguments."""
+    stages = parse_stages(args.stages) if args.stages else None
+    if args.workload == "shared-prefix":
+        load = stages or (QUICK_LADDER if args.quick else UPSTREAM_LADDER)
+
+        def shared_prefix() -> Workload:
+            return SharedPrefixWorkload(
+                num_groups=args.groups,
+                num_prompts_per_group=args.prompts_per_group,
+                system_prompt_len=args.system_prompt_len,
+                question_len=args.question_len,
+                output_len=args.output_len,
+                load=load,
+                arrival=args.arrival,
+                vocab_size=vocab_size,
+                seed=args.seed,
+            )
+
+        return shared_prefix
+    if args.workload == "multi-turn":
+        mt_load = stages or (MULTI_TURN_QUICK if args.quick else MULTI_TURN_STAGES)
+
+        def multi_turn() -> Workload:
+            return MultiTurnWorkload(
+                load=mt_load,
+                num_system_prompts=args.system_prompts,
+                system_prompt_len=args.mt_system_prompt_len,
+                turns=args.turns,
+                user_message_len=args.user_message_len,
+                answer_len=args.answer_len,
+                think_time_s=args.think_time,
+                arrival=args.arrival,
+                vocab_size=vocab_size,
+                seed=args.seed,
+            )
+
+        return multi_turn
+    path = Path(args.trace) if args.trace else DEFAULT_TRACE
+    if not path.is_file():
+        raise ConfigError("trace file not found (give --trace PATH)", str(path))
+    max_requests = args.max_requests or (TRACE_QUICK_REQUESTS if args.quick else None)
+
+    def trace() -> Workload:
+        return TraceWorkload(
+            path=path,
+            time_scale=args.time_scale,
+            max_requests=max_requests,
+            window_s=args.window,
+            vocab_size=vocab_size,
+            seed=args.seed,
+        )
+
+    return trace
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; returns the exit code."""
+    try:
+        fleet = build_fleet(args)
+        factory = build_workload_factory(args, fleet.profile.model.vocab_size)
+        summaries = run_bench(
+            args.configs, factory, fleet, seed=args.seed, progress=not args.no_progress
+        )
+    except ConfigError as exc:
+        print(f"kvaware bench: {exc}", file=sys.stderr)
+        return 2
+    profile = fleet.profile.describe()
+    print(
+        f"fleet: {fleet.num_pods} x {profile['name']} ({profile['model']}, TP={profile['tensor_parallel_size']}, "
+        f"{profile['kv_capacity_tokens']:,} KV tokens/pod, block {profile['block_size']}); "
+        f"workload {args.workload}{' (quick)' if args.quick else ''}, seed {args.seed}"
+    )
+    for s in summaries:
+        print()
+        print(format_run(s))
+    print()
+    print(format_summary(summaries, args.baseline))
+    meta = {
+        "workload": factory().describe(),
+        "profile": profile,
+        "fleet": {
+            "num_pods": fleet.num_pods,
+            "engine_hash": fleet.engine_hash,
+            "event_delay_s": fleet.event_delay_s,
+            "metrics_interval_s": fleet.metrics_interval_s,
+            "drain_timeout_s": fleet.drain_timeout_s,
+            "event_loss": fleet.event_loss,
+        },
+        "seed": args.seed,
+        "quick": bool(args.quick),
+    }
+    if args.json:
+        write_json(args.json, summaries, meta)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        title = f"{args.workload}: {fleet.num_pods} x {profile['name']}"
+        plot_runs(args.plot, summaries, title)
+        print(f"wrote {args.plot}")
+    return 0

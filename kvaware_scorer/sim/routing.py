@@ -1,0 +1,364 @@
+"""How the emulated fleet is routed: the `Router` protocol, built-in baselines, and the adapter
+that drives the real `kvaware_scorer.scheduler.Scheduler`.
+
+The simulator talks to one `Router` per run. It binds the fleet's endpoints once, hands over a
+metrics snapshot at every scrape (`observe`), asks for a pod per arrival (`route`), reports each
+completion (`complete`), and delivers every pod's KV-event payloads to the router's
+`event_sinks`. Routers:
+
+* `SchedulerRouter`: a scheduler YAML (``config/precise.yaml``, ...) through the real
+  `Scheduler`, exactly as ``scheduler_api.md`` describes (no ``start()``: events arrive in
+  process; clock and seed injected). This is what ``kvaware bench --configs *.yaml`` runs.
+* `RandomRouter` (``builtin:random``): uniform random pod, the cache-blind baseline.
+* `RoundRobinRouter` (``builtin:round-robin``): Kubernetes-Service-like rotation.
+* `PrefixOracleRouter` (``builtin:oracle``): reads every pod's block pool directly (perfect,
+  zero-delay knowledge) and scores like a precise config (prefix 3, kv usage 2, queue 2). Not a
+  real router: an upper reference for what a KV-aware router can get on a workload.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kvaware_scorer.errors import ConfigError, NoEndpointError
+from kvaware_scorer.sim.request import RequestOutcome, SimRequest
+
+if TYPE_CHECKING:
+    from kvaware_scorer.sim.engine import Engine
+
+__all__ = [
+    "BUILTIN_ROUTERS",
+    "KVEventSink",
+    "PodMetrics",
+    "PrefixOracleRouter",
+    "RandomRouter",
+    "RoundRobinRouter",
+    "Router",
+    "SchedulerRouter",
+    "SimEndpoint",
+    "make_router",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class KVEventSink(Protocol):
+    """Where KV-event payloads go (the precise scorer's `Indexer` is one)."""
+
+    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
+        """Apply one payload frame from `pod`."""
+        ...
+
+
+@dataclass(slots=True)
+class PodMetrics:
+    """A pod's ``/metrics`` as last scraped (vLLM gauge names in the docstrings).
+
+    Attributes:
+        waiting: ``vllm:num_requests_waiting``.
+        running: ``vllm:num_requests_running``.
+        kv_usage: ``vllm:kv_cache_usage_perc`` (fraction).
+        block_size: ``vllm:cache_config_info{block_size}``.
+        num_blocks: ``vllm:cache_config_info{num_gpu_blocks}``.
+        update_time: Router clock time of the scrape (0 = never).
+    """
+
+    waiting: int = 0
+    running: int = 0
+    kv_usage: float = 0.0
+    block_size: int = 16
+    num_blocks: int = 0
+    update_time: float = 0.0
+
+
+@dataclass(eq=False)
+class SimEndpoint:
+    """One emulated pod as routers see it.
+
+    Attributes:
+        name: Pod name.
+        address: IP address.
+        port: Serving port.
+        model: Served model name.
+        metrics: The last scraped metrics.
+        engine: The live engine (only oracle baselines may look at it).
+    """
+
+    name: str
+    address: str
+    port: int
+    model: str
+    metrics: PodMetrics
+    engine: Engine
+
+    @property
+    def id(self) -> str:
+        """``"<address>:<port>"``: the pod id of the index and the KV events."""
+        return f"{self.address}:{self.port}"
+
+
+class Router(Protocol):
+    """Picks a pod per request for the emulated fleet."""
+
+    name: str
+
+    @property
+    def event_sinks(self) -> Sequence[KVEventSink]:
+        """Objects that receive every pod's KV-event payloads."""
+        ...
+
+    def bind(self, endpoints: Sequence[SimEndpoint]) -> None:
+        """Learn the fleet (called once, before the first request)."""
+        ...
+
+    def observe(self, endpoints: Sequence[SimEndpoint], now: float) -> None:
+        """A metrics scrape happened at router-clock time `now`."""
+        ...
+
+    def route(self, request: SimRequest, endpoints: Sequence[SimEndpoint]) -> str:
+        """The id of the pod that serves `request`."""
+        ...
+
+    def complete(self, request: SimRequest, outcome: RequestOutcome) -> None:
+        """`request` finished (or was rejected)."""
+        ...
+
+    def close(self) -> None:
+        """Release resources."""
+        ...
+
+
+class _Baseline:
+    """Shared no-op parts of the built-in routers."""
+
+    name = "baseline"
+
+    @property
+    def event_sinks(self) -> Sequence[KVEventSink]:
+        return ()
+
+    def bind(self, endpoints: Sequence[SimEndpoint]) -> None:
+        if not endpoints:
+            raise NoEndpointError("the fleet has no endpoints")
+
+    def observe(self, endpoints: Sequence[SimEndpoint], now: float) -> None:
+        return None
+
+    def complete(self, request: SimRequest, outcome: RequestOutcome) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class RandomRouter(_Baseline):
+    """Uniformly random pod (seeded)."""
+
+    def __init__(self, seed: int = 0, name: str = "random") -> None:
+        self.name = name
+        self._rng = random.Random(seed)
+
+    def route(self, request: SimRequest, endpoints: Sequence[SimEndpoint]) -> str:
+        return endpoints[self._rng.randrange(len(endpoints))].id
+
+
+class RoundRobinRouter(_Baseline):
+    """Pods in turn."""
+
+    def __init__(self, seed: int = 0, name: str = "round-robin") -> None:
+        self.name = name
+        self._next = seed
+
+    def route(self, request: SimRequest, endpoints: Sequence[SimEndpoint]) -> str:
+        ep = endpoints[self._next % len(endpoints)]
+        self._next += 1
+        return ep.id
+
+
+class PrefixOracleRouter(_Baseline):
+    """Scores pods from their live block pools and queues (perfect information, no delay).
+
+    Args:
+        seed: Tie-break randomness.
+        prefix_weight: Weight of the held-prefix fraction.
+        kv_weight: Weight of ``1 - kv usage``.
+        queue_weight: Weight of the min-max normalized waiting queue (shorter is better).
+        name: Report name.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        prefix_weight: float = 3.0,
+        kv_weight: float = 2.0,
+        queue_weight: float = 2.0,
+        name: str = "oracle",
+    ) -> None:
+        self.name = name
+        self._rng = random.Random(seed)
+        self.weights = (prefix_weight, kv_weight, queue_weight)
+
+    def route(self, request: SimRequest, endpoints: Sequence[SimEndpoint]) -> str:
+        wp, wk, wq = self.weights
+        hashes = request.block_hashes or []
+        total = len(hashes)
+        waits = [e.engine.num_waiting for e in endpoints]
+        lo, hi = min(waits), max(waits)
+        best: list[int] = []
+        best_score = -1.0
+        for i, e in enumerate(endpoints):
+            engine = e.engine
+            bs = engine.block_size
+            held = len(engine.pool.longest_hit(hashes, (request.num_prompt_tokens - 1) // bs))
+            prefix = held / total if total else 0.0
+            queue = (hi - waits[i]) / (hi - lo) if hi > lo else 1.0
+            score = wp * prefix + wk * (1.0 - engine.kv_usage()) + wq * queue
+            if score > best_score + 1e-12:
+                best, best_score = [i], score
+            elif abs(score - best_score) <= 1e-12:
+                best.append(i)
+        pick = best[0] if len(best) == 1 else best[self._rng.randrange(len(best))]
+        return endpoints[pick].id
+
+
+class SchedulerRouter:
+    """Drives a real `kvaware_scorer.scheduler.Scheduler` built from a scheduler YAML.
+
+    Per ``scheduler_api.md``: built with ``Scheduler.from_yaml(path, clock=..., seed=...)``;
+    endpoints are `Endpoint` objects whose ``metrics`` this adapter writes at every scrape;
+    ``schedule()`` per arrival; ``post_response()`` at completion; KV payloads go to
+    ``scheduler.event_sinks``; ``start()`` is never called (no sockets).
+
+    Args:
+        path: The scheduler YAML.
+        clock: The simulator's virtual clock (seconds, never 0).
+        seed: Seed for the scheduler's randomness (pickers, tie-breaks).
+        model: Served model name of the fleet.
+        name: Report name (default: the file's stem).
+
+    Raises:
+        ConfigError: The scheduler is not available, or the YAML is invalid.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        clock: Callable[[], float],
+        seed: int,
+        model: str,
+        name: str | None = None,
+    ) -> None:
+        try:
+            from kvaware_scorer import scheduler as sched_mod
+        except ImportError as exc:  # pragma: no cover - the package always exists
+            raise ConfigError(f"the scheduler package cannot be imported: {exc}") from exc
+        scheduler_cls = getattr(sched_mod, "Scheduler", None)
+        if scheduler_cls is None:
+            raise ConfigError(
+                "kvaware_scorer.scheduler.Scheduler is not available in this build; "
+                "scheduler YAML configs cannot be benchmarked (use builtin:random or "
+                "builtin:oracle)",
+                str(path),
+            )
+        self._mod: Any = sched_mod
+        self.name = name or Path(path).stem
+        self.model = model
+        self._clock = clock
+        self.scheduler: Any = scheduler_cls.from_yaml(path, clock=clock, seed=seed)
+        self._endpoints: list[Any] = []
+        self._by_id: dict[str, Any] = {}
+        self._inflight: dict[str, tuple[Any, Any]] = {}
+
+    @property
+    def event_sinks(self) -> Sequence[KVEventSink]:
+        sinks: Sequence[KVEventSink] = list(self.scheduler.event_sinks)
+        return sinks
+
+    def bind(self, endpoints: Sequence[SimEndpoint]) -> None:
+        endpoint_cls = self._mod.Endpoint
+        self._endpoints = [
+            endpoint_cls(name=e.name, address=e.address, port=e.port, model=e.model)
+            for e in endpoints
+        ]
+        self._by_id = {ep.id: ep for ep in self._endpoints}
+        for e in endpoints:
+            if e.id not in self._by_id:
+                raise ConfigError(f"Endpoint id of {e.name} does not match {e.id!r}")
+        self.scheduler.set_endpoints(self._endpoints)
+        self.observe(endpoints, self._clock())
+
+    def observe(self, endpoints: Sequence[SimEndpoint], now: float) -> None:
+        for e in endpoints:
+            m = self._by_id[e.id].metrics
+            s = e.metrics
+            m.waiting_queue_size = s.waiting
+            m.running_requests_size = s.running
+            m.kv_cache_usage_percent = s.kv_usage
+            m.cache_block_size = s.block_size
+            m.cache_num_blocks = s.num_blocks
+            m.update_time = s.update_time
+
+    def route(self, request: SimRequest, endpoints: Sequence[SimEndpoint]) -> str:
+        req = self._mod.SchedulingRequest(
+            request_id=request.request_id,
+            model=self.model,
+            token_ids=request.prompt.tolist(),
+            lora_name=request.lora_name,
+            cache_salt=request.cache_salt,
+        )
+        result = self.scheduler.schedule(req, self._endpoints)
+        self._inflight[request.request_id] = (req, result)
+        target: str = result.targets[0].id
+        return target
+
+    def complete(self, request: SimRequest, outcome: RequestOutcome) -> None:
+        entry = self._inflight.pop(request.request_id, None)
+        if entry is None:
+            return
+        req, result = entry
+        info = self._mod.ResponseInfo(
+            status=outcome.status,
+            prompt_tokens=outcome.prompt_tokens,
+            cached_tokens=outcome.cached_tokens,
+            completion_tokens=outcome.completion_tokens,
+            error=outcome.error,
+        )
+        self.scheduler.post_response(req, result, info)
+
+    def close(self) -> None:
+        stop = getattr(self.scheduler, "stop", None)
+        if stop is not None:
+            stop()
+
+
+#: ``builtin:<name>`` router factories: (seed) -> Router.
+BUILTIN_ROUTERS: dict[str, Callable[[int], Router]] = {
+    "random": lambda seed: RandomRouter(seed),
+    "round-robin": lambda seed: RoundRobinRouter(seed),
+    "oracle": lambda seed: PrefixOracleRouter(seed),
+}
+
+
+def make_router(spec: str, *, clock: Callable[[], float], seed: int, model: str) -> Router:
+    """A router from a CLI spec: ``builtin:<name>`` or the path of a scheduler YAML.
+
+    Raises:
+        ConfigError: Unknown built-in, missing file, or the scheduler cannot be built.
+    """
+    if spec.startswith("builtin:"):
+        key = spec.split(":", 1)[1]
+        factory = BUILTIN_ROUTERS.get(key)
+        if factory is None:
+            raise ConfigError(
+                f"unknown built-in router {key!r}; valid: {sorted(BUILTIN_ROUTERS)}", spec
+            )
+        return factory(seed)
+    if not Path(spec).is_file():
+        raise ConfigError("no such scheduler config file", spec)
+    return SchedulerRouter(spec, clock=clock, seed=seed, model=model)

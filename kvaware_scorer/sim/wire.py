@@ -1,0 +1,113 @@
+"""vLLM KV-event payloads as vLLM >= 0.24 puts them on the wire (msgpack ``KVEventBatch``).
+
+A payload is the msgpack array ``[ts, [event, ...], data_parallel_rank]``; each event is a map
+whose first key is ``"type"``. The event types below declare vLLM's wire schema (field names,
+order, required vs optional, ``omit_defaults``) as msgspec structs, so the bytes are identical to
+what vLLM's ``ZmqEventPublisher`` sends (the tests re-encode captured frames byte for byte; note
+for instance that a struct with more than 15 fields gets a map16 header, which a plain dict would
+not). A GPU ``BlockStored`` from vLLM's block pool carries ``extra_keys`` (one entry per block,
+nil without LoRA or salt), ``group_idx`` and ``kv_cache_spec_kind``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "MEDIUM_GPU",
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
+    "EventEncoder",
+    "KVEvent",
+    "event_extra_keys",
+]
+
+MEDIUM_GPU = "GPU"
+
+
+class BlockStored(
+    msgspec.Struct, tag="BlockStored", tag_field="type", omit_defaults=True, gc=False
+):
+    """Newly full blocks of one request in one step, chained to `parent_block_hash`."""
+
+    block_hashes: list[int | bytes]
+    parent_block_hash: int | bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[list[Any] | None] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[list[int]] | None = None
+
+
+class BlockRemoved(
+    msgspec.Struct, tag="BlockRemoved", tag_field="type", omit_defaults=True, gc=False
+):
+    """A cached block was evicted (its physical block is being reused)."""
+
+    block_hashes: list[int | bytes]
+    medium: str | None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+
+
+class AllBlocksCleared(
+    msgspec.Struct, tag="AllBlocksCleared", tag_field="type", omit_defaults=True, gc=False
+):
+    """The pool's prefix cache was reset; no per-block removals follow."""
+
+
+KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+def event_extra_keys(
+    num_blocks: int, first_block_index: int, lora_name: str | None, cache_salt: str | None
+) -> list[list[Any] | None]:
+    """vLLM's untagged event extra keys: the LoRA name on every block, the salt on block 0."""
+    if not lora_name and not cache_salt:
+        return [None] * num_blocks
+    out: list[list[Any] | None] = []
+    for i in range(num_blocks):
+        keys: list[Any] = [lora_name] if lora_name else []
+        if cache_salt and first_block_index + i == 0:
+            keys.append(cache_salt)
+        out.append(keys or None)
+    return out
+
+
+class EventEncoder:
+    """Encodes event batches to payload bytes (msgspec encoders are not thread-safe: one each)."""
+
+    def __init__(self) -> None:
+        self._enc = msgspec.msgpack.Encoder()
+        self._dec = msgspec.msgpack.Decoder(list[Any])
+
+    def encode(
+        self, ts: float, events: Sequence[KVEvent], data_parallel_rank: int | None = 0
+    ) -> bytes:
+        """One payload frame: ``[ts, [events...], data_parallel_rank]``.
+
+        Args:
+            ts: Wall-clock seconds (vLLM stamps ``time.time()`` when it publishes).
+            events: The step's events in generation order.
+            data_parallel_rank: The publisher's DP rank (vLLM always fills it: 0 without DP).
+        """
+        payload: bytes = self._enc.encode([float(ts), list(events), data_parallel_rank])
+        return payload
+
+    def decode(self, payload: bytes) -> list[Any]:
+        """Plain msgpack view of a payload (for tests and debugging)."""
+        out: list[Any] = self._dec.decode(payload)
+        return out
