@@ -1,8 +1,4 @@
-"""SchedulerRouter: the bench drives the real Scheduler with the project's config YAMLs.
-
-These tests need ``kvaware_scorer.scheduler.Scheduler`` and ``config/*.yaml``, which are built
-on other branches; until they are merged in, the tests are skipped with that reason.
-"""
+"""SchedulerRouter: the bench drives the real Scheduler with the project's config YAMLs."""
 
 from __future__ import annotations
 
@@ -10,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from kvaware_scorer import scheduler as scheduler_pkg
 from kvaware_scorer.sim.bench import run_config
 from kvaware_scorer.sim.fleet import FleetConfig
 from kvaware_scorer.sim.routing import SchedulerRouter
@@ -20,13 +15,6 @@ from .helpers import small_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["random", "load", "estimated", "precise"]
-READY = hasattr(scheduler_pkg, "Scheduler") and all(
-    (ROOT / "config" / f"{c}.yaml").is_file() for c in CONFIGS
-)
-pytestmark = pytest.mark.skipif(
-    not READY,
-    reason="needs the scheduler and config/*.yaml from the scheduler branch (not merged yet)",
-)
 
 
 def _workload() -> SharedPrefixWorkload:
