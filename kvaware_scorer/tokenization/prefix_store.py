@@ -1,14 +1,14 @@
 """The prefix store: an LRU of text-chunk hashes -> the tokens that lie wholly inside that prefix.
 
-A text is cut into chunks of ``blockSize`` characters. Chunk ``k`` is keyed by a 128-bit hash
-of the whole prefix ``text[:k * blockSize]`` (streamed, so all keys of a text cost one pass) in
-the tokenizer's namespace, and holds the tokens added to the prefix's *safe* tokens by that
-chunk plus the character position up to which those tokens reach. A later text that shares the
+A text is cut into chunks of ``blockSize`` characters. Chunk ``k`` is keyed by a hash chained
+through the chunks of the prefix ``text[:k * blockSize]`` in the tokenizer's namespace, and
+holds the tokens added to the prefix's *safe* tokens by that chunk plus the character position
+up to which those tokens reach. A later text that shares the
 prefix finds the same keys and rebuilds the leading tokens without tokenizing.
 
 Safety is the whole point: cached tokens must ALWAYS equal the leading tokens of a fresh
 tokenization of *any* text starting with that prefix. A byte-level BPE tokenizer works in
-three steps, and text after the chunk boundary can reach back through each of them:
+four steps, and text after the chunk boundary can reach back through each of them:
 
 1. added (special) tokens are matched first; one that straddles the boundary starts at most
    ``len(token)`` characters before it, and can absorb whitespace to its left (``lstrip``);
@@ -21,12 +21,13 @@ three steps, and text after the chunk boundary can reach back through each of th
    beginning is split, so a word cut by the boundary is never usable in part.
 
 `safe_token_counts` therefore keeps, for a boundary ``b``, only the tokens of whole words that
-end before ``limit(b)``: ``b`` minus the longest added token, then minus any trailing
-whitespace, then (with a normalizer) minus the trailing starter and its combining marks, and
-requires that the first non-space character after the word plus `BoundaryRules.lookahead`
-characters still lies before that limit. Words come from the fast tokenizer's ``word_ids`` and
-untrimmed character offsets. The property test in ``tests/tokenization`` checks the guarantee
-on many generated texts (unicode, whitespace runs, special tokens, repeated prefixes).
+end before a limit: ``b`` minus the longest added token, then minus any trailing whitespace,
+then (with a normalizer) minus the trailing starter and its combining marks, then minus
+`BoundaryRules.lookahead` characters; and a word only counts when a non-space character follows
+it before that limit (so the whitespace run after it, which the regex reads to its end, is
+known to be over). Words come from the fast tokenizer's word ids and untrimmed character
+offsets. The property tests in ``tests/tokenization`` check the guarantee on many generated
+texts (unicode, whitespace runs, special tokens, repeated prefixes).
 """
 
 from __future__ import annotations
@@ -34,13 +35,10 @@ from __future__ import annotations
 import bisect
 import threading
 import unicodedata
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
-
-import xxhash
 
 from kvaware_scorer.config import PrefixStoreConfig
 
@@ -333,6 +331,10 @@ class PrefixStoreStats:
 class PrefixStore:
     """A thread-safe, bounded LRU of prefix-chunk keys -> the tokens each chunk adds.
 
+    Values are tuples of shared int objects (one per token id, interned in a table), so that
+    rebuilding a prompt's tokens is a pointer copy per token and an entry costs 8 bytes per
+    token rather than a Python int each.
+
     Args:
         config: Capacity (``cacheSize`` entries) and chunk length (``blockSize`` chars).
     """
@@ -341,27 +343,31 @@ class PrefixStore:
         config = config if config is not None else PrefixStoreConfig()
         self.capacity = config.cache_size
         self.block_size = config.block_size
-        self._entries: OrderedDict[int, tuple[int, array[int]]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[int, tuple[int, ...]]] = OrderedDict()
+        self._ints: list[int] = []
         self._lock = threading.Lock()
         self._hits = 0
         self._misses = 0
         self._evictions = 0
 
     def chunk_keys(self, namespace: bytes, text: str) -> list[int]:
-        """The key of every full chunk of `text` (key ``k`` hashes ``text[:(k+1)*blockSize]``)."""
+        """The key of every full chunk of `text` (key ``k`` stands for ``text[:(k+1)*blockSize]``).
+
+        Keys chain Python's keyed string hash (SipHash, randomized per process) through the
+        chunks: 64 bits, process-local, which is all an in-process cache needs.
+        """
         bs = self.block_size
-        h = xxhash.xxh3_128()
-        h.update(len(namespace).to_bytes(4, "little"))
-        h.update(namespace)
+        key = hash(namespace)
         keys: list[int] = []
         for start in range(0, len(text) - bs + 1, bs):
-            h.update(text[start : start + bs].encode("utf-8", "surrogatepass"))
-            keys.append(h.intdigest())
+            key = hash((key, text[start : start + bs]))
+            keys.append(key)
         return keys
 
     def lookup(self, keys: Sequence[int]) -> PrefixHit:
         """The longest run of `keys` present from the first, and the tokens it holds."""
-        parts: list[array[int]] = []
+        tokens: list[int] = []
+        found = 0
         covered = 0
         entries = self._entries
         with self._lock:
@@ -370,19 +376,24 @@ class PrefixStore:
                 if value is None:
                     break
                 covered = value[0]
-                parts.append(value[1])
+                tokens += value[1]
+                found += 1
             # Refresh deepest first so that a prefix's first chunks are the most recent: the
             # LRU then evicts chains from their tail, never orphaning a chain at its root.
-            for key in reversed(keys[: len(parts)]):
+            for key in reversed(keys[:found]):
                 entries.move_to_end(key)
-            if parts:
+            if found:
                 self._hits += 1
             else:
                 self._misses += 1
-        tokens = array("I")
-        for part in parts:
-            tokens.extend(part)
-        return PrefixHit(len(parts), covered, tokens.tolist())
+        return PrefixHit(found, covered, tokens)
+
+    def _interned(self, ids: Sequence[int]) -> tuple[int, ...]:
+        table = self._ints
+        top = max(ids, default=-1)
+        if top >= len(table):
+            table.extend(range(len(table), top + 1))
+        return tuple(map(table.__getitem__, ids))
 
     def insert(
         self,
@@ -403,10 +414,12 @@ class PrefixStore:
             Entries written (existing ones are only refreshed).
 
         Raises:
-            ValueError: `keys`, `counts` and `cuts` differ in length.
+            ValueError: `keys`, `counts` and `cuts` differ in length, or a negative token id.
         """
         if len(keys) != len(counts) or len(keys) != len(cuts):
             raise ValueError("keys, counts and cuts must have the same length")
+        if token_ids and min(token_ids) < 0:
+            raise ValueError("token ids must be non-negative")
         written = 0
         entries = self._entries
         with self._lock:
@@ -417,7 +430,7 @@ class PrefixStore:
                     entries.move_to_end(key)
                 else:
                     first = counts[k - 1] if k else 0
-                    entries[key] = (cuts[k], array("I", token_ids[first : counts[k]]))
+                    entries[key] = (cuts[k], self._interned(token_ids[first : counts[k]]))
                     written += 1
             overflow = len(entries) - self.capacity
             for _ in range(max(0, overflow)):

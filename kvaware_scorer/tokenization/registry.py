@@ -209,14 +209,18 @@ class HFTokenizer:
         raw.no_padding()
         # No post-processor: no special tokens, and untrimmed offsets for the prefix store.
         raw.post_processor = None
-        if any(list(hf.encode(p, add_special_tokens=False)) != self._ids(raw, p) for p in _PROBES):
+        specials = [t for t in getattr(hf, "all_special_tokens", ()) if isinstance(t, str)]
+        # A special token inside text catches transformers-side options such as
+        # split_special_tokens that the Rust tokenizer alone would not apply.
+        probes = _PROBES + tuple(f"x{t} y{t}" for t in specials[:2])
+        if any(list(hf.encode(p, add_special_tokens=False)) != self._ids(raw, p) for p in probes):
             self.store_reason = "the Rust tokenizer disagrees with transformers"
             logger.warning("%s: %s; encoding through transformers", model, self.store_reason)
             return
         self._raw = raw
         split = [
             _split_special(list(hf.encode(p, add_special_tokens=True)), self._ids(raw, p))
-            for p in _PROBES
+            for p in probes
         ]
         if split[0] is not None and all(s == split[0] for s in split):
             self.special_prefix, self.special_suffix = split[0]

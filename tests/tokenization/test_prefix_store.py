@@ -14,6 +14,7 @@ from kvaware_scorer.config import PrefixStoreConfig, TokenizersPoolConfig
 from kvaware_scorer.metrics import Metrics
 from kvaware_scorer.tokenization import (
     BoundaryRules,
+    EncodingWords,
     HFTokenizer,
     PrefixStore,
     TokenizationService,
@@ -356,3 +357,36 @@ def test_unencodable_text_is_a_value_error(
     for text in ("ab\ud800", "abcdefgh" * 4 + "\udfff"):
         with pytest.raises(ValueError, match="cannot be tokenized"):
             svc.tokenize(CHATML_MODEL, prompt=text)
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=texts, model=st.sampled_from(MODELS))
+def test_lazy_word_spans_agree_with_full_offsets(
+    services: dict[int, TokenizationService], text: str, model: str
+) -> None:
+    """EncodingWords answers like the word lists built from every token's offsets."""
+    tok = services[8].registry.get(model)
+    assert isinstance(tok, HFTokenizer)
+    enc = tok._raw.encode_batch([text], add_special_tokens=False)[0]
+    full = Words.from_encoding(enc.word_ids, enc.offsets)
+    lazy = EncodingWords(enc)
+    for pos in range(len(text) + 1):
+        assert lazy.tokens_before(pos) == full.tokens_before(pos), pos
+    assert EncodingWords(enc).tokens_before(len(text)) == full.tokens_before(len(text))
+
+
+def test_lazy_word_spans_handle_removed_characters() -> None:
+    """Characters a normalizer removes belong to no token; lazy spans still answer exactly."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["ab", "cd", "e", "[UNK]"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Replace("x", "")
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    text = "ab xxx cd e ab"
+    enc = tok.encode(text)
+    full = Words.from_encoding(enc.word_ids, enc.offsets)
+    lazy = EncodingWords(enc)
+    answers = [lazy.tokens_before(p) for p in range(len(text) + 1)]
+    assert answers == [full.tokens_before(p) for p in range(len(text) + 1)]
+    assert answers[len(text)] == (4, len(text))

@@ -212,3 +212,17 @@ def test_misses_are_remembered_until_the_refresh_interval(tmp_path: Path) -> Non
     assert eager.get("org/late").model == "org/late"
     slow.clear()
     assert slow.get("org/late").model == "org/late"
+
+
+def test_transformers_side_options_are_honoured(tokenizer_root: Path) -> None:
+    """A tokenizer loaded with split_special_tokens encodes like transformers, store disabled."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(
+        str(tokenizer_root / CHATML_MODEL), split_special_tokens=True
+    )
+    tok = HFTokenizer(CHATML_MODEL, "split", hf)
+    text = "<|im_start|>user hi"
+    assert tok.encode(text, False) == hf.encode(text, add_special_tokens=False)
+    assert len(tok.encode(text, False)) > 3
+    assert tok.store_rules is None and "disagrees with transformers" in tok.store_reason
