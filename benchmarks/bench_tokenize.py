@@ -9,7 +9,9 @@ prompt of about ``--tokens`` tokens, and times in one process (p50/p99 over ``--
 - ``prefix-store hit``: the same long prefix with a new tail, served from the store;
 - ``score(prompt) cold``: ``Indexer.score(prompt=..., pods=...)`` end to end, empty store;
 - ``score(prompt) warm``: the same call on a warm store;
-- ``score(token_ids)``: the same call given token ids (keys + index lookup only).
+- ``score(token_ids)``: the same call given token ids (keys + index lookup only);
+- ``score(messages) cold/warm``: a chat (the prompt as system message, a new question)
+  rendered with the chat template, then scored, with an empty and a warm store.
 
 Run: ``python benchmarks/bench_tokenize.py [--tokens 8192] [--iters 200]``.
 """
@@ -121,6 +123,19 @@ def main() -> int:
     def warm_score(i: int) -> None:
         warm.score(MODEL, pods=PODS, prompt=prompt + tails[i])
 
+    def chat(i: int) -> list[dict[str, str]]:
+        return [
+            {"role": "system", "content": prompt},
+            {"role": "user", "content": tails[i].strip()},
+        ]
+
+    def cold_chat(i: int) -> None:
+        svc.store.clear()
+        warm.score(MODEL, pods=PODS, messages=chat(i))
+
+    def warm_chat(i: int) -> None:
+        warm.score(MODEL, pods=PODS, messages=chat(i))
+
     paths: dict[str, Callable[[int], object]] = {
         "transformers encode": lambda i: hf.encode(prompt + tails[i]),
         "cold (no store)": lambda i: svc0.tokenize(MODEL, prompt=prompt + tails[i]),
@@ -129,11 +144,16 @@ def main() -> int:
         "score(prompt) cold": cold_score,
         "score(prompt) warm": warm_score,
         "score(token_ids)": lambda i: warm.score(MODEL, ids, PODS),
+        "score(messages) cold": cold_chat,
+        "score(messages) warm": warm_chat,
     }
-    warm_paths = {"prefix-store hit", "score(prompt) warm"}
-    results = _interleaved(
-        paths, warm_paths, lambda: svc.tokenize(MODEL, prompt=prompt), args.iters
-    )
+    warm_paths = {"prefix-store hit", "score(prompt) warm", "score(messages) warm"}
+
+    def warm_up() -> None:
+        svc.tokenize(MODEL, prompt=prompt)
+        svc.tokenize(MODEL, messages=chat(-1))
+
+    results = _interleaved(paths, warm_paths, warm_up, args.iters)
     example = svc.tokenize_request(MODEL, prompt=prompt + tails[0])
     assert example.source == "prefix_store", example.source
 

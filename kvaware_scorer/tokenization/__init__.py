@@ -46,6 +46,7 @@ from kvaware_scorer.tokenization.service import (
     TokenizationResult,
     TokenizationService,
     TokenSource,
+    request_tokenization_args,
 )
 
 __all__ = [
@@ -73,5 +74,6 @@ __all__ = [
     "install_local_tokenizer",
     "normalize_tools",
     "parse_messages",
+    "request_tokenization_args",
     "safe_token_counts",
 ]

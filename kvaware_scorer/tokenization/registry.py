@@ -156,10 +156,19 @@ def _store_support(data: Mapping[str, Any], lookahead: int) -> str | None:
             pattern = norm.get("pattern") or {}
             if "String" not in pattern or len(pattern["String"]) > lookahead:
                 return "a regex Replace normalizer may read arbitrarily far ahead"
+    splitting = False
     for pre in _component_types(data.get("pre_tokenizer"), "pretokenizers"):
         kind = pre.get("type")
         if kind not in _LOCAL_PRE_TOKENIZERS:
             return f"pre-tokenizer {kind} is not known to be local"
+        if kind == "ByteLevel":
+            splitting = splitting or bool(pre.get("use_regex", True))
+        elif kind == "Metaspace":
+            splitting = splitting or bool(pre.get("split", True))
+        else:
+            splitting = True
+    if not splitting:
+        return "the pre-tokenizer does not split the text: it is one BPE word"
     return None
 
 

@@ -36,7 +36,7 @@ from kvaware_scorer.tokenization.chat import CHAT_OPTIONS
 from kvaware_scorer.tokenization.prefix_store import PrefixStore, WordSpans, safe_token_counts
 from kvaware_scorer.tokenization.registry import TokenizerBackend, TokenizerRegistry
 
-__all__ = ["TokenSource", "TokenizationResult", "TokenizationService"]
+__all__ = ["TokenSource", "TokenizationResult", "TokenizationService", "request_tokenization_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,45 @@ class TokenizationResult:
     chars: int
     covered_chars: int
     text: str | None = None
+
+
+def request_tokenization_args(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The tokenization arguments of an OpenAI-style request body, as vLLM reads them.
+
+    A body with ``messages`` is a chat request: the messages plus the chat fields vLLM honours
+    (`CHAT_OPTIONS`) that are set. Otherwise ``prompt`` is used: text stays text, token ids
+    become ``token_ids``; for a batch (a list of prompts) the first one is used, since vLLM
+    runs each as its own request. ``add_special_tokens`` is passed on when set.
+
+    Args:
+        body: The decoded JSON body of ``/v1/completions`` or ``/v1/chat/completions``.
+
+    Returns:
+        Keyword arguments for `Indexer.score` / `TokenizationService.tokenize`: one of
+        ``token_ids``, ``prompt`` or ``messages``, plus chat options.
+
+    Raises:
+        ValueError: Neither ``messages`` nor a usable ``prompt``.
+    """
+    if body.get("messages") is not None:
+        out: dict[str, Any] = {"messages": body["messages"]}
+        out.update({k: body[k] for k in sorted(CHAT_OPTIONS) if body.get(k) is not None})
+        return out
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    out = {}
+    if isinstance(prompt, str):
+        out["prompt"] = prompt
+    elif isinstance(prompt, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        out["token_ids"] = _check_ids(prompt)
+    else:
+        raise ValueError("the request has neither messages nor a text or token-id prompt")
+    if body.get("add_special_tokens") is not None:
+        out["add_special_tokens"] = body["add_special_tokens"]
+    return out
 
 
 def _check_encodable(text: str) -> None:

@@ -14,6 +14,7 @@ from kvaware_scorer.tokenization import (
     detect_content_format,
     normalize_tools,
     parse_messages,
+    request_tokenization_args,
 )
 from kvaware_scorer.tokenization.local import BOS_TOKEN
 from tests.tokenization.conftest import CHATML_MODEL, LLAMA_MODEL, MODELS
@@ -331,3 +332,30 @@ def test_bad_requests_are_clear_errors(make_service: Callable[..., TokenizationS
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             svc.tokenize(CHATML_MODEL, **kwargs)
+
+
+def test_request_bodies_map_to_tokenization_args() -> None:
+    """OpenAI request bodies give the fields vLLM tokenizes from, and nothing else."""
+    chat = {
+        "model": "m",
+        "messages": CHAT,
+        "tools": [{"type": "function", "function": {"name": "f"}}],
+        "chat_template_kwargs": {"enable_thinking": False},
+        "add_generation_prompt": None,
+        "temperature": 0.2,
+    }
+    assert request_tokenization_args(chat) == {
+        "messages": CHAT,
+        "chat_template_kwargs": {"enable_thinking": False},
+        "tools": chat["tools"],
+    }
+    assert request_tokenization_args({"prompt": "hi", "add_special_tokens": False}) == {
+        "prompt": "hi",
+        "add_special_tokens": False,
+    }
+    assert request_tokenization_args({"prompt": [1, 2, 3]}) == {"token_ids": [1, 2, 3]}
+    assert request_tokenization_args({"prompt": ["a", "b"]}) == {"prompt": "a"}
+    assert request_tokenization_args({"prompt": [[4, 5], [6]]}) == {"token_ids": [4, 5]}
+    for bad in ({}, {"prompt": None}, {"prompt": [1, "x"]}, {"prompt": [-1]}):
+        with pytest.raises(ValueError):
+            request_tokenization_args(bad)

@@ -317,12 +317,18 @@ def test_tokenizers_without_a_safe_boundary_skip_the_store() -> None:
     regex = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     regex.pre_tokenizer = pre_tokenizers.Whitespace()
     regex.normalizer = normalizers.Replace(Regex("a+"), "a")
+    no_split = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    no_split.pre_tokenizer = pre_tokenizers.ByteLevel(use_regex=False)
     ok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     ok.pre_tokenizer = pre_tokenizers.Whitespace()
-    reasons = {name: _wrapped(t) for name, t in [("pre", no_pre), ("drop", dropout), ("re", regex)]}
+    reasons = {
+        name: _wrapped(t)
+        for name, t in [("pre", no_pre), ("drop", dropout), ("re", regex), ("one", no_split)]
+    }
     assert "no pre-tokenizer" in reasons["pre"].store_reason
     assert "dropout" in reasons["drop"].store_reason
     assert "regex Replace" in reasons["re"].store_reason
+    assert "does not split" in reasons["one"].store_reason
     assert all(t.store_rules is None for t in reasons.values())
     good = _wrapped(ok)
     assert good.store_rules == BoundaryRules(lookahead=4, added_token_margin=0, normalizer=False)
