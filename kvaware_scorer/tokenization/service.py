@@ -70,9 +70,9 @@ def request_tokenization_args(body: Mapping[str, Any]) -> dict[str, Any]:
     """The tokenization arguments of an OpenAI-style request body, as vLLM reads them.
 
     A body with ``messages`` is a chat request: the messages plus the chat fields vLLM honours
-    (`CHAT_OPTIONS`) that are set. Otherwise ``prompt`` is used: text stays text, token ids
-    become ``token_ids``; for a batch (a list of prompts) the first one is used, since vLLM
-    runs each as its own request. ``add_special_tokens`` is passed on when set.
+    (`CHAT_OPTIONS`) that are set. Otherwise ``prompt`` (or ``prompt_token_ids``) is used: text
+    stays text, token ids become ``token_ids``; for a batch (a list of prompts) the first one is
+    used, since vLLM runs each as its own request. ``add_special_tokens`` is passed on when set.
 
     Args:
         body: The decoded JSON body of ``/v1/completions`` or ``/v1/chat/completions``.
@@ -89,6 +89,8 @@ def request_tokenization_args(body: Mapping[str, Any]) -> dict[str, Any]:
         out.update({k: body[k] for k in sorted(CHAT_OPTIONS) if body.get(k) is not None})
         return out
     prompt = body.get("prompt")
+    if prompt is None:
+        prompt = body.get("prompt_token_ids")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     out = {}

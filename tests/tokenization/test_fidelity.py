@@ -356,6 +356,7 @@ def test_request_bodies_map_to_tokenization_args() -> None:
     assert request_tokenization_args({"prompt": [1, 2, 3]}) == {"token_ids": [1, 2, 3]}
     assert request_tokenization_args({"prompt": ["a", "b"]}) == {"prompt": "a"}
     assert request_tokenization_args({"prompt": [[4, 5], [6]]}) == {"token_ids": [4, 5]}
+    assert request_tokenization_args({"prompt_token_ids": [7]}) == {"token_ids": [7]}
     for bad in ({}, {"prompt": None}, {"prompt": [1, "x"]}, {"prompt": [-1]}):
         with pytest.raises(ValueError):
             request_tokenization_args(bad)
