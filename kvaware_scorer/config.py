@@ -198,15 +198,26 @@ class LocalTokenizerConfig(ConfigModel):
         auto_discovery_dir: Directory searched for tokenizers (Hugging Face cache layout
             ``models--org--name/snapshots/<rev>/`` or nested ``org/name/``).
         auto_discovery_tokenizer_file_name: File that marks a tokenizer directory.
+        auto_discovery_refresh_seconds: A model not found is looked for again (directory
+            rescanned, hub retried) after this many seconds; until then it fails fast.
     """
 
     model_tokenizer_map: dict[str, str] = Field(default_factory=dict)
     auto_discovery_dir: str | None = None
-    auto_discovery_tokenizer_file_name: str = "tokenizer.json"
+    auto_discovery_tokenizer_file_name: str = Field("tokenizer.json", min_length=1)
+    auto_discovery_refresh_seconds: float = Field(30.0, ge=0)
 
 
 class HFTokenizerConfig(ConfigModel):
-    """Hub downloads (`tokenizersPoolConfig.hf`). Off unless enabled; `HF_HUB_OFFLINE` wins."""
+    """Hub downloads (`tokenizersPoolConfig.hf`). Off unless enabled.
+
+    When ``HF_HUB_OFFLINE`` is set, an enabled hub is read from its local cache only.
+
+    Attributes:
+        enabled: Whether the hub (or its cache) is a tokenizer source.
+        tokenizers_cache_dir: Hugging Face cache directory (None = the default cache).
+        token: Access token for gated models.
+    """
 
     enabled: bool = False
     tokenizers_cache_dir: str | None = None
@@ -217,10 +228,12 @@ class TokenizersPoolConfig(ConfigModel):
     """Tokenization workers and sources (`tokenizersPoolConfig`).
 
     Attributes:
-        workers_count: Threads that tokenize off the event loop.
+        workers_count: Threads that tokenize (and score) off the event loop.
         min_prefix_overlap_ratio: A cached text prefix covering at least this fraction of a
-            prompt's characters is used instead of tokenizing.
+            prompt's characters is used instead of tokenizing (1.0 never uses the store).
         max_cached_tokenizers: Loaded tokenizers kept (LRU).
+        local: Local sources: explicit map and auto-discovery directory.
+        hf: The Hugging Face hub as a source.
     """
 
     workers_count: int = Field(5, ge=1, le=256)
@@ -234,11 +247,11 @@ class PrefixStoreConfig(ConfigModel):
     """Text-prefix -> tokens cache (`prefixStoreConfig`).
 
     Attributes:
-        cache_size: Maximum chunk entries kept (LRU).
+        cache_size: Maximum chunk entries kept (LRU); 0 disables the store.
         block_size: Chunk length in characters.
     """
 
-    cache_size: int = Field(500_000, ge=1)
+    cache_size: int = Field(500_000, ge=0)
     block_size: int = Field(256, ge=8)
 
 

@@ -112,9 +112,24 @@ class Indexer:
     ) -> list[int]:
         """Token ids for a request: given ids as they are, else tokenized like vLLM does.
 
+        Text goes through the prefix store first: when a cached prefix covers at least
+        ``minPrefixOverlapRatio`` of it, only those leading tokens are returned (enough to
+        score, without tokenizing); see `TokenizationService.tokenize_request`.
+
+        Args:
+            model: Served model name (selects the tokenizer).
+            token_ids: The prompt as token ids (used as they are).
+            prompt: Completion prompt text, or token ids (used as they are).
+            messages: Chat messages, rendered with the model's chat template.
+            **chat: vLLM request fields: ``add_special_tokens``, and for messages
+                ``chat_template``, ``chat_template_kwargs``, ``tools``,
+                ``add_generation_prompt``, ``continue_final_message``, ``documents``,
+                ``reasoning_effort``.
+
         Raises:
             TokenizerNotFoundError: No tokenizer for `model`.
-            ValueError: None or several of `token_ids`, `prompt`, `messages` given.
+            ValueError: None or several of `token_ids`, `prompt`, `messages` given, or a
+                malformed chat request.
         """
         given = sum(x is not None for x in (token_ids, prompt, messages))
         if given != 1:

@@ -67,6 +67,21 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.tokenizer_loads = Counter(
+            "kvaware_tokenizer_loads",
+            "Tokenizer loads, by result (loaded, not_found)",
+            ["result"],
+            registry=r,
+        )
+        self.prefix_store_lookups = Counter(
+            "kvaware_prefix_store_lookups",
+            "Prefix-store lookups, by result (hit, partial: too little cached, miss)",
+            ["result"],
+            registry=r,
+        )
+        self.prefix_store_entries = Gauge(
+            "kvaware_prefix_store_entries", "Text chunks held by the prefix store", registry=r
+        )
         self.score_errors = Counter(
             "kvaware_score_errors",
             "Score calls that degraded to zeros, by reason",

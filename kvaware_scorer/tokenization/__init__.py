@@ -1,38 +1,79 @@
-"""Text -> token ids the way vLLM computes them: tokenizer registry, chat templates, prefix store."""
+"""Text -> token ids the way vLLM computes them: tokenizer registry, chat templates, prefix store.
+
+- `TokenizationService`: the entry point (``tokenize(model, prompt=... | messages=...)``).
+- `TokenizerRegistry`: finds and caches tokenizers (explicit map, discovery dir, hub).
+- `PrefixStore`: text-chunk hashes -> tokens, so repeated prefixes skip tokenization.
+- `chat`: vLLM's message parsing and chat-template rules.
+- `local`: a deterministic offline tokenizer builder (tests, emulator, demo).
+
+Importing this package loads neither transformers nor tokenizers; they are imported when a
+tokenizer is first loaded or built (the ``tokenizers`` extra).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from kvaware_scorer.tokenization.chat import (
+    CHAT_OPTIONS,
+    build_template_kwargs,
+    detect_content_format,
+    normalize_tools,
+    parse_messages,
+)
+from kvaware_scorer.tokenization.local import (
+    build_tokenizer,
+    builtin_corpus,
+    chatml_template,
+    install_local_tokenizer,
+)
+from kvaware_scorer.tokenization.prefix_store import (
+    BoundaryRules,
+    EncodingWords,
+    PrefixHit,
+    PrefixStore,
+    PrefixStoreStats,
+    Words,
+    WordSpans,
+    safe_token_counts,
+)
+from kvaware_scorer.tokenization.registry import (
+    HFTokenizer,
+    TokenizerBackend,
+    TokenizerRegistry,
+    discover_tokenizers,
+    hub_offline,
+)
+from kvaware_scorer.tokenization.service import (
+    TokenizationResult,
+    TokenizationService,
+    TokenSource,
+    request_tokenization_args,
+)
 
-from kvaware_scorer.config import PrefixStoreConfig, TokenizersPoolConfig
-from kvaware_scorer.metrics import Metrics
-
-__all__ = ["TokenizationService"]
-
-
-class TokenizationService:
-    """Tokenizes prompts and chat messages for a model (interface; implementation in progress)."""
-
-    def __init__(
-        self,
-        pool_config: TokenizersPoolConfig,
-        prefix_config: PrefixStoreConfig,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.pool_config = pool_config
-        self.prefix_config = prefix_config
-        self.metrics = metrics
-
-    def tokenize(
-        self,
-        model: str,
-        prompt: str | None = None,
-        messages: Sequence[Mapping[str, Any]] | None = None,
-        **chat: Any,
-    ) -> list[int]:
-        """Token ids of a completion prompt or of chat messages rendered with the chat template."""
-        raise NotImplementedError("tokenization is not built yet")
-
-    def close(self) -> None:
-        """Release worker resources."""
+__all__ = [
+    "CHAT_OPTIONS",
+    "BoundaryRules",
+    "EncodingWords",
+    "HFTokenizer",
+    "PrefixHit",
+    "PrefixStore",
+    "PrefixStoreStats",
+    "TokenSource",
+    "TokenizationResult",
+    "TokenizationService",
+    "TokenizerBackend",
+    "TokenizerRegistry",
+    "WordSpans",
+    "Words",
+    "build_template_kwargs",
+    "build_tokenizer",
+    "builtin_corpus",
+    "chatml_template",
+    "detect_content_format",
+    "discover_tokenizers",
+    "hub_offline",
+    "install_local_tokenizer",
+    "normalize_tools",
+    "parse_messages",
+    "request_tokenization_args",
+    "safe_token_counts",
+]
