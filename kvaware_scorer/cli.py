@@ -14,7 +14,11 @@ from collections.abc import Sequence
 
 __all__ = ["main"]
 
-_COMMANDS: tuple[str, ...] = ("kvaware_scorer.quickstart", "kvaware_scorer.scheduler.validate")
+_COMMANDS: tuple[str, ...] = (
+    "kvaware_scorer.quickstart",
+    "kvaware_scorer.scheduler.validate",
+    "kvaware_scorer.gateway.serve",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
