@@ -146,10 +146,11 @@ class _PoolListener:
 class _Attempt:
     """The current decision of a request (it changes when a retry schedules it again)."""
 
-    __slots__ = ("result",)
+    __slots__ = ("result", "started")
 
     def __init__(self, result: SchedulingResult) -> None:
         self.result = result
+        self.started = False  # response headers sent to the client
 
 
 class Gateway:
@@ -587,6 +588,11 @@ class Gateway:
                 APIError(503, f"No endpoint can serve this request: {exc}", code="no_endpoint"),
                 t0,
             )
+        except Exception:
+            logger.exception("%s: scheduling failed", sreq.request_id)
+            return self._error(
+                route, APIError(500, "Scheduling failed.", code="internal_error"), t0
+            )
         # NOTE: from here on the request is scheduled: post_response must run exactly once,
         # whatever happens (pod failure, client disconnect, cancellation at shutdown).
         attempt = _Attempt(result)
@@ -604,7 +610,11 @@ class Gateway:
         except Exception as exc:
             logger.exception("%s: forwarding failed", sreq.request_id)
             info.status, info.error = 500, f"gateway error: {exc!r}"
-            raise
+            if attempt.started:
+                raise
+            return self._json(
+                error_body("Internal gateway error.", "server_error", None, "internal_error"), 500
+            )
         finally:
             self._inflight -= 1
             self.metrics.inflight.dec()
@@ -652,31 +662,22 @@ class Gateway:
                 failed.add(target.id)
                 info.error = f"{target.id}: {exc}"
                 remaining = [e for e in candidates if e.id not in failed]
+                # NOTE: client-facing messages never name pod addresses; the log does.
+                unreachable = error_body(
+                    f"Could not reach an endpoint for model `{sreq.lora_name or sreq.model}` "
+                    f"after {len(failed)} attempt(s).",
+                    "server_error",
+                    None,
+                    "upstream_unavailable",
+                )
                 if len(failed) >= self.config.max_attempts or not remaining:
                     info.status = 502
-                    return self._json(
-                        error_body(
-                            f"Could not reach an endpoint for model `{sreq.model}` after "
-                            f"{len(failed)} attempt(s); last error: {exc}",
-                            "server_error",
-                            None,
-                            "upstream_unavailable",
-                        ),
-                        502,
-                    )
+                    return self._json(unreachable, 502)
                 try:
                     attempt.result = self.scheduler.schedule(sreq, remaining)
-                except NoEndpointError as nexc:
+                except NoEndpointError:
                     info.status = 502
-                    return self._json(
-                        error_body(
-                            f"No other endpoint can serve this request: {nexc}",
-                            "server_error",
-                            None,
-                            "upstream_unavailable",
-                        ),
-                        502,
-                    )
+                    return self._json(unreachable, 502)
                 self.metrics.retries.inc()
             except aiohttp.SocketTimeoutError as exc:
                 self.metrics.upstream_errors.labels(target.id, "timeout").inc()
@@ -692,10 +693,13 @@ class Gateway:
                 )
             except aiohttp.ClientError as exc:
                 self.metrics.upstream_errors.labels(target.id, "protocol").inc()
+                logger.warning(
+                    "%s %s: invalid answer from %s: %s", sreq.request_id, path, target.id, exc
+                )
                 info.status, info.error = 502, f"{target.id}: {exc}"
                 return self._json(
                     error_body(
-                        f"Invalid answer from the endpoint: {exc}",
+                        "Invalid answer from the endpoint.",
                         "server_error",
                         None,
                         "upstream_error",
@@ -705,7 +709,7 @@ class Gateway:
         info.status = resp.status
         info.error = None
         if resp.content_type == "text/event-stream":
-            return await self._relay_stream(request, resp, target, info)
+            return await self._relay_stream(request, resp, target, info, attempt)
         return await self._relay_body(resp, target, info)
 
     def _url(self, target: Endpoint, path: str) -> yarl.URL:
@@ -779,10 +783,11 @@ class Gateway:
             resp.close()
             kind = "timeout" if isinstance(exc, TimeoutError) else "disconnect"
             self.metrics.upstream_errors.labels(target.id, kind).inc()
-            info.status, info.error = 502, f"{target.id}: {exc}"
+            info.status, info.error = 502, f"{target.id}: {exc!r}"
+            logger.warning("answer from %s broke off: %r", target.id, exc)
             return self._json(
                 error_body(
-                    f"The endpoint failed while answering: {exc or type(exc).__name__}",
+                    "The endpoint failed while answering.",
                     "server_error",
                     None,
                     "upstream_error",
@@ -810,51 +815,51 @@ class Gateway:
         resp: aiohttp.ClientResponse,
         target: Endpoint,
         info: ResponseInfo,
+        attempt: _Attempt,
     ) -> web.StreamResponse:
         out = web.StreamResponse(status=resp.status, headers=self._response_headers(resp, target))
         content = resp.content
-        held = b""
-        done = False
-        torn = False  # bytes of an unfinished event were relayed (only past _MAX_HELD)
+        held = b""  # an incomplete trailing event, relayed once its end arrives
+        done = False  # data: [DONE] seen
+        torn = False  # the last bytes relayed end inside an event (only past _MAX_HELD)
         usage: _Usage | None = None
         failure: str | None = None
         try:
             await out.prepare(request)
+            attempt.started = True
             while True:
                 try:
                     chunk = await content.readany()
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     kind = "timeout" if isinstance(exc, TimeoutError) else "mid_stream"
                     self.metrics.upstream_errors.labels(target.id, kind).inc()
-                    failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    failure = repr(exc)
                     break
                 if not chunk:
-                    if held and (done or b"[DONE]" in held):
+                    if held and b"[DONE]" in held:
                         done = True
                         await out.write(held)
                     if not done:
                         self.metrics.upstream_errors.labels(target.id, "mid_stream").inc()
-                        failure = "the endpoint closed the stream before it ended"
+                        failure = "the stream ended without [DONE]"
                     break
                 if held:
                     chunk = held + chunk
                     held = b""
-                # NOTE: relay up to the last complete event; an incomplete one cannot be used
-                # by the client before its end arrives anyway.
                 cut = chunk.rfind(b"\n\n")
                 end = cut + 2 if cut >= 0 else 0
                 if end == 0:
                     cut = chunk.rfind(b"\r\n\r\n")
                     end = cut + 4 if cut >= 0 else 0
-                if end < len(chunk):
-                    if end == 0 and len(chunk) > _MAX_HELD:
-                        torn = True
-                    else:
-                        held = chunk[end:]
-                        chunk = chunk[:end]
-                        if not chunk:
-                            continue
+                if end == len(chunk):
+                    torn = False
+                elif end == 0 and len(chunk) > _MAX_HELD:
+                    torn = True  # a pod that never ends its events: relay it as it is
                 else:
+                    held = chunk[end:]
+                    if end == 0:
+                        continue
+                    chunk = chunk[:end]
                     torn = False
                 if b'"usage"' in chunk:
                     usage = self._usage_from_events(chunk) or usage
@@ -865,7 +870,7 @@ class Gateway:
                 info.error = f"{target.id}: {failure}"
                 logger.warning("stream from %s broke off: %s", target.id, failure)
                 err = error_body(
-                    f"The endpoint {target.name} failed during the stream: {failure}",
+                    "The endpoint failed during the stream; the response is incomplete.",
                     "server_error",
                     None,
                     502,

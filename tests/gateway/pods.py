@@ -9,7 +9,7 @@ A request can steer its own answer through an extra body field, which also prove
 gateway forwards fields it does not know::
 
     "test_pod": {"chunks": 5, "delay": 0.1, "die_after": 2, "status": 500, "hold": true,
-                 "sleep": 0.05}
+                 "sleep": 0.05, "split": true, "no_done": true}
 
 Run as a script it serves several ports in one process (for tests that kill a pod process)::
 
@@ -201,14 +201,22 @@ class FakePod:
                     obj = "text_completion"
                 choice["finish_reason"] = "length" if last else None
                 event = {**base, "object": obj, "choices": [choice]}
-                await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+                data = f"data: {json.dumps(event)}\n\n".encode()
+                if opts.get("split"):
+                    # One event in two TCP writes, as a busy server or the network may cut it.
+                    await resp.write(data[:20])
+                    await asyncio.sleep(0.05)
+                    await resp.write(data[20:])
+                else:
+                    await resp.write(data)
                 if delay and not last:
                     await asyncio.sleep(delay)
             if (body.get("stream_options") or {}).get("include_usage"):
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 event = {**base, "object": obj, "choices": [], "usage": usage}
                 await resp.write(f"data: {json.dumps(event)}\n\n".encode())
-            await resp.write(b"data: [DONE]\n\n")
+            if not opts.get("no_done"):
+                await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:
             self.aborted += 1

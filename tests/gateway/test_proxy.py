@@ -241,11 +241,69 @@ async def test_pod_dies_mid_stream(tmp_path: Path, pods: list[FakePod], recorder
     err = json.loads(events[2][6:])["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["type"] == "server_error"
-    assert "pod-0" in err["message"]
+    assert "incomplete" in err["message"]
     assert events[3] == b"data: [DONE]"
     assert b"cmpl-torn" not in raw
     ((_, _, info),) = recorder.calls
     assert info.error
+
+
+async def test_split_events_are_relayed_whole(tmp_path: Path, pods: list[FakePod]) -> None:
+    """An event the pod writes in two parts reaches the client as one complete event (its first
+    part is held only until its end arrives)."""
+    gw = await start_gateway(tmp_path, pods[:1])
+    chunks: list[bytes] = []
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                gw.url + "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "x",
+                    "stream": True,
+                    "test_pod": {"chunks": 3, "split": True},
+                },
+            ) as resp,
+        ):
+            async for chunk in resp.content.iter_any():
+                chunks.append(chunk)
+    finally:
+        await gw.stop()
+    raw = b"".join(chunks)
+    assert [e for e in raw.split(b"\n\n") if e][-1] == b"data: [DONE]"
+    assert len([e for e in raw.split(b"\n\n") if e]) == 4
+    assert all(c.endswith(b"\n\n") for c in chunks), chunks
+
+
+async def test_stream_without_done_gets_error_event(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """A stream that ends cleanly at the TCP level but without data: [DONE] is reported to the
+    client as incomplete."""
+    gw = await start_gateway(tmp_path, pods[:1], recorder=recorder)
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                gw.url + "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "x",
+                    "stream": True,
+                    "test_pod": {"chunks": 2, "no_done": True},
+                },
+            ) as resp,
+        ):
+            raw = await resp.read()
+    finally:
+        await gw.stop()
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert len(events) == 4
+    assert json.loads(events[2][6:])["error"]["code"] == 502
+    assert events[3] == b"data: [DONE]"
+    ((_, _, info),) = recorder.calls
+    assert info.error and "[DONE]" in info.error
 
 
 async def test_pod_error_status_passed_through(
