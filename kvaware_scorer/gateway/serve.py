@@ -59,7 +59,14 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; returns 0, or 1 on a configuration error."""
-    from kvaware_scorer.gateway.app import Gateway
+    try:
+        from kvaware_scorer.gateway.app import Gateway
+    except ModuleNotFoundError as exc:
+        print(
+            f"kvaware serve needs {exc.name}: pip install 'kvaware-scorer[gateway]'",
+            file=sys.stderr,
+        )
+        return 1
     from kvaware_scorer.gateway.config import load_gateway_config
 
     try:
