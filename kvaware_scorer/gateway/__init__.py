@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from kvaware_scorer.gateway.app import Gateway
     from kvaware_scorer.gateway.catalog import ModelCatalog, Resolution, parse_models
     from kvaware_scorer.gateway.config import GatewayConfig, load_gateway_config
-    from kvaware_scorer.gateway.explain import explain
+    from kvaware_scorer.gateway.explainer import explain
     from kvaware_scorer.gateway.metrics import GatewayMetrics
     from kvaware_scorer.gateway.protocol import (
         APIError,
@@ -53,7 +53,7 @@ _WHERE = {
     "parse_models": "catalog",
     "GatewayConfig": "config",
     "load_gateway_config": "config",
-    "explain": "explain",
+    "explain": "explainer",
     "GatewayMetrics": "metrics",
     "APIError": "protocol",
     "ParsedRequest": "protocol",

@@ -47,7 +47,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kvaware_scorer.errors import NoEndpointError
 from kvaware_scorer.gateway.catalog import ModelCatalog, Resolution
 from kvaware_scorer.gateway.config import GatewayConfig
-from kvaware_scorer.gateway.explain import explain
+from kvaware_scorer.gateway.explainer import explain
 from kvaware_scorer.gateway.metrics import GatewayMetrics
 from kvaware_scorer.gateway.protocol import APIError, ParsedRequest, RequestParser, error_body
 from kvaware_scorer.scheduler import (
