@@ -65,8 +65,9 @@ __all__ = ["Gateway"]
 logger = logging.getLogger(__name__)
 
 #: Request headers never forwarded: hop-by-hop ones (RFC 9110 §7.6.1), those the client library
-#: sets itself, and Accept-Encoding (pods answer uncompressed so usage can be read and SSE is
-#: never held back by a compressor).
+#: sets itself, Accept-Encoding (pods answer uncompressed so usage can be read and SSE is never
+#: held back by a compressor) and Content-Type (the body was parsed as JSON, so it is sent as
+#: application/json whatever the client declared, e.g. curl's form default).
 _DROP_REQUEST = frozenset(
     {
         "host",
@@ -81,6 +82,7 @@ _DROP_REQUEST = frozenset(
         "upgrade",
         "content-length",
         "accept-encoding",
+        "content-type",
         "expect",
     }
 )
@@ -734,6 +736,7 @@ class Gateway:
         if remote:
             prior = src.get("x-forwarded-for")
             out["x-forwarded-for"] = f"{prior}, {remote}" if prior else remote
+        out["content-type"] = _JSON
         out.setdefault("x-request-id", sreq.request_id)
         return out
 

@@ -94,6 +94,7 @@ async def test_forwarded_headers(tmp_path: Path, pods: list[FakePod]) -> None:
                     "Host": f"127.0.0.1:{rogue.port}",
                     "x-gateway-destination-endpoint": f"127.0.0.1:{rogue.port}",
                     "Keep-Alive": "timeout=5",
+                    "Content-Type": "application/x-www-form-urlencoded",
                 },
             )
     finally:
@@ -108,6 +109,7 @@ async def test_forwarded_headers(tmp_path: Path, pods: list[FakePod]) -> None:
     assert headers["X-Forwarded-For"] == "127.0.0.1"
     assert "Keep-Alive" not in headers
     assert headers["Host"] == f"127.0.0.1:{pods[0].port}"
+    assert headers["Content-Type"] == "application/json"
 
 
 async def test_stream_chunks_arrive_incrementally(
