@@ -18,6 +18,7 @@ _COMMANDS: tuple[str, ...] = (
     "kvaware_scorer.quickstart",
     "kvaware_scorer.scheduler.validate",
     "kvaware_scorer.sim.cli",
+    "kvaware_scorer.gateway.serve",
 )
 
 

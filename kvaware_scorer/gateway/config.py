@@ -1,0 +1,112 @@
+"""The gateway's own settings (`GatewayConfig`): listening address, limits, timeouts, retries.
+
+Routing itself (scorers, weights, KV-event ingestion, the index backend) is configured in the
+scheduler's EndpointPickerConfig; this model holds only what the HTTP proxy needs. It loads from
+YAML with the same conventions as every kvaware config (camelCase keys, unknown keys refused)::
+
+    host: 0.0.0.0
+    port: 8080
+    maxBodyBytes: 33554432
+    connectTimeout: 2s
+    maxAttempts: 3
+    drainTimeout: 30s
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from kvaware_scorer.config import ConfigModel, load_model
+from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.scheduler.config import parse_duration, read_yaml
+
+__all__ = ["GatewayConfig", "load_gateway_config"]
+
+
+class GatewayConfig(ConfigModel):
+    """Settings of the routing proxy.
+
+    Durations accept seconds or strings such as ``"500ms"``, ``"2s"``, ``"1m"``.
+
+    Attributes:
+        host: Address to listen on.
+        port: Port to listen on.
+        max_body_bytes: Largest accepted request body; larger ones get 413.
+        connect_timeout: Seconds to open a connection to a pod before trying the next one.
+        read_timeout: Seconds a pod may stay silent (between response bytes) before the request
+            fails with 504; 0 = no limit (a long prefill or a long non-streamed generation
+            legitimately sends nothing for minutes).
+        max_attempts: Pods tried per request when connecting fails (the first pick included).
+        unhealthy_cooldown: Seconds a pod that refused a connection is left out of the candidates
+            (unless no other candidate remains); 0 = never left out.
+        drain_timeout: Seconds graceful shutdown waits for in-flight requests before cancelling
+            them.
+        upstream_keepalive: Seconds an idle pooled connection to a pod is kept. Below uvicorn's
+            default keep-alive (5 s, vLLM's server) so the gateway never reuses a connection the
+            pod is closing.
+        max_connections: Cap on open connections to all pods together (0 = no cap).
+        max_connections_per_endpoint: Cap per pod (0 = no cap).
+        models_refresh_interval: Seconds between polls of every pod's ``GET /v1/models``.
+        models_timeout: HTTP timeout of one ``/v1/models`` poll.
+        endpoint_header: Add ``x-kvaware-endpoint: <address:port>`` to responses (debugging and
+            tests; off by default because it reveals pod addresses to clients).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    connect_timeout: float = Field(2.0, gt=0)
+    read_timeout: float = Field(0.0, ge=0)
+    max_attempts: int = Field(3, ge=1, le=16)
+    unhealthy_cooldown: float = Field(2.0, ge=0)
+    drain_timeout: float = Field(30.0, ge=0)
+    upstream_keepalive: float = Field(4.0, gt=0)
+    max_connections: int = Field(0, ge=0)
+    max_connections_per_endpoint: int = Field(0, ge=0)
+    models_refresh_interval: float = Field(10.0, gt=0)
+    models_timeout: float = Field(2.0, gt=0)
+    endpoint_header: bool = False
+
+    @field_validator(
+        "connect_timeout",
+        "read_timeout",
+        "unhealthy_cooldown",
+        "drain_timeout",
+        "upstream_keepalive",
+        "models_refresh_interval",
+        "models_timeout",
+        mode="before",
+    )
+    @classmethod
+    def _duration(cls, value: Any) -> float:
+        return parse_duration(value)
+
+
+def load_gateway_config(path: str | Path | None, **overrides: Any) -> GatewayConfig:
+    """A `GatewayConfig` from a YAML file (or defaults), with non-None `overrides` applied.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: Field values (snake_case) that replace the file's, e.g. from CLI flags.
+
+    Raises:
+        ConfigError: Unreadable or invalid file or override (the path names the key).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(Path(path))
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError("the gateway config must be a mapping", str(path))
+        data = dict(raw)
+    model = load_model(GatewayConfig, data)
+    updates = {k: v for k, v in overrides.items() if v is not None}
+    if updates:
+        merged = model.model_dump(by_alias=False)
+        merged.update(updates)
+        model = load_model(GatewayConfig, merged)
+    return model

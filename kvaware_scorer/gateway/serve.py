@@ -1,0 +1,117 @@
+"""``kvaware serve --config C --endpoints E``: run the gateway until SIGINT or SIGTERM, then drain.
+
+Prints one line ``kvaware gateway listening on http://HOST:PORT`` on standard output once it
+accepts requests (``--port 0`` picks a free port; the line tells which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvaware_scorer.errors import ConfigError
+
+__all__ = ["register", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: Any) -> None:
+    """Add the ``serve`` subcommand."""
+    p = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible routing gateway in front of the endpoints",
+        description="Schedule every OpenAI request with the configured profile and proxy it "
+        "to the chosen pod. Stops on SIGINT/SIGTERM after draining in-flight requests.",
+    )
+    p.add_argument(
+        "--config", required=True, type=Path, help="EndpointPickerConfig YAML (scheduler)"
+    )
+    p.add_argument(
+        "--endpoints", required=True, type=Path, help="endpoints YAML (watched for changes)"
+    )
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default 8080; 0 = free)")
+    p.add_argument(
+        "--gateway-config", type=Path, default=None, help="GatewayConfig YAML (limits, timeouts)"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body")
+    p.add_argument("--max-attempts", type=int, default=None, help="pods tried per request")
+    p.add_argument("--connect-timeout", default=None, help="seconds (or e.g. 500ms)")
+    p.add_argument("--drain-timeout", default=None, help="seconds (or e.g. 30s)")
+    p.add_argument(
+        "--endpoint-header",
+        action="store_true",
+        default=None,
+        help="add x-kvaware-endpoint to responses (reveals pod addresses)",
+    )
+    p.add_argument(
+        "--no-scrape", action="store_true", help="do not scrape the pods' /metrics for load"
+    )
+    p.add_argument("--seed", default=None, help="seed of the pickers' random choices")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; returns 0, or 1 on a configuration error."""
+    try:
+        from kvaware_scorer.gateway.app import Gateway
+    except ModuleNotFoundError as exc:
+        print(
+            f"kvaware serve needs {exc.name}: pip install 'kvaware-scorer[gateway]'",
+            file=sys.stderr,
+        )
+        return 1
+    from kvaware_scorer.gateway.config import load_gateway_config
+
+    try:
+        config = load_gateway_config(
+            args.gateway_config,
+            host=args.host,
+            port=args.port,
+            max_body_bytes=args.max_body_bytes,
+            max_attempts=args.max_attempts,
+            connect_timeout=args.connect_timeout,
+            drain_timeout=args.drain_timeout,
+            endpoint_header=args.endpoint_header,
+        )
+        gateway = Gateway.from_files(
+            args.config, args.endpoints, config, scrape=not args.no_scrape, seed=args.seed
+        )
+    except ConfigError as exc:
+        print(f"kvaware serve: {exc}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(_serve(gateway))
+    except OSError as exc:
+        print(f"kvaware serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(gateway: Any) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+    except BaseException:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        raise
+    print(f"kvaware gateway listening on {gateway.url}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        # NOTE: a second signal during the drain interrupts it (default handlers again).
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        logger.info("shutting down")
+        await gateway.stop()

@@ -1,0 +1,672 @@
+"""The gateway end to end over real sockets: forwarding, streaming, retries, errors, hooks."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import free_port
+
+from .conftest import MODEL, FailingStartRecorder, Recorder, start_gateway
+from .pods import FakePod
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: Any, **kw: Any
+) -> tuple[int, Any, aiohttp.ClientResponse]:
+    async with session.post(url, json=body, **kw) as resp:
+        data = await resp.json(content_type=None)
+        return resp.status, data, resp
+
+
+def served_by(pods: list[FakePod]) -> dict[str, int]:
+    return {p.name: len(p.requests) for p in pods}
+
+
+async def wait_for(cond: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_non_stream_passthrough(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """A non-streamed completion reaches one pod with its body unchanged (unknown fields kept)
+    and the pod's answer and usage come back; post_response gets the usage once."""
+    gw = await start_gateway(tmp_path, pods, recorder=recorder)
+    body = {
+        "model": MODEL,
+        "prompt": list(range(40)),
+        "max_tokens": 3,
+        "vllm_xargs": {"custom": [1, 2]},
+        "cache_salt": "tenant-a",
+        "test_pod": {"chunks": 2},
+    }
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, data, resp = await post(s, gw.url + "/v1/completions", body)
+    finally:
+        await gw.stop()
+    assert status == 200
+    served = [p for p in pods if p.requests]
+    assert len(served) == 1
+    pod = served[0]
+    assert pod.requests[0]["body"] == body
+    assert resp.headers["x-kvaware-endpoint"] == f"127.0.0.1:{pod.port}"
+    assert data["system_fingerprint"] == pod.name
+    assert data["choices"][0]["text"] == "t0 t1 "
+    assert data["usage"]["prompt_tokens"] == 40
+    ((req, target, info),) = recorder.calls
+    assert target == f"127.0.0.1:{pod.port}"
+    assert (info.status, info.prompt_tokens, info.completion_tokens) == (200, 40, 2)
+    assert info.cached_tokens == pod.cached_tokens
+    assert req.token_ids == list(range(40)) and req.model == MODEL
+    assert req.cache_salt == "tenant-a" and req.lora_name is None
+
+
+async def test_forwarded_headers(tmp_path: Path, pods: list[FakePod]) -> None:
+    """End-to-end headers reach the pod, hop-by-hop and routing-looking ones do not decide the
+    target, and the pod gets a request id and X-Forwarded-For."""
+    gw = await start_gateway(tmp_path, pods[:1])
+    rogue = FakePod("rogue", MODEL)
+    await rogue.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, _, _ = await post(
+                s,
+                gw.url + "/v1/completions",
+                {"model": MODEL, "prompt": "hi"},
+                headers={
+                    "Authorization": "Bearer sk-test",
+                    "X-Custom": "kept",
+                    "Host": f"127.0.0.1:{rogue.port}",
+                    "x-gateway-destination-endpoint": f"127.0.0.1:{rogue.port}",
+                    "Keep-Alive": "timeout=5",
+                    "Content-Type": "application/x-www-form-urlencoded",
+                },
+            )
+    finally:
+        await gw.stop()
+        await rogue.stop()
+    assert status == 200
+    assert rogue.requests == []
+    headers = pods[0].requests[0]["headers"]
+    assert headers["Authorization"] == "Bearer sk-test"
+    assert headers["X-Custom"] == "kept"
+    assert headers["X-Request-Id"]
+    assert headers["X-Forwarded-For"] == "127.0.0.1"
+    assert "Keep-Alive" not in headers
+    assert headers["Host"] == f"127.0.0.1:{pods[0].port}"
+    assert headers["Content-Type"] == "application/json"
+
+
+async def test_stream_chunks_arrive_incrementally(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """SSE events are relayed as the pod produces them (not buffered until the end), and the
+    usage chunk's cached tokens reach post_response."""
+    gw = await start_gateway(tmp_path, pods, recorder=recorder)
+    arrivals: list[float] = []
+    events: list[bytes] = []
+    try:
+        async with aiohttp.ClientSession() as s:
+            t0 = time.perf_counter()
+            async with s.post(
+                gw.url + "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "hello"}],
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "test_pod": {"chunks": 5, "delay": 0.15},
+                },
+            ) as resp:
+                assert resp.status == 200
+                assert resp.content_type == "text/event-stream"
+                buf = b""
+                async for chunk in resp.content.iter_any():
+                    buf += chunk
+                    while b"\n\n" in buf:
+                        event, buf = buf.split(b"\n\n", 1)
+                        arrivals.append(time.perf_counter() - t0)
+                        events.append(event)
+    finally:
+        await gw.stop()
+    assert events[-1] == b"data: [DONE]"
+    tokens = [json.loads(e[6:]) for e in events[:-1]]
+    assert [t["choices"][0]["delta"]["content"] for t in tokens[:5]] == [f"t{i} " for i in range(5)]
+    assert tokens[5]["usage"]["completion_tokens"] == 5
+    # Five token events 150 ms apart: each arrives on its own, about 150 ms after the previous.
+    gaps = [b - a for a, b in itertools.pairwise(arrivals[:5])]
+    assert all(g > 0.08 for g in gaps), gaps
+    assert arrivals[4] - arrivals[0] > 0.45
+    ((_, _, info),) = recorder.calls
+    assert info.status == 200 and info.completion_tokens == 5
+    pod = next(p for p in pods if p.requests)
+    assert info.cached_tokens == pod.cached_tokens
+
+
+async def test_retry_on_connection_refused(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """A pod that refuses connections is replaced by the next best candidate; in-flight
+    accounting moves with the request, post_response runs once, and the dead pod then cools
+    down (later requests skip it)."""
+    gw = await start_gateway(tmp_path, pods, recorder=recorder, config="precise.yaml")
+    prompt = list(range(500, 564))
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, _, resp = await post(
+                s, gw.url + "/v1/completions", {"model": MODEL, "prompt": prompt}
+            )
+            assert status == 200
+            first = resp.headers["x-kvaware-endpoint"]
+            dead = next(p for p in pods if f"127.0.0.1:{p.port}" == first)
+            await dead.stop()  # the pod that holds the prefix (speculatively) goes away
+            results = []
+            for _ in range(4):
+                status, _, resp = await post(
+                    s, gw.url + "/v1/completions", {"model": MODEL, "prompt": prompt}
+                )
+                results.append((status, resp.headers["x-kvaware-endpoint"]))
+        active = gw.scheduler.plugin("active-request-scorer")
+        counts = {f"127.0.0.1:{p.port}": active.count(f"127.0.0.1:{p.port}") for p in pods}
+    finally:
+        retries = gw.metrics.retries._value.get()
+        await gw.stop()
+    assert all(status == 200 and target != first for status, target in results), results
+    assert retries == 1  # the first request after the death; then the cooldown excludes it
+    assert [t for _, t in recorder.scheduled].count(first) == 2
+    assert len(recorder.calls) == 5
+    assert all(n == 1 for n in recorder.per_request().values())
+    assert all(t != first for _, t, _ in recorder.calls[1:])
+    assert counts == dict.fromkeys(counts, 0)
+
+
+async def test_all_pods_refuse(tmp_path: Path, recorder: Recorder) -> None:
+    """When every candidate refuses, the client gets a 502 in the OpenAI shape after at most
+    maxAttempts pods, and post_response still runs once."""
+    dead = [FakePod(f"dead-{i}", MODEL) for i in range(4)]
+    for pod in dead:
+        pod.port = free_port()
+    gw = await start_gateway(tmp_path, dead, recorder=recorder, with_model=True, max_attempts=3)
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, data, _ = await post(
+                s, gw.url + "/v1/completions", {"model": MODEL, "prompt": "x"}
+            )
+    finally:
+        await gw.stop()
+    assert status == 502
+    assert data["error"]["code"] == "upstream_unavailable"
+    assert data["error"]["type"] == "server_error"
+    assert len(recorder.scheduled) == 3  # three pods tried
+    ((_, _, info),) = recorder.calls
+    assert info.status == 502 and info.error
+
+
+async def test_pod_dies_mid_stream(tmp_path: Path, pods: list[FakePod], recorder: Recorder) -> None:
+    """A pod that dies mid-stream leaves the client with the events sent so far, then a clean
+    SSE error event and [DONE] (never a torn event)."""
+    gw = await start_gateway(tmp_path, pods[:1], recorder=recorder)
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                gw.url + "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "x",
+                    "stream": True,
+                    "test_pod": {"chunks": 5, "die_after": 2},
+                },
+            ) as resp,
+        ):
+            raw = await resp.read()
+    finally:
+        await gw.stop()
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert len(events) == 4, raw
+    assert [json.loads(e[6:])["choices"][0]["text"] for e in events[:2]] == ["t0 ", "t1 "]
+    err = json.loads(events[2][6:])["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "server_error"
+    assert "incomplete" in err["message"]
+    assert events[3] == b"data: [DONE]"
+    assert b"cmpl-torn" not in raw
+    ((_, _, info),) = recorder.calls
+    assert info.error
+
+
+async def test_split_events_are_relayed_whole(tmp_path: Path, pods: list[FakePod]) -> None:
+    """An event the pod writes in two parts reaches the client as one complete event (its first
+    part is held only until its end arrives)."""
+    gw = await start_gateway(tmp_path, pods[:1])
+    chunks: list[bytes] = []
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                gw.url + "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "x",
+                    "stream": True,
+                    "test_pod": {"chunks": 3, "split": True},
+                },
+            ) as resp,
+        ):
+            async for chunk in resp.content.iter_any():
+                chunks.append(chunk)
+    finally:
+        await gw.stop()
+    raw = b"".join(chunks)
+    assert [e for e in raw.split(b"\n\n") if e][-1] == b"data: [DONE]"
+    assert len([e for e in raw.split(b"\n\n") if e]) == 4
+    assert all(c.endswith(b"\n\n") for c in chunks), chunks
+
+
+async def test_stream_without_done_gets_error_event(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """A stream that ends cleanly at the TCP level but without data: [DONE] is reported to the
+    client as incomplete."""
+    gw = await start_gateway(tmp_path, pods[:1], recorder=recorder)
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                gw.url + "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "x",
+                    "stream": True,
+                    "test_pod": {"chunks": 2, "no_done": True},
+                },
+            ) as resp,
+        ):
+            raw = await resp.read()
+    finally:
+        await gw.stop()
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert len(events) == 4
+    assert json.loads(events[2][6:])["error"]["code"] == 502
+    assert events[3] == b"data: [DONE]"
+    ((_, _, info),) = recorder.calls
+    assert info.error and "[DONE]" in info.error
+
+
+async def test_pod_error_status_passed_through(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """A pod's own error answer reaches the client unchanged (no retry) and post_response sees
+    its status."""
+    gw = await start_gateway(tmp_path, pods, recorder=recorder)
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, data, _ = await post(
+                s,
+                gw.url + "/v1/completions",
+                {"model": MODEL, "prompt": "x", "stream": True, "test_pod": {"status": 400}},
+            )
+    finally:
+        await gw.stop()
+    assert status == 400
+    assert data["error"]["message"] == "pod error"
+    assert sum(len(p.requests) for p in pods) == 1
+    ((_, _, info),) = recorder.calls
+    assert info.status == 400
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param", "code"),
+    [
+        ("/v1/completions", b"{not json", 400, None, "invalid_json"),
+        ("/v1/completions", b'{"prompt": "x"}', 400, "model", "missing_required_parameter"),
+        ("/v1/completions", b'{"model": "other", "prompt": "x"}', 404, "model", "model_not_found"),
+        (
+            "/v1/completions",
+            b'{"model": "test-model", "prompt": {}}',
+            400,
+            "prompt",
+            "invalid_type",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "test-model"}',
+            400,
+            "messages",
+            "missing_required_parameter",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "test-model", "messages": 3}',
+            400,
+            "messages",
+            "invalid_type",
+        ),
+        ("/v1/score", b'{"model": "nope", "prompt": "x"}', 404, "model", "model_not_found"),
+    ],
+)
+async def test_bad_requests(
+    tmp_path: Path,
+    pods: list[FakePod],
+    recorder: Recorder,
+    path: str,
+    body: bytes,
+    status: int,
+    param: str | None,
+    code: str,
+) -> None:
+    """Bad requests get the right 4xx in the OpenAI error shape and reach no pod."""
+    gw = await start_gateway(tmp_path, pods, recorder=recorder)
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(gw.url + path, data=body, headers={"Content-Type": "application/json"}) as resp,
+        ):
+            got = resp.status
+            data = await resp.json()
+    finally:
+        await gw.stop()
+    assert got == status
+    assert set(data["error"]) == {"message", "type", "param", "code"}
+    assert data["error"]["param"] == param
+    assert data["error"]["code"] == code
+    assert data["error"]["type"] == "invalid_request_error"
+    assert all(not p.requests for p in pods)
+    assert recorder.calls == [] and recorder.scheduled == []
+
+
+async def test_unknown_routes_and_methods(tmp_path: Path, pods: list[FakePod]) -> None:
+    """Unknown paths get 404 and wrong methods 405 (with Allow), in the OpenAI error shape."""
+    gw = await start_gateway(tmp_path, pods)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.url + "/v1/completions") as resp:
+                assert resp.status == 405
+                assert resp.headers["Allow"] == "POST"
+                assert (await resp.json())["error"]["code"] == "method_not_allowed"
+            async with s.post(gw.url + "/v1/embeddings", json={}) as resp:
+                assert resp.status == 404
+                assert (await resp.json())["error"]["code"] == "not_found"
+    finally:
+        await gw.stop()
+
+
+async def test_oversize_body(tmp_path: Path, pods: list[FakePod]) -> None:
+    """Bodies over maxBodyBytes get 413, with a Content-Length or chunked, and reach no pod."""
+    gw = await start_gateway(tmp_path, pods, max_body_bytes=4096)
+    big = json.dumps({"model": MODEL, "prompt": "x" * 5000}).encode()
+
+    async def chunked() -> Any:
+        for i in range(0, len(big), 1000):
+            yield big[i : i + 1000]
+
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(gw.url + "/v1/completions", data=big) as resp:
+                assert resp.status == 413
+                assert (await resp.json())["error"]["code"] == "request_too_large"
+            async with s.post(gw.url + "/v1/completions", data=chunked()) as resp:
+                assert resp.status == 413
+                assert (await resp.json())["error"]["code"] == "request_too_large"
+            ok = json.dumps({"model": MODEL, "prompt": "x" * 3000}).encode()
+            async with s.post(gw.url + "/v1/completions", data=ok) as resp:
+                assert resp.status == 200
+    finally:
+        await gw.stop()
+    assert sum(len(p.requests) for p in pods) == 1
+
+
+async def test_client_disconnect_calls_post_response(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """A client that goes away (waiting for a non-streamed answer, or mid-stream) still gets
+    exactly one post_response per request, and the pod's stream is aborted."""
+    gw = await start_gateway(tmp_path, pods[:1], recorder=recorder)
+    pod = pods[0]
+    try:
+        async with aiohttp.ClientSession() as s:
+            task = asyncio.create_task(
+                post(
+                    s,
+                    gw.url + "/v1/completions",
+                    {"model": MODEL, "prompt": "x", "test_pod": {"hold": True}},
+                )
+            )
+            await wait_for(lambda: len(pod.requests) == 1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        await wait_for(lambda: len(recorder.calls) == 1)
+        async with aiohttp.ClientSession() as s:
+            resp = await s.post(
+                gw.url + "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "x",
+                    "stream": True,
+                    "test_pod": {"chunks": 50, "delay": 0.05},
+                },
+            )
+            await resp.content.readany()
+            resp.close()
+        await wait_for(lambda: len(recorder.calls) == 2)
+        await wait_for(lambda: pod.aborted == 1)
+        assert gw.inflight == 0
+    finally:
+        pod.release.set()
+        await gw.stop()
+    assert all(n == 1 for n in recorder.per_request().values())
+    assert [info.status for _, _, info in recorder.calls] == [499, 499]
+    assert gw.metrics.client_disconnects._value.get() == 2
+
+
+async def test_drain_on_shutdown(tmp_path: Path, pods: list[FakePod], recorder: Recorder) -> None:
+    """stop() stops accepting connections and lets in-flight requests finish before returning."""
+    gw = await start_gateway(tmp_path, pods[:1], recorder=recorder, drain_timeout=5.0)
+    url = gw.url
+    pod = pods[0]
+    async with aiohttp.ClientSession() as s:
+        task = asyncio.create_task(
+            post(
+                s,
+                url + "/v1/completions",
+                {"model": MODEL, "prompt": "x", "test_pod": {"hold": True}},
+            )
+        )
+        await wait_for(lambda: len(pod.requests) == 1)
+        assert gw.inflight == 1
+        stopping = asyncio.create_task(gw.stop())
+        await asyncio.sleep(0.3)
+        assert not stopping.done()
+        assert gw.draining
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as s2:
+                await s2.get(url + "/health")
+        pod.release.set()
+        status, data, _ = await task
+        await asyncio.wait_for(stopping, 5)
+    assert status == 200 and data["choices"]
+    ((_, _, info),) = recorder.calls
+    assert info.status == 200
+
+
+async def test_drain_timeout_cancels(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """Requests still running when drainTimeout expires are cancelled, and post_response runs
+    for them."""
+    gw = await start_gateway(tmp_path, pods[:1], recorder=recorder, drain_timeout=0.3)
+    pod = pods[0]
+    async with aiohttp.ClientSession() as s:
+        task = asyncio.create_task(
+            post(
+                s,
+                gw.url + "/v1/completions",
+                {"model": MODEL, "prompt": "x", "test_pod": {"hold": True}},
+            )
+        )
+        await wait_for(lambda: len(pod.requests) == 1)
+        t0 = time.monotonic()
+        await gw.stop()
+        assert time.monotonic() - t0 < 3
+        with pytest.raises(aiohttp.ClientError):
+            await task
+    ((_, _, info),) = recorder.calls
+    assert info.status == 499 and info.error == "gateway shutting down"
+
+
+async def test_health_models_and_metrics(tmp_path: Path, recorder: Recorder) -> None:
+    """/health reports the pool, /v1/models is the union over pods (LoRA adapters included) and
+    /metrics carries the scheduler's and the gateway's metrics."""
+    a = FakePod("a", "base-a", loras=("sql-lora",))
+    b = FakePod("b", "base-b")
+    for p in (a, b):
+        await p.start()
+    gw = await start_gateway(tmp_path, [a, b], recorder=recorder)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.url + "/health") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["endpoints"] == 2
+            async with s.get(gw.url + "/v1/models") as resp:
+                models = await resp.json()
+            assert models["object"] == "list"
+            assert sorted(m["id"] for m in models["data"]) == ["base-a", "base-b", "sql-lora"]
+            status, _, resp = await post(
+                s, gw.url + "/v1/completions", {"model": "sql-lora", "prompt": [1] * 20}
+            )
+            assert status == 200
+            assert resp.headers["x-kvaware-endpoint"] == f"127.0.0.1:{a.port}"
+            status, _, resp = await post(
+                s, gw.url + "/v1/completions", {"model": "base-b", "prompt": "x"}
+            )
+            assert resp.headers["x-kvaware-endpoint"] == f"127.0.0.1:{b.port}"
+            async with s.get(gw.url + "/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+    finally:
+        await gw.stop()
+        for p in (a, b):
+            await p.stop()
+    req = recorder.calls[0][0]
+    assert (req.model, req.lora_name) == ("base-a", "sql-lora")
+    assert f'kvaware_decisions_total{{endpoint="127.0.0.1:{a.port}"}} 1.0' in text
+    assert "kvaware_schedule_latency_seconds_count 2.0" in text
+    assert 'kvaware_gateway_requests_total{route="completions",status="2xx"} 2.0' in text
+    assert "kvaware_gateway_prompt_tokens_total" in text
+
+
+async def test_score_explains_without_side_effects(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """/v1/score returns every scorer's per-endpoint score, the totals and the pick, forwards
+    nothing and changes no routing state (no in-flight count, no speculative entry)."""
+    gw = await start_gateway(tmp_path, pods, recorder=recorder, config="precise.yaml")
+    prompt = list(range(100, 164))  # four 16-token blocks
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, before, _ = await post(
+                s, gw.url + "/v1/score", {"model": MODEL, "prompt": prompt}
+            )
+            assert status == 200
+            precise = gw.scheduler.plugin("precise-prefix-cache-scorer")
+            assert precise.indexer.index.pods() == []
+            # A routed request records speculative entries for its pick ...
+            status, _, resp = await post(
+                s, gw.url + "/v1/completions", {"model": MODEL, "prompt": prompt}
+            )
+            picked = resp.headers["x-kvaware-endpoint"]
+            # ... which the explanation of the same prompt now shows.
+            status, after, _ = await post(
+                s,
+                gw.url + "/v1/score",
+                {"model": MODEL, "messages": [{"role": "user", "content": "x"}]},
+            )
+            status, again, _ = await post(
+                s, gw.url + "/v1/score", {"model": MODEL, "prompt": prompt}
+            )
+    finally:
+        await gw.stop()
+    ids = {f"127.0.0.1:{p.port}" for p in pods}
+    assert before["object"] == "kvaware.score"
+    assert before["kind"] == "completion" and before["prompt_tokens"] == 64
+    assert set(before["candidates"]) == ids
+    assert set(before["scores"]) == {
+        "precise-prefix-cache-scorer",
+        "queue-scorer",
+        "kv-cache-utilization-scorer",
+        "active-request-scorer",
+    }
+    assert before["weights"]["precise-prefix-cache-scorer"] == 3.0
+    for eid in ids:
+        total = sum(before["weights"][n] * before["scores"][n][eid] for n in before["scores"])
+        assert before["totals"][eid] == pytest.approx(total)
+    assert before["pick"]["endpoint"] == before["ranking"][0]["endpoint"] or (
+        before["totals"][before["pick"]["endpoint"]] == before["ranking"][0]["total"]
+    )
+    assert [r["total"] for r in before["ranking"]] == sorted(
+        (r["total"] for r in before["ranking"]), reverse=True
+    )
+    assert all(before["scores"]["precise-prefix-cache-scorer"][e] == 0.0 for e in ids)
+    assert after["kind"] == "chat"
+    assert again["pick"]["endpoint"] == picked
+    assert again["scores"]["precise-prefix-cache-scorer"][picked] == 1.0
+    # Only the routed request was scheduled, forwarded and finished.
+    assert len(recorder.scheduled) == 1 and len(recorder.calls) == 1
+    assert sum(len(p.requests) for p in pods) == 1
+    assert again["scores"]["active-request-scorer"][picked] == 1.0
+
+
+async def test_shared_prefix_lands_on_one_pod(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """With the precise profile, requests sharing a prefix follow the pod chosen for the first
+    one (its blocks are recorded speculatively until KV events confirm them)."""
+    gw = await start_gateway(tmp_path, pods, recorder=recorder, config="precise.yaml")
+    picks: dict[int, list[str]] = {}
+    try:
+        async with aiohttp.ClientSession() as s:
+            for i in range(12):
+                family = i % 3
+                prompt = [10_000 * (family + 1) + t for t in range(48)] + [i] * 16
+                status, _, resp = await post(
+                    s, gw.url + "/v1/completions", {"model": MODEL, "prompt": prompt}
+                )
+                assert status == 200
+                picks.setdefault(family, []).append(resp.headers["x-kvaware-endpoint"])
+    finally:
+        await gw.stop()
+    for family, targets in picks.items():
+        assert len(set(targets)) == 1, (family, targets)
+
+
+async def test_scheduler_start_failure_is_not_fatal(tmp_path: Path, pods: list[FakePod]) -> None:
+    """A scheduler part that fails to start is logged and counted; the gateway serves anyway."""
+    recorder = FailingStartRecorder()
+    gw = await start_gateway(tmp_path, pods, recorder=recorder)
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, _, _ = await post(
+                s, gw.url + "/v1/completions", {"model": MODEL, "prompt": "x"}
+            )
+    finally:
+        failures = gw.metrics.lifecycle_errors.labels("start")._value.get()
+        await gw.stop()
+    assert status == 200
+    assert failures == 1
+    assert len(recorder.calls) == 1
