@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from prometheus_client import CollectorRegistry
 
-from kvaware_scorer.errors import ConfigError, NoEndpointError
+from kvaware_scorer.errors import ConfigError, KVAwareError, NoEndpointError
 from kvaware_scorer.metrics import Metrics
 from kvaware_scorer.scheduler.config import SchedulerConfig, load_config
 from kvaware_scorer.scheduler.manager import Hooks, make_plugin_manager
@@ -267,9 +267,19 @@ class Scheduler:
         return SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
 
     def schedule(
-        self, request: SchedulingRequest, endpoints: Sequence[Endpoint] | None = None
+        self,
+        request: SchedulingRequest,
+        endpoints: Sequence[Endpoint] | None = None,
+        *,
+        dry_run: bool = False,
     ) -> SchedulingResult:
         """Choose endpoint(s) for `request` among `endpoints` (default: the current pool).
+
+        Args:
+            request: The request.
+            endpoints: Candidates; None = the current pool.
+            dry_run: Explain only: run filters, scorers and the picker, but no pre-request hook
+                (no in-flight accounting, no speculative entries) and count no decision.
 
         Returns:
             The decision with every scorer's per-endpoint scores, the weights and the totals.
@@ -285,6 +295,7 @@ class Scheduler:
             raise NoEndpointError("no endpoints to schedule on")
         ctx = SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
         results: dict[str, ProfileResult] = {}
+        errors: dict[str, str] = {}
         handler = self._handler
         for _ in range(len(self._profiles) + 1):
             names = handler.pick_profiles(ctx, request, self._views, results)
@@ -296,7 +307,7 @@ class Scheduler:
                 prof = self._profiles.get(name)
                 if prof is None:
                     raise ConfigError(f"profile handler chose an unknown profile {name!r}")
-                results[name] = self._run_profile(prof, ctx, request, eps)
+                results[name] = self._run_profile(prof, ctx, request, eps, errors)
         if not results:
             self.sched_metrics.no_endpoint.labels("handler").inc()
             raise NoEndpointError("the profile handler ran no profile")
@@ -314,7 +325,11 @@ class Scheduler:
             weights=pr.weights,
             totals=pr.totals,
             profile_results=results,
+            errors=errors,
+            dry_run=dry_run,
         )
+        if dry_run:
+            return result
         for name, hook in self._pre_request:
             try:
                 hook.pre_request(ctx, request, result)
@@ -331,6 +346,7 @@ class Scheduler:
         ctx: SchedulingContext,
         request: SchedulingRequest,
         endpoints: Sequence[Endpoint],
+        errors: dict[str, str],
     ) -> ProfileResult:
         cands: Sequence[Endpoint] = endpoints
         for fname, flt in prof.filters:
@@ -351,9 +367,10 @@ class Scheduler:
         for sname, weight, scorer in prof.scorers:
             try:
                 raw = scorer.score(ctx, request, cands)
-            except Exception:
+            except Exception as exc:
                 logger.exception("scorer %s failed; scoring 0 for this request", sname)
                 self.sched_metrics.plugin_errors.labels(sname, "score").inc()
+                errors[sname] = f"{type(exc).__name__}: {exc}"
                 raw = {}
             clamped: dict[str, float] = {}
             get = raw.get
@@ -499,21 +516,27 @@ class Scheduler:
         with self._lock:
             if self._running:
                 return
-            started: list[Lifecycle] = []
-            try:
-                for obj in self._lifecycle:
-                    obj.start()
-                    started.append(obj)
-            except Exception:
-                for obj in reversed(started):
-                    obj.stop()
-                raise
+            # NOTE: the endpoints watcher and the metrics scraper start first and stay up even
+            # when a plugin cannot start (e.g. its ZMQ port is taken): routing on load alone
+            # beats not routing. The failure is logged, counted and raised once all is started.
             if self._watcher is not None:
                 self._watcher.start()
             if self._scraper is not None:
                 self._scraper.start()
+            failures: list[str] = []
+            for obj in self._lifecycle:
+                try:
+                    obj.start()
+                except Exception as exc:
+                    logger.exception("starting plugin %r failed", obj)
+                    self.sched_metrics.plugin_errors.labels(
+                        str(getattr(obj, "name", type(obj).__name__)), "start"
+                    ).inc()
+                    failures.append(f"{getattr(obj, 'name', obj)!s}: {exc}")
             self._running = True
         self.hooks.scheduler_started(self)
+        if failures:
+            raise KVAwareError("plugins failed to start: " + "; ".join(failures))
 
     def stop(self) -> None:
         """Stop everything `start` started, bounded in time; idempotent."""

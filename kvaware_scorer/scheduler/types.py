@@ -209,6 +209,8 @@ class SchedulingResult:
         weights: Scorer plugin name -> weight.
         totals: Endpoint id -> sum(weight x score).
         profile_results: Every profile that ran, by name.
+        errors: Scorer plugin name -> the error it raised (it then scored 0 everywhere).
+        dry_run: Whether this was an explanation only (no pre-request hook ran).
     """
 
     targets: list[Endpoint]
@@ -218,6 +220,8 @@ class SchedulingResult:
     weights: dict[str, float]
     totals: dict[str, float]
     profile_results: dict[str, ProfileResult] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False
 
     @property
     def target(self) -> Endpoint:
