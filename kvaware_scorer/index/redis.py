@@ -1,17 +1,873 @@
-"""The Redis / Valkey `KVBlockIndex` backend (interface; implementation in progress)."""
+"""The Redis / Valkey `KVBlockIndex` backend: one index shared by writers and scoring replicas.
+
+Every operation is one call of one Lua script (``redis.lua`` beside this module) on one shard
+of the index, so a prompt lookup is one round trip with the early stop done server-side, and an
+event's write is one round trip (a `WriteBatch` pipelines many). Layout, expiry, cluster
+sharding and failure behaviour are described in ``docs/redis.md``; in short:
+
+* Blocks are string keys ``<prefix>b<key>`` holding a 3-byte header and one compact record per
+  holding pod (pods are small per-shard integer ids from a registry hash); each pod's engine-hash
+  map is a set of small hashes (linear hashing) that doubles as the pod's reverse index, so a
+  purge walks only that pod's entries.
+* On Redis Cluster, pods are spread over shards (one hash tag each, placed on distinct masters):
+  a pod's blocks, engine-hash map and counters live in its shard, so writes stay single-slot and
+  a lookup fans out once, in parallel, to the shards of its candidate pods.
+* When Redis is unreachable or slow, lookups raise `BackendUnavailableError` within the
+  configured timeout (then immediately until the retry interval passes), writes are buffered up
+  to ``max_buffered_writes`` (older ones are dropped and counted) and replayed in order by a
+  background thread once Redis answers again.
+"""
 
 from __future__ import annotations
 
-from kvaware_scorer.config import RedisIndexConfig
-from kvaware_scorer.index.base import TierTable
+import array
+import hashlib
+import itertools
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any, NamedTuple, TypeVar
 
-__all__ = ["RedisIndex"]
+import msgspec
+import redis
+import xxhash
+from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
+
+from kvaware_scorer.config import DEFAULT_TIER_WEIGHTS, RedisIndexConfig
+from kvaware_scorer.errors import BackendUnavailableError, ConfigError
+from kvaware_scorer.index.base import IndexStats, PodMatch, TierTable, iter_groups, normalize_medium
+
+__all__ = ["RedisIndex", "WriteBatch", "redis_url"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Tier-mask bit the script uses for a block held only speculatively.
+_SPEC = 1 << 16
+#: Engine-map entries a purge step handles per script call (keeps each call short).
+_PURGE_BUDGET = 2000
+#: Buffered writes replayed per pipeline.
+_REPLAY_BATCH = 256
+_LAYOUT_VERSION = "v1"
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+)
+
+
+def redis_url(address: str) -> str:
+    """The redis-py URL for a configured address (``valkey[s]://`` and ``host:port`` mapped)."""
+    address = address.strip()
+    if "://" not in address:
+        return f"redis://{address}"
+    scheme, rest = address.split("://", 1)
+    scheme = scheme.lower()
+    if scheme == "valkey":
+        scheme = "redis"
+    elif scheme == "valkeys":
+        scheme = "rediss"
+    return f"{scheme}://{rest}"
+
+
+def _pack(values: Sequence[int]) -> bytes:
+    """Unsigned 64-bit little-endian packing of keys or engine hashes."""
+    try:
+        arr = array.array("Q", values)
+    except (OverflowError, TypeError) as exc:
+        raise ValueError(f"block keys and hashes must be ints in [0, 2**64): {exc}") from None
+    if sys.byteorder == "big":  # pragma: no cover - no big-endian CI
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _script_source() -> str:
+    return resources.files("kvaware_scorer.index").joinpath("redis.lua").read_text("utf-8")
+
+
+class _Shard(NamedTuple):
+    """One shard of the index: its key prefix (with the hash tag on a cluster)."""
+
+    prefix: bytes
+    route: bytes
+
+
+@dataclass(slots=True)
+class _Write:
+    """A write operation, kept while Redis is unreachable."""
+
+    seq: int
+    shard: _Shard
+    kind: str
+    args: tuple[Any, ...]
+    hints: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+class WriteBatch:
+    """Write operations collected to be sent in one pipeline (one round trip per shard).
+
+    Made by `RedisIndex.batch`; each method mirrors the `KVBlockIndex` method of the same name
+    and appends one result to ``results`` (in call order) when the batch is sent.
+    """
+
+    def __init__(self, index: RedisIndex) -> None:
+        self._index = index
+        self._ops: list[_Write] = []
+        self.results: list[int | None] = []
+
+    def add(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> None:
+        """Queue `RedisIndex.add`."""
+        op = self._index._add_op(pod, keys, engine_hashes, tier)
+        if op is not None:
+            self._ops.append(op)
+
+    def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> None:
+        """Queue `RedisIndex.add_tier`."""
+        self._ops.append(self._index._tier_op(b"add_tier", pod, engine_hashes, tier))
+
+    def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> None:
+        """Queue `RedisIndex.remove`."""
+        self._ops.append(self._index._tier_op(b"remove", pod, engine_hashes, tier))
+
+    def purge(self, pod: str) -> None:
+        """Queue `RedisIndex.purge`."""
+        self._ops.append(self._index._purge_op(pod))
 
 
 class RedisIndex:
-    """A KV-block index shared through Redis or Valkey."""
+    """A `KVBlockIndex` kept in Redis or Valkey (optionally Redis Cluster).
+
+    Safe to use from several threads and from several processes at once: every operation is
+    atomic on the server. Construction does not contact Redis; the first operation does.
+
+    Args:
+        config: Address, credentials, bounds, TTL and timeouts.
+        tiers: Tier weights (and the default tier); tier ids themselves are kept in Redis so
+            that every process agrees on them.
+
+    Raises:
+        ConfigError: A database other than 0 on a cluster.
+    """
 
     backend = "redis"
 
     def __init__(self, config: RedisIndexConfig, tiers: TierTable | None = None) -> None:
-        raise NotImplementedError("the Redis backend is not built yet")
+        if config.cluster and config.db not in (None, 0):
+            raise ConfigError("must be 0 (or unset) on a cluster", "redisConfig.db")
+        self.config = config
+        self.tiers = tiers or TierTable(DEFAULT_TIER_WEIGHTS)
+        self._code = _script_source()
+        self._sha = hashlib.sha1(self._code.encode("utf-8")).hexdigest()
+        self._ttl_ms = int(config.ttl_seconds * 1000)
+        self._prefix = config.key_prefix.encode("utf-8")
+        self._lock = threading.Lock()
+        self._init_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._client: Any = None
+        self._shards: list[_Shard] = []
+        self._script_ready = False
+        self._down_until = 0.0
+        self._down_since: float | None = None
+        self._buffer: deque[_Write] = deque()
+        self._seq = itertools.count()
+        self._pending: dict[tuple[str, int], int] = {}
+        self._counters: dict[str, int] = {
+            "buffered_writes": 0,
+            "dropped_writes": 0,
+            "replayed_writes": 0,
+            "failed_writes": 0,
+            "dropped_speculative": 0,
+            "backend_errors": 0,
+            "quiet_pods_purged": 0,
+        }
+        self._last_stats = IndexStats(backend=self.backend, capacity=config.size)
+        self._best: dict[tuple[int, tuple[str, ...]], tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        cfg = self.config
+        kwargs: dict[str, Any] = {
+            "socket_timeout": cfg.socket_timeout,
+            "socket_connect_timeout": cfg.connect_timeout,
+            # NOTE: no client-side retries: a lookup must fail within one timeout, and writes
+            # are retried (in order) by our own buffer.
+            "retry": Retry(NoBackoff(), 0),
+            "retry_on_timeout": False,
+        }
+        if cfg.username is not None:
+            kwargs["username"] = cfg.username
+        if cfg.password is not None:
+            kwargs["password"] = cfg.password
+        return kwargs
+
+    def _connection(self) -> Any:
+        client = self._client
+        if client is not None:
+            return client
+        with self._init_lock:
+            if self._client is not None:
+                return self._client
+            url = redis_url(self.config.address)
+            kwargs = self._client_kwargs()
+            if self.config.cluster:
+                client = RedisCluster.from_url(url, **kwargs)
+                try:
+                    shards = self._cluster_layout(client)
+                except BaseException:
+                    client.close()
+                    raise
+            else:
+                if self.config.db is not None:
+                    kwargs["db"] = self.config.db
+                client = redis.Redis.from_url(url, **kwargs)
+                shards = [_Shard(self._prefix, self._prefix + b"c")]
+            self._shards = shards
+            self._client = client
+            return client
+
+    def _cluster_layout(self, client: Any) -> list[_Shard]:
+        """Shard hash tags, created on first use (one per master) and stored in the cluster."""
+        key = self._prefix + b"layout"
+        raw = client.get(key)
+        if raw is None:
+            primaries = sorted(node.name for node in client.get_primaries())
+            count = self.config.cluster_shards or len(primaries)
+            tags: list[str] = []
+            used: set[int] = set()
+            candidates = (f"k{i}" for i in itertools.count())
+            for shard in range(count):
+                want = primaries[shard % len(primaries)]
+                for _ in range(100_000):
+                    tag = next(candidates)
+                    slot = client.keyslot(tag)
+                    if slot not in used and client.get_node_from_key(tag).name == want:
+                        used.add(slot)
+                        tags.append(tag)
+                        break
+                else:  # pragma: no cover - needs a master owning almost no slots
+                    raise ConfigError(f"no hash slot found on master {want}", "redisConfig")
+            client.set(key, " ".join([_LAYOUT_VERSION, *tags]).encode(), nx=True)
+            raw = client.get(key)
+        parts = bytes(raw).decode("ascii").split()
+        if not parts or parts[0] != _LAYOUT_VERSION or len(parts) < 2:
+            raise ConfigError(f"unknown index layout {parts[:1]} at {key!r}", "redisConfig")
+        shards = []
+        for tag in parts[1:]:
+            prefix = self._prefix + b"{" + tag.encode("ascii") + b"}"
+            shards.append(_Shard(prefix, prefix + b"c"))
+        return shards
+
+    def _shard_of(self, pod: str) -> _Shard:
+        shards = self._shards
+        if len(shards) == 1:
+            return shards[0]
+        return shards[xxhash.xxh3_64_intdigest(pod.encode("utf-8")) % len(shards)]
+
+    def _load_script(self, client: Any) -> None:
+        client.script_load(self._code)
+        self._script_ready = True
+
+    def _argv(self, shard: _Shard, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (self._sha, 1, shard.route, args[0], shard.prefix, self._ttl_ms, *args[1:])
+
+    def _eval(self, shard: _Shard, *args: Any) -> Any:
+        client = self._connection()
+        try:
+            return client.evalsha(*self._argv(shard, args))
+        except redis.exceptions.NoScriptError:
+            self._load_script(client)
+            return client.evalsha(*self._argv(shard, args))
+
+    def _pipeline(self, items: Sequence[tuple[_Shard, tuple[Any, ...]]]) -> list[Any]:
+        """Run script calls in one pipeline; per-call errors are returned, not raised."""
+        client = self._connection()
+        if not self._script_ready:
+            self._load_script(client)
+        results: list[Any] = [None] * len(items)
+        todo = list(range(len(items)))
+        for attempt in range(2):
+            pipe = client.pipeline(transaction=False)
+            for i in todo:
+                shard, args = items[i]
+                pipe.evalsha(*self._argv(shard, args))
+            out = pipe.execute(raise_on_error=False)
+            retry = []
+            for i, r in zip(todo, out, strict=True):
+                if isinstance(r, redis.exceptions.NoScriptError) and attempt == 0:
+                    retry.append(i)
+                else:
+                    results[i] = r
+            if not retry:
+                break
+            self._load_script(client)
+            todo = retry
+        return results
+
+    # -- availability -----------------------------------------------------------------------
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _check_available(self) -> None:
+        wait = self._down_until - time.monotonic()
+        if wait > 0:
+            raise BackendUnavailableError(
+                f"Redis index at {self.config.address} is unavailable (next try in {wait:.2f}s)"
+            )
+
+    def _mark_down(self, exc: BaseException) -> None:
+        with self._lock:
+            self._counters["backend_errors"] += 1
+            self._down_until = time.monotonic() + self.config.retry_interval
+            self._script_ready = False
+            first = self._down_since is None
+            if first:
+                self._down_since = time.monotonic()
+        if first:
+            logger.warning("Redis index at %s unavailable: %s", self.config.address, exc)
+
+    def _mark_up(self) -> None:
+        if self._down_since is None:
+            return
+        with self._lock:
+            since = self._down_since
+            self._down_since = None
+            self._down_until = 0.0
+        if since is not None:
+            logger.warning(
+                "Redis index at %s reachable again after %.1fs (%d writes buffered)",
+                self.config.address,
+                time.monotonic() - since,
+                len(self._buffer),
+            )
+
+    def _guarded(self, what: str, fn: Callable[[], T]) -> T:
+        """Run a read; backend trouble becomes `BackendUnavailableError`."""
+        self._check_available()
+        try:
+            result = fn()
+        except _UNAVAILABLE as exc:
+            self._mark_down(exc)
+            raise BackendUnavailableError(f"Redis index {what} failed: {exc}") from exc
+        except redis.exceptions.RedisError as exc:
+            with self._lock:
+                self._counters["backend_errors"] += 1
+            raise BackendUnavailableError(f"Redis index {what} failed: {exc}") from exc
+        self._mark_up()
+        return result
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def _add_op(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None,
+        tier: str | None,
+    ) -> _Write | None:
+        if not keys:
+            return None
+        if engine_hashes is not None and len(engine_hashes) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(engine_hashes)} engine hashes")
+        kb = _pack(keys)
+        eb = b"" if engine_hashes is None else _pack(engine_hashes)
+        cfg = self.config
+        name = normalize_medium(tier, self.tiers.default_tier)
+        args = (b"add", pod, name, kb, self._shard_size(), cfg.pod_cache_size, eb)
+        hints = [(pod, eh, ks[-1]) for eh, ks in iter_groups(keys, engine_hashes)]
+        return _Write(-1, self._shard_of_lazy(pod), "add", args, hints)
+
+    def _tier_op(
+        self, op: bytes, pod: str, engine_hashes: Sequence[int], tier: str | None
+    ) -> _Write:
+        eb = _pack(engine_hashes)
+        name = normalize_medium(tier, self.tiers.default_tier)
+        if op == b"add_tier":
+            args: tuple[Any, ...] = (
+                op,
+                pod,
+                name,
+                eb,
+                self._shard_size(),
+                self.config.pod_cache_size,
+            )
+        else:
+            args = (op, pod, name, eb)
+        return _Write(-1, self._shard_of_lazy(pod), op.decode(), args)
+
+    def _purge_op(self, pod: str) -> _Write:
+        return _Write(-1, self._shard_of_lazy(pod), "purge", (b"purge", pod, 0))
+
+    def _shard_of_lazy(self, pod: str) -> _Shard:
+        if not self._shards:
+            try:
+                self._connection()
+            except _UNAVAILABLE as exc:
+                self._mark_down(exc)
+        if not self._shards:
+            # NOTE: a cluster's layout is unknown until it answers once; the shard is chosen
+            # again when the write is replayed.
+            return _Shard(b"", b"")
+        return self._shard_of(pod)
+
+    def _shard_size(self) -> int:
+        size = self.config.size
+        shards = max(1, len(self._shards) if self._shards else self.config.cluster_shards or 1)
+        return -(-size // shards) if size else 0
+
+    def _result(self, w: _Write, raw: Any) -> int | None:
+        if w.kind == "add":
+            return None
+        if w.kind == "purge":
+            dropped, pid = (int(x) for x in raw)
+            if pid:
+                self._finish_purge(w.shard, pid)
+            return dropped
+        return int(raw)
+
+    def _fallback(self, w: _Write) -> int | None:
+        return None if w.kind == "add" else 0
+
+    def _submit(self, ops: list[_Write]) -> list[int | None]:
+        """Apply writes now if Redis answers, else buffer them (in order)."""
+        if not ops:
+            return []
+        self._ensure_worker()
+        if self._buffer and self._available():
+            self._drain()
+        if self._buffer or not self._available() or not self._shards:
+            self._enqueue(ops)
+            return [self._fallback(w) for w in ops]
+        try:
+            if len(ops) == 1:
+                w = ops[0]
+                raws: list[Any] = [self._eval(w.shard, *w.args)]
+            else:
+                raws = self._pipeline([(w.shard, w.args) for w in ops])
+                for r in raws:
+                    if isinstance(r, _UNAVAILABLE):
+                        raise r
+        except _UNAVAILABLE as exc:
+            self._mark_down(exc)
+            self._enqueue(ops)
+            return [self._fallback(w) for w in ops]
+        except redis.exceptions.ResponseError as exc:
+            raws = [exc]
+        self._mark_up()
+        out: list[int | None] = []
+        for w, raw in zip(ops, raws, strict=False):
+            if isinstance(raw, redis.exceptions.ResponseError):
+                self._write_failed(w, raw)
+                out.append(self._fallback(w))
+            else:
+                out.append(self._result(w, raw))
+        return out
+
+    def _write_failed(self, w: _Write, exc: BaseException) -> None:
+        msg = str(exc)
+        if "KVAWARE" in msg:
+            raise ValueError(msg.split("KVAWARE", 1)[1].strip()) from None
+        with self._lock:
+            self._counters["failed_writes"] += 1
+        logger.warning("Redis index dropped a %s of %s: %s", w.kind, w.args[1], msg)
+
+    def _enqueue(self, ops: list[_Write]) -> None:
+        limit = self.config.max_buffered_writes
+        dropped = 0
+        with self._lock:
+            if limit == 0:
+                dropped = len(ops)
+                self._counters["dropped_writes"] += dropped
+            else:
+                for w in ops:
+                    if len(self._buffer) >= limit:
+                        self._buffer.popleft()
+                        dropped += 1
+                    w.seq = next(self._seq)
+                    self._buffer.append(w)
+                    for pod, eh, key in w.hints:
+                        self._pending[(pod, eh)] = key
+                self._counters["buffered_writes"] += len(ops)
+                self._counters["dropped_writes"] += dropped
+        if dropped:
+            logger.warning(
+                "Redis index unavailable: dropped %d writes (buffer limit %d)", dropped, limit
+            )
+
+    def _drain(self) -> bool:
+        """Replay buffered writes in order; returns whether the buffer is now empty."""
+        with self._flush_lock:
+            while True:
+                with self._lock:
+                    batch = list(itertools.islice(self._buffer, _REPLAY_BATCH))
+                    if not batch:
+                        self._pending.clear()
+                        return True
+                if not self._available():
+                    return False
+                try:
+                    if not self._shards:
+                        self._connection()
+                    items = []
+                    for w in batch:
+                        if not w.shard.route:
+                            w.shard = self._shard_of(w.args[1])
+                        items.append((w.shard, w.args))
+                    raws = self._pipeline(items)
+                    for r in raws:
+                        if isinstance(r, _UNAVAILABLE):
+                            raise r
+                except _UNAVAILABLE as exc:
+                    self._mark_down(exc)
+                    return False
+                self._mark_up()
+                with self._lock:
+                    last = batch[-1].seq
+                    while self._buffer and self._buffer[0].seq <= last:
+                        self._buffer.popleft()
+                    self._counters["replayed_writes"] += len(batch)
+                for w, raw in zip(batch, raws, strict=True):
+                    if isinstance(raw, redis.exceptions.ResponseError):
+                        try:
+                            self._write_failed(w, raw)
+                        except ValueError as exc:
+                            logger.warning("Redis index dropped a replayed %s: %s", w.kind, exc)
+                    elif w.kind == "purge":
+                        self._result(w, raw)
+
+    def flush(self) -> bool:
+        """Replay buffered writes now. Returns whether none are left."""
+        return self._drain()
+
+    def add(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> None:
+        op = self._add_op(pod, keys, engine_hashes, tier)
+        if op is not None:
+            self._submit([op])
+
+    def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
+        if not engine_hashes:
+            return 0
+        return self._submit([self._tier_op(b"add_tier", pod, engine_hashes, tier)])[0] or 0
+
+    def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> int:
+        if not engine_hashes:
+            return 0
+        return self._submit([self._tier_op(b"remove", pod, engine_hashes, tier)])[0] or 0
+
+    def purge(self, pod: str) -> int:
+        return self._submit([self._purge_op(pod)])[0] or 0
+
+    @contextmanager
+    def batch(self) -> Iterator[WriteBatch]:
+        """Collect writes and send them in one pipeline when the block exits.
+
+        Example:
+            >>> with index.batch() as b:  # doctest: +SKIP
+            ...     b.add(pod, keys, hashes)
+            ...     b.remove(pod, old_hashes)
+            >>> b.results  # doctest: +SKIP
+            [None, 3]
+        """
+        wb = WriteBatch(self)
+        yield wb
+        wb.results = self._submit(wb._ops)
+
+    def _finish_purge(self, shard: _Shard, pid: int) -> None:
+        """Drop a purged pod's records block by block (short script calls)."""
+        try:
+            while self._eval(shard, b"purge_step", pid, _PURGE_BUDGET):
+                pass
+        except _UNAVAILABLE as exc:
+            # NOTE: the pod is already invisible; the next maintenance round finishes it.
+            self._mark_down(exc)
+
+    def add_speculative(self, pod: str, keys: Sequence[int], ttl: float) -> None:
+        if not keys or ttl <= 0:
+            return
+        blob = _pack(keys)
+        if not self._available():
+            with self._lock:
+                self._counters["dropped_speculative"] += 1
+            return
+        # NOTE: speculative entries live for seconds: replaying them later is pointless, so
+        # they are dropped (and counted) rather than buffered while Redis is unreachable.
+        try:
+            self._connection()
+            self._eval(self._shard_of(pod), b"spec", pod, blob, max(1, int(ttl * 1000)))
+        except _UNAVAILABLE as exc:
+            self._mark_down(exc)
+            with self._lock:
+                self._counters["dropped_speculative"] += 1
+            return
+        self._mark_up()
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def lookup(
+        self, keys: Sequence[int], pods: Collection[str] | None = None
+    ) -> dict[str, PodMatch]:
+        """Walk `keys` from block 0 for `pods` (see `KVBlockIndex.lookup`).
+
+        Raises:
+            BackendUnavailableError: Redis is unreachable or did not answer in time.
+        """
+        if not keys:
+            return {}
+        names: list[str] = []
+        if pods is not None:
+            names = list(dict.fromkeys(pods))
+            if not names:
+                return {}
+        blob = _pack(keys)
+
+        def run() -> list[Any]:
+            self._connection()
+            shards = self._shards
+            if len(shards) == 1:
+                mode = b"1" if pods is None else b"0"
+                return [self._eval(shards[0], b"lookup", blob, mode, *names)]
+            items: list[tuple[_Shard, tuple[Any, ...]]] = []
+            if pods is None:
+                items = [(s, (b"lookup", blob, b"1")) for s in shards]
+            else:
+                by: dict[_Shard, list[str]] = {}
+                for name in names:
+                    by.setdefault(self._shard_of(name), []).append(name)
+                items = [(s, (b"lookup", blob, b"0", *ns)) for s, ns in by.items()]
+            raws = self._pipeline(items)
+            for r in raws:
+                if isinstance(r, BaseException):
+                    raise r
+            return raws
+
+        out: dict[str, PodMatch] = {}
+        for raw in self._guarded("lookup", run):
+            self._decode_lookup(raw, out)
+        return out
+
+    def _decode_lookup(self, raw: bytes, out: dict[str, PodMatch]) -> None:
+        data = msgspec.msgpack.decode(raw)
+        if not data:
+            return
+        names = tuple(data[0])
+        best = self._best_tier
+        for i in range(1, len(data), 3):
+            pod, run, ranges = data[i], data[i + 1], data[i + 2]
+            weight = 0.0
+            counts: dict[str, int] = {}
+            for j in range(0, len(ranges), 3):
+                n = ranges[j + 1] - ranges[j]
+                tname, w = best(ranges[j + 2], names)
+                weight += n * w
+                counts[tname] = counts.get(tname, 0) + n
+            out[pod] = PodMatch(run, weight, counts)
+
+    def _best_tier(self, mask: int, names: tuple[str, ...]) -> tuple[str, float]:
+        """Name and weight of the best tier in a tier mask (speculative -> default tier)."""
+        key = (mask, names)
+        hit = self._best.get(key)
+        if hit is not None:
+            return hit
+        tiers = self.tiers
+        found: tuple[str, float] | None = None
+        for tid in range(16):
+            if mask >> tid & 1:
+                name = names[tid] if tid < len(names) and names[tid] else f"tier-{tid}"
+                w = tiers.weight(name)
+                if found is None or w > found[1]:
+                    found = (name, w)
+        if found is None:
+            found = (tiers.default_tier, tiers.weight(tiers.default_tier))
+        if len(self._best) > 4096:
+            self._best.clear()
+        self._best[key] = found
+        return found
+
+    def resolve(self, pod: str, engine_hash: int) -> int | None:
+        """The key of the last block `engine_hash` covers on `pod` (see `KVBlockIndex`).
+
+        While writes are buffered, keys those writes would add resolve from the buffer.
+
+        Raises:
+            BackendUnavailableError: Redis is unreachable and the buffer does not know it.
+        """
+        if self._buffer:
+            if self._available():
+                self._drain()
+            if self._buffer:
+                with self._lock:
+                    hit = self._pending.get((pod, engine_hash))
+                if hit is not None:
+                    return hit
+        eh = _pack([engine_hash])
+
+        def run() -> Any:
+            self._connection()
+            return self._eval(self._shard_of(pod), b"resolve", pod, eh)
+
+        raw = self._guarded("resolve", run)
+        if raw is None:
+            return None
+        return int.from_bytes(raw, "little")
+
+    def _each_shard(self, what: str, op: bytes) -> list[Any]:
+        def run() -> list[Any]:
+            self._connection()
+            shards = self._shards
+            if len(shards) == 1:
+                return [self._eval(shards[0], op)]
+            raws = self._pipeline([(s, (op,)) for s in shards])
+            for r in raws:
+                if isinstance(r, BaseException):
+                    raise r
+            return raws
+
+        return [msgspec.msgpack.decode(raw) for raw in self._guarded(what, run)]
+
+    def pods(self) -> list[str]:
+        """Pods with entries or engine hashes that wrote within the TTL.
+
+        Raises:
+            BackendUnavailableError: Redis is unreachable.
+        """
+        names: dict[str, None] = {}
+        for part in self._each_shard("pods", b"pods"):
+            names.update(dict.fromkeys(part))
+        return list(names)
+
+    def stats(self) -> IndexStats:
+        """Sizes summed over shards, plus this client's write-path counters in ``extra``.
+
+        While Redis is unreachable, the last sizes seen are returned with
+        ``extra["available"] == 0``.
+        """
+        with self._lock:
+            extra: dict[str, float] = {k: float(v) for k, v in self._counters.items()}
+            extra["buffered_now"] = float(len(self._buffer))
+        try:
+            parts = self._each_shard("stats", b"stats")
+        except BackendUnavailableError:
+            extra["available"] = 0.0
+            return replace(self._last_stats, extra=extra)
+        extra["available"] = 1.0
+        extra["shards"] = float(len(parts))
+        pods, spec, queue, entries, blocks, evictions, emaps, expired = (
+            sum(int(p[i]) for p in parts) for i in range(8)
+        )
+        extra["queue"] = float(queue)
+        extra["expired"] = float(expired)
+        st = IndexStats(
+            backend=self.backend,
+            blocks=blocks,
+            entries=entries,
+            pods=pods,
+            capacity=self.config.size,
+            evictions=evictions,
+            speculative_entries=spec,
+            engine_hashes=emaps,
+            extra=extra,
+        )
+        self._last_stats = st
+        return st
+
+    # -- maintenance --------------------------------------------------------------------------
+
+    def _ensure_worker(self) -> None:
+        if self._thread is not None or self._stop.is_set():
+            return
+        with self._lock:
+            if self._thread is None:
+                t = threading.Thread(target=self._run, name="kvaware-redis-index", daemon=True)
+                self._thread = t
+                t.start()
+
+    def _run(self) -> None:
+        cfg = self.config
+        tick = min(cfg.retry_interval, cfg.maintenance_interval, 0.5)
+        next_maint = time.monotonic() + cfg.maintenance_interval
+        while not self._stop.wait(tick):
+            try:
+                if self._buffer and self._available():
+                    self._drain()
+                now = time.monotonic()
+                if now >= next_maint and not self._buffer and self._available() and self._shards:
+                    next_maint = now + cfg.maintenance_interval
+                    self.maintain()
+            except _UNAVAILABLE as exc:
+                self._mark_down(exc)
+            except Exception:
+                logger.exception("Redis index maintenance failed")
+
+    def maintain(self) -> None:
+        """One maintenance round: expire idle blocks, purge pods gone quiet, finish purges.
+
+        Writers run it in the background every ``maintenance_interval`` seconds.
+        """
+        interval_ms = int(self.config.maintenance_interval * 1000)
+        size = self._shard_size()
+        for shard in list(self._shards):
+            quiet, pending, _expired = msgspec.msgpack.decode(
+                self._eval(shard, b"maint", interval_ms, size)
+            )
+            for pid in quiet:
+                dropped, got = (int(x) for x in self._eval(shard, b"purge", b"", pid))
+                if got:
+                    logger.info(
+                        "purged a pod quiet for over %ss (id %d, %d entries)",
+                        self._ttl_ms / 1000,
+                        got,
+                        dropped,
+                    )
+                    with self._lock:
+                        self._counters["quiet_pods_purged"] += 1
+                    self._finish_purge(shard, got)
+            for pid in pending:
+                self._finish_purge(shard, int(pid))
+
+    def close(self) -> None:
+        """Stop the background thread, replay what is buffered if Redis answers, disconnect."""
+        self._stop.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=5)
+        if self._buffer and self._available():
+            try:
+                self._drain()
+            except Exception:  # pragma: no cover - best effort on shutdown
+                logger.exception("Redis index could not replay buffered writes on close")
+        if self._buffer:
+            logger.warning("Redis index closed with %d writes not applied", len(self._buffer))
+        client = self._client
+        self._client = None
+        if client is not None:
+            client.close()
