@@ -28,7 +28,6 @@ if TTL > 0 then
   EPOCH = floor(NOW / PERIOD) % 128
   EXPIRE_PERIODS = math.ceil(TTL / PERIOD)
 end
-local BLOCK_PX = 2 * TTL
 local META_PX = 3 * TTL + PERIOD
 local SPEC = 65536
 local LOAD = 40
@@ -265,12 +264,10 @@ local function holders(hv)
   return t
 end
 
+-- NOTE: blocks carry no Redis TTL: an expires entry would cost ~40 bytes and a slower SET per
+-- block. They expire by the touch epoch in their header, swept by writers ('maint').
 local function put_block(bk, val)
-  if BLOCK_PX > 0 then
-    call('SET', bk, val, 'PX', BLOCK_PX)
-  else
-    call('SET', bk, val)
-  end
+  call('SET', bk, val)
 end
 
 -- drop the records of `ids` (a set) from a record list; returns the kept list
@@ -308,16 +305,12 @@ local function limit_holders(recs, keep, pcs)
   return without(recs, victims)
 end
 
--- one more reference of (id, tier) at block `key8` (current value `v` or false)
-local function block_add(key8, v, id, tid)
+-- one more reference of (id, tier) at block `key8` (current value `v` or false); `hnew` is
+-- the header of a block created now. Returns the new value, blocks added, entries added.
+local function block_add(key8, v, id, tid, hnew)
   if not v then
-    cinc('blocks', 1)
-    cinc('entries', 1)
-    ped(id, 1)
-    local st = stamp()
-    local s2 = char(floor(st / 256), st % 256)
-    QBUF[#QBUF + 1] = key8 .. s2
-    return char(EPOCH) .. s2 .. enc(id, tid, 1)
+    QBUF[#QBUF + 1] = key8 .. sub(hnew, 2, 3)
+    return hnew .. enc(id, tid, 1), 1, 1
   end
   local recs = parse(v, 4)
   local found, held = nil, false
@@ -333,15 +326,14 @@ local function block_add(key8, v, id, tid)
   else
     recs[#recs + 1] = { id, tid, 1 }
   end
+  local de = 0
   if not held then
-    cinc('entries', 1)
-    ped(id, 1)
+    de = 1
     if PCS > 0 then recs = limit_holders(recs, id, PCS) end
   end
-  local h = byte(v, 1)
   local ref = 0
-  if h >= 128 then ref = 128 end
-  return char(ref + EPOCH) .. sub(v, 2, 3) .. serialize(recs)
+  if byte(v, 1) >= 128 then ref = 128 end
+  return char(ref + EPOCH) .. sub(v, 2, 3) .. serialize(recs), 0, de
 end
 
 -- one reference less of (id, tier) at block `bk`; returns whether `id` still holds it
@@ -372,7 +364,7 @@ local function block_dec(bk, id, tid)
     call('DEL', bk)
     cinc('blocks', -1)
   else
-    call('SET', bk, sub(v, 1, 3) .. serialize(recs), 'KEEPTTL')
+    call('SET', bk, sub(v, 1, 3) .. serialize(recs))
   end
   return held
 end
@@ -415,7 +407,7 @@ local function evict_to(size)
     if v and sub(v, 2, 3) == sub(e, 9, 10) then
       local h = byte(v, 1)
       if h >= 128 then
-        call('SET', bk, char(h - 128) .. sub(v, 2), 'KEEPTTL')
+        call('SET', bk, char(h - 128) .. sub(v, 2))
         call('RPUSH', K_Q, e)
       else
         local before = DC.entries or 0
@@ -475,7 +467,7 @@ end
 -- operations -----------------------------------------------------------------------------
 
 if op == 'lookup' then
-  local kb, all = ARGV[4], ARGV[5] == '1'
+  local kb, all, size = ARGV[4], ARGV[5] == '1', tonumber(ARGV[6])
   local n = #kb / 8
   local active, nact = {}, 0
   if all then
@@ -493,9 +485,9 @@ if op == 'lookup' then
         end
       end
     end
-  elseif #ARGV > 5 then
+  elseif #ARGV > 6 then
     local names = {}
-    for i = 6, #ARGV do names[#names + 1] = ARGV[i] end
+    for i = 7, #ARGV do names[#names + 1] = ARGV[i] end
     local ids = call('HMGET', K_R, unpack(names))
     local got, gotn = {}, {}
     for i = 1, #names do
@@ -521,7 +513,10 @@ if op == 'lookup' then
   if nact == 0 or n == 0 then return cmsgpack.pack({}) end
 
   local spec_on = call('EXISTS', K_SA) == 1
-  local want = 128 + EPOCH
+  -- NOTE: a walked block gets its CLOCK ref bit only once the shard is half full: recency
+  -- matters to eviction only then, and below it a lookup writes nothing but the touch
+  -- epoch (once per TTL/4) that keeps walked blocks from expiring.
+  local pressure = size > 0 and counter('entries') * 2 >= size
   local NONE = {}
   local pv, psv, phv = NONE, NONE, NONE
   local pos, chunk, stopped = 0, 8, false
@@ -595,7 +590,12 @@ if op == 'lookup' then
         end
         pv, psv = v, sv
         newv = nil
-        if v and byte(v, 1) ~= want then newv = char(want) .. sub(v, 2) end
+        if v then
+          local h = byte(v, 1)
+          local want = EPOCH
+          if pressure or h >= 128 then want = want + 128 end
+          if h ~= want then newv = char(want) .. sub(v, 2) end
+        end
       end
       if newv then
         tk[#tk + 1] = ks[j]
@@ -639,30 +639,56 @@ elseif op == 'add' or op == 'add_tier' then
   local id, m, tid
   local blocks = {}     -- key8 list to reference once each
   local unknown = 0
+  local plain = false   -- no key twice in `blocks`
   if op == 'add' then
     local kb, eb = ARGV[6], ARGV[9]
-    if #kb == 0 then return 0 end
+    local n = #kb / 8
+    if n == 0 then return 0 end
     id = register(name)
     m = meta_get(id)
     tid = tier_id(tname, true)
     if type(tid) == 'table' then return tid end
     local byb = {}
-    groups(kb, eb, function(eh, keys)
-      local b = bucket(m, eh)
-      local t = byb[b]
-      if not t then
-        t = {}
-        byb[b] = t
+    -- NOTE: the client flags writes with distinct keys and no run of equal engine hashes
+    -- (the common case): one engine hash per key, no value read twice.
+    plain = ARGV[10] == '1'
+    if plain then
+      local n0, sp = lshift(1, m.L), m.p
+      for i = 1, n do
+        local o = 8 * i
+        local key8 = sub(kb, o - 7, o)
+        local eh = key8
+        if eb ~= '' then eh = sub(eb, o - 7, o) end
+        blocks[i] = key8
+        local x, y, z = byte(eh, 1, 3)
+        local h = x + y * 256 + z * 65536
+        local bk = h % n0
+        if bk < sp then bk = h % (2 * n0) end
+        local t = byb[bk]
+        if not t then
+          t = {}
+          byb[bk] = t
+        end
+        t[#t + 1] = eh
+        t[#t + 1] = key8
       end
-      t[#t + 1] = eh
-      t[#t + 1] = keys
-    end)
-    for b, t in pairs(byb) do
-      local added = call('HSET', ekey(id, b), unpack(t))
-      m.h = m.h + added
-      cinc('emaps', added)
+    else
+      groups(kb, eb, function(eh, keys)
+        local b = bucket(m, eh)
+        local t = byb[b]
+        if not t then
+          t = {}
+          byb[b] = t
+        end
+        t[#t + 1] = eh
+        t[#t + 1] = keys
+      end)
+      for i = 1, n do blocks[i] = sub(kb, 8 * i - 7, 8 * i) end
     end
-    for i = 1, #kb / 8 do blocks[i] = sub(kb, 8 * i - 7, 8 * i) end
+    local added = 0
+    for b, t in pairs(byb) do added = added + call('HSET', ekey(id, b), unpack(t)) end
+    m.h = m.h + added
+    cinc('emaps', added)
   else
     local eb = ARGV[6]
     local n = #eb / 8
@@ -681,8 +707,11 @@ elseif op == 'add' or op == 'add_tier' then
       end
     end
   end
+  local st = stamp()
+  local hnew = char(EPOCH, floor(st / 256), st % 256)
   local cache = {}
   local nb = #blocks
+  local dblocks, dentries = 0, 0
   for c0 = 0, nb - 1, 512 do
     local cn = min(512, nb - c0)
     local ks = {}
@@ -690,13 +719,21 @@ elseif op == 'add' or op == 'add_tier' then
     local vals = call('MGET', unpack(ks))
     for j = 1, cn do
       local bk = ks[j]
-      local v = cache[bk]
-      if v == nil then v = vals[j] end
-      local nv = block_add(blocks[c0 + j], v, id, tid)
-      cache[bk] = nv
-      put_block(bk, nv)
+      local v = vals[j]
+      if not plain then
+        local c = cache[bk]
+        if c ~= nil then v = c end
+      end
+      local nv, db, de = block_add(blocks[c0 + j], v, id, tid, hnew)
+      dblocks = dblocks + db
+      dentries = dentries + de
+      if not plain then cache[bk] = nv end
+      call('SET', bk, nv)
     end
   end
+  cinc('blocks', dblocks)
+  cinc('entries', dentries)
+  ped(id, dentries)
   maybe_split(id, m)
   refresh_pod(id, m)
   meta_put(id, m)
@@ -862,7 +899,7 @@ elseif op == 'purge_step' then
               call('DEL', bk)
               cinc('blocks', -1)
             else
-              call('SET', bk, sub(v, 1, 3) .. serialize(kept), 'KEEPTTL')
+              call('SET', bk, sub(v, 1, 3) .. serialize(kept))
             end
           end
         end

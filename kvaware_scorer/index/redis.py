@@ -395,10 +395,20 @@ class RedisIndex:
             raise ValueError(f"{len(keys)} keys but {len(engine_hashes)} engine hashes")
         kb = _pack(keys)
         eb = b"" if engine_hashes is None else _pack(engine_hashes)
-        cfg = self.config
+        groups = list(iter_groups(keys, engine_hashes))
+        plain = len(groups) == len(keys) and len(set(keys)) == len(keys)
         name = normalize_medium(tier, self.tiers.default_tier)
-        args = (b"add", pod, name, kb, self._shard_size(), cfg.pod_cache_size, eb)
-        hints = [(pod, eh, ks[-1]) for eh, ks in iter_groups(keys, engine_hashes)]
+        args = (
+            b"add",
+            pod,
+            name,
+            kb,
+            self._shard_size(),
+            self.config.pod_cache_size,
+            eb,
+            b"1" if plain else b"0",
+        )
+        hints = [(pod, eh, ks[-1]) for eh, ks in groups]
         return _Write(-1, self._shard_of_lazy(pod), "add", args, hints)
 
     def _tier_op(
@@ -653,17 +663,18 @@ class RedisIndex:
         def run() -> list[Any]:
             self._connection()
             shards = self._shards
+            size = self._shard_size()
             if len(shards) == 1:
                 mode = b"1" if pods is None else b"0"
-                return [self._eval(shards[0], b"lookup", blob, mode, *names)]
+                return [self._eval(shards[0], b"lookup", blob, mode, size, *names)]
             items: list[tuple[_Shard, tuple[Any, ...]]] = []
             if pods is None:
-                items = [(s, (b"lookup", blob, b"1")) for s in shards]
+                items = [(s, (b"lookup", blob, b"1", size)) for s in shards]
             else:
                 by: dict[_Shard, list[str]] = {}
                 for name in names:
                     by.setdefault(self._shard_of(name), []).append(name)
-                items = [(s, (b"lookup", blob, b"0", *ns)) for s, ns in by.items()]
+                items = [(s, (b"lookup", blob, b"0", size, *ns)) for s, ns in by.items()]
             raws = self._pipeline(items)
             for r in raws:
                 if isinstance(r, BaseException):

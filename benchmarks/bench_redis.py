@@ -1,0 +1,253 @@
+"""Redis index vs the in-memory index: lookup latency, ingestion rate, memory per entry.
+
+Workload: prompts of ``--blocks`` blocks (512 = an 8k-token prompt at block size 16) over
+``--pods`` pods. Prompts come in groups that share a system prompt (``--shared`` blocks); each
+prompt is cached by 1-4 pods, each holding a prefix of it (vLLM frees tail blocks first), until
+the index holds ``--entries`` (block, pod) entries. Every pod stores only blocks it does not
+hold yet, as vLLM does, in events of ``--event-blocks`` blocks with distinct engine hashes.
+
+Lookups: whole prompts with every pod a candidate: half are indexed prompts, a quarter new
+prompts on a known system prompt, a quarter wholly new prompts.
+
+Run (starts its own redis-server on a free loopback port unless ``--url`` is given)::
+
+    python benchmarks/bench_redis.py
+    python benchmarks/bench_redis.py --entries 200000 --lookups 500   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kvaware_scorer.config import RedisIndexConfig
+from kvaware_scorer.index import InMemoryIndex, KVBlockIndex
+from kvaware_scorer.index.redis import RedisIndex
+
+Event = tuple[str, list[int], list[int]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def local_redis() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server not found: install it or pass --url")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+            + ["no", "--dir", tmp, "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            client = redis.Redis.from_url(url)
+            for _ in range(100):
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def workload(
+    entries: int, pods: int, blocks: int, shared: int, event_blocks: int, seed: int
+) -> tuple[list[Event], list[list[int]], list[list[int]]]:
+    """Events to ingest, the indexed prompts and the system prompts."""
+    rng = random.Random(seed)
+    names = [f"10.0.{i // 256}.{i % 256}:8000" for i in range(pods)]
+    systems = [[rng.getrandbits(64) for _ in range(shared)] for _ in range(16)]
+    held: list[set[int]] = [set() for _ in range(pods)]
+    events: list[Event] = []
+    prompts: list[list[int]] = []
+    total = 0
+    while total < entries:
+        sysp = systems[rng.randrange(len(systems))]
+        prompt = sysp + [rng.getrandbits(64) for _ in range(blocks - shared)]
+        prompts.append(prompt)
+        for p in rng.sample(range(pods), rng.randint(1, 4)):
+            run = rng.randint(shared, blocks)
+            new = [k for k in prompt[:run] if k not in held[p]]
+            held[p].update(new)
+            total += len(new)
+            for i in range(0, len(new), event_blocks):
+                ks = new[i : i + event_blocks]
+                events.append((names[p], ks, [rng.getrandbits(64) for _ in ks]))
+    return events, prompts, systems
+
+
+def queries(
+    prompts: list[list[int]], systems: list[list[int]], n: int, blocks: int, seed: int
+) -> list[list[int]]:
+    rng = random.Random(seed + 1)
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind < 2:
+            out.append(rng.choice(prompts))
+        elif kind == 2:
+            sysp = rng.choice(systems)
+            out.append(sysp + [rng.getrandbits(64) for _ in range(blocks - len(sysp))])
+        else:
+            out.append([rng.getrandbits(64) for _ in range(blocks)])
+    return out
+
+
+def latencies(
+    index: KVBlockIndex, qs: list[list[int]], pods: list[str]
+) -> tuple[list[float], float]:
+    for q in qs[:50]:
+        index.lookup(q, pods)
+    lat = []
+    hit = 0
+    for q in qs:
+        t0 = time.perf_counter()
+        res = index.lookup(q, pods)
+        lat.append(time.perf_counter() - t0)
+        hit += max((m.blocks for m in res.values()), default=0)
+    return lat, hit / len(qs)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--entries", type=int, default=1_000_000)
+    ap.add_argument("--pods", type=int, default=16)
+    ap.add_argument("--blocks", type=int, default=512)
+    ap.add_argument("--shared", type=int, default=64, help="system prompt blocks")
+    ap.add_argument("--event-blocks", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16, help="events per pipelined batch")
+    ap.add_argument("--lookups", type=int, default=2000)
+    ap.add_argument("--url", default=None, help="use this Redis instead of a local one")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--no-memory-profile", action="store_true", help="skip tracemalloc pass")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    events, prompts, systems = workload(
+        args.entries, args.pods, args.blocks, args.shared, args.event_blocks, args.seed
+    )
+    n_blocks = sum(len(e[1]) for e in events)
+    print(
+        f"workload: {n_blocks:,} (block, pod) entries in {len(events):,} events, "
+        f"{len(prompts):,} prompts of {args.blocks} blocks, {args.pods} pods "
+        f"({time.perf_counter() - t0:.1f}s to generate)"
+    )
+    qs = queries(prompts, systems, args.lookups, args.blocks, args.seed)
+    pods = [f"10.0.{i // 256}.{i % 256}:8000" for i in range(args.pods)]
+
+    mem = InMemoryIndex(size=10 * args.entries)
+    t0 = time.perf_counter()
+    for pod, ks, ehs in events:
+        mem.add(pod, ks, ehs)
+    mem_rate = n_blocks / (time.perf_counter() - t0)
+
+    mem_bytes = float("nan")
+    if not args.no_memory_profile:
+        tracemalloc.start()
+        probe = InMemoryIndex(size=10 * args.entries)
+        base = tracemalloc.get_traced_memory()[0]
+        for pod, ks, ehs in events:
+            probe.add(pod, ks, ehs)
+        mem_bytes = (tracemalloc.get_traced_memory()[0] - base) / probe.stats().entries
+        tracemalloc.stop()
+        del probe
+
+    with local_redis() if args.url is None else _given(args.url) as url:
+        client = redis.Redis.from_url(url)
+        cfg = RedisIndexConfig(
+            address=url,
+            key_prefix=f"bench{uuid.uuid4().hex[:6]}:",
+            size=10 * args.entries,
+            socket_timeout=5.0,
+        )
+        before = int(client.info("memory")["used_memory"])
+        rix = RedisIndex(cfg)
+        half = len(events) // 2
+        t0 = time.perf_counter()
+        for pod, ks, ehs in events[:half]:
+            rix.add(pod, ks, ehs)
+        sync_s = time.perf_counter() - t0
+        sync_blocks = sum(len(e[1]) for e in events[:half])
+        t0 = time.perf_counter()
+        rest = events[half:]
+        for i in range(0, len(rest), args.batch):
+            with rix.batch() as b:
+                for pod, ks, ehs in rest[i : i + args.batch]:
+                    b.add(pod, ks, ehs)
+        batch_s = time.perf_counter() - t0
+        batch_blocks = n_blocks - sync_blocks
+        st = rix.stats()
+        after = int(client.info("memory")["used_memory"])
+        assert st.entries == mem.stats().entries, (st.entries, mem.stats().entries)
+
+        mem_lat, mem_hit = latencies(mem, qs, pods)
+        red_lat, red_hit = latencies(rix, qs, pods)
+        rix.close()
+
+    ms = 1000.0
+    print()
+    print(f"{'lookup (512 blocks, 16 candidates)':<40}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    for name, lat in (("in-memory", mem_lat), ("redis", red_lat)):
+        print(
+            f"{name:<40}{pct(lat, 0.5) * ms:>10.3f}{pct(lat, 0.99) * ms:>10.3f}"
+            f"{statistics.fmean(lat) * ms:>10.3f}"
+        )
+    print(
+        f"redis / in-memory p50: {pct(red_lat, 0.5) / pct(mem_lat, 0.5):.1f}x; "
+        f"mean best match {red_hit:.0f} blocks (in-memory {mem_hit:.0f})"
+    )
+    print()
+    print(f"{'ingestion':<40}{'blocks/s':>12}")
+    print(f"{'in-memory add()':<40}{mem_rate:>12,.0f}")
+    print(f"{'redis add(), one round trip per event':<40}{sync_blocks / sync_s:>12,.0f}")
+    print(f"{f'redis batch() of {args.batch} events':<40}{batch_blocks / batch_s:>12,.0f}")
+    print()
+    print(f"{'memory per (block, pod) entry':<40}{'bytes':>12}")
+    print(f"{'redis (INFO used_memory delta)':<40}{(after - before) / st.entries:>12.1f}")
+    print(f"{'in-memory (tracemalloc)':<40}{mem_bytes:>12.1f}")
+    print(
+        f"index: {st.entries:,} entries, {st.blocks:,} blocks, {st.engine_hashes:,} engine "
+        f"hashes, {st.pods} pods"
+    )
+    return 0
+
+
+@contextmanager
+def _given(url: str) -> Iterator[str]:
+    yield url
+
+
+if __name__ == "__main__":
+    sys.exit(main())
