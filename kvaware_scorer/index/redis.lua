@@ -420,6 +420,14 @@ local function evict_to(size)
   flush_counts()
 end
 
+-- keys held in an engine-map value: 8 bytes each, then (on a cluster, when the engine block's
+-- last key lives in another shard) a zero byte and that last key
+local function nlocal(val)
+  local n = #val
+  if n % 8 == 0 then return n / 8 end
+  return (n - 9) / 8
+end
+
 -- engine-hash groups of a write: calls fn(eh, keys) for each run of equal engine hashes
 local function groups(kb, eb, fn)
   local n = #kb / 8
@@ -639,6 +647,7 @@ elseif op == 'add' or op == 'add_tier' then
   local id, m, tid
   local blocks = {}     -- key8 list to reference once each
   local unknown = 0
+  local known_bits = nil
   local plain = false   -- no key twice in `blocks`
   if op == 'add' then
     local kb, eb = ARGV[6], ARGV[9]
@@ -673,7 +682,12 @@ elseif op == 'add' or op == 'add_tier' then
         t[#t + 1] = key8
       end
     else
+      local foreign = {}
+      local fb = ARGV[11] or ''
+      for i = 1, #fb - 15, 16 do foreign[sub(fb, i, i + 7)] = sub(fb, i + 8, i + 15) end
       groups(kb, eb, function(eh, keys)
+        local f = foreign[eh]
+        if f then keys = keys .. '\0' .. f end
         local b = bucket(m, eh)
         local t = byb[b]
         if not t then
@@ -693,19 +707,23 @@ elseif op == 'add' or op == 'add_tier' then
     local eb = ARGV[6]
     local n = #eb / 8
     id = live_id(name)
-    if not id then return n end
+    if not id then return string.rep('0', n) end
     m = meta_get(id)
     tid = tier_id(tname, true)
     if type(tid) == 'table' then return tid end
+    local bits = {}
     for i = 1, n do
       local eh = sub(eb, 8 * i - 7, 8 * i)
       local val = call('HGET', ekey(id, bucket(m, eh)), eh)
       if val then
-        for k = 1, #val / 8 do blocks[#blocks + 1] = sub(val, 8 * k - 7, 8 * k) end
+        bits[i] = '1'
+        for k = 1, nlocal(val) do blocks[#blocks + 1] = sub(val, 8 * k - 7, 8 * k) end
       else
+        bits[i] = '0'
         unknown = unknown + 1
       end
     end
+    known_bits = concat(bits)
   end
   local st = stamp()
   local hnew = char(EPOCH, floor(st / 256), st % 256)
@@ -739,23 +757,25 @@ elseif op == 'add' or op == 'add_tier' then
   meta_put(id, m)
   flush_counts()
   evict_to(size)
+  if known_bits then return known_bits end
   return unknown
 
 elseif op == 'remove' then
   local name, tname, eb = ARGV[4], ARGV[5], ARGV[6]
   local id = live_id(name)
-  if not id then return 0 end
+  if not id then return string.rep('0', #eb / 8) end
   local m = meta_get(id)
   local tid = tier_id(tname, false)
-  local known = 0
+  local bits = {}
   for i = 1, #eb / 8 do
     local eh = sub(eb, 8 * i - 7, 8 * i)
     local bkt = ekey(id, bucket(m, eh))
     local val = call('HGET', bkt, eh)
+    bits[i] = '0'
     if val then
-      known = known + 1
+      bits[i] = '1'
       local still = false
-      for k = 1, #val / 8 do
+      for k = 1, nlocal(val) do
         if block_dec(PB .. sub(val, 8 * k - 7, 8 * k), id, tid) then still = true end
       end
       if not still then
@@ -768,7 +788,7 @@ elseif op == 'remove' then
   refresh_pod(id, m)
   meta_put(id, m)
   flush_counts()
-  return known
+  return concat(bits)
 
 elseif op == 'resolve' then
   local id = live_id(ARGV[4])
@@ -888,7 +908,7 @@ elseif op == 'purge_step' then
     local all = call('HGETALL', bkt)
     for i = 2, #all, 2 do
       local val = all[i]
-      for k = 1, #val / 8 do
+      for k = 1, nlocal(val) do
         local bk = PB .. sub(val, 8 * k - 7, 8 * k)
         local v = call('GET', bk)
         if v then
@@ -959,14 +979,29 @@ elseif op == 'maint' then
   for i = 1, #z do pending[i] = tonumber(z[i]) end
   return cmsgpack.pack({ quiet, pending, expired })
 
+elseif op == 'alive' then
+  -- a pod that writes to other shards of a cluster is alive here too
+  local id = register(ARGV[4])
+  local m = meta_get(id)
+  refresh_pod(id, m)
+  meta_put(id, m)
+  return id
+
 elseif op == 'stats' then
   local c = call('HMGET', K_C, 'entries', 'blocks', 'evictions', 'emaps', 'expired')
   local l = call('HGETALL', K_L)
-  local pods = 0
+  local ids = {}
   for i = 1, #l, 2 do
-    if alive(l[i + 1]) then pods = pods + 1 end
+    if alive(l[i + 1]) then ids[#ids + 1] = l[i] end
   end
-  local out = { pods, tonumber(call('GET', K_SC) or 0), call('LLEN', K_Q) }
+  local names = {}
+  if #ids > 0 then
+    local got = call('HMGET', K_N, unpack(ids))
+    for i = 1, #ids do
+      if got[i] then names[#names + 1] = got[i] end
+    end
+  end
+  local out = { names, tonumber(call('GET', K_SC) or 0), call('LLEN', K_Q) }
   for i = 1, 5 do out[#out + 1] = tonumber(c[i] or 0) end
   return cmsgpack.pack(out)
 

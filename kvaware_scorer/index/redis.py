@@ -21,6 +21,7 @@ sharding and failure behaviour are described in ``docs/redis.md``; in short:
 from __future__ import annotations
 
 import array
+import bisect
 import hashlib
 import itertools
 import logging
@@ -30,13 +31,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import redis
-import xxhash
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
@@ -109,17 +109,18 @@ class _Shard(NamedTuple):
 
 @dataclass(slots=True)
 class _Write:
-    """A write operation, kept while Redis is unreachable."""
+    """A write operation as the caller made it (kept as such while Redis is unreachable)."""
 
-    seq: int
-    shard: _Shard
     kind: str
-    args: tuple[Any, ...]
-    hints: list[tuple[str, int, int]] = field(default_factory=list)
+    pod: str
+    keys: Sequence[int] = ()
+    ehs: Sequence[int] | None = None
+    tier: str = ""
+    seq: int = -1
 
 
 class WriteBatch:
-    """Write operations collected to be sent in one pipeline (one round trip per shard).
+    """Write operations collected to be sent in one pipeline (one round trip).
 
     Made by `RedisIndex.batch`; each method mirrors the `KVBlockIndex` method of the same name
     and appends one result to ``results`` (in call order) when the batch is sent.
@@ -144,15 +145,15 @@ class WriteBatch:
 
     def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> None:
         """Queue `RedisIndex.add_tier`."""
-        self._ops.append(self._index._tier_op(b"add_tier", pod, engine_hashes, tier))
+        self._ops.append(self._index._tier_op("add_tier", pod, engine_hashes, tier))
 
     def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> None:
         """Queue `RedisIndex.remove`."""
-        self._ops.append(self._index._tier_op(b"remove", pod, engine_hashes, tier))
+        self._ops.append(self._index._tier_op("remove", pod, engine_hashes, tier))
 
     def purge(self, pod: str) -> None:
         """Queue `RedisIndex.purge`."""
-        self._ops.append(self._index._purge_op(pod))
+        self._ops.append(_Write("purge", pod))
 
 
 class RedisIndex:
@@ -203,6 +204,7 @@ class RedisIndex:
         }
         self._last_stats = IndexStats(backend=self.backend, capacity=config.size)
         self._best: dict[tuple[int, tuple[str, ...]], tuple[str, float]] = {}
+        self._alive_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -281,12 +283,6 @@ class RedisIndex:
             shards.append(_Shard(prefix, prefix + b"c"))
         return shards
 
-    def _shard_of(self, pod: str) -> _Shard:
-        shards = self._shards
-        if len(shards) == 1:
-            return shards[0]
-        return shards[xxhash.xxh3_64_intdigest(pod.encode("utf-8")) % len(shards)]
-
     def _load_script(self, client: Any) -> None:
         client.script_load(self._code)
         self._script_ready = True
@@ -310,11 +306,14 @@ class RedisIndex:
         results: list[Any] = [None] * len(items)
         todo = list(range(len(items)))
         for attempt in range(2):
-            pipe = client.pipeline(transaction=False)
-            for i in todo:
-                shard, args = items[i]
-                pipe.evalsha(*self._argv(shard, args))
-            out = pipe.execute(raise_on_error=False)
+            batch = [items[i] for i in todo]
+            if self.config.cluster:
+                out = self._cluster_send(client, batch)
+            else:
+                pipe = client.pipeline(transaction=False)
+                for shard, args in batch:
+                    pipe.evalsha(*self._argv(shard, args))
+                out = pipe.execute(raise_on_error=False)
             retry = []
             for i, r in zip(todo, out, strict=True):
                 if isinstance(r, redis.exceptions.NoScriptError) and attempt == 0:
@@ -325,6 +324,57 @@ class RedisIndex:
                 break
             self._load_script(client)
             todo = retry
+        return results
+
+    def _cluster_send(
+        self, client: Any, items: Sequence[tuple[_Shard, tuple[Any, ...]]]
+    ) -> list[Any]:
+        """Script calls to several masters at once: every master's calls are written before
+        any answer is read, so the whole fan-out costs one round trip.
+
+        NOTE: redis-py's cluster pipeline refuses EVALSHA; calls answered with a redirect
+        (slot moved, migrating, cluster reconfiguring) are re-run through the cluster client,
+        which follows redirects and refreshes its slot map.
+        """
+        by_node: dict[str, list[int]] = {}
+        nodes: dict[str, Any] = {}
+        for i, (shard, _args) in enumerate(items):
+            node = client.get_node_from_key(shard.route)
+            by_node.setdefault(node.name, []).append(i)
+            nodes[node.name] = node
+        results: list[Any] = [None] * len(items)
+        sent: list[tuple[Any, Any, list[int]]] = []
+        try:
+            for name, idxs in by_node.items():
+                r = nodes[name].redis_connection
+                conn = r.connection_pool.get_connection()
+                sent.append((r, conn, idxs))
+                cmds = [("EVALSHA", *self._argv(*items[i])) for i in idxs]
+                conn.send_packed_command(conn.pack_commands(cmds))
+            for r, conn, idxs in sent:
+                for i in idxs:
+                    try:
+                        results[i] = r.parse_response(conn, "EVALSHA")
+                    except redis.exceptions.ResponseError as exc:
+                        results[i] = exc
+        except BaseException:
+            for _r, conn, _idxs in sent:
+                conn.disconnect()
+            raise
+        finally:
+            for r, conn, _idxs in sent:
+                r.connection_pool.release(conn)
+        for i, res in enumerate(results):
+            if isinstance(
+                res,
+                redis.exceptions.AskError
+                | redis.exceptions.TryAgainError
+                | redis.exceptions.ClusterDownError,
+            ):
+                try:
+                    results[i] = client.evalsha(*self._argv(*items[i]))
+                except redis.exceptions.ResponseError as exc:
+                    results[i] = exc
         return results
 
     # -- availability -----------------------------------------------------------------------
@@ -393,74 +443,160 @@ class RedisIndex:
             return None
         if engine_hashes is not None and len(engine_hashes) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(engine_hashes)} engine hashes")
-        kb = _pack(keys)
-        eb = b"" if engine_hashes is None else _pack(engine_hashes)
-        groups = list(iter_groups(keys, engine_hashes))
-        plain = len(groups) == len(keys) and len(set(keys)) == len(keys)
-        name = normalize_medium(tier, self.tiers.default_tier)
-        args = (
-            b"add",
-            pod,
-            name,
-            kb,
-            self._shard_size(),
-            self.config.pod_cache_size,
-            eb,
-            b"1" if plain else b"0",
-        )
-        hints = [(pod, eh, ks[-1]) for eh, ks in groups]
-        return _Write(-1, self._shard_of_lazy(pod), "add", args, hints)
+        _pack(keys)  # bad keys fail here, in the caller, not at replay
+        tname = normalize_medium(tier, self.tiers.default_tier)
+        return _Write("add", pod, keys, engine_hashes, tname)
 
     def _tier_op(
-        self, op: bytes, pod: str, engine_hashes: Sequence[int], tier: str | None
+        self, kind: str, pod: str, engine_hashes: Sequence[int], tier: str | None
     ) -> _Write:
-        eb = _pack(engine_hashes)
-        name = normalize_medium(tier, self.tiers.default_tier)
-        if op == b"add_tier":
-            args: tuple[Any, ...] = (
-                op,
-                pod,
-                name,
-                eb,
-                self._shard_size(),
-                self.config.pod_cache_size,
-            )
-        else:
-            args = (op, pod, name, eb)
-        return _Write(-1, self._shard_of_lazy(pod), op.decode(), args)
-
-    def _purge_op(self, pod: str) -> _Write:
-        return _Write(-1, self._shard_of_lazy(pod), "purge", (b"purge", pod, 0))
-
-    def _shard_of_lazy(self, pod: str) -> _Shard:
-        if not self._shards:
-            try:
-                self._connection()
-            except _UNAVAILABLE as exc:
-                self._mark_down(exc)
-        if not self._shards:
-            # NOTE: a cluster's layout is unknown until it answers once; the shard is chosen
-            # again when the write is replayed.
-            return _Shard(b"", b"")
-        return self._shard_of(pod)
+        _pack(engine_hashes)
+        tname = normalize_medium(tier, self.tiers.default_tier)
+        return _Write(kind, pod, (), engine_hashes, tname)
 
     def _shard_size(self) -> int:
         size = self.config.size
         shards = max(1, len(self._shards) if self._shards else self.config.cluster_shards or 1)
         return -(-size // shards) if size else 0
 
-    def _result(self, w: _Write, raw: Any) -> int | None:
+    def _add_args(
+        self,
+        w: _Write,
+        keys: Sequence[int],
+        ehs: Sequence[int] | None,
+        foreign: bytes = b"",
+    ) -> tuple[Any, ...]:
+        plain = (
+            not foreign
+            and len(set(keys)) == len(keys)
+            and (ehs is None or all(ehs[i] != ehs[i + 1] for i in range(len(ehs) - 1)))
+        )
+        return (
+            b"add",
+            w.pod,
+            w.tier,
+            _pack(keys),
+            self._shard_size(),
+            self.config.pod_cache_size,
+            b"" if ehs is None else _pack(ehs),
+            b"1" if plain else b"0",
+            foreign,
+        )
+
+    def _plan(self, w: _Write) -> list[tuple[_Shard, tuple[Any, ...]]]:
+        """The script calls of one write: one per shard it touches."""
+        shards = self._shards
+        n = len(shards)
+        if w.kind == "add":
+            if n == 1:
+                return [(shards[0], self._add_args(w, w.keys, w.ehs))]
+            parts: dict[int, tuple[list[int], list[int]]] = {}
+            foreign: dict[int, list[bytes]] = {}
+            for eh, ks in iter_groups(w.keys, w.ehs):
+                touched = set()
+                for k in ks:
+                    s = k % n
+                    pk, pe = parts.setdefault(s, ([], []))
+                    pk.append(k)
+                    pe.append(eh)
+                    touched.add(s)
+                last = ks[-1]
+                for s in touched - {last % n}:
+                    foreign.setdefault(s, []).append(_pack([eh, last]))
+            calls = [
+                (
+                    shards[s],
+                    self._add_args(
+                        w, pk, None if w.ehs is None else pe, b"".join(foreign.get(s, ()))
+                    ),
+                )
+                for s, (pk, pe) in parts.items()
+            ]
+            return calls + self._alive_calls(w.pod, {s for s in parts})
+        if w.kind == "purge":
+            return [(sh, (b"purge", w.pod, 0)) for sh in shards]
+        ehs = w.ehs or ()
+        if w.kind == "add_tier":
+            args: tuple[Any, ...] = (
+                b"add_tier",
+                w.pod,
+                w.tier,
+                _pack(ehs),
+                self._shard_size(),
+                self.config.pod_cache_size,
+            )
+        else:
+            args = (b"remove", w.pod, w.tier, _pack(ehs))
+        return [(sh, args) for sh in shards]
+
+    def _alive_calls(self, pod: str, busy: set[int]) -> list[tuple[_Shard, tuple[Any, ...]]]:
+        """On a cluster, tell the shards a write skipped that `pod` is alive (now and then)."""
+        if self._ttl_ms == 0:
+            return []
+        now = time.monotonic()
+        every = max(0.5, self._ttl_ms / 8000)
+        with self._lock:
+            if now - self._alive_at.get(pod, -every) < every:
+                return []
+            self._alive_at[pod] = now
+            if len(self._alive_at) > 100_000:
+                self._alive_at.clear()
+        return [(sh, (b"alive", pod)) for i, sh in enumerate(self._shards) if i not in busy]
+
+    def _combine(
+        self, w: _Write, calls: list[tuple[_Shard, tuple[Any, ...]]], raws: list[Any]
+    ) -> int | None:
+        """The caller's result of one write from its calls' answers."""
+        errors = [r for r in raws if isinstance(r, redis.exceptions.ResponseError)]
+        for exc in errors:
+            self._write_failed(w, exc)
         if w.kind == "add":
             return None
         if w.kind == "purge":
-            dropped, pid = (int(x) for x in raw)
-            if pid:
-                self._finish_purge(w.shard, pid)
+            dropped = 0
+            for (shard, _args), raw in zip(calls, raws, strict=True):
+                if isinstance(raw, BaseException):
+                    continue
+                n, pid = (int(x) for x in raw)
+                dropped += n
+                if pid:
+                    self._finish_purge(shard, pid)
             return dropped
-        return int(raw)
+        known = 0
+        bits = [bytes(r) for r in raws if not isinstance(r, BaseException)]
+        if bits:
+            known = sum(1 for col in zip(*bits, strict=True) if 49 in col)
+        if w.kind == "add_tier":
+            return len(w.ehs or ()) - known
+        return known
 
     def _fallback(self, w: _Write) -> int | None:
         return None if w.kind == "add" else 0
+
+    def _apply(self, ops: Sequence[_Write]) -> list[int | None]:
+        """Send writes now (one round trip); raises the unavailability errors."""
+        self._connection()
+        plans = [self._plan(w) for w in ops]
+        calls = [c for plan in plans for c in plan]
+        if len(calls) == 1:
+            try:
+                raws: list[Any] = [self._eval(calls[0][0], *calls[0][1])]
+            except redis.exceptions.ResponseError as exc:
+                if isinstance(exc, _UNAVAILABLE):
+                    raise
+                raws = [exc]
+        else:
+            raws = self._pipeline(calls)
+            for r in raws:
+                if isinstance(r, _UNAVAILABLE):
+                    raise r
+        self._mark_up()
+        out: list[int | None] = []
+        i = 0
+        for w, plan in zip(ops, plans, strict=True):
+            out.append(self._combine(w, plan, raws[i : i + len(plan)]))
+            i += len(plan)
+        return out
 
     def _submit(self, ops: list[_Write]) -> list[int | None]:
         """Apply writes now if Redis answers, else buffer them (in order)."""
@@ -469,33 +605,15 @@ class RedisIndex:
         self._ensure_worker()
         if self._buffer and self._available():
             self._drain()
-        if self._buffer or not self._available() or not self._shards:
+        if self._buffer or not self._available():
             self._enqueue(ops)
             return [self._fallback(w) for w in ops]
         try:
-            if len(ops) == 1:
-                w = ops[0]
-                raws: list[Any] = [self._eval(w.shard, *w.args)]
-            else:
-                raws = self._pipeline([(w.shard, w.args) for w in ops])
-                for r in raws:
-                    if isinstance(r, _UNAVAILABLE):
-                        raise r
+            return self._apply(ops)
         except _UNAVAILABLE as exc:
             self._mark_down(exc)
             self._enqueue(ops)
             return [self._fallback(w) for w in ops]
-        except redis.exceptions.ResponseError as exc:
-            raws = [exc]
-        self._mark_up()
-        out: list[int | None] = []
-        for w, raw in zip(ops, raws, strict=False):
-            if isinstance(raw, redis.exceptions.ResponseError):
-                self._write_failed(w, raw)
-                out.append(self._fallback(w))
-            else:
-                out.append(self._result(w, raw))
-        return out
 
     def _write_failed(self, w: _Write, exc: BaseException) -> None:
         msg = str(exc)
@@ -503,7 +621,7 @@ class RedisIndex:
             raise ValueError(msg.split("KVAWARE", 1)[1].strip()) from None
         with self._lock:
             self._counters["failed_writes"] += 1
-        logger.warning("Redis index dropped a %s of %s: %s", w.kind, w.args[1], msg)
+        logger.warning("Redis index dropped a %s of %s: %s", w.kind, w.pod, msg)
 
     def _enqueue(self, ops: list[_Write]) -> None:
         limit = self.config.max_buffered_writes
@@ -511,7 +629,6 @@ class RedisIndex:
         with self._lock:
             if limit == 0:
                 dropped = len(ops)
-                self._counters["dropped_writes"] += dropped
             else:
                 for w in ops:
                     if len(self._buffer) >= limit:
@@ -519,10 +636,11 @@ class RedisIndex:
                         dropped += 1
                     w.seq = next(self._seq)
                     self._buffer.append(w)
-                    for pod, eh, key in w.hints:
-                        self._pending[(pod, eh)] = key
+                    if w.kind == "add":
+                        for eh, ks in iter_groups(w.keys, w.ehs):
+                            self._pending[(w.pod, eh)] = ks[-1]
                 self._counters["buffered_writes"] += len(ops)
-                self._counters["dropped_writes"] += dropped
+            self._counters["dropped_writes"] += dropped
         if dropped:
             logger.warning(
                 "Redis index unavailable: dropped %d writes (buffer limit %d)", dropped, limit
@@ -540,34 +658,23 @@ class RedisIndex:
                 if not self._available():
                     return False
                 try:
-                    if not self._shards:
-                        self._connection()
-                    items = []
-                    for w in batch:
-                        if not w.shard.route:
-                            w.shard = self._shard_of(w.args[1])
-                        items.append((w.shard, w.args))
-                    raws = self._pipeline(items)
-                    for r in raws:
-                        if isinstance(r, _UNAVAILABLE):
-                            raise r
+                    self._apply_replayed(batch)
                 except _UNAVAILABLE as exc:
                     self._mark_down(exc)
                     return False
-                self._mark_up()
                 with self._lock:
                     last = batch[-1].seq
                     while self._buffer and self._buffer[0].seq <= last:
                         self._buffer.popleft()
                     self._counters["replayed_writes"] += len(batch)
-                for w, raw in zip(batch, raws, strict=True):
-                    if isinstance(raw, redis.exceptions.ResponseError):
-                        try:
-                            self._write_failed(w, raw)
-                        except ValueError as exc:
-                            logger.warning("Redis index dropped a replayed %s: %s", w.kind, exc)
-                    elif w.kind == "purge":
-                        self._result(w, raw)
+
+    def _apply_replayed(self, batch: list[_Write]) -> None:
+        try:
+            self._apply(batch)
+        except ValueError as exc:
+            # NOTE: a replayed write the server refuses (e.g. a 17th tier) must not block
+            # the writes queued behind it.
+            logger.warning("Redis index dropped a replayed write: %s", exc)
 
     def flush(self) -> bool:
         """Replay buffered writes now. Returns whether none are left."""
@@ -587,15 +694,16 @@ class RedisIndex:
     def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
         if not engine_hashes:
             return 0
-        return self._submit([self._tier_op(b"add_tier", pod, engine_hashes, tier)])[0] or 0
+        out = self._submit([self._tier_op("add_tier", pod, engine_hashes, tier)])[0]
+        return out or 0
 
     def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> int:
         if not engine_hashes:
             return 0
-        return self._submit([self._tier_op(b"remove", pod, engine_hashes, tier)])[0] or 0
+        return self._submit([self._tier_op("remove", pod, engine_hashes, tier)])[0] or 0
 
     def purge(self, pod: str) -> int:
-        return self._submit([self._purge_op(pod)])[0] or 0
+        return self._submit([_Write("purge", pod)])[0] or 0
 
     @contextmanager
     def batch(self) -> Iterator[WriteBatch]:
@@ -624,22 +732,34 @@ class RedisIndex:
     def add_speculative(self, pod: str, keys: Sequence[int], ttl: float) -> None:
         if not keys or ttl <= 0:
             return
-        blob = _pack(keys)
-        if not self._available():
-            with self._lock:
-                self._counters["dropped_speculative"] += 1
-            return
+        _pack(keys)
+        ms = max(1, int(ttl * 1000))
         # NOTE: speculative entries live for seconds: replaying them later is pointless, so
         # they are dropped (and counted) rather than buffered while Redis is unreachable.
-        try:
-            self._connection()
-            self._eval(self._shard_of(pod), b"spec", pod, blob, max(1, int(ttl * 1000)))
-        except _UNAVAILABLE as exc:
-            self._mark_down(exc)
-            with self._lock:
-                self._counters["dropped_speculative"] += 1
-            return
-        self._mark_up()
+        if self._available():
+            try:
+                self._connection()
+                n = len(self._shards)
+                parts: dict[int, list[int]] = {}
+                for k in keys:
+                    parts.setdefault(k % n, []).append(k)
+                calls = [
+                    (self._shards[s], (b"spec", pod, _pack(ks), ms)) for s, ks in parts.items()
+                ]
+                if len(calls) == 1:
+                    self._eval(calls[0][0], *calls[0][1])
+                else:
+                    for r in self._pipeline(calls):
+                        if isinstance(r, BaseException):
+                            raise r
+                self._mark_up()
+                return
+            except _UNAVAILABLE as exc:
+                self._mark_down(exc)
+            except redis.exceptions.RedisError as exc:
+                logger.warning("speculative insert for %s failed: %s", pod, exc)
+        with self._lock:
+            self._counters["dropped_speculative"] += 1
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -658,33 +778,36 @@ class RedisIndex:
             names = list(dict.fromkeys(pods))
             if not names:
                 return {}
-        blob = _pack(keys)
+        mode = b"1" if pods is None else b"0"
 
-        def run() -> list[Any]:
+        def run() -> tuple[list[list[int]], list[Any]]:
             self._connection()
             shards = self._shards
             size = self._shard_size()
             if len(shards) == 1:
-                mode = b"1" if pods is None else b"0"
-                return [self._eval(shards[0], b"lookup", blob, mode, size, *names)]
-            items: list[tuple[_Shard, tuple[Any, ...]]] = []
-            if pods is None:
-                items = [(s, (b"lookup", blob, b"1", size)) for s in shards]
-            else:
-                by: dict[_Shard, list[str]] = {}
-                for name in names:
-                    by.setdefault(self._shard_of(name), []).append(name)
-                items = [(s, (b"lookup", blob, b"0", size, *ns)) for s, ns in by.items()]
+                raw = self._eval(shards[0], b"lookup", _pack(keys), mode, size, *names)
+                return [], [raw]
+            n = len(shards)
+            positions: dict[int, list[int]] = {}
+            for i, k in enumerate(keys):
+                positions.setdefault(k % n, []).append(i)
+            order = list(positions)
+            items = [
+                (shards[s], (b"lookup", _pack([keys[i] for i in positions[s]]), mode, size, *names))
+                for s in order
+            ]
             raws = self._pipeline(items)
             for r in raws:
                 if isinstance(r, BaseException):
                     raise r
-            return raws
+            return [positions[s] for s in order], raws
 
-        out: dict[str, PodMatch] = {}
-        for raw in self._guarded("lookup", run):
-            self._decode_lookup(raw, out)
-        return out
+        where, raws = self._guarded("lookup", run)
+        if not where:
+            out: dict[str, PodMatch] = {}
+            self._decode_lookup(raws[0], out)
+            return out
+        return self._merge_lookup(len(keys), where, raws)
 
     def _decode_lookup(self, raw: bytes, out: dict[str, PodMatch]) -> None:
         data = msgspec.msgpack.decode(raw)
@@ -702,6 +825,50 @@ class RedisIndex:
                 weight += n * w
                 counts[tname] = counts.get(tname, 0) + n
             out[pod] = PodMatch(run, weight, counts)
+
+    def _merge_lookup(
+        self, total: int, where: list[list[int]], raws: list[Any]
+    ) -> dict[str, PodMatch]:
+        """Combine per-shard walks: a pod's run ends at its first miss in any shard."""
+        parts = []
+        seen: dict[str, None] = {}
+        for raw in raws:
+            data = msgspec.msgpack.decode(raw)
+            got: dict[str, tuple[int, list[int]]] = {}
+            names: tuple[str, ...] = ()
+            if data:
+                names = tuple(data[0])
+                for i in range(1, len(data), 3):
+                    got[data[i]] = (data[i + 1], data[i + 2])
+                    seen[data[i]] = None
+            parts.append((got, names))
+        out: dict[str, PodMatch] = {}
+        best = self._best_tier
+        for pod in seen:
+            run = total
+            for pos, (got, _names) in zip(where, parts, strict=True):
+                hit = got.get(pod)
+                local = 0 if hit is None else hit[0]
+                if local < len(pos):
+                    run = min(run, pos[local])
+            if run == 0:
+                continue
+            weight = 0.0
+            counts: dict[str, int] = {}
+            for pos, (got, names) in zip(where, parts, strict=True):
+                hit = got.get(pod)
+                if hit is None:
+                    continue
+                ranges = hit[1]
+                for j in range(0, len(ranges), 3):
+                    lo, hi = ranges[j], ranges[j + 1]
+                    n = bisect.bisect_left(pos, run, lo, hi) - lo
+                    if n > 0:
+                        tname, w = best(ranges[j + 2], names)
+                        weight += n * w
+                        counts[tname] = counts.get(tname, 0) + n
+            out[pod] = PodMatch(run, weight, counts)
+        return out
 
     def _best_tier(self, mask: int, names: tuple[str, ...]) -> tuple[str, float]:
         """Name and weight of the best tier in a tier mask (speculative -> default tier)."""
@@ -742,14 +909,21 @@ class RedisIndex:
                     return hit
         eh = _pack([engine_hash])
 
-        def run() -> Any:
+        def run() -> list[Any]:
             self._connection()
-            return self._eval(self._shard_of(pod), b"resolve", pod, eh)
+            shards = self._shards
+            if len(shards) == 1:
+                return [self._eval(shards[0], b"resolve", pod, eh)]
+            raws = self._pipeline([(s, (b"resolve", pod, eh)) for s in shards])
+            for r in raws:
+                if isinstance(r, BaseException):
+                    raise r
+            return raws
 
-        raw = self._guarded("resolve", run)
-        if raw is None:
-            return None
-        return int.from_bytes(raw, "little")
+        for raw in self._guarded("resolve", run):
+            if raw is not None:
+                return int.from_bytes(raw, "little")
+        return None
 
     def _each_shard(self, what: str, op: bytes) -> list[Any]:
         def run() -> list[Any]:
@@ -792,8 +966,12 @@ class RedisIndex:
             return replace(self._last_stats, extra=extra)
         extra["available"] = 1.0
         extra["shards"] = float(len(parts))
-        pods, spec, queue, entries, blocks, evictions, emaps, expired = (
-            sum(int(p[i]) for p in parts) for i in range(8)
+        names: set[str] = set()
+        for p in parts:
+            names.update(p[0])
+        pods = len(names)
+        spec, queue, entries, blocks, evictions, emaps, expired = (
+            sum(int(p[i]) for p in parts) for i in range(1, 8)
         )
         extra["queue"] = float(queue)
         extra["expired"] = float(expired)

@@ -35,3 +35,23 @@ class TestRedisContract(IndexContract):
         yield factory
         for ix in made:
             ix.close()
+
+
+class TestRedisClusterContract(IndexContract):
+    @pytest.fixture
+    def make_index(self, redis_cluster: Any) -> Iterator[Any]:
+        made: list[RedisIndex] = []
+
+        def factory(
+            size: int = 1_000_000, pod_cache_size: int = 0, tiers: TierTable | None = None
+        ) -> KVBlockIndex:
+            cfg = fresh_config(
+                redis_cluster.url, size=size, pod_cache_size=pod_cache_size, cluster=True
+            )
+            ix = RedisIndex(cfg, tiers=tiers)
+            made.append(ix)
+            return ix
+
+        yield factory
+        for ix in made:
+            ix.close()
