@@ -26,7 +26,9 @@ local PERIOD = max(1000, floor(TTL / 4))
 local EPOCH, EXPIRE_PERIODS = 0, 0
 if TTL > 0 then
   EPOCH = floor(NOW / PERIOD) % 128
-  EXPIRE_PERIODS = math.ceil(TTL / PERIOD)
+  -- NOTE: one more period than the TTL spans: a block touched just before an epoch boundary
+  -- must not look a whole period old right after it.
+  EXPIRE_PERIODS = math.ceil(TTL / PERIOD) + 1
 end
 local META_PX = 3 * TTL + PERIOD
 local SPEC = 65536
@@ -161,9 +163,11 @@ local function bucket(m, eh)
   return b
 end
 
-local function maybe_split(id, m)
+-- split buckets until `extra` more entries keep the load under LOAD
+local function maybe_split(id, m, extra)
   local n = 0
-  while m.h > LOAD * nbuckets(m) and m.L < 22 and n < 4 do
+  local most = 4 + floor(extra / LOAD)
+  while m.h + extra > LOAD * nbuckets(m) and m.L < 22 and n < most do
     local n0 = lshift(1, m.L)
     local src = ekey(id, m.p)
     local all = call('HGETALL', src)
@@ -177,8 +181,8 @@ local function maybe_split(id, m)
     end
     if #del > 0 then
       local dst = ekey(id, m.p + n0)
-      call('HDEL', src, unpack(del))
-      call('HSET', dst, unpack(mv))
+      for i = 1, #del, 1000 do call('HDEL', src, unpack(del, i, min(#del, i + 999))) end
+      for i = 1, #mv, 2000 do call('HSET', dst, unpack(mv, i, min(#mv, i + 1999))) end
       if TTL > 0 then call('PEXPIRE', dst, META_PX) end
     end
     m.p = m.p + 1
@@ -657,6 +661,7 @@ elseif op == 'add' or op == 'add_tier' then
     m = meta_get(id)
     tid = tier_id(tname, true)
     if type(tid) == 'table' then return tid end
+    maybe_split(id, m, n)
     local byb = {}
     -- NOTE: the client flags writes with distinct keys and no run of equal engine hashes
     -- (the common case): one engine hash per key, no value read twice.
@@ -700,7 +705,11 @@ elseif op == 'add' or op == 'add_tier' then
       for i = 1, n do blocks[i] = sub(kb, 8 * i - 7, 8 * i) end
     end
     local added = 0
-    for b, t in pairs(byb) do added = added + call('HSET', ekey(id, b), unpack(t)) end
+    for b, t in pairs(byb) do
+      for i = 1, #t, 2000 do
+        added = added + call('HSET', ekey(id, b), unpack(t, i, min(#t, i + 1999)))
+      end
+    end
     m.h = m.h + added
     cinc('emaps', added)
   else
@@ -752,7 +761,7 @@ elseif op == 'add' or op == 'add_tier' then
   cinc('blocks', dblocks)
   cinc('entries', dentries)
   ped(id, dentries)
-  maybe_split(id, m)
+  maybe_split(id, m, 0)
   refresh_pod(id, m)
   meta_put(id, m)
   flush_counts()
