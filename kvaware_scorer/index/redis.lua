@@ -34,6 +34,7 @@ local META_PX = 3 * TTL + PERIOD
 local SPEC = 65536
 local LOAD = 40
 local PCS = 0
+local QUEUE = TTL > 0
 
 local K_C, K_R, K_N, K_L, K_M, K_PE = P .. 'c', P .. 'r', P .. 'n', P .. 'l', P .. 'm', P .. 'pe'
 local K_T, K_F, K_Z, K_Q, K_SA, K_SC = P .. 't', P .. 'f', P .. 'z', P .. 'q', P .. 'sa', P .. 'sc'
@@ -313,7 +314,7 @@ end
 -- the header of a block created now. Returns the new value, blocks added, entries added.
 local function block_add(key8, v, id, tid, hnew)
   if not v then
-    QBUF[#QBUF + 1] = key8 .. sub(hnew, 2, 3)
+    if QUEUE then QBUF[#QBUF + 1] = key8 .. sub(hnew, 2, 3) end
     return hnew .. enc(id, tid, 1), 1, 1
   end
   local recs = parse(v, 4)
@@ -648,6 +649,8 @@ elseif op == 'add' or op == 'add_tier' then
   local name, tname = ARGV[4], ARGV[5]
   local size = tonumber(ARGV[7])
   PCS = tonumber(ARGV[8])
+  -- NOTE: the block queue serves eviction and expiry; with neither it is not kept
+  QUEUE = QUEUE or size > 0
   local id, m, tid
   local blocks = {}     -- key8 list to reference once each
   local unknown = 0

@@ -71,6 +71,19 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
+_UNAVAILABLE_OR_REPLY: tuple[type[BaseException], ...] = (
+    *_UNAVAILABLE,
+    redis.exceptions.ResponseError,
+)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A server reply that means "try again later" rather than "this write is wrong"."""
+    return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(
+        ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY")
+    )
+
+
 def redis_url(address: str) -> str:
     """The redis-py URL for a configured address (``valkey[s]://`` and ``host:port`` mapped)."""
     address = address.strip()
@@ -582,13 +595,13 @@ class RedisIndex:
             try:
                 raws: list[Any] = [self._eval(calls[0][0], *calls[0][1])]
             except redis.exceptions.ResponseError as exc:
-                if isinstance(exc, _UNAVAILABLE):
+                if isinstance(exc, _UNAVAILABLE) or _transient(exc):
                     raise
                 raws = [exc]
         else:
             raws = self._pipeline(calls)
             for r in raws:
-                if isinstance(r, _UNAVAILABLE):
+                if isinstance(r, _UNAVAILABLE) or _transient(r):
                     raise r
         self._mark_up()
         out: list[int | None] = []
@@ -610,7 +623,9 @@ class RedisIndex:
             return [self._fallback(w) for w in ops]
         try:
             return self._apply(ops)
-        except _UNAVAILABLE as exc:
+        except _UNAVAILABLE_OR_REPLY as exc:
+            if not isinstance(exc, _UNAVAILABLE) and not _transient(exc):
+                raise
             self._mark_down(exc)
             self._enqueue(ops)
             return [self._fallback(w) for w in ops]
@@ -659,7 +674,9 @@ class RedisIndex:
                     return False
                 try:
                     self._apply_replayed(batch)
-                except _UNAVAILABLE as exc:
+                except _UNAVAILABLE_OR_REPLY as exc:
+                    if not isinstance(exc, _UNAVAILABLE) and not _transient(exc):
+                        raise
                     self._mark_down(exc)
                     return False
                 with self._lock:
