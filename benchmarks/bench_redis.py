@@ -135,6 +135,12 @@ def latencies(
     return lat, hit / len(qs)
 
 
+def server_usec(client: redis.Redis) -> float:
+    """Microseconds the server spent in our script calls since the last stats reset."""
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return float(stats.get("usec", 0))
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -195,11 +201,13 @@ def main() -> int:
         before = int(client.info("memory")["used_memory"])
         rix = RedisIndex(cfg)
         half = len(events) // 2
+        client.config_resetstat()
         t0 = time.perf_counter()
         for pod, ks, ehs in events[:half]:
             rix.add(pod, ks, ehs)
         sync_s = time.perf_counter() - t0
         sync_blocks = sum(len(e[1]) for e in events[:half])
+        sync_cpu = server_usec(client) / sync_blocks
         t0 = time.perf_counter()
         rest = events[half:]
         for i in range(0, len(rest), args.batch):
@@ -208,12 +216,15 @@ def main() -> int:
                     b.add(pod, ks, ehs)
         batch_s = time.perf_counter() - t0
         batch_blocks = n_blocks - sync_blocks
+        batch_cpu = (server_usec(client) - sync_cpu * sync_blocks) / batch_blocks
         st = rix.stats()
         after = int(client.info("memory")["used_memory"])
         assert st.entries == mem.stats().entries, (st.entries, mem.stats().entries)
 
         mem_lat, mem_hit = latencies(mem, qs, pods)
+        client.config_resetstat()
         red_lat, red_hit = latencies(rix, qs, pods)
+        lookup_cpu = server_usec(client) / (len(qs) + 50)
         rix.close()
 
     ms = 1000.0
@@ -229,10 +240,18 @@ def main() -> int:
         f"mean best match {red_hit:.0f} blocks (in-memory {mem_hit:.0f})"
     )
     print()
-    print(f"{'ingestion':<40}{'blocks/s':>12}")
+    print(f"redis server time per lookup (script CPU): {lookup_cpu / 1000:.3f} ms")
+    print()
+    print(f"{'ingestion':<40}{'blocks/s':>12}{'redis us/block':>16}")
     print(f"{'in-memory add()':<40}{mem_rate:>12,.0f}")
-    print(f"{'redis add(), one round trip per event':<40}{sync_blocks / sync_s:>12,.0f}")
-    print(f"{f'redis batch() of {args.batch} events':<40}{batch_blocks / batch_s:>12,.0f}")
+    print(
+        f"{'redis add(), one round trip per event':<40}{sync_blocks / sync_s:>12,.0f}"
+        f"{sync_cpu:>16.2f}"
+    )
+    print(
+        f"{f'redis batch() of {args.batch} events':<40}{batch_blocks / batch_s:>12,.0f}"
+        f"{batch_cpu:>16.2f}"
+    )
     print()
     print(f"{'memory per (block, pod) entry':<40}{'bytes':>12}")
     print(f"{'redis (INFO used_memory delta)':<40}{(after - before) / st.entries:>12.1f}")

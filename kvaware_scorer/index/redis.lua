@@ -310,12 +310,13 @@ local function limit_holders(recs, keep, pcs)
   return without(recs, victims)
 end
 
--- one more reference of (id, tier) at block `key8` (current value `v` or false); `hnew` is
--- the header of a block created now. Returns the new value, blocks added, entries added.
-local function block_add(key8, v, id, tid, hnew)
+-- one more reference of (id, tier) at block `key8` (current value `v` or false); `fresh` is
+-- the value of a block created now, `s2` its stamp. Returns the new value, blocks added,
+-- entries added.
+local function block_add(key8, v, id, tid, fresh, s2)
   if not v then
-    if QUEUE then QBUF[#QBUF + 1] = key8 .. sub(hnew, 2, 3) end
-    return hnew .. enc(id, tid, 1), 1, 1
+    if QUEUE then QBUF[#QBUF + 1] = key8 .. s2 end
+    return fresh, 1, 1
   end
   local recs = parse(v, 4)
   local found, held = nil, false
@@ -738,8 +739,10 @@ elseif op == 'add' or op == 'add_tier' then
     known_bits = concat(bits)
   end
   local st = stamp()
-  local hnew = char(EPOCH, floor(st / 256), st % 256)
+  local s2 = char(floor(st / 256), st % 256)
+  local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
   local cache = {}
+  local sets = {}
   local nb = #blocks
   local dblocks, dentries = 0, 0
   for c0 = 0, nb - 1, 512 do
@@ -754,13 +757,15 @@ elseif op == 'add' or op == 'add_tier' then
         local c = cache[bk]
         if c ~= nil then v = c end
       end
-      local nv, db, de = block_add(blocks[c0 + j], v, id, tid, hnew)
+      local nv, db, de = block_add(blocks[c0 + j], v, id, tid, fresh, s2)
       dblocks = dblocks + db
       dentries = dentries + de
       if not plain then cache[bk] = nv end
-      call('SET', bk, nv)
+      sets[#sets + 1] = bk
+      sets[#sets + 1] = nv
     end
   end
+  for i = 1, #sets, 2000 do call('MSET', unpack(sets, i, min(#sets, i + 1999))) end
   cinc('blocks', dblocks)
   cinc('entries', dentries)
   ped(id, dentries)

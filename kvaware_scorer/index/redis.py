@@ -482,7 +482,7 @@ class RedisIndex:
         plain = (
             not foreign
             and len(set(keys)) == len(keys)
-            and (ehs is None or all(ehs[i] != ehs[i + 1] for i in range(len(ehs) - 1)))
+            and (ehs is None or len(set(ehs)) == len(ehs))
         )
         return (
             b"add",
