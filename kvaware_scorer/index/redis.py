@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis
@@ -249,6 +250,11 @@ class RedisIndex:
             url = redis_url(self.config.address)
             kwargs = self._client_kwargs()
             if self.config.cluster:
+                # NOTE: redis-py lets credentials in the URL win over arguments; configured
+                # ones are meant to override the URL's, so the URL loses them.
+                if "username" in kwargs or "password" in kwargs:
+                    parts = urlsplit(url)
+                    url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
                 client = RedisCluster.from_url(url, **kwargs)
                 try:
                     shards = self._cluster_layout(client)
@@ -256,9 +262,16 @@ class RedisIndex:
                     client.close()
                     raise
             else:
-                if self.config.db is not None:
-                    kwargs["db"] = self.config.db
-                client = redis.Redis.from_url(url, **kwargs)
+                pool = redis.ConnectionPool.from_url(url, **kwargs)
+                # NOTE: the URL's db and credentials win in redis-py; configured ones win here.
+                for name, value in (
+                    ("db", self.config.db),
+                    ("username", self.config.username),
+                    ("password", self.config.password),
+                ):
+                    if value is not None:
+                        pool.connection_kwargs[name] = value
+                client = redis.Redis(connection_pool=pool)
                 shards = [_Shard(self._prefix, self._prefix + b"c")]
             self._shards = shards
             self._client = client

@@ -165,6 +165,20 @@ def test_config_rejects_unknown_scheme_and_braces() -> None:
         IndexerConfig.from_dict({"kvBlockIndexConfig": {"redisConfig": {"keyPrefix": "a{b}"}}})
 
 
+def test_db_number_isolates_indexes(redis_server: RedisProcess) -> None:
+    """The configured database number overrides the URL's: equal prefixes in two databases
+    are two indexes."""
+    one = RedisIndex(RedisIndexConfig(address=redis_server.url, key_prefix="db:", db=3))
+    two = RedisIndex(RedisIndexConfig(address=redis_server.url, key_prefix="db:", db=4))
+    one.add(A, keys(2), ehs(2))
+    assert one.lookup(keys(2), [A])[A].blocks == 2
+    assert two.lookup(keys(2), [A]) == {}
+    assert redis.Redis(port=redis_server.port, db=3).exists(b"db:c") == 1
+    one.purge(A)
+    one.close()
+    two.close()
+
+
 def test_unix_socket_and_password(redis_binary: str, tmp_path: Path) -> None:
     """A unix:// address with an ACL user and password reaches a protected server."""
     sock = tmp_path / "r.sock"
