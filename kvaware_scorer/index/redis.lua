@@ -35,6 +35,8 @@ local SPEC = 65536
 local LOAD = 40
 local PCS = 0
 local QUEUE = TTL > 0
+-- NOTE: blocks carry no Redis TTL: an expires entry would cost ~40 bytes and a slower SET per
+-- block. They expire by the touch epoch in their header, swept by writers ('maint').
 
 local K_C, K_R, K_N, K_L, K_M, K_PE = P .. 'c', P .. 'r', P .. 'n', P .. 'l', P .. 'm', P .. 'pe'
 local K_T, K_F, K_Z, K_Q, K_SA, K_SC = P .. 't', P .. 'f', P .. 'z', P .. 'q', P .. 'sa', P .. 'sc'
@@ -267,12 +269,6 @@ local function holders(hv)
     end
   end
   return t
-end
-
--- NOTE: blocks carry no Redis TTL: an expires entry would cost ~40 bytes and a slower SET per
--- block. They expire by the touch epoch in their header, swept by writers ('maint').
-local function put_block(bk, val)
-  call('SET', bk, val)
 end
 
 -- drop the records of `ids` (a set) from a record list; returns the kept list
@@ -623,7 +619,14 @@ if op == 'lookup' then
     st[5] = pos
     done[#done + 1] = st
   end
-  for i = 1, #tk do put_block(tk[i], tv[i]) end
+  if #tk > 0 then
+    local sets = {}
+    for i = 1, #tk do
+      sets[2 * i - 1] = tk[i]
+      sets[2 * i] = tv[i]
+    end
+    for i = 1, #sets, 2000 do call('MSET', unpack(sets, i, min(#sets, i + 1999))) end
+  end
 
   local tiers = {}
   local tl = call('HGETALL', K_T)
