@@ -477,8 +477,11 @@ end
 -- operations -----------------------------------------------------------------------------
 
 if op == 'lookup' then
+  -- ARGV[4]: the prompt's block key names (the block prefix and 8 bytes each), so that the
+  -- walk makes one string per key, not two
   local kb, all, size = ARGV[4], ARGV[5] == '1', tonumber(ARGV[6])
-  local n = #kb / 8
+  local KL = #PB + 8
+  local n = #kb / KL
   local active, nact = {}, 0
   if all then
     local l = call('HGETALL', K_L)
@@ -536,19 +539,16 @@ if op == 'lookup' then
   while pos < n and not stopped do
     local cn = min(chunk, n - pos)
     local ks = {}
-    local base = pos * 8
+    local base = pos * KL
     for j = 1, cn do
-      local o = base + 8 * j
-      ks[j] = PB .. sub(kb, o - 7, o)
+      local o = base + KL * j
+      ks[j] = sub(kb, o - KL + 1, o)
     end
     local vals = call('MGET', unpack(ks))
     local svals = nil
     if spec_on then
       local sk = {}
-      for j = 1, cn do
-        local o = base + 8 * j
-        sk[j] = PS .. sub(kb, o - 7, o)
-      end
+      for j = 1, cn do sk[j] = PS .. sub(ks[j], KL - 7) end
       svals = call('MGET', unpack(sk))
     end
     for j = 1, cn do

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
+import numpy as np
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
@@ -108,6 +109,14 @@ def _pack(values: Sequence[int]) -> bytes:
     if sys.byteorder == "big":  # pragma: no cover - no big-endian CI
         arr.byteswap()
     return arr.tobytes()
+
+
+def _key_names(prefix: bytes, keys: Sequence[int]) -> bytes:
+    """Block key names (``prefix + b"b" + 8 bytes``) of `keys`, concatenated."""
+    names = np.empty(len(keys), dtype=[("p", f"S{len(prefix) + 1}"), ("k", "<u8")])
+    names["p"] = prefix + b"b"
+    names["k"] = np.frombuffer(_pack(keys), dtype="<u8")
+    return names.tobytes()
 
 
 def _script_source() -> str:
@@ -815,7 +824,8 @@ class RedisIndex:
             shards = self._shards
             size = self._shard_size()
             if len(shards) == 1:
-                raw = self._eval(shards[0], b"lookup", _pack(keys), mode, size, *names)
+                blob = _key_names(shards[0].prefix, keys)
+                raw = self._eval(shards[0], b"lookup", blob, mode, size, *names)
                 return [], [raw]
             n = len(shards)
             positions: dict[int, list[int]] = {}
@@ -823,7 +833,16 @@ class RedisIndex:
                 positions.setdefault(k % n, []).append(i)
             order = list(positions)
             items = [
-                (shards[s], (b"lookup", _pack([keys[i] for i in positions[s]]), mode, size, *names))
+                (
+                    shards[s],
+                    (
+                        b"lookup",
+                        _key_names(shards[s].prefix, [keys[i] for i in positions[s]]),
+                        mode,
+                        size,
+                        *names,
+                    ),
+                )
                 for s in order
             ]
             raws = self._pipeline(items)
