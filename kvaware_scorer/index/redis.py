@@ -9,9 +9,10 @@ sharding and failure behaviour are described in ``docs/redis.md``; in short:
   holding pod (pods are small per-shard integer ids from a registry hash); each pod's engine-hash
   map is a set of small hashes (linear hashing) that doubles as the pod's reverse index, so a
   purge walks only that pod's entries.
-* On Redis Cluster, pods are spread over shards (one hash tag each, placed on distinct masters):
-  a pod's blocks, engine-hash map and counters live in its shard, so writes stay single-slot and
-  a lookup fans out once, in parallel, to the shards of its candidate pods.
+* On Redis Cluster, blocks are sharded by key over shards (one hash tag each, placed on
+  distinct masters; every script call stays single-slot): a lookup sends each shard its part of
+  the prompt in one parallel round trip, each shard walks it with the same early stop, and the
+  client merges the runs.
 * When Redis is unreachable or slow, lookups raise `BackendUnavailableError` within the
   configured timeout (then immediately until the retry interval passes), writes are buffered up
   to ``max_buffered_writes`` (older ones are dropped and counted) and replayed in order by a
@@ -480,14 +481,15 @@ class RedisIndex:
             raise ValueError(f"{len(keys)} keys but {len(engine_hashes)} engine hashes")
         _pack(keys)  # bad keys fail here, in the caller, not at replay
         tname = normalize_medium(tier, self.tiers.default_tier)
-        return _Write("add", pod, keys, engine_hashes, tname)
+        ehs = None if engine_hashes is None else tuple(engine_hashes)
+        return _Write("add", pod, tuple(keys), ehs, tname)
 
     def _tier_op(
         self, kind: str, pod: str, engine_hashes: Sequence[int], tier: str | None
     ) -> _Write:
         _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
-        return _Write(kind, pod, (), engine_hashes, tname)
+        return _Write(kind, pod, (), tuple(engine_hashes), tname)
 
     def _shard_size(self) -> int:
         size = self.config.size
@@ -852,11 +854,17 @@ class RedisIndex:
             return [positions[s] for s in order], raws
 
         where, raws = self._guarded("lookup", run)
-        if not where:
-            out: dict[str, PodMatch] = {}
-            self._decode_lookup(raws[0], out)
-            return out
-        return self._merge_lookup(len(keys), where, raws)
+        try:
+            if not where:
+                out: dict[str, PodMatch] = {}
+                self._decode_lookup(raws[0], out)
+                return out
+            return self._merge_lookup(len(keys), where, raws)
+        except (msgspec.DecodeError, TypeError, ValueError, IndexError) as exc:
+            # NOTE: e.g. another kvaware version's script answering: never crash the caller.
+            with self._lock:
+                self._counters["backend_errors"] += 1
+            raise BackendUnavailableError(f"unexpected lookup reply from Redis: {exc}") from exc
 
     def _decode_lookup(self, raw: bytes, out: dict[str, PodMatch]) -> None:
         data = msgspec.msgpack.decode(raw)
@@ -927,6 +935,8 @@ class RedisIndex:
             return hit
         tiers = self.tiers
         found: tuple[str, float] | None = None
+        if mask == _SPEC:
+            mask = 0  # speculative only: the default tier
         for tid in range(16):
             if mask >> tid & 1:
                 name = names[tid] if tid < len(names) and names[tid] else f"tier-{tid}"
