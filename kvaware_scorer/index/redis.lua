@@ -30,7 +30,6 @@ if TTL > 0 then
   -- must not look a whole period old right after it.
   EXPIRE_PERIODS = math.ceil(TTL / PERIOD) + 1
 end
-local META_PX = 3 * TTL + PERIOD
 local SPEC = 65536
 local LOAD = 40
 local PCS = 0
@@ -64,7 +63,6 @@ local function flush_counts()
     for i = 1, #QBUF, 4000 do
       call('RPUSH', K_Q, unpack(QBUF, i, min(#QBUF, i + 3999)))
     end
-    if TTL > 0 then call('PEXPIRE', K_Q, META_PX) end
     QBUF = {}
   end
 end
@@ -112,7 +110,7 @@ local function is_live(id)
   return l
 end
 
--- meta: engine-map size, linear-hashing level and split pointer, refresh epoch, speculative
+-- meta: engine-map size, linear-hashing level and split pointer, (unused), speculative
 -- deadline
 local function meta_get(id)
   local s = call('HGET', K_M, id)
@@ -129,14 +127,11 @@ local function nbuckets(m) return lshift(1, m.L) + m.p end
 
 local function ekey(id, b) return P .. 'e' .. id .. ':' .. b end
 
+-- NOTE: nothing but speculative records has a Redis TTL. Expiry is done by the writers'
+-- maintenance (quiet pods purged through their reverse index, idle blocks swept), which keeps
+-- every counter exact; keys expiring on their own would leave the rest inconsistent.
 local function refresh_pod(id, m)
   call('HSET', K_L, id, NOW)
-  if TTL > 0 and m.ep ~= EPOCH then
-    for b = 0, nbuckets(m) - 1 do call('PEXPIRE', ekey(id, b), META_PX) end
-    local ks = { K_R, K_N, K_L, K_M, K_PE, K_Q, K_Z }
-    for i = 1, #ks do call('PEXPIRE', ks[i], META_PX) end
-    m.ep = EPOCH
-  end
 end
 
 local function tier_id(name, create)
@@ -186,7 +181,6 @@ local function maybe_split(id, m, extra)
       local dst = ekey(id, m.p + n0)
       for i = 1, #del, 1000 do call('HDEL', src, unpack(del, i, min(#del, i + 999))) end
       for i = 1, #mv, 2000 do call('HSET', dst, unpack(mv, i, min(#mv, i + 1999))) end
-      if TTL > 0 then call('PEXPIRE', dst, META_PX) end
     end
     m.p = m.p + 1
     if m.p == n0 then
