@@ -24,6 +24,7 @@ from kvaware_scorer.errors import BackendUnavailableError
 from kvaware_scorer.index import InMemoryIndex, KVBlockIndex, TierTable, create_index
 from kvaware_scorer.index.redis import RedisIndex, redis_url
 from tests.conftest import RedisProcess, free_port
+from tests.index.conftest import RedisClusterProcesses
 from tests.index.contract import A, B, C, IndexContract, ehs, keys
 
 
@@ -624,3 +625,37 @@ def _shard_slots(cluster: Any, prefix: str) -> list[tuple[Any, int]]:
         out.append((next(n for n in cluster.nodes if n.port == port), slot))
     assert len({n.port for n, _ in out}) == 3
     return out
+
+
+def test_cluster_master_down_then_back(redis_binary: str, tmp_path: Path) -> None:
+    """A stopped cluster master makes lookups fail fast (zeros via the Indexer) and writes
+    buffer; once it is back the index serves again and the buffered writes land."""
+    cluster = RedisClusterProcesses(redis_binary, tmp_path)
+    cluster.start()
+    try:
+        cfg = indexer_config(
+            cluster.url,
+            "cfail:",
+            cluster=True,
+            socketTimeout=0.3,
+            connectTimeout=0.3,
+            retryInterval=0.3,
+        )
+        ix = Indexer(cfg)
+        toks = list(range(16 * 12))
+        ks = ix.block_keys(toks, "m")
+        ix.index.add(A, ks, [k + 1 for k in ks])
+        assert ix.score("m", toks, [A]) == {A: 1.0}
+        down = cluster.nodes[1]
+        down.stop()
+        t0 = time.monotonic()
+        assert ix.score("m", toks, [A]) == {A: 0.0}
+        assert time.monotonic() - t0 < 1.0
+        ix.index.add(B, ks[:6], [k + 2 for k in ks[:6]])
+        assert ix.stats().extra["buffered_now"] == 1
+        down.start()  # an empty master that keeps its slots (nodes.conf survives)
+        assert wait_for(lambda: ix.index.stats().extra.get("buffered_now") == 0, timeout=15)
+        assert wait_for(lambda: ix.score("m", toks, [A, B])[B] == 0.5, timeout=10)
+        ix.close()
+    finally:
+        cluster.stop()
