@@ -13,6 +13,7 @@ Run (starts its own redis-server on a free loopback port unless ``--url`` is giv
 
     python benchmarks/bench_redis.py
     python benchmarks/bench_redis.py --entries 200000 --lookups 500   # quicker
+    python benchmarks/bench_redis.py --cluster   # a local 3-master Redis Cluster
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -75,6 +77,50 @@ def local_redis() -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+@contextmanager
+def local_cluster(masters: int = 3) -> Iterator[list[str]]:
+    """A Redis Cluster of `masters` redis-servers on loopback ports; yields their URLs."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server not found: install it or pass --url")
+    ports = [(free_port(), free_port()) for _ in range(masters)]
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i, (port, bus) in enumerate(ports):
+            work = Path(tmp) / f"n{i}"
+            work.mkdir()
+            cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            cmd += ["--appendonly", "no", "--dir", str(work), "--protected-mode", "no"]
+            cmd += ["--cluster-enabled", "yes", "--cluster-port", str(bus)]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
+        try:
+            clients = [redis.Redis(port=p) for p, _ in ports]
+            for c in clients:
+                for _ in range(100):
+                    try:
+                        c.ping()
+                        break
+                    except redis.ConnectionError:
+                        time.sleep(0.05)
+            per = 16384 // masters
+            for i, c in enumerate(clients):
+                c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                end = 16383 if i == masters - 1 else (i + 1) * per - 1
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", i * per, end)
+            for port, bus in ports[1:]:
+                clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port, bus)
+            for _ in range(300):
+                infos = [c.cluster("info") for c in clients]
+                if all(i["cluster_state"] == "ok" for i in infos):
+                    break
+                time.sleep(0.1)
+            yield [f"redis://127.0.0.1:{p}" for p, _ in ports]
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(10)
 
 
 def workload(
@@ -135,10 +181,25 @@ def latencies(
     return lat, hit / len(qs)
 
 
-def server_usec(client: redis.Redis) -> float:
-    """Microseconds the server spent in our script calls since the last stats reset."""
-    stats = client.info("commandstats").get("cmdstat_evalsha", {})
-    return float(stats.get("usec", 0))
+class Servers:
+    """The Redis server(s) under test: stats summed over every node."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.clients = [redis.Redis.from_url(u) for u in urls]
+
+    def reset(self) -> None:
+        for c in self.clients:
+            c.config_resetstat()
+
+    def script_usec(self) -> float:
+        """Microseconds the servers spent in our script calls since the last reset."""
+        total = 0.0
+        for c in self.clients:
+            total += float(c.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0))
+        return total
+
+    def used_memory(self) -> int:
+        return sum(int(c.info("memory")["used_memory"]) for c in self.clients)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -156,6 +217,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16, help="events per pipelined batch")
     ap.add_argument("--lookups", type=int, default=2000)
     ap.add_argument("--url", default=None, help="use this Redis instead of a local one")
+    ap.add_argument(
+        "--cluster", action="store_true", help="start a local 3-master Redis Cluster instead"
+    )
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-memory-profile", action="store_true", help="skip tracemalloc pass")
     args = ap.parse_args()
@@ -190,12 +254,19 @@ def main() -> int:
         tracemalloc.stop()
         del probe
 
-    with local_redis() if args.url is None else _given(args.url) as url:
-        client = redis.Redis.from_url(url)
+    if args.cluster:
+        servers_cm: Any = local_cluster()
+    elif args.url is None:
+        servers_cm = _listed(local_redis())
+    else:
+        servers_cm = _listed(_given(args.url))
+    with servers_cm as urls:
+        servers = Servers(urls)
 
         def config() -> RedisIndexConfig:
             return RedisIndexConfig(
-                address=url,
+                address=urls[0],
+                cluster=args.cluster,
                 key_prefix=f"bench{uuid.uuid4().hex[:6]}:",
                 size=10 * args.entries,
                 socket_timeout=5.0,
@@ -203,38 +274,39 @@ def main() -> int:
 
         # the same events twice, into two indexes: one round trip per event, then batches
         sync_ix = RedisIndex(config())
-        client.config_resetstat()
+        servers.reset()
         t0 = time.perf_counter()
         for pod, ks, ehs in events:
             sync_ix.add(pod, ks, ehs)
         sync_s = time.perf_counter() - t0
-        sync_cpu = server_usec(client) / n_blocks
+        sync_cpu = servers.script_usec() / n_blocks
         sync_ix.close()
 
-        before = int(client.info("memory")["used_memory"])
+        before = servers.used_memory()
         rix = RedisIndex(config())
-        client.config_resetstat()
+        servers.reset()
         t0 = time.perf_counter()
         for i in range(0, len(events), args.batch):
             with rix.batch() as b:
                 for pod, ks, ehs in events[i : i + args.batch]:
                     b.add(pod, ks, ehs)
         batch_s = time.perf_counter() - t0
-        batch_cpu = server_usec(client) / n_blocks
+        batch_cpu = servers.script_usec() / n_blocks
         st = rix.stats()
-        after = int(client.info("memory")["used_memory"])
+        after = servers.used_memory()
         assert st.entries == mem.stats().entries, (st.entries, mem.stats().entries)
 
         mem_lat, mem_hit = latencies(mem, qs, pods)
-        client.config_resetstat()
+        servers.reset()
         red_lat, red_hit = latencies(rix, qs, pods)
-        lookup_cpu = server_usec(client) / (len(qs) + 50)
+        lookup_cpu = servers.script_usec() / (len(qs) + 50)
         rix.close()
 
     ms = 1000.0
     print()
     print(f"{'lookup (512 blocks, 16 candidates)':<40}{'p50 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
-    for name, lat in (("in-memory", mem_lat), ("redis", red_lat)):
+    kind = "redis cluster (3 masters)" if args.cluster else "redis"
+    for name, lat in (("in-memory", mem_lat), (kind, red_lat)):
         print(
             f"{name:<40}{pct(lat, 0.5) * ms:>10.3f}{pct(lat, 0.99) * ms:>10.3f}"
             f"{statistics.fmean(lat) * ms:>10.3f}"
@@ -244,7 +316,7 @@ def main() -> int:
         f"mean best match {red_hit:.0f} blocks (in-memory {mem_hit:.0f})"
     )
     print()
-    print(f"redis server time per lookup (script CPU): {lookup_cpu / 1000:.3f} ms")
+    print(f"redis server time per lookup (script CPU, all nodes): {lookup_cpu / 1000:.3f} ms")
     print()
     print(f"{'ingestion':<40}{'blocks/s':>12}{'redis us/block':>16}")
     print(f"{'in-memory add()':<40}{mem_rate:>12,.0f}")
@@ -269,6 +341,12 @@ def main() -> int:
 @contextmanager
 def _given(url: str) -> Iterator[str]:
     yield url
+
+
+@contextmanager
+def _listed(cm: Any) -> Iterator[list[str]]:
+    with cm as url:
+        yield [url]
 
 
 if __name__ == "__main__":
