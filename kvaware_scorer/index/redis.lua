@@ -607,7 +607,7 @@ if op == 'lookup' then
       end
       pos = pos + 1
     end
-    chunk = chunk * 4
+    chunk = min(chunk * 4, 2048)
   end
   for _, st in pairs(active) do
     st[5] = pos
@@ -844,7 +844,7 @@ elseif op == 'spec' then
       if not held then break end
       pos = pos + 1
     end
-    chunk = chunk * 4
+    chunk = min(chunk * 4, 2048)
   end
   local written = 0
   for c0 = pos, n - 1, 512 do

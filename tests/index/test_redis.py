@@ -257,6 +257,17 @@ def test_lookup_is_one_call_with_server_side_early_stop(own_redis: RedisProcess)
     ix.close()
 
 
+def test_very_long_prompt(redis_server: RedisProcess) -> None:
+    """A 10,000-block prompt (160k tokens) is walked and speculated in one call each."""
+    ix = RedisIndex(fresh_config(redis_server.url))
+    prompt = keys(10_000, base=7 * 10**9)
+    ix.add(A, prompt[:9_000], ehs(9_000, 3 * 10**9))
+    ix.add_speculative(B, prompt, ttl=30)
+    res = ix.lookup(prompt, [A, B])
+    assert res[A].blocks == 9_000 and res[B].blocks == 10_000
+    ix.close()
+
+
 def test_block_values_are_compact(redis_server: RedisProcess) -> None:
     """A block held by 16 pods at the default tier is a 3-byte header plus a byte per pod."""
     cfg = fresh_config(redis_server.url)
