@@ -149,7 +149,7 @@ def test_factory_builds_redis_and_valkey_backends(redis_server: RedisProcess) ->
         ("valkey://h:1/2", "redis://h:1/2"),
         ("valkeys://h:1", "rediss://h:1"),
         ("rediss://u:p@h:1", "rediss://u:p@h:1"),
-        ("unix:///tmp/r.sock?db=1", "unix:///tmp/r.sock?db=1"),
+        ("unix:///redis/r.sock?db=1", "unix:///redis/r.sock?db=1"),
         ("10.0.0.5:6380", "redis://10.0.0.5:6380"),
     ],
 )
