@@ -112,19 +112,29 @@ class RedisIndexConfig(ConfigModel):
     """A shared index on Redis or Valkey (`redisConfig` / `valkeyConfig`).
 
     Attributes:
-        address: ``redis://``, ``rediss://`` (TLS), ``unix://`` or ``valkey://`` URL, or
-            ``host:port``.
+        address: ``redis://``, ``rediss://`` (TLS), ``unix://``, ``valkey://`` or
+            ``valkeys://`` (TLS) URL, or ``host:port``.
         username: ACL user (overrides the URL's).
         password: Password (overrides the URL's).
         db: Database number (overrides the URL's; must be 0 on a cluster).
-        cluster: Use the Redis Cluster protocol.
+        cluster: Use the Redis Cluster protocol (the address is any node of the cluster).
+        cluster_shards: Shards the pods are spread over on a cluster (0 = one per master at
+            first use). Fixed once the index exists: it is stored in the cluster.
         key_prefix: Prefix for every key this index writes.
-        ttl_seconds: Entries expire after this many seconds without a refresh (0 = never).
+        size: Maximum (block, pod) entries; beyond it blocks are evicted, least recently used
+            first (CLOCK approximation; lookups refresh recency). 0 = no bound but the TTL. On a
+            cluster each shard keeps ``size / shards``.
+        pod_cache_size: Maximum pods remembered per block; 0 = no limit.
+        ttl_seconds: A pod that wrote nothing for this long is treated as gone (and purged
+            by the next writer); a block neither written nor walked by a lookup for this long
+            is dropped. 0 = never.
         socket_timeout: Seconds before a command times out.
         connect_timeout: Seconds before a connection attempt times out.
         retry_interval: Seconds to wait before retrying an unreachable server.
         max_buffered_writes: Writes kept while Redis is unreachable; older ones are dropped
-            (and counted) beyond this.
+            (and counted) beyond this. 0 = drop (and count) every write made while down.
+        maintenance_interval: Seconds between a writer's maintenance rounds (expiry sweep,
+            purge of pods gone quiet, replay of buffered writes).
     """
 
     address: str = "redis://127.0.0.1:6379"
@@ -132,12 +142,39 @@ class RedisIndexConfig(ConfigModel):
     password: str | None = None
     db: int | None = Field(None, ge=0)
     cluster: bool = False
+    cluster_shards: int = Field(0, ge=0, le=1024)
     key_prefix: str = "kvaware:"
+    size: int = Field(10_000_000, ge=0)
+    pod_cache_size: int = Field(0, ge=0)
     ttl_seconds: float = Field(3600.0, ge=0)
     socket_timeout: float = Field(0.25, gt=0)
     connect_timeout: float = Field(0.25, gt=0)
     retry_interval: float = Field(1.0, gt=0)
     max_buffered_writes: int = Field(100_000, ge=0)
+    maintenance_interval: float = Field(1.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        value = value.strip()
+        if "://" in value:
+            scheme = value.split("://", 1)[0].lower()
+            if scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
+                raise ValueError(
+                    f"unsupported scheme {scheme!r}; use redis://, rediss://, unix://, "
+                    "valkey:// or valkeys://"
+                )
+        elif not value:
+            raise ValueError("address must not be empty")
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _no_braces(cls, value: str) -> str:
+        # NOTE: braces would turn part of the prefix into a Redis Cluster hash tag.
+        if "{" in value or "}" in value:
+            raise ValueError("key prefix must not contain '{' or '}'")
+        return value
 
 
 class KVBlockIndexConfig(ConfigModel):

@@ -53,7 +53,7 @@ def _redis(config: IndexerConfig, tiers: TierTable, clock: Callable[[], float]) 
     cfg = config.kv_block_index_config
     rcfg = cfg.redis_config or cfg.valkey_config
     assert rcfg is not None
-    index: KVBlockIndex = RedisIndex(rcfg, tiers=tiers)  # type: ignore[assignment]
+    index: KVBlockIndex = RedisIndex(rcfg, tiers=tiers)
     return index
 
 
