@@ -222,6 +222,9 @@ class DecodedBatch:
     legacy: bool = False
 
 
+# NOTE: msgspec raises UnicodeDecodeError (a ValueError) for invalid UTF-8 in str fields.
+_DECODE_ERRORS: Final = (msgspec.DecodeError, ValueError)
+
 _MAP_FIRST = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _ARRAY_FIRST = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}
 
@@ -248,19 +251,19 @@ class EventDecoder:
         try:
             b = self._fast.decode(payload)
             return DecodedBatch(b.ts, b.data_parallel_rank, b.events)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except _DECODE_ERRORS:
             pass
         try:
             lb = self._fast_legacy.decode(payload)
             return DecodedBatch(lb.ts, lb.data_parallel_rank, lb.events, legacy=True)  # type: ignore[arg-type]
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except _DECODE_ERRORS:
             pass
         return self._decode_slow(payload)
 
     def _decode_slow(self, payload: bytes | bytearray | memoryview) -> DecodedBatch:
         try:
             raw = self._raw.decode(payload)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except _DECODE_ERRORS as exc:
             raise EventDecodeError("decode_error", str(exc)) from None
         events: list[KVCacheEvent] = []
         rejected: list[str] = []
@@ -276,7 +279,7 @@ class EventDecoder:
                     events.append(self._legacy_event.decode(data))
                     legacy = True
                     continue
-            except (msgspec.ValidationError, msgspec.DecodeError):
+            except _DECODE_ERRORS:
                 pass
             rejected.append(self._reason(data))
         return DecodedBatch(raw.ts, raw.data_parallel_rank, events, rejected, legacy)
@@ -284,7 +287,7 @@ class EventDecoder:
     def _reason(self, data: bytes) -> str:
         try:
             obj = self._generic.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except _DECODE_ERRORS:
             return "malformed_event"
         tag: Any = None
         if isinstance(obj, dict):

@@ -306,10 +306,6 @@ class EventIngestor:
                 st.first_seq = seq
                 if seq > 0:
                     st = self._replay(st, 0, seq, "join")
-            elif seq <= last:
-                # NOTE: already applied from a replay that ran ahead of the live stream.
-                self._dropped["duplicate"].inc()
-                return
             elif seq > last + 1:
                 self.metrics.seq_gaps.inc()
                 logger.info("pod %s rank %d: seq gap %d..%d", pod, rank, last + 1, seq - 1)

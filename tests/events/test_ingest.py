@@ -521,3 +521,42 @@ def test_default_tier_comes_from_the_config() -> None:
     ix = Indexer(IndexerConfig(default_tier="cpu"))
     ix.ingest(POD, MODEL, frame(stored([1], list(range(16)), medium=None)))
     assert ix.ingestor.held(POD, "cpu") == {1: 1}
+
+
+def test_parentless_duplicate_is_counted_conservatively() -> None:
+    """An identical one-block prompt recomputed while cached (a real second copy, parent-less)
+    looks like a re-announcement and adds no reference: one eviction then hides the block early
+    (a miss), and nothing stale is left after the second."""
+    from tests.events.pool_model import PoolModel
+
+    toks = list(range(16))
+    pool = PoolModel(4)
+    ix = Indexer()
+    seq = 0
+
+    def flush() -> None:
+        nonlocal seq
+        if events := pool.take_events():
+            ix.ingest(POD, MODEL, frame(*events), seq)
+            seq += 1
+
+    for _ in range(2):
+        req = pool.admit(toks)
+        assert req is not None
+        pool.finish(req)
+        flush()
+    assert pool.gpu_state() == {next(iter(pool.gpu_state())): 2}
+    assert set(ix.ingestor.held(POD).values()) == {1}
+    h = next(iter(pool.gpu_state()))
+    seen_miss = False
+    for i in range(8):  # distinct one-block prompts evict the free blocks, oldest first
+        req = pool.admit(list(range(1000 + 16 * i, 1016 + 16 * i)))
+        assert req is not None
+        pool.finish(req)
+        flush()
+        copies = pool.gpu_state().get(h, 0)
+        held = ix.ingestor.held(POD).get(h, 0)
+        assert held <= copies  # never a stale positive
+        seen_miss |= copies == 1 and held == 0
+    assert seen_miss and h not in pool.gpu_state()
+    assert ix.score(MODEL, toks, [POD]) == {POD: 0.0}
