@@ -117,10 +117,13 @@ class KVEventSubscriber:
         self._local = threading.local()
         self._dealers: list[zmq.Socket[Any]] = []
         self._dealers_lock = threading.Lock()
+        self._handled_lock = threading.Lock()
         self._bound: str | None = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
+        #: Frames taken off the sockets, and frames whose application finished.
         self.frames_received = 0
+        self.frames_handled = 0
         for pod_id in config.endpoints:
             entry = config.endpoint_config(pod_id)
             assert entry is not None
@@ -415,7 +418,14 @@ class KVEventSubscriber:
                 return
         use_model = model or topic_model or self.config.default_model
         seq = int.from_bytes(seq8, "big")
-        self._dispatch(pod, lambda: self.indexer.ingest(pod, use_model, payload, seq))
+        self._dispatch(pod, functools.partial(self._apply_frame, pod, use_model, payload, seq))
+
+    def _apply_frame(self, pod: str, model: str | None, payload: bytes, seq: int) -> None:
+        try:
+            self.indexer.ingest(pod, model, payload, seq)
+        finally:
+            with self._handled_lock:
+                self.frames_handled += 1
 
     def _dispatch(self, pod: str, work: Callable[[], None]) -> None:
         if not self._queues:
@@ -439,6 +449,7 @@ class KVEventSubscriber:
             except Exception:
                 self.indexer.metrics.dropped.labels("internal_error").inc()
                 logger.exception("KV-event apply error (continuing)")
+
             if self._stop_event.is_set() and q.empty():
                 break
         self._close_local_dealers()
