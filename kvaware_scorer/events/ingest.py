@@ -31,7 +31,6 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -46,7 +45,7 @@ from kvaware_scorer.events.decode import (
     DecodedBatch,
     EventDecoder,
 )
-from kvaware_scorer.index.base import normalize_medium
+from kvaware_scorer.index.base import MAX_TIERS, normalize_medium
 from kvaware_scorer.keys import DerivedKeyer
 
 if TYPE_CHECKING:
@@ -117,8 +116,8 @@ class StreamState:
         held: Tier -> engine hash -> copies held by this stream.
         batches: Batches applied.
         first_seq: Sequence number of the first batch applied since the stream (re)started.
-        incomplete: Batches before `first_seq` or inside a gap could not be replayed, so some
-            parents may be unknown; the first orphan then asks for a resync.
+        incomplete: A replay (join or gap) was attempted and failed, so some parents may be
+            unknown; the first orphan then asks for a resync.
         next_resync: Monotonic time before which no further resync is attempted.
     """
 
@@ -162,6 +161,119 @@ def _salt_of(entry: Any, lora: str | None) -> str | None:
     return None
 
 
+class _Writer:
+    """One batch's pending index writes: consecutive stores (or removals) of one tier go to
+    the index in one call, which saves the per-call cost of most of a batch's events."""
+
+    __slots__ = (
+        "_add_ehs",
+        "_add_hashes",
+        "_add_held",
+        "_add_keys",
+        "_add_map",
+        "_add_tier",
+        "_ing",
+        "_pod",
+        "_rm",
+        "_rm_tier",
+        "removed",
+        "stored",
+        "unknown",
+    )
+
+    def __init__(self, ingestor: EventIngestor, pod: str) -> None:
+        self._ing = ingestor
+        self._pod = pod
+        self._add_tier = ""
+        self._add_keys: list[int] = []
+        self._add_ehs: list[int] | None = None
+        self._add_hashes: list[int] = []
+        self._add_held: dict[int, int] = {}
+        self._add_map: dict[int, int] = {}
+        self._rm_tier = ""
+        self._rm: list[int] = []
+        self.stored = 0
+        self.removed = 0
+        self.unknown = 0
+
+    def resolve(self, engine_hash: int) -> int | None:
+        """The key of `engine_hash` on this pod, including stores still pending."""
+        key = self._add_map.get(engine_hash)
+        if key is not None:
+            return key
+        return self._ing.index.resolve(self._pod, engine_hash)
+
+    def add(
+        self,
+        tier: str,
+        keys: list[int],
+        ehs: list[int] | None,
+        hashes: list[int],
+        held: dict[int, int],
+        per: int,
+    ) -> None:
+        if self._rm:
+            self._flush_rm()
+        if self._add_keys and (
+            tier != self._add_tier
+            or (ehs is not None and self._add_ehs is not None and self._add_ehs[-1] == ehs[0])
+        ):
+            # NOTE: equal engine hashes across two stores would read as one engine block.
+            self._flush_add()
+        self._add_tier = tier
+        self._add_keys.extend(keys)
+        if ehs is not None:
+            if self._add_ehs is None:
+                self._add_ehs = []
+            self._add_ehs.extend(ehs)
+        self._add_hashes.extend(hashes)
+        self._add_held = held
+        self._add_map.update(zip(hashes, keys[per - 1 :: per], strict=True))
+
+    def remove(self, tier: str, hashes: list[int]) -> None:
+        if self._add_keys:
+            self._flush_add()
+        if self._rm and tier != self._rm_tier:
+            self._flush_rm()
+        self._rm_tier = tier
+        self._rm.extend(hashes)
+
+    def flush(self) -> None:
+        if self._add_keys:
+            self._flush_add()
+        if self._rm:
+            self._flush_rm()
+
+    def _flush_add(self) -> None:
+        keys, ehs, hashes = self._add_keys, self._add_ehs, self._add_hashes
+        self._add_keys, self._add_ehs, self._add_hashes = [], None, []
+        held = self._add_held
+        self._add_map = {}
+        ing = self._ing
+        try:
+            ing.index.add(self._pod, keys, ehs, self._add_tier)
+        except (KVAwareError, OSError, ValueError) as exc:
+            ing.metrics.backend_errors.labels("ingest").inc()
+            logger.warning("storing %d blocks of %s failed: %s", len(keys), self._pod, exc)
+            for h in hashes:
+                c = held.get(h, 0)
+                if c <= 1:
+                    held.pop(h, None)
+                else:
+                    held[h] = c - 1
+            return
+        self.stored += len(hashes)
+
+    def _flush_rm(self) -> None:
+        hashes, self._rm = self._rm, []
+        ing = self._ing
+        try:
+            self.removed += ing.index.remove(self._pod, hashes, self._rm_tier)
+        except (KVAwareError, OSError, ValueError) as exc:
+            ing.metrics.backend_errors.labels("ingest").inc()
+            logger.warning("removing %d blocks of %s failed: %s", len(hashes), self._pod, exc)
+
+
 class EventIngestor:
     """Decodes payload frames and applies their events to ``indexer.index``, per stream, in order.
 
@@ -189,6 +301,9 @@ class EventIngestor:
         self._events = _Counters(m.events)
         self._batches = _Counters(m.event_batches)
         self._tiers: dict[str | None, str] = {}
+        # NOTE: the index keeps at most MAX_TIERS tiers; an event naming one more is refused
+        # up front (bad_tier) instead of failing half-applied.
+        self._tier_names: set[str] = {self.default_tier, *indexer.tiers.names}
 
     # -- wiring ------------------------------------------------------------------------------
 
@@ -241,7 +356,7 @@ class EventIngestor:
             tier: Medium name (normalized); None = the default tier.
             rank: One DP rank; None sums every rank.
         """
-        name = self._tier(tier)
+        name = normalize_medium(tier, self.default_tier)
         out: dict[int, int] = {}
         with self._lock_for(pod):
             for r, st in self._streams.get(pod, {}).items():
@@ -337,7 +452,7 @@ class EventIngestor:
                 logger.exception("replay for %s rank %d failed", st.pod, st.rank)
                 result = ReplayResult([], "error")
         if result is None:
-            st.incomplete = True
+            # NOTE: no replay endpoint for this stream: nothing a later resync could fetch.
             if reason == "gap":
                 m.lost_batches.inc(until - start)
                 logger.warning(
@@ -491,19 +606,28 @@ class EventIngestor:
         return new
 
     def _purge_stream(self, st: StreamState, reason: str) -> None:
+        w = _Writer(self, st.pod)
         for tier, held in st.held.items():
             hashes = [h for h, c in held.items() for _ in range(c)]
             if hashes:
-                self._index_remove(st.pod, hashes, tier)
+                w.remove(tier, hashes)
+        w.flush()
+        if w.removed:
+            self.metrics.blocks_removed.inc(w.removed)
         st.held.clear()
         self.metrics.purges.labels(reason).inc()
 
     # -- applying ----------------------------------------------------------------------------
 
-    def _tier(self, medium: str | None) -> str:
+    def _tier(self, medium: str | None) -> str | None:
+        """The tier name of `medium`; None when it would be a tier beyond the index's bound."""
         name = self._tiers.get(medium)
         if name is None:
             name = normalize_medium(medium, self.default_tier)
+            if name not in self._tier_names:
+                if len(self._tier_names) >= MAX_TIERS:
+                    return None
+                self._tier_names.add(name)
             if len(self._tiers) < 1024:
                 self._tiers[medium] = name
         return name
@@ -514,27 +638,41 @@ class EventIngestor:
         for reason in batch.rejected:
             self._dropped[reason].inc()
             logger.debug("dropped an event from %s: %s", st.pod, reason)
-        pending: list[int] = []
-        pending_tier = ""
-        unknown = 0
-        n_removed_events = 0
+        w = _Writer(self, st.pod)
+        n_removed = n_stored = unknown = 0
+        # NOTE: removals are the most frequent events (one hash each, as vLLM evicts); the
+        # loop keeps them on locals and hands them to the writer once per run.
+        gone: list[int] = []
+        gone_tier = ""
+        last_medium: str | None = ""
+        tier: str | None = None
+        main = 0 if st.main_group is None else st.main_group
         for ev in batch.events:
-            if isinstance(ev, BlockRemoved):
-                n_removed_events += 1
-                g = ev.group_idx
-                if g is not None and g != (0 if st.main_group is None else st.main_group):
-                    self._skipped["kv_group"].inc(len(ev.block_hashes))
+            cls = ev.__class__
+            if cls is BlockRemoved or (cls is not BlockStored and isinstance(ev, BlockRemoved)):
+                rm: BlockRemoved = ev  # type: ignore[assignment]
+                n_removed += 1
+                g = rm.group_idx
+                if g is not None and g != main:
+                    self._skipped["kv_group"].inc(len(rm.block_hashes))
                     continue
-                tier = self._tier(ev.medium)
-                if pending and tier != pending_tier:
-                    self._index_remove(st.pod, pending, pending_tier)
-                    pending = []
-                pending_tier = tier
+                medium = rm.medium
+                if medium != last_medium:
+                    tier = self._tier(medium)
+                    last_medium = medium
+                if tier is None:
+                    self._dropped["bad_tier"].inc()
+                    n_removed -= 1
+                    continue
                 held = st.held.get(tier)
                 if held is None:
-                    unknown += len(ev.block_hashes)
+                    unknown += len(rm.block_hashes)
                     continue
-                for h in ev.block_hashes:
+                if gone and tier != gone_tier:
+                    w.remove(gone_tier, gone)
+                    gone = []
+                gone_tier = tier
+                for h in rm.block_hashes:
                     c = held.get(h)
                     if c is None:
                         unknown += 1
@@ -543,50 +681,34 @@ class EventIngestor:
                             del held[h]
                         else:
                             held[h] = c - 1
-                        pending.append(h)
+                        gone.append(h)
                 continue
-            if pending:
-                self._index_remove(st.pod, pending, pending_tier)
-                pending = []
+            if gone:
+                w.remove(gone_tier, gone)
+                gone = []
             if isinstance(ev, BlockStored):
-                self._store(st, ev)
+                n_stored += self._store(st, ev, w)
+                main = 0 if st.main_group is None else st.main_group
             elif isinstance(ev, AllBlocksCleared):
+                w.flush()
                 self._events["AllBlocksCleared"].inc()
                 st = self._reset(st, "all_blocks_cleared", keep_seq=True)
-        if pending:
-            self._index_remove(st.pod, pending, pending_tier)
-        if n_removed_events:
-            self._events["BlockRemoved"].inc(n_removed_events)
+                main = 0 if st.main_group is None else st.main_group
+        if gone:
+            w.remove(gone_tier, gone)
+        w.flush()
+        if n_removed:
+            self._events["BlockRemoved"].inc(n_removed)
+        if n_stored:
+            self._events["BlockStored"].inc(n_stored)
+        if w.stored:
+            self.metrics.blocks_stored.inc(w.stored)
+        if w.removed:
+            self.metrics.blocks_removed.inc(w.removed)
+        unknown += w.unknown
         if unknown:
             self._skipped["unknown_block"].inc(unknown)
         return st
-
-    def _index_remove(self, pod: str, hashes: list[int], tier: str) -> None:
-        try:
-            known = self.index.remove(pod, hashes, tier)
-        except (KVAwareError, OSError, ValueError) as exc:
-            self.metrics.backend_errors.labels("ingest").inc()
-            logger.warning("removing %d blocks of %s failed: %s", len(hashes), pod, exc)
-            return
-        self.metrics.blocks_removed.inc(known)
-
-    def _index_add(
-        self, pod: str, keys: Sequence[int], ehs: Sequence[int] | None, tier: str
-    ) -> bool:
-        try:
-            self.index.add(pod, keys, ehs, tier)
-        except ValueError as exc:
-            # NOTE: the tier table is bounded (16 tiers); an event naming a 17th medium is
-            # refused rather than collapsing tiers.
-            self._dropped["bad_tier"].inc()
-            logger.debug("store for %s refused: %s", pod, exc)
-            return False
-        except (KVAwareError, OSError) as exc:
-            self.metrics.backend_errors.labels("ingest").inc()
-            self._dropped["backend_error"].inc()
-            logger.warning("storing %d blocks of %s failed: %s", len(keys), pod, exc)
-            return False
-        return True
 
     def _group_ok(self, st: StreamState, group: int | None, kind: str | None) -> bool:
         if kind is not None:
@@ -602,23 +724,26 @@ class EventIngestor:
             return True
         return group == (0 if st.main_group is None else st.main_group)
 
-    def _store(self, st: StreamState, ev: BlockStored) -> None:
+    def _store(self, st: StreamState, ev: BlockStored, w: _Writer) -> bool:
+        """Apply one store; False when it was dropped (and counted as such)."""
         hashes = ev.block_hashes
         n = len(hashes)
         pod = st.pod
         if not self._group_ok(st, ev.group_idx, ev.kv_cache_spec_kind):
-            self._events["BlockStored"].inc()
             self._skipped["kv_group"].inc(n)
-            return
+            return True
         tier = self._tier(ev.medium)
+        if tier is None:
+            self._drop("bad_tier", pod, ev)
+            return False
         toks = ev.token_ids
         if not toks:
-            self._placeholder(st, hashes, tier)
-            return
+            self._placeholder(st, hashes, tier, w)
+            return True
         bs = ev.block_size
         if bs <= 0 or len(toks) != n * bs:
             self._drop("token_count_mismatch", pod, ev)
-            return
+            return False
         bsz = self.block_size
         parent = ev.parent_block_hash
         ehs: list[int] | None
@@ -626,29 +751,29 @@ class EventIngestor:
         if keyer is None:
             if bs != bsz:
                 self._drop("block_size_mismatch", pod, ev)
-                return
+                return False
             keys: list[int] = hashes
             ehs = None
             per = 1
         else:
             if bs % bsz:
                 self._drop("block_size_mismatch", pod, ev)
-                return
+                return False
             per = bs // bsz
             lora = ev.lora_name
             extra = ev.extra_keys
             if parent is None:
                 if lora is None and not st.model:
                     self._drop("no_model", pod, ev)
-                    return
+                    return False
                 salt = _salt_of(extra[0], lora) if extra else None
                 pkey = keyer.root(st.model or "", lora, salt)
             else:
-                found = self.index.resolve(pod, parent)
+                found = w.resolve(parent)
                 if found is None:
                     self.metrics.orphaned_blocks.inc(n)
                     self._drop("orphaned_parent", pod, ev)
-                    return
+                    return False
                 pkey = found
             content = self._content(extra, lora, parent is None) if extra else None
             if content is None:
@@ -659,56 +784,49 @@ class EventIngestor:
         held = st.held.get(tier)
         if held is None:
             held = st.held[tier] = {}
-        if parent is None:
-            # NOTE: a parent-less store of blocks this stream already holds re-announces
-            # prefix-cache hits (kv_cache_report_mode=full): same physical blocks, so no new
-            # reference (otherwise the later single BlockRemoved would leave a stale entry).
-            fresh = [i for i, h in enumerate(hashes) if h not in held]
-            if len(fresh) < n:
-                self._skipped["reannounced"].inc(n - len(fresh))
-                if not fresh:
-                    self._events["BlockStored"].inc()
-                    return
-                hashes = [hashes[i] for i in fresh]
-                if per == 1:
-                    keys = [keys[i] for i in fresh]
-                else:
-                    keys = [keys[i * per + j] for i in fresh for j in range(per)]
-                if ehs is not None:
-                    ehs = [h for h in hashes for _ in range(per)]
-        if not self._index_add(pod, keys, ehs, tier):
-            return
-        for h in hashes:
-            held[h] = held.get(h, 0) + 1
-        self._events["BlockStored"].inc()
-        self.metrics.blocks_stored.inc(len(hashes))
+        fresh = dict.fromkeys(hashes, 1)
+        if len(fresh) == n and held.keys().isdisjoint(fresh):
+            held.update(fresh)  # the common case: new blocks, no duplicates
+        else:
+            if parent is None:
+                # NOTE: a parent-less store of blocks this stream already holds re-announces
+                # prefix-cache hits (kv_cache_report_mode=full): same physical blocks, so no
+                # new reference (else the later single BlockRemoved would leave a stale entry).
+                keep = [i for i, h in enumerate(hashes) if h not in held]
+                if len(keep) < n:
+                    self._skipped["reannounced"].inc(n - len(keep))
+                    if not keep:
+                        return True
+                    hashes = [hashes[i] for i in keep]
+                    keys = [keys[i * per + j] for i in keep for j in range(per)]
+                    if ehs is not None:
+                        ehs = [h for h in hashes for _ in range(per)]
+            for h in hashes:
+                held[h] = held.get(h, 0) + 1
+        w.add(tier, keys, ehs, hashes, held, per)
+        return True
 
-    def _placeholder(self, st: StreamState, hashes: list[int], tier: str) -> None:
+    def _placeholder(self, st: StreamState, hashes: list[int], tier: str, w: _Writer) -> None:
         """An offload placeholder (no tokens): add `tier` to blocks the pod already holds."""
+        w.flush()
         pod = st.pod
         resolve = self.index.resolve
         known = [h for h in hashes if resolve(pod, h) is not None]
-        if len(known) < len(hashes):
-            self._skipped["unknown_block"].inc(len(hashes) - len(known))
-        if known:
-            try:
-                self.index.add_tier(pod, known, tier)
-            except ValueError as exc:
-                self._dropped["bad_tier"].inc()
-                logger.debug("offload store for %s refused: %s", pod, exc)
-                return
-            except (KVAwareError, OSError) as exc:
-                self.metrics.backend_errors.labels("ingest").inc()
-                self._dropped["backend_error"].inc()
-                logger.warning("offload store for %s failed: %s", pod, exc)
-                return
-            held = st.held.get(tier)
-            if held is None:
-                held = st.held[tier] = {}
-            for h in known:
-                held[h] = held.get(h, 0) + 1
-            self.metrics.blocks_stored.inc(len(known))
-        self._events["BlockStored"].inc()
+        w.unknown += len(hashes) - len(known)
+        if not known:
+            return
+        try:
+            self.index.add_tier(pod, known, tier)
+        except (KVAwareError, OSError, ValueError) as exc:
+            self.metrics.backend_errors.labels("ingest").inc()
+            logger.warning("offload store for %s failed: %s", pod, exc)
+            return
+        held = st.held.get(tier)
+        if held is None:
+            held = st.held[tier] = {}
+        for h in known:
+            held[h] = held.get(h, 0) + 1
+        w.stored += len(known)
 
     def _content(
         self, extra: list[Any], lora: str | None, at_root: bool

@@ -327,6 +327,10 @@ class KVEventSubscriber:
                             break
                         self.frames_received += 1
                         self._on_frames(frames, pod, model)
+                        # NOTE: hand the GIL to waiting threads (the scheduler's score calls)
+                        # after every frame rather than after CPython's 5 ms switch interval,
+                        # so ingestion at full speed does not stretch the read path's tail.
+                        time.sleep(0)
                 if self.config.stats_interval and time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + self.config.stats_interval
                     self.indexer.stats()

@@ -433,3 +433,39 @@ def test_endpoints_from_config_and_validation(indexer: Indexer) -> None:
             wait_until(lambda: indexer.score(MODEL, toks, [POD]) == {POD: 1.0})
         with pytest.raises(ConfigError):
             sub.add_endpoint("p:3", "ipc:///x", data_parallel_size=2)
+
+
+def test_bind_mode_gap_is_replayed_from_the_configured_endpoint(indexer: Indexer) -> None:
+    """In bind mode a pod's gap is replayed from its replayEndpoints entry."""
+    toks = list(range(48))
+    port, rport = free_port(), free_port()
+    pod = "10.0.0.7:8000"
+    sub = make_sub(indexer, zmq_endpoint=tcp(port), replay_endpoints={pod: tcp(rport)})
+    topic = f"kv@{pod}@{MODEL}"
+    with sub, VllmEventPublisher(tcp(port), tcp(rport), topic=topic, bind=False) as pub:
+        assert pub.wait_for_subscriber(10)
+        pub.publish([store([1], toks[:16])])
+        pub.publish([store([2], toks[16:32], parent=1)], send=False)
+        pub.publish([store([3], toks[32:], parent=2)])
+        wait_until(lambda: sub.frames_handled == 2)
+    assert indexer.score(MODEL, toks, [pod]) == {pod: 1.0}
+    assert counter(indexer, "kvaware_replays_total", {"result": "ok"}) == 1
+
+
+def test_replay_endpoints_per_rank_and_discovery() -> None:
+    """Replay endpoints are offset by DP rank as vLLM offsets them, and derived from the
+    replay socket port for pods known only by address."""
+    ix = Indexer()
+    sub = KVEventSubscriber(ix, KVEventsConfig(replay_socket_port=5558, socket_port=5557))
+    sub.add_endpoint("a:1", "tcp://10.0.0.1:5557", "tcp://10.0.0.1:6000")
+    assert sub.replay_endpoint("a:1", 0) == "tcp://10.0.0.1:6000"
+    assert sub.replay_endpoint("a:1", 3) == "tcp://10.0.0.1:6003"
+    assert sub.replay_endpoint("10.0.0.9:8000", 1) == "tcp://10.0.0.9:5559"
+    assert sub.replay_endpoint("[fd00::2]:8000", 0) == "tcp://[fd00::2]:5558"
+    assert sub.config.discovery_endpoints("10.0.0.3") == (
+        "tcp://10.0.0.3:5557",
+        "tcp://10.0.0.3:5558",
+    )
+    plain = KVEventSubscriber(ix, KVEventsConfig())
+    assert plain.replay_endpoint("10.0.0.9:8000", 0) is None
+    assert plain.replay("10.0.0.9:8000", 0, 0, "gap") is None
