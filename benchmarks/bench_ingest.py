@@ -6,7 +6,7 @@ sent one hash per BlockRemoved as vLLM does):
 
 1. decode + apply into the in-memory index, in stored blocks per second on one thread, with
    in-process baselines: decode only, and the index's own add/remove calls with precomputed
-   keys (the floor this Python index allows);
+   keys, one call per event and one per run of a batch (the floor this Python index allows);
 2. end to end over ZMQ on loopback: a vLLM-protocol publisher in another process, the
    subscriber in this one;
 3. ``Indexer.score`` latency while the subscriber ingests at a fixed rate, against idle.
@@ -71,6 +71,9 @@ class Stream:
     removed: int
     events: int
     prompts: list[list[int]]
+    #: Index of the first frame with an eviction, and blocks stored before it.
+    fill_frames: int = 0
+    fill_stored: int = 0
 
 
 def generate(
@@ -91,6 +94,7 @@ def generate(
     frames: list[tuple[str, int, bytes]] = []
     stored = removed = n_events = 0
     prompts: list[list[int]] = []
+    fill_frames = fill_stored = 0
     while stored < target_blocks:
         for pod in pods:
             events: list[KVCacheEvent] = []
@@ -139,11 +143,17 @@ def generate(
                     pod.running.remove(req)
                     pod.held.append(req.hashes)
             if events:
+                if not fill_frames and removed:
+                    fill_frames, fill_stored = (
+                        len(frames),
+                        stored
+                        - sum(len(e.block_hashes) for e in events if isinstance(e, BlockStored)),
+                    )
                 n_events += len(events)
                 payload = encode_batch(events, time.time(), 0, legacy=legacy)
                 frames.append((pod.name, pod.seq, payload))
                 pod.seq += 1
-    return Stream(frames, stored, removed, n_events, prompts)
+    return Stream(frames, stored, removed, n_events, prompts, fill_frames, fill_stored)
 
 
 def _stored(hashes: list[int], toks: list[int], parent: int | None) -> BlockStored:
@@ -178,22 +188,35 @@ def bench_apply(stream: Stream, repeat: int) -> None:
         for _, _, p in frames:
             dec.decode(p)
 
-    def ingest(config: dict[str, Any] | None) -> Any:
+    phases: dict[str, float] = {}
+
+    def ingest(config: dict[str, Any] | None, split: bool = False) -> Any:
         def run() -> None:
             ix = Indexer(config)
             ingest = ix.ingest
-            for pod, seq, payload in frames:
+            k = stream.fill_frames
+            t0 = time.perf_counter()
+            for pod, seq, payload in frames[:k]:
                 ingest(pod, MODEL, payload, seq)
-            run.ix = ix  # type: ignore[attr-defined]
+            t1 = time.perf_counter()
+            for pod, seq, payload in frames[k:]:
+                ingest(pod, MODEL, payload, seq)
+            if split:
+                t2 = time.perf_counter()
+                phases["fill"] = min(phases.get("fill", 1e9), t1 - t0)
+                phases["steady"] = min(phases.get("steady", 1e9), t2 - t1)
 
         return run
 
-    # the floor: the index's own calls with keys already derived
+    # the floors: the index's own calls with keys already derived, one call per event (as a
+    # naive consumer would) and one call per run of stores / removals in a batch (as apply does)
     ix0 = Indexer()
     keyer = ix0.keyer
-    ops: list[tuple[str, str, list[int], list[int] | None]] = []
+    per_event: list[tuple[str, str, list[int], list[int]]] = []
+    per_run: list[tuple[str, str, list[int], list[int]]] = []
     emap: dict[tuple[str, int], int] = {}
     for pod, _, p in frames:
+        run: tuple[str, str, list[int], list[int]] | None = None
         for ev in dec.decode(p).events:
             if isinstance(ev, BlockStored):
                 parent = (
@@ -204,23 +227,36 @@ def bench_apply(stream: Stream, repeat: int) -> None:
                 keys = keyer.chain(parent, ev.token_ids, BS)  # type: ignore[attr-defined]
                 for h, k in zip(ev.block_hashes, keys, strict=True):
                     emap[(pod, h)] = k
-                ops.append(("add", pod, keys, ev.block_hashes))
+                per_event.append(("add", pod, keys, ev.block_hashes))
+                if run is None or run[0] != "add" or run[3][-1] == ev.block_hashes[0]:
+                    run = ("add", pod, [], [])
+                    per_run.append(run)
+                run[2].extend(keys)
+                run[3].extend(ev.block_hashes)
             elif isinstance(ev, BlockRemoved):
-                ops.append(("rm", pod, ev.block_hashes, None))
+                per_event.append(("rm", pod, ev.block_hashes, []))
+                if run is None or run[0] != "rm":
+                    run = ("rm", pod, [], [])
+                    per_run.append(run)
+                run[2].extend(ev.block_hashes)
 
-    def floor() -> None:
-        ix = Indexer()
-        add, remove = ix.index.add, ix.index.remove
-        for op, pod, a, b in ops:
-            if op == "add":
-                add(pod, a, b, "gpu")
-            else:
-                remove(pod, a, "gpu")
+    def floor(ops: list[tuple[str, str, list[int], list[int]]]) -> Any:
+        def go() -> None:
+            ix = Indexer()
+            add, remove = ix.index.add, ix.index.remove
+            for op, pod, a, b in ops:
+                if op == "add":
+                    add(pod, a, b, "gpu")
+                else:
+                    remove(pod, a, "gpu")
+
+        return go
 
     results = [
         ("decode only (typed msgspec)", _best(decode_only, repeat)),
-        ("index floor: add/remove, keys precomputed", _best(floor, repeat)),
-        ("decode + apply, derived keys", _best(ingest(None), repeat)),
+        ("index only, one call per event (keys precomputed)", _best(floor(per_event), repeat)),
+        ("index only, one call per run (keys precomputed)", _best(floor(per_run), repeat)),
+        ("decode + apply, derived keys", _best(ingest(None, split=True), repeat)),
         (
             "decode + apply, derived keys, 8-token index blocks",
             _best(ingest({"tokenProcessorConfig": {"blockSize": 8}}), repeat),
@@ -230,7 +266,7 @@ def bench_apply(stream: Stream, repeat: int) -> None:
             _best(ingest({"tokenProcessorConfig": {"keyMode": "vllm"}}), repeat),
         ),
     ]
-    base = results[2][1]
+    base = results[3][1]
     print(
         f"\n## 1. decode + apply on one thread ({len(frames):,} batches, {stream.events:,} events,"
         f" {stream.stored:,} blocks stored, {stream.removed:,} removed; best of {repeat})\n"
@@ -239,6 +275,13 @@ def bench_apply(stream: Stream, repeat: int) -> None:
     print(f"|{'-' * 54}|{'-' * 10}|{'-' * 17}|{'-' * 10}|")
     for name, t in results:
         print(f"| {name:<52} | {t:8.3f} | {stream.stored / t:15,.0f} | {t / base:7.2f}x |")
+    fill = stream.fill_stored / phases["fill"]
+    steady = (stream.stored - stream.fill_stored) / phases["steady"]
+    print(
+        f"\nderived keys by phase: pools filling (no evictions, {stream.fill_frames:,} batches)"
+        f" {fill:,.0f} stored blocks/s; steady state (evictions) {steady:,.0f} stored blocks/s"
+        f" plus the removals"
+    )
     check = Indexer()
     for pod, seq, payload in frames:
         check.ingest(pod, MODEL, payload, seq)

@@ -170,7 +170,6 @@ class _Writer:
         "_add_hashes",
         "_add_held",
         "_add_keys",
-        "_add_map",
         "_add_tier",
         "_ing",
         "_pod",
@@ -189,7 +188,6 @@ class _Writer:
         self._add_ehs: list[int] | None = None
         self._add_hashes: list[int] = []
         self._add_held: dict[int, int] = {}
-        self._add_map: dict[int, int] = {}
         self._rm_tier = ""
         self._rm: list[int] = []
         self.stored = 0
@@ -198,10 +196,12 @@ class _Writer:
 
     def resolve(self, engine_hash: int) -> int | None:
         """The key of `engine_hash` on this pod, including stores still pending."""
-        key = self._add_map.get(engine_hash)
-        if key is not None:
-            return key
-        return self._ing.index.resolve(self._pod, engine_hash)
+        key = self._ing.index.resolve(self._pod, engine_hash)
+        if key is None and self._add_keys:
+            # NOTE: rare: the parent was stored earlier in this very batch.
+            self._flush_add()
+            key = self._ing.index.resolve(self._pod, engine_hash)
+        return key
 
     def add(
         self,
@@ -210,7 +210,6 @@ class _Writer:
         ehs: list[int] | None,
         hashes: list[int],
         held: dict[int, int],
-        per: int,
     ) -> None:
         if self._rm:
             self._flush_rm()
@@ -228,7 +227,6 @@ class _Writer:
             self._add_ehs.extend(ehs)
         self._add_hashes.extend(hashes)
         self._add_held = held
-        self._add_map.update(zip(hashes, keys[per - 1 :: per], strict=True))
 
     def remove(self, tier: str, hashes: list[int]) -> None:
         if self._add_keys:
@@ -248,7 +246,6 @@ class _Writer:
         keys, ehs, hashes = self._add_keys, self._add_ehs, self._add_hashes
         self._add_keys, self._add_ehs, self._add_hashes = [], None, []
         held = self._add_held
-        self._add_map = {}
         ing = self._ing
         try:
             ing.index.add(self._pod, keys, ehs, self._add_tier)
@@ -644,8 +641,9 @@ class EventIngestor:
         # loop keeps them on locals and hands them to the writer once per run.
         gone: list[int] = []
         gone_tier = ""
-        last_medium: str | None = ""
+        last_medium: str | None = ""  # NOTE: "" never equals a decoded medium's normal form
         tier: str | None = None
+        held: dict[int, int] | None = None
         main = 0 if st.main_group is None else st.main_group
         for ev in batch.events:
             cls = ev.__class__
@@ -657,32 +655,35 @@ class EventIngestor:
                     self._skipped["kv_group"].inc(len(rm.block_hashes))
                     continue
                 medium = rm.medium
-                if medium != last_medium:
-                    tier = self._tier(medium)
+                if medium != last_medium or last_medium == "":
                     last_medium = medium
-                if tier is None:
-                    self._dropped["bad_tier"].inc()
-                    n_removed -= 1
-                    continue
-                held = st.held.get(tier)
+                    tier = self._tier(medium)
+                    held = None if tier is None else st.held.get(tier)
+                    if gone and tier != gone_tier:
+                        w.remove(gone_tier, gone)
+                        gone = []
+                    if tier is not None:
+                        gone_tier = tier
                 if held is None:
-                    unknown += len(rm.block_hashes)
+                    if tier is None:
+                        self._dropped["bad_tier"].inc()
+                        n_removed -= 1
+                    else:
+                        unknown += len(rm.block_hashes)
                     continue
-                if gone and tier != gone_tier:
-                    w.remove(gone_tier, gone)
-                    gone = []
-                gone_tier = tier
+                get = held.get
                 for h in rm.block_hashes:
-                    c = held.get(h)
+                    c = get(h)
                     if c is None:
                         unknown += 1
+                    elif c == 1:
+                        del held[h]
+                        gone.append(h)
                     else:
-                        if c == 1:
-                            del held[h]
-                        else:
-                            held[h] = c - 1
+                        held[h] = c - 1
                         gone.append(h)
                 continue
+            last_medium = ""  # a store may create this stream's dict for the tier
             if gone:
                 w.remove(gone_tier, gone)
                 gone = []
@@ -803,7 +804,7 @@ class EventIngestor:
                         ehs = [h for h in hashes for _ in range(per)]
             for h in hashes:
                 held[h] = held.get(h, 0) + 1
-        w.add(tier, keys, ehs, hashes, held, per)
+        w.add(tier, keys, ehs, hashes, held)
         return True
 
     def _placeholder(self, st: StreamState, hashes: list[int], tier: str, w: _Writer) -> None:

@@ -560,3 +560,12 @@ def test_parentless_duplicate_is_counted_conservatively() -> None:
         seen_miss |= copies == 1 and held == 0
     assert seen_miss and h not in pool.gpu_state()
     assert ix.score(MODEL, toks, [POD]) == {POD: 0.0}
+
+
+def test_parent_stored_earlier_in_the_same_batch() -> None:
+    """A store whose parent was stored earlier in the same batch is chained, not orphaned."""
+    toks = list(range(48))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1, 2], toks[:32]), stored([3], toks[32:], parent=2)), 0)
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
