@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 __all__ = ["main"]
 
-_COMMANDS: tuple[str, ...] = ("kvaware_scorer.quickstart",)
+_COMMANDS: tuple[str, ...] = ("kvaware_scorer.quickstart", "kvaware_scorer.events.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 _POLL_MS: Final = 100
 _DRAIN: Final = 512
-_STOP: Final = object()
 
 
 def parse_topic(topic: bytes) -> tuple[str | None, str | None]:
@@ -189,11 +188,6 @@ class KVEventSubscriber:
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
                 logger.warning("KV-event receiver did not stop within %.1fs", timeout)
-        for q in self._queues:
-            try:
-                q.put_nowait(_STOP)
-            except queue.Full:
-                pass
         for w in self._workers:
             w.join(max(0.0, deadline - time.monotonic()))
         ingestor = self.indexer.ingestor
@@ -444,18 +438,18 @@ class KVEventSubscriber:
                 continue
 
     def _worker(self, q: queue.Queue[Any]) -> None:
-        while True:
-            item = q.get()
-            if item is _STOP:
-                break
+        # NOTE: on stop, frames still queued are dropped: stop stays bounded however full the
+        # queue is (a restarted subscriber rejoins each stream through its replay buffer).
+        while not self._stop_event.is_set():
+            try:
+                item = q.get(timeout=_POLL_MS / 1000)
+            except queue.Empty:
+                continue
             try:
                 item()
             except Exception:
                 self.indexer.metrics.dropped.labels("internal_error").inc()
                 logger.exception("KV-event apply error (continuing)")
-
-            if self._stop_event.is_set() and q.empty():
-                break
         self._close_local_dealers()
 
     # -- replay (the ingestor's ReplaySource) ------------------------------------------------
