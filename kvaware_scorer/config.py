@@ -25,6 +25,7 @@ __all__ = [
     "KVBlockIndexConfig",
     "KVCacheBackendConfig",
     "KVEventsConfig",
+    "KVEventsEndpoint",
     "LocalTokenizerConfig",
     "PrefixStoreConfig",
     "RedisIndexConfig",
@@ -292,38 +293,91 @@ class PrefixStoreConfig(ConfigModel):
     block_size: int = Field(256, ge=8)
 
 
+class KVEventsEndpoint(ConfigModel):
+    """One pod's KV-event publisher in connect mode (`kvEventsConfig.endpoints.<pod-id>`).
+
+    Attributes:
+        endpoint: The pod's PUB endpoint, e.g. ``tcp://10.0.0.1:5557`` (rank 0's, when the pod
+            runs several data-parallel ranks).
+        replay_endpoint: The pod's replay ROUTER endpoint (rank 0's), if it has one.
+        model: Model assumed for this pod's events (else the topic's, else `default_model`).
+        data_parallel_size: DP ranks publishing; rank ``r`` uses port ``+r`` of both endpoints,
+            as vLLM offsets them.
+    """
+
+    endpoint: str
+    replay_endpoint: str | None = None
+    model: str | None = None
+    data_parallel_size: int | None = Field(None, ge=1, le=1024)
+
+
 class KVEventsConfig(ConfigModel):
     """How KV events reach the indexer (`kvEventsConfig`).
 
     Attributes:
         zmq_endpoint: Bind mode: one SUB socket bound here (e.g. ``tcp://*:5557``); pods
-            connect and name themselves in the topic ``kv@<pod-id>@<model>``.
-        topic_filter: Topic prefix subscribed to ("" = everything, incl. the empty topic).
+            connect and name themselves in the topic ``kv@<pod-id>@<model>`` (``kv@<pod-id>``
+            falls back to `default_model`). None = no bound socket.
+        topic_filter: Topic prefix subscribed to ("" = everything, incl. vLLM's default empty
+            topic).
         endpoints: Connect mode: pod id (``"<address>:<port>"``) -> the pod's publisher
-            endpoint (``tcp://host:5557``).
-        replay_endpoints: Pod id -> the pod's replay ROUTER endpoint (optional).
-        default_model: Model assumed when the topic does not name one.
-        concurrency: Worker shards applying events (a pod's events stay in order).
-        rcvhwm: Receive high-water mark of each SUB socket.
+            endpoint (``tcp://host:5557``), or an object with its replay endpoint and model.
+        replay_endpoints: Pod id -> the pod's replay ROUTER endpoint (both modes).
+        default_model: Model assumed when neither the endpoint nor the topic names one.
+        data_parallel_size: DP ranks per pod when an endpoint does not say (rank ``r``
+            publishes on port ``+r``).
+        concurrency: Threads applying events; a pod's events always go to the same thread, in
+            order. 1 applies on the receiving thread (best for the in-memory index).
+        queue_size: Frames buffered per applying thread when `concurrency` > 1.
+        rcvhwm: Receive high-water mark of each SUB socket (frames; 0 = unlimited).
         rcvbuf: Kernel receive buffer in bytes (0 = system default).
-        replay_timeout: Seconds to wait for a replay answer.
-        discover_pods: Dial each endpoint's publisher found in the endpoints file.
-        socket_port: Publisher port used by discovery (``tcp://<address>:<socketPort+rank>``).
-        replay_socket_port: Replay port used by discovery (0 = no replay).
+        replay_timeout: Seconds to wait for each replay answer frame.
+        replay_on_join: On the first frame of a stream whose seq is above 0, first replay the
+            publisher's buffer (when a replay endpoint is known) so that blocks stored before
+            this subscriber started are indexed with their parents.
+        max_replay_batches: Most batches taken from one replay answer.
+        stats_interval: Seconds between refreshes of the index-size gauges (0 = never).
+        discover_pods: The scheduler dials every endpoint of its endpoints file at
+            ``tcp://<address>:<socketPort>`` (see `discovery_endpoints`).
+        socket_port: Publisher port used by discovery.
+        replay_socket_port: Replay port used by discovery and by bind mode for pods without a
+            `replay_endpoints` entry (0 = no replay).
     """
 
     zmq_endpoint: str | None = None
     topic_filter: str = ""
-    endpoints: dict[str, str] = Field(default_factory=dict)
+    endpoints: dict[str, str | KVEventsEndpoint] = Field(default_factory=dict)
     replay_endpoints: dict[str, str] = Field(default_factory=dict)
     default_model: str | None = None
+    data_parallel_size: int = Field(1, ge=1, le=1024)
     concurrency: int = Field(1, ge=1, le=64)
+    queue_size: int = Field(10_000, ge=1)
     rcvhwm: int = Field(100_000, ge=0)
     rcvbuf: int = Field(0, ge=0)
     replay_timeout: float = Field(2.0, gt=0)
+    replay_on_join: bool = True
+    max_replay_batches: int = Field(100_000, ge=1)
+    stats_interval: float = Field(5.0, ge=0)
     discover_pods: bool = False
     socket_port: int = Field(5557, ge=0, le=65535)
     replay_socket_port: int = Field(0, ge=0, le=65535)
+
+    def endpoint_config(self, pod_id: str) -> KVEventsEndpoint | None:
+        """The connect-mode entry of `pod_id` (strings expanded with `replay_endpoints`)."""
+        entry = self.endpoints.get(pod_id)
+        if entry is None:
+            return None
+        if isinstance(entry, str):
+            return KVEventsEndpoint(
+                endpoint=entry, replay_endpoint=self.replay_endpoints.get(pod_id)
+            )
+        return entry
+
+    def discovery_endpoints(self, address: str) -> tuple[str, str | None]:
+        """Publisher and replay endpoints of a pod found at `address` (discovery)."""
+        host = f"[{address}]" if ":" in address and not address.startswith("[") else address
+        replay = f"tcp://{host}:{self.replay_socket_port}" if self.replay_socket_port else None
+        return f"tcp://{host}:{self.socket_port}", replay
 
 
 class IndexerConfig(ConfigModel):

@@ -122,6 +122,30 @@ class Metrics:
             "kvaware_replays", "Replay requests, by result", ["result"], registry=r
         )
         self.purges = Counter("kvaware_purges", "Pod purges, by reason", ["reason"], registry=r)
+        self.event_batches = Counter(
+            "kvaware_event_batches",
+            "KV-event batches (payload frames) applied, by source (live, replay, unsequenced)",
+            ["source"],
+            registry=r,
+        )
+        self.blocks_skipped = Counter(
+            "kvaware_blocks_skipped",
+            "Blocks in valid events deliberately not applied, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.replayed_batches = Counter(
+            "kvaware_replayed_batches",
+            "Batches recovered from a pod's replay buffer, by reason (gap, join)",
+            ["reason"],
+            registry=r,
+        )
+        self.event_lag = Histogram(
+            "kvaware_event_lag_seconds",
+            "Time from a batch's publisher timestamp to its application (needs synced clocks)",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=r,
+        )
         # scheduling
         self.decisions = Counter(
             "kvaware_decisions",

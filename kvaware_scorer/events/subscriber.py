@@ -1,0 +1,560 @@
+"""The ZMQ subscriber: receives vLLM KV-event frames and applies them through `Indexer.ingest`.
+
+Two transport modes, usable together:
+
+* *bind*: one SUB socket bound at ``zmq_endpoint``; pods connect to it and name themselves in
+  the topic ``kv@<pod-id>@<model>`` (``kv@<pod-id>`` falls back to ``default_model``). The
+  pod id may contain ``:`` (``10.0.0.1:8000``); everything after the second ``@`` is the model.
+* *connect*: one SUB socket per pod, dialing the pod's publisher (every DP rank's port); the
+  pod id is the endpoint's id, the model is the endpoint's, else the topic's, else
+  ``default_model``. `add_endpoint` / `remove_endpoint` change the set at run time.
+
+Frames are ``[topic, seq (8-byte big-endian), payload]``; each is handed to ``indexer.ingest``
+with its seq, which detects restarts and gaps. This class is the ingestor's `ReplaySource`:
+gaps (and joins) are replayed from the pod's ROUTER with a DEALER socket, request
+``[b"", start_seq]``, replies ``[b"", topic, seq, payload]`` (``[b"", seq, payload]`` before
+vLLM 0.26) until the ``ff*8`` end marker.
+
+One receiving thread owns the SUB sockets. With ``concurrency`` > 1, frames are handed to that
+many applying threads, a pod always to the same one (its events stay in order). The loops
+never die on a bad frame: they log it, count it and go on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import zmq
+
+from kvaware_scorer.config import KVEventsConfig, load_model
+from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.events.ingest import ReplayResult
+from kvaware_scorer.events.publisher import END_SEQ, offset_endpoint
+
+if TYPE_CHECKING:
+    from kvaware_scorer.indexer import Indexer
+
+__all__ = ["KVEventSubscriber", "parse_topic"]
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS: Final = 100
+_DRAIN: Final = 512
+
+
+def parse_topic(topic: bytes) -> tuple[str | None, str | None]:
+    """``kv@<pod-id>@<model>`` -> (pod id, model); missing parts are None.
+
+    The prefix before the first ``@`` is not checked (it is the topic filter's business). The
+    pod id may contain ``:``; the model is everything after the second ``@``.
+    """
+    try:
+        text = topic.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, None
+    parts = text.split("@", 2)
+    pod = parts[1] if len(parts) > 1 and parts[1] else None
+    model = parts[2] if len(parts) > 2 and parts[2] else None
+    return pod, model
+
+
+@dataclass(slots=True)
+class _PodEndpoint:
+    endpoint: str
+    replay_endpoint: str | None
+    model: str | None
+    data_parallel_size: int
+
+
+class KVEventSubscriber:
+    """Receives vLLM KV events over ZMQ and applies them to `indexer`.
+
+    Args:
+        indexer: Where events are applied (through ``indexer.ingest``).
+        config: Transport settings (a `KVEventsConfig` or its camelCase dict form).
+        context: ZMQ context to use (a private one otherwise, destroyed on `stop`).
+
+    Raises:
+        ConfigError: Invalid config, or an indexer built with ``ingest=False``.
+
+    Example:
+        >>> with KVEventSubscriber(indexer, KVEventsConfig(zmq_endpoint="tcp://*:5557")):
+        ...     serve()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        indexer: Indexer,
+        config: KVEventsConfig | dict[str, Any] | None = None,
+        *,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        if config is None:
+            config = KVEventsConfig()
+        elif not isinstance(config, KVEventsConfig):
+            config = load_model(KVEventsConfig, config, "kvEventsConfig")
+        if not indexer.ingest_enabled:
+            raise ConfigError("this indexer was built with ingest=False", "kvEventsConfig")
+        self.indexer = indexer
+        self.config = config
+        self._ctx_given = context
+        self._ctx: zmq.Context[Any] | None = None
+        self._pods: dict[str, _PodEndpoint] = {}
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._queues: list[queue.Queue[Any]] = []
+        self._local = threading.local()
+        self._dealers: list[zmq.Socket[Any]] = []
+        self._dealers_lock = threading.Lock()
+        self._handled_lock = threading.Lock()
+        self._bound: str | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        #: Frames taken off the sockets, and frames whose application finished.
+        self.frames_received = 0
+        self.frames_handled = 0
+        for pod_id in config.endpoints:
+            entry = config.endpoint_config(pod_id)
+            assert entry is not None
+            self._register(
+                pod_id,
+                entry.endpoint,
+                entry.replay_endpoint or config.replay_endpoints.get(pod_id),
+                entry.model,
+                entry.data_parallel_size,
+            )
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Whether the receiving thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def bound_endpoint(self) -> str | None:
+        """The endpoint the bind-mode socket actually listens on (port resolved)."""
+        return self._bound
+
+    def start(self, timeout: float = 5.0) -> None:
+        """Open the sockets and start receiving; returns once the sockets are set up.
+
+        Raises:
+            ConfigError: The bind endpoint or an endpoint cannot be used.
+        """
+        if self.running:
+            return
+        self._stop_event.clear()
+        self._ready.clear()
+        self._start_error = None
+        self._ctx = self._ctx_given or zmq.Context()
+        ingestor = self.indexer.ingestor
+        ingestor.set_replay_source(self)
+        n = self.config.concurrency
+        if n > 1:
+            self._queues = [queue.Queue(self.config.queue_size) for _ in range(n)]
+            self._workers = [
+                threading.Thread(
+                    target=self._worker, args=(q,), name=f"kvaware-kv-apply-{i}", daemon=True
+                )
+                for i, q in enumerate(self._queues)
+            ]
+            for w in self._workers:
+                w.start()
+        self._thread = threading.Thread(target=self._run, name="kvaware-kv-events", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            logger.warning("KV-event subscriber did not report ready within %.1fs", timeout)
+        if self._start_error is not None:
+            err = self._start_error
+            self.stop()
+            raise ConfigError(f"cannot open KV-event sockets: {err}", "kvEventsConfig") from err
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop receiving and applying, close every socket; bounded by about `timeout`."""
+        self._stop_event.set()
+        deadline = time.monotonic() + timeout
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                logger.warning("KV-event receiver did not stop within %.1fs", timeout)
+        for w in self._workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+        ingestor = self.indexer.ingestor
+        if ingestor.replay_source is self:
+            ingestor.set_replay_source(None)
+        with self._dealers_lock:
+            for sock in self._dealers:
+                sock.close(0)
+            self._dealers.clear()
+        self._local = threading.local()
+        if self._ctx is not None and self._ctx_given is None:
+            self._ctx.destroy(0)
+        self._ctx = None
+        self._thread = None
+        self._workers = []
+        self._queues = []
+
+    def __enter__(self) -> KVEventSubscriber:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- endpoints (connect mode) ------------------------------------------------------------
+
+    def add_endpoint(
+        self,
+        pod_id: str,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        model: str | None = None,
+        *,
+        data_parallel_size: int | None = None,
+    ) -> None:
+        """Dial a pod's publisher (replacing any previous endpoint of that pod).
+
+        Args:
+            pod_id: The pod's id as the scheduler scores it (``"<address>:<port>"``).
+            endpoint: The pod's PUB endpoint (rank 0's).
+            replay_endpoint: The pod's replay ROUTER endpoint (rank 0's), if any.
+            model: Model of the pod's events (else the topic's, else ``default_model``).
+            data_parallel_size: DP ranks; rank ``r`` is dialed at port ``+r``.
+
+        Raises:
+            ConfigError: An endpoint that cannot be offset for its DP ranks.
+        """
+        self._register(pod_id, endpoint, replay_endpoint, model, data_parallel_size)
+        # NOTE: before start, registering is enough (start dials every registered pod); a
+        # redundant "add" would only redial.
+        if self._thread is not None:
+            self._commands.put(("add", pod_id))
+
+    def remove_endpoint(self, pod_id: str, *, purge: bool = True) -> None:
+        """Stop dialing a pod; by default also purge it from the index (after its queued
+        frames)."""
+        self._pods.pop(pod_id, None)
+        if self._thread is not None:
+            self._commands.put(("remove", (pod_id, purge)))
+        elif purge:
+            self._purge(pod_id)
+
+    def endpoints(self) -> dict[str, str]:
+        """Pod id -> dialed endpoint (connect mode)."""
+        return {p: e.endpoint for p, e in self._pods.items()}
+
+    def _register(
+        self,
+        pod_id: str,
+        endpoint: str,
+        replay_endpoint: str | None,
+        model: str | None,
+        data_parallel_size: int | None,
+    ) -> None:
+        dp = data_parallel_size or self.config.data_parallel_size
+        try:
+            for r in range(dp):
+                offset_endpoint(endpoint, r)
+                if replay_endpoint is not None:
+                    offset_endpoint(replay_endpoint, r)
+        except ValueError as exc:
+            raise ConfigError(str(exc), f"kvEventsConfig.endpoints.{pod_id}") from None
+        self._pods[pod_id] = _PodEndpoint(endpoint, replay_endpoint, model, dp)
+
+    # -- the receiving loop ------------------------------------------------------------------
+
+    def _new_sub(self) -> zmq.Socket[Any]:
+        assert self._ctx is not None
+        cfg = self.config
+        sock: zmq.Socket[Any] = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, cfg.rcvhwm)
+        if cfg.rcvbuf:
+            sock.setsockopt(zmq.RCVBUF, cfg.rcvbuf)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        sock.setsockopt(zmq.SUBSCRIBE, cfg.topic_filter.encode("utf-8"))
+        return sock
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        # socket -> (pod id for connect mode or None for bind mode, model override)
+        sources: dict[zmq.Socket[Any], tuple[str | None, str | None]] = {}
+        by_pod: dict[str, zmq.Socket[Any]] = {}
+        try:
+            if self.config.zmq_endpoint:
+                sub = self._new_sub()
+                sub.bind(self.config.zmq_endpoint)
+                self._bound = sub.getsockopt_string(zmq.LAST_ENDPOINT)
+                poller.register(sub, zmq.POLLIN)
+                sources[sub] = (None, None)
+                logger.info("KV-event subscriber bound at %s", self._bound)
+            for pod_id in list(self._pods):
+                self._connect(pod_id, poller, sources, by_pod)
+        except (zmq.ZMQError, ConfigError) as exc:
+            self._start_error = exc
+            self._ready.set()
+            self._close_all(sources)
+            return
+        self._ready.set()
+        next_stats = time.monotonic() + self.config.stats_interval
+        while not self._stop_event.is_set():
+            try:
+                self._commands_due(poller, sources, by_pod)
+                events = dict(poller.poll(_POLL_MS))
+                for sock in events:
+                    pod, model = sources.get(sock, (None, None))
+                    for _ in range(_DRAIN):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                        except zmq.Again:
+                            break
+                        self.frames_received += 1
+                        self._on_frames(frames, pod, model)
+                        # NOTE: hand the GIL to waiting threads (the scheduler's score calls)
+                        # after every frame rather than after CPython's 5 ms switch interval,
+                        # so ingestion at full speed does not stretch the read path's tail.
+                        time.sleep(0)
+                if self.config.stats_interval and time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + self.config.stats_interval
+                    self.indexer.stats()
+            except Exception:
+                self.indexer.metrics.dropped.labels("internal_error").inc()
+                logger.exception("KV-event receive loop error (continuing)")
+                time.sleep(0.01)
+        self._close_all(sources)
+        self._close_local_dealers()
+
+    def _close_all(self, sources: dict[zmq.Socket[Any], Any]) -> None:
+        for sock in sources:
+            sock.close(0)
+        sources.clear()
+
+    def _connect(
+        self,
+        pod_id: str,
+        poller: zmq.Poller,
+        sources: dict[zmq.Socket[Any], tuple[str | None, str | None]],
+        by_pod: dict[str, zmq.Socket[Any]],
+    ) -> None:
+        self._disconnect(pod_id, poller, sources, by_pod)
+        info = self._pods.get(pod_id)
+        if info is None:
+            return
+        sub = self._new_sub()
+        try:
+            for r in range(info.data_parallel_size):
+                sub.connect(offset_endpoint(info.endpoint, r))
+        except (zmq.ZMQError, ValueError) as exc:
+            sub.close(0)
+            logger.error("cannot dial %s for pod %s: %s", info.endpoint, pod_id, exc)
+            self.indexer.metrics.dropped.labels("bad_endpoint").inc()
+            return
+        poller.register(sub, zmq.POLLIN)
+        sources[sub] = (pod_id, info.model)
+        by_pod[pod_id] = sub
+        logger.info("dialing KV events of %s at %s", pod_id, info.endpoint)
+
+    def _disconnect(
+        self,
+        pod_id: str,
+        poller: zmq.Poller,
+        sources: dict[zmq.Socket[Any], tuple[str | None, str | None]],
+        by_pod: dict[str, zmq.Socket[Any]],
+    ) -> None:
+        old = by_pod.pop(pod_id, None)
+        if old is not None:
+            poller.unregister(old)
+            sources.pop(old, None)
+            old.close(0)
+
+    def _commands_due(
+        self,
+        poller: zmq.Poller,
+        sources: dict[zmq.Socket[Any], tuple[str | None, str | None]],
+        by_pod: dict[str, zmq.Socket[Any]],
+    ) -> None:
+        while True:
+            try:
+                op, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                self._connect(arg, poller, sources, by_pod)
+            elif op == "remove":
+                pod_id, purge = arg
+                self._disconnect(pod_id, poller, sources, by_pod)
+                if purge:
+                    self._dispatch(pod_id, functools.partial(self._purge, pod_id))
+
+    def _purge(self, pod_id: str) -> None:
+        self.indexer.purge_pod(pod_id, reason="endpoint_removed")
+
+    def _on_frames(self, frames: list[bytes], pod: str | None, model: str | None) -> None:
+        metrics = self.indexer.metrics
+        if len(frames) != 3 or len(frames[1]) != 8:
+            metrics.dropped.labels("bad_frame").inc()
+            logger.debug("dropped a KV-event message of %d frames", len(frames))
+            return
+        topic, seq8, payload = frames
+        topic_pod, topic_model = parse_topic(topic) if topic else (None, None)
+        if pod is None:
+            pod = topic_pod
+            if pod is None:
+                metrics.dropped.labels("topic_without_pod").inc()
+                logger.debug("dropped a frame whose topic %r names no pod", topic)
+                return
+        use_model = model or topic_model or self.config.default_model
+        seq = int.from_bytes(seq8, "big")
+        self._dispatch(pod, functools.partial(self._apply_frame, pod, use_model, payload, seq))
+
+    def _apply_frame(self, pod: str, model: str | None, payload: bytes, seq: int) -> None:
+        try:
+            self.indexer.ingest(pod, model, payload, seq)
+        finally:
+            with self._handled_lock:
+                self.frames_handled += 1
+
+    def _dispatch(self, pod: str, work: Callable[[], None]) -> None:
+        if not self._queues:
+            work()
+            return
+        q = self._queues[zlib.crc32(pod.encode("utf-8")) % len(self._queues)]
+        while not self._stop_event.is_set():
+            try:
+                q.put(work, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _worker(self, q: queue.Queue[Any]) -> None:
+        # NOTE: on stop, frames still queued are dropped: stop stays bounded however full the
+        # queue is (a restarted subscriber rejoins each stream through its replay buffer).
+        while not self._stop_event.is_set():
+            try:
+                item = q.get(timeout=_POLL_MS / 1000)
+            except queue.Empty:
+                continue
+            try:
+                item()
+            except Exception:
+                self.indexer.metrics.dropped.labels("internal_error").inc()
+                logger.exception("KV-event apply error (continuing)")
+        self._close_local_dealers()
+
+    # -- replay (the ingestor's ReplaySource) ------------------------------------------------
+
+    def replay_endpoint(self, pod: str, rank: int = 0) -> str | None:
+        """The replay endpoint of `pod`'s rank `rank`, if one is known."""
+        info = self._pods.get(pod)
+        base = info.replay_endpoint if info is not None else None
+        cfg = self.config
+        if base is None:
+            base = cfg.replay_endpoints.get(pod)
+        if base is None and cfg.replay_socket_port:
+            host, sep, _ = pod.rpartition(":")
+            if sep and host:
+                base = cfg.discovery_endpoints(host.strip("[]"))[1]
+        if base is None:
+            return None
+        try:
+            return offset_endpoint(base, rank)
+        except ValueError:
+            logger.warning("replay endpoint %s cannot serve rank %d", base, rank)
+            return None
+
+    def _dealer(self, endpoint: str) -> zmq.Socket[Any]:
+        socks: dict[str, zmq.Socket[Any]] | None = getattr(self._local, "dealers", None)
+        if socks is None:
+            socks = self._local.dealers = {}
+        sock = socks.get(endpoint)
+        if sock is None:
+            assert self._ctx is not None
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(endpoint)
+            socks[endpoint] = sock
+            with self._dealers_lock:
+                self._dealers.append(sock)
+        return sock
+
+    def _drop_dealer(self, endpoint: str) -> None:
+        socks: dict[str, zmq.Socket[Any]] | None = getattr(self._local, "dealers", None)
+        sock = socks.pop(endpoint, None) if socks else None
+        if sock is not None:
+            with self._dealers_lock:
+                if sock in self._dealers:
+                    self._dealers.remove(sock)
+            sock.close(0)
+
+    def _close_local_dealers(self) -> None:
+        socks: dict[str, zmq.Socket[Any]] | None = getattr(self._local, "dealers", None)
+        for endpoint in list(socks or ()):
+            self._drop_dealer(endpoint)
+
+    def replay(self, pod: str, rank: int, start_seq: int, reason: str) -> ReplayResult | None:
+        """Fetch `pod`'s buffered batches from `start_seq` on (vLLM's replay protocol).
+
+        Returns None when the pod has no replay endpoint (or ``replayOnJoin`` is off for a
+        join); otherwise what arrived before the end marker, a timeout or `stop`.
+        """
+        if reason == "join" and not self.config.replay_on_join:
+            return None
+        endpoint = self.replay_endpoint(pod, rank)
+        if endpoint is None or self._ctx is None:
+            return None
+        timeout_ms = int(self.config.replay_timeout * 1000)
+        limit = self.config.max_replay_batches
+        frames: list[tuple[int, bytes]] = []
+        status = "timeout"
+        try:
+            sock = self._dealer(endpoint)
+            sock.send_multipart((b"", start_seq.to_bytes(8, "big")))
+            while len(frames) < limit and not self._stop_event.is_set():
+                if not sock.poll(timeout_ms):
+                    break
+                parts = sock.recv_multipart()
+                if len(parts) == 4 and parts[0] == b"":  # >= 0.26: [b"", topic, seq, payload]
+                    seq8, payload = parts[2], parts[3]
+                elif len(parts) == 3 and parts[0] == b"":  # < 0.26: [b"", seq, payload]
+                    seq8, payload = parts[1], parts[2]
+                else:
+                    self.indexer.metrics.dropped.labels("bad_replay_frame").inc()
+                    continue
+                if len(seq8) != 8:
+                    self.indexer.metrics.dropped.labels("bad_replay_frame").inc()
+                    continue
+                if seq8 == END_SEQ:
+                    status = "ok"
+                    break
+                frames.append((int.from_bytes(seq8, "big"), payload))
+            else:
+                if len(frames) >= limit:
+                    status = "truncated"
+        except zmq.ZMQError as exc:
+            logger.warning("replay from %s failed: %s", endpoint, exc)
+            status = "error"
+        if status != "ok":
+            # NOTE: late replies to an abandoned request would be taken for the next answer.
+            self._drop_dealer(endpoint)
+        logger.info(
+            "replay (%s) of %s rank %d from seq %d: %d batches, %s",
+            reason,
+            pod,
+            rank,
+            start_seq,
+            len(frames),
+            status,
+        )
+        return ReplayResult(frames, status)

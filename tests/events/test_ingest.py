@@ -1,0 +1,571 @@
+"""Applying vLLM KV events to the index: keys, reference counts, tiers, groups, ordering."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from kvaware_scorer import Indexer, IndexerConfig
+from kvaware_scorer.events.decode import AllBlocksCleared, BlockRemoved, BlockStored, encode_batch
+from kvaware_scorer.events.ingest import ReplayResult
+from tests.events.conftest import EVENTS_DIR, LEGACY_DIR, stream_frames
+
+POD = "10.0.0.1:8000"
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def counter(ix: Indexer, name: str, labels: dict[str, str] | None = None) -> float:
+    value = ix.metrics.registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+def dropped(ix: Indexer, reason: str) -> float:
+    return counter(ix, "kvaware_dropped_messages_total", {"reason": reason})
+
+
+def u64s(pool: dict[str, Any], tier: str) -> dict[int, int]:
+    return {int(e["u64_hex"], 16): e["physical_blocks"] for e in pool.get(tier, [])}
+
+
+def tokens(manifest: dict[str, Any], name: str) -> list[int]:
+    value = manifest["request_inputs"][name]
+    return list(value["tokens"] if isinstance(value, dict) else value)
+
+
+def stored(
+    hashes: list[int],
+    toks: list[int],
+    parent: int | None = None,
+    *,
+    block_size: int = 16,
+    medium: str | None = "GPU",
+    lora: str | None = None,
+    extra: list[Any] | None = None,
+    group: int | None = 0,
+    kind: str | None = "full_attention",
+) -> BlockStored:
+    return BlockStored(
+        block_hashes=hashes,
+        parent_block_hash=parent,
+        token_ids=toks,
+        block_size=block_size,
+        medium=medium,
+        lora_name=lora,
+        extra_keys=extra if extra is not None else [None] * len(hashes),
+        group_idx=group,
+        kv_cache_spec_kind=kind,
+    )
+
+
+def removed(hashes: list[int], medium: str | None = "GPU", group: int | None = 0) -> BlockRemoved:
+    return BlockRemoved(block_hashes=hashes, medium=medium, group_idx=group)
+
+
+def frame(*events: Any, rank: int = 0) -> bytes:
+    return encode_batch(list(events), 1.0, rank)
+
+
+def apply_stream(ix: Indexer, directory: Any, names: list[tuple[int, str]]) -> None:
+    for seq, name in names:
+        ix.ingest(POD, MODEL, (directory / name).read_bytes(), seq)
+
+
+@pytest.mark.parametrize("directory", [EVENTS_DIR, LEGACY_DIR], ids=["0.33", "0.23"])
+def test_fixture_streams_leave_vllm_pool_state(directory: Any, manifest: dict[str, Any]) -> None:
+    """After every captured step, the copies held per hash equal vLLM's BlockPool state."""
+    from tests.events.conftest import load_manifest
+
+    own = load_manifest(directory)
+    checked = 0
+    for names in stream_frames(own).values():
+        ix = Indexer()
+        for seq, name in names:
+            ix.ingest(POD, MODEL, (directory / name).read_bytes(), seq)
+            pool = manifest["files"][name].get("pool_state_after")
+            if pool is None:
+                continue
+            for tier in pool:
+                assert ix.ingestor.held(POD, tier) == u64s(pool, tier), (name, tier)
+                checked += 1
+            for h in ix.ingestor.held(POD, "GPU"):
+                assert ix.index.resolve(POD, h) is not None
+        assert dropped(ix, "orphaned_parent") == 0
+    assert checked >= (12 if directory == EVENTS_DIR else 7)
+
+
+def test_index_reference_counts_equal_physical_copies(manifest: dict[str, Any]) -> None:
+    """The duplicate-hash stream leaves exactly one reference per physical copy in the index:
+    the re-stored hash survives one removal and goes with the next."""
+    ix = Indexer()
+    names = stream_frames(manifest)["inproc://kv-events-dup"]
+    r1 = tokens(manifest, "r1")
+    for seq, name in names[:2]:
+        ix.ingest(POD, MODEL, (EVENTS_DIR / name).read_bytes(), seq)
+    dup = int(manifest["files"]["batch_dup_second_store.msgpack"]["batch"]["events"][0]
+              ["block_hashes"][0]["hex"], 16)  # fmt: skip
+    assert ix.ingestor.held(POD)[dup] == 2
+    ix.ingest(POD, MODEL, (EVENTS_DIR / names[2][1]).read_bytes(), names[2][0])
+    assert ix.score(MODEL, r1, [POD]) == {POD: 1.0}  # one copy left: still held
+    ix.ingest(POD, MODEL, frame(removed([dup])), 3)
+    assert ix.score(MODEL, r1, [POD]) == {POD: 0.75}  # the last copy went with it
+    assert dup not in ix.ingestor.held(POD)
+    assert ix.index.resolve(POD, dup) is None
+
+
+def test_main_stream_scores_follow_the_pool(manifest: dict[str, Any]) -> None:
+    """Scoring the fixture requests' own tokens tracks vLLM's pool through the main stream."""
+    ix = Indexer()
+    names = dict(stream_frames(manifest)["inproc://kv-events"])
+    r1, r2, r5 = tokens(manifest, "r1"), tokens(manifest, "r2"), tokens(manifest, "r5")
+    r1d = r1 + tokens(manifest, "r1_decode")
+    r6, r9 = tokens(manifest, "r6"), tokens(manifest, "r9")
+    lora = {"lora_name": "sql-lora", "cache_salt": "tenant-a"}
+
+    def step(seq: int) -> None:
+        ix.ingest(POD, MODEL, (EVENTS_DIR / names[seq]).read_bytes(), seq)
+
+    step(0)
+    assert ix.score(MODEL, r1, [POD]) == {POD: 1.0}
+    step(1)
+    assert ix.score(MODEL, r1d, [POD]) == {POD: 1.0}
+    step(2)
+    assert ix.score(MODEL, r2, [POD]) == {POD: 1.0}
+    step(3)  # r1's tail (decode block, block 3) evicted
+    assert ix.score(MODEL, r1, [POD]) == {POD: 0.75}
+    step(4)  # more evictions, then r5 stored
+    assert ix.score(MODEL, r1, [POD]) == {POD: 0.25}
+    assert ix.score(MODEL, r5, [POD]) == {POD: 1.0}
+    assert ix.score("another-model", r5, [POD]) == {POD: 0.0}
+    step(5)  # AllBlocksCleared
+    assert ix.score(MODEL, r5, [POD]) == {POD: 0.0}
+    assert ix.index.stats().entries == 0
+    step(6)  # LoRA + cache_salt, GPU and CPU
+    assert ix.score(MODEL, r6, [POD], **lora) == {POD: 1.0}
+    assert ix.score(MODEL, r6, [POD], lora_name="sql-lora") == {POD: 0.0}
+    assert ix.score(MODEL, r6, [POD], cache_salt="tenant-a") == {POD: 0.0}
+    assert ix.score(MODEL, r6, [POD]) == {POD: 0.0}
+    step(7)  # offload placeholder on CPU, then its removal
+    step(8)  # kv_cache_report_mode=full: hits re-announced, one new block
+    assert ix.score(MODEL, r9, [POD], **lora) == {POD: 1.0}
+    assert counter(ix, "kvaware_blocks_skipped_total", {"reason": "reannounced"}) == 3
+    assert counter(ix, "kvaware_purges_total", {"reason": "all_blocks_cleared"}) == 1
+
+
+def test_reannounced_hits_do_not_inflate_references(manifest: dict[str, Any]) -> None:
+    """After a full-report re-announcement, one BlockRemoved per block empties the GPU tier."""
+    ix = Indexer()
+    names = dict(stream_frames(manifest)["inproc://kv-events"])
+    for seq in (6, 8):
+        ix.ingest(POD, MODEL, (EVENTS_DIR / names[seq]).read_bytes(), None)
+    gpu = ix.ingestor.held(POD, "gpu")
+    assert set(gpu.values()) == {1} and len(gpu) == 4
+    ix.ingest(POD, MODEL, frame(*[removed([h]) for h in gpu]))
+    assert ix.ingestor.held(POD, "gpu") == {}
+    r9 = tokens(manifest, "r9")
+    m = ix.match(MODEL, r9, [POD], lora_name="sql-lora", cache_salt="tenant-a")
+    assert m.pods[POD].blocks == 3 and dict(m.pods[POD].tiers) == {"cpu": 3}
+
+
+def test_unknown_parent_is_orphaned_not_keyed_as_block_zero(manifest: dict[str, Any]) -> None:
+    """A store whose parent was never seen is counted as orphaned and not indexed at all."""
+    ix = Indexer()
+    payload = (EVENTS_DIR / "batch_stored_decode_continuation.msgpack").read_bytes()
+    ix.ingest(POD, MODEL, payload, None)
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 1
+    assert dropped(ix, "orphaned_parent") == 1
+    assert ix.index.stats().entries == 0 and ix.ingestor.held(POD) == {}
+    decode = tokens(manifest, "r1_decode")
+    assert ix.score(MODEL, decode, [POD]) == {POD: 0.0}
+
+
+def test_orphans_cascade_to_their_continuations() -> None:
+    """Continuations of an orphaned run are orphaned too (their parents were never keyed)."""
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([2], list(range(16)), parent=1)))
+    ix.ingest(POD, MODEL, frame(stored([3], list(range(16, 32)), parent=2)))
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 2
+    assert ix.index.stats().entries == 0
+
+
+def test_multimodal_and_embedding_extra_keys_change_keys() -> None:
+    """Blocks carrying multimodal or prompt-embedding extra keys never match the same tokens
+    sent as text, nor each other."""
+    toks = list(range(100, 132))
+    ix = Indexer()
+    text, image, image2, embeds = "t:1", "i:1", "i:2", "e:1"
+    ix.ingest(text, MODEL, frame(stored([1, 2], toks)))
+    ix.ingest(image, MODEL, frame(stored([3, 4], toks, extra=[[["img-a", 0]], [["img-a", 16]]])))
+    ix.ingest(image2, MODEL, frame(stored([5, 6], toks, extra=[[["img-b", 0]], None])))
+    ix.ingest(embeds, MODEL, frame(stored([7, 8], toks, extra=[[b"\x01" * 32], [b"\x02" * 32]])))
+    scores = ix.score(MODEL, toks, [text, image, image2, embeds])
+    assert scores == {text: 1.0, image: 0.0, image2: 0.0, embeds: 0.0}
+    assert ix.index.stats().blocks == 8
+
+
+def test_cache_salt_after_lora_name_and_alone() -> None:
+    """The salt is read after the LoRA name (or alone) from block 0's extra keys and seeds the
+    root, so only requests scored with the same salt match."""
+    toks = list(range(48))
+    ix = Indexer()
+    ix.ingest("a:1", MODEL, frame(stored([1, 2, 3], toks, extra=[["s1"], None, None])))
+    ix.ingest(
+        "b:1",
+        MODEL,
+        frame(stored([4, 5, 6], toks, lora="ad", extra=[["ad", "ad"], ["ad"], ["ad"]])),
+    )
+    pods = ["a:1", "b:1"]
+    assert ix.score(MODEL, toks, pods, cache_salt="s1") == {"a:1": 1.0, "b:1": 0.0}
+    assert ix.score(MODEL, toks, pods) == {"a:1": 0.0, "b:1": 0.0}
+    assert ix.score(MODEL, toks, pods, lora_name="ad", cache_salt="ad") == {"a:1": 0.0, "b:1": 1.0}
+
+
+def test_event_block_size_multiple_of_ours_is_rechunked(manifest: dict[str, Any]) -> None:
+    """With 8-token index blocks, 16-token events are re-chunked; removals drop both halves."""
+    ix = Indexer({"tokenProcessorConfig": {"blockSize": 8}})
+    names = dict(stream_frames(manifest)["inproc://kv-events"])
+    for seq in range(3):
+        ix.ingest(POD, MODEL, (EVENTS_DIR / names[seq]).read_bytes(), seq)
+    r1 = tokens(manifest, "r1")
+    assert ix.score(MODEL, r1 + tokens(manifest, "r1_decode"), [POD]) == {POD: 1.0}
+    ix.ingest(POD, MODEL, (EVENTS_DIR / names[3]).read_bytes(), 3)
+    assert ix.score(MODEL, r1, [POD]) == {POD: 0.75}
+    assert ix.match(MODEL, r1, [POD]).pods[POD].blocks == 6
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        ({"tokenProcessorConfig": {"blockSize": 32}}, "block_size_mismatch"),
+        ({"tokenProcessorConfig": {"blockSize": 5}}, "block_size_mismatch"),
+        (
+            {"tokenProcessorConfig": {"blockSize": 32, "keyMode": "vllm"}},
+            "block_size_mismatch",
+        ),
+        (
+            {"tokenProcessorConfig": {"blockSize": 8, "keyMode": "vllm"}},
+            "block_size_mismatch",
+        ),
+    ],
+)
+def test_block_size_mismatch_is_rejected_and_counted(config: dict[str, Any], reason: str) -> None:
+    """An event block size our block size cannot tile (or any other one in vllm mode) is
+    refused with a counted reason, never mis-keyed."""
+    ix = Indexer(config)
+    ix.ingest(POD, MODEL, (EVENTS_DIR / "batch_stored_int_hashes.msgpack").read_bytes(), 0)
+    assert dropped(ix, reason) == 1
+    assert ix.index.stats().entries == 0
+
+
+def test_token_count_mismatch_is_rejected() -> None:
+    """A store whose token count is not blocks x block_size is dropped with a reason."""
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1, 2], list(range(20)))))
+    assert dropped(ix, "token_count_mismatch") == 1
+    assert ix.index.stats().entries == 0
+
+
+def test_vllm_key_mode_uses_engine_hashes_as_keys(manifest: dict[str, Any]) -> None:
+    """In vllm key mode the engine hashes are the keys, and vLLM-exact request keys match."""
+    ix = Indexer(
+        {
+            "tokenProcessorConfig": {
+                "keyMode": "vllm",
+                "loraAdapters": {"sql-lora": "/adapters/sql-lora"},
+            }
+        }
+    )
+    names = dict(stream_frames(manifest)["inproc://kv-events"])
+    ix.ingest(POD, None, (EVENTS_DIR / names[0]).read_bytes(), 0)
+    r1 = tokens(manifest, "r1")
+    assert ix.block_keys(r1, MODEL) == list(ix.ingestor.held(POD))
+    assert ix.score(MODEL, r1, [POD]) == {POD: 1.0}
+    for seq in range(1, 7):
+        ix.ingest(POD, None, (EVENTS_DIR / names[seq]).read_bytes(), seq)
+    r6 = tokens(manifest, "r6")
+    assert ix.score(MODEL, r6, [POD], lora_name="sql-lora", cache_salt="tenant-a") == {POD: 1.0}
+
+
+def test_offload_placeholder_adds_a_tier_to_known_blocks(manifest: dict[str, Any]) -> None:
+    """An offload placeholder (no tokens, block size 0) adds its tier to a block the pod holds;
+    unknown hashes are skipped and counted."""
+    ix = Indexer()
+    ix.ingest(POD, MODEL, (EVENTS_DIR / "batch_stored_int_hashes.msgpack").read_bytes(), 0)
+    held = list(ix.ingestor.held(POD))
+    placeholder = BlockStored([held[0], 12345], None, [], 0, medium="CPU", group_idx=0)
+    ix.ingest(POD, MODEL, frame(placeholder, removed([held[0]])), 1)
+    r1 = tokens(manifest, "r1")
+    m = ix.match(MODEL, r1, [POD]).pods[POD]
+    assert m.blocks == 4 and dict(m.tiers) == {"cpu": 1, "gpu": 3}
+    assert ix.ingestor.held(POD, "cpu") == {held[0]: 1}
+    assert counter(ix, "kvaware_blocks_skipped_total", {"reason": "unknown_block"}) == 1
+
+
+@pytest.mark.parametrize("medium", ["cpu", "Cpu", " CPU "])
+def test_medium_is_normalized_case_insensitively(medium: str) -> None:
+    """Media differing only in case or spaces land on the same tier."""
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1], list(range(16)), medium="CPU")))
+    ix.ingest(POD, MODEL, frame(removed([1], medium=medium)))
+    assert ix.ingestor.held(POD, "cpu") == {}
+    assert ix.index.stats().entries == 0
+
+
+def test_unknown_and_unset_media() -> None:
+    """An unknown medium becomes its own lower-case tier; a nil medium is the default tier."""
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1], list(range(16)), medium="LMCache_Disk")))
+    ix.ingest("b:1", MODEL, frame(stored([2], list(range(16)), medium=None)))
+    assert ix.ingestor.held(POD, "lmcache_disk") == {1: 1}
+    assert ix.ingestor.held("b:1", "gpu") == {2: 1}
+    m = ix.match(MODEL, list(range(16)), [POD, "b:1"]).pods
+    assert dict(m[POD].tiers) == {"lmcache_disk": 1} and m[POD].weight == 0.5
+    assert dict(m["b:1"].tiers) == {"gpu": 1}
+
+
+def test_hybrid_model_indexes_the_full_attention_group_only() -> None:
+    """Only the full-attention group's blocks are indexed; sliding-window and Mamba group
+    events (same hashes) neither add nor remove references."""
+    toks = list(range(32))
+    ix = Indexer()
+    ix.ingest(
+        POD,
+        MODEL,
+        frame(
+            stored([1, 2], toks, group=0, kind="mamba"),
+            stored([1, 2], toks, group=1, kind="full_attention"),
+            stored([1, 2], toks, group=2, kind="sliding_window"),
+        ),
+    )
+    assert ix.ingestor.held(POD) == {1: 1, 2: 1}
+    ix.ingest(POD, MODEL, frame(removed([1, 2], group=0), removed([2], group=2)))
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+    ix.ingest(POD, MODEL, frame(removed([2], group=1)))
+    assert ix.score(MODEL, toks, [POD]) == {POD: 0.5}
+    assert counter(ix, "kvaware_blocks_skipped_total", {"reason": "kv_group"}) == 7
+
+
+def test_data_parallel_ranks_are_separate_streams() -> None:
+    """Each DP rank has its own sequence and references: a restart or clear of one rank drops
+    only that rank's blocks."""
+    a, b = list(range(16)), list(range(16, 32))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1], a), rank=0), 0)
+    ix.ingest(POD, MODEL, frame(stored([1], a), stored([2], b), rank=1), 0)
+    ix.ingest(POD, MODEL, frame(removed([2]), rank=0), 1)  # rank 0 never held 2
+    assert ix.ingestor.held(POD) == {1: 2, 2: 1}
+    ix.ingest(POD, MODEL, frame(AllBlocksCleared(), rank=1), 1)
+    assert ix.ingestor.held(POD) == {1: 1}
+    assert ix.score(MODEL, a, [POD]) == {POD: 1.0}
+    ix.ingest(POD, MODEL, frame(stored([2], b), rank=1), 2)
+    ix.ingest(POD, MODEL, frame(rank=1), 0)  # rank 1 restarted
+    assert ix.ingestor.held(POD) == {1: 1}
+    assert ix.score(MODEL, a, [POD]) == {POD: 1.0} and ix.score(MODEL, b, [POD]) == {POD: 0.0}
+    assert counter(ix, "kvaware_purges_total", {"reason": "publisher_restart"}) == 1
+    assert {r: s.last_seq for r, s in ix.ingestor.streams(POD).items()} == {0: 1, 1: 0}
+
+
+def test_publisher_restart_purges_the_pod_then_applies() -> None:
+    """A seq going back purges the pod's blocks and then applies the new frame."""
+    ix = Indexer()
+    a, b = list(range(16)), list(range(16, 32))
+    for seq in range(3):
+        ix.ingest(POD, MODEL, frame(stored([seq + 1], a)), seq)
+    ix.ingest(POD, MODEL, frame(stored([9], b)), 0)
+    assert ix.score(MODEL, a, [POD]) == {POD: 0.0}
+    assert ix.score(MODEL, b, [POD]) == {POD: 1.0}
+    assert counter(ix, "kvaware_purges_total", {"reason": "publisher_restart"}) == 1
+    assert ix.ingestor.streams(POD)[0].last_seq == 0
+
+
+def test_gap_without_replay_counts_lost_batches() -> None:
+    """A seq gap with no replay source counts the gap and every lost batch."""
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(), 0)
+    ix.ingest(POD, MODEL, frame(), 4)
+    ix.ingest(POD, MODEL, frame(), 5)
+    assert counter(ix, "kvaware_seq_gaps_total") == 1
+    assert counter(ix, "kvaware_lost_batches_total") == 3
+
+
+class BufferReplay:
+    """An in-process replay source over a publisher-like buffer of (seq, payload)."""
+
+    def __init__(self, frames: list[tuple[int, bytes]], status: str = "ok") -> None:
+        self.frames = frames
+        self.status = status
+        self.requests: list[tuple[str, int, int, str]] = []
+
+    def replay(self, pod: str, rank: int, start_seq: int, reason: str) -> ReplayResult | None:
+        self.requests.append((pod, rank, start_seq, reason))
+        return ReplayResult([f for f in self.frames if f[0] >= start_seq], self.status)
+
+
+def test_gap_is_filled_from_the_replay_source_in_order() -> None:
+    """A gap is replayed in order before the live frame; frames the replay brought that are
+    newer than the live one are left to the live stream, and live duplicates are skipped."""
+    toks = list(range(64))
+    frames = [
+        (0, frame(stored([1], toks[:16]))),
+        (1, frame(stored([2], toks[16:32], parent=1))),
+        (2, frame(stored([3], toks[32:48], parent=2))),
+        (3, frame(stored([4], toks[48:64], parent=3))),
+    ]
+    ix = Indexer()
+    source = BufferReplay(frames)
+    ix.ingestor.set_replay_source(source)
+    ix.ingest(POD, MODEL, frames[0][1], 0)
+    ix.ingest(POD, MODEL, frames[2][1], 2)
+    assert source.requests == [(POD, 0, 1, "gap")]
+    assert ix.ingestor.held(POD) == {1: 1, 2: 1, 3: 1}
+    ix.ingest(POD, MODEL, frames[3][1], 3)
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+    assert counter(ix, "kvaware_replays_total", {"result": "ok"}) == 1
+    assert counter(ix, "kvaware_replayed_batches_total", {"reason": "gap"}) == 1
+    assert counter(ix, "kvaware_lost_batches_total") == 0
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+
+
+def test_join_replays_history_before_the_first_frame() -> None:
+    """The first frame of a stream with seq > 0 first replays the buffered history, so later
+    continuations find their parents."""
+    toks = list(range(48))
+    frames = [
+        (7, frame(stored([1, 2], toks[:32]))),
+        (8, frame(removed([9]))),
+        (9, frame(stored([3], toks[32:48], parent=2))),
+    ]
+    ix = Indexer()
+    source = BufferReplay(frames)
+    ix.ingestor.set_replay_source(source)
+    ix.ingest(POD, MODEL, frames[2][1], 9)
+    assert source.requests == [(POD, 0, 0, "join")]
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+    assert counter(ix, "kvaware_lost_batches_total") == 0
+    assert counter(ix, "kvaware_replayed_batches_total", {"reason": "join"}) == 2
+
+
+def test_orphan_triggers_a_resync_when_history_is_incomplete() -> None:
+    """When the join replay failed, the first orphan asks for a replay again and the stream is
+    rebuilt in order from the publisher's buffer."""
+    toks = list(range(48))
+    frames = [
+        (0, frame(stored([1], toks[:16]))),
+        (1, frame(stored([2], toks[16:32], parent=1))),
+        (2, frame(removed([77]))),
+        (3, frame(stored([3], toks[32:48], parent=2))),
+    ]
+    ix = Indexer()
+    source = BufferReplay([], status="timeout")
+    ix.ingestor.set_replay_source(source)
+    ix.ingest(POD, MODEL, frames[2][1], 2)  # the join replay times out with nothing
+    source.frames, source.status = frames, "ok"
+    assert ix.ingestor.streams(POD)[0].incomplete
+    ix.ingest(POD, MODEL, frames[3][1], 3)  # parent 2 unknown -> resync
+    assert [r[3] for r in source.requests] == ["join", "resync"]
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+    assert not ix.ingestor.streams(POD)[0].incomplete
+
+
+def test_all_blocks_cleared_purges_but_keeps_the_sequence() -> None:
+    """AllBlocksCleared purges the pod; the stream's seq carries on without a gap or join."""
+    ix = Indexer()
+    source = BufferReplay([])
+    ix.ingestor.set_replay_source(source)
+    ix.ingest(POD, MODEL, frame(stored([1], list(range(16)))), 0)
+    ix.ingest(POD, MODEL, frame(AllBlocksCleared(), stored([2], list(range(16, 32)))), 1)
+    ix.ingest(POD, MODEL, frame(), 2)
+    assert ix.ingestor.held(POD) == {2: 1}
+    assert source.requests == []
+    assert counter(ix, "kvaware_seq_gaps_total") == 0
+
+
+def test_purge_pod_forgets_its_streams() -> None:
+    """After Indexer.purge_pod the pod's next frame starts a new stream (a join)."""
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1], list(range(16)))), 0)
+    ix.purge_pod(POD, reason="endpoint_removed")
+    assert ix.ingestor.streams(POD) == {}
+    ix.ingest(POD, MODEL, frame(), 5)
+    assert counter(ix, "kvaware_seq_gaps_total") == 0
+    assert ix.ingestor.streams(POD)[0].first_seq == 5
+
+
+def test_parentless_store_needs_a_model_unless_lora() -> None:
+    """Without a model, parent-less stores are dropped (no_model) unless a LoRA names them; a
+    model seen once is remembered for the stream."""
+    toks = list(range(16))
+    ix = Indexer()
+    ix.ingest(POD, None, frame(stored([1], toks)))
+    assert dropped(ix, "no_model") == 1
+    ix.ingest(POD, None, frame(stored([2], toks, lora="ad", extra=[["ad"]])))
+    assert ix.score(MODEL, toks, [POD], lora_name="ad") == {POD: 1.0}
+    ix.ingest(POD, MODEL, frame())
+    ix.ingest(POD, None, frame(stored([3], toks)))
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+
+
+def test_bad_payloads_are_counted_never_raised() -> None:
+    """Garbage frames are counted as decode errors and do not disturb the stream."""
+    ix = Indexer()
+    ix.ingest(POD, MODEL, b"\x00garbage", 0)
+    ix.ingest(POD, MODEL, msgspec.msgpack.encode({"not": "a batch"}), None)
+    assert dropped(ix, "decode_error") == 2
+    assert ix.ingestor.streams(POD) == {}
+
+
+def test_default_tier_comes_from_the_config() -> None:
+    """Events with a nil medium use the configured default tier."""
+    ix = Indexer(IndexerConfig(default_tier="cpu"))
+    ix.ingest(POD, MODEL, frame(stored([1], list(range(16)), medium=None)))
+    assert ix.ingestor.held(POD, "cpu") == {1: 1}
+
+
+def test_parentless_duplicate_is_counted_conservatively() -> None:
+    """An identical one-block prompt recomputed while cached (a real second copy, parent-less)
+    looks like a re-announcement and adds no reference: one eviction then hides the block early
+    (a miss), and nothing stale is left after the second."""
+    from tests.events.pool_model import PoolModel
+
+    toks = list(range(16))
+    pool = PoolModel(4)
+    ix = Indexer()
+    seq = 0
+
+    def flush() -> None:
+        nonlocal seq
+        if events := pool.take_events():
+            ix.ingest(POD, MODEL, frame(*events), seq)
+            seq += 1
+
+    for _ in range(2):
+        req = pool.admit(toks)
+        assert req is not None
+        pool.finish(req)
+        flush()
+    assert pool.gpu_state() == {next(iter(pool.gpu_state())): 2}
+    assert set(ix.ingestor.held(POD).values()) == {1}
+    h = next(iter(pool.gpu_state()))
+    seen_miss = False
+    for i in range(8):  # distinct one-block prompts evict the free blocks, oldest first
+        req = pool.admit(list(range(1000 + 16 * i, 1016 + 16 * i)))
+        assert req is not None
+        pool.finish(req)
+        flush()
+        copies = pool.gpu_state().get(h, 0)
+        held = ix.ingestor.held(POD).get(h, 0)
+        assert held <= copies  # never a stale positive
+        seen_miss |= copies == 1 and held == 0
+    assert seen_miss and h not in pool.gpu_state()
+    assert ix.score(MODEL, toks, [POD]) == {POD: 0.0}
+
+
+def test_parent_stored_earlier_in_the_same_batch() -> None:
+    """A store whose parent was stored earlier in the same batch is chained, not orphaned."""
+    toks = list(range(48))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1, 2], toks[:32]), stored([3], toks[32:], parent=2)), 0)
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
