@@ -258,21 +258,62 @@ class InMemoryIndex:
     ) -> None:
         if not keys:
             return
-        groups = list(iter_groups(keys, engine_hashes))
+        ehs = keys if engine_hashes is None else engine_hashes
+        if len(ehs) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(ehs)} engine hashes")
+        # NOTE: re-chunked engine blocks repeat their hash over consecutive keys, always in runs
+        # of the same length, so two equal leading hashes tell the grouped form apart.
+        grouped = len(ehs) > 1 and ehs[0] == ehs[1]
         with self._lock:
             tid = self.tiers.id(tier)
             slot = self._slot(pod)
             bit = 1 << slot
             emap = self._emaps[slot]
-            inc = self._inc
-            for eh, ks in groups:
-                for k in ks:
+            before = len(emap)
+            if grouped:
+                inc = self._inc
+                for eh, ks in iter_groups(keys, ehs):
+                    for k in ks:
+                        inc(k, slot, bit, tid)
+                    emap[eh] = ks[0] if len(ks) == 1 else ks
+            elif tid == 0 and not self.pod_cache_size:
+                self._add_plain(keys, ehs, slot, bit, emap)
+            else:
+                inc = self._inc
+                for k, eh in zip(keys, ehs, strict=True):
                     inc(k, slot, bit, tid)
-                if eh not in emap:
-                    self._emap_size += 1
-                emap[eh] = ks[0] if len(ks) == 1 else ks
+                    emap[eh] = k
+            self._emap_size += len(emap) - before
             if self._entries > self.size:
                 self._evict()
+
+    def _add_plain(
+        self,
+        keys: Sequence[int],
+        ehs: Sequence[int],
+        slot: int,
+        bit: int,
+        emap: dict[int, int | tuple[int, ...]],
+    ) -> None:
+        """`add` at the default tier without a holder limit: the hot path of ingestion."""
+        blocks = self._blocks
+        get = blocks.get
+        intern = self._intern
+        shared_bit = intern(bit)
+        new = 0
+        for k, eh in zip(keys, ehs, strict=True):
+            v = get(k)
+            if v is None:
+                blocks[k] = shared_bit
+                new += 1
+            elif v.__class__ is int and not v & bit:
+                blocks[k] = intern(v | bit)
+                new += 1
+            else:
+                self._inc(k, slot, bit, 0)  # a second reference, or a multi-tier block
+            emap[eh] = k
+        self._entries += new
+        self._slot_entries[slot] += new
 
     def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
         with self._lock:
@@ -302,22 +343,40 @@ class InMemoryIndex:
             tid = self.tiers.id(tier)
             bit = 1 << slot
             emap = self._emaps[slot]
+            blocks = self._blocks
             dec = self._dec
+            intern = self._intern
             known = 0
+            gone = 0
             for eh in engine_hashes:
                 target = emap.get(eh)
                 if target is None:
                     continue
                 known += 1
-                if isinstance(target, int):
-                    still = dec(target, slot, bit, tid)
+                if target.__class__ is int:
+                    k: int = target
+                    v = blocks.get(k)
+                    if tid == 0 and v.__class__ is int and v & bit:
+                        # the hot path: one default-tier reference held by this pod
+                        rest = v & ~bit
+                        if rest & ~1:
+                            blocks[k] = intern(rest)
+                        else:
+                            del blocks[k]
+                        gone += 1
+                        still = False
+                    else:
+                        still = dec(k, slot, bit, tid)
                 else:
                     still = False
-                    for k in target:
+                    for k in target:  # type: ignore[union-attr]
                         still = dec(k, slot, bit, tid) or still
                 if not still:
                     del emap[eh]
                     self._emap_size -= 1
+            if gone:
+                self._entries -= gone
+                self._slot_entries[slot] -= gone
             return known
 
     def resolve(self, pod: str, engine_hash: int) -> int | None:
