@@ -28,6 +28,7 @@ def run_config(
     seed: int = 0,
     progress: bool = False,
     router_factory: Callable[[FleetSimulator], Router] | None = None,
+    replicas: int = 1,
 ) -> tuple[dict[str, Any], RunResult]:
     """Run one config; returns its summary and the raw result.
 
@@ -38,12 +39,15 @@ def run_config(
         seed: Seed for the router's randomness.
         progress: Show a progress bar on stderr.
         router_factory: Build the router from the simulator instead of from `spec`.
+        replicas: Scheduler replicas sharing the traffic (scheduler YAMLs only).
     """
     sim = FleetSimulator(fleet)
     router = (
         router_factory(sim)
         if router_factory is not None
-        else make_router(spec, clock=sim.clock, seed=seed, model=fleet.model_name)
+        else make_router(
+            spec, clock=sim.clock, seed=seed, model=fleet.model_name, replicas=replicas
+        )
     )
     try:
         result = sim.run(workload_factory(), router, progress=progress, progress_desc=router.name)
@@ -59,11 +63,14 @@ def run_bench(
     *,
     seed: int = 0,
     progress: bool = False,
+    replicas: int = 1,
 ) -> list[dict[str, Any]]:
     """Run every config of `specs` in turn; returns their summaries in order."""
     out: list[dict[str, Any]] = []
     for spec in specs:
-        summary, _result = run_config(spec, workload_factory, fleet, seed=seed, progress=progress)
+        summary, _result = run_config(
+            spec, workload_factory, fleet, seed=seed, progress=progress, replicas=replicas
+        )
         logger.info("%s done in %.1f s", summary["config"], summary["wall_time_s"])
         out.append(summary)
     return out

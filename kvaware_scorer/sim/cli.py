@@ -85,6 +85,13 @@ def register(sub: Any) -> None:
         "--event-loss", type=float, default=0.0, help="probability a KV-event payload is lost"
     )
     fleet.add_argument(
+        "--scheduler-replicas",
+        type=int,
+        default=1,
+        help="scheduler replicas sharing the traffic in turn (active-active); each ingests "
+        "every KV event, each keeps its own routing history and in-flight counts",
+    )
+    fleet.add_argument(
         "--drain-timeout",
         type=float,
         default=3600.0,
@@ -196,7 +203,12 @@ def run(args: argparse.Namespace) -> int:
         fleet = build_fleet(args)
         factory = build_workload_factory(args, fleet.profile.model.vocab_size)
         summaries = run_bench(
-            args.configs, factory, fleet, seed=args.seed, progress=not args.no_progress
+            args.configs,
+            factory,
+            fleet,
+            seed=args.seed,
+            progress=not args.no_progress,
+            replicas=args.scheduler_replicas,
         )
     except ConfigError as exc:
         print(f"kvaware bench: {exc}", file=sys.stderr)
@@ -225,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "seed": args.seed,
         "quick": bool(args.quick),
+        "scheduler_replicas": args.scheduler_replicas,
     }
     if args.json:
         write_json(args.json, summaries, meta)

@@ -227,19 +227,26 @@ class PrefixOracleRouter(_Baseline):
 
 
 class SchedulerRouter:
-    """Drives a real `kvaware_scorer.scheduler.Scheduler` built from a scheduler YAML.
+    """Drives real `kvaware_scorer.scheduler.Scheduler` replicas built from a scheduler YAML.
 
     Per ``scheduler_api.md``: built with ``Scheduler.from_yaml(path, clock=..., seed=...)``;
     endpoints are `Endpoint` objects whose ``metrics`` this adapter writes at every scrape;
     ``schedule()`` per arrival; ``post_response()`` at completion; KV payloads go to
     ``scheduler.event_sinks``; ``start()`` is never called (no sockets).
 
+    With ``replicas`` > 1 the router emulates several scheduler processes behind one load
+    balancer (active-active, as upstream deploys its EPP): arrivals go to the replicas in turn,
+    each replica has its own plugin state (in-flight counts, routing history, speculative
+    entries) and its own copy of the pods' metrics, and every replica's event sinks receive
+    every pod's KV events (each replica ingests all events, as upstream's do).
+
     Args:
         path: The scheduler YAML.
         clock: The simulator's virtual clock (seconds, never 0).
-        seed: Seed for the scheduler's randomness (pickers, tie-breaks).
+        seed: Seed for the scheduler's randomness (pickers, tie-breaks); replica i uses seed+i.
         model: Served model name of the fleet.
         name: Report name (default: the file's stem).
+        replicas: Scheduler replicas sharing the traffic.
 
     Raises:
         ConfigError: The scheduler is not available, or the YAML is invalid.
@@ -253,6 +260,7 @@ class SchedulerRouter:
         seed: int,
         model: str,
         name: str | None = None,
+        replicas: int = 1,
     ) -> None:
         try:
             from kvaware_scorer import scheduler as sched_mod
@@ -266,45 +274,63 @@ class SchedulerRouter:
                 "builtin:oracle)",
                 str(path),
             )
+        if replicas < 1:
+            raise ConfigError("scheduler replicas must be >= 1", str(path))
         self._mod: Any = sched_mod
         self.name = name or Path(path).stem
+        if replicas > 1:
+            self.name += f" x{replicas}"
         self.model = model
         self._clock = clock
-        self.scheduler: Any = scheduler_cls.from_yaml(path, clock=clock, seed=seed)
-        self._endpoints: list[Any] = []
-        self._by_id: dict[str, Any] = {}
-        self._inflight: dict[str, tuple[Any, Any]] = {}
+        self.schedulers: list[Any] = [
+            scheduler_cls.from_yaml(path, clock=clock, seed=seed + i) for i in range(replicas)
+        ]
+        self.scheduler: Any = self.schedulers[0]
+        self._endpoints: list[list[Any]] = []
+        self._by_id: list[dict[str, Any]] = []
+        self._inflight: dict[str, tuple[int, Any, Any]] = {}
+        self._next = 0
 
     @property
     def event_sinks(self) -> Sequence[KVEventSink]:
-        sinks: Sequence[KVEventSink] = list(self.scheduler.event_sinks)
+        sinks: list[KVEventSink] = []
+        for sched in self.schedulers:
+            sinks.extend(sched.event_sinks)
         return sinks
 
     def bind(self, endpoints: Sequence[SimEndpoint]) -> None:
         endpoint_cls = self._mod.Endpoint
-        self._endpoints = [
-            endpoint_cls(name=e.name, address=e.address, port=e.port, model=e.model)
-            for e in endpoints
-        ]
-        self._by_id = {ep.id: ep for ep in self._endpoints}
-        for e in endpoints:
-            if e.id not in self._by_id:
-                raise ConfigError(f"Endpoint id of {e.name} does not match {e.id!r}")
-        self.scheduler.set_endpoints(self._endpoints)
+        self._endpoints = []
+        self._by_id = []
+        for sched in self.schedulers:
+            eps = [
+                endpoint_cls(name=e.name, address=e.address, port=e.port, model=e.model)
+                for e in endpoints
+            ]
+            by_id = {ep.id: ep for ep in eps}
+            for e in endpoints:
+                if e.id not in by_id:
+                    raise ConfigError(f"Endpoint id of {e.name} does not match {e.id!r}")
+            sched.set_endpoints(eps)
+            self._endpoints.append(eps)
+            self._by_id.append(by_id)
         self.observe(endpoints, self._clock())
 
     def observe(self, endpoints: Sequence[SimEndpoint], now: float) -> None:
-        for e in endpoints:
-            m = self._by_id[e.id].metrics
-            s = e.metrics
-            m.waiting_queue_size = s.waiting
-            m.running_requests_size = s.running
-            m.kv_cache_usage_percent = s.kv_usage
-            m.cache_block_size = s.block_size
-            m.cache_num_blocks = s.num_blocks
-            m.update_time = s.update_time
+        for by_id in self._by_id:
+            for e in endpoints:
+                m = by_id[e.id].metrics
+                s = e.metrics
+                m.waiting_queue_size = s.waiting
+                m.running_requests_size = s.running
+                m.kv_cache_usage_percent = s.kv_usage
+                m.cache_block_size = s.block_size
+                m.cache_num_blocks = s.num_blocks
+                m.update_time = s.update_time
 
     def route(self, request: SimRequest, endpoints: Sequence[SimEndpoint]) -> str:
+        i = self._next
+        self._next = (i + 1) % len(self.schedulers)
         req = self._mod.SchedulingRequest(
             request_id=request.request_id,
             model=self.model,
@@ -312,8 +338,8 @@ class SchedulerRouter:
             lora_name=request.lora_name,
             cache_salt=request.cache_salt,
         )
-        result = self.scheduler.schedule(req, self._endpoints)
-        self._inflight[request.request_id] = (req, result)
+        result = self.schedulers[i].schedule(req, self._endpoints[i])
+        self._inflight[request.request_id] = (i, req, result)
         target: str = result.targets[0].id
         return target
 
@@ -321,7 +347,7 @@ class SchedulerRouter:
         entry = self._inflight.pop(request.request_id, None)
         if entry is None:
             return
-        req, result = entry
+        i, req, result = entry
         info = self._mod.ResponseInfo(
             status=outcome.status,
             prompt_tokens=outcome.prompt_tokens,
@@ -329,12 +355,13 @@ class SchedulerRouter:
             completion_tokens=outcome.completion_tokens,
             error=outcome.error,
         )
-        self.scheduler.post_response(req, result, info)
+        self.schedulers[i].post_response(req, result, info)
 
     def close(self) -> None:
-        stop = getattr(self.scheduler, "stop", None)
-        if stop is not None:
-            stop()
+        for sched in self.schedulers:
+            stop = getattr(sched, "stop", None)
+            if stop is not None:
+                stop()
 
 
 #: ``builtin:<name>`` router factories: (seed) -> Router.
@@ -345,8 +372,11 @@ BUILTIN_ROUTERS: dict[str, Callable[[int], Router]] = {
 }
 
 
-def make_router(spec: str, *, clock: Callable[[], float], seed: int, model: str) -> Router:
-    """A router from a CLI spec: ``builtin:<name>`` or the path of a scheduler YAML.
+def make_router(
+    spec: str, *, clock: Callable[[], float], seed: int, model: str, replicas: int = 1
+) -> Router:
+    """A router from a CLI spec: ``builtin:<name>`` or the path of a scheduler YAML
+    (`replicas` scheduler processes sharing the traffic; built-ins ignore it).
 
     Raises:
         ConfigError: Unknown built-in, missing file, or the scheduler cannot be built.
@@ -361,4 +391,4 @@ def make_router(spec: str, *, clock: Callable[[], float], seed: int, model: str)
         return factory(seed)
     if not Path(spec).is_file():
         raise ConfigError("no such scheduler config file", spec)
-    return SchedulerRouter(spec, clock=clock, seed=seed, model=model)
+    return SchedulerRouter(spec, clock=clock, seed=seed, model=model, replicas=replicas)
