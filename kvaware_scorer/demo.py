@@ -729,7 +729,9 @@ def register(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="a shorter run (about 30 s: fewer requests)")
+    p.add_argument(
+        "--quick", action="store_true", help="a shorter run (about 30 s: fewer requests)"
+    )
     p.add_argument(
         "--configs",
         nargs="+",
