@@ -119,7 +119,7 @@ class DemoSettings:
     @classmethod
     def quick_settings(cls, **changes: Any) -> DemoSettings:
         """The ``--quick`` sizes (same shape, fewer requests)."""
-        base: dict[str, Any] = {"requests": 400, "timeout": 90.0, "quick": True}
+        base: dict[str, Any] = {"requests": 500, "timeout": 90.0, "quick": True}
         base.update(changes)
         return cls(**base)
 
@@ -742,7 +742,7 @@ def register(sub: Any) -> None:
     p.add_argument("--profile", choices=sorted(PROFILES), help="engine profile of the pods")
     p.add_argument("--speedup", type=float, help="emulated seconds per wall second (1)")
     p.add_argument("--concurrency", type=int, help="concurrent clients (16)")
-    p.add_argument("--requests", type=int, help="requests per config (1200; quick 400)")
+    p.add_argument("--requests", type=int, help="requests per config (1200; quick 500)")
     p.add_argument("--groups", type=int, help="shared system prompts (12)")
     p.add_argument("--prompts-per-group", type=int, help="questions per group (6)")
     p.add_argument("--system-words", type=int, help="words per system prompt (2000)")

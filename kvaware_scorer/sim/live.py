@@ -69,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 #: Most wall seconds a late step task may catch up on (beyond it, the emulated GPU stalls too).
 MAX_CATCH_UP_S = 0.05
+#: Prompts at least this long are hashed in a worker thread.
+_HASH_OFF_LOOP_TOKENS = 2048
 
 
 class LivePodsConfig(ConfigModel):
@@ -537,6 +539,16 @@ class LivePod:
             output_tokens=self.text.tokens(ids, max_tokens),
             cache_salt=cache_salt or None,
         )
+
+    async def hash_prompts(self, requests: Sequence[SimRequest]) -> None:
+        """Compute long prompts' block hashes off the event loop (vLLM's sha256 is ~1 ms per
+        4k tokens); short ones are hashed when queued."""
+        for r in requests:
+            if len(r.prompt) >= _HASH_OFF_LOOP_TOKENS and r.block_hashes is None:
+                hashes, state = await asyncio.to_thread(
+                    self.hasher.chain, r.prompt, 0, None, r.lora_name, r.cache_salt
+                )
+                r.block_hashes, r.hash_state = hashes, state
 
     def validate(self, request: SimRequest) -> str | None:
         """Why vLLM would refuse `request` with a 400, or None."""

@@ -377,6 +377,10 @@ class _PodAPI:
                 raise _HTTPError(400, "cache_salt must be a non-empty string")
             prompts = await self._prompts(body, chat)
             sims = [pod.new_request(ids, max_tokens, salt) for ids in prompts]
+            reasons = [r for r in map(pod.validate, sims) if r is not None]
+            if reasons:
+                raise _HTTPError(400, reasons[0])
+            await pod.hash_prompts(sims)
             try:
                 job = pod.submit(sims)
             except ValueError as exc:

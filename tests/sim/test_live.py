@@ -154,6 +154,11 @@ async def test_completion_usage_reports_the_prefix_cache_hit(
     await post(session, pod, "/v1/completions", {"prompt": exact, "max_tokens": 1})
     _, resend = await post(session, pod, "/v1/completions", {"prompt": exact, "max_tokens": 1})
     assert resend["usage"]["prompt_tokens_details"]["cached_tokens"] == 80
+    # A long prompt (hashed off the event loop) is cached as well.
+    long = [1 + i % 997 for i in range(3000)]
+    await post(session, pod, "/v1/completions", {"prompt": long, "max_tokens": 1})
+    _, hit = await post(session, pod, "/v1/completions", {"prompt": long, "max_tokens": 1})
+    assert hit["usage"]["prompt_tokens_details"]["cached_tokens"] == 2992
     # A salted request lives in its own namespace (vLLM hashes the salt into block 0).
     _, salted = await post(
         session, pod, "/v1/completions", {"prompt": prompt, "max_tokens": 1, "cache_salt": "t1"}
