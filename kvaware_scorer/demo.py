@@ -39,7 +39,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,6 @@ class DemoSettings:
             affinity (see the module docstring).
         seed: Seed of the workload and of the pickers.
         timeout: Wall seconds after which everything is stopped.
-        in_process: Run the pods in this process instead of a child process (tests).
         json_path: Write the summaries as JSON here.
     """
 
@@ -112,7 +111,6 @@ class DemoSettings:
     num_gpu_blocks: int | None = None
     seed: int = 0
     timeout: float = 170.0
-    in_process: bool = False
     json_path: str | None = None
     quick: bool = False
 
@@ -320,14 +318,13 @@ class PodProcess:
 
 
 class _Pods:
-    """The live pods of one run, in a child process or in this one."""
+    """The live pods of one run (``kvaware sim serve`` in a child process)."""
 
     def __init__(self, settings: DemoSettings, tokenizer: Path, workdir: Path, name: str) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
         self.endpoints = workdir / f"endpoints-{name}.yaml"
         self._process: PodProcess | None = None
-        self._fleet: Any = None
 
     def _blocks(self) -> int:
         s = self.settings
@@ -338,38 +335,19 @@ class _Pods:
     async def start(self) -> list[str]:
         """Start the pods; returns their endpoint ids."""
         s = self.settings
-        if s.in_process:
-            from kvaware_scorer.sim.live import LiveFleet, LivePodsConfig
-
-            self._fleet = LiveFleet(
-                LivePodsConfig(
-                    profile=s.profile,
-                    model=_MODEL,
-                    num_pods=s.pods,
-                    speedup=s.speedup,
-                    num_gpu_blocks=self._blocks(),
-                    tokenizer=str(self.tokenizer),
-                )
-            )
-            await self._fleet.start()
-            self._fleet.write_endpoints(self.endpoints)
-        else:
-            self._process = PodProcess(
-                [
-                    "--pods", str(s.pods), "--profile", s.profile, "--model", _MODEL,
-                    "--speedup", str(s.speedup), "--num-gpu-blocks", str(self._blocks()),
-                    "--tokenizer", str(self.tokenizer),
-                ],
-                self.endpoints,
-            )  # fmt: skip
-            await self._process.start()
+        self._process = PodProcess(
+            [
+                "--pods", str(s.pods), "--profile", s.profile, "--model", _MODEL,
+                "--speedup", str(s.speedup), "--num-gpu-blocks", str(self._blocks()),
+                "--tokenizer", str(self.tokenizer),
+            ],
+            self.endpoints,
+        )  # fmt: skip
+        await self._process.start()
         data = yaml.safe_load(self.endpoints.read_text())
         return [f"{e['address']}:{e['port']}" for e in data["endpoints"]]
 
     async def stop(self) -> None:
-        if self._fleet is not None:
-            fleet, self._fleet = self._fleet, None
-            await fleet.stop()
         if self._process is not None:
             process, self._process = self._process, None
             await process.stop()
@@ -548,7 +526,7 @@ async def _run_config(
     requests: Sequence[DemoRequest],
     tokenizer: Path,
     workdir: Path,
-    say: Any,
+    say: Callable[[str], object],
 ) -> _RunData:
     import aiohttp
 
@@ -649,7 +627,9 @@ def _result(
     return result
 
 
-async def run_demo(settings: DemoSettings, say: Any = print) -> list[dict[str, Any]]:
+async def run_demo(
+    settings: DemoSettings, say: Callable[[str], object] = print
+) -> list[dict[str, Any]]:
     """Run every config of `settings` on fresh pods; returns their summaries.
 
     Args:

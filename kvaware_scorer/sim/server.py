@@ -365,7 +365,7 @@ class _PodAPI:
                 max_tokens = pod.config.default_max_tokens
             if max_tokens < 1:
                 raise _HTTPError(400, f"max_tokens must be at least 1, got {max_tokens}.")
-            stream = body.get("stream", False)
+            stream = body.get("stream") or False
             if not isinstance(stream, bool):
                 raise _HTTPError(400, "stream must be a boolean")
             options = body.get("stream_options")
