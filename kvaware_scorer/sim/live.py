@@ -22,6 +22,7 @@ like a restarted vLLM.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import time
@@ -71,6 +72,8 @@ logger = logging.getLogger(__name__)
 MAX_CATCH_UP_S = 0.05
 #: Prompts at least this long are hashed in a worker thread.
 _HASH_OFF_LOOP_TOKENS = 2048
+#: How long a restarted pod retries binding its publisher's ports while ZMQ releases them.
+_REBIND_TIMEOUT_S = 2.0
 
 
 class LivePodsConfig(ConfigModel):
@@ -434,7 +437,7 @@ class LivePod:
             site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
             await site.start()
             self.port = int(runner.addresses[0][1])
-            self._open_publisher()
+            await self._open_publisher()
         except BaseException:
             await runner.cleanup()
             raise
@@ -444,7 +447,9 @@ class LivePod:
         self.starts += 1
         logger.info("%s listening on %s (KV events %s)", self.name, self.url, self.kv_endpoint)
 
-    def _open_publisher(self) -> None:
+    async def _open_publisher(self) -> None:
+        import zmq
+
         from kvaware_scorer.events.publisher import VllmEventPublisher
 
         cfg = self.config
@@ -460,14 +465,25 @@ class LivePod:
         if cfg.replay:
             rport = cfg.kv_events_base_port + 2 * self.index + 1 if cfg.kv_events_base_port else "*"
             replay = self.replay_endpoint or f"tcp://{self.host}:{rport}"
-        self.publisher = VllmEventPublisher(
-            endpoint,
-            replay_endpoint=replay,
-            topic=self.topic,
-            buffer_steps=cfg.buffer_steps,
-            bind=bind,
-            context=self._context,
-        )
+        # NOTE: on a restart the ports just closed are bound again; ZMQ releases a closed
+        # socket's port from its I/O thread, a moment later.
+        deadline = asyncio.get_running_loop().time() + _REBIND_TIMEOUT_S
+        while True:
+            try:
+                self.publisher = VllmEventPublisher(
+                    endpoint,
+                    replay_endpoint=replay,
+                    topic=self.topic,
+                    buffer_steps=cfg.buffer_steps,
+                    bind=bind,
+                    context=self._context,
+                )
+                break
+            except zmq.ZMQError as exc:
+                retry = self.starts > 0 and exc.errno == errno.EADDRINUSE
+                if not retry or asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
         self.kv_endpoint = self.publisher.endpoint
         self.replay_endpoint = self.publisher.replay_endpoint
 
