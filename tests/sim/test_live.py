@@ -571,4 +571,3 @@ def test_sim_serve_command_runs_pods_until_stdin_closes(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-
