@@ -20,6 +20,7 @@ _COMMANDS: tuple[str, ...] = (
     "kvaware_scorer.sim.cli",
     "kvaware_scorer.gateway.serve",
     "kvaware_scorer.events.cli",
+    "kvaware_scorer.demo",
 )
 
 

@@ -1,4 +1,4 @@
-"""vLLM fleet emulator: discrete-event mode (this package) and, later, a live HTTP + ZMQ mode.
+"""vLLM fleet emulator: discrete-event mode (`FleetSimulator`) and live HTTP + ZMQ pods (`LiveFleet`).
 
 Public API::
 
@@ -15,6 +15,7 @@ from kvaware_scorer.sim.bench import run_bench, run_config
 from kvaware_scorer.sim.blocks import BlockPool
 from kvaware_scorer.sim.engine import Engine, EngineRequest, StepOutput
 from kvaware_scorer.sim.fleet import FleetConfig, FleetSimulator, RequestRecord, RunResult
+from kvaware_scorer.sim.live import LiveFleet, LivePod, LivePodsConfig
 from kvaware_scorer.sim.profiles import PROFILES, EngineProfile, get_profile
 from kvaware_scorer.sim.report import format_run, format_summary, plot_runs, summarize
 from kvaware_scorer.sim.request import RequestOutcome, SimRequest
@@ -45,6 +46,9 @@ __all__ = [
     "FleetConfig",
     "FleetSimulator",
     "KVEventSink",
+    "LiveFleet",
+    "LivePod",
+    "LivePodsConfig",
     "LoadStage",
     "MultiTurnWorkload",
     "PrefixOracleRouter",

@@ -1,4 +1,5 @@
-"""``kvaware bench``: the routing benchmark on the emulated vLLM fleet.
+"""``kvaware bench`` (the routing benchmark on the emulated fleet) and ``kvaware sim serve``
+(live emulated pods).
 
     kvaware bench --workload shared-prefix --quick \\
         --configs config/random.yaml config/load.yaml config/estimated.yaml config/precise.yaml \\
@@ -7,11 +8,18 @@
 Each ``--configs`` entry is a scheduler YAML (run through the real scheduler) or
 ``builtin:random`` / ``builtin:round-robin`` / ``builtin:oracle``. Prints a table per config
 (one row per load stage, plus the overall row) and a comparison with ratios against random.
+
+    kvaware sim serve --pods 3 --speedup 10 --build-tokenizer models --endpoints-out ep.yaml
+
+starts live pods (``docs/live.md``): each an OpenAI HTTP server with vLLM's metrics and a KV-event
+publisher, until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,7 +40,7 @@ from kvaware_scorer.sim.workloads import (
     parse_stages,
 )
 
-__all__ = ["build_fleet", "build_workload_factory", "register", "run"]
+__all__ = ["build_fleet", "build_workload_factory", "register", "run", "run_serve"]
 
 DEFAULT_TRACE = Path("benchmarks/traces/mooncake_synthetic_trace.jsonl")
 MULTI_TURN_STAGES = (LoadStage(2, 60), LoadStage(4, 60), LoadStage(6, 60), LoadStage(8, 60))
@@ -41,7 +49,8 @@ TRACE_QUICK_REQUESTS = 600
 
 
 def register(sub: Any) -> None:
-    """Add the ``bench`` subcommand."""
+    """Add the ``bench`` subcommand and the ``sim`` command group."""
+    _register_sim(sub)
     p = sub.add_parser(
         "bench",
         help="benchmark routing configs on an emulated vLLM fleet",
@@ -247,3 +256,187 @@ def run(args: argparse.Namespace) -> int:
         plot_runs(args.plot, summaries, title)
         print(f"wrote {args.plot}")
     return 0
+
+
+# -- kvaware sim serve ------------------------------------------------------------------------
+
+
+def _register_sim(sub: Any) -> None:
+    sim = sub.add_parser(
+        "sim",
+        help="live emulated vLLM pods (HTTP + ZMQ KV events)",
+        description="Live emulated vLLM pods.",
+    )
+    simsub = sim.add_subparsers(dest="sim_command", metavar="COMMAND")
+    p = simsub.add_parser(
+        "serve",
+        help="start N emulated vLLM pods until SIGINT/SIGTERM",
+        description="Start N live emulated vLLM pods, each an OpenAI-compatible HTTP server "
+        "with vLLM's /metrics and a ZMQ KV-event publisher (vLLM's frames, topic and replay), "
+        "in real time scaled by --speedup. See docs/live.md.",
+    )
+    p.add_argument("--pods", type=int, default=3, help="pods to start (default 3)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="llama-3.1-8b-1xh100")
+    p.add_argument("--model", help="served model name (default: the profile's model)")
+    p.add_argument(
+        "--speedup", type=float, default=1.0, help="emulated seconds per wall second (default 1)"
+    )
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", help="tokenizer directory (or tokenizer.json) of the model")
+    tok.add_argument(
+        "--build-tokenizer",
+        metavar="ROOT",
+        help="build the offline test tokenizer under ROOT/<model> and use it (point a scorer's "
+        "tokenizersPoolConfig.local.autoDiscoveryDir at ROOT)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=0, help="HTTP port of pod 0, +i for pod i (0 = free)"
+    )
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--num-gpu-blocks", type=int, help="KV blocks per pod (a small KV capacity)")
+    eng.add_argument("--block-size", type=int)
+    eng.add_argument("--max-num-batched-tokens", type=int)
+    eng.add_argument("--max-num-seqs", type=int)
+    eng.add_argument("--max-model-len", type=int)
+    eng.add_argument("--engine-hash", choices=["sha256", "xxh3"], default="sha256")
+    eng.add_argument("--hash-seed", default="", help="the pods' PYTHONHASHSEED (default unset)")
+    eng.add_argument(
+        "--default-max-tokens", type=int, default=16, help="when a request gives none (16)"
+    )
+    ev = p.add_argument_group("KV events")
+    ev.add_argument("--no-kv-events", action="store_true", help="publish no KV events")
+    ev.add_argument(
+        "--kv-events-connect",
+        metavar="ENDPOINT",
+        help="connect every pod's PUB to this (router-bound) endpoint instead of binding",
+    )
+    ev.add_argument(
+        "--kv-port",
+        type=int,
+        default=0,
+        help="publisher port of pod 0 (+2i for pod i, replay +2i+1; 0 = free ports)",
+    )
+    ev.add_argument(
+        "--kv-topic",
+        default="kv@{pod}@{model}",
+        help='topic template ({pod}, {model}); "" = vLLM\'s default empty topic',
+    )
+    ev.add_argument("--no-replay", action="store_true", help="no replay ROUTER")
+    ev.add_argument("--buffer-steps", type=int, default=10_000, help="batches kept for replay")
+    run_ = p.add_argument_group("run")
+    run_.add_argument(
+        "--endpoints-out", metavar="PATH", help="write an endpoints file for kvaware serve"
+    )
+    run_.add_argument(
+        "--duration", type=float, default=0.0, help="stop after this many seconds (0 = never)"
+    )
+    run_.add_argument(
+        "--stop-on-eof",
+        action="store_true",
+        help="stop when standard input closes (a parent process went away)",
+    )
+    p.set_defaults(func=run_serve)
+    sim.set_defaults(func=lambda args: (sim.print_help(), 2)[1])
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run live pods until interrupted; returns the exit code."""
+    try:
+        from kvaware_scorer.sim.live import LiveFleet, LivePodsConfig
+    except ModuleNotFoundError as exc:  # pragma: no cover - aiohttp missing
+        print(f"kvaware sim serve needs {exc.name}: pip install 'kvaware-scorer[gateway]'")
+        return 1
+    from pydantic import ValidationError
+
+    from kvaware_scorer.config import format_validation_error
+
+    try:
+        tokenizer = args.tokenizer
+        model = args.model or get_profile(args.profile).model.name
+        if args.build_tokenizer:
+            from kvaware_scorer.tokenization import install_local_tokenizer
+
+            tokenizer = str(install_local_tokenizer(args.build_tokenizer, model))
+        config = LivePodsConfig(
+            profile=args.profile,
+            model=model,
+            num_pods=args.pods,
+            speedup=args.speedup,
+            host=args.host,
+            base_port=args.port,
+            num_gpu_blocks=args.num_gpu_blocks,
+            block_size=args.block_size,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            engine_hash=args.engine_hash,
+            hash_seed=args.hash_seed,
+            tokenizer=tokenizer,
+            kv_events=not args.no_kv_events,
+            kv_events_connect=args.kv_events_connect,
+            kv_events_base_port=args.kv_port,
+            kv_topic=args.kv_topic,
+            replay=not args.no_replay,
+            buffer_steps=args.buffer_steps,
+            default_max_tokens=args.default_max_tokens,
+        )
+        fleet = LiveFleet(config)
+    except ValidationError as exc:
+        print(f"kvaware sim serve: {format_validation_error(exc)}", file=sys.stderr)
+        return 2
+    except (ConfigError, ValueError) as exc:
+        print(f"kvaware sim serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(fleet, args))
+    except (OSError, ConfigError) as exc:
+        print(f"kvaware sim serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(fleet: Any, args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    watcher: asyncio.Task[None] | None = None
+    try:
+        await fleet.start()
+        for pod in fleet.pods:
+            events = "off"
+            if pod.kv_endpoint:
+                events = f"{pod.kv_endpoint} (replay {pod.replay_endpoint or 'none'}, topic {pod.topic!r})"
+            print(f"kvaware sim: {pod.name} {pod.url} id {pod.id} KV events {events}", flush=True)
+        if args.endpoints_out:
+            fleet.write_endpoints(args.endpoints_out)
+        profile = fleet.profile
+        print(
+            f"kvaware sim: {len(fleet.pods)} pods ready ({profile.name}, model "
+            f"{fleet.config.model_name}, {fleet.num_gpu_blocks:,} KV blocks of "
+            f"{profile.block_size} tokens per pod, speedup {fleet.config.speedup:g}x)",
+            flush=True,
+        )
+        if args.stop_on_eof:
+            watcher = asyncio.create_task(_wait_for_eof(stop))
+        if args.duration > 0:
+            loop.call_later(args.duration, stop.set)
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        if watcher is not None:
+            watcher.cancel()
+        await fleet.stop()
+
+
+async def _wait_for_eof(stop: asyncio.Event) -> None:
+    """Set `stop` once standard input reaches end of file."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.read(65536):
+        pass
+    stop.set()

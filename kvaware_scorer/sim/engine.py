@@ -222,6 +222,35 @@ class Engine:
         """vLLM's ``/reset_prefix_cache``: succeeds only when no block is in use."""
         return self.pool.reset_prefix_cache()
 
+    def abort_request(self, request: EngineRequest) -> bool:
+        """Abort `request` between steps (vLLM ``finish_requests(..., FINISHED_ABORTED)``).
+
+        It leaves the waiting queue or the running batch and its blocks are freed tail first,
+        exactly as at a normal finish: the blocks it cached stay cached (and evictable).
+
+        Returns:
+            False when it had already finished (nothing to do).
+
+        Raises:
+            RuntimeError: Called between `begin_step` and `finish_step` (vLLM applies aborts
+                between engine steps too).
+        """
+        if self._in_step:
+            raise RuntimeError("requests can only be aborted between steps")
+        if request.status is RequestStatus.FINISHED:
+            return False
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            try:
+                self.waiting.remove(request)
+            except ValueError:
+                return False
+        self.pool.free_blocks(reversed(request.blocks))
+        request.blocks = []
+        request.status = RequestStatus.FINISHED
+        return True
+
     # -- hashing --------------------------------------------------------------------------------
 
     def _extend_hashes(self, r: EngineRequest) -> None:

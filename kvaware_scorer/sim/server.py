@@ -1,0 +1,552 @@
+"""The HTTP side of a live emulated pod: vLLM's OpenAI server routes over a `LivePod`.
+
+Routes (shapes as vLLM's OpenAI server answers them):
+
+* ``POST /v1/completions``: ``prompt`` as text, token ids, or a batch of either (one choice
+  per prompt); ``max_tokens`` (default `LivePodsConfig.default_max_tokens`), ``stream`` with
+  ``stream_options.include_usage``, ``cache_salt``, ``add_special_tokens``,
+  ``return_token_ids``.
+* ``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template and
+  encoded exactly as the scorer's tokenization does (same code, so the pod's tokens are the
+  router's), with vLLM's chat fields (``chat_template``, ``chat_template_kwargs``, ``tools``,
+  ``add_generation_prompt``, ``continue_final_message``, ...); ``max_completion_tokens`` or
+  ``max_tokens``.
+* Usage: ``prompt_tokens``, ``completion_tokens`` and
+  ``prompt_tokens_details.cached_tokens`` (the emulated prefix-cache hit at admission).
+  Generation ignores EOS: every choice ends with ``finish_reason: "length"``.
+* ``GET /v1/models``, ``GET /health``, ``GET /version``, ``GET /metrics`` (vLLM's metric names
+  and labels), ``GET /kv_event_sources`` (``{dp_rank: KVEventsConfig}``) and
+  ``POST /reset_prefix_cache`` (vLLM's dev route; ``AllBlocksCleared`` on success).
+
+A client that goes away aborts its requests (their blocks are freed at the next step
+boundary, as vLLM does). Errors use vLLM's shape ``{"error": {"message", "type", "param",
+"code"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from kvaware_scorer.errors import TokenizerNotFoundError
+from kvaware_scorer.tokenization.chat import CHAT_OPTIONS
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from kvaware_scorer.sim.live import Job, LivePod, LiveRequest
+
+__all__ = ["PodCollector", "make_app"]
+
+logger = logging.getLogger(__name__)
+
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+_DONE = b"data: [DONE]\n\n"
+_encode = msgspec.json.encode
+
+
+class _HTTPError(Exception):
+    """An error answered in vLLM's shape."""
+
+    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+def _error_response(status: int, message: str, kind: str = "BadRequestError") -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return web.Response(body=_encode(body), status=status, content_type="application/json")
+
+
+def _json_response(data: Any) -> web.Response:
+    return web.Response(body=_encode(data), content_type="application/json")
+
+
+class PodCollector:
+    """Prometheus collector of one pod's engine state under vLLM's metric names and labels.
+
+    Every family carries ``model_name`` and ``engine`` (``"0"``) like vLLM's
+    ``PrometheusStatLogger``, except ``vllm:cache_config_info``, which vLLM labels with the
+    cache config's fields and ``engine`` only.
+    """
+
+    def __init__(self, pod: LivePod) -> None:
+        self.pod = pod
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families of the pod's current engine (counters restart with the pod)."""
+        pod = self.pod
+        engine = pod.engine
+        if engine is None:
+            return
+        names = ["model_name", "engine"]
+        labels = [pod.model, "0"]
+        stats = engine.stats
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=names)
+            g.add_metric(labels, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(name, doc, labels=names)
+            c.add_metric(labels, value)
+            return c
+
+        yield gauge(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            engine.num_running,
+        )
+        yield gauge(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            engine.num_waiting,
+        )
+        yield gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            engine.kv_usage(),
+        )
+        yield counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            stats.prefix_queries,
+        )
+        yield counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            stats.prefix_hits,
+        )
+        yield counter(
+            "vllm:num_preemptions",
+            "Cumulative number of preemption from the engine.",
+            stats.preemptions,
+        )
+        yield counter(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prefill_tokens
+        )
+        yield counter(
+            "vllm:generation_tokens",
+            "Number of generation tokens processed.",
+            stats.generated_tokens,
+        )
+        cfg = pod.config
+        info_names = [
+            "block_size",
+            "cache_dtype",
+            "enable_prefix_caching",
+            "gpu_memory_utilization",
+            "num_cpu_blocks",
+            "num_gpu_blocks",
+            "prefix_caching_hash_algo",
+            "engine",
+        ]
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", labels=info_names
+        )
+        algo = "sha256" if cfg.engine_hash == "sha256" else "kvaware-xxh3"
+        info.add_metric(
+            [
+                str(engine.block_size),
+                "auto",
+                "True",
+                str(pod.profile.gpu_memory_utilization),
+                "None",
+                str(engine.pool.num_gpu_blocks),
+                algo,
+                "0",
+            ],
+            1.0,
+        )
+        yield info
+        yield counter(
+            "kvaware_sim_kv_event_batches",
+            "KV-event batches this emulated pod published.",
+            pod.batches_published,
+        )
+        yield counter(
+            "kvaware_sim_kv_event_bytes",
+            "Bytes of KV-event payloads this emulated pod published.",
+            pod.bytes_published,
+        )
+        yield counter(
+            "kvaware_sim_requests_aborted",
+            "Requests aborted (client gone) on this emulated pod.",
+            pod.requests_aborted,
+        )
+
+
+def make_app(pod: LivePod) -> web.Application:
+    """The aiohttp application of `pod`."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PodCollector(pod))
+    api = _PodAPI(pod, registry)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    r = app.router
+    r.add_post("/v1/completions", api.completions)
+    r.add_post("/v1/chat/completions", api.chat)
+    r.add_get("/v1/models", api.models)
+    r.add_get("/health", api.health)
+    r.add_get("/version", api.version)
+    r.add_get("/metrics", api.metrics)
+    r.add_get("/kv_event_sources", api.event_sources)
+    r.add_post("/reset_prefix_cache", api.reset_prefix_cache)
+    return app
+
+
+def _int_field(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _HTTPError(400, f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _token_list(value: Any, vocab: int | None, name: str) -> list[int] | None:
+    if not isinstance(value, list) or not value:
+        return None
+    for t in value:
+        if not isinstance(t, int) or isinstance(t, bool):
+            return None
+    lo, hi = min(value), max(value)
+    if lo < 0:
+        raise _HTTPError(400, f"{name}: token ids must be non-negative, got {lo}")
+    limit = vocab if vocab is not None else 1 << 31
+    if hi >= limit:
+        raise _HTTPError(400, f"Token id {hi} is out of vocabulary")
+    return list(value)
+
+
+class _PodAPI:
+    """Route handlers of one pod."""
+
+    def __init__(self, pod: LivePod, registry: CollectorRegistry) -> None:
+        self.pod = pod
+        self.registry = registry
+        self.created = int(time.time())
+
+    # -- small routes -----------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.pod.failed is not None:
+            return _error_response(503, self.pod.failed, "EngineDeadError")
+        return web.Response()
+
+    async def version(self, request: web.Request) -> web.Response:
+        return _json_response({"version": "kvaware-sim"})
+
+    async def models(self, request: web.Request) -> web.Response:
+        pod = self.pod
+        max_len = pod.engine.max_model_len if pod.engine is not None else None
+        card = {
+            "id": pod.model,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "vllm",
+            "root": pod.model,
+            "parent": None,
+            "max_model_len": max_len,
+            "permission": [],
+        }
+        return _json_response({"object": "list", "data": [card]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def event_sources(self, request: web.Request) -> web.Response:
+        return _json_response(self.pod.event_sources())
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        try:
+            ok = await self.pod.reset_prefix_cache()
+        except ConnectionError as exc:
+            return _error_response(503, str(exc), "ServiceUnavailableError")
+        if not ok:
+            # NOTE: vLLM only logs this failure; a status tells a caller (tests) it did nothing.
+            return _error_response(
+                409, "Failed to reset prefix cache: some blocks are still in use", "ConflictError"
+            )
+        return _json_response({"success": True})
+
+    # -- inference ----------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def _read(self, request: web.Request) -> dict[str, Any]:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise _HTTPError(413, str(exc)) from None
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise _HTTPError(400, f"Invalid JSON body: {exc}") from None
+        if not isinstance(body, dict):
+            raise _HTTPError(400, "The request body must be a JSON object")
+        return body
+
+    async def _prompts(self, body: dict[str, Any], chat: bool) -> list[list[int]]:
+        """Token ids of each choice's prompt."""
+        pod = self.pod
+        vocab = pod.text.vocab_size
+        add_special = body.get("add_special_tokens")
+        if add_special is not None and not isinstance(add_special, bool):
+            raise _HTTPError(400, "add_special_tokens must be a boolean")
+        try:
+            if chat:
+                messages = body.get("messages")
+                if not isinstance(messages, list) or not messages:
+                    raise _HTTPError(400, "messages must be a non-empty list")
+                options = {k: body[k] for k in CHAT_OPTIONS if body.get(k) is not None}
+                return [await pod.tokenize(messages=messages, **options)]
+            if body.get("prompt_embeds") is not None:
+                raise _HTTPError(400, "prompt_embeds are not supported by the emulated pod")
+            prompt = body.get("prompt")
+            if prompt is None:
+                raise _HTTPError(400, "prompt is required")
+            opts: dict[str, Any] = (
+                {} if add_special is None else {"add_special_tokens": add_special}
+            )
+            ids = _token_list(prompt, vocab, "prompt")
+            if ids is not None:
+                return [ids]
+            if isinstance(prompt, str):
+                return [await pod.tokenize(prompt=prompt, **opts)]
+            if isinstance(prompt, list) and prompt:
+                out: list[list[int]] = []
+                for i, p in enumerate(prompt):
+                    one = _token_list(p, vocab, f"prompt[{i}]")
+                    if one is not None:
+                        out.append(one)
+                    elif isinstance(p, str):
+                        out.append(await pod.tokenize(prompt=p, **opts))
+                    else:
+                        raise _HTTPError(400, f"prompt[{i}] must be text or token ids")
+                return out
+            raise _HTTPError(400, "prompt must be text, token ids, or a list of either")
+        except LookupError as exc:
+            if isinstance(exc, TokenizerNotFoundError):
+                raise _HTTPError(500, str(exc), "InternalServerError") from None
+            raise _HTTPError(400, str(exc)) from None
+        except ValueError as exc:
+            raise _HTTPError(400, str(exc)) from None
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        pod = self.pod
+        try:
+            body = await self._read(request)
+            model = body.get("model")
+            if model is not None and model != pod.model:
+                raise _HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
+            n = _int_field(body, "n")
+            if n is not None and n != 1:
+                raise _HTTPError(400, "the emulated pod supports n=1 only")
+            max_tokens = _int_field(body, "max_completion_tokens") if chat else None
+            if max_tokens is None:
+                max_tokens = _int_field(body, "max_tokens")
+            if max_tokens is None:
+                max_tokens = pod.config.default_max_tokens
+            if max_tokens < 1:
+                raise _HTTPError(400, f"max_tokens must be at least 1, got {max_tokens}.")
+            stream = body.get("stream") or False
+            if not isinstance(stream, bool):
+                raise _HTTPError(400, "stream must be a boolean")
+            options = body.get("stream_options")
+            if options is not None and not stream:
+                raise _HTTPError(400, "Stream options can only be defined when `stream=True`.")
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            salt = body.get("cache_salt")
+            if salt is not None and (not isinstance(salt, str) or not salt):
+                raise _HTTPError(400, "cache_salt must be a non-empty string")
+            prompts = await self._prompts(body, chat)
+            sims = [pod.new_request(ids, max_tokens, salt) for ids in prompts]
+            reasons = [r for r in map(pod.validate, sims) if r is not None]
+            if reasons:
+                raise _HTTPError(400, reasons[0])
+            await pod.hash_prompts(sims)
+            try:
+                job = pod.submit(sims)
+            except ValueError as exc:
+                raise _HTTPError(400, str(exc)) from None
+            except ConnectionError as exc:
+                raise _HTTPError(503, str(exc), "ServiceUnavailableError") from None
+        except _HTTPError as exc:
+            return _error_response(exc.status, exc.message, exc.kind)
+        prefix = "chatcmpl-" if chat else "cmpl-"
+        ctx = _Answer(f"{prefix}{uuid.uuid4().hex}", pod.model, int(time.time()), chat)
+        try:
+            if stream:
+                return await self._stream(request, job, ctx, include_usage)
+            return await self._complete(job, ctx, bool(body.get("return_token_ids")), prompts)
+        finally:
+            # NOTE: a client that went away (the handler is cancelled) or a failed write
+            # leaves unfinished requests: abort them like vLLM does.
+            if not job.done:
+                pod.abort(job)
+
+    async def _complete(
+        self, job: Job, ctx: _Answer, token_ids: bool, prompts: list[list[int]]
+    ) -> web.Response:
+        while not job.done:
+            update = await job.queue.get()
+            if not isinstance(update, tuple):
+                return _error_response(500, update.message, "InternalServerError")
+        text = self.pod.text
+        choices: list[dict[str, Any]] = []
+        for lr in job.requests:
+            out = lr.output_tokens
+            content = text.text(out)
+            choice: dict[str, Any]
+            if ctx.chat:
+                choice = {
+                    "index": lr.index,
+                    "message": {"role": "assistant", "content": content, "tool_calls": []},
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                }
+            else:
+                choice = {
+                    "index": lr.index,
+                    "text": content,
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                    "prompt_logprobs": None,
+                }
+            if token_ids:
+                choice["token_ids"] = out.tolist()
+                if not ctx.chat:
+                    choice["prompt_token_ids"] = prompts[lr.index]
+            choices.append(choice)
+        answer: dict[str, Any] = {
+            "id": ctx.id,
+            "object": "chat.completion" if ctx.chat else "text_completion",
+            "created": ctx.created,
+            "model": ctx.model,
+            "choices": choices,
+            "usage": self._usage(job),
+        }
+        if ctx.chat and token_ids:
+            answer["prompt_token_ids"] = prompts[0]
+        return _json_response(answer)
+
+    def _usage(self, job: Job) -> dict[str, Any]:
+        prompt = sum(lr.prompt_tokens for lr in job.requests)
+        completion = sum(lr.sent for lr in job.requests)
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt,
+            "total_tokens": prompt + completion,
+            "completion_tokens": completion,
+        }
+        if self.pod.config.prompt_tokens_details:
+            usage["prompt_tokens_details"] = {
+                "cached_tokens": sum(lr.cached_tokens for lr in job.requests)
+            }
+        return usage
+
+    async def _stream(
+        self, request: web.Request, job: Job, ctx: _Answer, include_usage: bool
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        text = self.pod.text
+        # NOTE: like vLLM, the chat role chunk goes out with the first token, not before (a
+        # client measuring TTFT from the first event must see the first token's time).
+        role = ctx.chat
+        emitted = [0] * len(job.requests)
+        while True:
+            update = await job.queue.get()
+            parts: list[bytes] = []
+            if role:
+                role = False
+                parts.extend(
+                    ctx.chunk(
+                        {
+                            "index": lr.index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    )
+                    for lr in job.requests
+                )
+            while True:
+                if not isinstance(update, tuple):
+                    error = {
+                        "error": {
+                            "message": update.message,
+                            "type": "InternalServerError",
+                            "param": None,
+                            "code": 500,
+                        }
+                    }
+                    await resp.write(b"data: " + _encode(error) + b"\n\n" + _DONE)
+                    return resp
+                index, n, done = update
+                lr: LiveRequest = job.requests[index]
+                piece = text.text(lr.output_tokens[emitted[index] : n])
+                emitted[index] = n
+                reason = "length" if done else None
+                if ctx.chat:
+                    choice = {"index": index, "delta": {"content": piece}}
+                else:
+                    choice = {"index": index, "text": piece}
+                choice["logprobs"] = None
+                choice["finish_reason"] = reason
+                choice["stop_reason"] = None
+                parts.append(ctx.chunk(choice))
+                if job.queue.empty():
+                    break
+                update = job.queue.get_nowait()
+            await resp.write(b"".join(parts))
+            if job.done and job.queue.empty():
+                break
+        tail = b""
+        if include_usage:
+            tail = ctx.chunk(None, usage=self._usage(job))
+        await resp.write(tail + _DONE)
+        return resp
+
+
+class _Answer:
+    """Identity of one response and its SSE chunk encoder."""
+
+    __slots__ = ("chat", "created", "id", "model", "object")
+
+    def __init__(self, answer_id: str, model: str, created: int, chat: bool) -> None:
+        self.id = answer_id
+        self.model = model
+        self.created = created
+        self.chat = chat
+        self.object = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(self, choice: dict[str, Any] | None, usage: dict[str, Any] | None = None) -> bytes:
+        """One ``data:`` event (a choice, or the final usage chunk with no choices)."""
+        data: dict[str, Any] = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [] if choice is None else [choice],
+        }
+        if usage is not None:
+            data["usage"] = usage
+        return b"data: " + _encode(data) + b"\n\n"
