@@ -1,13 +1,14 @@
 """The Redis / Valkey `KVBlockIndex` backend: one index shared by writers and scoring replicas.
 
 Every operation is one call of one Lua script (``redis.lua`` beside this module) on one shard
-of the index, so a prompt lookup is one round trip with the early stop done server-side, and an
-event's write is one round trip (a `WriteBatch` pipelines many). Layout, expiry, cluster
-sharding and failure behaviour are described in ``docs/redis.md``; in short:
+of the index, so a prompt lookup is one round trip with the early stop done server-side, and
+writes are one round trip: a `WriteBatch` (an event batch) is one script call per shard that
+applies its writes in order. Layout, expiry, cluster sharding and failure behaviour are
+described in ``docs/redis.md``; in short:
 
 * Blocks are string keys ``<prefix>b<key>`` holding a 3-byte header and one compact record per
   holding pod (pods are small per-shard integer ids from a registry hash); each pod's engine-hash
-  map is a set of small hashes (linear hashing) that doubles as the pod's reverse index, so a
+  map is one Redis hash (engine hash -> keys) that doubles as the pod's reverse index, so a
   purge walks only that pod's entries.
 * On Redis Cluster, blocks are sharded by key over shards (one hash tag each, placed on
   distinct masters; every script call stays single-slot): a lookup sends each shard its part of
@@ -58,6 +59,8 @@ T = TypeVar("T")
 _SPEC = 1 << 16
 #: Engine-map entries a purge step handles per script call (keeps each call short).
 _PURGE_BUDGET = 2000
+#: Script call kinds of the writes (one ``w`` call per shard carries a batch of them).
+_WRITE_CODES = {"add": b"a", "add_new": b"n", "remove": b"r", "add_tier": b"t"}
 #: Buffered writes replayed per pipeline.
 _REPLAY_BATCH = 256
 _LAYOUT_VERSION = "v1"
@@ -141,6 +144,7 @@ class _Write:
     ehs: Sequence[int] | None = None
     tier: str = ""
     seq: int = -1
+    packed: tuple[bytes, bytes] | None = None  # keys and engine hashes, as sent
 
 
 class WriteBatch:
@@ -153,7 +157,14 @@ class WriteBatch:
     def __init__(self, index: RedisIndex) -> None:
         self._index = index
         self._ops: list[_Write] = []
+        self._empty: list[tuple[int, int | None]] = []  # adds of no keys: (position, result)
         self.results: list[int | None] = []
+
+    def _finish(self) -> None:
+        results = self._index._submit(self._ops)
+        for k, (pos, value) in enumerate(self._empty):
+            results.insert(pos + k, value)
+        self.results = results
 
     def add(
         self,
@@ -163,9 +174,25 @@ class WriteBatch:
         tier: str | None = None,
     ) -> None:
         """Queue `RedisIndex.add`."""
-        op = self._index._add_op(pod, keys, engine_hashes, tier)
+        op = self._index._add_op("add", pod, keys, engine_hashes, tier)
         if op is not None:
             self._ops.append(op)
+        else:
+            self._empty.append((len(self._ops), None))
+
+    def add_new(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> None:
+        """Queue `RedisIndex.add_new`."""
+        op = self._index._add_op("add_new", pod, keys, engine_hashes, tier)
+        if op is not None:
+            self._ops.append(op)
+        else:
+            self._empty.append((len(self._ops), 0))
 
     def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> None:
         """Queue `RedisIndex.add_tier`."""
@@ -470,6 +497,7 @@ class RedisIndex:
 
     def _add_op(
         self,
+        kind: str,
         pod: str,
         keys: Sequence[int],
         engine_hashes: Sequence[int] | None,
@@ -479,54 +507,52 @@ class RedisIndex:
             return None
         if engine_hashes is not None and len(engine_hashes) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(engine_hashes)} engine hashes")
-        _pack(keys)  # bad keys fail here, in the caller, not at replay
+        kb = _pack(keys)  # bad keys fail here, in the caller, not at replay
+        eb = b"" if engine_hashes is None else _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
         ehs = None if engine_hashes is None else tuple(engine_hashes)
-        return _Write("add", pod, tuple(keys), ehs, tname)
+        return _Write(kind, pod, tuple(keys), ehs, tname, packed=(kb, eb))
 
     def _tier_op(
         self, kind: str, pod: str, engine_hashes: Sequence[int], tier: str | None
     ) -> _Write:
-        _pack(engine_hashes)
+        eb = _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
-        return _Write(kind, pod, (), tuple(engine_hashes), tname)
+        return _Write(kind, pod, (), tuple(engine_hashes), tname, packed=(b"", eb))
 
     def _shard_size(self) -> int:
         size = self.config.size
         shards = max(1, len(self._shards) if self._shards else self.config.cluster_shards or 1)
         return -(-size // shards) if size else 0
 
-    def _add_args(
-        self,
+    @staticmethod
+    def _add_write(
         w: _Write,
         keys: Sequence[int],
         ehs: Sequence[int] | None,
         foreign: bytes = b"",
-    ) -> tuple[Any, ...]:
+        packed: tuple[bytes, bytes] | None = None,
+    ) -> tuple[bytes, str, str, bytes, bytes, bytes]:
+        """The script's arguments of one store (see ``w`` in redis.lua)."""
         plain = (
             not foreign
             and len(set(keys)) == len(keys)
             and (ehs is None or len(set(ehs)) == len(ehs))
         )
-        return (
-            b"add",
-            w.pod,
-            w.tier,
-            _pack(keys),
-            self._shard_size(),
-            self.config.pod_cache_size,
-            b"" if ehs is None else _pack(ehs),
-            b"1" if plain else b"0",
-            foreign,
-        )
+        kb, eb = packed if packed is not None else (_pack(keys), b"" if ehs is None else _pack(ehs))
+        return (_WRITE_CODES[w.kind], w.pod, w.tier, kb, eb, b"1" if plain else b"0" + foreign)
 
-    def _plan(self, w: _Write) -> list[tuple[_Shard, tuple[Any, ...]]]:
-        """The script calls of one write: one per shard it touches."""
+    def _plan(self, w: _Write) -> list[tuple[_Shard, bool, tuple[Any, ...]]]:
+        """The script work of one write: ``(shard, batched, args)`` per shard it touches.
+
+        Batched items are writes that one ``w`` call per shard carries for the whole batch;
+        the others (purges, liveness) are script calls of their own.
+        """
         shards = self._shards
         n = len(shards)
-        if w.kind == "add":
+        if w.kind in ("add", "add_new"):
             if n == 1:
-                return [(shards[0], self._add_args(w, w.keys, w.ehs))]
+                return [(shards[0], True, self._add_write(w, w.keys, w.ehs, packed=w.packed))]
             parts: dict[int, tuple[list[int], list[int]]] = {}
             foreign: dict[int, list[bytes]] = {}
             for eh, ks in iter_groups(w.keys, w.ehs):
@@ -540,33 +566,24 @@ class RedisIndex:
                 last = ks[-1]
                 for s in touched - {last % n}:
                     foreign.setdefault(s, []).append(_pack([eh, last]))
-            calls = [
+            items: list[tuple[_Shard, bool, tuple[Any, ...]]] = [
                 (
                     shards[s],
-                    self._add_args(
+                    True,
+                    self._add_write(
                         w, pk, None if w.ehs is None else pe, b"".join(foreign.get(s, ()))
                     ),
                 )
                 for s, (pk, pe) in parts.items()
             ]
-            return calls + self._alive_calls(w.pod, {s for s in parts})
+            return items + self._alive_calls(w.pod, {s for s in parts})
         if w.kind == "purge":
-            return [(sh, (b"purge", w.pod, 0)) for sh in shards]
-        ehs = w.ehs or ()
-        if w.kind == "add_tier":
-            args: tuple[Any, ...] = (
-                b"add_tier",
-                w.pod,
-                w.tier,
-                _pack(ehs),
-                self._shard_size(),
-                self.config.pod_cache_size,
-            )
-        else:
-            args = (b"remove", w.pod, w.tier, _pack(ehs))
-        return [(sh, args) for sh in shards]
+            return [(sh, False, (b"purge", w.pod, 0)) for sh in shards]
+        eb = w.packed[1] if w.packed is not None else _pack(w.ehs or ())
+        write = (_WRITE_CODES[w.kind], w.pod, w.tier, b"", eb, b"")
+        return [(sh, True, write) for sh in shards]
 
-    def _alive_calls(self, pod: str, busy: set[int]) -> list[tuple[_Shard, tuple[Any, ...]]]:
+    def _alive_calls(self, pod: str, busy: set[int]) -> list[tuple[_Shard, bool, tuple[Any, ...]]]:
         """On a cluster, tell the shards a write skipped that `pod` is alive (now and then)."""
         if self._ttl_ms == 0:
             return []
@@ -578,20 +595,32 @@ class RedisIndex:
             self._alive_at[pod] = now
             if len(self._alive_at) > 100_000:
                 self._alive_at.clear()
-        return [(sh, (b"alive", pod)) for i, sh in enumerate(self._shards) if i not in busy]
+        return [(sh, False, (b"alive", pod)) for i, sh in enumerate(self._shards) if i not in busy]
 
     def _combine(
-        self, w: _Write, calls: list[tuple[_Shard, tuple[Any, ...]]], raws: list[Any]
+        self, w: _Write, items: list[tuple[_Shard, bool, tuple[Any, ...]]], raws: list[Any]
     ) -> int | None:
-        """The caller's result of one write from its calls' answers."""
-        errors = [r for r in raws if isinstance(r, redis.exceptions.ResponseError)]
-        for exc in errors:
-            self._write_failed(w, exc)
+        """The caller's result of one write from its items' answers."""
+        for r in raws:
+            if isinstance(r, redis.exceptions.ResponseError):
+                self._write_failed(w, r)
+            elif isinstance(r, bytes) and r.startswith(b"KVAWARE"):
+                self._write_failed(w, redis.exceptions.ResponseError(r.decode("utf-8", "replace")))
+        answers = [r for r in raws if not isinstance(r, BaseException)]
         if w.kind == "add":
             return None
+        if w.kind == "add_new":
+            skipped = [
+                bytes(r)
+                for r, (_, batched, _a) in zip(raws, items, strict=True)
+                if batched and isinstance(r, bytes) and not r.startswith(b"KVAWARE")
+            ]
+            if len(skipped) == 1:
+                return len(skipped[0]) // 8
+            return len({b[i : i + 8] for b in skipped for i in range(0, len(b), 8)})
         if w.kind == "purge":
             dropped = 0
-            for (shard, _args), raw in zip(calls, raws, strict=True):
+            for (shard, _b, _args), raw in zip(items, raws, strict=True):
                 if isinstance(raw, BaseException):
                     continue
                 n, pid = (int(x) for x in raw)
@@ -600,7 +629,7 @@ class RedisIndex:
                     self._finish_purge(shard, pid)
             return dropped
         known = 0
-        bits = [bytes(r) for r in raws if not isinstance(r, BaseException)]
+        bits = [bytes(r) for r in answers if not bytes(r).startswith(b"KVAWARE")]
         if bits:
             known = sum(1 for col in zip(*bits, strict=True) if 49 in col)
         if w.kind == "add_tier":
@@ -611,10 +640,37 @@ class RedisIndex:
         return None if w.kind == "add" else 0
 
     def _apply(self, ops: Sequence[_Write]) -> list[int | None]:
-        """Send writes now (one round trip); raises the unavailability errors."""
+        """Send writes now (one round trip); raises the unavailability errors.
+
+        The batched writes of each shard travel in ``w`` calls (one per shard unless a purge
+        on that shard comes between two writes), in the order the writes were made.
+        """
         self._connection()
         plans = [self._plan(w) for w in ops]
-        calls = [c for plan in plans for c in plan]
+        calls: list[tuple[_Shard, tuple[Any, ...]]] = []
+        where: list[list[tuple[int, int]]] = []  # per op, per item: (call, position or -1)
+        open_call: dict[bytes, tuple[int, list[Any]]] = {}
+        size, pcs = self._shard_size(), self.config.pod_cache_size
+        for plan in plans:
+            spots = []
+            for shard, batched, args in plan:
+                if batched:
+                    cur = open_call.get(shard.prefix)
+                    if cur is None:
+                        argv: list[Any] = [b"w", size, pcs]
+                        cur = open_call[shard.prefix] = (len(calls), argv)
+                        calls.append((shard, ()))
+                    spots.append((cur[0], (len(cur[1]) - 3) // 6))
+                    cur[1].extend(args)
+                else:
+                    closed = open_call.pop(shard.prefix, None)
+                    if closed is not None:
+                        calls[closed[0]] = (shard, tuple(closed[1]))
+                    spots.append((len(calls), -1))
+                    calls.append((shard, args))
+            where.append(spots)
+        for idx, argv in open_call.values():
+            calls[idx] = (calls[idx][0], tuple(argv))
         if len(calls) == 1:
             try:
                 raws: list[Any] = [self._eval(calls[0][0], *calls[0][1])]
@@ -629,10 +685,14 @@ class RedisIndex:
                     raise r
         self._mark_up()
         out: list[int | None] = []
-        i = 0
-        for w, plan in zip(ops, plans, strict=True):
-            out.append(self._combine(w, plan, raws[i : i + len(plan)]))
-            i += len(plan)
+        for w, plan, spots in zip(ops, plans, where, strict=True):
+            got = []
+            for call, pos in spots:
+                raw = raws[call]
+                if pos >= 0 and not isinstance(raw, BaseException):
+                    raw = raw[pos]
+                got.append(raw)
+            out.append(self._combine(w, plan, got))
         return out
 
     def _submit(self, ops: list[_Write]) -> list[int | None]:
@@ -675,7 +735,7 @@ class RedisIndex:
                         dropped += 1
                     w.seq = next(self._seq)
                     self._buffer.append(w)
-                    if w.kind == "add":
+                    if w.kind in ("add", "add_new"):
                         for eh, ks in iter_groups(w.keys, w.ehs):
                             self._pending[(w.pod, eh)] = ks[-1]
                 self._counters["buffered_writes"] += len(ops)
@@ -728,9 +788,21 @@ class RedisIndex:
         engine_hashes: Sequence[int] | None = None,
         tier: str | None = None,
     ) -> None:
-        op = self._add_op(pod, keys, engine_hashes, tier)
+        op = self._add_op("add", pod, keys, engine_hashes, tier)
         if op is not None:
             self._submit([op])
+
+    def add_new(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> int:
+        op = self._add_op("add_new", pod, keys, engine_hashes, tier)
+        if op is None:
+            return 0
+        return self._submit([op])[0] or 0
 
     def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
         if not engine_hashes:
@@ -746,9 +818,45 @@ class RedisIndex:
     def purge(self, pod: str) -> int:
         return self._submit([_Write("purge", pod)])[0] or 0
 
+    def references(self, pod: str) -> dict[str, dict[int, int]]:
+        """Tier -> engine hash -> references `pod` holds (see `KVBlockIndex.references`).
+
+        Raises:
+            BackendUnavailableError: Redis is unreachable.
+        """
+
+        def run() -> list[Any]:
+            self._connection()
+            shards = self._shards
+            if len(shards) == 1:
+                return [self._eval(shards[0], b"refs", pod)]
+            raws = self._pipeline([(s, (b"refs", pod)) for s in shards])
+            for r in raws:
+                if isinstance(r, BaseException):
+                    raise r
+            return raws
+
+        out: dict[str, dict[int, int]] = {}
+        for raw in self._guarded("references", run):
+            if not raw:
+                continue
+            names, ehs, counts = raw
+            decoded = msgspec.msgpack.decode(names)
+            tiers: list[str] = list(decoded) if isinstance(decoded, list) else []
+            for i in range(0, len(ehs), 8):
+                tid, c = counts[i // 4], counts[i // 4 + 1]
+                name = tiers[tid] if tid < len(tiers) else f"tier-{tid}"
+                refs = out.get(name)
+                if refs is None:
+                    refs = out[name] = {}
+                eh = int.from_bytes(ehs[i : i + 8], "little")
+                # NOTE: an engine block whose keys span shards is reported by each of them
+                refs[eh] = max(refs.get(eh, 0), c)
+        return out
+
     @contextmanager
     def batch(self) -> Iterator[WriteBatch]:
-        """Collect writes and send them in one pipeline when the block exits.
+        """Collect writes and send them in one round trip when the block exits.
 
         Example:
             >>> with index.batch() as b:  # doctest: +SKIP
@@ -759,7 +867,7 @@ class RedisIndex:
         """
         wb = WriteBatch(self)
         yield wb
-        wb.results = self._submit(wb._ops)
+        wb._finish()
 
     def _finish_purge(self, shard: _Shard, pid: int) -> None:
         """Drop a purged pod's records block by block (short script calls)."""
