@@ -35,6 +35,7 @@ unknown is never keyed as if it started a prompt: it is counted as orphaned and 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -60,7 +61,6 @@ from kvaware_scorer.keys import DerivedKeyer
 if TYPE_CHECKING:
     from prometheus_client import Counter
 
-    from kvaware_scorer.index.base import KVBlockIndex
     from kvaware_scorer.indexer import Indexer
 
 __all__ = [
@@ -198,43 +198,27 @@ _UNSET: Final = object()
 _ADD, _ADD_NEW, _REMOVE, _REMOVE_HELD, _ADD_TIER = range(5)
 
 
+_Op = tuple[int, str, list[int], list[int] | None, int]
+
+
 class _Writer:
     """One batch's index writes, kept in event order and sent through ``index.batch()`` (one
-    round trip on a remote index) when flushed. Consecutive stores (or removals) of one tier
-    become one call, which saves the per-call cost of most of a batch's events."""
+    round trip on a remote index, written behind) when flushed. Consecutive stores (or
+    removals) of one tier become one call, which saves the per-call cost of most of a batch's
+    events. What the writes did is counted when the index reports their results."""
 
-    __slots__ = (
-        "_ehs",
-        "_index",
-        "_keys",
-        "_last",
-        "_n",
-        "_ops",
-        "_per",
-        "_pod",
-        "_tier",
-        "failed",
-        "reannounced",
-        "removed",
-        "stored",
-        "unknown",
-    )
+    __slots__ = ("_ehs", "_ing", "_keys", "_last", "_n", "_ops", "_per", "_pod", "_tier")
 
-    def __init__(self, index: KVBlockIndex, pod: str) -> None:
-        self._index = index
+    def __init__(self, ingestor: EventIngestor, pod: str) -> None:
+        self._ing = ingestor
         self._pod = pod
-        self._ops: list[tuple[int, str, list[int], list[int] | None, int]] = []
+        self._ops: list[_Op] = []
         self._tier = ""
         self._keys: list[int] | None = None  # the pending run of stores
         self._ehs: list[int] | None = None
         self._n = 0
         self._per = 1
         self._last = -1
-        self.stored = 0
-        self.removed = 0
-        self.unknown = 0
-        self.reannounced = 0
-        self.failed = 0
 
     def add(self, tier: str, keys: list[int], ehs: list[int] | None, n: int, per: int) -> None:
         """Queue a store of `n` engine blocks (`per` keys each; `ehs` None: keys are hashes)."""
@@ -304,10 +288,10 @@ class _Writer:
         """
         if self._ops or self._keys is not None:
             self.flush()
-        return self._index.resolve(self._pod, engine_hash)
+        return self._ing.index.resolve(self._pod, engine_hash)
 
     def flush(self) -> None:
-        """Send the queued writes and account for their results."""
+        """Send the queued writes; their results are counted when the index reports them."""
         if self._keys is not None:
             self._end_run()
         ops = self._ops
@@ -315,10 +299,10 @@ class _Writer:
             return
         self._ops = []
         pod = self._pod
-        results: list[int | None] = []
+        ing = self._ing
+        b = None
         try:
-            with self._index.batch() as b:
-                results = b.results
+            with ing.index.batch(functools.partial(ing._count_writes, pod, ops)) as b:
                 for kind, tier, a, ehs, _n in ops:
                     if kind == _ADD:
                         b.add(pod, a, ehs, tier)
@@ -328,27 +312,12 @@ class _Writer:
                         b.add_new(pod, a, ehs, tier)
                     else:
                         b.add_tier(pod, a, tier)
-            results = b.results
         except _BACKEND_ERRORS as exc:
-            self.failed += len(ops) - len(results)
+            # NOTE: the in-memory index applied the writes before the failing one
+            done = [] if b is None else b.results
             logger.warning("writing %d operations for %s failed: %s", len(ops), pod, exc)
-        for (kind, _tier, a, _ehs, n), r in zip(ops, results, strict=False):
-            if kind == _ADD:
-                self.stored += n
-            elif kind == _REMOVE:
-                known = r or 0
-                self.removed += known
-                self.unknown += len(a) - known
-            elif kind == _REMOVE_HELD:
-                self.removed += r or 0
-            elif kind == _ADD_NEW:
-                skipped = r or 0
-                self.reannounced += skipped
-                self.stored += n - skipped
-            else:
-                missing = r or 0
-                self.unknown += missing
-                self.stored += len(a) - missing
+            ing._count_writes(pod, ops[: len(done)], done)
+            ing._count_writes(pod, ops[len(done) :], exc)
 
 
 class EventIngestor:
@@ -419,6 +388,12 @@ class EventIngestor:
         """
         with self._lock_for(pod):
             self._streams.pop(pod, None)
+
+    def wait(self) -> None:
+        """Return once every write of the frames ingested so far has reached the index (a
+        remote index applies them behind `ingest`, in order)."""
+        with self.index.batch():
+            pass
 
     def streams(self, pod: str) -> dict[int, StreamState]:
         """The live stream states of `pod` by DP rank (for inspection; do not mutate)."""
@@ -736,17 +711,53 @@ class EventIngestor:
         return new
 
     def _purge_stream(self, st: StreamState, reason: str) -> None:
-        w = _Writer(self.index, st.pod)
+        w = _Writer(self, st.pod)
         for tier, held in (st.held or {}).items():
             hashes = [h for h, c in held.items() for _ in range(c)]
             if hashes:
                 w.remove(tier, hashes, counted=False)
         w.flush()
-        if w.removed:
-            self.metrics.blocks_removed.inc(w.removed)
         if st.held is not None:
             st.held.clear()
         self.metrics.purges.labels(reason).inc()
+
+    def _count_writes(
+        self, pod: str, ops: list[_Op], results: list[int | None] | Exception
+    ) -> None:
+        """Count what a batch of writes did, from the index's results (maybe on the index's
+        writer thread: metrics only)."""
+        m = self.metrics
+        if isinstance(results, Exception):
+            if ops:
+                m.backend_errors.labels("ingest").inc(len(ops))
+                logger.warning("writing %d operations for %s failed: %s", len(ops), pod, results)
+            return
+        stored = removed = unknown = reannounced = 0
+        for (kind, _tier, a, _ehs, n), r in zip(ops, results, strict=False):
+            if kind == _ADD:
+                stored += n
+            elif kind == _REMOVE:
+                known = r or 0
+                removed += known
+                unknown += len(a) - known
+            elif kind == _REMOVE_HELD:
+                removed += r or 0
+            elif kind == _ADD_NEW:
+                skipped = r or 0
+                reannounced += skipped
+                stored += n - skipped
+            else:
+                missing = r or 0
+                unknown += missing
+                stored += len(a) - missing
+        if stored:
+            m.blocks_stored.inc(stored)
+        if removed:
+            m.blocks_removed.inc(removed)
+        if unknown:
+            self._skipped["unknown_block"].inc(unknown)
+        if reannounced:
+            self._skipped["reannounced"].inc(reannounced)
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -769,7 +780,7 @@ class EventIngestor:
         for reason in batch.rejected:
             self._dropped[reason].inc()
             logger.debug("dropped an event from %s: %s", st.pod, reason)
-        w = _Writer(self.index, st.pod)
+        w = _Writer(self, st.pod)
         n_removed = n_stored = unknown = 0
         # NOTE: removals are the most frequent events (one hash each, as vLLM evicts); the
         # loop keeps them on locals and hands them to the writer once per run. A pod's only
@@ -836,15 +847,15 @@ class EventIngestor:
                 n_stored += self._store(st, ev, w)  # type: ignore[arg-type]
                 main = 0 if st.main_group is None else st.main_group
             elif isinstance(ev, AllBlocksCleared):
-                self._account(w)
+                w.flush()
                 self._events["AllBlocksCleared"].inc()
                 st = self._reset(st, "all_blocks_cleared", keep_seq=True)
-                w = _Writer(self.index, st.pod)
+                w = _Writer(self, st.pod)
                 shared = st.held is not None
                 main = 0 if st.main_group is None else st.main_group
         if gone:
             w.remove(gone_tier, gone, not shared)
-        self._account(w)
+        w.flush()
         if n_removed:
             self._events["BlockRemoved"].inc(n_removed)
         if n_stored:
@@ -852,22 +863,6 @@ class EventIngestor:
         if unknown:
             self._skipped["unknown_block"].inc(unknown)
         return st
-
-    def _account(self, w: _Writer) -> None:
-        """Flush `w` and count what its writes did."""
-        w.flush()
-        m = self.metrics
-        if w.stored:
-            m.blocks_stored.inc(w.stored)
-        if w.removed:
-            m.blocks_removed.inc(w.removed)
-        if w.unknown:
-            self._skipped["unknown_block"].inc(w.unknown)
-        if w.reannounced:
-            self._skipped["reannounced"].inc(w.reannounced)
-        if w.failed:
-            m.backend_errors.labels("ingest").inc(w.failed)
-        w.stored = w.removed = w.unknown = w.reannounced = w.failed = 0
 
     def _group_ok(self, st: StreamState, group: int | None, kind: str | None) -> bool:
         if kind is not None:
@@ -1007,7 +1002,7 @@ class EventIngestor:
         pod = st.pod
         try:
             if w.pending:
-                self._account(w)
+                w.flush()
             resolve = self.index.resolve
             known = [h for h in hashes if resolve(pod, h) is not None]
         except _BACKEND_ERRORS as exc:
@@ -1015,7 +1010,8 @@ class EventIngestor:
             logger.warning("offload store for %s failed: %s", pod, exc)
             self._dropped["backend_error"].inc()
             return False
-        w.unknown += len(hashes) - len(known)
+        if len(known) < len(hashes):
+            self._skipped["unknown_block"].inc(len(hashes) - len(known))
         if not known:
             return True
         w.add_tier(tier, known)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
@@ -248,8 +248,22 @@ class KVBlockIndex(Protocol):
         """Forget everything about `pod`. Returns the number of entries dropped."""
         ...
 
-    def batch(self) -> AbstractContextManager[IndexWriteBatch]:
+    def batch(
+        self, on_done: Callable[[list[int | None] | Exception], None] | None = None
+    ) -> AbstractContextManager[IndexWriteBatch]:
         """Collect writes to apply in order (one round trip on a remote backend).
+
+        Without `on_done`, the writes are applied when the block exits, after those of every
+        earlier batch of this index.
+
+        Args:
+            on_done: Called with the batch's results (or the exception that stopped it) once
+                its writes are applied. A remote backend may then apply them after the block
+                exits (write behind, in order, off the caller's thread): later reads of the
+                engine-hash map (`resolve`, `references`), `purge` and direct writes of the
+                same index see them; lookups may not yet. The in-memory backend applies
+                everything in the block and calls `on_done` on exit. `on_done` must not call
+                the index.
 
         Example:
             >>> with index.batch() as b:  # doctest: +SKIP

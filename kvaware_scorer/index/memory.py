@@ -54,10 +54,15 @@ class _Multi:
 class _DirectBatch:
     """`InMemoryIndex.batch`: each call is applied at once (there is no round trip to save)."""
 
-    __slots__ = ("_index", "results")
+    __slots__ = ("_index", "_on_done", "results")
 
-    def __init__(self, index: InMemoryIndex) -> None:
+    def __init__(
+        self,
+        index: InMemoryIndex,
+        on_done: Callable[[list[int | None] | Exception], None] | None = None,
+    ) -> None:
         self._index = index
+        self._on_done = on_done
         self.results: list[int | None] = []
 
     def __enter__(self) -> _DirectBatch:
@@ -69,7 +74,8 @@ class _DirectBatch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        return None
+        if exc is None and self._on_done is not None:
+            self._on_done(self.results)
 
     def add(
         self,
@@ -508,9 +514,11 @@ class InMemoryIndex:
             self._free_slots.append(slot)
         return dropped
 
-    def batch(self) -> _DirectBatch:
+    def batch(
+        self, on_done: Callable[[list[int | None] | Exception], None] | None = None
+    ) -> _DirectBatch:
         """Writes applied at once, with their results in ``results`` (see `KVBlockIndex`)."""
-        return _DirectBatch(self)
+        return _DirectBatch(self, on_done)
 
     def references(self, pod: str) -> dict[str, dict[int, int]]:
         with self._lock:

@@ -14,7 +14,7 @@ local P = ARGV[2]
 local TTL = tonumber(ARGV[3])
 
 local call = redis.call
-local byte, char, sub, concat = string.byte, string.char, string.sub, table.concat
+local byte, char, sub, find, concat = string.byte, string.char, string.sub, string.find, table.concat
 local floor, min, max = math.floor, math.min, math.max
 local bor, band, lshift = bit.bor, bit.band, bit.lshift
 
@@ -42,6 +42,8 @@ local K_C, K_R, K_N, K_L, K_M, K_PE = P .. 'c', P .. 'r', P .. 'n', P .. 'l', P 
 local K_T, K_F, K_Z, K_Q, K_SA, K_SC = P .. 't', P .. 'f', P .. 'z', P .. 'q', P .. 'sa', P .. 'sc'
 local PB, PS = P .. 'b', P .. 's'
 local EMPTY = {}
+-- a byte that is not a one-byte record (those are ids below 128 at the default tier)
+local PLAIN_NOT = '[\128-\255]'
 
 -- counters -------------------------------------------------------------------------------
 
@@ -139,7 +141,15 @@ local function refresh_pod(id)
 end
 
 -- a pod's engine-hash map: engine hash -> the keys of its engine block (one Redis hash)
-local function emap_key(id) return P .. 'e' .. id end
+local EK = {}
+local function emap_key(id)
+  local k = EK[id]
+  if not k then
+    k = P .. 'e' .. id
+    EK[id] = k
+  end
+  return k
+end
 
 local TIDS = {}
 local function tier_id(name, create)
@@ -175,7 +185,7 @@ end
 -- Block values read or written by this call: name -> value (false: no such block). Writes go
 -- to the cache and reach Redis in one MSET (and one DEL) at the end of the call.
 local BC = {}
-local DIRTY, DIRTYSET = {}, {}
+local DIRTY = {}
 
 local function blocks_load(names)
   local miss = {}
@@ -194,16 +204,12 @@ end
 
 local function block_put(name, v)
   BC[name] = v
-  if not DIRTYSET[name] then
-    DIRTYSET[name] = true
-    DIRTY[#DIRTY + 1] = name
-  end
+  DIRTY[name] = true
 end
 
 local function flush_blocks()
   local sets, dels = {}, {}
-  for i = 1, #DIRTY do
-    local k = DIRTY[i]
+  for k in pairs(DIRTY) do
     local v = BC[k]
     if v then
       sets[#sets + 1] = k
@@ -214,7 +220,7 @@ local function flush_blocks()
   end
   for i = 1, #sets, CHUNK do call('MSET', unpack(sets, i, min(#sets, i + CHUNK - 1))) end
   for i = 1, #dels, CHUNK do call('DEL', unpack(dels, i, min(#dels, i + CHUNK - 1))) end
-  BC, DIRTY, DIRTYSET = {}, {}, {}
+  BC, DIRTY = {}, {}
 end
 
 -- block values ---------------------------------------------------------------------------
@@ -334,6 +340,14 @@ local function block_add(bk, v, id, tid, fresh, s2)
     if QUEUE then QBUF[#QBUF + 1] = sub(bk, -8) .. s2 end
     return fresh, 1, 1
   end
+  local ref = 0
+  if byte(v, 1) >= 128 then ref = 128 end
+  -- NOTE: the common case needs no parsing: one-byte records only, and a newcomer of the
+  -- default tier appends its byte
+  if tid == 0 and id < 128 and PCS == 0 and not find(v, PLAIN_NOT, 4)
+      and not find(v, char(id), 4, true) then
+    return char(ref + EPOCH) .. sub(v, 2) .. char(id), 0, 1
+  end
   local recs = parse(v, 4)
   local found, held = nil, false
   for i = 1, #recs do
@@ -353,8 +367,6 @@ local function block_add(bk, v, id, tid, fresh, s2)
     de = 1
     if PCS > 0 then recs = limit_holders(recs, id, PCS) end
   end
-  local ref = 0
-  if byte(v, 1) >= 128 then ref = 128 end
   return char(ref + EPOCH) .. sub(v, 2, 3) .. serialize(recs), 0, de
 end
 
@@ -363,6 +375,20 @@ end
 local function block_dec(bk, id, tid)
   local v = BC[bk]
   if not v then return false end
+  if tid == 0 and id < 128 and not find(v, PLAIN_NOT, 4) then
+    -- one-byte records only: the pod's is its single default-tier reference
+    local p = find(v, char(id), 4, true)
+    if not p then return false end
+    cinc('entries', -1)
+    ped(id, -1)
+    if #v == 4 then
+      block_put(bk, false)
+      cinc('blocks', -1)
+    else
+      block_put(bk, sub(v, 1, p - 1) .. sub(v, p + 1))
+    end
+    return false
+  end
   local recs = parse(v, 4)
   local idx, held = nil, false
   for i = 1, #recs do
@@ -394,6 +420,9 @@ end
 
 -- whether block value `v` holds a record of (id, tier)
 local function holds_at(v, id, tid)
+  if id < 128 and not find(v, PLAIN_NOT, 4) then
+    return tid == 0 and find(v, char(id), 4, true) ~= nil
+  end
   local recs = parse(v, 4)
   for i = 1, #recs do
     local r = recs[i]
@@ -523,6 +552,48 @@ local function w_add(name, tname, kb, eb, x, new_only)
   TOUCHED[id] = true
   local E = emap_key(id)
   local plain = byte(x, 1) == 49
+  if plain and not new_only then
+    -- the hot path: distinct keys, one engine hash each
+    local kv, names = {}, {}
+    local j = 0
+    for i = 1, n do
+      local o = 8 * i
+      local k = sub(kb, o - 7, o)
+      if eb == '' then kv[j + 1] = k else kv[j + 1] = sub(eb, o - 7, o) end
+      kv[j + 2] = k
+      j = j + 2
+      names[i] = PB .. k
+    end
+    local added = 0
+    for i = 1, j, CHUNK do
+      added = added + call('HSET', E, unpack(kv, i, min(j, i + CHUNK - 1)))
+    end
+    cinc('emaps', added)
+    blocks_load(names)
+    local st = stamp()
+    local s2 = char(floor(st / 256), st % 256)
+    local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
+    local db, de = 0, 0
+    for i = 1, n do
+      local bk = names[i]
+      local v = BC[bk]
+      if v then
+        local nv, _, e1 = block_add(bk, v, id, tid, fresh, s2)
+        BC[bk] = nv
+        de = de + e1
+      else
+        if QUEUE then QBUF[#QBUF + 1] = kv[2 * i] .. s2 end
+        BC[bk] = fresh
+        db = db + 1
+        de = de + 1
+      end
+      DIRTY[bk] = true
+    end
+    cinc('blocks', db)
+    cinc('entries', de)
+    ped(id, de)
+    return ''
+  end
   local gehs, gvals, gkeys = {}, {}, nil
   if plain then
     for i = 1, n do
@@ -568,7 +639,7 @@ local function w_add(name, tname, kb, eb, x, new_only)
       end
     end
   end
-  local kv, names = {}, {}
+  local kv, names, key8 = {}, {}, {}
   for g = 1, ng do
     if not (skip and skip[g]) then
       kv[#kv + 1] = gehs[g]
@@ -576,8 +647,13 @@ local function w_add(name, tname, kb, eb, x, new_only)
       local ks = gkeys[g]
       if plain then
         names[#names + 1] = PB .. ks
+        key8[#key8 + 1] = ks
       else
-        for k = 1, #ks / 8 do names[#names + 1] = PB .. sub(ks, 8 * k - 7, 8 * k) end
+        for k = 1, #ks / 8 do
+          local k8 = sub(ks, 8 * k - 7, 8 * k)
+          names[#names + 1] = PB .. k8
+          key8[#key8 + 1] = k8
+        end
       end
     end
   end
@@ -594,10 +670,18 @@ local function w_add(name, tname, kb, eb, x, new_only)
   local db, de = 0, 0
   for i = 1, #names do
     local bk = names[i]
-    local nv, b1, e1 = block_add(bk, BC[bk], id, tid, fresh, s2)
-    block_put(bk, nv)
-    db = db + b1
-    de = de + e1
+    local v = BC[bk]
+    if v then
+      local nv, _, e1 = block_add(bk, v, id, tid, fresh, s2)
+      BC[bk] = nv
+      de = de + e1
+    else
+      if QUEUE then QBUF[#QBUF + 1] = key8[i] .. s2 end
+      BC[bk] = fresh
+      db = db + 1
+      de = de + 1
+    end
+    DIRTY[bk] = true
   end
   cinc('blocks', db)
   cinc('entries', de)
@@ -637,15 +721,41 @@ local function w_remove(name, tname, eb)
   local tid = tier_id(tname, false)
   local E = emap_key(id)
   local ehs, vals = emap_values(E, eb)
-  blocks_load(value_blocks(vals, n, {}))
+  local names = {}
+  for i = 1, n do
+    local val = vals[i]
+    if val and #val == 8 then names[i] = PB .. val end
+  end
+  local all = value_blocks(vals, n, {})
+  blocks_load(all)
   local bits, dels, gone = {}, {}, {}
+  local plain_ok = tid == 0 and id < 128
+  local mine = char(id)
+  local gone_entries, gone_blocks = 0, 0
   for i = 1, n do
     local val, eh = vals[i], ehs[i]
     if val and not gone[eh] then
       bits[i] = '1'
       local still = false
-      if #val == 8 then
-        still = block_dec(PB .. val, id, tid)
+      local bk = names[i]
+      if bk then
+        local v = BC[bk]
+        if v and plain_ok and not find(v, PLAIN_NOT, 4) then
+          -- one-byte records only: the pod's is its single default-tier reference
+          local p = find(v, mine, 4, true)
+          if p then
+            gone_entries = gone_entries + 1
+            if #v == 4 then
+              BC[bk] = false
+              gone_blocks = gone_blocks + 1
+            else
+              BC[bk] = sub(v, 1, p - 1) .. sub(v, p + 1)
+            end
+            DIRTY[bk] = true
+          end
+        else
+          still = block_dec(bk, id, tid)
+        end
       else
         for k = 1, nlocal(val) do
           if block_dec(PB .. sub(val, 8 * k - 7, 8 * k), id, tid) then still = true end
@@ -658,6 +768,11 @@ local function w_remove(name, tname, eb)
     else
       bits[i] = '0'
     end
+  end
+  if gone_entries > 0 then
+    cinc('entries', -gone_entries)
+    ped(id, -gone_entries)
+    cinc('blocks', -gone_blocks)
   end
   local deleted = 0
   for i = 1, #dels, CHUNK do

@@ -63,6 +63,8 @@ _PURGE_BUDGET = 2000
 _WRITE_CODES = {"add": b"a", "add_new": b"n", "remove": b"r", "add_tier": b"t"}
 #: Buffered writes replayed per pipeline.
 _REPLAY_BATCH = 256
+#: Write batches queued for the writer thread before `batch(on_done=...)` waits for room.
+_WRITE_BEHIND = 4
 _LAYOUT_VERSION = "v1"
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -160,8 +162,11 @@ class WriteBatch:
         self._empty: list[tuple[int, int | None]] = []  # adds of no keys: (position, result)
         self.results: list[int | None] = []
 
-    def _finish(self) -> None:
-        results = self._index._submit(self._ops)
+    def _finish(self, results: list[int | None] | None = None) -> None:
+        if results is None:
+            results = self._index._submit(self._ops)
+        else:
+            results = list(results)
         for k, (pos, value) in enumerate(self._empty):
             results.insert(pos + k, value)
         self.results = results
@@ -258,6 +263,14 @@ class RedisIndex:
         self._alive_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # write-behind: batches queued by batch(on_done=...), applied in order by one thread
+        self._wcond = threading.Condition()
+        self._wqueue: deque[tuple[WriteBatch, Callable[[list[int | None] | Exception], None]]] = (
+            deque()
+        )
+        self._winflight = 0
+        self._wthread: threading.Thread | None = None
+        self._wstop = False
 
     # -- connection -------------------------------------------------------------------------
 
@@ -639,8 +652,11 @@ class RedisIndex:
     def _fallback(self, w: _Write) -> int | None:
         return None if w.kind == "add" else 0
 
-    def _apply(self, ops: Sequence[_Write]) -> list[int | None]:
+    def _apply(self, ops: Sequence[_Write], strict: bool = True) -> list[int | None]:
         """Send writes now (one round trip); raises the unavailability errors.
+
+        `strict`: a write the script refuses raises `ValueError` (else it is counted and
+        logged, and its result is the fallback).
 
         The batched writes of each shard travel in ``w`` calls (one per shard unless a purge
         on that shard comes between two writes), in the order the writes were made.
@@ -692,10 +708,18 @@ class RedisIndex:
                 if pos >= 0 and not isinstance(raw, BaseException):
                     raw = raw[pos]
                 got.append(raw)
-            out.append(self._combine(w, plan, got))
+            try:
+                out.append(self._combine(w, plan, got))
+            except ValueError as exc:
+                if strict:
+                    raise
+                with self._lock:
+                    self._counters["failed_writes"] += 1
+                logger.warning("Redis index refused a %s of %s: %s", w.kind, w.pod, exc)
+                out.append(self._fallback(w))
         return out
 
-    def _submit(self, ops: list[_Write]) -> list[int | None]:
+    def _submit(self, ops: list[_Write], strict: bool = True) -> list[int | None]:
         """Apply writes now if Redis answers, else buffer them (in order)."""
         if not ops:
             return []
@@ -706,13 +730,84 @@ class RedisIndex:
             self._enqueue(ops)
             return [self._fallback(w) for w in ops]
         try:
-            return self._apply(ops)
+            return self._apply(ops, strict)
         except _UNAVAILABLE_OR_REPLY as exc:
             if not isinstance(exc, _UNAVAILABLE) and not _transient(exc):
                 raise
             self._mark_down(exc)
             self._enqueue(ops)
             return [self._fallback(w) for w in ops]
+
+    # -- write-behind -------------------------------------------------------------------------
+
+    def _queue_batch(
+        self, wb: WriteBatch, on_done: Callable[[list[int | None] | Exception], None]
+    ) -> None:
+        """Hand a batch to the writer thread (waits while `_WRITE_BEHIND` batches queue)."""
+        with self._wcond:
+            while len(self._wqueue) >= _WRITE_BEHIND and not self._wstop:
+                self._wcond.wait()
+            if self._wstop:
+                raise BackendUnavailableError("Redis index is closed")
+            self._wqueue.append((wb, on_done))
+            if self._wthread is None:
+                t = threading.Thread(target=self._write_loop, name="kvaware-redis-writer")
+                t.daemon = True
+                self._wthread = t
+                t.start()
+            self._wcond.notify_all()
+
+    def _write_loop(self) -> None:
+        """The writer thread: applies queued batches in order; batches that queued up while
+        one was in flight travel together (one round trip)."""
+        while True:
+            with self._wcond:
+                while not self._wqueue and not self._wstop:
+                    self._wcond.wait()
+                if not self._wqueue:
+                    return
+                jobs = list(self._wqueue)
+                self._wqueue.clear()
+                self._winflight = len(jobs)
+                self._wcond.notify_all()
+            try:
+                self._write_jobs(jobs)
+            finally:
+                with self._wcond:
+                    self._winflight = 0
+                    self._wcond.notify_all()
+
+    def _write_jobs(
+        self, jobs: list[tuple[WriteBatch, Callable[[list[int | None] | Exception], None]]]
+    ) -> None:
+        ops = [op for wb, _ in jobs for op in wb._ops]
+        outcome: list[int | None] | Exception
+        try:
+            outcome = self._submit(ops, strict=False)
+        except Exception as exc:  # a bug or an unexpected reply: the batches' callers learn it
+            logger.exception("Redis index writer failed on %d writes", len(ops))
+            outcome = exc
+        i = 0
+        for wb, on_done in jobs:
+            n = len(wb._ops)
+            try:
+                if isinstance(outcome, Exception):
+                    on_done(outcome)
+                else:
+                    wb._finish(outcome[i : i + n])
+                    on_done(wb.results)
+            except Exception:
+                logger.exception("Redis index write callback failed")
+            i += n
+
+    def _quiesce(self) -> None:
+        """Wait until the batches queued for the writer thread are applied (callers that read
+        or write after them see their effects), unless called by that thread."""
+        if self._wthread is None or threading.current_thread() is self._wthread:
+            return
+        with self._wcond:
+            while self._wqueue or self._winflight:
+                self._wcond.wait()
 
     def _write_failed(self, w: _Write, exc: BaseException) -> None:
         msg = str(exc)
@@ -778,7 +873,8 @@ class RedisIndex:
             logger.warning("Redis index dropped a replayed write: %s", exc)
 
     def flush(self) -> bool:
-        """Replay buffered writes now. Returns whether none are left."""
+        """Apply queued batches and replay buffered writes now. Returns whether none are left."""
+        self._quiesce()
         return self._drain()
 
     def add(
@@ -790,6 +886,7 @@ class RedisIndex:
     ) -> None:
         op = self._add_op("add", pod, keys, engine_hashes, tier)
         if op is not None:
+            self._quiesce()
             self._submit([op])
 
     def add_new(
@@ -802,20 +899,25 @@ class RedisIndex:
         op = self._add_op("add_new", pod, keys, engine_hashes, tier)
         if op is None:
             return 0
+        self._quiesce()
         return self._submit([op])[0] or 0
 
     def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
         if not engine_hashes:
             return 0
-        out = self._submit([self._tier_op("add_tier", pod, engine_hashes, tier)])[0]
-        return out or 0
+        op = self._tier_op("add_tier", pod, engine_hashes, tier)
+        self._quiesce()
+        return self._submit([op])[0] or 0
 
     def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> int:
         if not engine_hashes:
             return 0
-        return self._submit([self._tier_op("remove", pod, engine_hashes, tier)])[0] or 0
+        op = self._tier_op("remove", pod, engine_hashes, tier)
+        self._quiesce()
+        return self._submit([op])[0] or 0
 
     def purge(self, pod: str) -> int:
+        self._quiesce()
         return self._submit([_Write("purge", pod)])[0] or 0
 
     def references(self, pod: str) -> dict[str, dict[int, int]]:
@@ -836,6 +938,7 @@ class RedisIndex:
                     raise r
             return raws
 
+        self._quiesce()
         out: dict[str, dict[int, int]] = {}
         for raw in self._guarded("references", run):
             if not raw:
@@ -855,8 +958,18 @@ class RedisIndex:
         return out
 
     @contextmanager
-    def batch(self) -> Iterator[WriteBatch]:
+    def batch(
+        self, on_done: Callable[[list[int | None] | Exception], None] | None = None
+    ) -> Iterator[WriteBatch]:
         """Collect writes and send them in one round trip when the block exits.
+
+        Args:
+            on_done: Write behind: the batch is handed to this index's writer thread when the
+                block exits, and `on_done` is called there with its results (or the exception
+                that stopped it) once applied. Batches are applied in order (several that
+                queue up travel together), at most `_WRITE_BEHIND` wait, and this index's
+                `resolve`, `references`, `purge` and direct writes wait for them first.
+                Lookups do not wait. `on_done` must not call this index.
 
         Example:
             >>> with index.batch() as b:  # doctest: +SKIP
@@ -867,6 +980,10 @@ class RedisIndex:
         """
         wb = WriteBatch(self)
         yield wb
+        if on_done is not None:
+            self._queue_batch(wb, on_done)
+            return
+        self._quiesce()
         wb._finish()
 
     def _finish_purge(self, shard: _Shard, pid: int) -> None:
@@ -1066,6 +1183,7 @@ class RedisIndex:
         Raises:
             BackendUnavailableError: Redis is unreachable and the buffer does not know it.
         """
+        self._quiesce()
         if self._buffer:
             if self._available():
                 self._drain()
@@ -1211,7 +1329,14 @@ class RedisIndex:
                 self._finish_purge(shard, int(pid))
 
     def close(self) -> None:
-        """Stop the background thread, replay what is buffered if Redis answers, disconnect."""
+        """Apply queued batches, stop the background threads, replay what is buffered if Redis
+        answers, disconnect."""
+        with self._wcond:
+            self._wstop = True
+            self._wcond.notify_all()
+        w = self._wthread
+        if w is not None and w is not threading.current_thread():
+            w.join(timeout=30)
         self._stop.set()
         t = self._thread
         if t is not None and t is not threading.current_thread():

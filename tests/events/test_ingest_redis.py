@@ -76,6 +76,7 @@ def test_an_event_batch_is_one_script_call(quiet_redis: RedisProcess) -> None:
     ix = redis_indexer(quiet_redis.url)
     toks = list(range(16 * 6))
     ix.ingest(POD, MODEL, frame(stored([1, 2, 3], toks[:48])), 0)  # warms up the script
+    ix.ingestor.wait()
     calls = script_calls(quiet_redis.url)
     batch = frame(
         stored([4], toks[48:64], parent=3),
@@ -85,10 +86,12 @@ def test_an_event_batch_is_one_script_call(quiet_redis: RedisProcess) -> None:
         removed([9]),
     )
     ix.ingest(POD, MODEL, batch, 1)
+    ix.ingestor.wait()
     assert script_calls(quiet_redis.url) - calls == 1
     assert ix.ingestor.held(POD) == {1: 1, 2: 1, 4: 1, 5: 1, 6: 1}
     calls = script_calls(quiet_redis.url)
     ix.ingest(POD, MODEL, frame(stored([7], toks[32:48], parent=2)), 2)  # 2: not a recent tail
+    ix.ingestor.wait()
     assert script_calls(quiet_redis.url) - calls == 2
     assert ix.score(MODEL, toks[:48], [POD]) == {POD: 1.0}
     assert counter(ix, "kvaware_blocks_skipped_total", {"reason": "unknown_block"}) == 1
@@ -106,6 +109,7 @@ def test_reannouncement_and_offload_on_redis(redis_server: RedisProcess) -> None
     assert ix.ingestor.held(POD) == {2: 1} and ix.ingestor.held(POD, "cpu") == {1: 1}
     assert counter(ix, "kvaware_blocks_skipped_total", {"reason": "reannounced"}) == 2
     assert counter(ix, "kvaware_blocks_skipped_total", {"reason": "unknown_block"}) == 1
+    ix.ingestor.wait()
     m = ix.match(MODEL, toks, [POD]).pods[POD]
     assert m.blocks == 2 and dict(m.tiers) == {"cpu": 1, "gpu": 1}
     ix.close()
@@ -122,7 +126,7 @@ def test_long_stream_on_redis_matches_the_pools(redis_server: RedisProcess) -> N
         if send:
             ix.ingest(eng.pod, "m", payload, seq)
 
-    checks = drive(2, 300, engines, deliver, lambda: None, ix, 0.08)
+    checks = drive(2, 300, engines, deliver, ix.ingestor.wait, ix, 0.08)
     assert checks > 400
     reg = ix.metrics.registry
     assert (reg.get_sample_value("kvaware_purges_total", {"reason": "publisher_restart"}) or 0) > 0
@@ -140,5 +144,6 @@ def test_second_rank_splits_references_read_from_redis(redis_server: RedisProces
     assert ix.ingestor.streams(POD)[0].held == {"gpu": {1: 1, 2: 1}}
     ix.ingest(POD, MODEL, frame(rank=0), 0)  # rank 0 restarted
     assert ix.ingestor.held(POD) == {1: 1}
+    ix.ingestor.wait()  # lookups see writes once applied (written behind ingest)
     assert ix.score(MODEL, a + b, [POD]) == {POD: 0.5}
     ix.close()
