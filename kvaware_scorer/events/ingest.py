@@ -315,7 +315,6 @@ class _Writer:
         except _BACKEND_ERRORS as exc:
             # NOTE: the in-memory index applied the writes before the failing one
             done = [] if b is None else b.results
-            logger.warning("writing %d operations for %s failed: %s", len(ops), pod, exc)
             ing._count_writes(pod, ops[: len(done)], done)
             ing._count_writes(pod, ops[len(done) :], exc)
 
@@ -733,13 +732,14 @@ class EventIngestor:
                 logger.warning("writing %d operations for %s failed: %s", len(ops), pod, results)
             return
         stored = removed = unknown = reannounced = 0
+        # NOTE: a result of None is not known yet (a remote index buffering through an outage)
         for (kind, _tier, a, _ehs, n), r in zip(ops, results, strict=False):
             if kind == _ADD:
                 stored += n
             elif kind == _REMOVE:
-                known = r or 0
-                removed += known
-                unknown += len(a) - known
+                if r is not None:
+                    removed += r
+                    unknown += len(a) - r
             elif kind == _REMOVE_HELD:
                 removed += r or 0
             elif kind == _ADD_NEW:

@@ -122,7 +122,8 @@ class IndexWriteBatch(Protocol):
     """Writes collected by `KVBlockIndex.batch`, applied in call order.
 
     Each method mirrors the `KVBlockIndex` method of the same name and appends that method's
-    result to ``results``. A remote backend sends the whole batch in one round trip when the
+    result to ``results`` (None where it is not known: a remote backend that buffers writes
+    through an outage). A remote backend sends the whole batch in one round trip when the
     ``with`` block exits, so ``results`` is only complete after it; the in-memory backend
     applies each call at once.
     """

@@ -807,7 +807,8 @@ class RedisIndex:
         return known
 
     def _fallback(self, w: _Write) -> int | None:
-        return None if w.kind == "add" else 0
+        """The result of a write not applied yet (buffered, or refused): not known."""
+        return None
 
     def _apply(self, ops: Sequence[_Write], strict: bool = True) -> list[int | None]:
         """Send writes now (one round trip); raises the unavailability errors.

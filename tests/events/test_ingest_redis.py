@@ -3,6 +3,7 @@ the accuracy stream, on a real redis-server."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,15 @@ def quiet_redis(redis_binary: str, tmp_path: Path) -> Iterator[RedisProcess]:
     server.start()
     yield server
     server.stop()
+
+
+def wait_for(pred: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return bool(pred())
 
 
 def script_calls(url: str) -> int:
@@ -146,4 +156,30 @@ def test_second_rank_splits_references_read_from_redis(redis_server: RedisProces
     assert ix.ingestor.held(POD) == {1: 1}
     ix.ingestor.wait()  # lookups see writes once applied (written behind ingest)
     assert ix.score(MODEL, a + b, [POD]) == {POD: 0.5}
+    ix.close()
+
+
+def test_ingestion_rides_out_a_redis_outage(quiet_redis: RedisProcess) -> None:
+    """While Redis is down, ingestion keeps going (continuations find their parents among the
+    stream's recent stores) and its writes land once Redis is back."""
+    toks = list(range(48))
+    ix = redis_indexer(
+        quiet_redis.url,
+        socketTimeout=0.2,
+        connectTimeout=0.2,
+        retryInterval=0.2,
+        maintenanceInterval=0.2,
+    )
+    ix.ingest(POD, MODEL, frame(stored([1, 2], toks[:32])), 0)
+    ix.ingestor.wait()
+    quiet_redis.stop()
+    t0 = time.monotonic()
+    ix.ingest(POD, MODEL, frame(stored([3], toks[32:], parent=2), removed([1])), 1)
+    ix.ingestor.wait()
+    assert time.monotonic() - t0 < 2
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+    quiet_redis.start()  # an empty server: what was written before the outage is gone
+    assert wait_for(lambda: ix.index.stats().extra.get("buffered_now") == 0)
+    assert ix.ingestor.held(POD) == {3: 1}
+    assert not counter(ix, "kvaware_dropped_messages_total", {"reason": "internal_error"})
     ix.close()
