@@ -9,22 +9,29 @@ sent one hash per BlockRemoved as vLLM does):
    keys, one call per event and one per run of a batch (the floor this Python index allows);
 2. end to end over ZMQ on loopback: a vLLM-protocol publisher in another process, the
    subscriber in this one;
-3. ``Indexer.score`` latency while the subscriber ingests at a fixed rate, against idle.
+3. ``Indexer.score`` latency while the subscriber ingests at a fixed rate, against idle;
+4. memory per (block, pod) entry on the full ingestion path (the in-memory index and the
+   ingestor's own state, measured with tracemalloc), against the index alone fed the same
+   writes.
 
 Usage::
 
     python benchmarks/bench_ingest.py            # all parts
     python benchmarks/bench_ingest.py --quick    # smaller runs
+    python benchmarks/bench_ingest.py --parts 4  # memory only
 """
 
 from __future__ import annotations
 
 import argparse
+import array
+import gc
 import multiprocessing as mp
 import random
 import statistics
 import sys
 import time
+import tracemalloc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +47,7 @@ from kvaware_scorer.events.decode import (
     KVCacheEvent,
     encode_batch,
 )
+from kvaware_scorer.keys import DerivedKeyer
 
 MODEL = "bench-model"
 BS = 16
@@ -212,6 +220,7 @@ def bench_apply(stream: Stream, repeat: int) -> None:
     # naive consumer would) and one call per run of stores / removals in a batch (as apply does)
     ix0 = Indexer()
     keyer = ix0.keyer
+    assert isinstance(keyer, DerivedKeyer)
     per_event: list[tuple[str, str, list[int], list[int]]] = []
     per_run: list[tuple[str, str, list[int], list[int]]] = []
     emap: dict[tuple[str, int], int] = {}
@@ -224,7 +233,7 @@ def bench_apply(stream: Stream, repeat: int) -> None:
                     if ev.parent_block_hash is None
                     else emap.get((pod, ev.parent_block_hash), 0)
                 )
-                keys = keyer.chain(parent, ev.token_ids, BS)  # type: ignore[attr-defined]
+                keys = keyer.chain(parent, ev.token_ids, BS)
                 for h, k in zip(ev.block_hashes, keys, strict=True):
                     emap[(pod, h)] = k
                 per_event.append(("add", pod, keys, ev.block_hashes))
@@ -430,6 +439,110 @@ def bench_score_latency(stream: Stream, rates: list[float], score_rate: float) -
         )
 
 
+def index_writes(stream: Stream) -> list[tuple[str, str, list[int], list[int]]]:
+    """The index writes of `stream` with derived keys precomputed, one call per run of stores
+    or removals of a batch (what decode + apply hands the index)."""
+    dec = EventDecoder()
+    keyer = Indexer().keyer
+    assert isinstance(keyer, DerivedKeyer)
+    runs: list[tuple[str, str, list[int], list[int]]] = []
+    emap: dict[tuple[str, int], int] = {}
+    for pod, _, p in stream.frames:
+        run: tuple[str, str, list[int], list[int]] | None = None
+        for ev in dec.decode(p).events:
+            if isinstance(ev, BlockStored):
+                parent = (
+                    keyer.root(MODEL)
+                    if ev.parent_block_hash is None
+                    else emap.get((pod, ev.parent_block_hash), 0)
+                )
+                keys = keyer.chain(parent, ev.token_ids, BS)
+                for h, k in zip(ev.block_hashes, keys, strict=True):
+                    emap[(pod, h)] = k
+                if run is None or run[0] != "add" or run[3][-1] == ev.block_hashes[0]:
+                    run = ("add", pod, [], [])
+                    runs.append(run)
+                run[2].extend(keys)
+                run[3].extend(ev.block_hashes)
+            elif isinstance(ev, BlockRemoved):
+                if run is None or run[0] != "rm":
+                    run = ("rm", pod, [], [])
+                    runs.append(run)
+                run[2].extend(ev.block_hashes)
+    return runs
+
+
+def _traced(fn: Any) -> tuple[int, Any]:
+    """Bytes still allocated after `fn()` (tracemalloc), and its result."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        out = fn()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before, out
+    finally:
+        tracemalloc.stop()
+
+
+def memory_per_entry(stream: Stream) -> tuple[int, float, float, int]:
+    """Entries, then bytes per entry of the full ingestion path and of the index alone fed
+    the same writes, and the number of streams, after `stream`."""
+    writes = index_writes(stream)
+    # NOTE: packed, so that replaying them makes fresh int objects (as decoding does) and
+    # the index is charged for the keys and hashes it keeps
+    packed = [(op, pod, array.array("Q", a), array.array("Q", b)) for op, pod, a, b in writes]
+    del writes
+
+    def full() -> Indexer:
+        ix = Indexer()
+        for pod, seq, payload in stream.frames:
+            ix.ingest(pod, MODEL, payload, seq)
+        return ix
+
+    def index_only() -> Any:
+        from kvaware_scorer.index import InMemoryIndex
+
+        index = InMemoryIndex()
+        for op, pod, a, b in packed:
+            if op == "add":
+                index.add(pod, a.tolist(), b.tolist(), "gpu")
+            else:
+                index.remove(pod, a.tolist(), "gpu")
+        return index
+
+    full_bytes, ix = _traced(full)
+    n = ix.stats().entries
+    streams = sum(len(ix.ingestor.streams(p)) for p in ix.index.pods())
+    del ix
+    index_bytes, index = _traced(index_only)
+    assert index.stats().entries == n, (index.stats().entries, n)
+    return n, full_bytes / n, index_bytes / n, streams
+
+
+def bench_memory(entries: int, n_pods: int = 8) -> None:
+    """Bytes per (block, pod) entry when pools have filled about `entries` entries, and after
+    as many stores again in steady state (evictions; the dicts then carry the slack of their
+    churn): the full ingestion path against the index alone fed the same writes."""
+    cap = entries // n_pods
+    rows = []
+    for label, target in (("pools just full", entries), ("steady state", 2 * entries)):
+        stream = generate(n_pods=n_pods, target_blocks=target, capacity=cap, seed=3)
+        n, full, index, streams = memory_per_entry(stream)
+        rows.append((label, stream, n, full, index, streams))
+    print(f"\n## 4. memory per (block, pod) entry (tracemalloc; {n_pods} pods, one stream each)\n")
+    print(
+        f"| {'state':<16} | {'stored':>9} | {'removed':>9} | {'entries':>9} |"
+        f" {'full path B':>11} | {'index alone B':>13} | {'ingestor B':>10} |"
+    )
+    print(f"|{'-' * 18}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 13}|{'-' * 15}|{'-' * 12}|")
+    for label, stream, n, full, index, _streams in rows:
+        print(
+            f"| {label:<16} | {stream.stored:9,} | {stream.removed:9,} | {n:9,} |"
+            f" {full:11.1f} | {index:13.1f} | {full - index:10.1f} |"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs")
@@ -439,7 +552,10 @@ def main() -> int:
         default="50000,100000,0",
         help="part 3 publishing rates in stored blocks/s (0 = flat out)",
     )
-    parser.add_argument("--parts", default="123", help="which parts to run (e.g. 13)")
+    parser.add_argument("--parts", default="1234", help="which parts to run (e.g. 14)")
+    parser.add_argument(
+        "--memory-entries", type=int, default=320_000, help="part 4: entries the stream fills"
+    )
     parser.add_argument("--score-rate", type=float, default=500, help="part 3 score calls/s")
     args = parser.parse_args()
     n = args.blocks or (150_000 if args.quick else 600_000)
@@ -466,6 +582,8 @@ def main() -> int:
     if "3" in args.parts:
         rates = [float(r) for r in args.rates.split(",")]
         bench_score_latency(stream, rates, args.score_rate)
+    if "4" in args.parts:
+        bench_memory(args.memory_entries)
     return 0
 
 

@@ -141,12 +141,15 @@ class DerivedKeyer:
     ) -> list[int]:
         """Keys of the full blocks of `token_ids`, chained from `parent` (a key or a root)."""
         bs = block_size or self.block_size
-        n = len(token_ids) // bs
+        total = len(token_ids)
+        n = total // bs
         if n == 0:
             return []
-        data = _pack_tokens(token_ids if len(token_ids) == n * bs else token_ids[: n * bs])
-        step = 4 * bs
         h = xxhash.xxh3_64_intdigest
+        if n == 1 and total == bs:  # a decode continuation: one block, no slicing
+            return [h(_pack_tokens(token_ids), parent)]
+        data = _pack_tokens(token_ids if total == n * bs else token_ids[: n * bs])
+        step = 4 * bs
         out: list[int] = []
         append = out.append
         key = parent

@@ -153,10 +153,12 @@ def _report(indexer: Any, sub: Any) -> None:
         f" {value('kvaware_lost_batches_total'):.0f} orphaned"
         f" {value('kvaware_orphaned_blocks_total'):.0f} | dropped {drops or 0}"
     )
+    ingestor = indexer.ingestor
     for pod in sorted(indexer.index.pods()):
-        streams = indexer.ingestor.streams(pod)
+        streams = ingestor.streams(pod)
         parts = [
-            f"rank {r}: seq {s.last_seq}, {sum(len(h) for h in s.held.values())} hashes,"
+            f"rank {r}: seq {s.last_seq},"
+            f" {sum(len(h) for h in ingestor.references(pod, r).values())} hashes,"
             f" model {s.model or '-'}"
             for r, s in sorted(streams.items())
         ]

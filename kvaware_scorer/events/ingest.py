@@ -12,20 +12,30 @@ vLLM server has its own publisher, sequence counter and block pool:
   one received live. A live seq at or below ``live_seq`` means the publisher restarted; one
   above ``last_seq + 1`` is a gap, recovered from the pod's replay buffer when a
   `ReplaySource` is registered (else counted as lost).
-* ``held``: per tier, engine hash -> copies this stream holds. These counts mirror vLLM's
-  physical blocks: a removal dereferences only what this stream stored, a parent-less
-  re-announcement of blocks it already holds adds no reference (see docs/events.md), and a
-  restart or AllBlocksCleared of one rank drops exactly that rank's references.
+* References: the index counts references per (block, pod, tier), mirroring vLLM's physical
+  blocks. A pod with one stream (one DP rank, the common case) owns all of its pod's
+  references, so the index alone is the truth: removals go straight to it, a parent-less
+  re-announcement of blocks the pod already holds adds nothing (`KVBlockIndex.add_new`), and a
+  restart or AllBlocksCleared purges the pod. Only when a second rank of the pod streams does
+  each stream keep its own ``held`` counts (tier -> engine hash -> copies), so that one rank's
+  removals, restart or clear touch only that rank's references.
+* ``recent``: engine hash -> key of the blocks this stream stored last (and of parents it
+  resolved), so that decode continuations and chunked-prefill stores find their parent's key
+  without asking the index (a round trip on a remote index).
 
-Keys: in ``derived`` mode each stored block's key is chained from its parent's key (resolved
-through the index's engine-hash map) over the block's tokens; a parent-less run starts at the
-root of (model or LoRA, cache_salt). A block whose parent is unknown is never keyed as if it
-started a prompt: it is counted as orphaned and left out. In ``vllm`` mode the engine hash is
-the key.
+Each batch's writes are sent through ``index.batch()`` in event order: one round trip per batch
+on a remote index, with consecutive stores (or removals) of one tier merged into one call.
+
+Keys: in ``derived`` mode each stored block's key is chained from its parent's key (from
+``recent``, else resolved through the index's engine-hash map) over the block's tokens; a
+parent-less run starts at the root of (model or LoRA, cache_salt). A block whose parent is
+unknown is never keyed as if it started a prompt: it is counted as orphaned and left out. In
+``vllm`` mode the engine hash is the key.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -66,8 +76,14 @@ logger = logging.getLogger(__name__)
 #: Seconds between two resync attempts of one stream.
 _RESYNC_INTERVAL: Final = 30.0
 
+#: Engine hash -> key pairs a stream remembers in each of its two ``recent`` generations.
+_RECENT: Final = 1024
+
 #: KV-cache group kinds whose blocks are indexed (the prefix a request can hit).
 FULL_ATTENTION_KINDS: Final = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
+
+#: Index errors a write or a read of the ingestion path can meet (counted, never raised).
+_BACKEND_ERRORS: Final = (KVAwareError, OSError, ValueError)
 
 
 @dataclass(slots=True)
@@ -113,7 +129,11 @@ class StreamState:
         live_seq: Last sequence number received live; None before the first.
         main_group: The KV-cache group whose blocks are indexed (learned from the first
             full-attention store).
-        held: Tier -> engine hash -> copies held by this stream.
+        held: Tier -> engine hash -> copies held by this stream, kept only while other DP
+            ranks of the pod stream too; None when the stream is its pod's only one (the
+            index's references are then exactly this stream's).
+        recent: Engine hash -> key of blocks stored (or parents resolved) lately.
+        recent_old: The previous generation of `recent`.
         batches: Batches applied.
         first_seq: Sequence number of the first batch applied since the stream (re)started.
         incomplete: A replay (join or gap) was attempted and failed, so some parents may be
@@ -127,11 +147,21 @@ class StreamState:
     last_seq: int | None = None
     live_seq: int | None = None
     main_group: int | None = None
-    held: dict[str, dict[int, int]] = field(default_factory=dict)
+    held: dict[str, dict[int, int]] | None = None
+    recent: dict[int, int] = field(default_factory=dict)
+    recent_old: dict[int, int] = field(default_factory=dict)
     batches: int = 0
     first_seq: int | None = None
     incomplete: bool = False
     next_resync: float = 0.0
+
+    def remember(self, engine_hash: int, key: int) -> None:
+        """Record `engine_hash` -> `key` in `recent` (two generations of `_RECENT` pairs)."""
+        recent = self.recent
+        recent[engine_hash] = key
+        if len(recent) >= _RECENT:
+            self.recent_old = recent
+            self.recent = {}
 
 
 class _Counters:
@@ -161,114 +191,132 @@ def _salt_of(entry: Any, lora: str | None) -> str | None:
     return None
 
 
-class _Writer:
-    """One batch's pending index writes: consecutive stores (or removals) of one tier go to
-    the index in one call, which saves the per-call cost of most of a batch's events."""
+#: Never equal to a decoded medium.
+_UNSET: Final = object()
 
-    __slots__ = (
-        "_add_ehs",
-        "_add_hashes",
-        "_add_held",
-        "_add_keys",
-        "_add_tier",
-        "_ing",
-        "_pod",
-        "_rm",
-        "_rm_tier",
-        "removed",
-        "stored",
-        "unknown",
-    )
+# write operations queued by a _Writer: (kind, tier, keys or engine hashes, engine hashes, n)
+_ADD, _ADD_NEW, _REMOVE, _REMOVE_HELD, _ADD_TIER = range(5)
+
+
+_Op = tuple[int, str, list[int], list[int] | None, int]
+
+
+class _Writer:
+    """One batch's index writes, kept in event order and sent through ``index.batch()`` (one
+    round trip on a remote index, written behind) when flushed. Consecutive stores (or
+    removals) of one tier become one call, which saves the per-call cost of most of a batch's
+    events. What the writes did is counted when the index reports their results."""
+
+    __slots__ = ("_ehs", "_ing", "_keys", "_last", "_n", "_ops", "_per", "_pod", "_tier")
 
     def __init__(self, ingestor: EventIngestor, pod: str) -> None:
         self._ing = ingestor
         self._pod = pod
-        self._add_tier = ""
-        self._add_keys: list[int] = []
-        self._add_ehs: list[int] | None = None
-        self._add_hashes: list[int] = []
-        self._add_held: dict[int, int] = {}
-        self._rm_tier = ""
-        self._rm: list[int] = []
-        self.stored = 0
-        self.removed = 0
-        self.unknown = 0
+        self._ops: list[_Op] = []
+        self._tier = ""
+        self._keys: list[int] | None = None  # the pending run of stores
+        self._ehs: list[int] | None = None
+        self._n = 0
+        self._per = 1
+        self._last = -1
+
+    def add(self, tier: str, keys: list[int], ehs: list[int] | None, n: int, per: int) -> None:
+        """Queue a store of `n` engine blocks (`per` keys each; `ehs` None: keys are hashes)."""
+        pk = self._keys
+        seq = keys if ehs is None else ehs
+        if pk is not None:
+            # NOTE: equal engine hashes across two stores would read as one engine block, and
+            # the index tells re-chunked runs apart by their first two hashes.
+            if tier == self._tier and per == self._per and seq[0] != self._last:
+                pk += keys
+                if ehs is not None:
+                    self._ehs += ehs  # type: ignore[operator]
+                self._n += n
+                self._last = seq[-1]
+                return
+            self._end_run()
+        self._tier = tier
+        self._keys = list(keys)
+        self._ehs = None if ehs is None else list(ehs)
+        self._n = n
+        self._per = per
+        self._last = seq[-1]
+
+    def add_new(self, tier: str, keys: list[int], ehs: list[int] | None, n: int) -> None:
+        """Queue a parent-less store: blocks the pod already holds at `tier` are skipped."""
+        if self._keys is not None:
+            self._end_run()
+        self._ops.append((_ADD_NEW, tier, keys, ehs, n))
+
+    def remove(self, tier: str, hashes: list[int], counted: bool) -> None:
+        """Queue removals; `counted`: their unknown hashes are counted from the index's answer
+        (else the caller counted them already)."""
+        if self._keys is not None:
+            self._end_run()
+        kind = _REMOVE if counted else _REMOVE_HELD
+        ops = self._ops
+        if ops:
+            last = ops[-1]
+            if last[0] == kind and last[1] == tier:
+                last[2].extend(hashes)
+                return
+        ops.append((kind, tier, hashes, None, 0))
+
+    def add_tier(self, tier: str, hashes: list[int]) -> None:
+        """Queue an offload placeholder's tier for blocks the pod holds."""
+        if self._keys is not None:
+            self._end_run()
+        self._ops.append((_ADD_TIER, tier, hashes, None, 0))
+
+    def _end_run(self) -> None:
+        keys = self._keys
+        assert keys is not None
+        self._ops.append((_ADD, self._tier, keys, self._ehs, self._n))
+        self._keys = self._ehs = None
+
+    @property
+    def pending(self) -> bool:
+        """Whether writes are queued."""
+        return bool(self._ops) or self._keys is not None
 
     def resolve(self, engine_hash: int) -> int | None:
-        """The key of `engine_hash` on this pod, including stores still pending."""
-        key = self._ing.index.resolve(self._pod, engine_hash)
-        if key is None and self._add_keys:
-            # NOTE: rare: the parent was stored earlier in this very batch.
-            self._flush_add()
-            key = self._ing.index.resolve(self._pod, engine_hash)
-        return key
+        """The index's key for `engine_hash` on this pod, after the writes queued so far.
 
-    def add(
-        self,
-        tier: str,
-        keys: list[int],
-        ehs: list[int] | None,
-        hashes: list[int],
-        held: dict[int, int],
-    ) -> None:
-        if self._rm:
-            self._flush_rm()
-        if self._add_keys and (
-            tier != self._add_tier
-            or (ehs is not None and self._add_ehs is not None and self._add_ehs[-1] == ehs[0])
-        ):
-            # NOTE: equal engine hashes across two stores would read as one engine block.
-            self._flush_add()
-        self._add_tier = tier
-        self._add_keys.extend(keys)
-        if ehs is not None:
-            if self._add_ehs is None:
-                self._add_ehs = []
-            self._add_ehs.extend(ehs)
-        self._add_hashes.extend(hashes)
-        self._add_held = held
-
-    def remove(self, tier: str, hashes: list[int]) -> None:
-        if self._add_keys:
-            self._flush_add()
-        if self._rm and tier != self._rm_tier:
-            self._flush_rm()
-        self._rm_tier = tier
-        self._rm.extend(hashes)
+        Raises:
+            KVAwareError: The index could not answer.
+            OSError: The index could not answer.
+        """
+        if self._ops or self._keys is not None:
+            self.flush()
+        return self._ing.index.resolve(self._pod, engine_hash)
 
     def flush(self) -> None:
-        if self._add_keys:
-            self._flush_add()
-        if self._rm:
-            self._flush_rm()
-
-    def _flush_add(self) -> None:
-        keys, ehs, hashes = self._add_keys, self._add_ehs, self._add_hashes
-        self._add_keys, self._add_ehs, self._add_hashes = [], None, []
-        held = self._add_held
-        ing = self._ing
-        try:
-            ing.index.add(self._pod, keys, ehs, self._add_tier)
-        except (KVAwareError, OSError, ValueError) as exc:
-            ing.metrics.backend_errors.labels("ingest").inc()
-            logger.warning("storing %d blocks of %s failed: %s", len(keys), self._pod, exc)
-            for h in hashes:
-                c = held.get(h, 0)
-                if c <= 1:
-                    held.pop(h, None)
-                else:
-                    held[h] = c - 1
+        """Send the queued writes; their results are counted when the index reports them."""
+        if self._keys is not None:
+            self._end_run()
+        ops = self._ops
+        if not ops:
             return
-        self.stored += len(hashes)
-
-    def _flush_rm(self) -> None:
-        hashes, self._rm = self._rm, []
+        self._ops = []
+        pod = self._pod
         ing = self._ing
+        b = None
         try:
-            self.removed += ing.index.remove(self._pod, hashes, self._rm_tier)
-        except (KVAwareError, OSError, ValueError) as exc:
-            ing.metrics.backend_errors.labels("ingest").inc()
-            logger.warning("removing %d blocks of %s failed: %s", len(hashes), self._pod, exc)
+            with ing.index.batch(functools.partial(ing._count_writes, pod, ops)) as b:
+                for kind, tier, a, ehs, _n in ops:
+                    if kind == _ADD:
+                        b.add(pod, a, ehs, tier)
+                    elif kind in (_REMOVE, _REMOVE_HELD):
+                        b.remove(pod, a, tier)
+                    elif kind == _ADD_NEW:
+                        b.add_new(pod, a, ehs, tier)
+                    else:
+                        b.add_tier(pod, a, tier)
+        except _BACKEND_ERRORS as exc:
+            # NOTE: the in-memory index applied the writes before the failing one
+            done = [] if b is None else b.results
+            ing._count_writes(pod, ops[: len(done)], done)
+            ing._count_writes(pod, ops[len(done) :], exc)
 
 
 class EventIngestor:
@@ -340,10 +388,41 @@ class EventIngestor:
         with self._lock_for(pod):
             self._streams.pop(pod, None)
 
+    def wait(self) -> None:
+        """Return once every write of the frames ingested so far has reached the index (a
+        remote index applies them behind `ingest`, in order)."""
+        with self.index.batch():
+            pass
+
     def streams(self, pod: str) -> dict[int, StreamState]:
         """The live stream states of `pod` by DP rank (for inspection; do not mutate)."""
         with self._lock_for(pod):
             return dict(self._streams.get(pod, {}))
+
+    def references(self, pod: str, rank: int | None = None) -> dict[str, dict[int, int]]:
+        """Tier -> engine hash -> copies `pod` holds, per our events (an inspection, O(pod)).
+
+        Args:
+            pod: Pod id.
+            rank: One DP rank; None sums every rank.
+
+        Raises:
+            BackendUnavailableError: A remote index could not answer (single-rank pods are
+                answered by the index).
+        """
+        out: dict[str, dict[int, int]] = {}
+        with self._lock_for(pod):
+            for r, st in self._streams.get(pod, {}).items():
+                if rank is not None and r != rank:
+                    continue
+                held = st.held if st.held is not None else self.index.references(pod)
+                for tier, refs in held.items():
+                    acc = out.get(tier)
+                    if acc is None:
+                        acc = out[tier] = {}
+                    for h, c in refs.items():
+                        acc[h] = acc.get(h, 0) + c
+        return {t: refs for t, refs in out.items() if refs}
 
     def held(self, pod: str, tier: str | None = None, rank: int | None = None) -> dict[int, int]:
         """Engine hash -> copies `pod` holds at `tier` (None = default tier), per our events.
@@ -352,16 +431,11 @@ class EventIngestor:
             pod: Pod id.
             tier: Medium name (normalized); None = the default tier.
             rank: One DP rank; None sums every rank.
+
+        Raises:
+            BackendUnavailableError: A remote index could not answer.
         """
-        name = normalize_medium(tier, self.default_tier)
-        out: dict[int, int] = {}
-        with self._lock_for(pod):
-            for r, st in self._streams.get(pod, {}).items():
-                if rank is not None and r != rank:
-                    continue
-                for h, c in st.held.get(name, {}).items():
-                    out[h] = out.get(h, 0) + c
-        return out
+        return self.references(pod, rank).get(normalize_medium(tier, self.default_tier), {})
 
     # -- sequencing --------------------------------------------------------------------------
 
@@ -378,10 +452,38 @@ class EventIngestor:
             streams = self._streams[pod] = {}
         st = streams.get(rank)
         if st is None:
-            st = streams[rank] = StreamState(pod, rank)
+            if streams and self._split(pod, streams):
+                st = StreamState(pod, rank, held={})
+            else:
+                st = StreamState(pod, rank)
+            self._streams.setdefault(pod, streams)[rank] = st
         if model:
             st.model = model
         return st
+
+    def _split(self, pod: str, streams: dict[int, StreamState]) -> bool:
+        """A second DP rank of `pod` starts streaming: the pod's only stream so far takes the
+        index's references of the pod as its own ``held`` counts, so that later each rank
+        removes only its own. Returns False when the index could not tell (the pod is then
+        purged and its streams start over)."""
+        for st in streams.values():
+            if st.held is not None:
+                continue
+            try:
+                refs = self.index.references(pod)
+            except _BACKEND_ERRORS as exc:
+                self.metrics.backend_errors.labels("ingest").inc()
+                logger.warning(
+                    "pod %s: a second DP rank streams but the index cannot list the first"
+                    " rank's references (%s): purging the pod",
+                    pod,
+                    exc,
+                )
+                self.indexer.purge_pod(pod, reason="rank_split")
+                streams.clear()
+                return False
+            st.held = {t: dict(r) for t, r in refs.items()}
+        return True
 
     def _decode(self, payload: bytes) -> DecodedBatch | None:
         try:
@@ -515,9 +617,14 @@ class EventIngestor:
                 and ev.token_ids
                 and ev.kv_cache_spec_kind in (None, *FULL_ATTENTION_KINDS)
                 and parent not in seen
-                and resolve(st.pod, parent) is None
+                and parent not in st.recent
+                and parent not in st.recent_old
             ):
-                return True
+                try:
+                    if resolve(st.pod, parent) is None:
+                        return True
+                except _BACKEND_ERRORS:
+                    return False  # no resync while the index cannot answer
             seen.update(ev.block_hashes)
         return False
 
@@ -590,7 +697,7 @@ class EventIngestor:
         others = any(r != rank for r in streams)
         if others:
             self._purge_stream(st, reason)
-            new = StreamState(pod, rank, st.model)
+            new = StreamState(pod, rank, st.model, held={})
             streams[rank] = new
         else:
             self.indexer.purge_pod(pod, reason=reason)
@@ -604,15 +711,53 @@ class EventIngestor:
 
     def _purge_stream(self, st: StreamState, reason: str) -> None:
         w = _Writer(self, st.pod)
-        for tier, held in st.held.items():
+        for tier, held in (st.held or {}).items():
             hashes = [h for h, c in held.items() for _ in range(c)]
             if hashes:
-                w.remove(tier, hashes)
+                w.remove(tier, hashes, counted=False)
         w.flush()
-        if w.removed:
-            self.metrics.blocks_removed.inc(w.removed)
-        st.held.clear()
+        if st.held is not None:
+            st.held.clear()
         self.metrics.purges.labels(reason).inc()
+
+    def _count_writes(
+        self, pod: str, ops: list[_Op], results: list[int | None] | Exception
+    ) -> None:
+        """Count what a batch of writes did, from the index's results (maybe on the index's
+        writer thread: metrics only)."""
+        m = self.metrics
+        if isinstance(results, Exception):
+            if ops:
+                m.backend_errors.labels("ingest").inc(len(ops))
+                logger.warning("writing %d operations for %s failed: %s", len(ops), pod, results)
+            return
+        stored = removed = unknown = reannounced = 0
+        # NOTE: a result of None is not known yet (a remote index buffering through an outage)
+        for (kind, _tier, a, _ehs, n), r in zip(ops, results, strict=False):
+            if kind == _ADD:
+                stored += n
+            elif kind == _REMOVE:
+                if r is not None:
+                    removed += r
+                    unknown += len(a) - r
+            elif kind == _REMOVE_HELD:
+                removed += r or 0
+            elif kind == _ADD_NEW:
+                skipped = r or 0
+                reannounced += skipped
+                stored += n - skipped
+            else:
+                missing = r or 0
+                unknown += missing
+                stored += len(a) - missing
+        if stored:
+            m.blocks_stored.inc(stored)
+        if removed:
+            m.blocks_removed.inc(removed)
+        if unknown:
+            self._skipped["unknown_block"].inc(unknown)
+        if reannounced:
+            self._skipped["reannounced"].inc(reannounced)
 
     # -- applying ----------------------------------------------------------------------------
 
@@ -638,11 +783,14 @@ class EventIngestor:
         w = _Writer(self, st.pod)
         n_removed = n_stored = unknown = 0
         # NOTE: removals are the most frequent events (one hash each, as vLLM evicts); the
-        # loop keeps them on locals and hands them to the writer once per run.
+        # loop keeps them on locals and hands them to the writer once per run. A pod's only
+        # stream hands them over as they are (the index counts the unknown ones); a stream
+        # sharing its pod with other ranks removes only what it holds itself.
         gone: list[int] = []
         gone_tier = ""
-        last_medium: str | None = ""  # NOTE: "" never equals a decoded medium's normal form
+        last_medium: object = _UNSET  # the medium of the removals in `gone`
         tier: str | None = None
+        shared = st.held is not None
         held: dict[int, int] | None = None
         main = 0 if st.main_group is None else st.main_group
         for ev in batch.events:
@@ -651,25 +799,33 @@ class EventIngestor:
                 rm: BlockRemoved = ev  # type: ignore[assignment]
                 n_removed += 1
                 g = rm.group_idx
+                medium = rm.medium
+                if (g is None or g == main) and medium == last_medium and not shared:
+                    gone += rm.block_hashes  # the hot path: one more eviction of the run
+                    continue
                 if g is not None and g != main:
                     self._skipped["kv_group"].inc(len(rm.block_hashes))
                     continue
-                medium = rm.medium
-                if medium != last_medium or last_medium == "":
+                if medium != last_medium:
                     last_medium = medium
                     tier = self._tier(medium)
-                    held = None if tier is None else st.held.get(tier)
                     if gone and tier != gone_tier:
-                        w.remove(gone_tier, gone)
+                        w.remove(gone_tier, gone, not shared)
                         gone = []
                     if tier is not None:
                         gone_tier = tier
+                        if shared:
+                            held = st.held.get(tier)  # type: ignore[union-attr]
+                if tier is None:
+                    last_medium = _UNSET  # NOTE: keeps a refused medium off the hot path
+                    self._dropped["bad_tier"].inc()
+                    n_removed -= 1
+                    continue
+                if not shared:
+                    gone += rm.block_hashes
+                    continue
                 if held is None:
-                    if tier is None:
-                        self._dropped["bad_tier"].inc()
-                        n_removed -= 1
-                    else:
-                        unknown += len(rm.block_hashes)
+                    unknown += len(rm.block_hashes)
                     continue
                 get = held.get
                 for h in rm.block_hashes:
@@ -683,30 +839,27 @@ class EventIngestor:
                         held[h] = c - 1
                         gone.append(h)
                 continue
-            last_medium = ""  # a store may create this stream's dict for the tier
+            last_medium = _UNSET  # a store may create this stream's dict for the tier
             if gone:
-                w.remove(gone_tier, gone)
+                w.remove(gone_tier, gone, not shared)
                 gone = []
-            if isinstance(ev, BlockStored):
-                n_stored += self._store(st, ev, w)
+            if cls is BlockStored or isinstance(ev, BlockStored):
+                n_stored += self._store(st, ev, w)  # type: ignore[arg-type]
                 main = 0 if st.main_group is None else st.main_group
             elif isinstance(ev, AllBlocksCleared):
                 w.flush()
                 self._events["AllBlocksCleared"].inc()
                 st = self._reset(st, "all_blocks_cleared", keep_seq=True)
+                w = _Writer(self, st.pod)
+                shared = st.held is not None
                 main = 0 if st.main_group is None else st.main_group
         if gone:
-            w.remove(gone_tier, gone)
+            w.remove(gone_tier, gone, not shared)
         w.flush()
         if n_removed:
             self._events["BlockRemoved"].inc(n_removed)
         if n_stored:
             self._events["BlockStored"].inc(n_stored)
-        if w.stored:
-            self.metrics.blocks_stored.inc(w.stored)
-        if w.removed:
-            self.metrics.blocks_removed.inc(w.removed)
-        unknown += w.unknown
         if unknown:
             self._skipped["unknown_block"].inc(unknown)
         return st
@@ -730,17 +883,21 @@ class EventIngestor:
         hashes = ev.block_hashes
         n = len(hashes)
         pod = st.pod
-        if not self._group_ok(st, ev.group_idx, ev.kv_cache_spec_kind):
+        group = ev.group_idx
+        kind = ev.kv_cache_spec_kind
+        if (
+            group != st.main_group or kind != "full_attention" or group is None
+        ) and not self._group_ok(st, group, kind):
             self._skipped["kv_group"].inc(n)
             return True
-        tier = self._tier(ev.medium)
+        medium = ev.medium
+        tier = self._tiers.get(medium) or self._tier(medium)
         if tier is None:
             self._drop("bad_tier", pod, ev)
             return False
         toks = ev.token_ids
         if not toks:
-            self._placeholder(st, hashes, tier, w)
-            return True
+            return self._placeholder(st, hashes, tier, w)
         bs = ev.block_size
         if bs <= 0 or len(toks) != n * bs:
             self._drop("token_count_mismatch", pod, ev)
@@ -770,21 +927,47 @@ class EventIngestor:
                 salt = _salt_of(extra[0], lora) if extra else None
                 pkey = keyer.root(st.model or "", lora, salt)
             else:
-                found = w.resolve(parent)
+                found = st.recent.get(parent)
                 if found is None:
-                    self.metrics.orphaned_blocks.inc(n)
-                    self._drop("orphaned_parent", pod, ev)
-                    return False
+                    found = st.recent_old.get(parent)
+                    if found is None:
+                        try:
+                            found = w.resolve(parent)
+                        except _BACKEND_ERRORS as exc:
+                            self.metrics.backend_errors.labels("ingest").inc()
+                            logger.warning("resolving a parent on %s failed: %s", pod, exc)
+                            self._drop("backend_error", pod, ev)
+                            return False
+                        if found is None:
+                            self.metrics.orphaned_blocks.inc(n)
+                            self._drop("orphaned_parent", pod, ev)
+                            return False
+                    st.remember(parent, found)
                 pkey = found
-            content = self._content(extra, lora, parent is None) if extra else None
+            if extra and extra.count(None) != len(extra):
+                content = self._content(extra, lora, parent is None)
+            else:
+                content = None
             if content is None:
                 keys = keyer.chain(pkey, toks, bsz)
             else:
                 keys = self._chain_mixed(keyer, pkey, toks, bs, content)
             ehs = hashes if per == 1 else [h for h in hashes for _ in range(per)]
-        held = st.held.get(tier)
+            recent = st.recent
+            recent[hashes[-1]] = keys[-1]
+            if len(recent) >= _RECENT:
+                st.recent_old = recent
+                st.recent = {}
+        held_tiers = st.held
+        if held_tiers is None:
+            if parent is None:
+                w.add_new(tier, keys, ehs, n)
+            else:
+                w.add(tier, keys, ehs, n, per)
+            return True
+        held = held_tiers.get(tier)
         if held is None:
-            held = st.held[tier] = {}
+            held = held_tiers[tier] = {}
         fresh = dict.fromkeys(hashes, 1)
         if len(fresh) == n and held.keys().isdisjoint(fresh):
             held.update(fresh)  # the common case: new blocks, no duplicates
@@ -802,32 +985,42 @@ class EventIngestor:
                     keys = [keys[i * per + j] for i in keep for j in range(per)]
                     if ehs is not None:
                         ehs = [h for h in hashes for _ in range(per)]
+                    n = len(hashes)
             for h in hashes:
                 held[h] = held.get(h, 0) + 1
-        w.add(tier, keys, ehs, hashes, held)
+        w.add(tier, keys, ehs, n, per)
         return True
 
-    def _placeholder(self, st: StreamState, hashes: list[int], tier: str, w: _Writer) -> None:
+    def _placeholder(self, st: StreamState, hashes: list[int], tier: str, w: _Writer) -> bool:
         """An offload placeholder (no tokens): add `tier` to blocks the pod already holds."""
-        w.flush()
+        held_tiers = st.held
+        if held_tiers is None:
+            w.add_tier(tier, list(hashes))
+            return True
+        # NOTE: several ranks share the pod: count the tier for this rank only where the pod
+        # knows the block.
         pod = st.pod
-        resolve = self.index.resolve
-        known = [h for h in hashes if resolve(pod, h) is not None]
-        w.unknown += len(hashes) - len(known)
-        if not known:
-            return
         try:
-            self.index.add_tier(pod, known, tier)
-        except (KVAwareError, OSError, ValueError) as exc:
+            if w.pending:
+                w.flush()
+            resolve = self.index.resolve
+            known = [h for h in hashes if resolve(pod, h) is not None]
+        except _BACKEND_ERRORS as exc:
             self.metrics.backend_errors.labels("ingest").inc()
             logger.warning("offload store for %s failed: %s", pod, exc)
-            return
-        held = st.held.get(tier)
+            self._dropped["backend_error"].inc()
+            return False
+        if len(known) < len(hashes):
+            self._skipped["unknown_block"].inc(len(hashes) - len(known))
+        if not known:
+            return True
+        w.add_tier(tier, known)
+        held = held_tiers.get(tier)
         if held is None:
-            held = st.held[tier] = {}
+            held = held_tiers[tier] = {}
         for h in known:
             held[h] = held.get(h, 0) + 1
-        w.stored += len(known)
+        return True
 
     def _content(
         self, extra: list[Any], lora: str | None, at_root: bool
@@ -837,8 +1030,6 @@ class EventIngestor:
 
         The LoRA name and the cache_salt are left out: both already seed the root key.
         """
-        if extra.count(None) == len(extra):
-            return None
         out: list[bytes | None] | None = None
         for i, entry in enumerate(extra):
             if entry is None:

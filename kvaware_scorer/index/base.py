@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "MAX_TIERS",
     "IndexStats",
+    "IndexWriteBatch",
     "KVBlockIndex",
     "PodMatch",
     "TierTable",
@@ -116,6 +118,51 @@ class IndexStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+class IndexWriteBatch(Protocol):
+    """Writes collected by `KVBlockIndex.batch`, applied in call order.
+
+    Each method mirrors the `KVBlockIndex` method of the same name and appends that method's
+    result to ``results`` (None where it is not known: a remote backend that buffers writes
+    through an outage). A remote backend sends the whole batch in one round trip when the
+    ``with`` block exits, so ``results`` is only complete after it; the in-memory backend
+    applies each call at once.
+    """
+
+    results: list[int | None]
+
+    def add(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> None:
+        """Queue `KVBlockIndex.add` (result: None)."""
+        ...
+
+    def add_new(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> None:
+        """Queue `KVBlockIndex.add_new` (result: engine hashes skipped)."""
+        ...
+
+    def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> None:
+        """Queue `KVBlockIndex.add_tier` (result: unknown engine hashes)."""
+        ...
+
+    def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> None:
+        """Queue `KVBlockIndex.remove` (result: known engine hashes)."""
+        ...
+
+    def purge(self, pod: str) -> None:
+        """Queue `KVBlockIndex.purge` (result: entries dropped)."""
+        ...
+
+
 @runtime_checkable
 class KVBlockIndex(Protocol):
     """Which pod holds which block, at which tier, reference-counted per (block, pod, tier).
@@ -141,6 +188,25 @@ class KVBlockIndex(Protocol):
                 consecutive hashes mean one engine block covering several keys). None: the
                 keys are the engine hashes (``vllm`` key mode).
             tier: Medium (normalized; None = the default tier).
+        """
+        ...
+
+    def add_new(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> int:
+        """`add`, except that engine hashes `pod` already holds at `tier` get no new reference.
+
+        For stores that re-announce cached blocks (vLLM's ``kv_cache_report_mode=full`` sends
+        prefix-cache hits again, parent-less): the same physical blocks must not count twice.
+        An engine hash counts as held when it maps to the same key on `pod` and `pod` holds
+        that block at `tier`; every other engine hash (and its keys) is added as by `add`.
+
+        Returns:
+            How many engine hashes were skipped as already held.
         """
         ...
 
@@ -181,6 +247,39 @@ class KVBlockIndex(Protocol):
 
     def purge(self, pod: str) -> int:
         """Forget everything about `pod`. Returns the number of entries dropped."""
+        ...
+
+    def batch(
+        self, on_done: Callable[[list[int | None] | Exception], None] | None = None
+    ) -> AbstractContextManager[IndexWriteBatch]:
+        """Collect writes to apply in order (one round trip on a remote backend).
+
+        Without `on_done`, the writes are applied when the block exits, after those of every
+        earlier batch of this index.
+
+        Args:
+            on_done: Called with the batch's results (or the exception that stopped it) once
+                its writes are applied. A remote backend may then apply them after the block
+                exits (write behind, in order, off the caller's thread): later reads of the
+                engine-hash map (`resolve`, `references`), `purge` and direct writes of the
+                same index see them; lookups may not yet. The in-memory backend applies
+                everything in the block and calls `on_done` on exit. `on_done` must not call
+                the index.
+
+        Example:
+            >>> with index.batch() as b:  # doctest: +SKIP
+            ...     b.add(pod, keys, hashes)
+            ...     b.remove(pod, old_hashes)
+            >>> b.results  # doctest: +SKIP
+            [None, 3]
+        """
+        ...
+
+    def references(self, pod: str) -> dict[str, dict[int, int]]:
+        """Tier name -> engine hash -> references `pod` holds there (an inspection, O(pod)).
+
+        Only engine hashes whose block the pod still holds are listed.
+        """
         ...
 
     def pods(self) -> list[str]:

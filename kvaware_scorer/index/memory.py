@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
+from types import TracebackType
 
 from kvaware_scorer.index.base import IndexStats, PodMatch, TierTable, iter_groups
 
@@ -48,6 +49,61 @@ class _Multi:
             if c != 1 or ck & 15:
                 return None
         return self.mask
+
+
+class _DirectBatch:
+    """`InMemoryIndex.batch`: each call is applied at once (there is no round trip to save)."""
+
+    __slots__ = ("_index", "_on_done", "results")
+
+    def __init__(
+        self,
+        index: InMemoryIndex,
+        on_done: Callable[[list[int | None] | Exception], None] | None = None,
+    ) -> None:
+        self._index = index
+        self._on_done = on_done
+        self.results: list[int | None] = []
+
+    def __enter__(self) -> _DirectBatch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None and self._on_done is not None:
+            self._on_done(self.results)
+
+    def add(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> None:
+        self._index.add(pod, keys, engine_hashes, tier)
+        self.results.append(None)
+
+    def add_new(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> None:
+        self.results.append(self._index.add_new(pod, keys, engine_hashes, tier))
+
+    def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> None:
+        self.results.append(self._index.add_tier(pod, engine_hashes, tier))
+
+    def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> None:
+        self.results.append(self._index.remove(pod, engine_hashes, tier))
+
+    def purge(self, pod: str) -> None:
+        self.results.append(self._index.purge(pod))
 
 
 def _bits(mask: int) -> Iterator[int]:
@@ -315,6 +371,47 @@ class InMemoryIndex:
         self._entries += new
         self._slot_entries[slot] += new
 
+    def add_new(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> int:
+        if not keys:
+            return 0
+        with self._lock:
+            slot = self._slot_of.get(pod)
+            if slot is None:
+                self.add(pod, keys, engine_hashes, tier)
+                return 0
+            tid = self.tiers.id(tier)
+            bit = 1 << slot
+            ck = slot << 4 | tid
+            emap = self._emaps[slot]
+            get = self._blocks.get
+            new_keys: list[int] = []
+            new_ehs: list[int] = []
+            skipped = 0
+            for eh, ks in iter_groups(keys, engine_hashes):
+                target = emap.get(eh)
+                if target is not None:
+                    k = target if target.__class__ is int else target[0]  # type: ignore[index]
+                    v = get(k)
+                    if k == ks[0] and v is not None:
+                        if v.__class__ is int:
+                            held = tid == 0 and bool(v & bit)
+                        else:
+                            held = ck in v.counts  # type: ignore[union-attr]
+                        if held:
+                            skipped += 1
+                            continue
+                new_keys.extend(ks)
+                new_ehs.extend([eh] * len(ks))
+            if new_keys:
+                self.add(pod, new_keys, None if engine_hashes is None else new_ehs, tier)
+            return skipped
+
     def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
         with self._lock:
             slot = self._slot_of.get(pod)
@@ -416,6 +513,39 @@ class InMemoryIndex:
         with self._lock:
             self._free_slots.append(slot)
         return dropped
+
+    def batch(
+        self, on_done: Callable[[list[int | None] | Exception], None] | None = None
+    ) -> _DirectBatch:
+        """Writes applied at once, with their results in ``results`` (see `KVBlockIndex`)."""
+        return _DirectBatch(self, on_done)
+
+    def references(self, pod: str) -> dict[str, dict[int, int]]:
+        with self._lock:
+            slot = self._slot_of.get(pod)
+            if slot is None:
+                return {}
+            bit = 1 << slot
+            get = self._blocks.get
+            name = self.tiers.name
+            default: dict[int, int] = {}
+            out: dict[str, dict[int, int]] = {name(0): default}
+            for eh, target in self._emaps[slot].items():
+                v = get(target if target.__class__ is int else target[0])  # type: ignore[index]
+                if v is None:
+                    continue
+                if v.__class__ is int:
+                    if v & bit:
+                        default[eh] = 1
+                    continue
+                for ck, c in v.counts.items():  # type: ignore[union-attr]
+                    if ck >> 4 == slot:
+                        tier = name(ck & 15)
+                        refs = out.get(tier)
+                        if refs is None:
+                            refs = out[tier] = {}
+                        refs[eh] = c
+            return {t: refs for t, refs in out.items() if refs}
 
     # -- eviction ----------------------------------------------------------------------------
 

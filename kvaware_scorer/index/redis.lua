@@ -14,7 +14,7 @@ local P = ARGV[2]
 local TTL = tonumber(ARGV[3])
 
 local call = redis.call
-local byte, char, sub, concat = string.byte, string.char, string.sub, table.concat
+local byte, char, sub, find, concat = string.byte, string.char, string.sub, string.find, table.concat
 local floor, min, max = math.floor, math.min, math.max
 local bor, band, lshift = bit.bor, bit.band, bit.lshift
 
@@ -31,9 +31,10 @@ if TTL > 0 then
   EXPIRE_PERIODS = math.ceil(TTL / PERIOD) + 1
 end
 local SPEC = 65536
-local LOAD = 40
 local PCS = 0
 local QUEUE = TTL > 0
+-- NOTE: Lua's C stack takes about 8000 values: bulk calls pass at most CHUNK arguments.
+local CHUNK = 4000
 -- NOTE: blocks carry no Redis TTL: an expires entry would cost ~40 bytes and a slower SET per
 -- block. They expire by the touch epoch in their header, swept by writers ('maint').
 
@@ -41,6 +42,8 @@ local K_C, K_R, K_N, K_L, K_M, K_PE = P .. 'c', P .. 'r', P .. 'n', P .. 'l', P 
 local K_T, K_F, K_Z, K_Q, K_SA, K_SC = P .. 't', P .. 'f', P .. 'z', P .. 'q', P .. 'sa', P .. 'sc'
 local PB, PS = P .. 'b', P .. 's'
 local EMPTY = {}
+-- a byte that is not a one-byte record (those are ids below 128 at the default tier)
+local PLAIN_NOT = '[\128-\255]'
 
 -- counters -------------------------------------------------------------------------------
 
@@ -60,8 +63,8 @@ local function flush_counts()
   end
   PED = {}
   if #QBUF > 0 then
-    for i = 1, #QBUF, 4000 do
-      call('RPUSH', K_Q, unpack(QBUF, i, min(#QBUF, i + 3999)))
+    for i = 1, #QBUF, CHUNK do
+      call('RPUSH', K_Q, unpack(QBUF, i, min(#QBUF, i + CHUNK - 1)))
     end
     QBUF = {}
   end
@@ -75,9 +78,16 @@ end
 
 -- registry -------------------------------------------------------------------------------
 
+local IDS = {}
 local function live_id(name)
-  local id = call('HGET', K_R, name)
-  if id then return tonumber(id) end
+  local id = IDS[name]
+  if id then return id end
+  id = call('HGET', K_R, name)
+  if id then
+    id = tonumber(id)
+    IDS[name] = id
+    return id
+  end
   return nil
 end
 
@@ -97,6 +107,7 @@ local function register(name)
   call('HSET', K_N, id, name)
   call('HSET', K_M, id, '0,0,0,-1,0')
   call('HSET', K_PE, id, 0)
+  IDS[name] = id
   return id
 end
 
@@ -110,85 +121,106 @@ local function is_live(id)
   return l
 end
 
--- meta: engine-map size, linear-hashing level and split pointer, (unused), speculative
--- deadline
+-- meta: (unused) x 3, speculative deadline; the first four fields are kept for the format
 local function meta_get(id)
   local s = call('HGET', K_M, id)
-  if not s then return { h = 0, L = 0, p = 0, ep = -1, sd = 0 } end
-  local h, L, p, ep, sd = string.match(s, '^(%-?%d+),(%d+),(%d+),(%-?%d+),(%d+)$')
-  return { h = tonumber(h), L = tonumber(L), p = tonumber(p), ep = tonumber(ep), sd = tonumber(sd) }
+  if not s then return { sd = 0 } end
+  local sd = string.match(s, '(%d+)$')
+  return { sd = tonumber(sd) or 0 }
 end
 
 local function meta_put(id, m)
-  call('HSET', K_M, id, m.h .. ',' .. m.L .. ',' .. m.p .. ',' .. m.ep .. ',' .. m.sd)
+  call('HSET', K_M, id, '0,0,0,-1,' .. m.sd)
 end
-
-local function nbuckets(m) return lshift(1, m.L) + m.p end
-
-local function ekey(id, b) return P .. 'e' .. id .. ':' .. b end
 
 -- NOTE: nothing but speculative records has a Redis TTL. Expiry is done by the writers'
 -- maintenance (quiet pods purged through their reverse index, idle blocks swept), which keeps
 -- every counter exact; keys expiring on their own would leave the rest inconsistent.
-local function refresh_pod(id, m)
+local function refresh_pod(id)
   call('HSET', K_L, id, NOW)
 end
 
+-- a pod's engine-hash map: engine hash -> the keys of its engine block (one Redis hash)
+local EK = {}
+local function emap_key(id)
+  local k = EK[id]
+  if not k then
+    k = P .. 'e' .. id
+    EK[id] = k
+  end
+  return k
+end
+
+local TIDS = {}
 local function tier_id(name, create)
-  local t = call('HGET', K_T, name)
-  if t then return tonumber(t) end
+  local t = TIDS[name]
+  if t then return t end
+  t = call('HGET', K_T, name)
+  if t then
+    t = tonumber(t)
+    TIDS[name] = t
+    return t
+  end
   if not create then return nil end
   local n = call('HLEN', K_T)
   if n >= 16 then
-    return redis.error_reply('KVAWARE too many distinct KV-cache tiers (max 16): ' .. name)
+    return nil, 'KVAWARE too many distinct KV-cache tiers (max 16): ' .. name
   end
   call('HSET', K_T, name, n)
+  TIDS[name] = n
   return n
 end
 
--- engine-hash map buckets (linear hashing over the low 24 bits of the engine hash) --------
+-- bulk reads and writes ------------------------------------------------------------------
 
-local function hlow(s)
-  local a, b, c = byte(s, 1, 3)
-  return a + b * 256 + c * 65536
-end
-
-local function bucket(m, eh)
-  local h = hlow(eh)
-  local n0 = lshift(1, m.L)
-  local b = h % n0
-  if b < m.p then b = h % (2 * n0) end
-  return b
-end
-
--- split buckets until `extra` more entries keep the load under LOAD
-local function maybe_split(id, m, extra)
-  local n = 0
-  local most = 4 + floor(extra / LOAD)
-  while m.h + extra > LOAD * nbuckets(m) and m.L < 22 and n < most do
-    local n0 = lshift(1, m.L)
-    local src = ekey(id, m.p)
-    local all = call('HGETALL', src)
-    local mv, del = {}, {}
-    for i = 1, #all, 2 do
-      if hlow(all[i]) % (2 * n0) ~= m.p then
-        mv[#mv + 1] = all[i]
-        mv[#mv + 1] = all[i + 1]
-        del[#del + 1] = all[i]
-      end
-    end
-    if #del > 0 then
-      local dst = ekey(id, m.p + n0)
-      for i = 1, #del, 1000 do call('HDEL', src, unpack(del, i, min(#del, i + 999))) end
-      for i = 1, #mv, 2000 do call('HSET', dst, unpack(mv, i, min(#mv, i + 1999))) end
-    end
-    m.p = m.p + 1
-    if m.p == n0 then
-      m.L = m.L + 1
-      m.p = 0
-    end
-    n = n + 1
+local function hmget(key, fields)
+  local out = {}
+  for c0 = 1, #fields, CHUNK do
+    local got = call('HMGET', key, unpack(fields, c0, min(#fields, c0 + CHUNK - 1)))
+    for j = 1, #got do out[c0 + j - 1] = got[j] end
   end
+  return out
+end
+
+-- Block values read or written by this call: name -> value (false: no such block). Writes go
+-- to the cache and reach Redis in one MSET (and one DEL) at the end of the call.
+local BC = {}
+local DIRTY = {}
+
+local function blocks_load(names)
+  local miss = {}
+  for i = 1, #names do
+    local k = names[i]
+    if BC[k] == nil then
+      BC[k] = false
+      miss[#miss + 1] = k
+    end
+  end
+  for c0 = 1, #miss, CHUNK do
+    local got = call('MGET', unpack(miss, c0, min(#miss, c0 + CHUNK - 1)))
+    for j = 1, #got do BC[miss[c0 + j - 1]] = got[j] end
+  end
+end
+
+local function block_put(name, v)
+  BC[name] = v
+  DIRTY[name] = true
+end
+
+local function flush_blocks()
+  local sets, dels = {}, {}
+  for k in pairs(DIRTY) do
+    local v = BC[k]
+    if v then
+      sets[#sets + 1] = k
+      sets[#sets + 1] = v
+    else
+      dels[#dels + 1] = k
+    end
+  end
+  for i = 1, #sets, CHUNK do call('MSET', unpack(sets, i, min(#sets, i + CHUNK - 1))) end
+  for i = 1, #dels, CHUNK do call('DEL', unpack(dels, i, min(#dels, i + CHUNK - 1))) end
+  BC, DIRTY = {}, {}
 end
 
 -- block values ---------------------------------------------------------------------------
@@ -300,13 +332,21 @@ local function limit_holders(recs, keep, pcs)
   return without(recs, victims)
 end
 
--- one more reference of (id, tier) at block `key8` (current value `v` or false); `fresh` is
+-- one more reference of (id, tier) at block `bk` (current value `v` or false); `fresh` is
 -- the value of a block created now, `s2` its stamp. Returns the new value, blocks added,
 -- entries added.
-local function block_add(key8, v, id, tid, fresh, s2)
+local function block_add(bk, v, id, tid, fresh, s2)
   if not v then
-    if QUEUE then QBUF[#QBUF + 1] = key8 .. s2 end
+    if QUEUE then QBUF[#QBUF + 1] = sub(bk, -8) .. s2 end
     return fresh, 1, 1
+  end
+  local ref = 0
+  if byte(v, 1) >= 128 then ref = 128 end
+  -- NOTE: the common case needs no parsing: one-byte records only, and a newcomer of the
+  -- default tier appends its byte
+  if tid == 0 and id < 128 and PCS == 0 and not find(v, PLAIN_NOT, 4)
+      and not find(v, char(id), 4, true) then
+    return char(ref + EPOCH) .. sub(v, 2) .. char(id), 0, 1
   end
   local recs = parse(v, 4)
   local found, held = nil, false
@@ -327,15 +367,28 @@ local function block_add(key8, v, id, tid, fresh, s2)
     de = 1
     if PCS > 0 then recs = limit_holders(recs, id, PCS) end
   end
-  local ref = 0
-  if byte(v, 1) >= 128 then ref = 128 end
   return char(ref + EPOCH) .. sub(v, 2, 3) .. serialize(recs), 0, de
 end
 
--- one reference less of (id, tier) at block `bk`; returns whether `id` still holds it
+-- one reference less of (id, tier) at block `bk` (loaded in the block cache); returns whether
+-- `id` still holds it at some tier
 local function block_dec(bk, id, tid)
-  local v = call('GET', bk)
+  local v = BC[bk]
   if not v then return false end
+  if tid == 0 and id < 128 and not find(v, PLAIN_NOT, 4) then
+    -- one-byte records only: the pod's is its single default-tier reference
+    local p = find(v, char(id), 4, true)
+    if not p then return false end
+    cinc('entries', -1)
+    ped(id, -1)
+    if #v == 4 then
+      block_put(bk, false)
+      cinc('blocks', -1)
+    else
+      block_put(bk, sub(v, 1, p - 1) .. sub(v, p + 1))
+    end
+    return false
+  end
   local recs = parse(v, 4)
   local idx, held = nil, false
   for i = 1, #recs do
@@ -357,12 +410,25 @@ local function block_dec(bk, id, tid)
     ped(id, -1)
   end
   if #recs == 0 then
-    call('DEL', bk)
+    block_put(bk, false)
     cinc('blocks', -1)
   else
-    call('SET', bk, sub(v, 1, 3) .. serialize(recs))
+    block_put(bk, sub(v, 1, 3) .. serialize(recs))
   end
   return held
+end
+
+-- whether block value `v` holds a record of (id, tier)
+local function holds_at(v, id, tid)
+  if id < 128 and not find(v, PLAIN_NOT, 4) then
+    return tid == 0 and find(v, char(id), 4, true) ~= nil
+  end
+  local recs = parse(v, 4)
+  for i = 1, #recs do
+    local r = recs[i]
+    if r[1] == id and r[2] == tid then return true end
+  end
+  return false
 end
 
 local function evict_block(bk, v)
@@ -466,6 +532,287 @@ end
 
 local function alive(last)
   return TTL == 0 or (last and NOW - tonumber(last) <= TTL)
+end
+
+-- writes ---------------------------------------------------------------------------------
+
+local TOUCHED = {}
+
+-- A store of `kb` (keys, 8 bytes each) with engine hashes `eb` ('' = the keys) at tier
+-- `tname`. `x`: '1' when the keys are distinct with one engine hash each (the common case),
+-- else '0' followed by (engine hash, last key) pairs of engine blocks whose last key lives in
+-- another shard. `new_only`: engine hashes the pod already holds at the tier (same keys) get
+-- no new reference. Returns the engine hashes skipped so, concatenated.
+local function w_add(name, tname, kb, eb, x, new_only)
+  local n = #kb / 8
+  if n == 0 then return '' end
+  local tid, err = tier_id(tname, true)
+  if not tid then return err end
+  local id = register(name)
+  TOUCHED[id] = true
+  local E = emap_key(id)
+  local plain = byte(x, 1) == 49
+  if plain and not new_only then
+    -- the hot path: distinct keys, one engine hash each
+    local kv, names = {}, {}
+    local j = 0
+    for i = 1, n do
+      local o = 8 * i
+      local k = sub(kb, o - 7, o)
+      if eb == '' then kv[j + 1] = k else kv[j + 1] = sub(eb, o - 7, o) end
+      kv[j + 2] = k
+      j = j + 2
+      names[i] = PB .. k
+    end
+    local added = 0
+    for i = 1, j, CHUNK do
+      added = added + call('HSET', E, unpack(kv, i, min(j, i + CHUNK - 1)))
+    end
+    cinc('emaps', added)
+    blocks_load(names)
+    local st = stamp()
+    local s2 = char(floor(st / 256), st % 256)
+    local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
+    local db, de = 0, 0
+    for i = 1, n do
+      local bk = names[i]
+      local v = BC[bk]
+      if v then
+        local nv, _, e1 = block_add(bk, v, id, tid, fresh, s2)
+        BC[bk] = nv
+        de = de + e1
+      else
+        if QUEUE then QBUF[#QBUF + 1] = kv[2 * i] .. s2 end
+        BC[bk] = fresh
+        db = db + 1
+        de = de + 1
+      end
+      DIRTY[bk] = true
+    end
+    cinc('blocks', db)
+    cinc('entries', de)
+    ped(id, de)
+    return ''
+  end
+  local gehs, gvals, gkeys = {}, {}, nil
+  if plain then
+    for i = 1, n do
+      local o = 8 * i
+      local k = sub(kb, o - 7, o)
+      gvals[i] = k
+      if eb == '' then gehs[i] = k else gehs[i] = sub(eb, o - 7, o) end
+    end
+    gkeys = gvals
+  else
+    gkeys = {}
+    local foreign = {}
+    local fb = sub(x, 2)
+    for i = 1, #fb - 15, 16 do foreign[sub(fb, i, i + 7)] = sub(fb, i + 8, i + 15) end
+    groups(kb, eb, function(eh, keys)
+      local g = #gehs + 1
+      gehs[g] = eh
+      gkeys[g] = keys
+      local f = foreign[eh]
+      if f then gvals[g] = keys .. '\0' .. f else gvals[g] = keys end
+    end)
+  end
+  local ng = #gehs
+  local skip, skipped = nil, {}
+  if new_only then
+    local cur = hmget(E, gehs)
+    local names, gi = {}, {}
+    for g = 1, ng do
+      if cur[g] == gvals[g] then
+        names[#names + 1] = PB .. sub(gkeys[g], 1, 8)
+        gi[#gi + 1] = g
+      end
+    end
+    if #names > 0 then
+      blocks_load(names)
+      for j = 1, #names do
+        local v = BC[names[j]]
+        if v and holds_at(v, id, tid) then
+          skip = skip or {}
+          skip[gi[j]] = true
+          skipped[#skipped + 1] = gehs[gi[j]]
+        end
+      end
+    end
+  end
+  local kv, names, key8 = {}, {}, {}
+  for g = 1, ng do
+    if not (skip and skip[g]) then
+      kv[#kv + 1] = gehs[g]
+      kv[#kv + 1] = gvals[g]
+      local ks = gkeys[g]
+      if plain then
+        names[#names + 1] = PB .. ks
+        key8[#key8 + 1] = ks
+      else
+        for k = 1, #ks / 8 do
+          local k8 = sub(ks, 8 * k - 7, 8 * k)
+          names[#names + 1] = PB .. k8
+          key8[#key8 + 1] = k8
+        end
+      end
+    end
+  end
+  if #kv == 0 then return concat(skipped) end
+  local added = 0
+  for i = 1, #kv, CHUNK do
+    added = added + call('HSET', E, unpack(kv, i, min(#kv, i + CHUNK - 1)))
+  end
+  cinc('emaps', added)
+  blocks_load(names)
+  local st = stamp()
+  local s2 = char(floor(st / 256), st % 256)
+  local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
+  local db, de = 0, 0
+  for i = 1, #names do
+    local bk = names[i]
+    local v = BC[bk]
+    if v then
+      local nv, _, e1 = block_add(bk, v, id, tid, fresh, s2)
+      BC[bk] = nv
+      de = de + e1
+    else
+      if QUEUE then QBUF[#QBUF + 1] = key8[i] .. s2 end
+      BC[bk] = fresh
+      db = db + 1
+      de = de + 1
+    end
+    DIRTY[bk] = true
+  end
+  cinc('blocks', db)
+  cinc('entries', de)
+  ped(id, de)
+  return concat(skipped)
+end
+
+-- the engine hashes of `eb` and their engine-map values (false when unknown)
+local function emap_values(E, eb)
+  local ehs = {}
+  for i = 1, #eb / 8 do ehs[i] = sub(eb, 8 * i - 7, 8 * i) end
+  return ehs, hmget(E, ehs)
+end
+
+-- the block names of engine-map values, appended to `names`
+local function value_blocks(vals, n, names)
+  for i = 1, n do
+    local val = vals[i]
+    if val then
+      if #val == 8 then
+        names[#names + 1] = PB .. val
+      else
+        for k = 1, nlocal(val) do names[#names + 1] = PB .. sub(val, 8 * k - 7, 8 * k) end
+      end
+    end
+  end
+  return names
+end
+
+-- One reference less per engine hash of `eb` at tier `tname`; an engine hash is forgotten
+-- once the pod holds none of its keys at any tier. Returns a '0'/'1' string: known or not.
+local function w_remove(name, tname, eb)
+  local n = #eb / 8
+  local id = live_id(name)
+  if not id then return string.rep('0', n) end
+  TOUCHED[id] = true
+  local tid = tier_id(tname, false)
+  local E = emap_key(id)
+  local ehs, vals = emap_values(E, eb)
+  local names = {}
+  for i = 1, n do
+    local val = vals[i]
+    if val and #val == 8 then names[i] = PB .. val end
+  end
+  local all = value_blocks(vals, n, {})
+  blocks_load(all)
+  local bits, dels, gone = {}, {}, {}
+  local plain_ok = tid == 0 and id < 128
+  local mine = char(id)
+  local gone_entries, gone_blocks = 0, 0
+  for i = 1, n do
+    local val, eh = vals[i], ehs[i]
+    if val and not gone[eh] then
+      bits[i] = '1'
+      local still = false
+      local bk = names[i]
+      if bk then
+        local v = BC[bk]
+        if v and plain_ok and not find(v, PLAIN_NOT, 4) then
+          -- one-byte records only: the pod's is its single default-tier reference
+          local p = find(v, mine, 4, true)
+          if p then
+            gone_entries = gone_entries + 1
+            if #v == 4 then
+              BC[bk] = false
+              gone_blocks = gone_blocks + 1
+            else
+              BC[bk] = sub(v, 1, p - 1) .. sub(v, p + 1)
+            end
+            DIRTY[bk] = true
+          end
+        else
+          still = block_dec(bk, id, tid)
+        end
+      else
+        for k = 1, nlocal(val) do
+          if block_dec(PB .. sub(val, 8 * k - 7, 8 * k), id, tid) then still = true end
+        end
+      end
+      if not still then
+        gone[eh] = true
+        dels[#dels + 1] = eh
+      end
+    else
+      bits[i] = '0'
+    end
+  end
+  if gone_entries > 0 then
+    cinc('entries', -gone_entries)
+    ped(id, -gone_entries)
+    cinc('blocks', -gone_blocks)
+  end
+  local deleted = 0
+  for i = 1, #dels, CHUNK do
+    deleted = deleted + call('HDEL', E, unpack(dels, i, min(#dels, i + CHUNK - 1)))
+  end
+  cinc('emaps', -deleted)
+  return concat(bits)
+end
+
+-- One reference at tier `tname` for the keys of each known engine hash of `eb` (offload
+-- stores). Returns a '0'/'1' string: known or not.
+local function w_add_tier(name, tname, eb)
+  local n = #eb / 8
+  local id = live_id(name)
+  if not id then return string.rep('0', n) end
+  local tid, err = tier_id(tname, true)
+  if not tid then return err end
+  TOUCHED[id] = true
+  local _, vals = emap_values(emap_key(id), eb)
+  local bits = {}
+  for i = 1, n do
+    if vals[i] then bits[i] = '1' else bits[i] = '0' end
+  end
+  local names = value_blocks(vals, n, {})
+  blocks_load(names)
+  local st = stamp()
+  local s2 = char(floor(st / 256), st % 256)
+  local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
+  local db, de = 0, 0
+  for i = 1, #names do
+    local bk = names[i]
+    local nv, b1, e1 = block_add(bk, BC[bk], id, tid, fresh, s2)
+    block_put(bk, nv)
+    db = db + b1
+    de = de + e1
+  end
+  cinc('blocks', db)
+  cinc('entries', de)
+  ped(id, de)
+  return concat(bits)
 end
 
 -- operations -----------------------------------------------------------------------------
@@ -643,174 +990,74 @@ if op == 'lookup' then
   end
   return cmsgpack.pack(out)
 
-elseif op == 'add' or op == 'add_tier' then
-  local name, tname = ARGV[4], ARGV[5]
-  local size = tonumber(ARGV[7])
-  PCS = tonumber(ARGV[8])
+elseif op == 'w' then
+  -- a batch of writes in call order: ARGV[4] = size bound of the shard, ARGV[5] = pods per
+  -- block (0 = no limit), then six arguments per write: kind ('a' add, 'n' add_new,
+  -- 'r' remove, 't' add_tier), pod, tier, keys, engine hashes, flags. Returns one result per
+  -- write (skipped count, or a known-bits string), or a 'KVAWARE ...' string for a refused one.
+  local size = tonumber(ARGV[4])
+  PCS = tonumber(ARGV[5])
   -- NOTE: the block queue serves eviction and expiry; with neither it is not kept
   QUEUE = QUEUE or size > 0
-  local id, m, tid
-  local blocks = {}     -- key8 list to reference once each
-  local unknown = 0
-  local known_bits = nil
-  local plain = false   -- no key twice in `blocks`
-  if op == 'add' then
-    local kb, eb = ARGV[6], ARGV[9]
-    local n = #kb / 8
-    if n == 0 then return 0 end
-    id = register(name)
-    m = meta_get(id)
-    tid = tier_id(tname, true)
-    if type(tid) == 'table' then return tid end
-    maybe_split(id, m, n)
-    local byb = {}
-    -- NOTE: the client flags writes with distinct keys and no run of equal engine hashes
-    -- (the common case): one engine hash per key, no value read twice.
-    plain = ARGV[10] == '1'
-    if plain then
-      local n0, sp = lshift(1, m.L), m.p
-      for i = 1, n do
-        local o = 8 * i
-        local key8 = sub(kb, o - 7, o)
-        local eh = key8
-        if eb ~= '' then eh = sub(eb, o - 7, o) end
-        blocks[i] = key8
-        local x, y, z = byte(eh, 1, 3)
-        local h = x + y * 256 + z * 65536
-        local bk = h % n0
-        if bk < sp then bk = h % (2 * n0) end
-        local t = byb[bk]
-        if not t then
-          t = {}
-          byb[bk] = t
-        end
-        t[#t + 1] = eh
-        t[#t + 1] = key8
-      end
+  local out = {}
+  local a, s, na = 6, 0, #ARGV
+  while a + 5 <= na do
+    local kind = ARGV[a]
+    local r
+    if kind == 'a' or kind == 'n' then
+      r = w_add(ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], kind == 'n')
+    elseif kind == 'r' then
+      r = w_remove(ARGV[a + 1], ARGV[a + 2], ARGV[a + 4])
+    elseif kind == 't' then
+      r = w_add_tier(ARGV[a + 1], ARGV[a + 2], ARGV[a + 4])
     else
-      local foreign = {}
-      local fb = ARGV[11] or ''
-      for i = 1, #fb - 15, 16 do foreign[sub(fb, i, i + 7)] = sub(fb, i + 8, i + 15) end
-      groups(kb, eb, function(eh, keys)
-        local f = foreign[eh]
-        if f then keys = keys .. '\0' .. f end
-        local b = bucket(m, eh)
-        local t = byb[b]
-        if not t then
-          t = {}
-          byb[b] = t
-        end
-        t[#t + 1] = eh
-        t[#t + 1] = keys
-      end)
-      for i = 1, n do blocks[i] = sub(kb, 8 * i - 7, 8 * i) end
+      r = 'KVAWARE unknown write ' .. tostring(kind)
     end
-    local added = 0
-    for b, t in pairs(byb) do
-      for i = 1, #t, 2000 do
-        added = added + call('HSET', ekey(id, b), unpack(t, i, min(#t, i + 1999)))
-      end
-    end
-    m.h = m.h + added
-    cinc('emaps', added)
-  else
-    local eb = ARGV[6]
-    local n = #eb / 8
-    id = live_id(name)
-    if not id then return string.rep('0', n) end
-    m = meta_get(id)
-    tid = tier_id(tname, true)
-    if type(tid) == 'table' then return tid end
-    local bits = {}
-    for i = 1, n do
-      local eh = sub(eb, 8 * i - 7, 8 * i)
-      local val = call('HGET', ekey(id, bucket(m, eh)), eh)
-      if val then
-        bits[i] = '1'
-        for k = 1, nlocal(val) do blocks[#blocks + 1] = sub(val, 8 * k - 7, 8 * k) end
-      else
-        bits[i] = '0'
-        unknown = unknown + 1
-      end
-    end
-    known_bits = concat(bits)
+    s = s + 1
+    out[s] = r
+    a = a + 6
   end
-  local st = stamp()
-  local s2 = char(floor(st / 256), st % 256)
-  local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
-  local cache = {}
-  local sets = {}
-  local nb = #blocks
-  local dblocks, dentries = 0, 0
-  for c0 = 0, nb - 1, 512 do
-    local cn = min(512, nb - c0)
-    local ks = {}
-    for j = 1, cn do ks[j] = PB .. blocks[c0 + j] end
-    local vals = call('MGET', unpack(ks))
-    for j = 1, cn do
-      local bk = ks[j]
-      local v = vals[j]
-      if not plain then
-        local c = cache[bk]
-        if c ~= nil then v = c end
-      end
-      local nv, db, de = block_add(blocks[c0 + j], v, id, tid, fresh, s2)
-      dblocks = dblocks + db
-      dentries = dentries + de
-      if not plain then cache[bk] = nv end
-      sets[#sets + 1] = bk
-      sets[#sets + 1] = nv
-    end
-  end
-  for i = 1, #sets, 2000 do call('MSET', unpack(sets, i, min(#sets, i + 1999))) end
-  cinc('blocks', dblocks)
-  cinc('entries', dentries)
-  ped(id, dentries)
-  maybe_split(id, m, 0)
-  refresh_pod(id, m)
-  meta_put(id, m)
+  flush_blocks()
+  for id in pairs(TOUCHED) do refresh_pod(id) end
   flush_counts()
   evict_to(size)
-  if known_bits then return known_bits end
-  return unknown
-
-elseif op == 'remove' then
-  local name, tname, eb = ARGV[4], ARGV[5], ARGV[6]
-  local id = live_id(name)
-  if not id then return string.rep('0', #eb / 8) end
-  local m = meta_get(id)
-  local tid = tier_id(tname, false)
-  local bits = {}
-  for i = 1, #eb / 8 do
-    local eh = sub(eb, 8 * i - 7, 8 * i)
-    local bkt = ekey(id, bucket(m, eh))
-    local val = call('HGET', bkt, eh)
-    bits[i] = '0'
-    if val then
-      bits[i] = '1'
-      local still = false
-      for k = 1, nlocal(val) do
-        if block_dec(PB .. sub(val, 8 * k - 7, 8 * k), id, tid) then still = true end
-      end
-      if not still then
-        call('HDEL', bkt, eh)
-        m.h = m.h - 1
-        cinc('emaps', -1)
-      end
-    end
-  end
-  refresh_pod(id, m)
-  meta_put(id, m)
-  flush_counts()
-  return concat(bits)
+  return out
 
 elseif op == 'resolve' then
   local id = live_id(ARGV[4])
   if not id then return false end
-  local eh = ARGV[5]
-  local val = call('HGET', ekey(id, bucket(meta_get(id), eh)), eh)
+  local val = call('HGET', emap_key(id), ARGV[5])
   if not val then return false end
   return sub(val, -8)
+
+elseif op == 'refs' then
+  -- the pod's references per engine hash and tier (read at the first key of the engine block
+  -- in this shard): tier names (msgpack), engine hashes (8 bytes each), then a tier id byte
+  -- and a count byte for each
+  local id = live_id(ARGV[4])
+  if not id then return {} end
+  local all = call('HGETALL', emap_key(id))
+  local tiers = {}
+  local tl = call('HGETALL', K_T)
+  for i = 1, #tl, 2 do tiers[tonumber(tl[i + 1]) + 1] = tl[i] end
+  local names = {}
+  for i = 2, #all, 2 do names[#names + 1] = PB .. sub(all[i], 1, 8) end
+  blocks_load(names)
+  local ehs, tcs = {}, {}
+  for i = 1, #names do
+    local v = BC[names[i]]
+    if v then
+      local recs = parse(v, 4)
+      for j = 1, #recs do
+        local r = recs[j]
+        if r[1] == id then
+          ehs[#ehs + 1] = all[2 * i - 1]
+          tcs[#tcs + 1] = char(r[2], r[3])
+        end
+      end
+    end
+  end
+  return { cmsgpack.pack(tiers), concat(ehs), concat(tcs) }
 
 elseif op == 'spec' then
   local name, kb, sttl = ARGV[4], ARGV[5], tonumber(ARGV[6])
@@ -883,7 +1130,7 @@ elseif op == 'spec' then
     if call('PTTL', K_SC) < sttl then call('PEXPIRE', K_SC, sttl) end
   end
   m.sd = max(m.sd, dl)
-  refresh_pod(id, m)
+  refresh_pod(id)
   meta_put(id, m)
   return written
 
@@ -899,60 +1146,70 @@ elseif op == 'purge' then
     if tonumber(call('HGET', K_R, name)) ~= id then return { 0, 0 } end
   end
   if not id then return { 0, 0 } end
-  local m = meta_get(id)
   local dropped = tonumber(call('HGET', K_PE, id) or 0)
   call('HDEL', K_R, name)
   call('HDEL', K_N, id)
   call('HDEL', K_L, id)
   call('HDEL', K_PE, id)
   cinc('entries', -dropped)
-  cinc('emaps', -m.h)
-  call('HSET', K_Z, id, nbuckets(m))
+  -- NOTE: the map moves aside at once, so the id is free of it; the steps walk it later
+  local E = emap_key(id)
+  local h = call('HLEN', E)
+  if h > 0 then
+    cinc('emaps', -h)
+    call('RENAME', E, P .. 'd' .. id)
+  end
+  call('HSET', K_Z, id, 0)
   flush_counts()
   return { dropped, id }
 
 elseif op == 'purge_step' then
+  -- drop a purged pod's records from the blocks of one page of its engine map (HSCAN)
   local id, budget = tonumber(ARGV[4]), tonumber(ARGV[5])
-  local rem = call('HGET', K_Z, id)
-  if not rem then return 0 end
-  rem = tonumber(rem)
+  local cur = call('HGET', K_Z, id)
+  if not cur then return 0 end
+  local D = P .. 'd' .. id
+  local cursor, items = '0', EMPTY
+  if call('EXISTS', D) == 1 then
+    local res = call('HSCAN', D, cur, 'COUNT', budget)
+    cursor, items = res[1], res[2]
+  end
+  local names = {}
+  for i = 2, #items, 2 do
+    local val = items[i]
+    for k = 1, nlocal(val) do names[#names + 1] = PB .. sub(val, 8 * k - 7, 8 * k) end
+  end
+  blocks_load(names)
   local gone = { [id] = true }
-  while rem > 0 and budget > 0 do
-    local bkt = ekey(id, rem - 1)
-    local all = call('HGETALL', bkt)
-    for i = 2, #all, 2 do
-      local val = all[i]
-      for k = 1, nlocal(val) do
-        local bk = PB .. sub(val, 8 * k - 7, 8 * k)
-        local v = call('GET', bk)
-        if v then
-          local recs = parse(v, 4)
-          local kept = without(recs, gone)
-          if #kept ~= #recs then
-            if #kept == 0 then
-              call('DEL', bk)
-              cinc('blocks', -1)
-            else
-              call('SET', bk, sub(v, 1, 3) .. serialize(kept))
-            end
-          end
+  for i = 1, #names do
+    local bk = names[i]
+    local v = BC[bk]
+    if v then
+      local recs = parse(v, 4)
+      local kept = without(recs, gone)
+      if #kept ~= #recs then
+        if #kept == 0 then
+          block_put(bk, false)
+          cinc('blocks', -1)
+        else
+          block_put(bk, sub(v, 1, 3) .. serialize(kept))
         end
       end
     end
-    budget = budget - #all / 2 - 1
-    call('DEL', bkt)
-    rem = rem - 1
   end
-  if rem == 0 then
+  flush_blocks()
+  if cursor == '0' then
+    call('UNLINK', D)
     local m = meta_get(id)
     call('HDEL', K_Z, id)
     call('HDEL', K_M, id)
     call('RPUSH', K_F, id .. ':' .. max(NOW, m.sd))
-  else
-    call('HSET', K_Z, id, rem)
+    flush_counts()
+    return 0
   end
+  call('HSET', K_Z, id, cursor)
   flush_counts()
-  return rem
+  return 1
 
 elseif op == 'maint' then
   -- expiry sweep over the block queue, then the pods gone quiet and unfinished purges
@@ -996,9 +1253,7 @@ elseif op == 'maint' then
 elseif op == 'alive' then
   -- a pod that writes to other shards of a cluster is alive here too
   local id = register(ARGV[4])
-  local m = meta_get(id)
-  refresh_pod(id, m)
-  meta_put(id, m)
+  refresh_pod(id)
   return id
 
 elseif op == 'stats' then

@@ -1,13 +1,14 @@
 """The Redis / Valkey `KVBlockIndex` backend: one index shared by writers and scoring replicas.
 
 Every operation is one call of one Lua script (``redis.lua`` beside this module) on one shard
-of the index, so a prompt lookup is one round trip with the early stop done server-side, and an
-event's write is one round trip (a `WriteBatch` pipelines many). Layout, expiry, cluster
-sharding and failure behaviour are described in ``docs/redis.md``; in short:
+of the index, so a prompt lookup is one round trip with the early stop done server-side, and
+writes are one round trip: a `WriteBatch` (an event batch) is one script call per shard that
+applies its writes in order. Layout, expiry, cluster sharding and failure behaviour are
+described in ``docs/redis.md``; in short:
 
 * Blocks are string keys ``<prefix>b<key>`` holding a 3-byte header and one compact record per
   holding pod (pods are small per-shard integer ids from a registry hash); each pod's engine-hash
-  map is a set of small hashes (linear hashing) that doubles as the pod's reverse index, so a
+  map is one Redis hash (engine hash -> keys) that doubles as the pod's reverse index, so a
   purge walks only that pod's entries.
 * On Redis Cluster, blocks are sharded by key over shards (one hash tag each, placed on
   distinct masters; every script call stays single-slot): a lookup sends each shard its part of
@@ -26,6 +27,7 @@ import bisect
 import hashlib
 import itertools
 import logging
+import socket
 import sys
 import threading
 import time
@@ -34,7 +36,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -58,8 +60,12 @@ T = TypeVar("T")
 _SPEC = 1 << 16
 #: Engine-map entries a purge step handles per script call (keeps each call short).
 _PURGE_BUDGET = 2000
+#: Script call kinds of the writes (one ``w`` call per shard carries a batch of them).
+_WRITE_CODES = {"add": b"a", "add_new": b"n", "remove": b"r", "add_tier": b"t"}
 #: Buffered writes replayed per pipeline.
 _REPLAY_BATCH = 256
+#: Write batches queued for the writer thread before `batch(on_done=...)` waits for room.
+_WRITE_BEHIND = 4
 _LAYOUT_VERSION = "v1"
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -120,6 +126,137 @@ def _key_names(prefix: bytes, keys: Sequence[int]) -> bytes:
     return names.tobytes()
 
 
+def _resp(args: Sequence[Any]) -> bytes:
+    """One command in the Redis protocol (RESP)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if a.__class__ is bytes else _arg_bytes(a)
+        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def _arg_bytes(a: Any) -> bytes:
+    if isinstance(a, str):
+        return a.encode("utf-8")
+    if isinstance(a, int):
+        return b"%d" % a
+    return bytes(a)
+
+
+def _error(message: str) -> redis.exceptions.ResponseError:
+    """The redis-py exception of an error reply (NOSCRIPT, LOADING, MOVED, ...)."""
+    try:
+        from redis._parsers.base import BaseParser
+
+        exc: redis.exceptions.ResponseError = BaseParser.parse_error(message)  # type: ignore[no-untyped-call]
+        return exc
+    except (ImportError, AttributeError, TypeError):  # pragma: no cover - other redis-py
+        return redis.exceptions.ResponseError(message)
+
+
+class _Wire:
+    """Script calls straight over a redis-py connection's socket: one send per round trip and
+    as few receives as the replies need.
+
+    NOTE: redis-py's own command path costs two to three times the CPU per call (several
+    send and receive system calls and a general parser): 100-200 us of a ~0.7 ms lookup on
+    the development VM. Lookups and write batches are this backend's hot path, so they go
+    this way; everything else uses redis-py. A connection that fails mid-call is dropped
+    (it may hold half a reply); redis-py reconnects it on next use.
+    """
+
+    __slots__ = ("_buf", "_conn", "_pos", "_sock")
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        sock = getattr(conn, "_sock", None)
+        if sock is None:
+            conn.connect()
+            sock = conn._sock
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def send(self, payload: bytes) -> None:
+        try:
+            self._sock.sendall(payload)
+        except BaseException as exc:
+            self._fail(exc)
+
+    def replies(self, n: int) -> list[Any]:
+        """`n` replies; error replies come back as exception objects."""
+        try:
+            return [self._reply() for _ in range(n)]
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> NoReturn:
+        self._conn.disconnect()
+        if isinstance(exc, socket.timeout):
+            raise redis.exceptions.TimeoutError(f"Timeout reading from Redis: {exc}") from exc
+        if isinstance(exc, OSError):
+            raise redis.exceptions.ConnectionError(f"Error talking to Redis: {exc}") from exc
+        raise exc
+
+    def _more(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
+        self._buf = self._buf[self._pos :] + chunk
+        self._pos = 0
+
+    def _line(self) -> bytes:
+        while True:
+            i = self._buf.find(b"\r\n", self._pos)
+            if i >= 0:
+                line = self._buf[self._pos : i]
+                self._pos = i + 2
+                return line
+            self._more()
+
+    def _take(self, n: int) -> bytes:
+        while len(self._buf) - self._pos < n + 2:
+            self._more()
+        data = self._buf[self._pos : self._pos + n]
+        self._pos += n + 2
+        return data
+
+    def _reply(self) -> Any:
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self._take(n)
+        if kind == b":":
+            return int(rest)
+        if kind == b"*" or kind == b"~" or kind == b">":
+            n = int(rest)
+            return None if n < 0 else [self._reply() for _ in range(n)]
+        if kind == b"_":
+            return None
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return _error(rest.decode("utf-8", "replace"))
+        if kind == b"!":
+            return _error(self._take(int(rest)).decode("utf-8", "replace"))
+        if kind == b"#":
+            return rest == b"t"
+        if kind == b",":
+            return float(rest)
+        if kind == b"(":
+            return int(rest)
+        if kind == b"=":
+            return self._take(int(rest))[4:]
+        if kind == b"%":
+            out = {}
+            for _ in range(int(rest)):
+                key = self._reply()
+                out[key] = self._reply()
+            return out
+        raise redis.exceptions.InvalidResponse(f"unexpected Redis reply {line[:40]!r}")
+
+
 def _script_source() -> str:
     return resources.files("kvaware_scorer.index").joinpath("redis.lua").read_text("utf-8")
 
@@ -141,6 +278,7 @@ class _Write:
     ehs: Sequence[int] | None = None
     tier: str = ""
     seq: int = -1
+    packed: tuple[bytes, bytes] | None = None  # keys and engine hashes, as sent
 
 
 class WriteBatch:
@@ -153,7 +291,17 @@ class WriteBatch:
     def __init__(self, index: RedisIndex) -> None:
         self._index = index
         self._ops: list[_Write] = []
+        self._empty: list[tuple[int, int | None]] = []  # adds of no keys: (position, result)
         self.results: list[int | None] = []
+
+    def _finish(self, results: list[int | None] | None = None) -> None:
+        if results is None:
+            results = self._index._submit(self._ops)
+        else:
+            results = list(results)
+        for k, (pos, value) in enumerate(self._empty):
+            results.insert(pos + k, value)
+        self.results = results
 
     def add(
         self,
@@ -163,9 +311,25 @@ class WriteBatch:
         tier: str | None = None,
     ) -> None:
         """Queue `RedisIndex.add`."""
-        op = self._index._add_op(pod, keys, engine_hashes, tier)
+        op = self._index._add_op("add", pod, keys, engine_hashes, tier)
         if op is not None:
             self._ops.append(op)
+        else:
+            self._empty.append((len(self._ops), None))
+
+    def add_new(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> None:
+        """Queue `RedisIndex.add_new`."""
+        op = self._index._add_op("add_new", pod, keys, engine_hashes, tier)
+        if op is not None:
+            self._ops.append(op)
+        else:
+            self._empty.append((len(self._ops), 0))
 
     def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> None:
         """Queue `RedisIndex.add_tier`."""
@@ -210,6 +374,7 @@ class RedisIndex:
         self._init_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._client: Any = None
+        self._idle: deque[Any] = deque()  # connections kept for `_send_single`
         self._shards: list[_Shard] = []
         self._script_ready = False
         self._down_until = 0.0
@@ -231,6 +396,14 @@ class RedisIndex:
         self._alive_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # write-behind: batches queued by batch(on_done=...), applied in order by one thread
+        self._wcond = threading.Condition()
+        self._wqueue: deque[tuple[WriteBatch, Callable[[list[int | None] | Exception], None]]] = (
+            deque()
+        )
+        self._winflight = 0
+        self._wthread: threading.Thread | None = None
+        self._wstop = False
 
     # -- connection -------------------------------------------------------------------------
 
@@ -328,11 +501,39 @@ class RedisIndex:
 
     def _eval(self, shard: _Shard, *args: Any) -> Any:
         client = self._connection()
-        try:
-            return client.evalsha(*self._argv(shard, args))
-        except redis.exceptions.NoScriptError:
+        if self.config.cluster:
+            try:
+                return client.evalsha(*self._argv(shard, args))
+            except redis.exceptions.NoScriptError:
+                self._load_script(client)
+                return client.evalsha(*self._argv(shard, args))
+        reply = self._send_single(client, [(shard, args)])[0]
+        if isinstance(reply, redis.exceptions.NoScriptError):
             self._load_script(client)
-            return client.evalsha(*self._argv(shard, args))
+            reply = self._send_single(client, [(shard, args)])[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def _send_single(
+        self, client: Any, items: Sequence[tuple[_Shard, tuple[Any, ...]]]
+    ) -> list[Any]:
+        """Script calls on the single server in one round trip (errors returned).
+
+        NOTE: connections are borrowed from redis-py's pool once and kept by this index (a
+        pool checkout costs ~20 us: it polls the socket); `_Wire` always reads whole replies
+        or drops the connection, so a kept one is always ready.
+        """
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = client.connection_pool.get_connection()
+        try:
+            wire = _Wire(conn)
+            wire.send(b"".join(_resp(("EVALSHA", *self._argv(s, a))) for s, a in items))
+            return wire.replies(len(items))
+        finally:
+            self._idle.append(conn)
 
     def _pipeline(self, items: Sequence[tuple[_Shard, tuple[Any, ...]]]) -> list[Any]:
         """Run script calls in one pipeline; per-call errors are returned, not raised."""
@@ -346,10 +547,7 @@ class RedisIndex:
             if self.config.cluster:
                 out = self._cluster_send(client, batch)
             else:
-                pipe = client.pipeline(transaction=False)
-                for shard, args in batch:
-                    pipe.evalsha(*self._argv(shard, args))
-                out = pipe.execute(raise_on_error=False)
+                out = self._send_single(client, batch)
             retry = []
             for i, r in zip(todo, out, strict=True):
                 if isinstance(r, redis.exceptions.NoScriptError) and attempt == 0:
@@ -379,26 +577,23 @@ class RedisIndex:
             by_node.setdefault(node.name, []).append(i)
             nodes[node.name] = node
         results: list[Any] = [None] * len(items)
-        sent: list[tuple[Any, Any, list[int]]] = []
+        sent: list[tuple[Any, Any, _Wire, list[int]]] = []
         try:
             for name, idxs in by_node.items():
                 r = nodes[name].redis_connection
                 conn = r.connection_pool.get_connection()
-                sent.append((r, conn, idxs))
-                cmds = [("EVALSHA", *self._argv(*items[i])) for i in idxs]
-                conn.send_packed_command(conn.pack_commands(cmds))
-            for r, conn, idxs in sent:
-                for i in idxs:
-                    try:
-                        results[i] = r.parse_response(conn, "EVALSHA")
-                    except redis.exceptions.ResponseError as exc:
-                        results[i] = exc
+                wire = _Wire(conn)
+                sent.append((r, conn, wire, idxs))
+                wire.send(b"".join(_resp(("EVALSHA", *self._argv(*items[i]))) for i in idxs))
+            for _r, _conn, wire, idxs in sent:
+                for i, reply in zip(idxs, wire.replies(len(idxs)), strict=True):
+                    results[i] = reply
         except BaseException:
-            for _r, conn, _idxs in sent:
+            for _r, conn, _w, _idxs in sent:
                 conn.disconnect()
             raise
         finally:
-            for r, conn, _idxs in sent:
+            for r, conn, _w, _idxs in sent:
                 r.connection_pool.release(conn)
         for i, res in enumerate(results):
             if isinstance(
@@ -470,6 +665,7 @@ class RedisIndex:
 
     def _add_op(
         self,
+        kind: str,
         pod: str,
         keys: Sequence[int],
         engine_hashes: Sequence[int] | None,
@@ -479,54 +675,52 @@ class RedisIndex:
             return None
         if engine_hashes is not None and len(engine_hashes) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(engine_hashes)} engine hashes")
-        _pack(keys)  # bad keys fail here, in the caller, not at replay
+        kb = _pack(keys)  # bad keys fail here, in the caller, not at replay
+        eb = b"" if engine_hashes is None else _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
         ehs = None if engine_hashes is None else tuple(engine_hashes)
-        return _Write("add", pod, tuple(keys), ehs, tname)
+        return _Write(kind, pod, tuple(keys), ehs, tname, packed=(kb, eb))
 
     def _tier_op(
         self, kind: str, pod: str, engine_hashes: Sequence[int], tier: str | None
     ) -> _Write:
-        _pack(engine_hashes)
+        eb = _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
-        return _Write(kind, pod, (), tuple(engine_hashes), tname)
+        return _Write(kind, pod, (), tuple(engine_hashes), tname, packed=(b"", eb))
 
     def _shard_size(self) -> int:
         size = self.config.size
         shards = max(1, len(self._shards) if self._shards else self.config.cluster_shards or 1)
         return -(-size // shards) if size else 0
 
-    def _add_args(
-        self,
+    @staticmethod
+    def _add_write(
         w: _Write,
         keys: Sequence[int],
         ehs: Sequence[int] | None,
         foreign: bytes = b"",
-    ) -> tuple[Any, ...]:
+        packed: tuple[bytes, bytes] | None = None,
+    ) -> tuple[bytes, str, str, bytes, bytes, bytes]:
+        """The script's arguments of one store (see ``w`` in redis.lua)."""
         plain = (
             not foreign
             and len(set(keys)) == len(keys)
             and (ehs is None or len(set(ehs)) == len(ehs))
         )
-        return (
-            b"add",
-            w.pod,
-            w.tier,
-            _pack(keys),
-            self._shard_size(),
-            self.config.pod_cache_size,
-            b"" if ehs is None else _pack(ehs),
-            b"1" if plain else b"0",
-            foreign,
-        )
+        kb, eb = packed if packed is not None else (_pack(keys), b"" if ehs is None else _pack(ehs))
+        return (_WRITE_CODES[w.kind], w.pod, w.tier, kb, eb, b"1" if plain else b"0" + foreign)
 
-    def _plan(self, w: _Write) -> list[tuple[_Shard, tuple[Any, ...]]]:
-        """The script calls of one write: one per shard it touches."""
+    def _plan(self, w: _Write) -> list[tuple[_Shard, bool, tuple[Any, ...]]]:
+        """The script work of one write: ``(shard, batched, args)`` per shard it touches.
+
+        Batched items are writes that one ``w`` call per shard carries for the whole batch;
+        the others (purges, liveness) are script calls of their own.
+        """
         shards = self._shards
         n = len(shards)
-        if w.kind == "add":
+        if w.kind in ("add", "add_new"):
             if n == 1:
-                return [(shards[0], self._add_args(w, w.keys, w.ehs))]
+                return [(shards[0], True, self._add_write(w, w.keys, w.ehs, packed=w.packed))]
             parts: dict[int, tuple[list[int], list[int]]] = {}
             foreign: dict[int, list[bytes]] = {}
             for eh, ks in iter_groups(w.keys, w.ehs):
@@ -540,33 +734,24 @@ class RedisIndex:
                 last = ks[-1]
                 for s in touched - {last % n}:
                     foreign.setdefault(s, []).append(_pack([eh, last]))
-            calls = [
+            items: list[tuple[_Shard, bool, tuple[Any, ...]]] = [
                 (
                     shards[s],
-                    self._add_args(
+                    True,
+                    self._add_write(
                         w, pk, None if w.ehs is None else pe, b"".join(foreign.get(s, ()))
                     ),
                 )
                 for s, (pk, pe) in parts.items()
             ]
-            return calls + self._alive_calls(w.pod, {s for s in parts})
+            return items + self._alive_calls(w.pod, {s for s in parts})
         if w.kind == "purge":
-            return [(sh, (b"purge", w.pod, 0)) for sh in shards]
-        ehs = w.ehs or ()
-        if w.kind == "add_tier":
-            args: tuple[Any, ...] = (
-                b"add_tier",
-                w.pod,
-                w.tier,
-                _pack(ehs),
-                self._shard_size(),
-                self.config.pod_cache_size,
-            )
-        else:
-            args = (b"remove", w.pod, w.tier, _pack(ehs))
-        return [(sh, args) for sh in shards]
+            return [(sh, False, (b"purge", w.pod, 0)) for sh in shards]
+        eb = w.packed[1] if w.packed is not None else _pack(w.ehs or ())
+        write = (_WRITE_CODES[w.kind], w.pod, w.tier, b"", eb, b"")
+        return [(sh, True, write) for sh in shards]
 
-    def _alive_calls(self, pod: str, busy: set[int]) -> list[tuple[_Shard, tuple[Any, ...]]]:
+    def _alive_calls(self, pod: str, busy: set[int]) -> list[tuple[_Shard, bool, tuple[Any, ...]]]:
         """On a cluster, tell the shards a write skipped that `pod` is alive (now and then)."""
         if self._ttl_ms == 0:
             return []
@@ -578,20 +763,32 @@ class RedisIndex:
             self._alive_at[pod] = now
             if len(self._alive_at) > 100_000:
                 self._alive_at.clear()
-        return [(sh, (b"alive", pod)) for i, sh in enumerate(self._shards) if i not in busy]
+        return [(sh, False, (b"alive", pod)) for i, sh in enumerate(self._shards) if i not in busy]
 
     def _combine(
-        self, w: _Write, calls: list[tuple[_Shard, tuple[Any, ...]]], raws: list[Any]
+        self, w: _Write, items: list[tuple[_Shard, bool, tuple[Any, ...]]], raws: list[Any]
     ) -> int | None:
-        """The caller's result of one write from its calls' answers."""
-        errors = [r for r in raws if isinstance(r, redis.exceptions.ResponseError)]
-        for exc in errors:
-            self._write_failed(w, exc)
+        """The caller's result of one write from its items' answers."""
+        for r in raws:
+            if isinstance(r, redis.exceptions.ResponseError):
+                self._write_failed(w, r)
+            elif isinstance(r, bytes) and r.startswith(b"KVAWARE"):
+                self._write_failed(w, redis.exceptions.ResponseError(r.decode("utf-8", "replace")))
+        answers = [r for r in raws if not isinstance(r, BaseException)]
         if w.kind == "add":
             return None
+        if w.kind == "add_new":
+            skipped = [
+                bytes(r)
+                for r, (_, batched, _a) in zip(raws, items, strict=True)
+                if batched and isinstance(r, bytes) and not r.startswith(b"KVAWARE")
+            ]
+            if len(skipped) == 1:
+                return len(skipped[0]) // 8
+            return len({b[i : i + 8] for b in skipped for i in range(0, len(b), 8)})
         if w.kind == "purge":
             dropped = 0
-            for (shard, _args), raw in zip(calls, raws, strict=True):
+            for (shard, _b, _args), raw in zip(items, raws, strict=True):
                 if isinstance(raw, BaseException):
                     continue
                 n, pid = (int(x) for x in raw)
@@ -600,21 +797,54 @@ class RedisIndex:
                     self._finish_purge(shard, pid)
             return dropped
         known = 0
-        bits = [bytes(r) for r in raws if not isinstance(r, BaseException)]
-        if bits:
+        bits = [bytes(r) for r in answers if not bytes(r).startswith(b"KVAWARE")]
+        if len(bits) == 1:
+            known = bits[0].count(49)
+        elif bits:  # a cluster: known where any shard knows it
             known = sum(1 for col in zip(*bits, strict=True) if 49 in col)
         if w.kind == "add_tier":
             return len(w.ehs or ()) - known
         return known
 
     def _fallback(self, w: _Write) -> int | None:
-        return None if w.kind == "add" else 0
+        """The result of a write not applied yet (buffered, or refused): not known."""
+        return None
 
-    def _apply(self, ops: Sequence[_Write]) -> list[int | None]:
-        """Send writes now (one round trip); raises the unavailability errors."""
+    def _apply(self, ops: Sequence[_Write], strict: bool = True) -> list[int | None]:
+        """Send writes now (one round trip); raises the unavailability errors.
+
+        `strict`: a write the script refuses raises `ValueError` (else it is counted and
+        logged, and its result is the fallback).
+
+        The batched writes of each shard travel in ``w`` calls (one per shard unless a purge
+        on that shard comes between two writes), in the order the writes were made.
+        """
         self._connection()
         plans = [self._plan(w) for w in ops]
-        calls = [c for plan in plans for c in plan]
+        calls: list[tuple[_Shard, tuple[Any, ...]]] = []
+        where: list[list[tuple[int, int]]] = []  # per op, per item: (call, position or -1)
+        open_call: dict[bytes, tuple[int, list[Any]]] = {}
+        size, pcs = self._shard_size(), self.config.pod_cache_size
+        for plan in plans:
+            spots = []
+            for shard, batched, args in plan:
+                if batched:
+                    cur = open_call.get(shard.prefix)
+                    if cur is None:
+                        argv: list[Any] = [b"w", size, pcs]
+                        cur = open_call[shard.prefix] = (len(calls), argv)
+                        calls.append((shard, ()))
+                    spots.append((cur[0], (len(cur[1]) - 3) // 6))
+                    cur[1].extend(args)
+                else:
+                    closed = open_call.pop(shard.prefix, None)
+                    if closed is not None:
+                        calls[closed[0]] = (shard, tuple(closed[1]))
+                    spots.append((len(calls), -1))
+                    calls.append((shard, args))
+            where.append(spots)
+        for idx, argv in open_call.values():
+            calls[idx] = (calls[idx][0], tuple(argv))
         if len(calls) == 1:
             try:
                 raws: list[Any] = [self._eval(calls[0][0], *calls[0][1])]
@@ -629,13 +859,25 @@ class RedisIndex:
                     raise r
         self._mark_up()
         out: list[int | None] = []
-        i = 0
-        for w, plan in zip(ops, plans, strict=True):
-            out.append(self._combine(w, plan, raws[i : i + len(plan)]))
-            i += len(plan)
+        for w, plan, spots in zip(ops, plans, where, strict=True):
+            got = []
+            for call, pos in spots:
+                raw = raws[call]
+                if pos >= 0 and not isinstance(raw, BaseException):
+                    raw = raw[pos]
+                got.append(raw)
+            try:
+                out.append(self._combine(w, plan, got))
+            except ValueError as exc:
+                if strict:
+                    raise
+                with self._lock:
+                    self._counters["failed_writes"] += 1
+                logger.warning("Redis index refused a %s of %s: %s", w.kind, w.pod, exc)
+                out.append(self._fallback(w))
         return out
 
-    def _submit(self, ops: list[_Write]) -> list[int | None]:
+    def _submit(self, ops: list[_Write], strict: bool = True) -> list[int | None]:
         """Apply writes now if Redis answers, else buffer them (in order)."""
         if not ops:
             return []
@@ -646,13 +888,84 @@ class RedisIndex:
             self._enqueue(ops)
             return [self._fallback(w) for w in ops]
         try:
-            return self._apply(ops)
+            return self._apply(ops, strict)
         except _UNAVAILABLE_OR_REPLY as exc:
             if not isinstance(exc, _UNAVAILABLE) and not _transient(exc):
                 raise
             self._mark_down(exc)
             self._enqueue(ops)
             return [self._fallback(w) for w in ops]
+
+    # -- write-behind -------------------------------------------------------------------------
+
+    def _queue_batch(
+        self, wb: WriteBatch, on_done: Callable[[list[int | None] | Exception], None]
+    ) -> None:
+        """Hand a batch to the writer thread (waits while `_WRITE_BEHIND` batches queue)."""
+        with self._wcond:
+            while len(self._wqueue) >= _WRITE_BEHIND and not self._wstop:
+                self._wcond.wait()
+            if self._wstop:
+                raise BackendUnavailableError("Redis index is closed")
+            self._wqueue.append((wb, on_done))
+            if self._wthread is None:
+                t = threading.Thread(target=self._write_loop, name="kvaware-redis-writer")
+                t.daemon = True
+                self._wthread = t
+                t.start()
+            self._wcond.notify_all()
+
+    def _write_loop(self) -> None:
+        """The writer thread: applies queued batches in order; batches that queued up while
+        one was in flight travel together (one round trip)."""
+        while True:
+            with self._wcond:
+                while not self._wqueue and not self._wstop:
+                    self._wcond.wait()
+                if not self._wqueue:
+                    return
+                jobs = list(self._wqueue)
+                self._wqueue.clear()
+                self._winflight = len(jobs)
+                self._wcond.notify_all()
+            try:
+                self._write_jobs(jobs)
+            finally:
+                with self._wcond:
+                    self._winflight = 0
+                    self._wcond.notify_all()
+
+    def _write_jobs(
+        self, jobs: list[tuple[WriteBatch, Callable[[list[int | None] | Exception], None]]]
+    ) -> None:
+        ops = [op for wb, _ in jobs for op in wb._ops]
+        outcome: list[int | None] | Exception
+        try:
+            outcome = self._submit(ops, strict=False)
+        except Exception as exc:  # a bug or an unexpected reply: the batches' callers learn it
+            logger.exception("Redis index writer failed on %d writes", len(ops))
+            outcome = exc
+        i = 0
+        for wb, on_done in jobs:
+            n = len(wb._ops)
+            try:
+                if isinstance(outcome, Exception):
+                    on_done(outcome)
+                else:
+                    wb._finish(outcome[i : i + n])
+                    on_done(wb.results)
+            except Exception:
+                logger.exception("Redis index write callback failed")
+            i += n
+
+    def _quiesce(self) -> None:
+        """Wait until the batches queued for the writer thread are applied (callers that read
+        or write after them see their effects), unless called by that thread."""
+        if self._wthread is None or threading.current_thread() is self._wthread:
+            return
+        with self._wcond:
+            while self._wqueue or self._winflight:
+                self._wcond.wait()
 
     def _write_failed(self, w: _Write, exc: BaseException) -> None:
         msg = str(exc)
@@ -675,7 +988,7 @@ class RedisIndex:
                         dropped += 1
                     w.seq = next(self._seq)
                     self._buffer.append(w)
-                    if w.kind == "add":
+                    if w.kind in ("add", "add_new"):
                         for eh, ks in iter_groups(w.keys, w.ehs):
                             self._pending[(w.pod, eh)] = ks[-1]
                 self._counters["buffered_writes"] += len(ops)
@@ -718,7 +1031,8 @@ class RedisIndex:
             logger.warning("Redis index dropped a replayed write: %s", exc)
 
     def flush(self) -> bool:
-        """Replay buffered writes now. Returns whether none are left."""
+        """Apply queued batches and replay buffered writes now. Returns whether none are left."""
+        self._quiesce()
         return self._drain()
 
     def add(
@@ -728,27 +1042,92 @@ class RedisIndex:
         engine_hashes: Sequence[int] | None = None,
         tier: str | None = None,
     ) -> None:
-        op = self._add_op(pod, keys, engine_hashes, tier)
+        op = self._add_op("add", pod, keys, engine_hashes, tier)
         if op is not None:
+            self._quiesce()
             self._submit([op])
+
+    def add_new(
+        self,
+        pod: str,
+        keys: Sequence[int],
+        engine_hashes: Sequence[int] | None = None,
+        tier: str | None = None,
+    ) -> int:
+        op = self._add_op("add_new", pod, keys, engine_hashes, tier)
+        if op is None:
+            return 0
+        self._quiesce()
+        return self._submit([op])[0] or 0
 
     def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
         if not engine_hashes:
             return 0
-        out = self._submit([self._tier_op("add_tier", pod, engine_hashes, tier)])[0]
-        return out or 0
+        op = self._tier_op("add_tier", pod, engine_hashes, tier)
+        self._quiesce()
+        return self._submit([op])[0] or 0
 
     def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> int:
         if not engine_hashes:
             return 0
-        return self._submit([self._tier_op("remove", pod, engine_hashes, tier)])[0] or 0
+        op = self._tier_op("remove", pod, engine_hashes, tier)
+        self._quiesce()
+        return self._submit([op])[0] or 0
 
     def purge(self, pod: str) -> int:
+        self._quiesce()
         return self._submit([_Write("purge", pod)])[0] or 0
 
+    def references(self, pod: str) -> dict[str, dict[int, int]]:
+        """Tier -> engine hash -> references `pod` holds (see `KVBlockIndex.references`).
+
+        Raises:
+            BackendUnavailableError: Redis is unreachable.
+        """
+
+        def run() -> list[Any]:
+            self._connection()
+            shards = self._shards
+            if len(shards) == 1:
+                return [self._eval(shards[0], b"refs", pod)]
+            raws = self._pipeline([(s, (b"refs", pod)) for s in shards])
+            for r in raws:
+                if isinstance(r, BaseException):
+                    raise r
+            return raws
+
+        self._quiesce()
+        out: dict[str, dict[int, int]] = {}
+        for raw in self._guarded("references", run):
+            if not raw:
+                continue
+            names, ehs, counts = raw
+            decoded = msgspec.msgpack.decode(names)
+            tiers: list[str] = list(decoded) if isinstance(decoded, list) else []
+            for i in range(0, len(ehs), 8):
+                tid, c = counts[i // 4], counts[i // 4 + 1]
+                name = tiers[tid] if tid < len(tiers) else f"tier-{tid}"
+                refs = out.get(name)
+                if refs is None:
+                    refs = out[name] = {}
+                eh = int.from_bytes(ehs[i : i + 8], "little")
+                # NOTE: an engine block whose keys span shards is reported by each of them
+                refs[eh] = max(refs.get(eh, 0), c)
+        return out
+
     @contextmanager
-    def batch(self) -> Iterator[WriteBatch]:
-        """Collect writes and send them in one pipeline when the block exits.
+    def batch(
+        self, on_done: Callable[[list[int | None] | Exception], None] | None = None
+    ) -> Iterator[WriteBatch]:
+        """Collect writes and send them in one round trip when the block exits.
+
+        Args:
+            on_done: Write behind: the batch is handed to this index's writer thread when the
+                block exits, and `on_done` is called there with its results (or the exception
+                that stopped it) once applied. Batches are applied in order (several that
+                queue up travel together), at most `_WRITE_BEHIND` wait, and this index's
+                `resolve`, `references`, `purge` and direct writes wait for them first.
+                Lookups do not wait. `on_done` must not call this index.
 
         Example:
             >>> with index.batch() as b:  # doctest: +SKIP
@@ -759,7 +1138,11 @@ class RedisIndex:
         """
         wb = WriteBatch(self)
         yield wb
-        wb.results = self._submit(wb._ops)
+        if on_done is not None:
+            self._queue_batch(wb, on_done)
+            return
+        self._quiesce()
+        wb._finish()
 
     def _finish_purge(self, shard: _Shard, pid: int) -> None:
         """Drop a purged pod's records block by block (short script calls)."""
@@ -958,6 +1341,7 @@ class RedisIndex:
         Raises:
             BackendUnavailableError: Redis is unreachable and the buffer does not know it.
         """
+        self._quiesce()
         if self._buffer:
             if self._available():
                 self._drain()
@@ -1103,7 +1487,14 @@ class RedisIndex:
                 self._finish_purge(shard, int(pid))
 
     def close(self) -> None:
-        """Stop the background thread, replay what is buffered if Redis answers, disconnect."""
+        """Apply queued batches, stop the background threads, replay what is buffered if Redis
+        answers, disconnect."""
+        with self._wcond:
+            self._wstop = True
+            self._wcond.notify_all()
+        w = self._wthread
+        if w is not None and w is not threading.current_thread():
+            w.join(timeout=30)
         self._stop.set()
         t = self._thread
         if t is not None and t is not threading.current_thread():
@@ -1117,5 +1508,11 @@ class RedisIndex:
             logger.warning("Redis index closed with %d writes not applied", len(self._buffer))
         client = self._client
         self._client = None
+        while self._idle:
+            conn = self._idle.pop()
+            if client is not None:
+                client.connection_pool.release(conn)
+            else:  # pragma: no cover - no client, no borrowed connection
+                conn.disconnect()
         if client is not None:
             client.close()

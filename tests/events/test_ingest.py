@@ -569,3 +569,77 @@ def test_parent_stored_earlier_in_the_same_batch() -> None:
     ix.ingest(POD, MODEL, frame(stored([1, 2], toks[:32]), stored([3], toks[32:], parent=2)), 0)
     assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
     assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+
+
+def test_single_rank_pod_keeps_its_references_in_the_index_only() -> None:
+    """A pod streaming from one DP rank keeps no reference map of its own: the index's counts
+    are the stream's, and removals and re-announcements are answered by the index."""
+    toks = list(range(48))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1, 2], toks[:32]), stored([3], toks[32:], parent=2)), 0)
+    ix.ingest(POD, MODEL, frame(stored([1, 2], toks[:32]), removed([3, 9])), 1)  # full report
+    st = ix.ingestor.streams(POD)[0]
+    assert st.held is None
+    assert ix.ingestor.held(POD) == {1: 1, 2: 1}
+    assert counter(ix, "kvaware_blocks_skipped_total", {"reason": "reannounced"}) == 2
+    assert counter(ix, "kvaware_blocks_skipped_total", {"reason": "unknown_block"}) == 1
+    assert counter(ix, "kvaware_blocks_removed_total") == 1
+    ix.ingest(POD, MODEL, frame(removed([1, 2])), 2)
+    assert ix.index.stats().entries == 0 and ix.ingestor.held(POD) == {}
+
+
+def test_second_rank_takes_the_first_ranks_references_from_the_index() -> None:
+    """When a second DP rank starts streaming, the first rank's references so far (known only
+    to the index until then) become its own, so its later restart drops exactly those."""
+    a, b, c = list(range(16)), list(range(16, 32)), list(range(32, 48))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1, 2], a + b), stored([3], c, parent=2), rank=0), 0)
+    ix.ingest(POD, MODEL, frame(stored([1], a), rank=1), 0)
+    streams = ix.ingestor.streams(POD)
+    assert streams[0].held == {"gpu": {1: 1, 2: 1, 3: 1}} and streams[1].held == {"gpu": {1: 1}}
+    ix.ingest(POD, MODEL, frame(removed([1, 2]), rank=1), 1)  # rank 1 never held 2
+    assert ix.ingestor.held(POD) == {1: 1, 2: 1, 3: 1}
+    ix.ingest(POD, MODEL, frame(rank=0), 0)  # rank 0 restarted
+    assert ix.ingestor.held(POD) == {}
+    assert ix.index.stats().entries == 0
+    ix.ingest(POD, MODEL, frame(stored([1], a), rank=1), 2)
+    assert ix.score(MODEL, a + b, [POD]) == {POD: 0.5}
+    assert ix.ingestor.held(POD, rank=1) == {1: 1} and ix.ingestor.held(POD, rank=0) == {}
+
+
+def test_parent_known_from_this_streams_recent_stores() -> None:
+    """A continuation whose parent this stream stored lately is keyed from that parent even
+    after the parent was evicted (vLLM still holds the continuation), as vLLM's pool says."""
+    toks = list(range(32))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1], toks[:16])), 0)
+    ix.ingest(POD, MODEL, frame(removed([1]), stored([2], toks[16:], parent=1)), 1)
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+    assert ix.ingestor.held(POD) == {2: 1}
+    assert ix.index.lookup(ix.block_keys(toks, MODEL)[1:], [POD])[POD].blocks == 1
+    assert ix.score(MODEL, toks, [POD]) == {POD: 0.0}  # block 0 is gone: no prefix match
+
+
+def test_restart_forgets_the_recent_parents() -> None:
+    """After a publisher restart, hashes of the old run no longer name parents."""
+    toks = list(range(32))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1], toks[:16])), 0)
+    ix.ingest(POD, MODEL, frame(stored([2], toks[16:], parent=1)), 0)  # seq back: restarted
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 1
+    assert ix.index.stats().entries == 0
+
+
+def test_old_parents_are_resolved_through_the_index() -> None:
+    """A parent stored long ago (beyond the recent stores) is found through the index."""
+    ix = Indexer()
+    first = list(range(32))
+    ix.ingest(POD, MODEL, frame(stored([1, 2], first)), 0)
+    filler = [stored([100 + i], list(range(1000 + 16 * i, 1016 + 16 * i))) for i in range(3000)]
+    ix.ingest(POD, MODEL, frame(*filler), 1)
+    st = ix.ingestor.streams(POD)[0]
+    assert 1 not in st.recent and 1 not in st.recent_old
+    tail = list(range(500, 516))
+    ix.ingest(POD, MODEL, frame(stored([3], tail, parent=1)), 2)
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+    assert ix.score(MODEL, first[:16] + tail, [POD]) == {POD: 1.0}

@@ -301,3 +301,69 @@ class IndexContract:
             t.join()
         assert not errors
         assert ix.stats().entries == 0
+
+    def test_add_new_skips_what_the_pod_holds_at_the_tier(self, make_index: Factory) -> None:
+        """add_new adds no reference for engine hashes the pod already holds at that tier
+        under the same keys, and adds everything else like add."""
+        ix = make_index()
+        k, e = keys(4), ehs(4)
+        ix.add(A, k[:2], e[:2])
+        assert ix.add_new(A, k, e) == 2
+        assert ix.lookup(k, [A])[A].blocks == 4
+        assert ix.remove(A, e[:1]) == 1
+        assert A not in ix.lookup(k, [A])  # one reference only: block 0 is gone
+        assert ix.add_new(A, k[1:2], e[1:2], "cpu") == 0  # held at gpu, not at cpu
+        assert ix.add_new(B, k, e) == 0
+        assert ix.add_new(A, [99], e[3:4]) == 0  # same engine hash, another key: added
+        assert ix.stats().entries == 3 + 4 + 1
+        assert ix.add_new(A, [], []) == 0
+
+    def test_add_new_of_rechunked_engine_blocks(self, make_index: Factory) -> None:
+        """An engine block covering several keys is skipped whole when the pod holds it."""
+        ix = make_index()
+        k = keys(6)
+        ix.add(A, k[:4], [7, 7, 8, 8])
+        assert ix.add_new(A, k, [7, 7, 8, 8, 9, 9]) == 2
+        ix.remove(A, [7, 8, 9])
+        assert ix.lookup(k, [A]) == {}
+        assert ix.stats().entries == 0
+
+    def test_references_per_tier(self, make_index: Factory) -> None:
+        """references lists, per tier, the copies a pod holds of each engine hash it still
+        holds there."""
+        ix = make_index()
+        k, e = keys(3), ehs(3)
+        ix.add(A, k, e)
+        ix.add(A, k[1:2], e[1:2])
+        ix.add_tier(A, e[:1], "CPU")
+        ix.add(B, k[:1], [5])
+        assert ix.references(A) == {"gpu": {e[0]: 1, e[1]: 2, e[2]: 1}, "cpu": {e[0]: 1}}
+        ix.remove(A, e[2:])
+        ix.remove(A, e[:1], "cpu")
+        assert ix.references(A) == {"gpu": {e[0]: 1, e[1]: 2}}
+        assert ix.references(B) == {"gpu": {5: 1}}
+        assert ix.references(C) == {}
+        ix.purge(A)
+        assert ix.references(A) == {}
+
+    def test_batch_applies_writes_in_order(self, make_index: Factory) -> None:
+        """A write batch applies its writes in call order and returns each one's result."""
+        ix = make_index()
+        k, e = keys(4), ehs(4)
+        with ix.batch() as b:
+            b.add(A, k, e)
+            b.remove(A, e[3:])
+            b.add_new(A, k[:3], e[:3])
+            b.add_tier(A, e[:1] + [777], "cpu")
+            b.remove(A, [555, e[2]])
+            b.add(B, k[:2], e[:2])
+            b.purge(B)
+            b.add(B, k[:1], [6])
+        assert b.results == [None, 1, 3, 1, 1, None, 2, None]
+        assert ix.lookup(k, [A, B]) == {
+            A: ix.lookup(k, [A])[A],
+            B: ix.lookup(k[:1], [B])[B],
+        }
+        assert ix.lookup(k, [A])[A].blocks == 2
+        assert ix.references(A) == {"gpu": {e[0]: 1, e[1]: 1}, "cpu": {e[0]: 1}}
+        assert ix.references(B) == {"gpu": {6: 1}}

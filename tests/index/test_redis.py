@@ -672,3 +672,41 @@ def test_cluster_master_down_then_back(redis_binary: str, tmp_path: Path) -> Non
         ix.close()
     finally:
         cluster.stop()
+
+
+def test_write_behind_batches_apply_in_order(redis_server: RedisProcess) -> None:
+    """Batches handed to the writer thread are applied in order, report their results to
+    their callbacks, and are seen by later resolves, references and direct writes."""
+    ix = RedisIndex(fresh_config(redis_server.url))
+    done: list[Any] = []
+    for i in range(12):
+        with ix.batch(on_done=done.append) as b:
+            b.add(A, keys(4, base=100 * i), ehs(4, 100 * i))
+            b.remove(A, ehs(1, 100 * i) + [5])
+    assert ix.resolve(A, ehs(1, 1100)[0] + 3) == 1100 + 3
+    assert done == [[None, 1]] * 12
+    assert len(ix.references(A)["gpu"]) == 12 * 3
+    assert ix.remove(A, ehs(3, 1101)) == 3
+    assert ix.lookup(keys(4, base=1100), [A]) == {}
+    ix.close()
+
+
+def test_write_behind_buffers_through_an_outage(own_redis: RedisProcess) -> None:
+    """With Redis down, written-behind batches are buffered (results not known) and land
+    once it is back."""
+    ix = RedisIndex(
+        fresh_config(own_redis.url, socket_timeout=0.2, connect_timeout=0.2, retry_interval=0.2)
+    )
+    ix.add(A, keys(2), ehs(2))
+    own_redis.stop()
+    done: list[Any] = []
+    t0 = time.monotonic()
+    with ix.batch(on_done=done.append) as b:
+        b.add(B, keys(3, base=50), ehs(3, 50))
+        b.remove(A, ehs(1))
+    assert wait_for(lambda: bool(done), timeout=5)
+    assert done == [[None, None]] and time.monotonic() - t0 < 2
+    own_redis.start()  # empty: the buffered writes land in it
+    assert wait_for(lambda: ix.stats().extra.get("buffered_now") == 0, timeout=10)
+    assert ix.references(B) == {"gpu": dict.fromkeys(ehs(3, 50), 1)}
+    ix.close()
