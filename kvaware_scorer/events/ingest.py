@@ -139,6 +139,8 @@ class StreamState:
         incomplete: A replay (join or gap) was attempted and failed, so some parents may be
             unknown; the first orphan then asks for a resync.
         next_resync: Monotonic time before which no further resync is attempted.
+        last_digest: xxh3-64 of the payload applied under `last_seq` (tells a restarted
+            publisher's batch from the one applied under the same seq).
     """
 
     pod: str
@@ -154,6 +156,7 @@ class StreamState:
     first_seq: int | None = None
     incomplete: bool = False
     next_resync: float = 0.0
+    last_digest: int | None = None
 
     def remember(self, engine_hash: int, key: int) -> None:
         """Record `engine_hash` -> `key` in `recent` (two generations of `_RECENT` pairs)."""
@@ -178,6 +181,12 @@ class _Counters:
         if c is None:
             c = self._cache[label] = self._family.labels(label)
         return c
+
+
+def _digest(payload: bytes) -> int:
+    """A payload's identity (whether a replayed batch is the one applied under its seq)."""
+    digest: int = xxhash.xxh3_64_intdigest(payload)
+    return digest
 
 
 def _salt_of(entry: Any, lora: str | None) -> str | None:
@@ -523,7 +532,7 @@ class EventIngestor:
             elif seq > last + 1:
                 self.metrics.seq_gaps.inc()
                 logger.info("pod %s rank %d: seq gap %d..%d", pod, rank, last + 1, seq - 1)
-                st = self._replay(st, last + 1, seq, "gap")
+                st = self._recover_gap(st, last, seq)
             if (
                 st.incomplete
                 and self._replay_source is not None
@@ -533,27 +542,60 @@ class EventIngestor:
                 st = self._resync(st, seq)
             st = self._apply(st, batch, "live")
             st.last_seq = seq
+            st.last_digest = _digest(payload)
 
     def _observe_lag(self, ts: float) -> None:
         lag = time.time() - ts
         if 0.0 <= lag < 86400.0 and math.isfinite(lag):
             self.metrics.event_lag.observe(lag)
 
+    def _fetch(self, st: StreamState, start: int, reason: str) -> ReplayResult | None:
+        """`st`'s publisher's buffered batches from `start` on; None without a replay source."""
+        source = self._replay_source
+        if source is None:
+            return None
+        try:
+            return source.replay(st.pod, st.rank, start, reason)
+        except Exception:
+            logger.exception("replay for %s rank %d failed", st.pod, st.rank)
+            return ReplayResult([], "error")
+
+    def _recover_gap(self, st: StreamState, last: int, seq: int) -> StreamState:
+        """Fill the gap ``(last, seq)``; first check that the publisher is the one whose batch
+        was applied under `last`.
+
+        NOTE: a restarted vLLM counts from 0 again. When the router missed more of the new
+        publisher's batches than the old one had sent, the new seq is above the old and looks
+        like a gap. The replay buffer tells the two apart: asked from `last`, a restarted
+        publisher answers a different batch under that seq (or one of its own), so the pod
+        is purged and replayed from 0 instead of keeping the old process's blocks.
+        """
+        if st.last_digest is None or self._replay_source is None:
+            return self._replay(st, last + 1, seq, "gap")
+        result = self._fetch(st, last, "gap")
+        if result is None:
+            return self._replay(st, last + 1, seq, "gap")
+        frames = result.frames
+        if frames and frames[0][0] == last and _digest(frames[0][1]) != st.last_digest:
+            logger.info(
+                "pod %s rank %d: the batch under seq %d changed: publisher restarted",
+                st.pod,
+                st.rank,
+                last,
+            )
+            st = self._reset(st, "publisher_restart", keep_seq=False)
+            st.live_seq = seq
+            st.first_seq = seq
+            return self._replay(st, 0, seq, "join")
+        return self._apply_replay(st, result, last + 1, seq, "gap")
+
     def _replay(self, st: StreamState, start: int, until: int, reason: str) -> StreamState:
         """Fetch and apply batches ``[start, until)`` of `st`'s publisher, in order."""
-        m = self.metrics
-        source = self._replay_source
-        result: ReplayResult | None = None
-        if source is not None:
-            try:
-                result = source.replay(st.pod, st.rank, start, reason)
-            except Exception:
-                logger.exception("replay for %s rank %d failed", st.pod, st.rank)
-                result = ReplayResult([], "error")
+        result = self._fetch(st, start, reason)
         if result is None:
             # NOTE: no replay endpoint for this stream: nothing a later resync could fetch.
             if reason == "gap":
-                m.lost_batches.inc(until - start)
+                self.metrics.lost_batches.inc(until - start)
                 logger.warning(
                     "pod %s rank %d: %d batches lost (no replay endpoint)",
                     st.pod,
@@ -561,6 +603,13 @@ class EventIngestor:
                     until - start,
                 )
             return st
+        return self._apply_replay(st, result, start, until, reason)
+
+    def _apply_replay(
+        self, st: StreamState, result: ReplayResult, start: int, until: int, reason: str
+    ) -> StreamState:
+        """Apply the frames of `result` within ``[start, until)``, counting what is missing."""
+        m = self.metrics
         expected = start
         lost = 0
         applied = 0
@@ -579,6 +628,7 @@ class EventIngestor:
                     st = self._apply(st, batch, "replay")
                     applied += 1
             st.last_seq = seq
+            st.last_digest = _digest(payload)
             expected = seq + 1
         status = result.status
         if status != "ok":
@@ -682,6 +732,7 @@ class EventIngestor:
                 st = self._apply(st, batch, "replay")
                 applied += 1
             st.last_seq = q
+            st.last_digest = _digest(payload)
         # NOTE: as complete as the buffer allows; blocks stored before it stay unknown, and
         # retrying would only rebuild the same state.
         st.incomplete = False
@@ -706,7 +757,7 @@ class EventIngestor:
         if keep_seq:
             new.last_seq, new.live_seq, new.main_group = st.last_seq, st.live_seq, st.main_group
             new.first_seq, new.incomplete = st.first_seq, st.incomplete
-            new.next_resync = st.next_resync
+            new.next_resync, new.last_digest = st.next_resync, st.last_digest
         return new
 
     def _purge_stream(self, st: StreamState, reason: str) -> None:

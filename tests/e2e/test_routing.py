@@ -293,12 +293,6 @@ async def test_precise_scores_come_from_the_gateway_index(harness_factory: Harne
     assert data["ranking"][0]["endpoint"] == pod_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="events area: a restart is only detected when the new seq is below the last one "
-    "seen; a pod that publishes more batches after its restart than before it, while the "
-    "router re-dials it, looks like a seq gap and its stale blocks stay in the index",
-)
 async def test_young_pod_restarted_while_undialed_is_purged(
     harness_factory: HarnessFactory,
 ) -> None:

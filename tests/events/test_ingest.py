@@ -417,7 +417,8 @@ def test_gap_is_filled_from_the_replay_source_in_order() -> None:
     ix.ingestor.set_replay_source(source)
     ix.ingest(POD, MODEL, frames[0][1], 0)
     ix.ingest(POD, MODEL, frames[2][1], 2)
-    assert source.requests == [(POD, 0, 1, "gap")]
+    # asked from the last applied seq: the publisher's batch there proves it did not restart
+    assert source.requests == [(POD, 0, 0, "gap")]
     assert ix.ingestor.held(POD) == {1: 1, 2: 1, 3: 1}
     ix.ingest(POD, MODEL, frames[3][1], 3)
     assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
@@ -425,6 +426,40 @@ def test_gap_is_filled_from_the_replay_source_in_order() -> None:
     assert counter(ix, "kvaware_replayed_batches_total", {"reason": "gap"}) == 1
     assert counter(ix, "kvaware_lost_batches_total") == 0
     assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+
+
+def test_restart_hidden_behind_a_gap_is_detected_by_the_replay_buffer() -> None:
+    """A publisher that restarted and sent more batches than before while frames were lost
+    looks like a seq gap; its different batch under the last applied seq gives it away, so the
+    pod is purged and rebuilt from the new publisher's buffer."""
+    old, new = list(range(16)), list(range(100, 116))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1], old)), 0)
+    ix.ingest(POD, MODEL, frame(stored([2], old[:8] + new[:8])), 1)
+    assert ix.score(MODEL, old, [POD]) == {POD: 1.0}
+    restarted = [(q, frame(stored([10 + q], new))) for q in range(4)]
+    source = BufferReplay(restarted)
+    ix.ingestor.set_replay_source(source)
+    ix.ingest(POD, MODEL, frame(stored([20], list(range(200, 216)))), 4)  # seq 4 > 1 + 1
+    assert source.requests[0] == (POD, 0, 1, "gap")
+    assert source.requests[1] == (POD, 0, 0, "join")
+    assert ix.score(MODEL, old, [POD]) == {POD: 0.0}
+    assert ix.score(MODEL, new, [POD]) == {POD: 1.0}
+    assert counter(ix, "kvaware_purges_total", {"reason": "publisher_restart"}) == 1
+    assert counter(ix, "kvaware_lost_batches_total") == 0
+
+
+def test_gap_with_the_same_batch_under_the_last_seq_is_a_plain_gap() -> None:
+    """When the buffer holds the very batch applied under the last seq, a gap is filled and
+    nothing is purged."""
+    toks = list(range(32))
+    frames = [(0, frame(stored([1], toks[:16]))), (1, frame(stored([2], toks[16:], parent=1)))]
+    ix = Indexer()
+    ix.ingestor.set_replay_source(BufferReplay(frames))
+    ix.ingest(POD, MODEL, frames[0][1], 0)
+    ix.ingest(POD, MODEL, frame(), 2)
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+    assert counter(ix, "kvaware_purges_total", {"reason": "publisher_restart"}) == 0
 
 
 def test_join_replays_history_before_the_first_frame() -> None:
