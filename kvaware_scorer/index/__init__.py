@@ -9,6 +9,7 @@ from kvaware_scorer.config import IndexerConfig
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.index.base import (
     MAX_TIERS,
+    IndexWriteBatch,
     IndexStats,
     KVBlockIndex,
     PodMatch,
@@ -21,6 +22,7 @@ __all__ = [
     "MAX_TIERS",
     "InMemoryIndex",
     "IndexStats",
+    "IndexWriteBatch",
     "KVBlockIndex",
     "PodMatch",
     "TierTable",
