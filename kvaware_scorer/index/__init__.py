@@ -9,8 +9,8 @@ from kvaware_scorer.config import IndexerConfig
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.index.base import (
     MAX_TIERS,
-    IndexWriteBatch,
     IndexStats,
+    IndexWriteBatch,
     KVBlockIndex,
     PodMatch,
     TierTable,
