@@ -10,11 +10,21 @@ from __future__ import annotations
 import importlib
 
 from kvaware_scorer.scheduler import PluginRegistry, SchedulerConfig, hookimpl
+from kvaware_scorer.scheduler.matchinfo import check_references
 
 __all__ = ["BUILTIN_MODULES", "kvaware_config_resolved", "kvaware_register_plugins"]
 
 #: Modules of this package that register plugin types.
-BUILTIN_MODULES = ("precise", "approximate", "load", "pickers", "profile", "filters", "compat")
+BUILTIN_MODULES = (
+    "precise",
+    "approximate",
+    "nohitlru",
+    "load",
+    "pickers",
+    "profile",
+    "filters",
+    "compat",
+)
 
 
 @hookimpl(trylast=True)
@@ -27,4 +37,4 @@ def kvaware_register_plugins(registry: PluginRegistry) -> None:
 @hookimpl(trylast=True)
 def kvaware_config_resolved(config: SchedulerConfig) -> None:
     """Check cross-plugin references of the built-ins (prefixMatchInfoProducerName)."""
-    importlib.import_module(f"{__name__}.approximate").check_producers(config)
+    check_references(config)

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import Field
 
@@ -34,17 +34,19 @@ from kvaware_scorer.scheduler import (
     SchedulingRequest,
     SchedulingResult,
 )
+from kvaware_scorer.scheduler.matchinfo import (
+    MatchInfo,
+    MatchInfoProducer,
+    match_sources,
+    per_call,
+    producer,
+)
 from kvaware_scorer.scoring import prefix_score
 
-if TYPE_CHECKING:
-    from kvaware_scorer.scheduler import SchedulerConfig
-
 __all__ = [
-    "PRODUCER_TYPES",
     "ApproxPrefixCacheParams",
     "ApproxPrefixCacheScorer",
     "RoutingHistory",
-    "check_producers",
     "estimate_tokens",
     "register",
 ]
@@ -213,10 +215,11 @@ class ApproxPrefixCacheScorer:
         self._metrics = ctx.metrics
         self._scheduler = ctx.scheduler
         name = params.prefix_match_info_producer_name
-        # NOTE: naming an approximate producer is the same as producing here (upstream
-        # auto-creates one); naming a precise producer reads its index instead.
+        if ctx.scheduler is not None:
+            name = match_sources(ctx.scheduler.config).get(ctx.name, name)
         self.producer_name = name if name and name != ctx.name else None
-        self._delegate: Any = None
+        self._info_key = ctx.name + ":info"
+        self._delegate: MatchInfoProducer | None = None
         self._tokenizer: Any = None
         self._tok_lock = threading.Lock()
 
@@ -279,36 +282,52 @@ class ApproxPrefixCacheScorer:
         return keys
 
     def prepare(self, request: SchedulingRequest) -> None:
-        """Tokenize and key the request ahead of scheduling (off the event loop)."""
-        self.keys(request)
+        """Tokenize and key the request ahead of scheduling (off the event loop); nothing when
+        the match info comes from another plugin (which prepares itself)."""
+        if not self.producer_name:
+            self.keys(request)
 
     # -- scoring ---------------------------------------------------------------------------
 
-    def match_info(
-        self, request: SchedulingRequest, endpoints: Sequence[Endpoint]
-    ) -> tuple[dict[str, float], int, int]:
-        """(endpoint id -> consecutive matched blocks, total blocks, block size in tokens)."""
-        keys = self.keys(request)
-        if not keys:
-            return {}, 0, self.block_size
-        runs = self.history.lookup(keys, [e.id for e in endpoints])
-        return {k: float(v) for k, v in runs.items()}, len(keys), self.block_size
-
-    def _producer(self, ctx: SchedulingContext) -> Any:
+    def _source(self, ctx: SchedulingContext) -> MatchInfoProducer:
         if self._delegate is None:
             sched = ctx.scheduler or self._scheduler
             if sched is None:
                 raise ConfigError(
                     "no scheduler to find the producer in", "prefixMatchInfoProducerName"
                 )
-            self._delegate = sched.plugin(str(self.producer_name))
+            self._delegate = producer(sched.plugins, str(self.producer_name), self.name)
         return self._delegate
+
+    def match_info(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> MatchInfo:
+        """(endpoint id -> consecutive matched blocks, total blocks, block size in tokens),
+        from the producer this scorer reads, or from its own routing history."""
+        if self.producer_name:
+            return self._source(ctx).match_info(ctx, request, endpoints)
+        return per_call(
+            request, self._info_key, ctx, endpoints, lambda: self._own(request, endpoints)
+        )
+
+    def _own(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> MatchInfo:
+        keys = self.keys(request)
+        if not keys:
+            return {}, 0, self.block_size
+        runs = self.history.lookup(keys, [e.id for e in endpoints])
+        return {k: float(v) for k, v in runs.items()}, len(keys), self.block_size
 
     def score(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Mapping[str, float]:
-        source = self._producer(ctx) if self.producer_name else self
-        matched, total, bs = source.match_info(request, endpoints)
+        try:
+            matched, total, bs = self.match_info(ctx, request, endpoints)
+        except KVAwareError as exc:
+            # NOTE: only a precise producer can fail (its tokenizer); the request is then scored
+            # 0 everywhere and the load scorers place it.
+            self._metrics.score_errors.labels("tokenizer").inc()
+            logger.warning("%s: scoring %s as zeros: %s", self.name, request.model, exc)
+            return {}
         p = self.params
         return {
             eid: prefix_score(n, total, bs, p.match_length_weight, p.match_length_scale_tokens)
@@ -343,41 +362,6 @@ class ApproxPrefixCacheScorer:
         """Release the tokenizer pool, if one was built."""
         if self._tokenizer is not None:
             self._tokenizer.close()
-
-
-#: Types whose objects provide ``match_info`` for ``prefixMatchInfoProducerName``.
-PRODUCER_TYPES = frozenset(
-    {
-        "precise-prefix-cache-producer",
-        "approx-prefix-cache-producer",
-        "precise-prefix-cache-scorer",
-        "prefix-cache-scorer",
-    }
-)
-
-
-def check_producers(config: SchedulerConfig) -> None:
-    """Every ``prefixMatchInfoProducerName`` must name a configured producer.
-
-    Raises:
-        ConfigError: A dangling or wrong-typed reference (with its YAML path).
-    """
-    for p in config.plugins.values():
-        if p.type != "prefix-cache-scorer":
-            continue
-        name = getattr(p.params, "prefix_match_info_producer_name", None)
-        if not name or name == p.name:
-            continue
-        target = config.plugins.get(name)
-        path = f"{p.path}.parameters.prefixMatchInfoProducerName"
-        if target is None:
-            raise ConfigError(f"names no plugin in plugins[]: {name!r}", path)
-        if target.type not in PRODUCER_TYPES:
-            raise ConfigError(
-                f"{name!r} is a {target.type!r}, not a prefix match-info producer "
-                f"({', '.join(sorted(PRODUCER_TYPES))})",
-                path,
-            )
 
 
 def register(registry: PluginRegistry) -> None:

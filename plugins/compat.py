@@ -4,7 +4,9 @@ EndpointPickerConfig files load: they are validated loosely and do nothing (a wa
 * ``metrics-data-source``, ``core-metrics-extractor``: metrics come from the endpoints' own
   ``/metrics`` (`kvaware_scorer.scheduler.MetricsScraper`).
 * ``endpoint-notification-source``, ``file-discovery``: endpoints come from the endpoints file.
-* ``token-producer``: scorers tokenize themselves (once per request, shared).
+* ``token-producer`` (formerly ``tokenizer``): scorers tokenize themselves (once per request,
+  shared).
+* ``inflight-load-producer``: ``active-request-scorer`` counts in-flight requests itself.
 * ``openai-parser``, ``anthropic-parser``, ``vllmhttp-parser``, ``passthrough-parser``: request
   parsing is the gateway's.
 * ``utilization-detector``: no saturation detection / flow control here.
@@ -28,6 +30,7 @@ INERT_TYPES: Mapping[str, str] = MappingProxyType(
         "endpoint-notification-source": "endpoints come from the endpoints file",
         "file-discovery": "endpoints come from the endpoints file",
         "token-producer": "scorers tokenize requests themselves",
+        "inflight-load-producer": "active-request-scorer counts in-flight requests itself",
         "openai-parser": "request parsing is done by the gateway",
         "anthropic-parser": "request parsing is done by the gateway",
         "vllmhttp-parser": "request parsing is done by the gateway",
@@ -51,7 +54,7 @@ class InertPlugin:
 
 
 def register(registry: PluginRegistry) -> None:
-    """Register the inert upstream types."""
+    """Register the inert upstream types and the ``tokenizer`` alias."""
     for type_name, why in INERT_TYPES.items():
         registry.register(
             type_name,
@@ -60,3 +63,4 @@ def register(registry: PluginRegistry) -> None:
             kinds=(),
             description=f"accepted for upstream configs; no-op ({why})",
         )
+    registry.register_alias("tokenizer", "token-producer")

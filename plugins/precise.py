@@ -37,6 +37,7 @@ from kvaware_scorer.scheduler import (
     SchedulingResult,
     parse_duration,
 )
+from kvaware_scorer.scheduler.matchinfo import MatchInfo, per_call
 from kvaware_scorer.scoring import ScoreResult
 
 __all__ = [
@@ -107,6 +108,19 @@ def precise_transform(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]
                 f"tokenProcessorConfig.hashAlgorithm {algo!r} is upstream's own key hash; "
                 "ignored (keys are derived from the events' token ids)"
             )
+    pool = out.get("tokenizersPoolConfig")
+    if isinstance(pool, Mapping) and ("modelName" in pool or "uds" in pool):
+        pool = dict(pool)
+        if pool.pop("modelName", None) is not None:
+            warnings.append(
+                "tokenizersPoolConfig.modelName ignored: each request is tokenized with its own "
+                "model's tokenizer (local.modelTokenizerMap maps served names to tokenizer files)"
+            )
+        if pool.pop("uds", None) is not None:
+            warnings.append(
+                "tokenizersPoolConfig.uds ignored: tokenization runs in process, no sidecar"
+            )
+        out["tokenizersPoolConfig"] = pool
     kb = out.get("kvBlockIndexConfig")
     if isinstance(kb, Mapping) and "costAwareMemoryConfig" in kb:
         kb = dict(kb)
@@ -154,6 +168,7 @@ class PrecisePrefixCacheScorer:
         self.speculative = params.speculative_indexing
         self.ttl = params.speculative_ttl
         self._scheduler = ctx.scheduler
+        self._match_key = ctx.name + ":match"
         self._subscriber: Any = None
         self._started = False
         self._lock = threading.Lock()
@@ -195,8 +210,11 @@ class PrecisePrefixCacheScorer:
 
     # -- scoring --------------------------------------------------------------------------------
 
-    def _match(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> ScoreResult:
-        """The index match of the request's blocks for the candidates.
+    def _match(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> ScoreResult:
+        """The index match of the request's blocks for the candidates, once per scheduling call
+        (the scorer and the plugins reading its match info share it).
 
         Uses `Indexer.match_keys` on block keys cached on the request, so the keys are derived
         once per request although the pre-request hook needs them again for speculative entries.
@@ -204,6 +222,11 @@ class PrecisePrefixCacheScorer:
         Raises:
             KVAwareError: The request could not be tokenized or keyed.
         """
+        return per_call(
+            request, self._match_key, ctx, endpoints, lambda: self._lookup(request, endpoints)
+        )
+
+    def _lookup(self, request: SchedulingRequest, endpoints: Sequence[Endpoint]) -> ScoreResult:
         t0 = time.perf_counter()
         keys = self.keys(request)
         result = self.indexer.match_keys(keys, [e.id for e in endpoints], t0=t0)
@@ -213,14 +236,14 @@ class PrecisePrefixCacheScorer:
         return result
 
     def match_info(
-        self, request: SchedulingRequest, endpoints: Sequence[Endpoint]
-    ) -> tuple[dict[str, float], int, int]:
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> MatchInfo:
         """(endpoint id -> tier-weighted consecutive blocks, total blocks, block size).
 
         Raises:
             KVAwareError: The request could not be tokenized.
         """
-        result = self._match(request, endpoints)
+        result = self._match(ctx, request, endpoints)
         matched = {pod: s.weight for pod, s in result.pods.items() if s.blocks}
         return matched, result.total_blocks, result.block_size
 
@@ -228,7 +251,7 @@ class PrecisePrefixCacheScorer:
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Mapping[str, float]:
         try:
-            result = self._match(request, endpoints)
+            result = self._match(ctx, request, endpoints)
         except KVAwareError as exc:
             # NOTE: a request we cannot tokenize is scored 0 everywhere, never failed: the load
             # scorers still place it.

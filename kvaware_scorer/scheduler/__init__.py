@@ -29,6 +29,7 @@ from kvaware_scorer.scheduler.manager import (
     Hooks,
     make_plugin_manager,
 )
+from kvaware_scorer.scheduler.matchinfo import MatchInfo, MatchInfoProducer, per_call
 from kvaware_scorer.scheduler.pipeline import DEFAULT_METRICS_STALENESS, Scheduler
 from kvaware_scorer.scheduler.registry import (
     KINDS,
@@ -76,6 +77,8 @@ __all__ = [
     "Hooks",
     "KVEventSink",
     "Lifecycle",
+    "MatchInfo",
+    "MatchInfoProducer",
     "MetricsScraper",
     "NoParameters",
     "Picker",
@@ -107,4 +110,5 @@ __all__ = [
     "parse_duration",
     "parse_endpoints",
     "parse_vllm_metrics",
+    "per_call",
 ]

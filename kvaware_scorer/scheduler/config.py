@@ -24,7 +24,9 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,6 +354,60 @@ def _refs(model: BaseModel) -> list[str]:
     return found
 
 
+# -- parameter errors ----------------------------------------------------------------------------
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else None
+    return tp
+
+
+def _model_at(model: Any, loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The model class validating the mapping at `loc` inside `model` (None when unknown)."""
+    current = model
+    for part in loc:
+        current = _unwrap_optional(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            fields = current.model_fields
+            field = fields.get(str(part)) or next(
+                (f for f in fields.values() if f.alias == part), None
+            )
+            if field is None:
+                return None
+            current = field.annotation
+        elif typing.get_origin(current) in (list, dict):
+            args = typing.get_args(current)
+            current = args[-1] if args else None
+        else:
+            return None
+    current = _unwrap_optional(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _validation_errors(
+    exc: ValidationError, model: type[BaseModel], path: str
+) -> list[tuple[str, str]]:
+    """(message, YAML path) for every error of a parameters validation; unknown keys list the
+    valid ones."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors():
+        loc = err["loc"]
+        where = path
+        for part in loc:
+            where += f"[{part}]" if isinstance(part, int) else f".{part}"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, loc[:-1])
+            valid = (
+                [f.alias or n for n, f in owner.model_fields.items()] if owner is not None else []
+            )
+            message = f"unknown key (valid: {', '.join(valid)})" if valid else "unknown key"
+        out.append((message, where))
+    return out
+
+
 # -- the loader ----------------------------------------------------------------------------------
 
 
@@ -489,8 +545,8 @@ class _Loader:
         try:
             model = spec.params.model_validate(params)
         except ValidationError as exc:
-            err = format_validation_error(exc, params_path)
-            self.error(err.message, err.path)
+            for message, where in _validation_errors(exc, spec.params, params_path):
+                self.error(message, where)
             return None
         except ConfigError as exc:
             self.error(exc.message, f"{params_path}.{exc.path}" if exc.path else params_path)
@@ -663,9 +719,20 @@ class _Loader:
                 continue
             seen.add(pname)
             slots = [s for s in _PROFILE_SLOTS if s in plugin.kinds]
-            if not slots:
+            if not slots and "profile-handler" in plugin.kinds:
                 self.error(
-                    f"plugin {pname!r} (type {plugin.type}) is not a filter, scorer or picker",
+                    f"plugin {pname!r} (type {plugin.type}) is a profile handler, not a filter, "
+                    "scorer or picker",
+                    f"{rpath}.pluginRef",
+                )
+                continue
+            if not slots:
+                # NOTE: upstream profiles may list plugins that are no filter, scorer or picker
+                # here (e.g. IS's tokenizer, given a weight in its examples); skipping them
+                # keeps such files loading.
+                self.warn(
+                    f"plugin {pname!r} (type {plugin.type}) is not a filter, scorer or picker; "
+                    "ignored in this profile",
                     f"{rpath}.pluginRef",
                 )
                 continue

@@ -1,0 +1,190 @@
+"""Prefix match info shared between plugins: the producer Protocol, who reads whose match info,
+and a per-call memo so a request's index lookup runs once per scheduling call.
+
+Upstream splits prefix affinity into producers (``precise-prefix-cache-producer``,
+``approx-prefix-cache-producer``) that write ``PrefixCacheMatchInfo{matchBlocks, totalBlocks,
+blockSizeTokens}`` per endpoint and consumers that read it (``prefix-cache-scorer``,
+``no-hit-lru-scorer``). Here a *producer* is a plugin type whose objects have `match_info`
+(`MatchInfoProducer`); a *consumer* is a scorer whose parameters have
+``prefixMatchInfoProducerName`` (field ``prefix_match_info_producer_name``). A consumer without
+that name reads the producer named ``approx-prefix-cache-producer`` when one is configured (as
+upstream reads its default producer), a producer-consumer (``prefix-cache-scorer``) otherwise
+reads itself, and a pure consumer the one prefix plugin configured.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
+
+from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.scheduler.types import Endpoint, SchedulingContext, SchedulingRequest
+
+if TYPE_CHECKING:
+    from kvaware_scorer.scheduler.config import PluginConfig, SchedulerConfig
+
+__all__ = [
+    "DEFAULT_PRODUCER",
+    "PRODUCER_PARAM",
+    "MatchInfo",
+    "MatchInfoProducer",
+    "check_references",
+    "default_source",
+    "match_sources",
+    "per_call",
+    "producer",
+]
+
+logger = logging.getLogger(__name__)
+
+#: (endpoint id -> matched blocks (tier-weighted), total blocks, block size in tokens); endpoints
+#: without a match are left out.
+MatchInfo = tuple[dict[str, float], int, int]
+
+#: Name of the producer a consumer without ``prefixMatchInfoProducerName`` reads, when
+#: configured (upstream's auto-created default producer).
+DEFAULT_PRODUCER = "approx-prefix-cache-producer"
+#: Parameter field naming the producer a consumer reads.
+PRODUCER_PARAM = "prefix_match_info_producer_name"
+
+T = TypeVar("T")
+
+
+@runtime_checkable
+class MatchInfoProducer(Protocol):
+    """A plugin that knows how much of a request's prefix each candidate holds."""
+
+    def match_info(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> MatchInfo:
+        """Match info of `request` for `endpoints` (see `MatchInfo`).
+
+        Raises:
+            KVAwareError: The request could not be tokenized.
+        """
+        ...
+
+
+def per_call(
+    request: SchedulingRequest,
+    key: str,
+    ctx: SchedulingContext,
+    endpoints: Sequence[Endpoint],
+    compute: Callable[[], T],
+) -> T:
+    """``compute()``, memoized on the request for this scheduling call and candidate list.
+
+    Every plugin of a profile gets the same `ctx` and candidate list in one call, so a scorer
+    and another plugin reading the same producer share one index lookup. A new call (another
+    `ctx`, e.g. a retry on fewer endpoints) computes afresh.
+    """
+    memo = request.state.get(key)
+    if memo is not None and memo[0] is ctx and memo[1] is endpoints:
+        value: T = memo[2]
+        return value
+    value = compute()
+    # NOTE: holding `ctx` and `endpoints` keeps their ids from being reused while memoized.
+    request.state[key] = (ctx, endpoints, value)
+    return value
+
+
+def _is_producer(p: PluginConfig) -> bool:
+    return callable(getattr(p.spec.factory, "match_info", None))
+
+
+def _consumes(p: PluginConfig) -> bool:
+    return "scorer" in p.kinds and hasattr(p.params, PRODUCER_PARAM)
+
+
+def _named(p: PluginConfig) -> str | None:
+    value = getattr(p.params, PRODUCER_PARAM, None) if _consumes(p) else None
+    return str(value) if value else None
+
+
+def _default(config: SchedulerConfig) -> str | None:
+    p = config.plugins.get(DEFAULT_PRODUCER)
+    return DEFAULT_PRODUCER if p is not None and _is_producer(p) else None
+
+
+def match_sources(config: SchedulerConfig) -> dict[str, str]:
+    """Producer plugin name -> name of the plugin whose match info it scores from (itself, or
+    the producer it reads)."""
+    out: dict[str, str] = {}
+    default = _default(config)
+    for name, p in config.plugins.items():
+        if not _is_producer(p):
+            continue
+        named = _named(p)
+        if named is None and _consumes(p) and default not in (None, name):
+            named = default
+        out[name] = named or name
+    return out
+
+
+def default_source(config: SchedulerConfig, consumer: str) -> str | None:
+    """The producer a pure consumer without ``prefixMatchInfoProducerName`` reads: the one
+    source of every prefix plugin configured, or None when there is none.
+
+    Raises:
+        ConfigError: Several distinct sources (the consumer must name one).
+    """
+    sources = sorted(set(match_sources(config).values()))
+    if len(sources) > 1:
+        raise ConfigError(
+            f"several prefix match-info producers ({', '.join(sources)}); name one with "
+            "prefixMatchInfoProducerName",
+            f"{config.plugins[consumer].path}.parameters",
+        )
+    return sources[0] if sources else None
+
+
+def check_references(config: SchedulerConfig) -> None:
+    """Every ``prefixMatchInfoProducerName`` names a configured producer, and a pure consumer
+    without one has an unambiguous default (without any, a warning says every request reads as
+    a miss).
+
+    Raises:
+        ConfigError: A dangling, wrong-typed or ambiguous reference (with its YAML path).
+    """
+    for name, p in config.plugins.items():
+        if not _consumes(p):
+            continue
+        target_name = _named(p)
+        if target_name is None:
+            if not _is_producer(p) and default_source(config, name) is None:
+                text = (
+                    f"{p.path}: {name!r} finds no prefix-cache plugin to read: every request "
+                    "counts as a miss (add prefix-cache-scorer or precise-prefix-cache-scorer)"
+                )
+                config.warnings.append(text)
+                logger.warning("%s", text)
+            continue
+        if target_name == name:
+            continue
+        target = config.plugins.get(target_name)
+        path = f"{p.path}.parameters.prefixMatchInfoProducerName"
+        if target is None:
+            raise ConfigError(f"names no plugin in plugins[]: {target_name!r}", path)
+        if not _is_producer(target):
+            producers = sorted(n for n, q in config.plugins.items() if _is_producer(q))
+            raise ConfigError(
+                f"{target_name!r} is a {target.type!r}, not a prefix match-info producer "
+                f"(configured producers: {', '.join(producers) or 'none'})",
+                path,
+            )
+
+
+def producer(plugins: Mapping[str, object], name: str, consumer: str) -> MatchInfoProducer:
+    """The plugin object `name`, checked to produce match info.
+
+    Raises:
+        ConfigError: No such plugin, or it has no `match_info`.
+    """
+    obj = plugins.get(name)
+    if not isinstance(obj, MatchInfoProducer):
+        raise ConfigError(
+            f"{consumer}: {name!r} is not a configured prefix match-info producer",
+            "prefixMatchInfoProducerName",
+        )
+    return obj
