@@ -169,6 +169,9 @@ class PrecisePrefixCacheScorer:
         self.ttl = params.speculative_ttl
         self._scheduler = ctx.scheduler
         self._match_key = ctx.name + ":match"
+        # NOTE: a remote index answers lookups over the network: the scheduler then keeps the
+        # whole pipeline off the event loop.
+        self.blocking_io = params.kv_block_index_config.backend != "memory"
         self._subscriber: Any = None
         self._started = False
         self._lock = threading.Lock()

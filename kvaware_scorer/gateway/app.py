@@ -52,7 +52,6 @@ from kvaware_scorer.gateway.metrics import GatewayMetrics
 from kvaware_scorer.gateway.protocol import APIError, ParsedRequest, RequestParser, error_body
 from kvaware_scorer.scheduler import (
     Endpoint,
-    RequestPreparer,
     ResponseInfo,
     Scheduler,
     SchedulingRequest,
@@ -178,9 +177,6 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.parser = RequestParser()
         self._envelope = msgspec.json.Decoder(_Envelope)
-        self._preparers: list[RequestPreparer] = [
-            p for p in scheduler.plugins.values() if isinstance(p, RequestPreparer)
-        ]
         self._session: aiohttp.ClientSession | None = None
         self._catalog: ModelCatalog | None = None
         self._runner: web.AppRunner | None = None
@@ -676,7 +672,7 @@ class Gateway:
                     info.status = 502
                     return self._json(unreachable, 502)
                 try:
-                    attempt.result = self.scheduler.schedule(sreq, remaining)
+                    attempt.result = await self.scheduler.aschedule(sreq, remaining)
                 except NoEndpointError:
                     info.status = 502
                     return self._json(unreachable, 502)
@@ -914,16 +910,15 @@ class Gateway:
         except APIError as err:
             return self._error(route, err, t0, close=err.status == 413)
         sreq = self._scheduling_request(request, parsed, res)
-        if self._preparers and not sreq.has_tokens:
-            await asyncio.get_running_loop().run_in_executor(None, self._prepare, sreq)
         try:
-            out = explain(self.scheduler, sreq, res.endpoints)
+            result = await self.scheduler.aschedule(sreq, res.endpoints, dry_run=True)
         except NoEndpointError as exc:
             return self._error(
                 route,
                 APIError(503, f"No endpoint can serve this request: {exc}", code="no_endpoint"),
                 t0,
             )
+        out = explain(result, res.endpoints)
         candidates = {e.id for e in res.endpoints}
         excluded: dict[str, str] = {}
         for e in self.scheduler.endpoints:
@@ -944,13 +939,6 @@ class Gateway:
         }
         self._count(route, 200, t0)
         return self._json(out)
-
-    def _prepare(self, sreq: SchedulingRequest) -> None:
-        for p in self._preparers:
-            try:
-                p.prepare(sreq)
-            except Exception:
-                logger.exception("request preparation by %r failed", p)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
         return self._json({"object": "list", "data": self.catalog.models(self.scheduler.endpoints)})

@@ -1,7 +1,7 @@
 """``POST /v1/score``: what the scheduler would decide for a request, and why, with no side
 effects.
 
-The decision comes from `Scheduler.schedule(..., dry_run=True)`: the configured profiles run
+The decision comes from `Scheduler.aschedule(..., dry_run=True)`: the configured profiles run
 exactly as in routing (filters, clamped scorers, weighted totals, picker) but no pre-request hook
 runs, so nothing is counted in flight and no speculative index entry is recorded. Ties are broken
 by the picker as in routing (at random for ``max-score-picker``), so an explained pick among
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kvaware_scorer.scheduler import Endpoint, ProfileResult, Scheduler, SchedulingRequest
+from kvaware_scorer.scheduler import Endpoint, ProfileResult, SchedulingResult
 
 __all__ = ["explain"]
 
@@ -38,24 +38,14 @@ def _profile_json(pr: ProfileResult, by_id: dict[str, Endpoint]) -> dict[str, An
     }
 
 
-def explain(
-    scheduler: Scheduler, request: SchedulingRequest, endpoints: Sequence[Endpoint]
-) -> dict[str, Any]:
-    """The scheduler's decision for `request` among `endpoints`, without running any hook.
-
-    Tokenization, when needed, must have happened already (the gateway prepares the request
-    off the event loop first).
+def explain(result: SchedulingResult, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
+    """A decision (from ``schedule(..., dry_run=True)``) among `endpoints`, as JSON.
 
     Returns:
         ``{"profile", "pick": {"endpoint", "name"}, "targets", "candidates", "weights",
         "scores": {scorer: {endpoint: score}}, "totals", "ranking": [{"endpoint", "name",
         "total", "scores"}] (best first), "profiles": {name: same fields}, "errors"}``.
-
-    Raises:
-        NoEndpointError: No endpoints, or a filter or picker left none.
-        ConfigError: The profile handler chose a profile that does not exist.
     """
-    result = scheduler.schedule(request, endpoints, dry_run=True)
     by_id = {e.id: e for e in endpoints}
     primary = result.profile_results[result.profile]
     out: dict[str, Any] = {

@@ -164,6 +164,7 @@ class Scheduler:
         self._listeners: list[EndpointsListener] = self._capable(EndpointsListener)
         self._sinks: list[KVEventSink] = self._capable(KVEventSink)
         self._preparers: list[RequestPreparer] = self._capable(RequestPreparer)
+        self._blocking = any(getattr(obj, "blocking_io", False) for obj in self._plugins.values())
         hooks.scheduler_created(self)
 
     def _with_kind(self, kind: str) -> list[tuple[str, object]]:
@@ -391,21 +392,41 @@ class Scheduler:
         return ProfileResult(prof.name, list(targets), ids, scores, weights, totals)
 
     async def aschedule(
-        self, request: SchedulingRequest, endpoints: Sequence[Endpoint] | None = None
+        self,
+        request: SchedulingRequest,
+        endpoints: Sequence[Endpoint] | None = None,
+        *,
+        dry_run: bool = False,
     ) -> SchedulingResult:
-        """`schedule` without blocking the event loop: tokenization runs in a worker thread.
+        """`schedule` without blocking the event loop.
 
-        Plugins that prepare requests (tokenize) do so in the pool; the rest of the pipeline,
-        which is fast, runs on the loop.
+        Request preparation (tokenization) runs in a worker thread and the rest of the
+        pipeline, which is fast, on the loop; when a plugin does blocking I/O while scoring
+        (``blocking_io``, e.g. a precise scorer on a Redis index) the whole pipeline runs in
+        the worker thread.
+
+        Args:
+            request: The request.
+            endpoints: Candidates; None = the current pool.
+            dry_run: As in `schedule`.
         """
-        preparers = self._preparers
-        if preparers and not request.has_tokens:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._pool(), self._prepare, preparers, request)
-        return self.schedule(request, endpoints)
+        loop = asyncio.get_running_loop()
+        if self._blocking:
+            return await loop.run_in_executor(
+                self._pool(), self._prepare_and_schedule, request, endpoints, dry_run
+            )
+        if self._preparers and not request.has_tokens:
+            await loop.run_in_executor(self._pool(), self._prepare, request)
+        return self.schedule(request, endpoints, dry_run=dry_run)
 
-    def _prepare(self, preparers: Sequence[RequestPreparer], request: SchedulingRequest) -> None:
-        for p in preparers:
+    def _prepare_and_schedule(
+        self, request: SchedulingRequest, endpoints: Sequence[Endpoint] | None, dry_run: bool
+    ) -> SchedulingResult:
+        self._prepare(request)
+        return self.schedule(request, endpoints, dry_run=dry_run)
+
+    def _prepare(self, request: SchedulingRequest) -> None:
+        for p in self._preparers:
             try:
                 p.prepare(request)
             except Exception:

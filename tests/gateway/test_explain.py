@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
@@ -38,6 +39,11 @@ def fleet() -> list[Endpoint]:
     return out
 
 
+def explained(sched: Scheduler, req: SchedulingRequest, eps: list[Endpoint]) -> dict[str, Any]:
+    """The explanation of a dry-run decision, as ``POST /v1/score`` builds it."""
+    return explain(sched.schedule(req, eps, dry_run=True), eps)
+
+
 def scheduler(name: str) -> Scheduler:
     return Scheduler.from_yaml(
         ROOT / "config" / name, plugin_manager=make_plugin_manager(use_env=False), seed=1
@@ -57,7 +63,7 @@ def test_explain_matches_schedule(config: str) -> None:
         precise.indexer.index.add(holder.id, precise.indexer.block_keys(list(range(64)), MODEL))
     for i in range(3):
         req = SchedulingRequest(f"r{i}", MODEL, token_ids=list(range(64)) + [i] * 16)
-        out = explain(sched, req, eps)
+        out = explained(sched, req, eps)
         if "active-request-scorer" in sched.plugins:
             assert all(sched.plugin("active-request-scorer").count(e.id) == 0 for e in eps)
         sreq = SchedulingRequest(f"s{i}", MODEL, token_ids=req.token_ids)
@@ -77,9 +83,9 @@ def test_explain_names_the_emptying_filter() -> None:
     sched = scheduler("precise.yaml")
     eps = [Endpoint("p", "10.0.0.9", 8000, {"llm-d.ai/role": "prefill"})]
     with pytest.raises(NoEndpointError, match="decode-filter"):
-        explain(sched, SchedulingRequest("r", MODEL, token_ids=[1] * 32), eps)
+        explained(sched, SchedulingRequest("r", MODEL, token_ids=[1] * 32), eps)
     with pytest.raises(NoEndpointError):
-        explain(sched, SchedulingRequest("r", MODEL, token_ids=[1] * 32), [])
+        explained(sched, SchedulingRequest("r", MODEL, token_ids=[1] * 32), [])
     sched.close()
 
 
@@ -89,7 +95,7 @@ def test_explain_reports_scorer_errors() -> None:
     eps = fleet()
     # On this text prompt the precise scorer cannot tokenize (no tokenizer for "m").
     req = SchedulingRequest("r", MODEL, prompt="hello")
-    out = explain(sched, req, eps)
+    out = explained(sched, req, eps)
     assert all(v == 0.0 for v in out["scores"]["precise-prefix-cache-scorer"].values())
     assert set(out["totals"]) == {e.id for e in eps}
     sched.close()

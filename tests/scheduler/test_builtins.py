@@ -520,3 +520,18 @@ def test_speculative_extends_a_partial_match() -> None:
     s.schedule(SchedulingRequest("b", "m", token_ids=longer), eps)
     r = s.schedule(SchedulingRequest("c", "m", token_ids=longer), eps)
     assert r.scores["precise-prefix-cache-scorer"][chosen.id] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("index", "blocking"),
+    [({}, False), ({"redisConfig": {"address": "redis://127.0.0.1:1"}}, True)],
+)
+def test_precise_on_a_remote_index_declares_blocking_io(
+    index: dict[str, Any], blocking: bool
+) -> None:
+    """The precise scorer on Redis asks the scheduler to keep its lookups off the event loop."""
+    s = build(
+        [{"type": "precise-prefix-cache-scorer", "parameters": {"kvBlockIndexConfig": index}}]
+    )
+    assert s.plugin("precise-prefix-cache-scorer").blocking_io is blocking
+    s.close()

@@ -436,3 +436,49 @@ def test_aschedule_prepares_off_the_event_loop() -> None:
     assert r.targets == [eps[1]]  # 3 tokens from prepare(), not the fallback
     assert len(seen) == 1 and seen[0] != loop_thread and seen[0].startswith("kvaware-prepare")
     s.close()
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_aschedule_runs_blocking_io_scorers_off_the_event_loop(blocking: bool) -> None:
+    """A plugin declaring blocking_io (a remote index) is scored and hooked in a worker thread;
+    others stay on the event loop."""
+    import threading
+
+    seen: list[str] = []
+
+    class Remote:
+        def __init__(self, params: Any, ctx: PluginContext) -> None:
+            self.blocking_io = blocking
+
+        def score(
+            self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+        ) -> Mapping[str, float]:
+            seen.append(threading.current_thread().name)
+            return {endpoints[0].id: 1.0}
+
+        def pre_request(
+            self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
+        ) -> None:
+            seen.append(threading.current_thread().name)
+
+    class P:
+        @hookimpl
+        def kvaware_register_plugins(self, registry: PluginRegistry) -> None:
+            registry.register("remote", Remote)
+
+    s = Scheduler.from_config(
+        config([{"type": "remote"}]),
+        plugin_manager=make_plugin_manager(use_env=False, plugins=[P()]),
+    )
+    eps = endpoints(2)
+
+    async def go() -> tuple[SchedulingResult, SchedulingResult, str]:
+        r = await s.aschedule(SchedulingRequest("r", "m", token_ids=[1]), eps)
+        d = await s.aschedule(SchedulingRequest("d", "m", token_ids=[1]), eps, dry_run=True)
+        return r, d, threading.current_thread().name
+
+    r, d, loop_thread = asyncio.run(go())
+    assert r.targets == [eps[0]] and d.dry_run
+    assert len(seen) == 3  # score, pre_request, and the dry run's score only
+    assert all((name != loop_thread) is blocking for name in seen)
+    s.close()
