@@ -116,6 +116,18 @@ _MAX_HELD = 1 << 20
 _JSON = "application/json"
 
 
+def _ends_stream(events: bytes) -> bool:
+    """Whether SSE data starting at an event boundary holds the ``data: [DONE]`` sentinel.
+
+    NOTE: a line of its own, not the bytes anywhere: generated text may contain "[DONE]" (even
+    "data: [DONE]"), and JSON escapes its newlines, so only a real line starts with it.
+    """
+    for sentinel in (b"data: [DONE]", b"data:[DONE]"):
+        if events.startswith(sentinel) or b"\n" + sentinel in events:
+            return True
+    return False
+
+
 class _Details(msgspec.Struct):
     cached_tokens: int | None = None
 
@@ -835,7 +847,7 @@ class Gateway:
                     failure = repr(exc)
                     break
                 if not chunk:
-                    if held and b"[DONE]" in held:
+                    if held and _ends_stream(held):
                         done = True
                         await out.write(held)
                     if not done:
@@ -862,7 +874,7 @@ class Gateway:
                     torn = False
                 if b'"usage"' in chunk:
                     usage = self._usage_from_events(chunk) or usage
-                if not done and b"[DONE]" in chunk:
+                if not done and _ends_stream(chunk):
                     done = True
                 await out.write(chunk)
             if failure is not None:

@@ -9,7 +9,7 @@ A request can steer its own answer through an extra body field, which also prove
 gateway forwards fields it does not know::
 
     "test_pod": {"chunks": 5, "delay": 0.1, "die_after": 2, "status": 500, "hold": true,
-                 "sleep": 0.05, "split": true, "no_done": true}
+                 "sleep": 0.05, "split": true, "no_done": true, "text": "generated text"}
 
 Run as a script it serves several ports in one process (for tests that kill a pod process)::
 
@@ -188,16 +188,15 @@ class FakePod:
                     request.transport.abort()
                     return resp
                 last = i == n - 1
+                token = str(opts.get("text", f"t{i} "))
                 if chat:
                     delta = (
-                        {"role": "assistant", "content": f"t{i} "}
-                        if i == 0
-                        else {"content": f"t{i} "}
+                        {"role": "assistant", "content": token} if i == 0 else {"content": token}
                     )
                     choice: dict[str, Any] = {"index": 0, "delta": delta}
                     obj = "chat.completion.chunk"
                 else:
-                    choice = {"index": 0, "text": f"t{i} ", "logprobs": None}
+                    choice = {"index": 0, "text": token, "logprobs": None}
                     obj = "text_completion"
                 choice["finish_reason"] = "length" if last else None
                 event = {**base, "object": obj, "choices": [choice]}

@@ -308,6 +308,37 @@ async def test_stream_without_done_gets_error_event(
     assert info.error and "[DONE]" in info.error
 
 
+@pytest.mark.parametrize("text", ["[DONE]", "data: [DONE]", "\n\ndata: [DONE]\n\n"])
+async def test_done_inside_generated_text_is_not_the_end(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder, text: str
+) -> None:
+    """Generated text that reads like the [DONE] sentinel does not make a stream that then
+    breaks off look complete: the client still gets the error event."""
+    gw = await start_gateway(tmp_path, pods[:1], recorder=recorder)
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                gw.url + "/v1/completions",
+                json={
+                    "model": MODEL,
+                    "prompt": "x",
+                    "stream": True,
+                    "test_pod": {"chunks": 2, "no_done": True, "text": text},
+                },
+            ) as resp,
+        ):
+            raw = await resp.read()
+    finally:
+        await gw.stop()
+    events = [e for e in raw.split(b"\n\n") if e]
+    assert [json.loads(e[6:])["choices"][0]["text"] for e in events[:2]] == [text, text]
+    assert json.loads(events[2][6:])["error"]["code"] == 502
+    assert events[3] == b"data: [DONE]"
+    ((_, _, info),) = recorder.calls
+    assert info.error and "[DONE]" in info.error
+
+
 async def test_pod_error_status_passed_through(
     tmp_path: Path, pods: list[FakePod], recorder: Recorder
 ) -> None:
