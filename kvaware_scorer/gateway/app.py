@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -113,6 +114,8 @@ _ROUTES = {
 }
 #: Largest incomplete SSE event held back; a pod that never ends its events is relayed as is.
 _MAX_HELD = 1 << 20
+#: Seconds between on-demand polls of endpoints that never listed their models.
+_UNKNOWN_POLL_INTERVAL = 1.0
 _JSON = "application/json"
 
 
@@ -195,6 +198,8 @@ class Gateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._models_task: asyncio.Task[None] | None = None
         self._models_wake: asyncio.Event | None = None
+        self._unknown_poll: asyncio.Future[None] | None = None
+        self._unknown_polled = -math.inf
         self._listener = _PoolListener(self)
         self._listener_registered = False
         self._scheduler_started = False
@@ -390,6 +395,9 @@ class Gateway:
         logger.info("gateway stopped")
 
     async def _close_resources(self) -> None:
+        if self._unknown_poll is not None:
+            self._unknown_poll.cancel()
+            self._unknown_poll = None
         if self._models_task is not None:
             self._models_task.cancel()
             try:
@@ -465,17 +473,37 @@ class Gateway:
             except Exception:
                 logger.exception("refreshing the model catalog failed")
 
-    def _resolve(self, model: str) -> Resolution:
+    async def _resolve(self, model: str) -> Resolution:
         """The candidates for `model`, without pods in their connection-failure cooldown.
 
+        When no endpoint is known to serve `model` but some never listed their models (a pod
+        still starting), those are polled now (one poll shared by concurrent requests, at most
+        one per second) rather than failing until the next periodic refresh.
+
         Raises:
-            APIError: 503 when the pool is empty, 404 when no endpoint serves `model`.
+            APIError: 503 when the pool is empty or only endpoints that never listed their
+                models could serve `model`, 404 when no endpoint serves it.
         """
         pool = self.scheduler.endpoints
         if not pool:
             raise APIError(503, "No endpoints are available.", code="no_endpoint")
-        res = self.catalog.resolve(model, pool)
+        catalog = self.catalog
+        res = catalog.resolve(model, pool)
         if not res.endpoints:
+            unknown = [e for e in pool if not e.model and not catalog.known(e.id)]
+            if unknown:
+                await self._poll_unknown(unknown)
+                res = catalog.resolve(model, pool)
+                unknown = [e for e in unknown if not catalog.known(e.id)]
+        if not res.endpoints:
+            if unknown:
+                raise APIError(
+                    503,
+                    f"No endpoint serving the model `{model}` is ready: {len(unknown)} "
+                    "endpoint(s) have not listed their models yet.",
+                    param="model",
+                    code="model_not_ready",
+                )
             raise APIError(
                 404,
                 f"The model `{model}` does not exist or is not served by any endpoint.",
@@ -494,6 +522,22 @@ class Gateway:
                 if up:
                     res.endpoints = up
         return res
+
+    async def _poll_unknown(self, unknown: list[Endpoint]) -> None:
+        task = self._unknown_poll
+        if task is None:
+            if time.monotonic() - self._unknown_polled < _UNKNOWN_POLL_INTERVAL:
+                return
+            task = self._unknown_poll = asyncio.ensure_future(self._poll_endpoints(unknown))
+        # NOTE: shielded: a client going away must not cancel the poll other requests await.
+        await asyncio.shield(task)
+
+    async def _poll_endpoints(self, endpoints: list[Endpoint]) -> None:
+        try:
+            await asyncio.gather(*(self.catalog.poll(e) for e in endpoints))
+        finally:
+            self._unknown_polled = time.monotonic()
+            self._unknown_poll = None
 
     def _scheduling_request(
         self, request: web.Request, parsed: ParsedRequest, res: Resolution
@@ -586,7 +630,7 @@ class Gateway:
         try:
             body = await self._read_body(request)
             parsed = parse(body)
-            res = self._resolve(parsed.model)
+            res = await self._resolve(parsed.model)
         except APIError as err:
             return self._error(route, err, t0, close=err.status == 413)
         sreq = self._scheduling_request(request, parsed, res)
@@ -918,7 +962,7 @@ class Gateway:
             body = await self._read_body(request)
             chat = self.parser.is_chat(body)
             parsed = self.parser.chat(body) if chat else self.parser.completion(body)
-            res = self._resolve(parsed.model)
+            res = await self._resolve(parsed.model)
         except APIError as err:
             return self._error(route, err, t0, close=err.status == 413)
         sreq = self._scheduling_request(request, parsed, res)

@@ -173,6 +173,35 @@ async def test_added_endpoint_becomes_routable(
     assert len(new.requests) == 1
 
 
+async def test_pod_listing_its_models_late_is_polled_on_demand(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """A pod whose /v1/models did not answer at start (still loading) makes requests for its
+    model wait-and-see: 503 model_not_ready while it is not ready, served as soon as it lists
+    the model, without waiting for the periodic refresh."""
+    pod = FakePod("late", MODEL)
+    pod.models_available = False
+    await pod.start()
+    gw = await start_gateway(tmp_path, [pod], recorder=recorder, models_refresh_interval=60)
+    try:
+        async with aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "x"}
+            async with s.post(gw.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 503
+                err = (await resp.json())["error"]
+            assert err["code"] == "model_not_ready" and err["param"] == "model"
+            pod.models_available = True
+            await asyncio.sleep(1.05)  # the on-demand polls are at most one per second
+            async with s.post(gw.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+            async with s.post(gw.url + "/v1/completions", json={**body, "model": "nope"}) as r:
+                assert r.status == 404
+    finally:
+        await gw.stop()
+        await pod.stop()
+    assert len(pod.requests) == 1
+
+
 async def test_empty_pool(tmp_path: Path, recorder: Recorder) -> None:
     """With no endpoints, inference requests get 503 in the OpenAI shape and /health says so."""
     gw = await start_gateway(tmp_path, [], recorder=recorder)
