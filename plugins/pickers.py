@@ -110,21 +110,16 @@ class RandomPicker:
         return [s.endpoint for s in self.rng.sample(list(scored), k)]
 
 
-class WeightedRandomPicker:
+class WeightedRandomPicker(RandomPicker):
     """``weighted-random-picker``: picks with probability proportional to the total (A-Res:
     key ``u ** (1 / total)``, top-k keys); totals <= 0 are never picked while positive ones
     remain; all zero -> uniformly random."""
-
-    def __init__(self, params: PickerParams, ctx: PluginContext) -> None:
-        self.k = params.max_num_of_endpoints
-        self.rng = ctx.rng
 
     def pick(
         self, ctx: SchedulingContext, request: SchedulingRequest, scored: Sequence[ScoredEndpoint]
     ) -> list[Endpoint]:
         if not any(s.score > 0 for s in scored):
-            k = min(self.k, len(scored))
-            return [s.endpoint for s in self.rng.sample(list(scored), k)]
+            return super().pick(ctx, request, scored)
         rng = self.rng
         keyed: list[tuple[float, float, Endpoint]] = []
         for s in scored:

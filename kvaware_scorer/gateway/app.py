@@ -64,46 +64,34 @@ __all__ = ["Gateway"]
 
 logger = logging.getLogger(__name__)
 
-#: Request headers never forwarded: hop-by-hop ones (RFC 9110 §7.6.1), those the client library
-#: sets itself, Accept-Encoding (pods answer uncompressed so usage can be read and SSE is never
-#: held back by a compressor) and Content-Type (the body was parsed as JSON, so it is sent as
+#: Hop-by-hop headers (RFC 9110 §7.6.1) and framing: never passed on in either direction.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+#: Request headers never forwarded: hop-by-hop ones, those the client library sets itself,
+#: Accept-Encoding (pods answer uncompressed so usage can be read and SSE is never held back by
+#: a compressor) and Content-Type (the body was parsed as JSON, so it is sent as
 #: application/json whatever the client declared, e.g. curl's form default).
-_DROP_REQUEST = frozenset(
-    {
-        "host",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "accept-encoding",
-        "content-type",
-        "expect",
-    }
-)
-#: Response headers never relayed: hop-by-hop ones, framing (the gateway frames its own
-#: response) and those the gateway's server sets itself.
-_DROP_RESPONSE = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "content-encoding",
-        "date",
-        "server",
-    }
-)
+_DROP_REQUEST = _HOP_BY_HOP | {
+    "host",
+    "proxy-authorization",
+    "accept-encoding",
+    "content-type",
+    "expect",
+}
+#: Response headers never relayed: hop-by-hop ones, the encoding (the client session decodes)
+#: and those the gateway's server sets itself.
+_DROP_RESPONSE = _HOP_BY_HOP | {"content-encoding", "date", "server"}
 _ROUTES = {
     "/v1/completions": "POST",
     "/v1/chat/completions": "POST",
