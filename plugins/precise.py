@@ -344,12 +344,27 @@ class PrecisePrefixCacheScorer:
         with self._lock:
             self._started = True
             cfg = self.params.kv_events_config
-            if (
-                cfg.zmq_endpoint
-                or cfg.endpoints
-                or any(self._subscription(e) for e in self._current_endpoints())
-            ):
+            current = self._current_endpoints()
+            if cfg.zmq_endpoint or cfg.endpoints or any(self._subscription(e) for e in current):
                 self._ensure_subscriber()
+            self._warn_unsubscribed(current)
+
+    def _warn_unsubscribed(self, endpoints: Sequence[Endpoint]) -> None:
+        """Say which endpoints no KV event can come from (they would score 0 forever)."""
+        cfg = self.params.kv_events_config
+        if cfg.zmq_endpoint:
+            return  # bind mode: pods publish to us
+        silent = [
+            e.id for e in endpoints if e.id not in cfg.endpoints and not self._subscription(e)
+        ]
+        if silent:
+            logger.warning(
+                "%s: no KV-event source for %s: these endpoints will score 0 (set their "
+                "kvEvents in the endpoints file, kvEventsConfig.discoverPods: true to dial "
+                "<address>:socketPort, or kvEventsConfig.zmqEndpoint for pods to publish to)",
+                self.name,
+                ", ".join(silent),
+            )
 
     def stop(self) -> None:
         """Stop the subscriber (bounded); idempotent."""
@@ -371,6 +386,7 @@ class PrecisePrefixCacheScorer:
                 self.indexer.purge_pod(e.id, "endpoint-removed")
             if not self._started:
                 return
+            self._warn_unsubscribed(added)
             if self._subscriber is None:
                 if any(self._subscription(e) for e in added):
                     try:

@@ -131,3 +131,33 @@ def test_bind_mode_starts_on_start(subscriber: type[RecordingSubscriber]) -> Non
     assert sub.config.topic_filter == "kv@"
     s.close()
     assert sub.calls[-1] == ("stop",)
+
+
+def test_endpoints_no_event_can_come_from_are_named_in_a_warning(
+    subscriber: type[RecordingSubscriber], caplog: pytest.LogCaptureFixture
+) -> None:
+    """start() (and a later join) warns about endpoints without any KV-event source, which would
+    otherwise score 0 silently; bind mode and publishers silence it."""
+    s = precise()
+    s.set_endpoints([Endpoint("a", "10.0.0.1", 8000)])
+    with caplog.at_level("WARNING"):
+        s.start()
+        s.set_endpoints(
+            [
+                Endpoint("a", "10.0.0.1", 8000),
+                Endpoint("b", "10.0.0.2", 8000),
+                Endpoint("p", "10.0.0.5", 8000, kv_events="tcp://10.0.0.5:5557"),
+            ]
+        )
+    warned = [r.getMessage() for r in caplog.records if "no KV-event source" in r.getMessage()]
+    assert len(warned) == 2
+    assert "10.0.0.1:8000" in warned[0] and "discoverPods" in warned[0]
+    assert "10.0.0.2:8000" in warned[1] and "10.0.0.5" not in warned[1]
+    s.stop()
+    caplog.clear()
+    bound = precise(zmqEndpoint="tcp://127.0.0.1:5999")
+    bound.set_endpoints([Endpoint("a", "10.0.0.1", 8000)])
+    with caplog.at_level("WARNING"):
+        bound.start()
+    assert not [r for r in caplog.records if "no KV-event source" in r.getMessage()]
+    bound.stop()
