@@ -538,6 +538,24 @@ end
 
 local TOUCHED = {}
 
+-- Write ids already applied, per writer: one bitmap of 65,536 tokens per key, kept an hour
+-- after its last write. A writer sends a write again when it did not get the answer (a
+-- timeout, a dropped connection), not knowing whether it was applied; applying it twice would
+-- count references twice.
+local DEDUP_MS = 3600000
+local DEDUP_SEEN = {}
+local function first_time(writer, token)
+  if not writer or writer == '' or not token or token == '' then return true end
+  local t = tonumber(token)
+  local key = P .. 'x' .. writer .. ':' .. floor(t / 65536)
+  if call('SETBIT', key, t % 65536, 1) == 1 then return false end
+  if not DEDUP_SEEN[key] then
+    DEDUP_SEEN[key] = true
+    call('PEXPIRE', key, DEDUP_MS)
+  end
+  return true
+end
+
 -- A store of `kb` (keys, 8 bytes each) with engine hashes `eb` ('' = the keys) at tier
 -- `tname`. `x`: '1' when the keys are distinct with one engine hash each (the common case),
 -- else '0' followed by (engine hash, last key) pairs of engine blocks whose last key lives in
@@ -992,19 +1010,24 @@ if op == 'lookup' then
 
 elseif op == 'w' then
   -- a batch of writes in call order: ARGV[4] = size bound of the shard, ARGV[5] = pods per
-  -- block (0 = no limit), then six arguments per write: kind ('a' add, 'n' add_new,
-  -- 'r' remove, 't' add_tier), pod, tier, keys, engine hashes, flags. Returns one result per
-  -- write (skipped count, or a known-bits string), or a 'KVAWARE ...' string for a refused one.
+  -- block (0 = no limit), ARGV[6] = the writer's id, then seven arguments per write: kind
+  -- ('a' add, 'n' add_new, 'r' remove, 't' add_tier), pod, tier, keys, engine hashes, flags,
+  -- token. Returns one result per write (skipped engine hashes, or a known-bits string), or a
+  -- 'KVAWARE ...' string for a refused one. A write already applied (same writer and token)
+  -- is skipped: it answers no skipped hashes, or no known ones.
   local size = tonumber(ARGV[4])
   PCS = tonumber(ARGV[5])
+  local writer = ARGV[6]
   -- NOTE: the block queue serves eviction and expiry; with neither it is not kept
   QUEUE = QUEUE or size > 0
   local out = {}
-  local a, s, na = 6, 0, #ARGV
-  while a + 5 <= na do
+  local a, s, na = 7, 0, #ARGV
+  while a + 6 <= na do
     local kind = ARGV[a]
     local r
-    if kind == 'a' or kind == 'n' then
+    if not first_time(writer, ARGV[a + 6]) then
+      if kind == 'r' or kind == 't' then r = string.rep('0', #ARGV[a + 4] / 8) else r = '' end
+    elseif kind == 'a' or kind == 'n' then
       r = w_add(ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], kind == 'n')
     elseif kind == 'r' then
       r = w_remove(ARGV[a + 1], ARGV[a + 2], ARGV[a + 4])
@@ -1015,7 +1038,7 @@ elseif op == 'w' then
     end
     s = s + 1
     out[s] = r
-    a = a + 6
+    a = a + 7
   end
   flush_blocks()
   for id in pairs(TOUCHED) do refresh_pod(id) end
@@ -1135,9 +1158,11 @@ elseif op == 'spec' then
   return written
 
 elseif op == 'purge' then
-  -- by name, or by id (a writer purging a pod gone quiet: only if it is still quiet)
+  -- by name (ARGV[6], ARGV[7]: writer and token, as for 'w'), or by id (a writer purging a
+  -- pod gone quiet: only if it is still quiet)
   local name, id = ARGV[4], nil
   if name ~= '' then
+    if not first_time(ARGV[6], ARGV[7]) then return { 0, 0 } end
     id = live_id(name)
   else
     id = tonumber(ARGV[5])

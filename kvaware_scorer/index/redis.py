@@ -27,6 +27,7 @@ import bisect
 import hashlib
 import itertools
 import logging
+import os
 import socket
 import sys
 import threading
@@ -279,6 +280,7 @@ class _Write:
     tier: str = ""
     seq: int = -1
     packed: tuple[bytes, bytes] | None = None  # keys and engine hashes, as sent
+    token: bytes = b""  # this write's id among its index's writes (see `RedisIndex._token`)
 
 
 class WriteBatch:
@@ -341,7 +343,7 @@ class WriteBatch:
 
     def purge(self, pod: str) -> None:
         """Queue `RedisIndex.purge`."""
-        self._ops.append(_Write("purge", pod))
+        self._ops.append(self._index._purge_op(pod))
 
 
 class RedisIndex:
@@ -381,6 +383,8 @@ class RedisIndex:
         self._down_since: float | None = None
         self._buffer: deque[_Write] = deque()
         self._seq = itertools.count()
+        self._writer = os.urandom(8).hex().encode("ascii")
+        self._tokens = itertools.count()
         self._pending: dict[tuple[str, int], int] = {}
         self._counters: dict[str, int] = {
             "buffered_writes": 0,
@@ -679,14 +683,28 @@ class RedisIndex:
         eb = b"" if engine_hashes is None else _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
         ehs = None if engine_hashes is None else tuple(engine_hashes)
-        return _Write(kind, pod, tuple(keys), ehs, tname, packed=(kb, eb))
+        return _Write(kind, pod, tuple(keys), ehs, tname, packed=(kb, eb), token=self._token())
 
     def _tier_op(
         self, kind: str, pod: str, engine_hashes: Sequence[int], tier: str | None
     ) -> _Write:
         eb = _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
-        return _Write(kind, pod, (), tuple(engine_hashes), tname, packed=(b"", eb))
+        return _Write(
+            kind, pod, (), tuple(engine_hashes), tname, packed=(b"", eb), token=self._token()
+        )
+
+    def _purge_op(self, pod: str) -> _Write:
+        return _Write("purge", pod, token=self._token())
+
+    def _token(self) -> bytes:
+        """A new write id: the script applies a write at most once per (writer, token).
+
+        NOTE: a write whose reply is lost (a timeout, a dropped connection) may or may not have
+        been applied; it is buffered and sent again, and the server skips it if it was applied,
+        so that no reference is ever counted twice (a stale entry nothing would remove).
+        """
+        return b"%d" % next(self._tokens)
 
     def _shard_size(self) -> int:
         size = self.config.size
@@ -700,7 +718,7 @@ class RedisIndex:
         ehs: Sequence[int] | None,
         foreign: bytes = b"",
         packed: tuple[bytes, bytes] | None = None,
-    ) -> tuple[bytes, str, str, bytes, bytes, bytes]:
+    ) -> tuple[bytes, str, str, bytes, bytes, bytes, bytes]:
         """The script's arguments of one store (see ``w`` in redis.lua)."""
         plain = (
             not foreign
@@ -708,7 +726,8 @@ class RedisIndex:
             and (ehs is None or len(set(ehs)) == len(ehs))
         )
         kb, eb = packed if packed is not None else (_pack(keys), b"" if ehs is None else _pack(ehs))
-        return (_WRITE_CODES[w.kind], w.pod, w.tier, kb, eb, b"1" if plain else b"0" + foreign)
+        flags = b"1" if plain else b"0" + foreign
+        return (_WRITE_CODES[w.kind], w.pod, w.tier, kb, eb, flags, w.token)
 
     def _plan(self, w: _Write) -> list[tuple[_Shard, bool, tuple[Any, ...]]]:
         """The script work of one write: ``(shard, batched, args)`` per shard it touches.
@@ -746,9 +765,9 @@ class RedisIndex:
             ]
             return items + self._alive_calls(w.pod, {s for s in parts})
         if w.kind == "purge":
-            return [(sh, False, (b"purge", w.pod, 0)) for sh in shards]
+            return [(sh, False, (b"purge", w.pod, 0, self._writer, w.token)) for sh in shards]
         eb = w.packed[1] if w.packed is not None else _pack(w.ehs or ())
-        write = (_WRITE_CODES[w.kind], w.pod, w.tier, b"", eb, b"")
+        write = (_WRITE_CODES[w.kind], w.pod, w.tier, b"", eb, b"", w.token)
         return [(sh, True, write) for sh in shards]
 
     def _alive_calls(self, pod: str, busy: set[int]) -> list[tuple[_Shard, bool, tuple[Any, ...]]]:
@@ -831,10 +850,10 @@ class RedisIndex:
                 if batched:
                     cur = open_call.get(shard.prefix)
                     if cur is None:
-                        argv: list[Any] = [b"w", size, pcs]
+                        argv: list[Any] = [b"w", size, pcs, self._writer]
                         cur = open_call[shard.prefix] = (len(calls), argv)
                         calls.append((shard, ()))
-                    spots.append((cur[0], (len(cur[1]) - 3) // 6))
+                    spots.append((cur[0], (len(cur[1]) - 4) // 7))
                     cur[1].extend(args)
                 else:
                     closed = open_call.pop(shard.prefix, None)
@@ -1076,7 +1095,7 @@ class RedisIndex:
 
     def purge(self, pod: str) -> int:
         self._quiesce()
-        return self._submit([_Write("purge", pod)])[0] or 0
+        return self._submit([self._purge_op(pod)])[0] or 0
 
     def references(self, pod: str) -> dict[str, dict[int, int]]:
         """Tier -> engine hash -> references `pod` holds (see `KVBlockIndex.references`).

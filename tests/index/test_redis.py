@@ -557,6 +557,33 @@ def test_slow_server_times_out_then_recovers(own_redis: RedisProcess) -> None:
     ix.close()
 
 
+def test_write_applied_after_its_timeout_is_not_applied_again(own_redis: RedisProcess) -> None:
+    """Writes that time out but reach a paused server are applied once, not again on replay."""
+    ix = RedisIndex(
+        fresh_config(own_redis.url, socket_timeout=0.2, connect_timeout=0.2, retry_interval=0.2)
+    )
+    ix.add(A, keys(4), ehs(4))
+    ix.add(A, keys(4), ehs(4))  # two copies of each block
+    assert own_redis.proc is not None
+    own_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        with ix.batch() as b:  # sent, unanswered: buffered, and applied once the server resumes
+            b.add(B, keys(2), ehs(2, 9))
+            b.remove(A, ehs(4))
+            b.purge(C)
+        assert b.results == [None, None, None]
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+    assert wait_for(lambda: ix.flush() and _up(ix), timeout=5)
+    assert ix.references(B) == {"gpu": {h: 1 for h in ehs(2, 9)}}
+    assert ix.references(A) == {"gpu": {h: 1 for h in ehs(4)}}
+    assert ix.remove(B, ehs(2, 9)) == 2
+    res = ix.lookup(keys(4), [A, B])
+    assert B not in res and res[A].blocks == 4
+    assert ix.stats().extra["replayed_writes"] == 3
+    ix.close()
+
+
 def _up(ix: RedisIndex) -> bool:
     try:
         ix.lookup([1], [A])
