@@ -29,6 +29,9 @@ from tests.index.contract import A, B, C, IndexContract, ehs, keys
 
 
 def fresh_config(url: str, **kw: Any) -> RedisIndexConfig:
+    # NOTE: tests of timeouts set their own; elsewhere a loaded machine must not turn a slow
+    # bulk write into a buffered one.
+    kw.setdefault("socket_timeout", 5.0)
     return RedisIndexConfig(address=url, key_prefix=f"t{uuid.uuid4().hex[:10]}:", **kw)
 
 
