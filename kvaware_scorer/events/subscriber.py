@@ -5,6 +5,8 @@ Two transport modes, usable together:
 * *bind*: one SUB socket bound at ``zmq_endpoint``; pods connect to it and name themselves in
   the topic ``kv@<pod-id>@<model>`` (``kv@<pod-id>`` falls back to ``default_model``). The
   pod id may contain ``:`` (``10.0.0.1:8000``); everything after the second ``@`` is the model.
+  vLLM offsets the port of every data-parallel rank's endpoint (rank ``r`` connects to port
+  ``+r``), so the socket is also bound at the next ``data_parallel_size - 1`` ports.
 * *connect*: one SUB socket per pod, dialing the pod's publisher (every DP rank's port); the
   pod id is the endpoint's id, the model is the endpoint's, else the topic's, else
   ``default_model``. `add_endpoint` / `remove_endpoint` change the set at run time.
@@ -143,7 +145,7 @@ class KVEventSubscriber:
 
     @property
     def bound_endpoint(self) -> str | None:
-        """The endpoint the bind-mode socket actually listens on (port resolved)."""
+        """The endpoint the bind-mode socket actually listens on for DP rank 0 (port resolved)."""
         return self._bound
 
     def start(self, timeout: float = 5.0) -> None:
@@ -294,14 +296,17 @@ class KVEventSubscriber:
         try:
             if self.config.zmq_endpoint:
                 sub = self._new_sub()
-                sub.bind(self.config.zmq_endpoint)
-                self._bound = sub.getsockopt_string(zmq.LAST_ENDPOINT)
-                poller.register(sub, zmq.POLLIN)
                 sources[sub] = (None, None)
-                logger.info("KV-event subscriber bound at %s", self._bound)
+                for i, endpoint in enumerate(self._bind_endpoints()):
+                    sub.bind(endpoint)
+                    bound = sub.getsockopt_string(zmq.LAST_ENDPOINT)
+                    if i == 0:
+                        self._bound = bound
+                    logger.info("KV-event subscriber bound at %s", bound)
+                poller.register(sub, zmq.POLLIN)
             for pod_id in list(self._pods):
                 self._connect(pod_id, poller, sources, by_pod)
-        except (zmq.ZMQError, ConfigError) as exc:
+        except (zmq.ZMQError, ConfigError, ValueError) as exc:
             self._start_error = exc
             self._ready.set()
             self._close_all(sources)
@@ -334,6 +339,18 @@ class KVEventSubscriber:
                 time.sleep(0.01)
         self._close_all(sources)
         self._close_local_dealers()
+
+    def _bind_endpoints(self) -> list[str]:
+        """Where bind mode listens: `zmq_endpoint` for rank 0, offset for the other ranks.
+
+        Raises:
+            ValueError: An endpoint that cannot be offset (vLLM refuses it for rank > 0 too).
+        """
+        base = self.config.zmq_endpoint
+        assert base is not None
+        ranks = range(self.config.data_parallel_size)
+        # NOTE: port 0 is not offset (as in vLLM): one random port serves every rank.
+        return list(dict.fromkeys(offset_endpoint(base, r) for r in ranks))
 
     def _close_all(self, sources: dict[zmq.Socket[Any], Any]) -> None:
         for sock in sources:

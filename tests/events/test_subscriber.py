@@ -363,6 +363,30 @@ def test_data_parallel_ranks_on_offset_ports(indexer: Indexer) -> None:
     assert indexer.score(MODEL, b, [POD]) == {POD: 1.0}
 
 
+def test_bind_mode_listens_on_every_data_parallel_ranks_port(indexer: Indexer) -> None:
+    """In bind mode, DP rank r's publisher (which vLLM points at port + r) reaches the index."""
+    a, b = list(range(32)), list(range(100, 132))
+    port = two_free_ports()
+    topic = f"kv@{POD}@{MODEL}"
+    with make_sub(indexer, zmq_endpoint=tcp(port), data_parallel_size=2) as sub:
+        assert sub.bound_endpoint == tcp(port)
+        pubs = [
+            VllmEventPublisher(tcp(port + r), topic=topic, bind=False, data_parallel_rank=r)
+            for r in range(2)
+        ]
+        try:
+            for p in pubs:
+                assert p.wait_for_subscriber(10)
+            pubs[0].publish([store([1, 2], a)])
+            pubs[1].publish([store([3, 4], b)])
+            wait_until(lambda: indexer.ingestor.held(POD) == {1: 1, 2: 1, 3: 1, 4: 1})
+        finally:
+            for p in pubs:
+                p.close()
+    assert set(indexer.ingestor.streams(POD)) == {0, 1}
+    assert indexer.score(MODEL, b, [POD]) == {POD: 1.0}
+
+
 def test_concurrent_appliers_keep_each_pod_in_order(indexer: Indexer) -> None:
     """With several applying threads, every pod's frames still apply in order."""
     port = free_port()
