@@ -115,9 +115,6 @@ class KVEventSubscriber:
         self._thread: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
         self._queues: list[queue.Queue[Any]] = []
-        self._local = threading.local()
-        self._dealers: list[zmq.Socket[Any]] = []
-        self._dealers_lock = threading.Lock()
         self._handled_lock = threading.Lock()
         self._bound: str | None = None
         self._ready = threading.Event()
@@ -195,11 +192,6 @@ class KVEventSubscriber:
         ingestor = self.indexer.ingestor
         if ingestor.replay_source is self:
             ingestor.set_replay_source(None)
-        with self._dealers_lock:
-            for sock in self._dealers:
-                sock.close(0)
-            self._dealers.clear()
-        self._local = threading.local()
         if self._ctx is not None and self._ctx_given is None:
             self._ctx.destroy(0)
         self._ctx = None
@@ -338,7 +330,6 @@ class KVEventSubscriber:
                 logger.exception("KV-event receive loop error (continuing)")
                 time.sleep(0.01)
         self._close_all(sources)
-        self._close_local_dealers()
 
     def _bind_endpoints(self) -> list[str]:
         """Where bind mode listens: `zmq_endpoint` for rank 0, offset for the other ranks.
@@ -467,7 +458,6 @@ class KVEventSubscriber:
             except Exception:
                 self.indexer.metrics.dropped.labels("internal_error").inc()
                 logger.exception("KV-event apply error (continuing)")
-        self._close_local_dealers()
 
     # -- replay (the ingestor's ReplaySource) ------------------------------------------------
 
@@ -490,35 +480,16 @@ class KVEventSubscriber:
             logger.warning("replay endpoint %s cannot serve rank %d", base, rank)
             return None
 
-    def _dealer(self, endpoint: str) -> zmq.Socket[Any]:
-        socks: dict[str, zmq.Socket[Any]] | None = getattr(self._local, "dealers", None)
-        if socks is None:
-            socks = self._local.dealers = {}
-        sock = socks.get(endpoint)
-        if sock is None:
-            assert self._ctx is not None
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.connect(endpoint)
-            socks[endpoint] = sock
-            with self._dealers_lock:
-                self._dealers.append(sock)
-        return sock
-
-    def _drop_dealer(self, endpoint: str) -> None:
-        socks: dict[str, zmq.Socket[Any]] | None = getattr(self._local, "dealers", None)
-        sock = socks.pop(endpoint, None) if socks else None
-        if sock is not None:
-            with self._dealers_lock:
-                if sock in self._dealers:
-                    self._dealers.remove(sock)
-            sock.close(0)
-
-    def _close_local_dealers(self) -> None:
-        socks: dict[str, zmq.Socket[Any]] | None = getattr(self._local, "dealers", None)
-        for endpoint in list(socks or ()):
-            self._drop_dealer(endpoint)
+    def _recv_replay(self, sock: zmq.Socket[Any], timeout: float) -> list[bytes] | None:
+        """The next reply message, or None after `timeout` seconds without one or on `stop`."""
+        deadline = time.monotonic() + timeout
+        while not self._stop_event.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if sock.poll(int(min(left, _POLL_MS / 1000) * 1000) + 1):
+                return sock.recv_multipart()
+        return None
 
     def replay(self, pod: str, rank: int, start_seq: int, reason: str) -> ReplayResult | None:
         """Fetch `pod`'s buffered batches from `start_seq` on (vLLM's replay protocol).
@@ -529,19 +500,27 @@ class KVEventSubscriber:
         if reason == "join" and not self.config.replay_on_join:
             return None
         endpoint = self.replay_endpoint(pod, rank)
-        if endpoint is None or self._ctx is None:
+        ctx = self._ctx
+        if endpoint is None or ctx is None:
             return None
-        timeout_ms = int(self.config.replay_timeout * 1000)
+        timeout = self.config.replay_timeout
         limit = self.config.max_replay_batches
         frames: list[tuple[int, bytes]] = []
         status = "timeout"
+        # NOTE: one socket per replay, closed after it: replays are rare (gaps, joins), a kept
+        # socket per endpoint would outlive its pod (and keep reconnecting to it), and late
+        # replies to an abandoned request die with their socket instead of being read as the
+        # next answer.
+        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         try:
-            sock = self._dealer(endpoint)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(endpoint)
             sock.send_multipart((b"", start_seq.to_bytes(8, "big")))
-            while len(frames) < limit and not self._stop_event.is_set():
-                if not sock.poll(timeout_ms):
+            while len(frames) < limit:
+                parts = self._recv_replay(sock, timeout)
+                if parts is None:
                     break
-                parts = sock.recv_multipart()
                 if len(parts) == 4 and parts[0] == b"":  # >= 0.26: [b"", topic, seq, payload]
                     seq8, payload = parts[2], parts[3]
                 elif len(parts) == 3 and parts[0] == b"":  # < 0.26: [b"", seq, payload]
@@ -557,14 +536,12 @@ class KVEventSubscriber:
                     break
                 frames.append((int.from_bytes(seq8, "big"), payload))
             else:
-                if len(frames) >= limit:
-                    status = "truncated"
+                status = "truncated"
         except zmq.ZMQError as exc:
             logger.warning("replay from %s failed: %s", endpoint, exc)
             status = "error"
-        if status != "ok":
-            # NOTE: late replies to an abandoned request would be taken for the next answer.
-            self._drop_dealer(endpoint)
+        finally:
+            sock.close(0)
         logger.info(
             "replay (%s) of %s rank %d from seq %d: %d batches, %s",
             reason,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -289,6 +290,46 @@ def test_replay_request_to_a_silent_router_times_out(indexer: Indexer) -> None:
         _ident, empty, seq8 = router.recv_multipart()
         assert empty == b"" and int.from_bytes(seq8, "big") == 3
     finally:
+        router.close(0)
+        ctx.term()
+
+
+def test_replay_connection_is_closed_once_answered(indexer: Indexer) -> None:
+    """Each replay's DEALER connection is closed once the end marker is read, so no replay
+    socket outlives its pod (and keeps dialing it)."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    rport = free_port()
+    router.bind(tcp(rport))
+    mon = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+
+    def events(n: int) -> list[int]:
+        got = []
+        while len(got) < n and mon.poll(5000):
+            got.append(recv_monitor_message(mon)["event"])
+        return got
+
+    def serve_once() -> None:
+        assert router.poll(5000)
+        ident, _empty, _seq8 = router.recv_multipart()
+        router.send_multipart([ident, b"", b"", b"\xff" * 8, b""])
+
+    try:
+        sub = make_sub(indexer)
+        sub.add_endpoint(POD, tcp(free_port()), tcp(rport))
+        with sub:
+            for _ in range(2):
+                server = threading.Thread(target=serve_once)
+                server.start()
+                result = sub.replay(POD, 0, 0, "gap")
+                server.join(5)
+                assert result is not None and result.status == "ok"
+                assert events(2) == [zmq.EVENT_ACCEPTED, zmq.EVENT_DISCONNECTED]
+    finally:
+        router.disable_monitor()
+        mon.close(0)
         router.close(0)
         ctx.term()
 
