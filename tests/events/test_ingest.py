@@ -678,3 +678,39 @@ def test_old_parents_are_resolved_through_the_index() -> None:
     ix.ingest(POD, MODEL, frame(stored([3], tail, parent=1)), 2)
     assert counter(ix, "kvaware_orphaned_blocks_total") == 0
     assert ix.score(MODEL, first[:16] + tail, [POD]) == {POD: 1.0}
+
+
+def test_idle_streams_release_their_recent_stores() -> None:
+    """A sweep empties the recent stores of idle streams (parents then resolve through the
+    index) and keeps their sequence state; active streams are left alone."""
+    toks = list(range(32))
+    ix = Indexer()
+    ing = ix.ingestor
+    ing.idle_after = 0.0
+    ix.ingest(POD, MODEL, frame(stored([1], toks[:16])), 0)
+    assert ing.streams(POD)[0].recent
+    assert ing.sweep() == 0
+    st = ing.streams(POD)[0]
+    assert st.recent == {} and st.recent_old == {} and st.last_seq == 0
+    ix.ingest(POD, MODEL, frame(stored([2], toks[16:], parent=1)), 1)
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+    assert counter(ix, "kvaware_seq_gaps_total") == 0
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+
+
+def test_vanished_pods_are_forgotten_once_the_index_drops_them() -> None:
+    """Pods that stopped sending and that the index no longer holds (evicted, expired) leave
+    no stream behind; the sweep runs by itself every sweep_interval seconds."""
+    ix = Indexer()
+    ing = ix.ingestor
+    ing.idle_after = 0.0
+    pods = [f"10.1.0.{i}:8000" for i in range(200)]
+    for i, pod in enumerate(pods):
+        ix.ingest(pod, MODEL, frame(stored([i + 1], list(range(16)))), 0)
+    for pod in pods[:150]:
+        ix.index.purge(pod)  # as an eviction or the index's expiry would
+    ing.sweep_interval = 0.0
+    ix.ingest(POD, MODEL, frame(stored([7], list(range(16)))), 0)  # sweeps first
+    assert all(ing.streams(p) == {} for p in pods[:150])
+    assert all(ing.streams(p)[0].last_seq == 0 for p in pods[150:])
+    assert ing.streams(POD)[0].last_seq == 0
