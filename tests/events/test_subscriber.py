@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +17,7 @@ from kvaware_scorer import Indexer
 from kvaware_scorer.config import KVEventsConfig
 from kvaware_scorer.events import KVEventSubscriber, VllmEventPublisher, parse_topic
 from kvaware_scorer.events.decode import BlockStored, encode_batch
+from kvaware_scorer.events.subscriber import fetch_event_sources, parse_event_sources
 from tests.conftest import free_port
 from tests.events.conftest import EVENTS_DIR, stream_frames
 
@@ -425,6 +428,94 @@ def test_bind_mode_listens_on_every_data_parallel_ranks_port(indexer: Indexer) -
             for p in pubs:
                 p.close()
     assert set(indexer.ingestor.streams(POD)) == {0, 1}
+    assert indexer.score(MODEL, b, [POD]) == {POD: 1.0}
+
+
+def test_parse_event_sources() -> None:
+    """vLLM's /kv_event_sources map gives each rank's endpoints, wildcard hosts replaced by the
+    pod's address; ranks without ZMQ events are left out and unresolved ports refused."""
+    cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": ""}
+    sources = {
+        "0": {**cfg, "endpoint": "tcp://10.0.0.5:41001", "replay_endpoint": "tcp://*:41002"},
+        "1": {**cfg, "endpoint": "tcp://0.0.0.0:41007", "replay_endpoint": None},
+        "2": {**cfg, "enable_kv_cache_events": False, "endpoint": "tcp://*:5559"},
+        "3": {**cfg, "publisher": "null", "endpoint": "tcp://*:5560"},
+    }
+    assert parse_event_sources(sources, "10.0.0.5") == {
+        0: ("tcp://10.0.0.5:41001", "tcp://10.0.0.5:41002"),
+        1: ("tcp://10.0.0.5:41007", None),
+    }
+    v6 = {"0": {**cfg, "endpoint": "tcp://[::]:5557", "replay_endpoint": None}}
+    assert parse_event_sources(v6, "fd00::1") == {0: ("tcp://[fd00::1]:5557", None)}
+    for bad in (
+        [],
+        {"x": {}},
+        {"0": {**cfg, "endpoint": "tcp://*:0"}},
+        {"0": {**cfg, "endpoint": 5557}},
+    ):
+        with pytest.raises(ValueError):
+            parse_event_sources(bad, "10.0.0.5")
+
+
+def test_event_sources_of_a_vllm_server_are_dialed_per_rank(indexer: Indexer) -> None:
+    """Publishers bound at random ports (vLLM's tcp://*:0), found through the server's
+    /kv_event_sources, are dialed per rank, and each rank's gap is replayed from its own
+    replay endpoint."""
+    a, b = list(range(32)), list(range(100, 132))
+    pubs = [
+        VllmEventPublisher(
+            "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", bind=True, data_parallel_rank=r
+        )
+        for r in range(2)
+    ]
+    served: dict[str, Any] = {}
+    for r, p in enumerate(pubs):
+        assert p.replay_endpoint is not None
+        served[str(r)] = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": p.endpoint.replace("127.0.0.1", "*") if r == 0 else p.endpoint,
+            "replay_endpoint": p.replay_endpoint,
+            "buffer_steps": 10_000,
+            "hwm": 100_000,
+            "max_queue_size": 100_000,
+            "topic": "",
+        }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(served).encode()
+            self.send_response(200 if self.path == "/kv_event_sources" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    try:
+        sources = fetch_event_sources(f"http://127.0.0.1:{http_server.server_port}")
+        assert sources[0][0] == pubs[0].endpoint
+        with make_sub(indexer) as sub:
+            sub.add_event_sources(POD, sources)
+            for p in pubs:
+                assert p.wait_for_subscriber(10)
+            pubs[0].publish([store([1, 2], a)])
+            pubs[1].publish([store([3], b[:16])])
+            pubs[1].publish([store([4], b[16:], parent=3)], send=False)
+            pubs[1].publish([])
+            wait_until(lambda: indexer.ingestor.held(POD) == {1: 1, 2: 1, 3: 1, 4: 1})
+        assert pubs[1].replays_served == 1 and pubs[0].replays_served == 0
+        with pytest.raises(OSError):
+            fetch_event_sources(f"http://127.0.0.1:{free_port()}", timeout=1.0)
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
+        for p in pubs:
+            p.close()
     assert indexer.score(MODEL, b, [POD]) == {POD: 1.0}
 
 
