@@ -63,6 +63,8 @@ _SPEC = 1 << 16
 _PURGE_BUDGET = 2000
 #: Script call kinds of the writes (one ``w`` call per shard carries a batch of them).
 _WRITE_CODES = {"add": b"a", "add_new": b"n", "remove": b"r", "add_tier": b"t"}
+#: Seconds between two log lines about writes dropped while Redis is unreachable.
+_DROP_LOG_INTERVAL = 10.0
 #: Buffered writes replayed per pipeline.
 _REPLAY_BATCH = 256
 #: Write batches queued for the writer thread before `batch(on_done=...)` waits for room.
@@ -383,9 +385,12 @@ class RedisIndex:
         self._down_since: float | None = None
         self._buffer: deque[_Write] = deque()
         self._seq = itertools.count()
+        self._unlogged_drops = 0
+        self._next_drop_log = 0.0
         self._writer = os.urandom(8).hex().encode("ascii")
         self._tokens = itertools.count()
-        self._pending: dict[tuple[str, int], int] = {}
+        # (pod, engine hash) -> (key, seq of the buffered write that stores it)
+        self._pending: dict[tuple[str, int], tuple[int, int]] = {}
         self._counters: dict[str, int] = {
             "buffered_writes": 0,
             "dropped_writes": 0,
@@ -1003,19 +1008,39 @@ class RedisIndex:
             else:
                 for w in ops:
                     if len(self._buffer) >= limit:
-                        self._buffer.popleft()
+                        self._unbuffer(self._buffer.popleft())
                         dropped += 1
                     w.seq = next(self._seq)
                     self._buffer.append(w)
                     if w.kind in ("add", "add_new"):
                         for eh, ks in iter_groups(w.keys, w.ehs):
-                            self._pending[(w.pod, eh)] = ks[-1]
+                            self._pending[(w.pod, eh)] = (ks[-1], w.seq)
                 self._counters["buffered_writes"] += len(ops)
             self._counters["dropped_writes"] += dropped
-        if dropped:
+            self._unlogged_drops += dropped
+            now = time.monotonic()
+            report = self._unlogged_drops if now >= self._next_drop_log else 0
+            if report:
+                # NOTE: at most one line per interval: a long outage drops on every write
+                self._unlogged_drops = 0
+                self._next_drop_log = now + _DROP_LOG_INTERVAL
+        if report:
             logger.warning(
-                "Redis index unavailable: dropped %d writes (buffer limit %d)", dropped, limit
+                "Redis index unavailable: dropped %d writes (buffer limit %d)", report, limit
             )
+
+    def _unbuffer(self, w: _Write) -> None:
+        """Forget what `w` (leaving the buffer) told `resolve`, unless a later write did too.
+
+        NOTE: keeps the map as bounded as the buffer through an outage of any length.
+        """
+        if w.kind not in ("add", "add_new"):
+            return
+        pending = self._pending
+        for eh, _ks in iter_groups(w.keys, w.ehs):
+            hit = pending.get((w.pod, eh))
+            if hit is not None and hit[1] == w.seq:
+                del pending[(w.pod, eh)]
 
     def _drain(self) -> bool:
         """Replay buffered writes in order; returns whether the buffer is now empty."""
@@ -1038,7 +1063,7 @@ class RedisIndex:
                 with self._lock:
                     last = batch[-1].seq
                     while self._buffer and self._buffer[0].seq <= last:
-                        self._buffer.popleft()
+                        self._unbuffer(self._buffer.popleft())
                     self._counters["replayed_writes"] += len(batch)
 
     def _apply_replayed(self, batch: list[_Write]) -> None:
@@ -1368,7 +1393,7 @@ class RedisIndex:
                 with self._lock:
                     hit = self._pending.get((pod, engine_hash))
                 if hit is not None:
-                    return hit
+                    return hit[0]
         eh = _pack([engine_hash])
 
         def run() -> list[Any]:

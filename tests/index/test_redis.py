@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -610,6 +611,30 @@ def test_buffer_is_bounded_and_drops_oldest(own_redis: RedisProcess) -> None:
     assert wait_for(lambda: ix.stats().extra.get("available") == 1.0, timeout=5)
     assert wait_for(lambda: ix.stats().entries == 3, timeout=5)
     assert A not in ix.lookup([100], [A]) and ix.lookup([104], [A])[A].blocks == 1
+    ix.close()
+
+
+def test_outage_memory_is_bounded_by_the_buffer(own_redis: RedisProcess) -> None:
+    """Through a long outage, what resolve answers from is bounded with the buffer: dropped
+    writes are forgotten, buffered ones still resolve."""
+    ix = RedisIndex(
+        fresh_config(own_redis.url, max_buffered_writes=50, retry_interval=60, socket_timeout=0.2)
+    )
+    ix.add(C, keys(1, base=7), ehs(1, 7))
+    own_redis.stop()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3000):
+            ix.add(A, keys(16, base=10**6 + 16 * i), ehs(16, 10**7 + 16 * i))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000_000  # 50 writes of 16 blocks, where 48,000 remembered hashes took 5 MB
+    last = 10**7 + 16 * 2999
+    assert ix.resolve(A, last) == 10**6 + 16 * 2999
+    with pytest.raises(BackendUnavailableError):
+        ix.resolve(A, 10**7)  # its write was dropped: not known
     ix.close()
 
 
