@@ -534,6 +534,23 @@ local function alive(last)
   return TTL == 0 or (last and NOW - tonumber(last) <= TTL)
 end
 
+-- names of the pods that wrote within the TTL
+local function live_names()
+  local l = call('HGETALL', K_L)
+  local ids = {}
+  for i = 1, #l, 2 do
+    if alive(l[i + 1]) then ids[#ids + 1] = l[i] end
+  end
+  local out = {}
+  for c0 = 1, #ids, CHUNK do
+    local names = call('HMGET', K_N, unpack(ids, c0, min(#ids, c0 + CHUNK - 1)))
+    for i = 1, #names do
+      if names[i] then out[#out + 1] = names[i] end
+    end
+  end
+  return out
+end
+
 -- writes ---------------------------------------------------------------------------------
 
 local TOUCHED = {}
@@ -1283,36 +1300,12 @@ elseif op == 'alive' then
 
 elseif op == 'stats' then
   local c = call('HMGET', K_C, 'entries', 'blocks', 'evictions', 'emaps', 'expired')
-  local l = call('HGETALL', K_L)
-  local ids = {}
-  for i = 1, #l, 2 do
-    if alive(l[i + 1]) then ids[#ids + 1] = l[i] end
-  end
-  local names = {}
-  if #ids > 0 then
-    local got = call('HMGET', K_N, unpack(ids))
-    for i = 1, #ids do
-      if got[i] then names[#names + 1] = got[i] end
-    end
-  end
-  local out = { names, tonumber(call('GET', K_SC) or 0), call('LLEN', K_Q) }
+  local out = { live_names(), tonumber(call('GET', K_SC) or 0), call('LLEN', K_Q) }
   for i = 1, 5 do out[#out + 1] = tonumber(c[i] or 0) end
   return cmsgpack.pack(out)
 
 elseif op == 'pods' then
-  local l = call('HGETALL', K_L)
-  local ids = {}
-  for i = 1, #l, 2 do
-    if alive(l[i + 1]) then ids[#ids + 1] = l[i] end
-  end
-  local out = {}
-  if #ids > 0 then
-    local names = call('HMGET', K_N, unpack(ids))
-    for i = 1, #ids do
-      if names[i] then out[#out + 1] = names[i] end
-    end
-  end
-  return cmsgpack.pack(out)
+  return cmsgpack.pack(live_names())
 end
 
 return redis.error_reply('KVAWARE unknown operation ' .. tostring(op))

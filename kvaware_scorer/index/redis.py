@@ -1128,21 +1128,9 @@ class RedisIndex:
         Raises:
             BackendUnavailableError: Redis is unreachable.
         """
-
-        def run() -> list[Any]:
-            self._connection()
-            shards = self._shards
-            if len(shards) == 1:
-                return [self._eval(shards[0], b"refs", pod)]
-            raws = self._pipeline([(s, (b"refs", pod)) for s in shards])
-            for r in raws:
-                if isinstance(r, BaseException):
-                    raise r
-            return raws
-
         self._quiesce()
         out: dict[str, dict[int, int]] = {}
-        for raw in self._guarded("references", run):
+        for raw in self._each_shard("references", b"refs", pod):
             if not raw:
                 continue
             names, ehs, counts = raw
@@ -1394,37 +1382,30 @@ class RedisIndex:
                     hit = self._pending.get((pod, engine_hash))
                 if hit is not None:
                     return hit[0]
-        eh = _pack([engine_hash])
-
-        def run() -> list[Any]:
-            self._connection()
-            shards = self._shards
-            if len(shards) == 1:
-                return [self._eval(shards[0], b"resolve", pod, eh)]
-            raws = self._pipeline([(s, (b"resolve", pod, eh)) for s in shards])
-            for r in raws:
-                if isinstance(r, BaseException):
-                    raise r
-            return raws
-
-        for raw in self._guarded("resolve", run):
+        for raw in self._each_shard("resolve", b"resolve", pod, _pack([engine_hash])):
             if raw is not None:
                 return int.from_bytes(raw, "little")
         return None
 
-    def _each_shard(self, what: str, op: bytes) -> list[Any]:
+    def _each_shard(self, what: str, *args: Any) -> list[Any]:
+        """One read call on every shard (one round trip); the replies in shard order.
+
+        Raises:
+            BackendUnavailableError: Redis is unreachable or a shard answered an error.
+        """
+
         def run() -> list[Any]:
             self._connection()
             shards = self._shards
             if len(shards) == 1:
-                return [self._eval(shards[0], op)]
-            raws = self._pipeline([(s, (op,)) for s in shards])
+                return [self._eval(shards[0], *args)]
+            raws = self._pipeline([(s, args) for s in shards])
             for r in raws:
                 if isinstance(r, BaseException):
                     raise r
             return raws
 
-        return [msgspec.msgpack.decode(raw) for raw in self._guarded(what, run)]
+        return self._guarded(what, run)
 
     def pods(self) -> list[str]:
         """Pods with entries or engine hashes that wrote within the TTL.
@@ -1433,7 +1414,7 @@ class RedisIndex:
             BackendUnavailableError: Redis is unreachable.
         """
         names: dict[str, None] = {}
-        for part in self._each_shard("pods", b"pods"):
+        for part in map(msgspec.msgpack.decode, self._each_shard("pods", b"pods")):
             names.update(dict.fromkeys(part))
         return list(names)
 
@@ -1447,7 +1428,7 @@ class RedisIndex:
             extra: dict[str, float] = {k: float(v) for k, v in self._counters.items()}
             extra["buffered_now"] = float(len(self._buffer))
         try:
-            parts = self._each_shard("stats", b"stats")
+            parts = [msgspec.msgpack.decode(r) for r in self._each_shard("stats", b"stats")]
         except BackendUnavailableError:
             extra["available"] = 0.0
             return replace(self._last_stats, extra=extra)
