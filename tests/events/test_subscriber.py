@@ -380,6 +380,19 @@ def test_bad_messages_never_stop_the_loop(indexer: Indexer) -> None:
     assert counter(indexer, "kvaware_dropped_messages_total", {"reason": "decode_error"}) == 1
 
 
+def two_ranks_with_a_gap(
+    indexer: Indexer, pubs: list[VllmEventPublisher], a: list[int], b: list[int]
+) -> None:
+    """Rank 0 stores `a`, rank 1 stores `b` in two batches and loses the second on the wire."""
+    for p in pubs:
+        assert p.wait_for_subscriber(10)
+    pubs[0].publish([store([1, 2], a)])
+    pubs[1].publish([store([3], b[:16])])
+    pubs[1].publish([store([4], b[16:], parent=3)], send=False)
+    pubs[1].publish([])
+    wait_until(lambda: indexer.ingestor.held(POD) == {1: 1, 2: 1, 3: 1, 4: 1})
+
+
 def test_data_parallel_ranks_on_offset_ports(indexer: Indexer) -> None:
     """A pod with two DP ranks is dialed on port and port+1; each rank's gap is replayed from
     its own replay port."""
@@ -392,13 +405,7 @@ def test_data_parallel_ranks_on_offset_ports(indexer: Indexer) -> None:
     try:
         with make_sub(indexer) as sub:
             sub.add_endpoint(POD, tcp(port), tcp(rport), data_parallel_size=2)
-            for p in pubs:
-                assert p.wait_for_subscriber(10)
-            pubs[0].publish([store([1, 2], a)])
-            pubs[1].publish([store([3], b[:16])])
-            pubs[1].publish([store([4], b[16:], parent=3)], send=False)
-            pubs[1].publish([])
-            wait_until(lambda: indexer.ingestor.held(POD) == {1: 1, 2: 1, 3: 1, 4: 1})
+            two_ranks_with_a_gap(indexer, pubs, a, b)
         assert pubs[1].replays_served == 1 and pubs[0].replays_served == 0
     finally:
         for p in pubs:
@@ -501,13 +508,7 @@ def test_event_sources_of_a_vllm_server_are_dialed_per_rank(indexer: Indexer) ->
         assert sources[0][0] == pubs[0].endpoint
         with make_sub(indexer) as sub:
             sub.add_event_sources(POD, sources)
-            for p in pubs:
-                assert p.wait_for_subscriber(10)
-            pubs[0].publish([store([1, 2], a)])
-            pubs[1].publish([store([3], b[:16])])
-            pubs[1].publish([store([4], b[16:], parent=3)], send=False)
-            pubs[1].publish([])
-            wait_until(lambda: indexer.ingestor.held(POD) == {1: 1, 2: 1, 3: 1, 4: 1})
+            two_ranks_with_a_gap(indexer, pubs, a, b)
         assert pubs[1].replays_served == 1 and pubs[0].replays_served == 0
         with pytest.raises(OSError):
             fetch_event_sources(f"http://127.0.0.1:{free_port()}", timeout=1.0)
