@@ -714,3 +714,104 @@ def test_vanished_pods_are_forgotten_once_the_index_drops_them() -> None:
     assert all(ing.streams(p) == {} for p in pods[:150])
     assert all(ing.streams(p)[0].last_seq == 0 for p in pods[150:])
     assert ing.streams(POD)[0].last_seq == 0
+
+
+# -- payloads made by structs declared as vLLM declares them --------------------------------
+# NOTE: the same msgspec options and field order as vllm/distributed/kv_events.py (0.33), plus
+# fields and an event type a later vLLM may add: the bytes come from msgspec's own encoder,
+# not from ours.
+
+
+class _VllmEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[Any]
+    data_parallel_rank: int | None = None
+
+
+class _VllmKVCacheEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+class BlockStoredNext(_VllmKVCacheEvent, tag="BlockStored"):
+    block_hashes: list[bytes | int]
+    parent_block_hash: bytes | int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[tuple[Any, ...] | None] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[list[int]] | None = None
+    priority_hint: dict[str, Any] | None = None  # not in vLLM (yet)
+
+
+class BlockRemovedNext(_VllmKVCacheEvent, tag="BlockRemoved"):
+    block_hashes: list[bytes | int]
+    medium: str | None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    reason: str | None = None  # not in vLLM (yet)
+
+
+class BlockPinned(_VllmKVCacheEvent):  # an event type vLLM does not have (yet)
+    block_hashes: list[bytes | int]
+
+
+def test_payloads_of_a_later_vllm_with_digest_hashes_apply() -> None:
+    """Events msgspec encodes from vLLM-shaped structs with fields and an event type added
+    later, sha256 digests as hashes (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0), LoRA and salt as
+    untagged extra keys and a lowercase medium are applied, the unknown event counted."""
+    import hashlib
+
+    enc = msgspec.msgpack.Encoder()
+    digest = [hashlib.sha256(b"block %d" % i).digest() for i in range(4)]
+    toks = list(range(1000, 1064))
+
+    def payload(*events: Any) -> bytes:
+        return enc.encode(_VllmEventBatch(1.0, list(events), 0))
+
+    lora = "sql-lora"
+    first = BlockStoredNext(
+        digest[:3],
+        None,
+        toks[:48],
+        16,
+        7,
+        "GPU",
+        lora,
+        extra_keys=[(lora, "tenant-a"), (lora,), (lora,)],
+        group_idx=0,
+        kv_cache_spec_kind="full_attention",
+        session_id="s-1",
+        priority_hint={"level": 2},
+    )
+    decode = BlockStoredNext(
+        [digest[3]], digest[2], toks[48:], 16, 7, "GPU", lora, extra_keys=[(lora,)], group_idx=0
+    )
+    offload = BlockStoredNext([digest[0]], None, [], 0, None, "cpu", None, group_idx=0)
+    ix = Indexer()
+    ix.ingest(POD, MODEL, payload(first), 0)
+    ix.ingest(POD, MODEL, payload(decode, offload), 1)
+    ix.ingest(
+        POD,
+        MODEL,
+        payload(BlockPinned([digest[1]]), BlockRemovedNext([digest[3]], "GPU", 0, reason="lru")),
+        2,
+    )
+    low = [int.from_bytes(d[-8:], "big") for d in digest]
+    assert ix.ingestor.references(POD) == {
+        "gpu": {low[0]: 1, low[1]: 1, low[2]: 1},
+        "cpu": {low[0]: 1},
+    }
+    m = ix.match(MODEL, toks, [POD], lora_name=lora, cache_salt="tenant-a").pods[POD]
+    assert m.blocks == 3 and dict(m.tiers) == {"gpu": 3}
+    assert ix.score(MODEL, toks, [POD], lora_name=lora) == {POD: 0.0}  # salt isolates
+    assert dropped(ix, "unknown_event_type") == 1 and dropped(ix, "malformed_event") == 0
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
