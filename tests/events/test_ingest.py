@@ -815,3 +815,23 @@ def test_payloads_of_a_later_vllm_with_digest_hashes_apply() -> None:
     assert ix.score(MODEL, toks, [POD], lora_name=lora) == {POD: 0.0}  # salt isolates
     assert dropped(ix, "unknown_event_type") == 1 and dropped(ix, "malformed_event") == 0
     assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+
+
+def test_hybrid_partial_hash_units_then_the_full_physical_block() -> None:
+    """A hybrid model with 32-token physical blocks and 16-token hash units announces a full
+    hash unit inside a not yet full block (block_size 16), then the full block under its last
+    unit's hash (block_size 32) and removes the partial one: every unit stays indexed once."""
+    toks = list(range(64))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([11], toks[:32], block_size=32)), 0)
+    ix.ingest(POD, MODEL, frame(stored([12], toks[32:48], parent=11)), 1)  # partial unit
+    assert ix.score(MODEL, toks[:48], [POD]) == {POD: 1.0}
+    ix.ingest(
+        POD, MODEL, frame(removed([12]), stored([13], toks[32:64], parent=11, block_size=32)), 2
+    )
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+    assert ix.ingestor.held(POD) == {11: 1, 13: 1}
+    assert ix.index.stats().entries == 4
+    ix.ingest(POD, MODEL, frame(removed([13])), 3)
+    assert ix.match(MODEL, toks, [POD]).pods[POD].blocks == 2
+    assert dropped(ix, "block_size_mismatch") == 0
