@@ -135,7 +135,7 @@ class KVEventBatch(msgspec.Struct, array_like=True, gc=False):
 
     ts: float
     events: list[KVCacheEvent]
-    data_parallel_rank: int | None = None
+    data_parallel_rank: _NonNegative | None = None
 
 
 # -- decoding variants ------------------------------------------------------------------------
@@ -193,13 +193,13 @@ _LegacyEventAny: TypeAlias = (
 class _LegacyBatch(msgspec.Struct, array_like=True, gc=False):
     ts: float
     events: list[_LegacyEvent]
-    data_parallel_rank: int | None = None
+    data_parallel_rank: _NonNegative | None = None
 
 
 class _RawBatch(msgspec.Struct, array_like=True, gc=False):
     ts: float
     events: list[msgspec.Raw]
-    data_parallel_rank: int | None = None
+    data_parallel_rank: _NonNegative | None = None
 
 
 @dataclass(slots=True)
