@@ -145,6 +145,9 @@ class StreamState:
         last_digest: xxh3-64 of the payload applied under `last_seq` (tells a restarted
             publisher's batch from the one applied under the same seq).
         last_seen: Monotonic time of the stream's last frame.
+        merging: A join replay is being applied over index entries that an earlier ingestor
+            (another process on a shared index) wrote for this pod: stores add no reference
+            the pod already holds, offload placeholders are skipped.
     """
 
     pod: str
@@ -162,6 +165,7 @@ class StreamState:
     next_resync: float = 0.0
     last_digest: int | None = None
     last_seen: float = field(default_factory=time.monotonic)
+    merging: bool = False
 
     def remember(self, engine_hash: int, key: int) -> None:
         """Record `engine_hash` -> `key` in `recent` (two generations of `_RECENT` pairs)."""
@@ -594,7 +598,7 @@ class EventIngestor:
             if last is None:
                 st.first_seq = seq
                 if seq > 0:
-                    st = self._replay(st, 0, seq, "join")
+                    st = self._join(st, seq)
             elif seq > last + 1:
                 self.metrics.seq_gaps.inc()
                 logger.info("pod %s rank %d: seq gap %d..%d", pod, rank, last + 1, seq - 1)
@@ -654,6 +658,41 @@ class EventIngestor:
             st.first_seq = seq
             return self._replay(st, 0, seq, "join")
         return self._apply_replay(st, result, last + 1, seq, "gap")
+
+    def _join(self, st: StreamState, seq: int) -> StreamState:
+        """First frame of a stream at `seq` > 0: replay the publisher's buffer ``[0, seq)``.
+
+        NOTE: the index may already hold the pod's blocks, written by an earlier ingestor on a
+        shared index (an ingest process restarted on Redis); applying the buffer again would
+        count its stores twice (stale entries no removal ever takes back). When the buffer
+        reaches back to seq 0 it is the publisher's whole history: the pod is purged and
+        rebuilt from it exactly (which also drops blocks of an earlier publisher). Otherwise
+        the buffer is merged: stores add no reference the pod already holds at that tier and
+        offload placeholders are skipped (duplicate copies may be undercounted: misses, never
+        stale hits).
+        """
+        result = self._fetch(st, 0, "join")
+        if result is None:
+            return st
+        frames = result.frames
+        if st.held is None and frames and frames[0][0] < seq and self._index_holds(st.pod):
+            if frames[0][0] == 0 and result.status == "ok":
+                logger.info("pod %s rank %d: rebuilt from the publisher's buffer", st.pod, st.rank)
+                st = self._reset(st, "rejoin", keep_seq=False)
+                st.live_seq = st.first_seq = seq
+            else:
+                logger.info("pod %s rank %d: merging the publisher's buffer", st.pod, st.rank)
+                st.merging = True
+        st = self._apply_replay(st, result, 0, seq, "join")
+        st.merging = False
+        return st
+
+    def _index_holds(self, pod: str) -> bool:
+        """Whether the index has entries for `pod` (True when it cannot tell)."""
+        try:
+            return pod in self.index.pods()
+        except _BACKEND_ERRORS:
+            return True
 
     def _replay(self, st: StreamState, start: int, until: int, reason: str) -> StreamState:
         """Fetch and apply batches ``[start, until)`` of `st`'s publisher, in order."""
@@ -1077,7 +1116,7 @@ class EventIngestor:
                 st.recent = {}
         held_tiers = st.held
         if held_tiers is None:
-            if parent is None:
+            if parent is None or st.merging:
                 w.add_new(tier, keys, ehs, n)
             else:
                 w.add(tier, keys, ehs, n, per)
@@ -1112,6 +1151,10 @@ class EventIngestor:
         """An offload placeholder (no tokens): add `tier` to blocks the pod already holds."""
         held_tiers = st.held
         if held_tiers is None:
+            if st.merging:
+                # NOTE: may have been applied already; a tier counted twice would stay
+                self._skipped["rejoin"].inc(len(hashes))
+                return True
             w.add_tier(tier, list(hashes))
             return True
         # NOTE: several ranks share the pod: count the tier for this rank only where the pod

@@ -835,3 +835,52 @@ def test_hybrid_partial_hash_units_then_the_full_physical_block() -> None:
     ix.ingest(POD, MODEL, frame(removed([13])), 3)
     assert ix.match(MODEL, toks, [POD]).pods[POD].blocks == 2
     assert dropped(ix, "block_size_mismatch") == 0
+
+
+def _history() -> list[tuple[int, bytes]]:
+    """A publisher's buffer: stores, a duplicate copy, an eviction, an offload, a decode."""
+    toks = list(range(64))
+    return [
+        (0, frame(stored([1, 2], toks[:32]))),
+        (1, frame(stored([3], toks[32:48], parent=2))),
+        (2, frame(stored([3], toks[32:48], parent=2))),  # a second physical copy
+        (3, frame(removed([3]), stored([5], toks[48:64], parent=3))),
+        (4, frame(stored([1], [], block_size=0, medium="CPU", kind=None))),
+        (5, frame(removed([5]))),
+    ]
+
+
+@pytest.mark.parametrize("buffer_from", [0, 2], ids=["whole-history", "buffer-rolled"])
+def test_restarted_ingestor_on_a_shared_index_does_not_count_twice(buffer_from: int) -> None:
+    """A new ingestor joining streams whose blocks an earlier one already wrote to the shared
+    index (an ingest process restarted on Redis) never counts a reference twice: with the
+    whole history buffered it rebuilds vLLM's references exactly, else it merges the buffer
+    (a duplicate copy may then be undercounted, never a stale one kept)."""
+    history = _history()
+    first = Indexer()
+    for seq, payload in history[:5]:
+        first.ingest(POD, MODEL, payload, seq)
+    assert first.ingestor.references(POD) == {"gpu": {1: 1, 2: 1, 3: 1, 5: 1}, "cpu": {1: 1}}
+    again = Indexer(index=first.index)
+    again.ingestor.set_replay_source(BufferReplay(history[buffer_from:5]))
+    again.ingest(POD, MODEL, history[5][1], 5)
+    if buffer_from == 0:
+        assert again.ingestor.references(POD) == {"gpu": {1: 1, 2: 1, 3: 1}, "cpu": {1: 1}}
+        assert counter(again, "kvaware_purges_total", {"reason": "rejoin"}) == 1
+    else:
+        # block 3's second copy was stored again by the merge as held: its removal took it
+        assert again.ingestor.references(POD) == {"gpu": {1: 1, 2: 1}, "cpu": {1: 1}}
+        assert counter(again, "kvaware_blocks_skipped_total", {"reason": "rejoin"}) == 1
+    again.ingest(POD, MODEL, frame(removed([3]), removed([2]), removed([1], medium="CPU")), 6)
+    assert again.ingestor.references(POD) == {"gpu": {1: 1}}
+
+
+def test_join_on_a_fresh_index_keeps_duplicate_copies() -> None:
+    """A join replay into an index that holds nothing of the pod applies stores as they are,
+    duplicate copies included."""
+    history = _history()
+    ix = Indexer()
+    ix.ingestor.set_replay_source(BufferReplay(history[:5]))
+    ix.ingest(POD, MODEL, history[5][1], 5)
+    assert ix.ingestor.references(POD) == {"gpu": {1: 1, 2: 1, 3: 1}, "cpu": {1: 1}}
+    assert counter(ix, "kvaware_purges_total", {"reason": "rejoin"}) == 0
