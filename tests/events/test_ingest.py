@@ -517,6 +517,20 @@ def test_all_blocks_cleared_purges_but_keeps_the_sequence() -> None:
     assert counter(ix, "kvaware_seq_gaps_total") == 0
 
 
+def test_all_blocks_cleared_twice_by_the_gpu_and_host_pools() -> None:
+    """A hybrid host pool clears too (AllBlocksCleared twice, no medium): every tier of the
+    pod is dropped, and the stores after it stand."""
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1, 2], list(range(32)))), 0)
+    ix.ingest(POD, MODEL, frame(stored([1], [], block_size=0, medium="CPU", kind=None)), 1)
+    assert ix.ingestor.references(POD) == {"gpu": {1: 1, 2: 1}, "cpu": {1: 1}}
+    cleared = frame(AllBlocksCleared(), AllBlocksCleared(), stored([3], list(range(50, 66))))
+    ix.ingest(POD, MODEL, cleared, 2)
+    assert ix.ingestor.references(POD) == {"gpu": {3: 1}}
+    assert counter(ix, "kvaware_events_total", {"type": "AllBlocksCleared"}) == 2
+    assert ix.score(MODEL, list(range(32)), [POD]) == {POD: 0.0}
+
+
 def test_purge_pod_forgets_its_streams() -> None:
     """After Indexer.purge_pod the pod's next frame starts a new stream (a join)."""
     ix = Indexer()
