@@ -24,6 +24,7 @@ from typing import Annotated, Any, Final, TypeAlias
 import msgspec
 
 from kvaware_scorer.errors import EventDecodeError
+from kvaware_scorer.keys import u64
 
 __all__ = [
     "KNOWN_EVENT_TYPES",
@@ -53,9 +54,7 @@ KNOWN_EVENT_TYPES: Final = frozenset({"BlockStored", "BlockRemoved", "AllBlocksC
 
 
 def _low64(value: int | bytes) -> int:
-    if isinstance(value, int):
-        return value
-    return int.from_bytes(value[-8:], "big")
+    return value if isinstance(value, int) else u64(value)
 
 
 class BlockStored(msgspec.Struct, tag=True, gc=False):
