@@ -78,6 +78,11 @@ end
 
 -- registry -------------------------------------------------------------------------------
 
+local function alive(last)
+  return TTL == 0 or (last and NOW - tonumber(last) <= TTL)
+end
+
+
 local IDS = {}
 local function live_id(name)
   local id = IDS[name]
@@ -89,26 +94,6 @@ local function live_id(name)
     return id
   end
   return nil
-end
-
-local function register(name)
-  local id = live_id(name)
-  if id then return id end
-  local head = call('LINDEX', K_F, 0)
-  if head then
-    local fid, after = string.match(head, '^(%d+):(%d+)$')
-    if fid and tonumber(after) <= NOW then
-      call('LPOP', K_F)
-      id = tonumber(fid)
-    end
-  end
-  if not id then id = call('HINCRBY', K_C, 'nextid', 1) end
-  call('HSET', K_R, name, id)
-  call('HSET', K_N, id, name)
-  call('HSET', K_M, id, '0,0,0,-1,0')
-  call('HSET', K_PE, id, 0)
-  IDS[name] = id
-  return id
 end
 
 local LIVE = {}
@@ -149,6 +134,68 @@ local function emap_key(id)
     EK[id] = k
   end
   return k
+end
+
+-- Forget pod `id` (named `name`) at once: it leaves the registry, its entries leave the
+-- counters and its engine-hash map moves aside (P d<id>), to be walked by 'purge_step' calls
+-- (the purging client's, or the writers' maintenance). Returns the entries dropped.
+local function unregister(name, id)
+  local dropped = tonumber(call('HGET', K_PE, id) or 0)
+  call('HDEL', K_R, name)
+  call('HDEL', K_N, id)
+  call('HDEL', K_L, id)
+  call('HDEL', K_PE, id)
+  IDS[name] = nil
+  LIVE[id] = false
+  cinc('entries', -dropped)
+  -- NOTE: the map moves aside at once, so the id is free of it; the steps walk it later
+  local E = emap_key(id)
+  local h = call('HLEN', E)
+  if h > 0 then
+    cinc('emaps', -h)
+    call('RENAME', E, P .. 'd' .. id)
+  end
+  call('HSET', K_Z, id, 0)
+  flush_counts()
+  return dropped
+end
+
+-- The id of pod `name` while it is live. A pod quiet for the TTL is gone (lookups skip it):
+-- with `forget` (a write) it is unregistered at once, so that its old entries never come back
+-- with its next write (the writers' maintenance may not have purged it yet, e.g. when no
+-- writer ran meanwhile); reads only do not see it.
+local CHECKED = {}
+local function current_id(name, forget)
+  local id = live_id(name)
+  if not id or CHECKED[id] then return id end
+  if alive(call('HGET', K_L, id)) then
+    CHECKED[id] = true
+    return id
+  end
+  if forget then unregister(name, id) end
+  return nil
+end
+
+local function register(name)
+  local id = current_id(name, true)
+  if id then return id end
+  local head = call('LINDEX', K_F, 0)
+  if head then
+    local fid, after = string.match(head, '^(%d+):(%d+)$')
+    if fid and tonumber(after) <= NOW then
+      call('LPOP', K_F)
+      id = tonumber(fid)
+    end
+  end
+  if not id then id = call('HINCRBY', K_C, 'nextid', 1) end
+  call('HSET', K_R, name, id)
+  call('HSET', K_N, id, name)
+  call('HSET', K_M, id, '0,0,0,-1,0')
+  call('HSET', K_PE, id, 0)
+  IDS[name] = id
+  LIVE[id] = true
+  CHECKED[id] = true
+  return id
 end
 
 local TIDS = {}
@@ -530,10 +577,6 @@ local function spec_holders(sv)
   return t
 end
 
-local function alive(last)
-  return TTL == 0 or (last and NOW - tonumber(last) <= TTL)
-end
-
 -- names of the pods that wrote within the TTL
 local function live_names()
   local l = call('HGETALL', K_L)
@@ -750,7 +793,7 @@ end
 -- once the pod holds none of its keys at any tier. Returns a '0'/'1' string: known or not.
 local function w_remove(name, tname, eb)
   local n = #eb / 8
-  local id = live_id(name)
+  local id = current_id(name, true)
   if not id then return string.rep('0', n) end
   TOUCHED[id] = true
   local tid = tier_id(tname, false)
@@ -821,7 +864,7 @@ end
 -- stores). Returns a '0'/'1' string: known or not.
 local function w_add_tier(name, tname, eb)
   local n = #eb / 8
-  local id = live_id(name)
+  local id = current_id(name, true)
   if not id then return string.rep('0', n) end
   local tid, err = tier_id(tname, true)
   if not tid then return err end
@@ -1064,7 +1107,7 @@ elseif op == 'w' then
   return out
 
 elseif op == 'resolve' then
-  local id = live_id(ARGV[4])
+  local id = current_id(ARGV[4], false)
   if not id then return false end
   local val = call('HGET', emap_key(id), ARGV[5])
   if not val then return false end
@@ -1074,7 +1117,7 @@ elseif op == 'refs' then
   -- the pod's references per engine hash and tier (read at the first key of the engine block
   -- in this shard): tier names (msgpack), engine hashes (8 bytes each), then a tier id byte
   -- and a count byte for each
-  local id = live_id(ARGV[4])
+  local id = current_id(ARGV[4], false)
   if not id then return {} end
   local all = call('HGETALL', emap_key(id))
   local tiers = {}
@@ -1188,22 +1231,7 @@ elseif op == 'purge' then
     if tonumber(call('HGET', K_R, name)) ~= id then return { 0, 0 } end
   end
   if not id then return { 0, 0 } end
-  local dropped = tonumber(call('HGET', K_PE, id) or 0)
-  call('HDEL', K_R, name)
-  call('HDEL', K_N, id)
-  call('HDEL', K_L, id)
-  call('HDEL', K_PE, id)
-  cinc('entries', -dropped)
-  -- NOTE: the map moves aside at once, so the id is free of it; the steps walk it later
-  local E = emap_key(id)
-  local h = call('HLEN', E)
-  if h > 0 then
-    cinc('emaps', -h)
-    call('RENAME', E, P .. 'd' .. id)
-  end
-  call('HSET', K_Z, id, 0)
-  flush_counts()
-  return { dropped, id }
+  return { unregister(name, id), id }
 
 elseif op == 'purge_step' then
   -- drop a purged pod's records from the blocks of one page of its engine map (HSCAN)

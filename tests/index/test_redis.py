@@ -349,6 +349,30 @@ def test_quiet_pod_ages_out_without_purge(redis_server: RedisProcess) -> None:
     ix.close()
 
 
+def test_quiet_pod_that_writes_again_starts_afresh(redis_server: RedisProcess) -> None:
+    """A pod quiet for the TTL is gone even before any maintenance ran (no writer ran in
+    between, e.g. the ingest process was down): its next write or removal does not bring its
+    old entries back, and its old engine hashes no longer resolve."""
+    cfg = fresh_config(redis_server.url, ttl_seconds=1.0, maintenance_interval=3600)
+    old = RedisIndex(cfg)
+    old.add(A, keys(4), ehs(4))
+    old.add(B, keys(4), ehs(4, 100))
+    old.close()
+    time.sleep(1.3)
+    ix = RedisIndex(cfg)
+    assert ix.resolve(A, ehs(4)[0]) is None
+    ix.add(A, keys(2), ehs(2))  # vLLM stored blocks 0-1 again after restarting
+    assert ix.references(A) == {"gpu": {h: 1 for h in ehs(2)}}
+    assert ix.remove(A, ehs(2)) == 2
+    assert A not in ix.lookup(keys(4), [A])
+    assert ix.remove(B, ehs(1, 100)) == 0  # B's removal finds nothing of its old run
+    assert ix.lookup(keys(4)) == {}
+    ix.maintain()
+    st = ix.stats()
+    assert st.entries == 0 and st.blocks == 0
+    ix.close()
+
+
 def test_blocks_not_walked_expire_while_walked_ones_stay(redis_server: RedisProcess) -> None:
     """Blocks neither written nor walked by a lookup for the TTL are swept; walked ones stay."""
     ix = RedisIndex(fresh_config(redis_server.url, ttl_seconds=1.0, maintenance_interval=0.2))
