@@ -325,7 +325,8 @@ class KVEventsConfig(ConfigModel):
         replay_endpoints: Pod id -> the pod's replay ROUTER endpoint (both modes).
         default_model: Model assumed when neither the endpoint nor the topic names one.
         data_parallel_size: DP ranks per pod when an endpoint does not say (rank ``r``
-            publishes on port ``+r``).
+            publishes on port ``+r``). In bind mode, `zmq_endpoint`'s port and the next
+            ``data_parallel_size - 1`` ports are bound (vLLM points rank ``r`` at port ``+r``).
         concurrency: Threads applying events; a pod's events always go to the same thread, in
             order. 1 applies on the receiving thread (best for the in-memory index).
         queue_size: Frames buffered per applying thread when `concurrency` > 1.

@@ -117,6 +117,17 @@ def test_prompt_as_token_list_is_used_as_is() -> None:
     assert ix.score("m", pods=[A], prompt=toks) == {A: 1.0}
 
 
+def test_token_lists_are_not_copied() -> None:
+    """Token ids given as a list are used as they are (no copy on the score path); other
+    sequences become lists."""
+    ix = Indexer()
+    toks = list(range(32))
+    assert ix.tokens("m", token_ids=toks) is toks
+    assert ix.tokens("m", prompt=toks) is toks
+    assert ix.tokens("m", token_ids=tuple(toks)) == toks
+    assert ix.tokens("m", prompt=range(32)) == toks
+
+
 def test_exactly_one_input() -> None:
     """token_ids, prompt and messages are mutually exclusive."""
     with pytest.raises(ValueError):

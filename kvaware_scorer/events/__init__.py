@@ -4,7 +4,8 @@
   decoding of both wire forms and byte-exact encoding.
 * `ingest`: `EventIngestor`, behind ``Indexer.ingest``: keys, reference counts, ordering, gaps,
   replays and restarts per (pod, DP rank) stream.
-* `subscriber`: `KVEventSubscriber`, the ZMQ transport (bind and connect modes, replay client).
+* `subscriber`: `KVEventSubscriber`, the ZMQ transport (bind and connect modes, replay client,
+  vLLM's ``/kv_event_sources``).
 * `publisher`: `VllmEventPublisher`, vLLM's publishing protocol (for the emulator and tests).
 """
 
@@ -22,7 +23,12 @@ from kvaware_scorer.events.decode import (
 )
 from kvaware_scorer.events.ingest import EventIngestor, ReplayResult, ReplaySource, StreamState
 from kvaware_scorer.events.publisher import VllmEventPublisher
-from kvaware_scorer.events.subscriber import KVEventSubscriber, parse_topic
+from kvaware_scorer.events.subscriber import (
+    KVEventSubscriber,
+    fetch_event_sources,
+    parse_event_sources,
+    parse_topic,
+)
 
 __all__ = [
     "AllBlocksCleared",
@@ -39,5 +45,7 @@ __all__ = [
     "StreamState",
     "VllmEventPublisher",
     "encode_batch",
+    "fetch_event_sources",
+    "parse_event_sources",
     "parse_topic",
 ]

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Final, TypeAlias
 import msgspec
 
 from kvaware_scorer.errors import EventDecodeError
+from kvaware_scorer.keys import u64
 
 __all__ = [
     "KNOWN_EVENT_TYPES",
@@ -53,9 +54,7 @@ KNOWN_EVENT_TYPES: Final = frozenset({"BlockStored", "BlockRemoved", "AllBlocksC
 
 
 def _low64(value: int | bytes) -> int:
-    if isinstance(value, int):
-        return value
-    return int.from_bytes(value[-8:], "big")
+    return value if isinstance(value, int) else u64(value)
 
 
 class BlockStored(msgspec.Struct, tag=True, gc=False):
@@ -135,7 +134,7 @@ class KVEventBatch(msgspec.Struct, array_like=True, gc=False):
 
     ts: float
     events: list[KVCacheEvent]
-    data_parallel_rank: int | None = None
+    data_parallel_rank: _NonNegative | None = None
 
 
 # -- decoding variants ------------------------------------------------------------------------
@@ -193,13 +192,13 @@ _LegacyEventAny: TypeAlias = (
 class _LegacyBatch(msgspec.Struct, array_like=True, gc=False):
     ts: float
     events: list[_LegacyEvent]
-    data_parallel_rank: int | None = None
+    data_parallel_rank: _NonNegative | None = None
 
 
 class _RawBatch(msgspec.Struct, array_like=True, gc=False):
     ts: float
     events: list[msgspec.Raw]
-    data_parallel_rank: int | None = None
+    data_parallel_rank: _NonNegative | None = None
 
 
 @dataclass(slots=True)

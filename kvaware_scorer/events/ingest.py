@@ -79,6 +79,9 @@ _RESYNC_INTERVAL: Final = 30.0
 #: Engine hash -> key pairs a stream remembers in each of its two ``recent`` generations.
 _RECENT: Final = 1024
 
+#: Locks pods are spread over (a pod's frames apply under its lock, in order).
+_LOCK_STRIPES: Final = 64
+
 #: KV-cache group kinds whose blocks are indexed (the prefix a request can hit).
 FULL_ATTENTION_KINDS: Final = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 
@@ -141,6 +144,10 @@ class StreamState:
         next_resync: Monotonic time before which no further resync is attempted.
         last_digest: xxh3-64 of the payload applied under `last_seq` (tells a restarted
             publisher's batch from the one applied under the same seq).
+        last_seen: Monotonic time of the stream's last frame.
+        merging: A join replay is being applied over index entries that an earlier ingestor
+            (another process on a shared index) wrote for this pod: stores add no reference
+            the pod already holds, offload placeholders are skipped.
     """
 
     pod: str
@@ -157,6 +164,8 @@ class StreamState:
     incomplete: bool = False
     next_resync: float = 0.0
     last_digest: int | None = None
+    last_seen: float = field(default_factory=time.monotonic)
+    merging: bool = False
 
     def remember(self, engine_hash: int, key: int) -> None:
         """Record `engine_hash` -> `key` in `recent` (two generations of `_RECENT` pairs)."""
@@ -331,9 +340,20 @@ class _Writer:
 class EventIngestor:
     """Decodes payload frames and applies their events to ``indexer.index``, per stream, in order.
 
+    Every `sweep_interval` seconds, `ingest` also releases what idle streams keep (see `sweep`),
+    so that pods that vanished without a purge (bind mode has no endpoint list) leave nothing
+    growing behind.
+
     Args:
         indexer: The indexer whose index, keyer, block size, tiers and metrics are used.
+
+    Attributes:
+        idle_after: Seconds without a frame after which a stream counts as idle.
+        sweep_interval: Seconds between two sweeps.
     """
+
+    idle_after: float = 300.0
+    sweep_interval: float = 60.0
 
     def __init__(self, indexer: Indexer) -> None:
         self.indexer = indexer
@@ -346,8 +366,8 @@ class EventIngestor:
         self._decoder = EventDecoder()
         self._encoder = msgspec.msgpack.Encoder()
         self._streams: dict[str, dict[int, StreamState]] = {}
-        self._locks: dict[str, threading.RLock] = {}
-        self._locks_guard = threading.Lock()
+        self._locks = [threading.RLock() for _ in range(_LOCK_STRIPES)]
+        self._last_sweep = time.monotonic()
         self._replay_source: ReplaySource | None = None
         m = self.metrics
         self._dropped = _Counters(m.dropped)
@@ -396,6 +416,56 @@ class EventIngestor:
         """
         with self._lock_for(pod):
             self._streams.pop(pod, None)
+
+    def sweep(self) -> int:
+        """Release what idle streams keep (done by `ingest` every `sweep_interval` seconds).
+
+        A stream without a frame for `idle_after` seconds drops its recent stores (parents are
+        resolved through the index again if it wakes up). A pod whose streams are all idle and
+        that the index no longer lists (its entries were evicted or expired, or it was purged)
+        is forgotten: its next frame starts a new stream, which replays the publisher's buffer
+        into an index that holds nothing of it.
+
+        Returns:
+            How many pods were forgotten.
+        """
+        now = self._last_sweep = time.monotonic()
+        limit = now - self.idle_after
+        idle: list[str] = []
+        for pod, streams in list(self._streams.items()):
+            lock = self._lock_for(pod)
+            if not lock.acquire(blocking=False):
+                continue  # busy, hence not idle
+            try:
+                quiet = True
+                for st in streams.values():
+                    if st.last_seen > limit:
+                        quiet = False
+                    elif st.recent or st.recent_old:
+                        st.recent, st.recent_old = {}, {}
+                if quiet:
+                    idle.append(pod)
+            finally:
+                lock.release()
+        if not idle:
+            return 0
+        try:
+            known = set(self.index.pods())
+        except _BACKEND_ERRORS as exc:
+            logger.debug("sweep: the index cannot list its pods: %s", exc)
+            return 0
+        forgotten = 0
+        for pod in idle:
+            if pod in known:
+                continue
+            with self._lock_for(pod):
+                current = self._streams.get(pod)
+                if current is not None and all(st.last_seen <= limit for st in current.values()):
+                    del self._streams[pod]
+                    forgotten += 1
+        if forgotten:
+            logger.info("forgot %d idle pods the index no longer holds", forgotten)
+        return forgotten
 
     def wait(self) -> None:
         """Return once every write of the frames ingested so far has reached the index (a
@@ -449,11 +519,8 @@ class EventIngestor:
     # -- sequencing --------------------------------------------------------------------------
 
     def _lock_for(self, pod: str) -> threading.RLock:
-        lock = self._locks.get(pod)
-        if lock is None:
-            with self._locks_guard:
-                lock = self._locks.setdefault(pod, threading.RLock())
-        return lock
+        # NOTE: striped, not one lock per pod: a lock per pod id ever seen would only grow.
+        return self._locks[hash(pod) % _LOCK_STRIPES]
 
     def _stream(self, pod: str, rank: int, model: str | None) -> StreamState:
         streams = self._streams.get(pod)
@@ -468,6 +535,7 @@ class EventIngestor:
             self._streams.setdefault(pod, streams)[rank] = st
         if model:
             st.model = model
+        st.last_seen = time.monotonic()
         return st
 
     def _split(self, pod: str, streams: dict[int, StreamState]) -> bool:
@@ -503,6 +571,8 @@ class EventIngestor:
             return None
 
     def _ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None) -> None:
+        if time.monotonic() - self._last_sweep >= self.sweep_interval:
+            self.sweep()
         batch = self._decode(payload)
         if batch is None:
             return
@@ -528,7 +598,7 @@ class EventIngestor:
             if last is None:
                 st.first_seq = seq
                 if seq > 0:
-                    st = self._replay(st, 0, seq, "join")
+                    st = self._join(st, seq)
             elif seq > last + 1:
                 self.metrics.seq_gaps.inc()
                 logger.info("pod %s rank %d: seq gap %d..%d", pod, rank, last + 1, seq - 1)
@@ -588,6 +658,41 @@ class EventIngestor:
             st.first_seq = seq
             return self._replay(st, 0, seq, "join")
         return self._apply_replay(st, result, last + 1, seq, "gap")
+
+    def _join(self, st: StreamState, seq: int) -> StreamState:
+        """First frame of a stream at `seq` > 0: replay the publisher's buffer ``[0, seq)``.
+
+        NOTE: the index may already hold the pod's blocks, written by an earlier ingestor on a
+        shared index (an ingest process restarted on Redis); applying the buffer again would
+        count its stores twice (stale entries no removal ever takes back). When the buffer
+        reaches back to seq 0 it is the publisher's whole history: the pod is purged and
+        rebuilt from it exactly (which also drops blocks of an earlier publisher). Otherwise
+        the buffer is merged: stores add no reference the pod already holds at that tier and
+        offload placeholders are skipped (duplicate copies may be undercounted: misses, never
+        stale hits).
+        """
+        result = self._fetch(st, 0, "join")
+        if result is None:
+            return st
+        frames = result.frames
+        if st.held is None and frames and frames[0][0] < seq and self._index_holds(st.pod):
+            if frames[0][0] == 0 and result.status == "ok":
+                logger.info("pod %s rank %d: rebuilt from the publisher's buffer", st.pod, st.rank)
+                st = self._reset(st, "rejoin", keep_seq=False)
+                st.live_seq = st.first_seq = seq
+            else:
+                logger.info("pod %s rank %d: merging the publisher's buffer", st.pod, st.rank)
+                st.merging = True
+        st = self._apply_replay(st, result, 0, seq, "join")
+        st.merging = False
+        return st
+
+    def _index_holds(self, pod: str) -> bool:
+        """Whether the index has entries for `pod` (True when it cannot tell)."""
+        try:
+            return pod in self.index.pods()
+        except _BACKEND_ERRORS:
+            return True
 
     def _replay(self, st: StreamState, start: int, until: int, reason: str) -> StreamState:
         """Fetch and apply batches ``[start, until)`` of `st`'s publisher, in order."""
@@ -1011,7 +1116,7 @@ class EventIngestor:
                 st.recent = {}
         held_tiers = st.held
         if held_tiers is None:
-            if parent is None:
+            if parent is None or st.merging:
                 w.add_new(tier, keys, ehs, n)
             else:
                 w.add(tier, keys, ehs, n, per)
@@ -1046,6 +1151,10 @@ class EventIngestor:
         """An offload placeholder (no tokens): add `tier` to blocks the pod already holds."""
         held_tiers = st.held
         if held_tiers is None:
+            if st.merging:
+                # NOTE: may have been applied already; a tier counted twice would stay
+                self._skipped["rejoin"].inc(len(hashes))
+                return True
             w.add_tier(tier, list(hashes))
             return True
         # NOTE: several ranks share the pod: count the tier for this rank only where the pod

@@ -5,9 +5,14 @@ Two transport modes, usable together:
 * *bind*: one SUB socket bound at ``zmq_endpoint``; pods connect to it and name themselves in
   the topic ``kv@<pod-id>@<model>`` (``kv@<pod-id>`` falls back to ``default_model``). The
   pod id may contain ``:`` (``10.0.0.1:8000``); everything after the second ``@`` is the model.
+  vLLM offsets the port of every data-parallel rank's endpoint (rank ``r`` connects to port
+  ``+r``), so the socket is also bound at the next ``data_parallel_size - 1`` ports.
 * *connect*: one SUB socket per pod, dialing the pod's publisher (every DP rank's port); the
   pod id is the endpoint's id, the model is the endpoint's, else the topic's, else
-  ``default_model``. `add_endpoint` / `remove_endpoint` change the set at run time.
+  ``default_model``. `add_endpoint` / `remove_endpoint` change the set at run time;
+  `add_event_sources` dials the publishers a vLLM server lists at ``GET /kv_event_sources``
+  (`fetch_event_sources`), the only way to find one bound at ``tcp://*:0`` (a random port per
+  rank).
 
 Frames are ``[topic, seq (8-byte big-endian), payload]``; each is handed to ``indexer.ingest``
 with its seq, which detects restarts and gaps. This class is the ingestor's `ReplaySource`:
@@ -23,10 +28,13 @@ never die on a bad frame: they log it, count it and go on.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import queue
 import threading
 import time
+import urllib.parse
+import urllib.request
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +50,7 @@ from kvaware_scorer.events.publisher import END_SEQ, offset_endpoint
 if TYPE_CHECKING:
     from kvaware_scorer.indexer import Indexer
 
-__all__ = ["KVEventSubscriber", "parse_topic"]
+__all__ = ["KVEventSubscriber", "fetch_event_sources", "parse_event_sources", "parse_topic"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +74,82 @@ def parse_topic(topic: bytes) -> tuple[str | None, str | None]:
     return pod, model
 
 
+#: Hosts of an endpoint bound on every interface (a dialer needs the pod's address instead).
+_WILDCARD_HOSTS: Final = frozenset({"*", "0.0.0.0", "::", "[::]"})
+
+
+def _dialable(endpoint: str, host: str) -> str:
+    """`endpoint` as a peer dials it: a wildcard tcp host becomes `host`.
+
+    Raises:
+        ValueError: A tcp endpoint without a port, or with port 0 (not resolved).
+    """
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    addr, sep, port = endpoint[len("tcp://") :].rpartition(":")
+    if not sep or not port.isdigit() or int(port) == 0:
+        raise ValueError(f"endpoint {endpoint!r} has no port to dial")
+    if addr in _WILDCARD_HOSTS:
+        name = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return f"tcp://{name}:{port}"
+    return endpoint
+
+
+def parse_event_sources(sources: Any, host: str) -> dict[int, tuple[str, str | None]]:
+    """DP rank -> (publisher, replay endpoint) from vLLM's ``GET /kv_event_sources`` answer.
+
+    vLLM (>= 0.33) serves ``{dp_rank: KVEventsConfig}`` with the endpoints its publishers
+    actually bound (``tcp://*:0`` resolved to the node's address and a random port; each rank
+    already offset). Wildcard hosts are replaced by `host`; ranks whose events are off or not
+    published over ZMQ are left out.
+
+    Args:
+        sources: The decoded JSON answer.
+        host: The pod's address (for wildcard hosts).
+
+    Raises:
+        ValueError: An answer that is not such a map, or an endpoint without a port.
+    """
+    if not isinstance(sources, dict):
+        raise ValueError("expected a map of DP rank -> KV-events config")
+    out: dict[int, tuple[str, str | None]] = {}
+    for key, cfg in sources.items():
+        if not isinstance(cfg, dict) or not str(key).isdigit():
+            raise ValueError(f"unexpected entry {key!r} in the event sources")
+        if not cfg.get("enable_kv_cache_events") or cfg.get("publisher") not in (None, "zmq"):
+            continue
+        endpoint, replay = cfg.get("endpoint"), cfg.get("replay_endpoint")
+        if not isinstance(endpoint, str) or not isinstance(replay, str | None):
+            raise ValueError(f"rank {key}: endpoints must be strings")
+        out[int(key)] = (
+            _dialable(endpoint, host),
+            None if replay is None else _dialable(replay, host),
+        )
+    return out
+
+
+def fetch_event_sources(base_url: str, timeout: float = 2.0) -> dict[int, tuple[str, str | None]]:
+    """Ask a vLLM server (``http://<address>:<port>``) where its KV-event publishers are.
+
+    Returns:
+        DP rank -> (publisher, replay endpoint), see `parse_event_sources`.
+
+    Raises:
+        OSError: The server could not be reached (or answered an HTTP error).
+        ValueError: The answer is not vLLM's event-sources map.
+    """
+    url = base_url.rstrip("/") + "/kv_event_sources"
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        data = json.loads(resp.read())
+    return parse_event_sources(data, urllib.parse.urlsplit(url).hostname or "")
+
+
 @dataclass(slots=True)
 class _PodEndpoint:
-    endpoint: str
-    replay_endpoint: str | None
+    endpoints: dict[int, str]  # DP rank -> publisher
     model: str | None
-    data_parallel_size: int
+    replay_base: str | None = None  # rank 0's replay ROUTER (rank r: offset by r, as vLLM does)
+    replay_endpoints: dict[int, str] | None = None  # or each rank's, as the pod listed them
 
 
 class KVEventSubscriber:
@@ -113,9 +191,6 @@ class KVEventSubscriber:
         self._thread: threading.Thread | None = None
         self._workers: list[threading.Thread] = []
         self._queues: list[queue.Queue[Any]] = []
-        self._local = threading.local()
-        self._dealers: list[zmq.Socket[Any]] = []
-        self._dealers_lock = threading.Lock()
         self._handled_lock = threading.Lock()
         self._bound: str | None = None
         self._ready = threading.Event()
@@ -143,7 +218,7 @@ class KVEventSubscriber:
 
     @property
     def bound_endpoint(self) -> str | None:
-        """The endpoint the bind-mode socket actually listens on (port resolved)."""
+        """The endpoint the bind-mode socket actually listens on for DP rank 0 (port resolved)."""
         return self._bound
 
     def start(self, timeout: float = 5.0) -> None:
@@ -193,11 +268,6 @@ class KVEventSubscriber:
         ingestor = self.indexer.ingestor
         if ingestor.replay_source is self:
             ingestor.set_replay_source(None)
-        with self._dealers_lock:
-            for sock in self._dealers:
-                sock.close(0)
-            self._dealers.clear()
-        self._local = threading.local()
         if self._ctx is not None and self._ctx_given is None:
             self._ctx.destroy(0)
         self._ctx = None
@@ -241,6 +311,33 @@ class KVEventSubscriber:
         if self._thread is not None:
             self._commands.put(("add", pod_id))
 
+    def add_event_sources(
+        self,
+        pod_id: str,
+        sources: dict[int, tuple[str, str | None]],
+        model: str | None = None,
+    ) -> None:
+        """Dial a pod's publishers as its vLLM server lists them (replacing any previous ones).
+
+        Args:
+            pod_id: The pod's id as the scheduler scores it (``"<address>:<port>"``).
+            sources: DP rank -> (publisher, replay endpoint), from `fetch_event_sources` or
+                `parse_event_sources`.
+            model: Model of the pod's events (else the topic's, else ``default_model``).
+
+        Raises:
+            ConfigError: No publisher in `sources`.
+        """
+        if not sources:
+            raise ConfigError(
+                "the pod lists no ZMQ publisher", f"kvEventsConfig.endpoints.{pod_id}"
+            )
+        replays = {r: rep for r, (_, rep) in sources.items() if rep is not None}
+        pubs = {r: e for r, (e, _) in sources.items()}
+        self._pods[pod_id] = _PodEndpoint(pubs, model, replay_endpoints=replays)
+        if self._thread is not None:
+            self._commands.put(("add", pod_id))
+
     def remove_endpoint(self, pod_id: str, *, purge: bool = True) -> None:
         """Stop dialing a pod; by default also purge it from the index (after its queued
         frames)."""
@@ -251,8 +348,8 @@ class KVEventSubscriber:
             self._purge(pod_id)
 
     def endpoints(self) -> dict[str, str]:
-        """Pod id -> dialed endpoint (connect mode)."""
-        return {p: e.endpoint for p, e in self._pods.items()}
+        """Pod id -> dialed endpoint (connect mode; the lowest DP rank's)."""
+        return {p: e.endpoints[min(e.endpoints)] for p, e in self._pods.items()}
 
     def _register(
         self,
@@ -262,15 +359,15 @@ class KVEventSubscriber:
         model: str | None,
         data_parallel_size: int | None,
     ) -> None:
-        dp = data_parallel_size or self.config.data_parallel_size
+        ranks = range(data_parallel_size or self.config.data_parallel_size)
         try:
-            for r in range(dp):
-                offset_endpoint(endpoint, r)
-                if replay_endpoint is not None:
+            pubs = {r: offset_endpoint(endpoint, r) for r in ranks}
+            if replay_endpoint is not None:
+                for r in ranks:
                     offset_endpoint(replay_endpoint, r)
         except ValueError as exc:
             raise ConfigError(str(exc), f"kvEventsConfig.endpoints.{pod_id}") from None
-        self._pods[pod_id] = _PodEndpoint(endpoint, replay_endpoint, model, dp)
+        self._pods[pod_id] = _PodEndpoint(pubs, model, replay_endpoint)
 
     # -- the receiving loop ------------------------------------------------------------------
 
@@ -294,14 +391,17 @@ class KVEventSubscriber:
         try:
             if self.config.zmq_endpoint:
                 sub = self._new_sub()
-                sub.bind(self.config.zmq_endpoint)
-                self._bound = sub.getsockopt_string(zmq.LAST_ENDPOINT)
-                poller.register(sub, zmq.POLLIN)
                 sources[sub] = (None, None)
-                logger.info("KV-event subscriber bound at %s", self._bound)
+                for i, endpoint in enumerate(self._bind_endpoints()):
+                    sub.bind(endpoint)
+                    bound = sub.getsockopt_string(zmq.LAST_ENDPOINT)
+                    if i == 0:
+                        self._bound = bound
+                    logger.info("KV-event subscriber bound at %s", bound)
+                poller.register(sub, zmq.POLLIN)
             for pod_id in list(self._pods):
                 self._connect(pod_id, poller, sources, by_pod)
-        except (zmq.ZMQError, ConfigError) as exc:
+        except (zmq.ZMQError, ConfigError, ValueError) as exc:
             self._start_error = exc
             self._ready.set()
             self._close_all(sources)
@@ -333,7 +433,18 @@ class KVEventSubscriber:
                 logger.exception("KV-event receive loop error (continuing)")
                 time.sleep(0.01)
         self._close_all(sources)
-        self._close_local_dealers()
+
+    def _bind_endpoints(self) -> list[str]:
+        """Where bind mode listens: `zmq_endpoint` for rank 0, offset for the other ranks.
+
+        Raises:
+            ValueError: An endpoint that cannot be offset (vLLM refuses it for rank > 0 too).
+        """
+        base = self.config.zmq_endpoint
+        assert base is not None
+        ranks = range(self.config.data_parallel_size)
+        # NOTE: port 0 is not offset (as in vLLM): one random port serves every rank.
+        return list(dict.fromkeys(offset_endpoint(base, r) for r in ranks))
 
     def _close_all(self, sources: dict[zmq.Socket[Any], Any]) -> None:
         for sock in sources:
@@ -352,18 +463,19 @@ class KVEventSubscriber:
         if info is None:
             return
         sub = self._new_sub()
+        dialed = sorted(set(info.endpoints.values()))
         try:
-            for r in range(info.data_parallel_size):
-                sub.connect(offset_endpoint(info.endpoint, r))
-        except (zmq.ZMQError, ValueError) as exc:
+            for endpoint in dialed:
+                sub.connect(endpoint)
+        except zmq.ZMQError as exc:
             sub.close(0)
-            logger.error("cannot dial %s for pod %s: %s", info.endpoint, pod_id, exc)
+            logger.error("cannot dial %s for pod %s: %s", dialed, pod_id, exc)
             self.indexer.metrics.dropped.labels("bad_endpoint").inc()
             return
         poller.register(sub, zmq.POLLIN)
         sources[sub] = (pod_id, info.model)
         by_pod[pod_id] = sub
-        logger.info("dialing KV events of %s at %s", pod_id, info.endpoint)
+        logger.info("dialing KV events of %s at %s", pod_id, ", ".join(dialed))
 
     def _disconnect(
         self,
@@ -450,15 +562,16 @@ class KVEventSubscriber:
             except Exception:
                 self.indexer.metrics.dropped.labels("internal_error").inc()
                 logger.exception("KV-event apply error (continuing)")
-        self._close_local_dealers()
 
     # -- replay (the ingestor's ReplaySource) ------------------------------------------------
 
     def replay_endpoint(self, pod: str, rank: int = 0) -> str | None:
         """The replay endpoint of `pod`'s rank `rank`, if one is known."""
         info = self._pods.get(pod)
-        base = info.replay_endpoint if info is not None else None
+        if info is not None and info.replay_endpoints is not None:
+            return info.replay_endpoints.get(rank)
         cfg = self.config
+        base = info.replay_base if info is not None else None
         if base is None:
             base = cfg.replay_endpoints.get(pod)
         if base is None and cfg.replay_socket_port:
@@ -473,35 +586,16 @@ class KVEventSubscriber:
             logger.warning("replay endpoint %s cannot serve rank %d", base, rank)
             return None
 
-    def _dealer(self, endpoint: str) -> zmq.Socket[Any]:
-        socks: dict[str, zmq.Socket[Any]] | None = getattr(self._local, "dealers", None)
-        if socks is None:
-            socks = self._local.dealers = {}
-        sock = socks.get(endpoint)
-        if sock is None:
-            assert self._ctx is not None
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.connect(endpoint)
-            socks[endpoint] = sock
-            with self._dealers_lock:
-                self._dealers.append(sock)
-        return sock
-
-    def _drop_dealer(self, endpoint: str) -> None:
-        socks: dict[str, zmq.Socket[Any]] | None = getattr(self._local, "dealers", None)
-        sock = socks.pop(endpoint, None) if socks else None
-        if sock is not None:
-            with self._dealers_lock:
-                if sock in self._dealers:
-                    self._dealers.remove(sock)
-            sock.close(0)
-
-    def _close_local_dealers(self) -> None:
-        socks: dict[str, zmq.Socket[Any]] | None = getattr(self._local, "dealers", None)
-        for endpoint in list(socks or ()):
-            self._drop_dealer(endpoint)
+    def _recv_replay(self, sock: zmq.Socket[Any], timeout: float) -> list[bytes] | None:
+        """The next reply message, or None after `timeout` seconds without one or on `stop`."""
+        deadline = time.monotonic() + timeout
+        while not self._stop_event.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if sock.poll(int(min(left, _POLL_MS / 1000) * 1000) + 1):
+                return sock.recv_multipart()
+        return None
 
     def replay(self, pod: str, rank: int, start_seq: int, reason: str) -> ReplayResult | None:
         """Fetch `pod`'s buffered batches from `start_seq` on (vLLM's replay protocol).
@@ -512,19 +606,27 @@ class KVEventSubscriber:
         if reason == "join" and not self.config.replay_on_join:
             return None
         endpoint = self.replay_endpoint(pod, rank)
-        if endpoint is None or self._ctx is None:
+        ctx = self._ctx
+        if endpoint is None or ctx is None:
             return None
-        timeout_ms = int(self.config.replay_timeout * 1000)
+        timeout = self.config.replay_timeout
         limit = self.config.max_replay_batches
         frames: list[tuple[int, bytes]] = []
         status = "timeout"
+        # NOTE: one socket per replay, closed after it: replays are rare (gaps, joins), a kept
+        # socket per endpoint would outlive its pod (and keep reconnecting to it), and late
+        # replies to an abandoned request die with their socket instead of being read as the
+        # next answer.
+        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         try:
-            sock = self._dealer(endpoint)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(endpoint)
             sock.send_multipart((b"", start_seq.to_bytes(8, "big")))
-            while len(frames) < limit and not self._stop_event.is_set():
-                if not sock.poll(timeout_ms):
+            while len(frames) < limit:
+                parts = self._recv_replay(sock, timeout)
+                if parts is None:
                     break
-                parts = sock.recv_multipart()
                 if len(parts) == 4 and parts[0] == b"":  # >= 0.26: [b"", topic, seq, payload]
                     seq8, payload = parts[2], parts[3]
                 elif len(parts) == 3 and parts[0] == b"":  # < 0.26: [b"", seq, payload]
@@ -540,14 +642,12 @@ class KVEventSubscriber:
                     break
                 frames.append((int.from_bytes(seq8, "big"), payload))
             else:
-                if len(frames) >= limit:
-                    status = "truncated"
+                status = "truncated"
         except zmq.ZMQError as exc:
             logger.warning("replay from %s failed: %s", endpoint, exc)
             status = "error"
-        if status != "ok":
-            # NOTE: late replies to an abandoned request would be taken for the next answer.
-            self._drop_dealer(endpoint)
+        finally:
+            sock.close(0)
         logger.info(
             "replay (%s) of %s rank %d from seq %d: %d batches, %s",
             reason,

@@ -78,6 +78,11 @@ end
 
 -- registry -------------------------------------------------------------------------------
 
+local function alive(last)
+  return TTL == 0 or (last and NOW - tonumber(last) <= TTL)
+end
+
+
 local IDS = {}
 local function live_id(name)
   local id = IDS[name]
@@ -89,26 +94,6 @@ local function live_id(name)
     return id
   end
   return nil
-end
-
-local function register(name)
-  local id = live_id(name)
-  if id then return id end
-  local head = call('LINDEX', K_F, 0)
-  if head then
-    local fid, after = string.match(head, '^(%d+):(%d+)$')
-    if fid and tonumber(after) <= NOW then
-      call('LPOP', K_F)
-      id = tonumber(fid)
-    end
-  end
-  if not id then id = call('HINCRBY', K_C, 'nextid', 1) end
-  call('HSET', K_R, name, id)
-  call('HSET', K_N, id, name)
-  call('HSET', K_M, id, '0,0,0,-1,0')
-  call('HSET', K_PE, id, 0)
-  IDS[name] = id
-  return id
 end
 
 local LIVE = {}
@@ -149,6 +134,68 @@ local function emap_key(id)
     EK[id] = k
   end
   return k
+end
+
+-- Forget pod `id` (named `name`) at once: it leaves the registry, its entries leave the
+-- counters and its engine-hash map moves aside (P d<id>), to be walked by 'purge_step' calls
+-- (the purging client's, or the writers' maintenance). Returns the entries dropped.
+local function unregister(name, id)
+  local dropped = tonumber(call('HGET', K_PE, id) or 0)
+  call('HDEL', K_R, name)
+  call('HDEL', K_N, id)
+  call('HDEL', K_L, id)
+  call('HDEL', K_PE, id)
+  IDS[name] = nil
+  LIVE[id] = false
+  cinc('entries', -dropped)
+  -- NOTE: the map moves aside at once, so the id is free of it; the steps walk it later
+  local E = emap_key(id)
+  local h = call('HLEN', E)
+  if h > 0 then
+    cinc('emaps', -h)
+    call('RENAME', E, P .. 'd' .. id)
+  end
+  call('HSET', K_Z, id, 0)
+  flush_counts()
+  return dropped
+end
+
+-- The id of pod `name` while it is live. A pod quiet for the TTL is gone (lookups skip it):
+-- with `forget` (a write) it is unregistered at once, so that its old entries never come back
+-- with its next write (the writers' maintenance may not have purged it yet, e.g. when no
+-- writer ran meanwhile); reads only do not see it.
+local CHECKED = {}
+local function current_id(name, forget)
+  local id = live_id(name)
+  if not id or CHECKED[id] then return id end
+  if alive(call('HGET', K_L, id)) then
+    CHECKED[id] = true
+    return id
+  end
+  if forget then unregister(name, id) end
+  return nil
+end
+
+local function register(name)
+  local id = current_id(name, true)
+  if id then return id end
+  local head = call('LINDEX', K_F, 0)
+  if head then
+    local fid, after = string.match(head, '^(%d+):(%d+)$')
+    if fid and tonumber(after) <= NOW then
+      call('LPOP', K_F)
+      id = tonumber(fid)
+    end
+  end
+  if not id then id = call('HINCRBY', K_C, 'nextid', 1) end
+  call('HSET', K_R, name, id)
+  call('HSET', K_N, id, name)
+  call('HSET', K_M, id, '0,0,0,-1,0')
+  call('HSET', K_PE, id, 0)
+  IDS[name] = id
+  LIVE[id] = true
+  CHECKED[id] = true
+  return id
 end
 
 local TIDS = {}
@@ -530,13 +577,44 @@ local function spec_holders(sv)
   return t
 end
 
-local function alive(last)
-  return TTL == 0 or (last and NOW - tonumber(last) <= TTL)
+-- names of the pods that wrote within the TTL
+local function live_names()
+  local l = call('HGETALL', K_L)
+  local ids = {}
+  for i = 1, #l, 2 do
+    if alive(l[i + 1]) then ids[#ids + 1] = l[i] end
+  end
+  local out = {}
+  for c0 = 1, #ids, CHUNK do
+    local names = call('HMGET', K_N, unpack(ids, c0, min(#ids, c0 + CHUNK - 1)))
+    for i = 1, #names do
+      if names[i] then out[#out + 1] = names[i] end
+    end
+  end
+  return out
 end
 
 -- writes ---------------------------------------------------------------------------------
 
 local TOUCHED = {}
+
+-- Write ids already applied, per writer: one bitmap of 65,536 tokens per key, kept an hour
+-- after its last write. A writer sends a write again when it did not get the answer (a
+-- timeout, a dropped connection), not knowing whether it was applied; applying it twice would
+-- count references twice.
+local DEDUP_MS = 3600000
+local DEDUP_SEEN = {}
+local function first_time(writer, token)
+  if not writer or writer == '' or not token or token == '' then return true end
+  local t = tonumber(token)
+  local key = P .. 'x' .. writer .. ':' .. floor(t / 65536)
+  if call('SETBIT', key, t % 65536, 1) == 1 then return false end
+  if not DEDUP_SEEN[key] then
+    DEDUP_SEEN[key] = true
+    call('PEXPIRE', key, DEDUP_MS)
+  end
+  return true
+end
 
 -- A store of `kb` (keys, 8 bytes each) with engine hashes `eb` ('' = the keys) at tier
 -- `tname`. `x`: '1' when the keys are distinct with one engine hash each (the common case),
@@ -715,7 +793,7 @@ end
 -- once the pod holds none of its keys at any tier. Returns a '0'/'1' string: known or not.
 local function w_remove(name, tname, eb)
   local n = #eb / 8
-  local id = live_id(name)
+  local id = current_id(name, true)
   if not id then return string.rep('0', n) end
   TOUCHED[id] = true
   local tid = tier_id(tname, false)
@@ -786,7 +864,7 @@ end
 -- stores). Returns a '0'/'1' string: known or not.
 local function w_add_tier(name, tname, eb)
   local n = #eb / 8
-  local id = live_id(name)
+  local id = current_id(name, true)
   if not id then return string.rep('0', n) end
   local tid, err = tier_id(tname, true)
   if not tid then return err end
@@ -992,19 +1070,24 @@ if op == 'lookup' then
 
 elseif op == 'w' then
   -- a batch of writes in call order: ARGV[4] = size bound of the shard, ARGV[5] = pods per
-  -- block (0 = no limit), then six arguments per write: kind ('a' add, 'n' add_new,
-  -- 'r' remove, 't' add_tier), pod, tier, keys, engine hashes, flags. Returns one result per
-  -- write (skipped count, or a known-bits string), or a 'KVAWARE ...' string for a refused one.
+  -- block (0 = no limit), ARGV[6] = the writer's id, then seven arguments per write: kind
+  -- ('a' add, 'n' add_new, 'r' remove, 't' add_tier), pod, tier, keys, engine hashes, flags,
+  -- token. Returns one result per write (skipped engine hashes, or a known-bits string), or a
+  -- 'KVAWARE ...' string for a refused one. A write already applied (same writer and token)
+  -- is skipped: it answers no skipped hashes, or no known ones.
   local size = tonumber(ARGV[4])
   PCS = tonumber(ARGV[5])
+  local writer = ARGV[6]
   -- NOTE: the block queue serves eviction and expiry; with neither it is not kept
   QUEUE = QUEUE or size > 0
   local out = {}
-  local a, s, na = 6, 0, #ARGV
-  while a + 5 <= na do
+  local a, s, na = 7, 0, #ARGV
+  while a + 6 <= na do
     local kind = ARGV[a]
     local r
-    if kind == 'a' or kind == 'n' then
+    if not first_time(writer, ARGV[a + 6]) then
+      if kind == 'r' or kind == 't' then r = string.rep('0', #ARGV[a + 4] / 8) else r = '' end
+    elseif kind == 'a' or kind == 'n' then
       r = w_add(ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], kind == 'n')
     elseif kind == 'r' then
       r = w_remove(ARGV[a + 1], ARGV[a + 2], ARGV[a + 4])
@@ -1015,7 +1098,7 @@ elseif op == 'w' then
     end
     s = s + 1
     out[s] = r
-    a = a + 6
+    a = a + 7
   end
   flush_blocks()
   for id in pairs(TOUCHED) do refresh_pod(id) end
@@ -1024,7 +1107,7 @@ elseif op == 'w' then
   return out
 
 elseif op == 'resolve' then
-  local id = live_id(ARGV[4])
+  local id = current_id(ARGV[4], false)
   if not id then return false end
   local val = call('HGET', emap_key(id), ARGV[5])
   if not val then return false end
@@ -1034,7 +1117,7 @@ elseif op == 'refs' then
   -- the pod's references per engine hash and tier (read at the first key of the engine block
   -- in this shard): tier names (msgpack), engine hashes (8 bytes each), then a tier id byte
   -- and a count byte for each
-  local id = live_id(ARGV[4])
+  local id = current_id(ARGV[4], false)
   if not id then return {} end
   local all = call('HGETALL', emap_key(id))
   local tiers = {}
@@ -1135,9 +1218,11 @@ elseif op == 'spec' then
   return written
 
 elseif op == 'purge' then
-  -- by name, or by id (a writer purging a pod gone quiet: only if it is still quiet)
+  -- by name (ARGV[6], ARGV[7]: writer and token, as for 'w'), or by id (a writer purging a
+  -- pod gone quiet: only if it is still quiet)
   local name, id = ARGV[4], nil
   if name ~= '' then
+    if not first_time(ARGV[6], ARGV[7]) then return { 0, 0 } end
     id = live_id(name)
   else
     id = tonumber(ARGV[5])
@@ -1146,22 +1231,7 @@ elseif op == 'purge' then
     if tonumber(call('HGET', K_R, name)) ~= id then return { 0, 0 } end
   end
   if not id then return { 0, 0 } end
-  local dropped = tonumber(call('HGET', K_PE, id) or 0)
-  call('HDEL', K_R, name)
-  call('HDEL', K_N, id)
-  call('HDEL', K_L, id)
-  call('HDEL', K_PE, id)
-  cinc('entries', -dropped)
-  -- NOTE: the map moves aside at once, so the id is free of it; the steps walk it later
-  local E = emap_key(id)
-  local h = call('HLEN', E)
-  if h > 0 then
-    cinc('emaps', -h)
-    call('RENAME', E, P .. 'd' .. id)
-  end
-  call('HSET', K_Z, id, 0)
-  flush_counts()
-  return { dropped, id }
+  return { unregister(name, id), id }
 
 elseif op == 'purge_step' then
   -- drop a purged pod's records from the blocks of one page of its engine map (HSCAN)
@@ -1258,36 +1328,12 @@ elseif op == 'alive' then
 
 elseif op == 'stats' then
   local c = call('HMGET', K_C, 'entries', 'blocks', 'evictions', 'emaps', 'expired')
-  local l = call('HGETALL', K_L)
-  local ids = {}
-  for i = 1, #l, 2 do
-    if alive(l[i + 1]) then ids[#ids + 1] = l[i] end
-  end
-  local names = {}
-  if #ids > 0 then
-    local got = call('HMGET', K_N, unpack(ids))
-    for i = 1, #ids do
-      if got[i] then names[#names + 1] = got[i] end
-    end
-  end
-  local out = { names, tonumber(call('GET', K_SC) or 0), call('LLEN', K_Q) }
+  local out = { live_names(), tonumber(call('GET', K_SC) or 0), call('LLEN', K_Q) }
   for i = 1, 5 do out[#out + 1] = tonumber(c[i] or 0) end
   return cmsgpack.pack(out)
 
 elseif op == 'pods' then
-  local l = call('HGETALL', K_L)
-  local ids = {}
-  for i = 1, #l, 2 do
-    if alive(l[i + 1]) then ids[#ids + 1] = l[i] end
-  end
-  local out = {}
-  if #ids > 0 then
-    local names = call('HMGET', K_N, unpack(ids))
-    for i = 1, #ids do
-      if names[i] then out[#out + 1] = names[i] end
-    end
-  end
-  return cmsgpack.pack(out)
+  return cmsgpack.pack(live_names())
 end
 
 return redis.error_reply('KVAWARE unknown operation ' .. tostring(op))

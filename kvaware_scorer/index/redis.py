@@ -27,6 +27,7 @@ import bisect
 import hashlib
 import itertools
 import logging
+import os
 import socket
 import sys
 import threading
@@ -62,6 +63,8 @@ _SPEC = 1 << 16
 _PURGE_BUDGET = 2000
 #: Script call kinds of the writes (one ``w`` call per shard carries a batch of them).
 _WRITE_CODES = {"add": b"a", "add_new": b"n", "remove": b"r", "add_tier": b"t"}
+#: Seconds between two log lines about writes dropped while Redis is unreachable.
+_DROP_LOG_INTERVAL = 10.0
 #: Buffered writes replayed per pipeline.
 _REPLAY_BATCH = 256
 #: Write batches queued for the writer thread before `batch(on_done=...)` waits for room.
@@ -279,6 +282,7 @@ class _Write:
     tier: str = ""
     seq: int = -1
     packed: tuple[bytes, bytes] | None = None  # keys and engine hashes, as sent
+    token: bytes = b""  # this write's id among its index's writes (see `RedisIndex._token`)
 
 
 class WriteBatch:
@@ -341,7 +345,7 @@ class WriteBatch:
 
     def purge(self, pod: str) -> None:
         """Queue `RedisIndex.purge`."""
-        self._ops.append(_Write("purge", pod))
+        self._ops.append(self._index._purge_op(pod))
 
 
 class RedisIndex:
@@ -381,7 +385,12 @@ class RedisIndex:
         self._down_since: float | None = None
         self._buffer: deque[_Write] = deque()
         self._seq = itertools.count()
-        self._pending: dict[tuple[str, int], int] = {}
+        self._unlogged_drops = 0
+        self._next_drop_log = 0.0
+        self._writer = os.urandom(8).hex().encode("ascii")
+        self._tokens = itertools.count()
+        # (pod, engine hash) -> (key, seq of the buffered write that stores it)
+        self._pending: dict[tuple[str, int], tuple[int, int]] = {}
         self._counters: dict[str, int] = {
             "buffered_writes": 0,
             "dropped_writes": 0,
@@ -679,14 +688,28 @@ class RedisIndex:
         eb = b"" if engine_hashes is None else _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
         ehs = None if engine_hashes is None else tuple(engine_hashes)
-        return _Write(kind, pod, tuple(keys), ehs, tname, packed=(kb, eb))
+        return _Write(kind, pod, tuple(keys), ehs, tname, packed=(kb, eb), token=self._token())
 
     def _tier_op(
         self, kind: str, pod: str, engine_hashes: Sequence[int], tier: str | None
     ) -> _Write:
         eb = _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
-        return _Write(kind, pod, (), tuple(engine_hashes), tname, packed=(b"", eb))
+        return _Write(
+            kind, pod, (), tuple(engine_hashes), tname, packed=(b"", eb), token=self._token()
+        )
+
+    def _purge_op(self, pod: str) -> _Write:
+        return _Write("purge", pod, token=self._token())
+
+    def _token(self) -> bytes:
+        """A new write id: the script applies a write at most once per (writer, token).
+
+        NOTE: a write whose reply is lost (a timeout, a dropped connection) may or may not have
+        been applied; it is buffered and sent again, and the server skips it if it was applied,
+        so that no reference is ever counted twice (a stale entry nothing would remove).
+        """
+        return b"%d" % next(self._tokens)
 
     def _shard_size(self) -> int:
         size = self.config.size
@@ -700,7 +723,7 @@ class RedisIndex:
         ehs: Sequence[int] | None,
         foreign: bytes = b"",
         packed: tuple[bytes, bytes] | None = None,
-    ) -> tuple[bytes, str, str, bytes, bytes, bytes]:
+    ) -> tuple[bytes, str, str, bytes, bytes, bytes, bytes]:
         """The script's arguments of one store (see ``w`` in redis.lua)."""
         plain = (
             not foreign
@@ -708,7 +731,8 @@ class RedisIndex:
             and (ehs is None or len(set(ehs)) == len(ehs))
         )
         kb, eb = packed if packed is not None else (_pack(keys), b"" if ehs is None else _pack(ehs))
-        return (_WRITE_CODES[w.kind], w.pod, w.tier, kb, eb, b"1" if plain else b"0" + foreign)
+        flags = b"1" if plain else b"0" + foreign
+        return (_WRITE_CODES[w.kind], w.pod, w.tier, kb, eb, flags, w.token)
 
     def _plan(self, w: _Write) -> list[tuple[_Shard, bool, tuple[Any, ...]]]:
         """The script work of one write: ``(shard, batched, args)`` per shard it touches.
@@ -746,9 +770,9 @@ class RedisIndex:
             ]
             return items + self._alive_calls(w.pod, {s for s in parts})
         if w.kind == "purge":
-            return [(sh, False, (b"purge", w.pod, 0)) for sh in shards]
+            return [(sh, False, (b"purge", w.pod, 0, self._writer, w.token)) for sh in shards]
         eb = w.packed[1] if w.packed is not None else _pack(w.ehs or ())
-        write = (_WRITE_CODES[w.kind], w.pod, w.tier, b"", eb, b"")
+        write = (_WRITE_CODES[w.kind], w.pod, w.tier, b"", eb, b"", w.token)
         return [(sh, True, write) for sh in shards]
 
     def _alive_calls(self, pod: str, busy: set[int]) -> list[tuple[_Shard, bool, tuple[Any, ...]]]:
@@ -831,10 +855,10 @@ class RedisIndex:
                 if batched:
                     cur = open_call.get(shard.prefix)
                     if cur is None:
-                        argv: list[Any] = [b"w", size, pcs]
+                        argv: list[Any] = [b"w", size, pcs, self._writer]
                         cur = open_call[shard.prefix] = (len(calls), argv)
                         calls.append((shard, ()))
-                    spots.append((cur[0], (len(cur[1]) - 3) // 6))
+                    spots.append((cur[0], (len(cur[1]) - 4) // 7))
                     cur[1].extend(args)
                 else:
                     closed = open_call.pop(shard.prefix, None)
@@ -984,19 +1008,39 @@ class RedisIndex:
             else:
                 for w in ops:
                     if len(self._buffer) >= limit:
-                        self._buffer.popleft()
+                        self._unbuffer(self._buffer.popleft())
                         dropped += 1
                     w.seq = next(self._seq)
                     self._buffer.append(w)
                     if w.kind in ("add", "add_new"):
                         for eh, ks in iter_groups(w.keys, w.ehs):
-                            self._pending[(w.pod, eh)] = ks[-1]
+                            self._pending[(w.pod, eh)] = (ks[-1], w.seq)
                 self._counters["buffered_writes"] += len(ops)
             self._counters["dropped_writes"] += dropped
-        if dropped:
+            self._unlogged_drops += dropped
+            now = time.monotonic()
+            report = self._unlogged_drops if now >= self._next_drop_log else 0
+            if report:
+                # NOTE: at most one line per interval: a long outage drops on every write
+                self._unlogged_drops = 0
+                self._next_drop_log = now + _DROP_LOG_INTERVAL
+        if report:
             logger.warning(
-                "Redis index unavailable: dropped %d writes (buffer limit %d)", dropped, limit
+                "Redis index unavailable: dropped %d writes (buffer limit %d)", report, limit
             )
+
+    def _unbuffer(self, w: _Write) -> None:
+        """Forget what `w` (leaving the buffer) told `resolve`, unless a later write did too.
+
+        NOTE: keeps the map as bounded as the buffer through an outage of any length.
+        """
+        if w.kind not in ("add", "add_new"):
+            return
+        pending = self._pending
+        for eh, _ks in iter_groups(w.keys, w.ehs):
+            hit = pending.get((w.pod, eh))
+            if hit is not None and hit[1] == w.seq:
+                del pending[(w.pod, eh)]
 
     def _drain(self) -> bool:
         """Replay buffered writes in order; returns whether the buffer is now empty."""
@@ -1019,7 +1063,7 @@ class RedisIndex:
                 with self._lock:
                     last = batch[-1].seq
                     while self._buffer and self._buffer[0].seq <= last:
-                        self._buffer.popleft()
+                        self._unbuffer(self._buffer.popleft())
                     self._counters["replayed_writes"] += len(batch)
 
     def _apply_replayed(self, batch: list[_Write]) -> None:
@@ -1076,7 +1120,7 @@ class RedisIndex:
 
     def purge(self, pod: str) -> int:
         self._quiesce()
-        return self._submit([_Write("purge", pod)])[0] or 0
+        return self._submit([self._purge_op(pod)])[0] or 0
 
     def references(self, pod: str) -> dict[str, dict[int, int]]:
         """Tier -> engine hash -> references `pod` holds (see `KVBlockIndex.references`).
@@ -1084,21 +1128,9 @@ class RedisIndex:
         Raises:
             BackendUnavailableError: Redis is unreachable.
         """
-
-        def run() -> list[Any]:
-            self._connection()
-            shards = self._shards
-            if len(shards) == 1:
-                return [self._eval(shards[0], b"refs", pod)]
-            raws = self._pipeline([(s, (b"refs", pod)) for s in shards])
-            for r in raws:
-                if isinstance(r, BaseException):
-                    raise r
-            return raws
-
         self._quiesce()
         out: dict[str, dict[int, int]] = {}
-        for raw in self._guarded("references", run):
+        for raw in self._each_shard("references", b"refs", pod):
             if not raw:
                 continue
             names, ehs, counts = raw
@@ -1349,38 +1381,31 @@ class RedisIndex:
                 with self._lock:
                     hit = self._pending.get((pod, engine_hash))
                 if hit is not None:
-                    return hit
-        eh = _pack([engine_hash])
-
-        def run() -> list[Any]:
-            self._connection()
-            shards = self._shards
-            if len(shards) == 1:
-                return [self._eval(shards[0], b"resolve", pod, eh)]
-            raws = self._pipeline([(s, (b"resolve", pod, eh)) for s in shards])
-            for r in raws:
-                if isinstance(r, BaseException):
-                    raise r
-            return raws
-
-        for raw in self._guarded("resolve", run):
+                    return hit[0]
+        for raw in self._each_shard("resolve", b"resolve", pod, _pack([engine_hash])):
             if raw is not None:
                 return int.from_bytes(raw, "little")
         return None
 
-    def _each_shard(self, what: str, op: bytes) -> list[Any]:
+    def _each_shard(self, what: str, *args: Any) -> list[Any]:
+        """One read call on every shard (one round trip); the replies in shard order.
+
+        Raises:
+            BackendUnavailableError: Redis is unreachable or a shard answered an error.
+        """
+
         def run() -> list[Any]:
             self._connection()
             shards = self._shards
             if len(shards) == 1:
-                return [self._eval(shards[0], op)]
-            raws = self._pipeline([(s, (op,)) for s in shards])
+                return [self._eval(shards[0], *args)]
+            raws = self._pipeline([(s, args) for s in shards])
             for r in raws:
                 if isinstance(r, BaseException):
                     raise r
             return raws
 
-        return [msgspec.msgpack.decode(raw) for raw in self._guarded(what, run)]
+        return self._guarded(what, run)
 
     def pods(self) -> list[str]:
         """Pods with entries or engine hashes that wrote within the TTL.
@@ -1389,7 +1414,7 @@ class RedisIndex:
             BackendUnavailableError: Redis is unreachable.
         """
         names: dict[str, None] = {}
-        for part in self._each_shard("pods", b"pods"):
+        for part in map(msgspec.msgpack.decode, self._each_shard("pods", b"pods")):
             names.update(dict.fromkeys(part))
         return list(names)
 
@@ -1403,7 +1428,7 @@ class RedisIndex:
             extra: dict[str, float] = {k: float(v) for k, v in self._counters.items()}
             extra["buffered_now"] = float(len(self._buffer))
         try:
-            parts = self._each_shard("stats", b"stats")
+            parts = [msgspec.msgpack.decode(r) for r in self._each_shard("stats", b"stats")]
         except BackendUnavailableError:
             extra["available"] = 0.0
             return replace(self._last_stats, extra=extra)

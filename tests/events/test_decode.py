@@ -222,6 +222,7 @@ def test_malformed_events_are_rejected_individually(event: Any) -> None:
         ENC.encode(["now", [], 0]),
         ENC.encode([1.0, {"type": "AllBlocksCleared"}, 0]),
         ENC.encode([1.0, [], "rank"]),
+        ENC.encode([1.0, [], -1]),
         ENC.encode(None),
     ],
 )

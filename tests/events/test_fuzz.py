@@ -76,7 +76,7 @@ def frame_shape(payload: bytes) -> int | None:
             return None
         if len(parts) >= 3:
             rank = GEN.decode(parts[2])
-            if rank is not None and type(rank) is not int:
+            if rank is not None and (type(rank) is not int or rank < 0):
                 return None
         return len(RAW_LIST.decode(parts[1]))
     except (msgspec.DecodeError, ValueError):

@@ -517,6 +517,20 @@ def test_all_blocks_cleared_purges_but_keeps_the_sequence() -> None:
     assert counter(ix, "kvaware_seq_gaps_total") == 0
 
 
+def test_all_blocks_cleared_twice_by_the_gpu_and_host_pools() -> None:
+    """A hybrid host pool clears too (AllBlocksCleared twice, no medium): every tier of the
+    pod is dropped, and the stores after it stand."""
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1, 2], list(range(32)))), 0)
+    ix.ingest(POD, MODEL, frame(stored([1], [], block_size=0, medium="CPU", kind=None)), 1)
+    assert ix.ingestor.references(POD) == {"gpu": {1: 1, 2: 1}, "cpu": {1: 1}}
+    cleared = frame(AllBlocksCleared(), AllBlocksCleared(), stored([3], list(range(50, 66))))
+    ix.ingest(POD, MODEL, cleared, 2)
+    assert ix.ingestor.references(POD) == {"gpu": {3: 1}}
+    assert counter(ix, "kvaware_events_total", {"type": "AllBlocksCleared"}) == 2
+    assert ix.score(MODEL, list(range(32)), [POD]) == {POD: 0.0}
+
+
 def test_purge_pod_forgets_its_streams() -> None:
     """After Indexer.purge_pod the pod's next frame starts a new stream (a join)."""
     ix = Indexer()
@@ -678,3 +692,209 @@ def test_old_parents_are_resolved_through_the_index() -> None:
     ix.ingest(POD, MODEL, frame(stored([3], tail, parent=1)), 2)
     assert counter(ix, "kvaware_orphaned_blocks_total") == 0
     assert ix.score(MODEL, first[:16] + tail, [POD]) == {POD: 1.0}
+
+
+def test_idle_streams_release_their_recent_stores() -> None:
+    """A sweep empties the recent stores of idle streams (parents then resolve through the
+    index) and keeps their sequence state; active streams are left alone."""
+    toks = list(range(32))
+    ix = Indexer()
+    ing = ix.ingestor
+    ing.idle_after = 0.0
+    ix.ingest(POD, MODEL, frame(stored([1], toks[:16])), 0)
+    assert ing.streams(POD)[0].recent
+    assert ing.sweep() == 0
+    st = ing.streams(POD)[0]
+    assert st.recent == {} and st.recent_old == {} and st.last_seq == 0
+    ix.ingest(POD, MODEL, frame(stored([2], toks[16:], parent=1)), 1)
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+    assert counter(ix, "kvaware_seq_gaps_total") == 0
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+
+
+def test_vanished_pods_are_forgotten_once_the_index_drops_them() -> None:
+    """Pods that stopped sending and that the index no longer holds (evicted, expired) leave
+    no stream behind; the sweep runs by itself every sweep_interval seconds."""
+    ix = Indexer()
+    ing = ix.ingestor
+    ing.idle_after = 0.0
+    pods = [f"10.1.0.{i}:8000" for i in range(200)]
+    for i, pod in enumerate(pods):
+        ix.ingest(pod, MODEL, frame(stored([i + 1], list(range(16)))), 0)
+    for pod in pods[:150]:
+        ix.index.purge(pod)  # as an eviction or the index's expiry would
+    ing.sweep_interval = 0.0
+    ix.ingest(POD, MODEL, frame(stored([7], list(range(16)))), 0)  # sweeps first
+    assert all(ing.streams(p) == {} for p in pods[:150])
+    assert all(ing.streams(p)[0].last_seq == 0 for p in pods[150:])
+    assert ing.streams(POD)[0].last_seq == 0
+
+
+# -- payloads made by structs declared as vLLM declares them --------------------------------
+# NOTE: the same msgspec options and field order as vllm/distributed/kv_events.py (0.33), plus
+# fields and an event type a later vLLM may add: the bytes come from msgspec's own encoder,
+# not from ours.
+
+
+class _VllmEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    ts: float
+    events: list[Any]
+    data_parallel_rank: int | None = None
+
+
+class _VllmKVCacheEvent(msgspec.Struct, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+class BlockStoredNext(_VllmKVCacheEvent, tag="BlockStored"):
+    block_hashes: list[bytes | int]
+    parent_block_hash: bytes | int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+    extra_keys: list[tuple[Any, ...] | None] | None = None
+    group_idx: int | None = None
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    session_id: str | None = None
+    lookahead_token_ids: list[list[int]] | None = None
+    priority_hint: dict[str, Any] | None = None  # not in vLLM (yet)
+
+
+class BlockRemovedNext(_VllmKVCacheEvent, tag="BlockRemoved"):
+    block_hashes: list[bytes | int]
+    medium: str | None
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
+    reason: str | None = None  # not in vLLM (yet)
+
+
+class BlockPinned(_VllmKVCacheEvent):  # an event type vLLM does not have (yet)
+    block_hashes: list[bytes | int]
+
+
+def test_payloads_of_a_later_vllm_with_digest_hashes_apply() -> None:
+    """Events msgspec encodes from vLLM-shaped structs with fields and an event type added
+    later, sha256 digests as hashes (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0), LoRA and salt as
+    untagged extra keys and a lowercase medium are applied, the unknown event counted."""
+    import hashlib
+
+    enc = msgspec.msgpack.Encoder()
+    digest = [hashlib.sha256(b"block %d" % i).digest() for i in range(4)]
+    toks = list(range(1000, 1064))
+
+    def payload(*events: Any) -> bytes:
+        return enc.encode(_VllmEventBatch(1.0, list(events), 0))
+
+    lora = "sql-lora"
+    first = BlockStoredNext(
+        digest[:3],
+        None,
+        toks[:48],
+        16,
+        7,
+        "GPU",
+        lora,
+        extra_keys=[(lora, "tenant-a"), (lora,), (lora,)],
+        group_idx=0,
+        kv_cache_spec_kind="full_attention",
+        session_id="s-1",
+        priority_hint={"level": 2},
+    )
+    decode = BlockStoredNext(
+        [digest[3]], digest[2], toks[48:], 16, 7, "GPU", lora, extra_keys=[(lora,)], group_idx=0
+    )
+    offload = BlockStoredNext([digest[0]], None, [], 0, None, "cpu", None, group_idx=0)
+    ix = Indexer()
+    ix.ingest(POD, MODEL, payload(first), 0)
+    ix.ingest(POD, MODEL, payload(decode, offload), 1)
+    ix.ingest(
+        POD,
+        MODEL,
+        payload(BlockPinned([digest[1]]), BlockRemovedNext([digest[3]], "GPU", 0, reason="lru")),
+        2,
+    )
+    low = [int.from_bytes(d[-8:], "big") for d in digest]
+    assert ix.ingestor.references(POD) == {
+        "gpu": {low[0]: 1, low[1]: 1, low[2]: 1},
+        "cpu": {low[0]: 1},
+    }
+    m = ix.match(MODEL, toks, [POD], lora_name=lora, cache_salt="tenant-a").pods[POD]
+    assert m.blocks == 3 and dict(m.tiers) == {"gpu": 3}
+    assert ix.score(MODEL, toks, [POD], lora_name=lora) == {POD: 0.0}  # salt isolates
+    assert dropped(ix, "unknown_event_type") == 1 and dropped(ix, "malformed_event") == 0
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+
+
+def test_hybrid_partial_hash_units_then_the_full_physical_block() -> None:
+    """A hybrid model with 32-token physical blocks and 16-token hash units announces a full
+    hash unit inside a not yet full block (block_size 16), then the full block under its last
+    unit's hash (block_size 32) and removes the partial one: every unit stays indexed once."""
+    toks = list(range(64))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([11], toks[:32], block_size=32)), 0)
+    ix.ingest(POD, MODEL, frame(stored([12], toks[32:48], parent=11)), 1)  # partial unit
+    assert ix.score(MODEL, toks[:48], [POD]) == {POD: 1.0}
+    ix.ingest(
+        POD, MODEL, frame(removed([12]), stored([13], toks[32:64], parent=11, block_size=32)), 2
+    )
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+    assert ix.ingestor.held(POD) == {11: 1, 13: 1}
+    assert ix.index.stats().entries == 4
+    ix.ingest(POD, MODEL, frame(removed([13])), 3)
+    assert ix.match(MODEL, toks, [POD]).pods[POD].blocks == 2
+    assert dropped(ix, "block_size_mismatch") == 0
+
+
+def _history() -> list[tuple[int, bytes]]:
+    """A publisher's buffer: stores, a duplicate copy, an eviction, an offload, a decode."""
+    toks = list(range(64))
+    return [
+        (0, frame(stored([1, 2], toks[:32]))),
+        (1, frame(stored([3], toks[32:48], parent=2))),
+        (2, frame(stored([3], toks[32:48], parent=2))),  # a second physical copy
+        (3, frame(removed([3]), stored([5], toks[48:64], parent=3))),
+        (4, frame(stored([1], [], block_size=0, medium="CPU", kind=None))),
+        (5, frame(removed([5]))),
+    ]
+
+
+@pytest.mark.parametrize("buffer_from", [0, 2], ids=["whole-history", "buffer-rolled"])
+def test_restarted_ingestor_on_a_shared_index_does_not_count_twice(buffer_from: int) -> None:
+    """A new ingestor joining streams whose blocks an earlier one already wrote to the shared
+    index (an ingest process restarted on Redis) never counts a reference twice: with the
+    whole history buffered it rebuilds vLLM's references exactly, else it merges the buffer
+    (a duplicate copy may then be undercounted, never a stale one kept)."""
+    history = _history()
+    first = Indexer()
+    for seq, payload in history[:5]:
+        first.ingest(POD, MODEL, payload, seq)
+    assert first.ingestor.references(POD) == {"gpu": {1: 1, 2: 1, 3: 1, 5: 1}, "cpu": {1: 1}}
+    again = Indexer(index=first.index)
+    again.ingestor.set_replay_source(BufferReplay(history[buffer_from:5]))
+    again.ingest(POD, MODEL, history[5][1], 5)
+    if buffer_from == 0:
+        assert again.ingestor.references(POD) == {"gpu": {1: 1, 2: 1, 3: 1}, "cpu": {1: 1}}
+        assert counter(again, "kvaware_purges_total", {"reason": "rejoin"}) == 1
+    else:
+        # block 3's second copy was stored again by the merge as held: its removal took it
+        assert again.ingestor.references(POD) == {"gpu": {1: 1, 2: 1}, "cpu": {1: 1}}
+        assert counter(again, "kvaware_blocks_skipped_total", {"reason": "rejoin"}) == 1
+    again.ingest(POD, MODEL, frame(removed([3]), removed([2]), removed([1], medium="CPU")), 6)
+    assert again.ingestor.references(POD) == {"gpu": {1: 1}}
+
+
+def test_join_on_a_fresh_index_keeps_duplicate_copies() -> None:
+    """A join replay into an index that holds nothing of the pod applies stores as they are,
+    duplicate copies included."""
+    history = _history()
+    ix = Indexer()
+    ix.ingestor.set_replay_source(BufferReplay(history[:5]))
+    ix.ingest(POD, MODEL, history[5][1], 5)
+    assert ix.ingestor.references(POD) == {"gpu": {1: 1, 2: 1, 3: 1}, "cpu": {1: 1}}
+    assert counter(ix, "kvaware_purges_total", {"reason": "rejoin"}) == 0

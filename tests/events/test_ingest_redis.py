@@ -183,3 +183,24 @@ def test_ingestion_rides_out_a_redis_outage(quiet_redis: RedisProcess) -> None:
     assert ix.ingestor.held(POD) == {3: 1}
     assert not counter(ix, "kvaware_dropped_messages_total", {"reason": "internal_error"})
     ix.close()
+
+
+def test_restarted_ingest_process_on_redis_rejoins_without_counting_twice(
+    redis_server: RedisProcess,
+) -> None:
+    """An ingest process restarted on the same Redis index replays each pod's publisher buffer
+    on join without doubling the references the previous process wrote."""
+    from tests.events.test_ingest import BufferReplay, _history
+
+    history = _history()
+    first = redis_indexer(redis_server.url)
+    prefix = first.config.kv_block_index_config.redis_config.key_prefix  # type: ignore[union-attr]
+    for seq, payload in history[:5]:
+        first.ingest(POD, MODEL, payload, seq)
+    first.close()  # applies what is queued
+    again = redis_indexer(redis_server.url, keyPrefix=prefix)
+    again.ingestor.set_replay_source(BufferReplay(history[:5]))
+    again.ingest(POD, MODEL, history[5][1], 5)
+    again.ingestor.wait()
+    assert again.ingestor.references(POD) == {"gpu": {1: 1, 2: 1, 3: 1}, "cpu": {1: 1}}
+    again.close()

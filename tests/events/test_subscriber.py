@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
+import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -14,6 +17,7 @@ from kvaware_scorer import Indexer
 from kvaware_scorer.config import KVEventsConfig
 from kvaware_scorer.events import KVEventSubscriber, VllmEventPublisher, parse_topic
 from kvaware_scorer.events.decode import BlockStored, encode_batch
+from kvaware_scorer.events.subscriber import fetch_event_sources, parse_event_sources
 from tests.conftest import free_port
 from tests.events.conftest import EVENTS_DIR, stream_frames
 
@@ -293,6 +297,46 @@ def test_replay_request_to_a_silent_router_times_out(indexer: Indexer) -> None:
         ctx.term()
 
 
+def test_replay_connection_is_closed_once_answered(indexer: Indexer) -> None:
+    """Each replay's DEALER connection is closed once the end marker is read, so no replay
+    socket outlives its pod (and keeps dialing it)."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    rport = free_port()
+    router.bind(tcp(rport))
+    mon = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+
+    def events(n: int) -> list[int]:
+        got = []
+        while len(got) < n and mon.poll(5000):
+            got.append(recv_monitor_message(mon)["event"])
+        return got
+
+    def serve_once() -> None:
+        assert router.poll(5000)
+        ident, _empty, _seq8 = router.recv_multipart()
+        router.send_multipart([ident, b"", b"", b"\xff" * 8, b""])
+
+    try:
+        sub = make_sub(indexer)
+        sub.add_endpoint(POD, tcp(free_port()), tcp(rport))
+        with sub:
+            for _ in range(2):
+                server = threading.Thread(target=serve_once)
+                server.start()
+                result = sub.replay(POD, 0, 0, "gap")
+                server.join(5)
+                assert result is not None and result.status == "ok"
+                assert events(2) == [zmq.EVENT_ACCEPTED, zmq.EVENT_DISCONNECTED]
+    finally:
+        router.disable_monitor()
+        mon.close(0)
+        router.close(0)
+        ctx.term()
+
+
 def test_endpoints_added_and_removed_at_run_time(indexer: Indexer) -> None:
     """add_endpoint dials a pod while running; remove_endpoint stops it and purges the pod."""
     toks = list(range(16))
@@ -336,6 +380,19 @@ def test_bad_messages_never_stop_the_loop(indexer: Indexer) -> None:
     assert counter(indexer, "kvaware_dropped_messages_total", {"reason": "decode_error"}) == 1
 
 
+def two_ranks_with_a_gap(
+    indexer: Indexer, pubs: list[VllmEventPublisher], a: list[int], b: list[int]
+) -> None:
+    """Rank 0 stores `a`, rank 1 stores `b` in two batches and loses the second on the wire."""
+    for p in pubs:
+        assert p.wait_for_subscriber(10)
+    pubs[0].publish([store([1, 2], a)])
+    pubs[1].publish([store([3], b[:16])])
+    pubs[1].publish([store([4], b[16:], parent=3)], send=False)
+    pubs[1].publish([])
+    wait_until(lambda: indexer.ingestor.held(POD) == {1: 1, 2: 1, 3: 1, 4: 1})
+
+
 def test_data_parallel_ranks_on_offset_ports(indexer: Indexer) -> None:
     """A pod with two DP ranks is dialed on port and port+1; each rank's gap is replayed from
     its own replay port."""
@@ -348,18 +405,118 @@ def test_data_parallel_ranks_on_offset_ports(indexer: Indexer) -> None:
     try:
         with make_sub(indexer) as sub:
             sub.add_endpoint(POD, tcp(port), tcp(rport), data_parallel_size=2)
-            for p in pubs:
-                assert p.wait_for_subscriber(10)
-            pubs[0].publish([store([1, 2], a)])
-            pubs[1].publish([store([3], b[:16])])
-            pubs[1].publish([store([4], b[16:], parent=3)], send=False)
-            pubs[1].publish([])
-            wait_until(lambda: indexer.ingestor.held(POD) == {1: 1, 2: 1, 3: 1, 4: 1})
+            two_ranks_with_a_gap(indexer, pubs, a, b)
         assert pubs[1].replays_served == 1 and pubs[0].replays_served == 0
     finally:
         for p in pubs:
             p.close()
     assert indexer.score(MODEL, a, [POD]) == {POD: 1.0}
+    assert indexer.score(MODEL, b, [POD]) == {POD: 1.0}
+
+
+def test_bind_mode_listens_on_every_data_parallel_ranks_port(indexer: Indexer) -> None:
+    """In bind mode, DP rank r's publisher (which vLLM points at port + r) reaches the index."""
+    a, b = list(range(32)), list(range(100, 132))
+    port = two_free_ports()
+    topic = f"kv@{POD}@{MODEL}"
+    with make_sub(indexer, zmq_endpoint=tcp(port), data_parallel_size=2) as sub:
+        assert sub.bound_endpoint == tcp(port)
+        pubs = [
+            VllmEventPublisher(tcp(port + r), topic=topic, bind=False, data_parallel_rank=r)
+            for r in range(2)
+        ]
+        try:
+            for p in pubs:
+                assert p.wait_for_subscriber(10)
+            pubs[0].publish([store([1, 2], a)])
+            pubs[1].publish([store([3, 4], b)])
+            wait_until(lambda: indexer.ingestor.held(POD) == {1: 1, 2: 1, 3: 1, 4: 1})
+        finally:
+            for p in pubs:
+                p.close()
+    assert set(indexer.ingestor.streams(POD)) == {0, 1}
+    assert indexer.score(MODEL, b, [POD]) == {POD: 1.0}
+
+
+def test_parse_event_sources() -> None:
+    """vLLM's /kv_event_sources map gives each rank's endpoints, wildcard hosts replaced by the
+    pod's address; ranks without ZMQ events are left out and unresolved ports refused."""
+    cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": ""}
+    sources = {
+        "0": {**cfg, "endpoint": "tcp://10.0.0.5:41001", "replay_endpoint": "tcp://*:41002"},
+        "1": {**cfg, "endpoint": "tcp://0.0.0.0:41007", "replay_endpoint": None},
+        "2": {**cfg, "enable_kv_cache_events": False, "endpoint": "tcp://*:5559"},
+        "3": {**cfg, "publisher": "null", "endpoint": "tcp://*:5560"},
+    }
+    assert parse_event_sources(sources, "10.0.0.5") == {
+        0: ("tcp://10.0.0.5:41001", "tcp://10.0.0.5:41002"),
+        1: ("tcp://10.0.0.5:41007", None),
+    }
+    v6 = {"0": {**cfg, "endpoint": "tcp://[::]:5557", "replay_endpoint": None}}
+    assert parse_event_sources(v6, "fd00::1") == {0: ("tcp://[fd00::1]:5557", None)}
+    for bad in (
+        [],
+        {"x": {}},
+        {"0": {**cfg, "endpoint": "tcp://*:0"}},
+        {"0": {**cfg, "endpoint": 5557}},
+    ):
+        with pytest.raises(ValueError):
+            parse_event_sources(bad, "10.0.0.5")
+
+
+def test_event_sources_of_a_vllm_server_are_dialed_per_rank(indexer: Indexer) -> None:
+    """Publishers bound at random ports (vLLM's tcp://*:0), found through the server's
+    /kv_event_sources, are dialed per rank, and each rank's gap is replayed from its own
+    replay endpoint."""
+    a, b = list(range(32)), list(range(100, 132))
+    pubs = [
+        VllmEventPublisher(
+            "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", bind=True, data_parallel_rank=r
+        )
+        for r in range(2)
+    ]
+    served: dict[str, Any] = {}
+    for r, p in enumerate(pubs):
+        assert p.replay_endpoint is not None
+        served[str(r)] = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": p.endpoint.replace("127.0.0.1", "*") if r == 0 else p.endpoint,
+            "replay_endpoint": p.replay_endpoint,
+            "buffer_steps": 10_000,
+            "hwm": 100_000,
+            "max_queue_size": 100_000,
+            "topic": "",
+        }
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(served).encode()
+            self.send_response(200 if self.path == "/kv_event_sources" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=http_server.serve_forever, daemon=True).start()
+    try:
+        sources = fetch_event_sources(f"http://127.0.0.1:{http_server.server_port}")
+        assert sources[0][0] == pubs[0].endpoint
+        with make_sub(indexer) as sub:
+            sub.add_event_sources(POD, sources)
+            two_ranks_with_a_gap(indexer, pubs, a, b)
+        assert pubs[1].replays_served == 1 and pubs[0].replays_served == 0
+        with pytest.raises(OSError):
+            fetch_event_sources(f"http://127.0.0.1:{free_port()}", timeout=1.0)
+    finally:
+        http_server.shutdown()
+        http_server.server_close()
+        for p in pubs:
+            p.close()
     assert indexer.score(MODEL, b, [POD]) == {POD: 1.0}
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,9 @@ from tests.index.contract import A, B, C, IndexContract, ehs, keys
 
 
 def fresh_config(url: str, **kw: Any) -> RedisIndexConfig:
+    # NOTE: tests of timeouts set their own; elsewhere a loaded machine must not turn a slow
+    # bulk write into a buffered one.
+    kw.setdefault("socket_timeout", 5.0)
     return RedisIndexConfig(address=url, key_prefix=f"t{uuid.uuid4().hex[:10]}:", **kw)
 
 
@@ -345,6 +349,30 @@ def test_quiet_pod_ages_out_without_purge(redis_server: RedisProcess) -> None:
     ix.close()
 
 
+def test_quiet_pod_that_writes_again_starts_afresh(redis_server: RedisProcess) -> None:
+    """A pod quiet for the TTL is gone even before any maintenance ran (no writer ran in
+    between, e.g. the ingest process was down): its next write or removal does not bring its
+    old entries back, and its old engine hashes no longer resolve."""
+    cfg = fresh_config(redis_server.url, ttl_seconds=1.0, maintenance_interval=3600)
+    old = RedisIndex(cfg)
+    old.add(A, keys(4), ehs(4))
+    old.add(B, keys(4), ehs(4, 100))
+    old.close()
+    time.sleep(1.3)
+    ix = RedisIndex(cfg)
+    assert ix.resolve(A, ehs(4)[0]) is None
+    ix.add(A, keys(2), ehs(2))  # vLLM stored blocks 0-1 again after restarting
+    assert ix.references(A) == {"gpu": {h: 1 for h in ehs(2)}}
+    assert ix.remove(A, ehs(2)) == 2
+    assert A not in ix.lookup(keys(4), [A])
+    assert ix.remove(B, ehs(1, 100)) == 0  # B's removal finds nothing of its old run
+    assert ix.lookup(keys(4)) == {}
+    ix.maintain()
+    st = ix.stats()
+    assert st.entries == 0 and st.blocks == 0
+    ix.close()
+
+
 def test_blocks_not_walked_expire_while_walked_ones_stay(redis_server: RedisProcess) -> None:
     """Blocks neither written nor walked by a lookup for the TTL are swept; walked ones stay."""
     ix = RedisIndex(fresh_config(redis_server.url, ttl_seconds=1.0, maintenance_interval=0.2))
@@ -557,6 +585,33 @@ def test_slow_server_times_out_then_recovers(own_redis: RedisProcess) -> None:
     ix.close()
 
 
+def test_write_applied_after_its_timeout_is_not_applied_again(own_redis: RedisProcess) -> None:
+    """Writes that time out but reach a paused server are applied once, not again on replay."""
+    ix = RedisIndex(
+        fresh_config(own_redis.url, socket_timeout=0.2, connect_timeout=0.2, retry_interval=0.2)
+    )
+    ix.add(A, keys(4), ehs(4))
+    ix.add(A, keys(4), ehs(4))  # two copies of each block
+    assert own_redis.proc is not None
+    own_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        with ix.batch() as b:  # sent, unanswered: buffered, and applied once the server resumes
+            b.add(B, keys(2), ehs(2, 9))
+            b.remove(A, ehs(4))
+            b.purge(C)
+        assert b.results == [None, None, None]
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+    assert wait_for(lambda: ix.flush() and _up(ix), timeout=5)
+    assert ix.references(B) == {"gpu": {h: 1 for h in ehs(2, 9)}}
+    assert ix.references(A) == {"gpu": {h: 1 for h in ehs(4)}}
+    assert ix.remove(B, ehs(2, 9)) == 2
+    res = ix.lookup(keys(4), [A, B])
+    assert B not in res and res[A].blocks == 4
+    assert ix.stats().extra["replayed_writes"] == 3
+    ix.close()
+
+
 def _up(ix: RedisIndex) -> bool:
     try:
         ix.lookup([1], [A])
@@ -580,6 +635,30 @@ def test_buffer_is_bounded_and_drops_oldest(own_redis: RedisProcess) -> None:
     assert wait_for(lambda: ix.stats().extra.get("available") == 1.0, timeout=5)
     assert wait_for(lambda: ix.stats().entries == 3, timeout=5)
     assert A not in ix.lookup([100], [A]) and ix.lookup([104], [A])[A].blocks == 1
+    ix.close()
+
+
+def test_outage_memory_is_bounded_by_the_buffer(own_redis: RedisProcess) -> None:
+    """Through a long outage, what resolve answers from is bounded with the buffer: dropped
+    writes are forgotten, buffered ones still resolve."""
+    ix = RedisIndex(
+        fresh_config(own_redis.url, max_buffered_writes=50, retry_interval=60, socket_timeout=0.2)
+    )
+    ix.add(C, keys(1, base=7), ehs(1, 7))
+    own_redis.stop()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(3000):
+            ix.add(A, keys(16, base=10**6 + 16 * i), ehs(16, 10**7 + 16 * i))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000_000  # 50 writes of 16 blocks, where 48,000 remembered hashes took 5 MB
+    last = 10**7 + 16 * 2999
+    assert ix.resolve(A, last) == 10**6 + 16 * 2999
+    with pytest.raises(BackendUnavailableError):
+        ix.resolve(A, 10**7)  # its write was dropped: not known
     ix.close()
 
 
