@@ -309,8 +309,48 @@ class PrecisePrefixCacheScorer:
         sub = self._subscription(e)
         if sub is None or self._subscriber is None:
             return
+        if not e.kv_events and self.params.kv_events_config.discover_pods:
+            # NOTE: vLLM >= 0.33 lists where its publishers really are (``tcp://*:0`` binds a
+            # random port; data-parallel ranks are offset) at GET /kv_event_sources. Asked in a
+            # thread: a pod that is slow to answer must not hold up the scheduler.
+            threading.Thread(
+                target=self._discover,
+                args=(e, self._subscriber, sub),
+                name=f"kvaware-discover-{e.id}",
+                daemon=True,
+            ).start()
+            return
         endpoint, replay = sub
         self._subscriber.add_endpoint(e.id, endpoint, replay_endpoint=replay, model=e.model)
+
+    def _discover(self, e: Endpoint, subscriber: Any, fallback: tuple[str, str | None]) -> None:
+        """Dial `e`'s publishers as its ``/kv_event_sources`` lists them, else the configured
+        ``socketPort`` (older vLLM, or the route unreachable)."""
+        module = importlib.import_module("kvaware_scorer.events.subscriber")
+        try:
+            sources = module.fetch_event_sources(f"http://{e.address}:{e.port}", timeout=2.0)
+        except (OSError, ValueError) as exc:
+            logger.debug(
+                "%s: no /kv_event_sources from %s (%s); dialing %s",
+                self.name,
+                e.id,
+                exc,
+                fallback[0],
+            )
+            sources = None
+        try:
+            with self._lock:
+                if self._subscriber is not subscriber or not any(
+                    x.id == e.id for x in self._current_endpoints()
+                ):
+                    return  # stopped, or the endpoint left while we asked
+                if sources:
+                    subscriber.add_event_sources(e.id, sources, model=e.model)
+                else:
+                    endpoint, replay = fallback
+                    subscriber.add_endpoint(e.id, endpoint, replay_endpoint=replay, model=e.model)
+        except Exception:
+            logger.exception("%s: subscribing to %s failed", self.name, e.id)
 
     def _current_endpoints(self) -> list[Endpoint]:
         return self._scheduler.endpoints if self._scheduler is not None else []

@@ -1,58 +1,27 @@
-"""Wiring of the precise scorer to the KV-event subscriber (connect mode) across pool changes.
+"""Wiring of the precise scorer to the real KV-event subscriber across pool changes.
 
-The subscriber itself (ZMQ sockets, replay) is another component with its own tests; here a
-recording stand-in with the same interface checks which endpoints the scorer dials and drops.
+The subscriber's sockets only dial 127.0.0.1 ports nobody listens on (ZMQ connects lazily), so
+these tests check which publishers the scorer asks it to dial, not the events themselves
+(those are covered end to end in tests/e2e and tests/events).
 """
 
 from __future__ import annotations
 
-import types
+import http.server
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from kvaware_scorer.scheduler import Endpoint, Scheduler, make_plugin_manager
+from tests.conftest import free_port
 
 from .conftest import config
 
-SUBSCRIBER_MODULE = "kvaware_scorer.events.subscriber"
-
-
-class RecordingSubscriber:
-    instances: list[RecordingSubscriber] = []
-
-    def __init__(self, indexer: Any, config: Any) -> None:
-        self.indexer = indexer
-        self.config = config
-        self.calls: list[tuple[Any, ...]] = []
-        RecordingSubscriber.instances.append(self)
-
-    def start(self) -> None:
-        self.calls.append(("start",))
-
-    def stop(self) -> None:
-        self.calls.append(("stop",))
-
-    def add_endpoint(
-        self,
-        pod_id: str,
-        endpoint: str,
-        replay_endpoint: str | None = None,
-        model: str | None = None,
-    ) -> None:
-        self.calls.append(("add", pod_id, endpoint, replay_endpoint, model))
-
-    def remove_endpoint(self, pod_id: str) -> None:
-        self.calls.append(("remove", pod_id))
-
-
-@pytest.fixture
-def subscriber(monkeypatch: pytest.MonkeyPatch) -> type[RecordingSubscriber]:
-    RecordingSubscriber.instances = []
-    module = types.ModuleType(SUBSCRIBER_MODULE)
-    module.KVEventSubscriber = RecordingSubscriber  # type: ignore[attr-defined]
-    monkeypatch.setitem(__import__("sys").modules, SUBSCRIBER_MODULE, module)
-    return RecordingSubscriber
+LOCAL = "127.0.0.1"
 
 
 def precise(**events: Any) -> Scheduler:
@@ -63,100 +32,172 @@ def precise(**events: Any) -> Scheduler:
     )
 
 
-def test_start_dials_endpoint_publishers_and_follows_the_pool(
-    subscriber: type[RecordingSubscriber],
-) -> None:
-    """start() dials each endpoint's kvEvents; removal unsubscribes and purges, additions are dialed."""
+def subscriber_of(s: Scheduler) -> Any:
+    return s.plugin("precise-prefix-cache-scorer")._subscriber
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def tcp(port: int) -> str:
+    return f"tcp://{LOCAL}:{port}"
+
+
+def test_start_dials_endpoint_publishers_and_follows_the_pool() -> None:
+    """start() dials each endpoint's kvEvents; removal stops dialing and purges, additions are dialed."""
     s = precise()
-    a = Endpoint(
-        "a",
-        "10.0.0.1",
-        8000,
-        kv_events="tcp://10.0.0.1:5557",
-        kv_events_replay="tcp://10.0.0.1:5558",
-        model="m",
-    )
-    b = Endpoint("b", "10.0.0.2", 8000)  # no publisher: not dialed
+    pa, ra, pc = free_port(), free_port(), free_port()
+    a = Endpoint("a", LOCAL, 8001, kv_events=tcp(pa), kv_events_replay=tcp(ra), model="m")
+    b = Endpoint("b", LOCAL, 8002)  # no publisher: not dialed
     s.set_endpoints([a, b])
     s.start()
-    (sub,) = subscriber.instances
-    assert sub.indexer is s.plugin("precise-prefix-cache-scorer").indexer
-    assert sub.calls == [
-        ("start",),
-        ("add", "10.0.0.1:8000", "tcp://10.0.0.1:5557", "tcp://10.0.0.1:5558", "m"),
-    ]
-    c = Endpoint("c", "10.0.0.3", 8000, kv_events="tcp://10.0.0.3:5557")
-    s.set_endpoints([b, c])
-    assert sub.calls[2:] == [
-        ("remove", "10.0.0.1:8000"),
-        ("add", "10.0.0.3:8000", "tcp://10.0.0.3:5557", None, None),
-    ]
-    s.stop()
-    assert sub.calls[-1] == ("stop",)
+    sub = subscriber_of(s)
+    try:
+        assert sub.indexer is s.plugin("precise-prefix-cache-scorer").indexer
+        assert sub.running
+        assert sub.endpoints() == {a.id: tcp(pa)}
+        assert sub.replay_endpoint(a.id) == tcp(ra)
+        indexer = sub.indexer
+        indexer.index.add(a.id, [1, 2], [11, 12])
+        c = Endpoint("c", LOCAL, 8003, kv_events=tcp(pc))
+        s.set_endpoints([b, c])
+        assert sub.endpoints() == {c.id: tcp(pc)}
+        assert wait_for(lambda: indexer.index.lookup([1, 2], [a.id]) == {})
+    finally:
+        s.stop()
+    assert not sub.running
 
 
-def test_discover_pods_dials_the_socket_port(subscriber: type[RecordingSubscriber]) -> None:
-    """With discoverPods every endpoint is dialed at its address and socketPort (replay port too)."""
-    s = precise(discoverPods=True, socketPort=5556, replaySocketPort=5560)
-    s.set_endpoints([Endpoint("a", "10.0.0.9", 8000)])
+class _SourcesHandler(http.server.BaseHTTPRequestHandler):
+    answer: dict[str, Any] = {}
+
+    def do_GET(self) -> None:
+        if self.path != "/kv_event_sources":
+            self.send_error(404)
+            return
+        body = json.dumps(self.answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        return
+
+
+@pytest.fixture
+def sources_server() -> Iterator[tuple[int, type[_SourcesHandler]]]:
+    handler = type("Handler", (_SourcesHandler,), {"answer": {}})
+    server = http.server.ThreadingHTTPServer((LOCAL, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], handler
+    server.shutdown()
+    server.server_close()
+
+
+def test_discover_pods_falls_back_to_the_socket_port() -> None:
+    """With discoverPods an endpoint that cannot list its sources is dialed at its address and
+    socketPort (replay port too)."""
+    pub, rep = free_port(), free_port()
+    s = precise(discoverPods=True, socketPort=pub, replaySocketPort=rep)
+    e = Endpoint("a", LOCAL, free_port())  # nobody serves /kv_event_sources there
+    s.set_endpoints([e])
     s.start()
-    (sub,) = subscriber.instances
-    assert ("add", "10.0.0.9:8000", "tcp://10.0.0.9:5556", "tcp://10.0.0.9:5560", None) in sub.calls
-    s.stop()
+    try:
+        sub = subscriber_of(s)
+        assert wait_for(lambda: sub.endpoints() == {e.id: tcp(pub)})
+        assert sub.replay_endpoint(e.id) == tcp(rep)
+    finally:
+        s.stop()
 
 
-def test_nothing_opened_without_a_source(subscriber: type[RecordingSubscriber]) -> None:
+def test_discover_pods_uses_the_pods_kv_event_sources(
+    sources_server: tuple[int, type[_SourcesHandler]],
+) -> None:
+    """With discoverPods the publishers the pod lists at /kv_event_sources (vLLM >= 0.33, e.g.
+    after binding tcp://*:0) are dialed, wildcard hosts replaced by the pod's address."""
+    port, handler = sources_server
+    pub, rep = free_port(), free_port()
+    handler.answer = {
+        "0": {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{pub}",
+            "replay_endpoint": f"tcp://*:{rep}",
+            "topic": "",
+        }
+    }
+    s = precise(discoverPods=True, socketPort=free_port())
+    e = Endpoint("a", LOCAL, port)
+    s.set_endpoints([e])
+    s.start()
+    try:
+        sub = subscriber_of(s)
+        assert wait_for(lambda: sub.endpoints() == {e.id: tcp(pub)})
+        assert sub.replay_endpoint(e.id) == tcp(rep)
+    finally:
+        s.stop()
+
+
+def test_nothing_opened_without_a_source() -> None:
     """start() opens no subscriber when there is nothing to receive; a publisher joining later starts it."""
     s = precise()
-    s.set_endpoints([Endpoint("a", "10.0.0.1", 8000)])
+    s.set_endpoints([Endpoint("a", LOCAL, 8001)])
     s.start()
-    assert subscriber.instances == []
-    s.set_endpoints(
-        [
-            Endpoint("a", "10.0.0.1", 8000),
-            Endpoint("p", "10.0.0.5", 8000, kv_events="tcp://10.0.0.5:5557"),
-        ]
-    )
-    (sub,) = subscriber.instances
-    assert sub.calls == [("start",), ("add", "10.0.0.5:8000", "tcp://10.0.0.5:5557", None, None)]
-    s.stop()
+    try:
+        assert subscriber_of(s) is None
+        pub = free_port()
+        p = Endpoint("p", LOCAL, 8005, kv_events=tcp(pub))
+        s.set_endpoints([Endpoint("a", LOCAL, 8001), p])
+        sub = subscriber_of(s)
+        assert sub is not None and sub.running
+        assert sub.endpoints() == {p.id: tcp(pub)}
+    finally:
+        s.stop()
 
 
-def test_bind_mode_starts_on_start(subscriber: type[RecordingSubscriber]) -> None:
+def test_bind_mode_starts_on_start() -> None:
     """A bound zmqEndpoint starts the subscriber with the scorer's kvEventsConfig."""
-    s = precise(zmqEndpoint="tcp://127.0.0.1:5999", topicFilter="kv@")
+    port = free_port()
+    s = precise(zmqEndpoint=tcp(port), topicFilter="kv@")
     s.start()
-    (sub,) = subscriber.instances
-    assert sub.config.zmq_endpoint == "tcp://127.0.0.1:5999"
-    assert sub.config.topic_filter == "kv@"
-    s.close()
-    assert sub.calls[-1] == ("stop",)
+    sub = subscriber_of(s)
+    try:
+        assert sub.running
+        assert sub.config.topic_filter == "kv@"
+        assert sub.bound_endpoint == tcp(port)
+    finally:
+        s.close()
+    assert not sub.running
 
 
 def test_endpoints_no_event_can_come_from_are_named_in_a_warning(
-    subscriber: type[RecordingSubscriber], caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """start() (and a later join) warns about endpoints without any KV-event source, which would
     otherwise score 0 silently; bind mode and publishers silence it."""
     s = precise()
-    s.set_endpoints([Endpoint("a", "10.0.0.1", 8000)])
+    a, b = Endpoint("a", LOCAL, 8001), Endpoint("b", LOCAL, 8002)
+    s.set_endpoints([a])
     with caplog.at_level("WARNING"):
         s.start()
-        s.set_endpoints(
-            [
-                Endpoint("a", "10.0.0.1", 8000),
-                Endpoint("b", "10.0.0.2", 8000),
-                Endpoint("p", "10.0.0.5", 8000, kv_events="tcp://10.0.0.5:5557"),
-            ]
-        )
+        s.set_endpoints([a, b, Endpoint("p", LOCAL, 8005, kv_events=tcp(free_port()))])
     warned = [r.getMessage() for r in caplog.records if "no KV-event source" in r.getMessage()]
     assert len(warned) == 2
-    assert "10.0.0.1:8000" in warned[0] and "discoverPods" in warned[0]
-    assert "10.0.0.2:8000" in warned[1] and "10.0.0.5" not in warned[1]
+    assert a.id in warned[0] and "discoverPods" in warned[0]
+    assert b.id in warned[1] and "8005" not in warned[1]
     s.stop()
     caplog.clear()
-    bound = precise(zmqEndpoint="tcp://127.0.0.1:5999")
-    bound.set_endpoints([Endpoint("a", "10.0.0.1", 8000)])
+    bound = precise(zmqEndpoint=tcp(free_port()))
+    bound.set_endpoints([a])
     with caplog.at_level("WARNING"):
         bound.start()
     assert not [r for r in caplog.records if "no KV-event source" in r.getMessage()]
