@@ -356,7 +356,10 @@ async def test_models_health_and_metrics_use_vllm_names(
     assert (
         after["vllm:prefix_cache_hits_total"].value
         == again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        == after["vllm:prompt_tokens_cached_total"].value
+        == 192
     )
+    assert after["vllm:prompt_tokens_total"].value == 400
     info = after["vllm:cache_config_info"]
     assert info.value == 1
     assert info.labels["block_size"] == "16" and info.labels["num_gpu_blocks"] == "64"
