@@ -332,19 +332,7 @@ class Engine:
                 r.blocks.extend(pool.get_new_blocks(need))
             full = (c + n) // bs
             if full > r.num_cached_blocks:
-                sim = r.sim
-                pool.cache_full_blocks(
-                    r.blocks,
-                    r.block_hashes,
-                    r.num_cached_blocks,
-                    full,
-                    r.tokens,
-                    sim.lora_name,
-                    sim.lora_id,
-                    sim.cache_salt,
-                    sim.session_id,
-                )
-                r.num_cached_blocks = full
+                self._cache_blocks(r, full)
             r.num_computed_tokens = c + n
             append((r, n))
             budget -= n
@@ -385,19 +373,7 @@ class Engine:
                 r.num_cached_blocks = c // bs
                 full = (c + n) // bs
                 if full > r.num_cached_blocks:
-                    sim = r.sim
-                    pool.cache_full_blocks(
-                        r.blocks,
-                        r.block_hashes,
-                        r.num_cached_blocks,
-                        full,
-                        r.tokens,
-                        sim.lora_name,
-                        sim.lora_id,
-                        sim.cache_salt,
-                        sim.session_id,
-                    )
-                    r.num_cached_blocks = full
+                    self._cache_blocks(r, full)
                 if r.preemptions:
                     stats.preempted_prefix_queries += r.num_tokens
                     stats.preempted_prefix_hits += c
@@ -427,6 +403,22 @@ class Engine:
         self.stats.steps += 1
         self.stats.busy_time += duration
         return duration
+
+    def _cache_blocks(self, r: EngineRequest, full: int) -> None:
+        """Cache (and announce) `r`'s blocks that are full once this step's tokens are in."""
+        sim = r.sim
+        self.pool.cache_full_blocks(
+            r.blocks,
+            r.block_hashes,
+            r.num_cached_blocks,
+            full,
+            r.tokens,
+            sim.lora_name,
+            sim.lora_id,
+            sim.cache_salt,
+            sim.session_id,
+        )
+        r.num_cached_blocks = full
 
     def _preempt(self, r: EngineRequest) -> None:
         self.pool.free_blocks(reversed(r.blocks))

@@ -574,3 +574,31 @@ def test_sim_serve_command_runs_pods_until_stdin_closes(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+
+
+def test_a_failed_start_leaves_no_socket_behind() -> None:
+    """A pod whose publisher port is taken fails to start, and the fleet still shuts its ZMQ
+    context down at once (a socket left open would block that forever)."""
+    import socket
+    import threading
+
+    errors: list[BaseException] = []
+
+    def attempt(port: int) -> None:
+        async def main() -> None:
+            fleet = LiveFleet(LivePodsConfig(num_pods=1, model=MODEL, kv_events_base_port=port))
+            try:
+                await fleet.start()
+            except zmq.ZMQError as exc:
+                errors.append(exc)
+
+        asyncio.run(main())
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        worker = threading.Thread(target=attempt, args=(taken.getsockname()[1],), daemon=True)
+        worker.start()
+        worker.join(10.0)
+    assert not worker.is_alive(), "LiveFleet.start hung after a failed pod start"
+    assert len(errors) == 1
