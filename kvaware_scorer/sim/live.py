@@ -617,7 +617,9 @@ class LivePod:
                 ):
                     self.requests_aborted += 1
 
-        self._call_between_steps(apply)
+        # Nobody awaits an abort: a pod killed before applying it fails the future, and that
+        # failure must be retrieved here or asyncio logs it as an error.
+        self._call_between_steps(apply).add_done_callback(_retrieve)
 
     async def reset_prefix_cache(self) -> bool:
         """vLLM's ``reset_prefix_cache`` between steps; on success ``AllBlocksCleared`` is
@@ -770,6 +772,11 @@ class LivePod:
             self.model, prompt=prompt, messages=messages, **options
         )
         return ids
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class LiveFleet:

@@ -602,3 +602,20 @@ def test_a_failed_start_leaves_no_socket_behind() -> None:
         worker.join(10.0)
     assert not worker.is_alive(), "LiveFleet.start hung after a failed pod start"
     assert len(errors) == 1
+
+
+async def test_aborts_pending_at_a_kill_log_no_error(
+    make_fleet: FleetFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An abort still queued when the pod is killed is dropped quietly (asyncio reports no
+    'exception was never retrieved' for it)."""
+    import gc
+
+    pod = (await make_fleet(speedup=1.0)).pods[0]
+    job = pod.submit([pod.new_request(list(range(1, 200)), 500)])
+    pod.abort(job)
+    await pod.stop()
+    del job
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
