@@ -57,7 +57,7 @@ def calibration() -> None:
     print(f"upstream ITL mean (73-capacity, vLLM on 2 x H100): {upstream}; KV 307,328 tokens/pod")
 
 
-def workload_args(workload: str, quick: bool) -> list[str]:
+def workload_args(workload: str) -> list[str]:
     """Extra CLI arguments per workload."""
     if workload == "trace":
         # Qwen3 supports 131,072 tokens with YaRN (model card); the trace has prompts up to 191k.
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     for wl in workloads:
         print(f"\n######## {wl}{' (quick)' if args.quick else ''} ########", flush=True)
         cmd = ["bench", "--workload", wl, "--configs", *configs, "--seed", str(args.seed)]
-        cmd += workload_args(wl, args.quick)
+        cmd += workload_args(wl)
         if args.quick:
             cmd.append("--quick")
         if args.out:

@@ -208,6 +208,16 @@ def build_workload_factory(args: argparse.Namespace, vocab_size: int) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; returns the exit code."""
+    if args.plot:
+        # Fail before a run that can take minutes, not after it.
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print(
+                "kvaware bench: --plot needs matplotlib: pip install 'kvaware-scorer[plot]'",
+                file=sys.stderr,
+            )
+            return 2
     try:
         fleet = build_fleet(args)
         factory = build_workload_factory(args, fleet.profile.model.vocab_size)

@@ -120,14 +120,33 @@ class StepOutput:
 
 @dataclass(slots=True)
 class EngineStats:
-    """Counters of one engine (vLLM's prefix-cache and preemption metrics, and step counts)."""
+    """Counters of one engine, defined as vLLM defines its metrics.
+
+    Attributes:
+        steps: Engine steps run.
+        busy_time: Virtual seconds spent in steps.
+        prefix_queries: Prompt tokens looked up at first admissions
+            (``vllm:prefix_cache_queries``; resumes after a preemption are not counted, vLLM
+            keeps them apart as ``PrefixCacheStats.preempted_queries``).
+        prefix_hits: Tokens hit at first admissions (``vllm:prefix_cache_hits``).
+        preempted_prefix_queries: Tokens looked up when preempted requests resumed.
+        preempted_prefix_hits: Tokens hit when preempted requests resumed.
+        preemptions: ``vllm:num_preemptions``.
+        prompt_tokens: Whole prompt lengths, counted at each request's first token
+            (``vllm:prompt_tokens``; cached tokens included).
+        prompt_tokens_cached: Their cached part (``vllm:prompt_tokens_cached``).
+        generated_tokens: ``vllm:generation_tokens``.
+    """
 
     steps: int = 0
     busy_time: float = 0.0
     prefix_queries: int = 0
     prefix_hits: int = 0
+    preempted_prefix_queries: int = 0
+    preempted_prefix_hits: int = 0
     preemptions: int = 0
-    prefill_tokens: int = 0
+    prompt_tokens: int = 0
+    prompt_tokens_cached: int = 0
     generated_tokens: int = 0
 
 
@@ -288,7 +307,6 @@ class Engine:
         pairs = 0.0
         ctx = 0
         sampled = 0
-        prefill = 0
         preempted = False
         running = self.running
         i = 0
@@ -314,31 +332,13 @@ class Engine:
                 r.blocks.extend(pool.get_new_blocks(need))
             full = (c + n) // bs
             if full > r.num_cached_blocks:
-                sim = r.sim
-                pool.cache_full_blocks(
-                    r.blocks,
-                    r.block_hashes,
-                    r.num_cached_blocks,
-                    full,
-                    r.tokens,
-                    sim.lora_name,
-                    sim.lora_id,
-                    sim.cache_salt,
-                    sim.session_id,
-                )
-                r.num_cached_blocks = full
+                self._cache_blocks(r, full)
             r.num_computed_tokens = c + n
             append((r, n))
             budget -= n
             tokens += n
             ctx += c
-            if n == 1:
-                pairs += c + 1
-                if r.num_output_tokens == 0:
-                    prefill += 1
-            else:
-                pairs += n * c + n * (n + 1) / 2
-                prefill += n
+            pairs += n * c + n * (n + 1) / 2
             if c + n == r.num_tokens:
                 sampled += 1
             i += 1
@@ -373,23 +373,15 @@ class Engine:
                 r.num_cached_blocks = c // bs
                 full = (c + n) // bs
                 if full > r.num_cached_blocks:
-                    sim = r.sim
-                    pool.cache_full_blocks(
-                        r.blocks,
-                        r.block_hashes,
-                        r.num_cached_blocks,
-                        full,
-                        r.tokens,
-                        sim.lora_name,
-                        sim.lora_id,
-                        sim.cache_salt,
-                        sim.session_id,
-                    )
-                    r.num_cached_blocks = full
+                    self._cache_blocks(r, full)
+                if r.preemptions:
+                    stats.preempted_prefix_queries += r.num_tokens
+                    stats.preempted_prefix_hits += c
+                else:
+                    stats.prefix_queries += r.num_tokens
+                    stats.prefix_hits += c
                 if r.num_cached_tokens < 0:
                     r.num_cached_tokens = c
-                stats.prefix_queries += r.num_tokens
-                stats.prefix_hits += c
                 r.status = RequestStatus.RUNNING
                 r.num_computed_tokens = c + n
                 running.append(r)
@@ -398,11 +390,9 @@ class Engine:
                 tokens += n
                 ctx += c
                 pairs += n * c + n * (n + 1) / 2
-                prefill += n
                 if c + n == r.num_tokens:
                     sampled += 1
 
-        self.stats.prefill_tokens += prefill
         cost.tokens = tokens
         cost.attention_pairs = pairs
         cost.context_read_tokens = ctx
@@ -413,6 +403,22 @@ class Engine:
         self.stats.steps += 1
         self.stats.busy_time += duration
         return duration
+
+    def _cache_blocks(self, r: EngineRequest, full: int) -> None:
+        """Cache (and announce) `r`'s blocks that are full once this step's tokens are in."""
+        sim = r.sim
+        self.pool.cache_full_blocks(
+            r.blocks,
+            r.block_hashes,
+            r.num_cached_blocks,
+            full,
+            r.tokens,
+            sim.lora_name,
+            sim.lora_id,
+            sim.cache_salt,
+            sim.session_id,
+        )
+        r.num_cached_blocks = full
 
     def _preempt(self, r: EngineRequest) -> None:
         self.pool.free_blocks(reversed(r.blocks))
@@ -436,6 +442,7 @@ class Engine:
         out = StepOutput()
         bs = self.block_size
         finished = out.finished
+        stats = self.stats
         sampled = 0
         for r, _n in self._scheduled:
             if r.status is not RequestStatus.RUNNING or r.num_computed_tokens != r.num_tokens:
@@ -446,6 +453,8 @@ class Engine:
             if r.first_token_time is None:
                 r.first_token_time = now
                 out.first_tokens.append(r)
+                stats.prompt_tokens += r.num_prompt_tokens
+                stats.prompt_tokens_cached += max(r.num_cached_tokens, 0)
             if r.num_tokens % bs == 0:
                 self._extend_hashes(r)
             if r.num_output_tokens >= r.max_tokens:
@@ -460,6 +469,6 @@ class Engine:
                 r.blocks = []
             self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
         out.sampled = sampled
-        self.stats.generated_tokens += sampled
+        stats.generated_tokens += sampled
         out.events = self.pool.take_events()
         return out

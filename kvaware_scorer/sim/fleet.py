@@ -109,7 +109,7 @@ class RequestRecord:
     Attributes:
         request_id: Id.
         stage: Load stage it arrived in.
-        pod: Pod that served it ("" when routing failed).
+        pod: Pod it was routed to ("" when routing failed).
         status: 200 served, 400 rejected, 503 no endpoint, 0 unfinished at the end of the run.
         arrival: Virtual arrival time.
         first_token: Virtual time of the first token (None without one).
@@ -298,7 +298,7 @@ class FleetSimulator:
         loss = cfg.event_loss
         loss_rng = random.Random(cfg.seed)
         ideal_seen: set[int] = set()
-        live: dict[str, tuple[EngineRequest, int, int]] = {}
+        live: dict[str, tuple[EngineRequest, int, int, str]] = {}
 
         heap: list[tuple[float, int, int, Any]] = []
         counter = 0
@@ -407,7 +407,7 @@ class FleetSimulator:
                             else:
                                 deliver(i, payload, seq)
                     for er in out.finished:
-                        _, stage, ideal = live.pop(er.request_id)
+                        _, stage, ideal, _pod = live.pop(er.request_id)
                         records.append(
                             RequestRecord(
                                 er.request_id,
@@ -464,7 +464,7 @@ class FleetSimulator:
                         bar.update(1)
                         continue
                     er = engine.add_request(req)
-                    live[er.request_id] = (er, req.stage, ideal)
+                    live[er.request_id] = (er, req.stage, ideal, pod_id)
                     if not busy[i]:
                         start_step(i)
                 elif kind == _DELIVER:
@@ -490,12 +490,12 @@ class FleetSimulator:
         finally:
             bar.close()
         if stopped_early:
-            for er, stage, ideal in live.values():
+            for er, stage, ideal, pod_id in live.values():
                 records.append(
                     RequestRecord(
                         er.request_id,
                         stage,
-                        "",
+                        pod_id,
                         0,
                         er.sim.arrival_time,
                         er.first_token_time,

@@ -508,11 +508,13 @@ class LivePod:
         self._ops.clear()
         self._live.clear()
         runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
         publisher, self.publisher = self.publisher, None
-        if publisher is not None:
-            publisher.close()
+        try:
+            if runner is not None:
+                await runner.cleanup()
+        finally:
+            if publisher is not None:
+                publisher.close()
         logger.info("%s stopped", self.name)
 
     async def wait_for_subscriber(self, timeout: float = 5.0) -> bool:
@@ -615,7 +617,9 @@ class LivePod:
                 ):
                     self.requests_aborted += 1
 
-        self._call_between_steps(apply)
+        # Nobody awaits an abort: a pod killed before applying it fails the future, and that
+        # failure must be retrieved here or asyncio logs it as an error.
+        self._call_between_steps(apply).add_done_callback(_retrieve)
 
     async def reset_prefix_cache(self) -> bool:
         """vLLM's ``reset_prefix_cache`` between steps; on success ``AllBlocksCleared`` is
@@ -770,6 +774,11 @@ class LivePod:
         return ids
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class LiveFleet:
     """N live pods sharing one tokenizer, hasher and ZMQ context.
 
@@ -853,7 +862,10 @@ class LiveFleet:
             self.tokenization.close()
             self.tokenization = None
         if self._context is not None:
-            self._context.term()
+            # NOTE: destroy, not term: a publisher whose construction failed half way (a port
+            # taken) leaves a socket open, and term() would wait for it forever. Every pod is
+            # stopped by now, so no other thread uses a socket of this context.
+            self._context.destroy(linger=0)
             self._context = None
 
     def pod(self, key: str | int) -> LivePod:

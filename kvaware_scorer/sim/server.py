@@ -134,7 +134,12 @@ class PodCollector:
             stats.preemptions,
         )
         yield counter(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prefill_tokens
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens
+        )
+        yield counter(
+            "vllm:prompt_tokens_cached",
+            "Number of cached prompt tokens (local + external).",
+            stats.prompt_tokens_cached,
         )
         yield counter(
             "vllm:generation_tokens",

@@ -334,7 +334,6 @@ class MultiTurnWorkload:
     seed: int = 0
     name: str = "multi-turn"
     _systems: list[np.ndarray] = field(default_factory=list, init=False, repr=False)
-    _rng: np.random.Generator | None = field(default=None, init=False, repr=False)
     _windows: list[StageWindow] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -355,35 +354,42 @@ class MultiTurnWorkload:
                 return w.index
         return windows[-1].index
 
+    def _turn_rng(self, session: int, turn: int) -> np.random.Generator:
+        # NOTE: one stream per (session, turn), not one shared stream: turns complete in an
+        # order that depends on the router, and every router must be offered the same talk.
+        return np.random.default_rng([self.seed, 12, session, turn])
+
     def requests(self) -> Iterator[SimRequest]:
         rng = np.random.default_rng([self.seed, 11])
         self._systems = [
             _random_tokens(rng, self.system_prompt_len, self.vocab_size)
             for _ in range(self.num_system_prompts)
         ]
-        self._rng = np.random.default_rng([self.seed, 12])
         arrivals = arrival_times(self.load, self.arrival, np.random.default_rng([self.seed, 13]))
         for s, (t, stage) in enumerate(arrivals):
             system = self._systems[s % self.num_system_prompts]
-            message = _random_tokens(self._rng, self.user_message_len, self.vocab_size)
+            turn_rng = self._turn_rng(s, 0)
+            message = _random_tokens(turn_rng, self.user_message_len, self.vocab_size)
             yield SimRequest(
                 request_id=f"s{s}-t0",
                 arrival_time=t,
                 prompt=np.concatenate((system, message)),
-                output_tokens=_random_tokens(self._rng, self.answer_len, self.vocab_size),
+                output_tokens=_random_tokens(turn_rng, self.answer_len, self.vocab_size),
                 stage=stage,
                 session=f"s{s}",
                 turn=0,
+                extra={"session_index": s},
             )
 
     def on_complete(self, request: SimRequest, now: float) -> list[SimRequest]:
-        if request.turn + 1 >= self.turns or self._rng is None:
+        s = request.extra.get("session_index")
+        if request.turn + 1 >= self.turns or s is None:
             return []
-        rng = self._rng
+        turn = request.turn + 1
+        rng = self._turn_rng(s, turn)
         think = float(rng.exponential(self.think_time_s)) if self.think_time_s > 0 else 0.0
         message = _random_tokens(rng, self.user_message_len, self.vocab_size)
         t = now + think
-        turn = request.turn + 1
         return [
             SimRequest(
                 request_id=f"{request.session}-t{turn}",
@@ -393,6 +399,7 @@ class MultiTurnWorkload:
                 stage=self._stage_at(t),
                 session=request.session,
                 turn=turn,
+                extra={"session_index": s},
             )
         ]
 
@@ -437,8 +444,9 @@ def load_mooncake(path: str | Path, block_tokens: int = 512) -> list[MooncakeRow
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
+        # utf-8-sig: files written on Windows often start with a byte-order mark.
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read trace: {exc}", str(p)) from None
     rows: list[MooncakeRow] = []
     for lineno, line in enumerate(text.splitlines(), 1):

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 _HF_CACHE_DIR = re.compile(r"^models--(.+)$")
 _MAX_DISCOVERY_DEPTH = 8
 _MAX_DISCOVERY_DIRS = 200_000
+#: Failed loads remembered at most (model names come from requests: any string).
+_MAX_MISSES = 1024
 _TRUTHY = frozenset({"1", "on", "yes", "true"})
 
 # Pipeline parts whose effect on the text is local (bounded lookahead, see prefix_store.py).
@@ -403,13 +405,15 @@ class TokenizerRegistry:
                 tok = self._cache.get(model)
                 if tok is not None:
                     return tok
+                # A thread that queued behind a failed load takes its answer, not a new try.
+                miss = self._misses.get(model)
+                if miss is not None and time.monotonic() < miss.until:
+                    raise TokenizerNotFoundError(miss.message)
             try:
                 tok = self._load(model)
             except TokenizerNotFoundError as exc:
                 with self._lock:
-                    self._misses[model] = _Miss(
-                        str(exc), time.monotonic() + self._refresh_seconds()
-                    )
+                    self._remember_miss(model, str(exc))
                     self._loading.pop(model, None)
                 self._count("not_found")
                 raise
@@ -453,6 +457,17 @@ class TokenizerRegistry:
             self._discovered_at = float("-inf")
 
     # -- loading -----------------------------------------------------------------------------
+
+    def _remember_miss(self, model: str, message: str) -> None:
+        """Memo a failed load (caller holds the lock); bounded, the oldest go first."""
+        now = time.monotonic()
+        self._misses.pop(model, None)
+        self._misses[model] = _Miss(message, now + self._refresh_seconds())
+        if len(self._misses) > _MAX_MISSES:
+            for name in [n for n, m in self._misses.items() if m.until <= now]:
+                del self._misses[name]
+            while len(self._misses) > _MAX_MISSES:
+                del self._misses[next(iter(self._misses))]
 
     def _refresh_seconds(self) -> float:
         return self.config.local.auto_discovery_refresh_seconds

@@ -59,6 +59,9 @@ def test_prefix_hit_is_full_blocks_capped_at_prompt_length_minus_one() -> None:
     assert er_b.num_cached_tokens == 48
     assert er_c.num_cached_tokens == 64
     assert out.events == []  # c stores nothing: its 67 tokens fill no new block
+    # vllm:prompt_tokens counts whole prompts (cached part included), prompt_tokens_cached hits.
+    assert (engine.stats.prompt_tokens, engine.stats.prompt_tokens_cached) == (195, 112)
+    assert (engine.stats.prefix_queries, engine.stats.prefix_hits) == (195, 112)
 
 
 def test_preemption_by_recompute_frees_tail_first_and_resumes_with_hits() -> None:
@@ -83,7 +86,12 @@ def test_preemption_by_recompute_frees_tail_first_and_resumes_with_hits() -> Non
     assert a.num_output_tokens == 12 and b.num_output_tokens == 12
     assert b.num_cached_tokens == 0  # first admission had no hit; resumes do not rewrite it
     assert b.preemptions >= 1 and a.preemptions == 0
-    assert engine.stats.prefix_hits > 0  # b's resume hit its own blocks that were still cached
+    # b's resume hit its own blocks that were still cached; vLLM counts resumes apart from the
+    # prefix-cache metrics, whose queries are the two first admissions only.
+    stats = engine.stats
+    assert stats.preempted_prefix_hits > 0 and stats.preempted_prefix_queries > 12
+    assert (stats.prefix_queries, stats.prefix_hits) == (24, 0)
+    assert (stats.prompt_tokens, stats.prompt_tokens_cached) == (24, 0)
 
 
 def test_max_num_seqs_and_fcfs_head_of_line() -> None:

@@ -152,6 +152,9 @@ def test_drain_timeout_reports_unfinished_requests() -> None:
     summary = summarize(res)
     assert summary["unfinished"] > 0
     assert summary["unfinished"] + summary["completed"] == summary["requests"]
+    # Unfinished requests still count for the pod they were sent to (load balance reports).
+    assert summary["per_pod_requests"] == {"10.0.0.1:8000": len(res.records)}
+    assert all(r.pod == "10.0.0.1:8000" for r in res.records)
 
 
 def test_router_choosing_an_unknown_pod_is_an_error() -> None:

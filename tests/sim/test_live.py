@@ -356,7 +356,10 @@ async def test_models_health_and_metrics_use_vllm_names(
     assert (
         after["vllm:prefix_cache_hits_total"].value
         == again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        == after["vllm:prompt_tokens_cached_total"].value
+        == 192
     )
+    assert after["vllm:prompt_tokens_total"].value == 400
     info = after["vllm:cache_config_info"]
     assert info.value == 1
     assert info.labels["block_size"] == "16" and info.labels["num_gpu_blocks"] == "64"
@@ -571,3 +574,48 @@ def test_sim_serve_command_runs_pods_until_stdin_closes(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+
+
+def test_a_failed_start_leaves_no_socket_behind() -> None:
+    """A pod whose publisher port is taken fails to start, and the fleet still shuts its ZMQ
+    context down at once (a socket left open would block that forever)."""
+    import socket
+    import threading
+
+    errors: list[BaseException] = []
+
+    def attempt(port: int) -> None:
+        async def main() -> None:
+            fleet = LiveFleet(LivePodsConfig(num_pods=1, model=MODEL, kv_events_base_port=port))
+            try:
+                await fleet.start()
+            except zmq.ZMQError as exc:
+                errors.append(exc)
+
+        asyncio.run(main())
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        worker = threading.Thread(target=attempt, args=(taken.getsockname()[1],), daemon=True)
+        worker.start()
+        worker.join(10.0)
+    assert not worker.is_alive(), "LiveFleet.start hung after a failed pod start"
+    assert len(errors) == 1
+
+
+async def test_aborts_pending_at_a_kill_log_no_error(
+    make_fleet: FleetFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An abort still queued when the pod is killed is dropped quietly (asyncio reports no
+    'exception was never retrieved' for it)."""
+    import gc
+
+    pod = (await make_fleet(speedup=1.0)).pods[0]
+    job = pod.submit([pod.new_request(list(range(1, 200)), 500)])
+    pod.abort(job)
+    await pod.stop()
+    del job
+    gc.collect()
+    await asyncio.sleep(0)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]

@@ -181,3 +181,61 @@ def test_mooncake_loader_errors_name_the_line(tmp_path: Path) -> None:
     assert [r.timestamp_ms for r in rows] == [5, 9] and rows[1].hash_ids == (4,)
     with pytest.raises(ConfigError, match="cannot read"):
         load_mooncake(tmp_path / "missing.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"timestamp": 0, "note": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_mooncake(tmp_path / "latin1.jsonl")
+
+
+def test_multi_turn_content_does_not_depend_on_completion_order() -> None:
+    """Each session's messages, answers and think times are the same whichever order the turns
+    complete in (so every router is offered the very same conversations)."""
+
+    def make() -> MultiTurnWorkload:
+        return MultiTurnWorkload(
+            load=[LoadStage(2, 2)],
+            num_system_prompts=2,
+            system_prompt_len=20,
+            turns=3,
+            user_message_len=8,
+            answer_len=4,
+            think_time_s=1.0,
+            vocab_size=1000,
+            seed=5,
+        )
+
+    def play(order: list[int]) -> dict[str, tuple[float, bytes, bytes]]:
+        wl = make()
+        source = wl.requests()
+        first = [next(source), next(source)]
+        seen: dict[str, tuple[float, bytes, bytes]] = {}
+        current = list(first)
+        for i in order:
+            (nxt,) = wl.on_complete(current[i], now=10.0)
+            seen[nxt.request_id] = (
+                nxt.arrival_time,
+                nxt.prompt.tobytes(),
+                nxt.output_tokens.tobytes(),
+            )
+            current[i] = nxt
+        for r in [*first, *source]:
+            seen[r.request_id] = (r.arrival_time, r.prompt.tobytes(), r.output_tokens.tobytes())
+        return seen
+
+    assert play([0, 0, 1, 1]) == play([1, 0, 1, 0])
+
+
+def test_mooncake_loader_accepts_any_file_of_the_format(tmp_path: Path) -> None:
+    """A byte-order mark, CRLF line ends, blank lines and extra fields are all accepted."""
+    f = tmp_path / "t.jsonl"
+    rows = [
+        '{"timestamp": 12.5, "input_length": 700, "output_length": 4, "hash_ids": [7, 8],'
+        ' "session_id": "a", "type": "chat"}',
+        "   ",
+        '{"hash_ids": [7], "output_length": 1, "input_length": 3, "timestamp": 0, "x": null}',
+    ]
+    f.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode() + b"\r\n\r\n")
+    loaded = load_mooncake(f)
+    assert [(r.timestamp_ms, r.input_length, r.hash_ids) for r in loaded] == [
+        (0.0, 3, (7,)),
+        (12.5, 700, (7, 8)),
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,51 @@ def test_concurrent_gets_load_once(tokenizer_root: Path) -> None:
         t.join(30)
     assert loads == [CHATML_MODEL]
     assert len(got) == 8 and all(g is got[0] for g in got)
+
+
+def test_concurrent_gets_of_a_failing_model_try_once(tokenizer_root: Path) -> None:
+    """Threads asking at once for a model whose tokenizer fails to load share one attempt."""
+    attempts: list[str] = []
+    lock = threading.Lock()
+
+    def loader(model: str, source: str, hf: Any) -> TokenizerBackend:
+        with lock:
+            attempts.append(model)
+        time.sleep(0.3)  # the others queue up behind this load
+        raise OSError("corrupt tokenizer")
+
+    reg = TokenizerRegistry(
+        TokenizersPoolConfig.model_validate({"local": {"autoDiscoveryDir": str(tokenizer_root)}}),
+        loader=loader,
+    )
+    barrier = threading.Barrier(8)
+    errors: list[str] = []
+
+    def worker() -> None:
+        barrier.wait()
+        try:
+            reg.get(CHATML_MODEL)
+        except TokenizerNotFoundError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert attempts == [CHATML_MODEL]
+    assert len(errors) == 8 and all("corrupt tokenizer" in e for e in errors)
+
+
+def test_remembered_misses_are_bounded(tmp_path: Path) -> None:
+    """Requests for ever new unknown models do not grow the miss memo without bound."""
+    reg = _registry(local={"autoDiscoveryDir": str(tmp_path), "autoDiscoveryRefreshSeconds": 3600})
+    for i in range(3000):
+        with pytest.raises(TokenizerNotFoundError):
+            reg.get(f"org/unknown-{i}")
+    assert len(reg._misses) <= 1024
+    with pytest.raises(TokenizerNotFoundError):
+        reg.get("org/unknown-2999")  # the latest ones are still remembered
 
 
 def test_misses_are_remembered_until_the_refresh_interval(tmp_path: Path) -> None:
