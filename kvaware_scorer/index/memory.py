@@ -326,19 +326,25 @@ class InMemoryIndex:
             bit = 1 << slot
             emap = self._emaps[slot]
             before = len(emap)
+            moved: list[tuple[int, int | tuple[int, ...]]] = []
             if grouped:
                 inc = self._inc
                 for eh, ks in iter_groups(keys, ehs):
                     for k in ks:
                         inc(k, slot, bit, tid)
-                    emap[eh] = ks[0] if len(ks) == 1 else ks
+                    t = ks[0] if len(ks) == 1 else ks
+                    if emap.setdefault(eh, t) != t:
+                        moved.append((eh, t))
             elif tid == 0 and not self.pod_cache_size:
-                self._add_plain(keys, ehs, slot, bit, emap)
+                self._add_plain(keys, ehs, slot, bit, emap, moved)
             else:
                 inc = self._inc
                 for k, eh in zip(keys, ehs, strict=True):
                     inc(k, slot, bit, tid)
-                    emap[eh] = k
+                    if emap.setdefault(eh, k) != k:
+                        moved.append((eh, k))
+            if moved:
+                self._move(slot, emap, moved)
             self._emap_size += len(emap) - before
             if self._entries > self.size:
                 self._evict()
@@ -350,8 +356,10 @@ class InMemoryIndex:
         slot: int,
         bit: int,
         emap: dict[int, int | tuple[int, ...]],
+        moved: list[tuple[int, int | tuple[int, ...]]],
     ) -> None:
         """`add` at the default tier without a holder limit: the hot path of ingestion."""
+        setdefault = emap.setdefault
         blocks = self._blocks
         get = blocks.get
         intern = self._intern
@@ -367,9 +375,29 @@ class InMemoryIndex:
                 new += 1
             else:
                 self._inc(k, slot, bit, 0)  # a second reference, or a multi-tier block
-            emap[eh] = k
+            if setdefault(eh, k) != k:
+                moved.append((eh, k))
         self._entries += new
         self._slot_entries[slot] += new
+
+    def _move(
+        self,
+        slot: int,
+        emap: dict[int, int | tuple[int, ...]],
+        moved: list[tuple[int, int | tuple[int, ...]]],
+    ) -> None:
+        """Point engine hashes that came back with other keys at those keys.
+
+        The pod no longer holds the old keys: every holding must stay reachable from the
+        engine-hash map, or removals, purges (and the next pod in the slot) would miss it.
+        """
+        for eh, target in moved:
+            old = emap[eh]
+            new = (target,) if target.__class__ is int else target
+            for k in (old,) if isinstance(old, int) else old:
+                if k not in new:  # type: ignore[operator]
+                    self._drop_slot_at(k, slot)
+            emap[eh] = target
 
     def add_new(
         self,

@@ -537,6 +537,51 @@ local function nlocal(val)
   return (n - 9) / 8
 end
 
+-- Engine hashes of pod `id` that come back with other keys (`cur`: their current engine-map
+-- values, `new`: the new ones, both by position; `keys_of(g)`: the new local keys, 8 bytes
+-- each) move to them: the pod's records at old local keys that are not among the new ones go,
+-- or removals and purges, which walk the engine map, would never reach them (and a pod given
+-- the id later would inherit them).
+local function move_old(id, cur, new, keys_of)
+  local olds = nil
+  for g = 1, #new do
+    local o = cur[g]
+    if o and o ~= new[g] then
+      local keep = {}
+      local nk = keys_of(g)
+      for k = 1, #nk / 8 do keep[sub(nk, 8 * k - 7, 8 * k)] = true end
+      for k = 1, nlocal(o) do
+        local k8 = sub(o, 8 * k - 7, 8 * k)
+        if not keep[k8] then
+          olds = olds or {}
+          olds[#olds + 1] = PB .. k8
+        end
+      end
+    end
+  end
+  if not olds then return end
+  blocks_load(olds)
+  local ids = { [id] = true }
+  for i = 1, #olds do
+    local bk = olds[i]
+    local v = BC[bk]
+    if v then
+      local recs = parse(v, 4)
+      local kept = without(recs, ids)
+      if #kept < #recs then
+        cinc('entries', -1)
+        ped(id, -1)
+        if #kept == 0 then
+          block_put(bk, false)
+          cinc('blocks', -1)
+        else
+          block_put(bk, sub(v, 1, 3) .. serialize(kept))
+        end
+      end
+    end
+  end
+end
+
 -- engine-hash groups of a write: calls fn(eh, keys) for each run of equal engine hashes
 local function groups(kb, eb, fn)
   local n = #kb / 8
@@ -642,11 +687,18 @@ local function w_add(name, tname, kb, eb, x, new_only)
       j = j + 2
       names[i] = PB .. k
     end
+    local ehs, vals = {}, {}
+    for i = 1, n do
+      ehs[i] = kv[2 * i - 1]
+      vals[i] = kv[2 * i]
+    end
+    local cur = hmget(E, ehs)
     local added = 0
     for i = 1, j, CHUNK do
       added = added + call('HSET', E, unpack(kv, i, min(j, i + CHUNK - 1)))
     end
     cinc('emaps', added)
+    if added < n then move_old(id, cur, vals, function(g) return vals[g] end) end
     blocks_load(names)
     local st = stamp()
     local s2 = char(floor(st / 256), st % 256)
@@ -696,8 +748,8 @@ local function w_add(name, tname, kb, eb, x, new_only)
   end
   local ng = #gehs
   local skip, skipped = nil, {}
+  local cur = hmget(E, gehs)
   if new_only then
-    local cur = hmget(E, gehs)
     local names, gi = {}, {}
     for g = 1, ng do
       if cur[g] == gvals[g] then
@@ -741,6 +793,7 @@ local function w_add(name, tname, kb, eb, x, new_only)
     added = added + call('HSET', E, unpack(kv, i, min(#kv, i + CHUNK - 1)))
   end
   cinc('emaps', added)
+  move_old(id, cur, gvals, function(g) return gkeys[g] end)
   blocks_load(names)
   local st = stamp()
   local s2 = char(floor(st / 256), st % 256)

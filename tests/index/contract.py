@@ -32,6 +32,11 @@ def ehs(n: int, base: int = 9_000_000_000_000_000_000) -> list[int]:
 class IndexContract:
     """Behaviour every `KVBlockIndex` backend must have."""
 
+    #: An engine hash stored again under other keys releases the pod's old keys at once.
+    #: (A Redis Cluster shard only sees its own keys: the old ones, on another shard, stay
+    #: mapped there and go with the engine hash's removal or the pod's purge.)
+    moves_engine_hashes = True
+
     def test_empty_lookup(self, make_index: Factory) -> None:
         """An empty index matches nothing and reports zero size."""
         ix = make_index()
@@ -193,6 +198,47 @@ class IndexContract:
         ix.add(A, k[:1], ehs(1))
         assert ix.lookup(k, [A])[A].blocks == 1
 
+    def test_engine_hash_stored_again_under_another_key(self, make_index: Factory) -> None:
+        """A pod's engine hash that comes back with another key maps to the new key, and no
+        key the pod held under it is left unreachable by removals and purges (nor inherited
+        by a pod registered after the purge)."""
+        ix = make_index()
+        k = keys(4)
+        e = ehs(4)
+        ix.add(A, k[:2], e[:2])
+        ix.add(A, k[2:], e[:2])  # the same engine hashes, other keys
+        assert ix.lookup(k[2:], [A])[A].blocks == 2
+        assert ix.resolve(A, e[1]) == k[3]
+        if self.moves_engine_hashes:
+            assert A not in ix.lookup(k[:2], [A])
+            assert ix.stats().entries == 2
+        else:
+            assert ix.lookup(k[:2], [A])[A].blocks == 2
+        assert ix.remove(A, e[:1]) == 1
+        assert ix.lookup(k[2:], [A]) == {} and ix.lookup(k[:1], [A]) == {}
+        ix.add(A, k[:1], e[1:2])  # and once more, back to a key it held before
+        ix.purge(A)
+        assert ix.stats().entries == 0
+        ix.add(B, keys(1, base=900), ehs(1, 900))
+        assert ix.lookup(k, [A, B]) == {}
+        assert ix.stats().entries == 1
+
+    def test_grouped_engine_hash_stored_again_under_other_keys(self, make_index: Factory) -> None:
+        """The same for a re-chunked engine block (one engine hash over several keys)."""
+        ix = make_index()
+        k = keys(4)
+        e = ehs(1)
+        ix.add(A, k[:2], e * 2)
+        ix.add(A, k[2:], e * 2)
+        assert ix.lookup(k[2:], [A])[A].blocks == 2
+        if self.moves_engine_hashes:
+            assert A not in ix.lookup(k[:2], [A])
+            assert ix.stats().entries == 2
+        ix.purge(A)
+        ix.add(B, keys(1, base=900), ehs(1, 900))
+        assert ix.lookup(k, [A, B]) == {}
+        assert ix.stats().entries == 1
+
     def test_stats_counts_entries_and_blocks(self, make_index: Factory) -> None:
         """Entries count (block, pod) pairs; blocks count distinct keys."""
         ix = make_index()
@@ -314,8 +360,11 @@ class IndexContract:
         assert A not in ix.lookup(k, [A])  # one reference only: block 0 is gone
         assert ix.add_new(A, k[1:2], e[1:2], "cpu") == 0  # held at gpu, not at cpu
         assert ix.add_new(B, k, e) == 0
-        assert ix.add_new(A, [99], e[3:4]) == 0  # same engine hash, another key: added
-        assert ix.stats().entries == 3 + 4 + 1
+        assert ix.add_new(A, [99], e[3:4]) == 0  # same engine hash, another key: moved
+        assert ix.resolve(A, e[3]) == 99 and ix.lookup([99], [A])[A].blocks == 1
+        if self.moves_engine_hashes:
+            assert ix.stats().entries == 3 + 4
+            assert A not in ix.lookup(k[3:], [A])
         assert ix.add_new(A, [], []) == 0
 
     def test_add_new_of_rechunked_engine_blocks(self, make_index: Factory) -> None:
