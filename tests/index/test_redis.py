@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,41 @@ class TestRedisClusterContract(IndexContract):
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def self_signed_certificate(cert: Path, key: Path) -> None:
+    """Write a one-day self-signed certificate for 127.0.0.1 and its key (PEM)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    pk = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    crt = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(pk.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(pk, hashes.SHA256())
+    )
+    cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(
+        pk.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
 
 
 @pytest.fixture
@@ -210,15 +246,8 @@ def test_unix_socket_and_password(redis_binary: str, tmp_path: Path) -> None:
 
 def test_tls_rediss(redis_binary: str, tmp_path: Path) -> None:
     """A rediss:// address talks TLS to a TLS-only server."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
+    self_signed_certificate(cert, key)
     port = free_port()
     server = RedisProcess(
         redis_binary,
