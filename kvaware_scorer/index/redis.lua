@@ -353,6 +353,23 @@ local function without(recs, ids)
   return out
 end
 
+-- drop the records of `ids` (a set) at block `bk` (loaded in the block cache); returns whether
+-- any went
+local function block_drop(bk, ids)
+  local v = BC[bk]
+  if not v then return false end
+  local recs = parse(v, 4)
+  local kept = without(recs, ids)
+  if #kept == #recs then return false end
+  if #kept == 0 then
+    block_put(bk, false)
+    cinc('blocks', -1)
+  else
+    block_put(bk, sub(v, 1, 3) .. serialize(kept))
+  end
+  return true
+end
+
 -- at most `pcs` live pods per block: the oldest holders other than `keep` go first
 local function limit_holders(recs, keep, pcs)
   local order, seen = {}, {}
@@ -563,21 +580,9 @@ local function move_old(id, cur, new, keys_of)
   blocks_load(olds)
   local ids = { [id] = true }
   for i = 1, #olds do
-    local bk = olds[i]
-    local v = BC[bk]
-    if v then
-      local recs = parse(v, 4)
-      local kept = without(recs, ids)
-      if #kept < #recs then
-        cinc('entries', -1)
-        ped(id, -1)
-        if #kept == 0 then
-          block_put(bk, false)
-          cinc('blocks', -1)
-        else
-          block_put(bk, sub(v, 1, 3) .. serialize(kept))
-        end
-      end
+    if block_drop(olds[i], ids) then
+      cinc('entries', -1)
+      ped(id, -1)
     end
   end
 end
@@ -1305,20 +1310,7 @@ elseif op == 'purge_step' then
   blocks_load(names)
   local gone = { [id] = true }
   for i = 1, #names do
-    local bk = names[i]
-    local v = BC[bk]
-    if v then
-      local recs = parse(v, 4)
-      local kept = without(recs, gone)
-      if #kept ~= #recs then
-        if #kept == 0 then
-          block_put(bk, false)
-          cinc('blocks', -1)
-        else
-          block_put(bk, sub(v, 1, 3) .. serialize(kept))
-        end
-      end
-    end
+    block_drop(names[i], gone)
   end
   flush_blocks()
   if cursor == '0' then
