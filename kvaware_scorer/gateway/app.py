@@ -695,7 +695,9 @@ class Gateway:
             target = attempt.result.targets[0]
             url = self._url(target, path)
             try:
-                resp = await session.post(url, data=body, headers=headers)
+                # NOTE: a redirect is the pod's answer, relayed as is: following it would
+                # contact a host outside the pool.
+                resp = await session.post(url, data=body, headers=headers, allow_redirects=False)
                 break
             except (
                 aiohttp.ClientConnectorError,
@@ -993,6 +995,11 @@ class Gateway:
                 route,
                 APIError(503, f"No endpoint can serve this request: {exc}", code="no_endpoint"),
                 t0,
+            )
+        except Exception:
+            logger.exception("%s: explaining the decision failed", sreq.request_id)
+            return self._error(
+                route, APIError(500, "Scheduling failed.", code="internal_error"), t0
             )
         out = explain(result, res.endpoints)
         candidates = {e.id for e in res.endpoints}

@@ -14,12 +14,14 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
 from kvaware_scorer.gateway import Gateway, GatewayConfig
 from kvaware_scorer.scheduler import (
     Scheduler,
     SchedulingRequest,
     SchedulingResult,
+    hookimpl,
     make_plugin_manager,
 )
 from tests.conftest import free_port
@@ -29,6 +31,7 @@ from .conftest import (
     FailingStartRecorder,
     Recorder,
     RecorderPlugin,
+    endpoints_yaml,
     scheduler_config,
     start_gateway,
 )
@@ -236,6 +239,51 @@ async def test_retry_on_connection_refused(
     assert all(n == 1 for n in recorder.per_request().values())
     assert all(t != first for _, t, _ in recorder.calls[1:])
     assert counts == dict.fromkeys(counts, 0)
+
+
+async def test_redirects_from_a_pod_are_not_followed(tmp_path: Path) -> None:
+    """Only endpoints of the pool are contacted: a pod answering with a redirect elsewhere
+    (to its completions or its /v1/models) has its answer relayed, the other host is never
+    contacted."""
+    elsewhere: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        elsewhere.append(f"{request.method} {request.path}")
+        return web.json_response({"object": "list", "data": [{"id": "elsewhere-model"}]})
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{other_port}{request.path}")
+
+    runners = []
+    for handler in (record, redirect):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+    other_port, pod_port = (int(r.addresses[0][1]) for r in runners)
+    pod = FakePod("redirecting", MODEL)
+    pod.port = pod_port
+    gw = await start_gateway(tmp_path, [pod], with_model=True)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                gw.url + "/v1/completions",
+                json={"model": MODEL, "prompt": "x"},
+                allow_redirects=False,
+            ) as resp:
+                status, location = resp.status, resp.headers.get("Location")
+            async with s.get(gw.url + "/v1/models") as resp:
+                models = await resp.json()
+    finally:
+        await gw.stop()
+        for runner in runners:
+            await runner.cleanup()
+    assert status == 307
+    assert location == f"http://127.0.0.1:{other_port}/v1/completions"
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert elsewhere == []
 
 
 async def test_all_pods_refuse(tmp_path: Path, recorder: Recorder) -> None:
@@ -836,6 +884,59 @@ async def test_score_explains_without_side_effects(
     assert len(recorder.scheduled) == 1 and len(recorder.calls) == 1
     assert sum(len(p.requests) for p in pods) == 1
     assert again["scores"]["active-request-scorer"][picked] == 1.0
+
+
+class BrokenFilter:
+    """A filter plugin with a bug: it raises on every request."""
+
+    def __init__(self, params: Any, ctx: Any) -> None:
+        pass
+
+    def filter(self, ctx: Any, request: Any, endpoints: Any) -> Any:
+        raise RuntimeError("filter bug")
+
+
+class BrokenFilterPlugin:
+    @hookimpl
+    def kvaware_register_plugins(self, registry: Any) -> None:
+        registry.register("test-broken-filter", BrokenFilter, kinds=("filter",))
+
+
+async def test_broken_plugin_is_an_openai_shaped_500(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """A plugin that breaks scheduling gets 500 internal_error in the OpenAI shape, from the
+    inference routes and from /v1/score alike, and nothing is forwarded."""
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text(endpoints_yaml(pods))
+    config = scheduler_config()
+    config["plugins"].append({"type": "test-broken-filter"})
+    config["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "test-broken-filter"})
+    scheduler = Scheduler.from_config(
+        config,
+        plugin_manager=make_plugin_manager(
+            use_env=False, plugins=[RecorderPlugin(recorder), BrokenFilterPlugin()]
+        ),
+        seed=0,
+    )
+    scheduler.use_endpoints_file(endpoints, poll_interval=0.05, scrape=False)
+    gw = Gateway(scheduler, GatewayConfig(port=0), own_scheduler=True)
+    await gw.start()
+    got = []
+    try:
+        async with aiohttp.ClientSession() as s:
+            for path in ("/v1/completions", "/v1/score"):
+                async with s.post(gw.url + path, json={"model": MODEL, "prompt": "x"}) as resp:
+                    got.append((resp.status, resp.content_type, await resp.text()))
+    finally:
+        await gw.stop()
+    for status, content_type, text in got:
+        assert (status, content_type) == (500, "application/json"), text
+        error = json.loads(text)["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("server_error", "internal_error")
+    assert all(not p.requests for p in pods)
+    assert recorder.calls == []
 
 
 async def test_shared_prefix_lands_on_one_pod(
