@@ -1003,12 +1003,17 @@ class Gateway:
             )
         out = explain(result, res.endpoints)
         candidates = {e.id for e in res.endpoints}
+        pool = self.scheduler.endpoints
+        # NOTE: the cooldown is only why a pod serving the model was left out.
+        serving = {e.id for e in self.catalog.resolve(parsed.model, pool).endpoints}
         excluded: dict[str, str] = {}
-        for e in self.scheduler.endpoints:
+        for e in pool:
             if e.id in candidates:
                 continue
             excluded[e.id] = (
-                "connection refused recently" if e.id in self._down else "does not serve the model"
+                "connection refused recently"
+                if e.id in serving and e.id in self._down
+                else "does not serve the model"
             )
         out = {
             "object": "kvaware.score",

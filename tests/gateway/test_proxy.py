@@ -943,6 +943,46 @@ async def test_broken_plugin_is_an_openai_shaped_500(
     assert recorder.calls == []
 
 
+async def test_score_excluded_reasons(tmp_path: Path) -> None:
+    """/v1/score tells why each endpoint was left out: a pod in its connection-failure
+    cooldown that serves another model anyway is excluded for the model, not the refusal."""
+    refused = free_port()
+    other = FakePod("other", "other-model")
+    await other.start()
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text(
+        yaml.safe_dump(
+            {
+                "endpoints": [
+                    {"name": "down", "address": "127.0.0.1", "port": refused, "model": MODEL},
+                    {"name": "other", "address": "127.0.0.1", "port": other.port},
+                ]
+            }
+        )
+    )
+    scheduler = Scheduler.from_config(
+        scheduler_config(recorder=False), plugin_manager=make_plugin_manager(use_env=False)
+    )
+    scheduler.use_endpoints_file(endpoints, poll_interval=0.05, scrape=False)
+    gw = Gateway(scheduler, GatewayConfig(port=0, unhealthy_cooldown=30), own_scheduler=True)
+    await gw.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, _, _ = await post(
+                s, gw.url + "/v1/completions", {"model": MODEL, "prompt": "x"}
+            )
+            assert status == 502  # the only pod serving MODEL refused: now in its cooldown
+            status, score, _ = await post(
+                s, gw.url + "/v1/score", {"model": "other-model", "prompt": "x"}
+            )
+    finally:
+        await gw.stop()
+        await other.stop()
+    assert status == 200
+    assert score["candidates"] == [f"127.0.0.1:{other.port}"]
+    assert score["excluded"] == {f"127.0.0.1:{refused}": "does not serve the model"}
+
+
 async def test_shared_prefix_lands_on_one_pod(
     tmp_path: Path, pods: list[FakePod], recorder: Recorder
 ) -> None:
