@@ -29,6 +29,7 @@ the listening socket closes, in-flight requests get up to ``drainTimeout`` secon
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import math
@@ -80,13 +81,16 @@ _HOP_BY_HOP = frozenset(
 )
 #: Request headers never forwarded: hop-by-hop ones, those the client library sets itself,
 #: Accept-Encoding (pods answer uncompressed so usage can be read and SSE is never held back by
-#: a compressor) and Content-Type (the body was parsed as JSON, so it is sent as
-#: application/json whatever the client declared, e.g. curl's form default).
+#: a compressor), Content-Type (the body was parsed as JSON, so it is sent as
+#: application/json whatever the client declared, e.g. curl's form default) and
+#: Content-Encoding (the server decodes a compressed body before the gateway reads it, and the
+#: decoded body is what is forwarded).
 _DROP_REQUEST = _HOP_BY_HOP | {
     "host",
     "proxy-authorization",
     "accept-encoding",
     "content-type",
+    "content-encoding",
     "expect",
 }
 #: Response headers never relayed: hop-by-hop ones, the encoding (the client session decodes)
@@ -622,8 +626,16 @@ class Gateway:
         except APIError as err:
             return self._error(route, err, t0, close=err.status == 413)
         sreq = self._scheduling_request(request, parsed, res)
+        # NOTE: the decision is shielded from the request's cancellation (a client going away,
+        # the end of the drain): with a blocking-I/O plugin it runs in a worker thread that
+        # cancellation cannot stop, whose pre-request hooks (in-flight count, speculative
+        # entries) would then never be released. An abandoned decision is released when it ends.
+        decision = asyncio.ensure_future(self.scheduler.aschedule(sreq, res.endpoints))
         try:
-            result = await self.scheduler.aschedule(sreq, res.endpoints)
+            result = await asyncio.shield(decision)
+        except asyncio.CancelledError:
+            decision.add_done_callback(functools.partial(self._abandoned, sreq))
+            raise
         except NoEndpointError as exc:
             return self._error(
                 route,
@@ -683,7 +695,9 @@ class Gateway:
             target = attempt.result.targets[0]
             url = self._url(target, path)
             try:
-                resp = await session.post(url, data=body, headers=headers)
+                # NOTE: a redirect is the pod's answer, relayed as is: following it would
+                # contact a host outside the pool.
+                resp = await session.post(url, data=body, headers=headers, allow_redirects=False)
                 break
             except (
                 aiohttp.ClientConnectorError,
@@ -715,8 +729,18 @@ class Gateway:
                 if len(failed) >= self.config.max_attempts or not remaining:
                     info.status = 502
                     return self._json(unreachable, 502)
+                retry = asyncio.ensure_future(self.scheduler.aschedule(sreq, remaining))
                 try:
-                    attempt.result = await self.scheduler.aschedule(sreq, remaining)
+                    attempt.result = await asyncio.shield(retry)
+                except asyncio.CancelledError:
+                    # NOTE: as for the first decision (see `_inference`), but the request is
+                    # already counted: let the retry end (it moves the in-flight count), so
+                    # post_response releases the pick it made, not the pod that failed.
+                    try:
+                        attempt.result = await retry
+                    except Exception:
+                        pass
+                    raise
                 except NoEndpointError:
                     info.status = 502
                     return self._json(unreachable, 502)
@@ -753,6 +777,16 @@ class Gateway:
         if resp.content_type == "text/event-stream":
             return await self._relay_stream(request, resp, target, info, attempt)
         return await self._relay_body(resp, target, info)
+
+    def _abandoned(
+        self, sreq: SchedulingRequest, decision: asyncio.Future[SchedulingResult]
+    ) -> None:
+        """Release a decision whose request was cancelled while it was being made."""
+        if decision.cancelled() or decision.exception() is not None:
+            return
+        self.metrics.client_disconnects.inc()
+        error = "gateway shutting down" if self._draining else "client disconnected"
+        self.scheduler.post_response(sreq, decision.result(), ResponseInfo(status=499, error=error))
 
     def _url(self, target: Endpoint, path: str) -> yarl.URL:
         key = (target.id, path)
@@ -962,14 +996,24 @@ class Gateway:
                 APIError(503, f"No endpoint can serve this request: {exc}", code="no_endpoint"),
                 t0,
             )
+        except Exception:
+            logger.exception("%s: explaining the decision failed", sreq.request_id)
+            return self._error(
+                route, APIError(500, "Scheduling failed.", code="internal_error"), t0
+            )
         out = explain(result, res.endpoints)
         candidates = {e.id for e in res.endpoints}
+        pool = self.scheduler.endpoints
+        # NOTE: the cooldown is only why a pod serving the model was left out.
+        serving = {e.id for e in self.catalog.resolve(parsed.model, pool).endpoints}
         excluded: dict[str, str] = {}
-        for e in self.scheduler.endpoints:
+        for e in pool:
             if e.id in candidates:
                 continue
             excluded[e.id] = (
-                "connection refused recently" if e.id in self._down else "does not serve the model"
+                "connection refused recently"
+                if e.id in serving and e.id in self._down
+                else "does not serve the model"
             )
         out = {
             "object": "kvaware.score",

@@ -149,7 +149,8 @@ class ModelCatalog:
             scheme="http", host=endpoint.address, port=endpoint.port, path="/v1/models"
         )
         try:
-            async with self.session.get(url, timeout=self.timeout) as resp:
+            # NOTE: a redirect is a failed poll: only endpoints of the pool are contacted.
+            async with self.session.get(url, timeout=self.timeout, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
                 payload = await resp.json(content_type=None)

@@ -151,10 +151,22 @@ def _invalid(exc: msgspec.ValidationError, prefix: str = "") -> APIError:
     return APIError(400, f"Invalid request: {text}", param=param, code="invalid_type")
 
 
-def _json_error(exc: msgspec.DecodeError) -> APIError:
+#: What msgspec raises, besides `msgspec.DecodeError`, on bodies that are not valid JSON: strings
+#: that are not UTF-8 (checked only when a string is decoded) and nesting deeper than it
+#: recurses (even inside fields the gateway skips).
+_UNREADABLE = (UnicodeDecodeError, RecursionError)
+
+
+def _json_error(exc: Exception) -> APIError:
+    if isinstance(exc, RecursionError):
+        detail = "it is nested too deeply"
+    elif isinstance(exc, UnicodeDecodeError):
+        detail = f"it is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    else:
+        detail = str(exc)
     return APIError(
         400,
-        f"We could not parse the JSON body of your request: {exc}",
+        f"We could not parse the JSON body of your request: {detail}",
         code="invalid_json",
     )
 
@@ -194,7 +206,7 @@ class RequestParser:
             req = self._completion.decode(body)
         except msgspec.ValidationError as exc:
             raise _invalid(exc) from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, *_UNREADABLE) as exc:
             raise _json_error(exc) from None
         out = ParsedRequest(
             self._model(req.model), stream=bool(req.stream), cache_salt=req.cache_salt
@@ -211,7 +223,10 @@ class RequestParser:
                 param="prompt",
                 code="missing_required_parameter",
             )
-        self._prompt(raw, out)
+        try:
+            self._prompt(raw, out)
+        except _UNREADABLE as exc:
+            raise _json_error(exc) from None
         return out
 
     def _prompt(self, raw: msgspec.Raw, out: ParsedRequest) -> None:
@@ -259,7 +274,7 @@ class RequestParser:
             req = self._chat.decode(body)
         except msgspec.ValidationError as exc:
             raise _invalid(exc) from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, *_UNREADABLE) as exc:
             raise _json_error(exc) from None
         model = self._model(req.model)
         if req.messages is None:
@@ -294,5 +309,5 @@ class RequestParser:
             return len(self._probe.decode(body).messages) > 0
         except msgspec.ValidationError as exc:
             raise _invalid(exc) from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, *_UNREADABLE) as exc:
             raise _json_error(exc) from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import itertools
 import json
 import time
@@ -11,10 +13,28 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
+from aiohttp import web
 
+from kvaware_scorer.gateway import Gateway, GatewayConfig
+from kvaware_scorer.scheduler import (
+    Scheduler,
+    SchedulingRequest,
+    SchedulingResult,
+    hookimpl,
+    make_plugin_manager,
+)
 from tests.conftest import free_port
 
-from .conftest import MODEL, FailingStartRecorder, Recorder, start_gateway
+from .conftest import (
+    MODEL,
+    FailingStartRecorder,
+    Recorder,
+    RecorderPlugin,
+    endpoints_yaml,
+    scheduler_config,
+    start_gateway,
+)
 from .pods import FakePod
 
 pytestmark = pytest.mark.timeout(60)
@@ -112,6 +132,32 @@ async def test_forwarded_headers(tmp_path: Path, pods: list[FakePod]) -> None:
     assert headers["Content-Type"] == "application/json"
 
 
+async def test_compressed_request_body_is_forwarded_decoded(
+    tmp_path: Path, pods: list[FakePod]
+) -> None:
+    """A gzip-compressed request body is decoded by the gateway (to route it) and forwarded
+    decoded, so the pod must not be told it is still compressed."""
+    gw = await start_gateway(tmp_path, pods[:1])
+    body = {"model": MODEL, "prompt": "compressed prompt", "max_tokens": 2}
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(
+                gw.url + "/v1/completions",
+                data=gzip.compress(json.dumps(body).encode()),
+                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+            ) as resp,
+        ):
+            status = resp.status
+            data = await resp.json(content_type=None)
+    finally:
+        await gw.stop()
+    assert status == 200, data
+    (req,) = pods[0].requests
+    assert req["body"] == body
+    assert "content-encoding" not in req["headers"]
+
+
 async def test_stream_chunks_arrive_incrementally(
     tmp_path: Path, pods: list[FakePod], recorder: Recorder
 ) -> None:
@@ -193,6 +239,51 @@ async def test_retry_on_connection_refused(
     assert all(n == 1 for n in recorder.per_request().values())
     assert all(t != first for _, t, _ in recorder.calls[1:])
     assert counts == dict.fromkeys(counts, 0)
+
+
+async def test_redirects_from_a_pod_are_not_followed(tmp_path: Path) -> None:
+    """Only endpoints of the pool are contacted: a pod answering with a redirect elsewhere
+    (to its completions or its /v1/models) has its answer relayed, the other host is never
+    contacted."""
+    elsewhere: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        elsewhere.append(f"{request.method} {request.path}")
+        return web.json_response({"object": "list", "data": [{"id": "elsewhere-model"}]})
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{other_port}{request.path}")
+
+    runners = []
+    for handler in (record, redirect):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+    other_port, pod_port = (int(r.addresses[0][1]) for r in runners)
+    pod = FakePod("redirecting", MODEL)
+    pod.port = pod_port
+    gw = await start_gateway(tmp_path, [pod], with_model=True)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                gw.url + "/v1/completions",
+                json={"model": MODEL, "prompt": "x"},
+                allow_redirects=False,
+            ) as resp:
+                status, location = resp.status, resp.headers.get("Location")
+            async with s.get(gw.url + "/v1/models") as resp:
+                models = await resp.json()
+    finally:
+        await gw.stop()
+        for runner in runners:
+            await runner.cleanup()
+    assert status == 307
+    assert location == f"http://127.0.0.1:{other_port}/v1/completions"
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert elsewhere == []
 
 
 async def test_all_pods_refuse(tmp_path: Path, recorder: Recorder) -> None:
@@ -421,6 +512,61 @@ async def test_bad_requests(
     assert recorder.calls == [] and recorder.scheduled == []
 
 
+_DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", b'{"model": "test-model", "prompt": "\xff\xfe"}'),
+        ("/v1/completions", b'{"model": "test-model", "prompt": ["ok", "\xff"]}'),
+        ("/v1/completions", b'{"model": "\xc3(", "prompt": "x"}'),
+        ("/v1/chat/completions", b'{"model": "test-model", "messages": [{"content": "\xff"}]}'),
+        ("/v1/completions", b'{"model": "test-model", "prompt": ' + _DEEP + b"}"),
+        ("/v1/completions", b'{"model": "test-model", "extra": ' + _DEEP + b', "prompt": "x"}'),
+        ("/v1/chat/completions", b'{"model": "test-model", "messages": [{"c": ' + _DEEP + b"}]}"),
+        ("/v1/score", b'{"model": "test-model", "messages": ' + _DEEP + b"}"),
+        ("/v1/score", b'{"model": "test-model", "prompt": "\xff"}'),
+    ],
+    ids=[
+        "prompt-not-utf8",
+        "batch-not-utf8",
+        "model-not-utf8",
+        "messages-not-utf8",
+        "prompt-deep",
+        "unknown-field-deep",
+        "messages-deep",
+        "score-deep",
+        "score-not-utf8",
+    ],
+)
+async def test_unreadable_json_is_a_400(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder, path: str, body: bytes
+) -> None:
+    """Bodies that are not JSON a pod could read (strings that are not UTF-8, nesting deeper
+    than the decoder recurses) get 400 invalid_json in the OpenAI shape, not a bare 500."""
+    gw = await start_gateway(tmp_path, pods, recorder=recorder)
+    try:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(gw.url + path, data=body, headers={"Content-Type": "application/json"}) as resp,
+        ):
+            got = resp.status
+            data = (
+                await resp.json(content_type=None)
+                if resp.content_type == "application/json"
+                else None
+            )
+    finally:
+        await gw.stop()
+    assert got == 400
+    assert data is not None and set(data["error"]) == {"message", "type", "param", "code"}
+    assert data["error"]["code"] == "invalid_json"
+    assert data["error"]["type"] == "invalid_request_error"
+    assert all(not p.requests for p in pods)
+    assert recorder.calls == [] and recorder.scheduled == []
+
+
 async def test_unknown_routes_and_methods(tmp_path: Path, pods: list[FakePod]) -> None:
     """Unknown paths get 404 and wrong methods 405 (with Allow), in the OpenAI error shape."""
     gw = await start_gateway(tmp_path, pods)
@@ -504,6 +650,87 @@ async def test_client_disconnect_calls_post_response(
     assert all(n == 1 for n in recorder.per_request().values())
     assert [info.status for _, _, info in recorder.calls] == [499, 499]
     assert gw.metrics.client_disconnects._value.get() == 2
+
+
+class SlowDecisionRecorder(Recorder):
+    """A recorder whose plugin does blocking I/O (like a precise scorer on a Redis index), so
+    the whole decision, pre-request hooks included, runs in a worker thread; its pre-request
+    hook is slow when the pick is `slow_on`, so a client can go away during that decision."""
+
+    blocking_io = True
+
+    def __init__(self, slow_on: str) -> None:
+        super().__init__()
+        self.slow_on = slow_on
+
+    def pre_request(self, ctx: Any, request: SchedulingRequest, result: SchedulingResult) -> None:
+        if result.targets[0].id == self.slow_on:
+            time.sleep(0.5)
+        super().pre_request(ctx, request, result)
+
+
+async def test_client_gone_during_a_decision_still_releases_it(tmp_path: Path) -> None:
+    """A client that goes away while its request is being scheduled (the first pick, or the
+    retry after a refused connection) leaves nothing counted: the decision completes and
+    post_response, exactly once, releases the pick it made (the active-request scorer's
+    in-flight counts drop back to 0)."""
+    refused = free_port()
+    pod = FakePod("pod-up", MODEL)
+    await pod.start()
+    down_id, up_id = f"127.0.0.1:{refused}", f"127.0.0.1:{pod.port}"
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text(
+        yaml.safe_dump(
+            {
+                "endpoints": [
+                    {"name": "down", "address": "127.0.0.1", "port": refused, "model": MODEL},
+                    {"name": "up", "address": "127.0.0.1", "port": pod.port, "model": MODEL},
+                ]
+            }
+        )
+    )
+    recorder = SlowDecisionRecorder(slow_on=up_id)
+    config = scheduler_config()
+    config["plugins"].append({"type": "active-request-scorer"})
+    scheduler = Scheduler.from_config(
+        config,
+        plugin_manager=make_plugin_manager(use_env=False, plugins=[RecorderPlugin(recorder)]),
+        seed=0,
+    )
+    scheduler.use_endpoints_file(endpoints, poll_interval=0.05, scrape=False)
+    active = scheduler.plugin("active-request-scorer")
+    gw = Gateway(scheduler, GatewayConfig(port=0, unhealthy_cooldown=0), own_scheduler=True)
+    await gw.start()
+    interrupted: set[str] = set()  # which decisions a cancellation interrupted
+    try:
+        async with aiohttp.ClientSession() as s:
+            for n in range(1, 21):
+                task = asyncio.create_task(
+                    post(s, gw.url + "/v1/completions", {"model": MODEL, "prompt": [1, 2, 3]})
+                )
+                await asyncio.sleep(0.15)  # inside the slow decision on the live pod
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                await asyncio.sleep(0.5)  # the interrupted decision has ended by now
+                await wait_for(lambda n=n: len(recorder.calls) == len(recorder.per_request()) == n)
+                assert active.count(down_id) == 0 and active.count(up_id) == 0
+                last = recorder.calls[-1][0].request_id
+                picks = [t for r, t in recorder.scheduled if r == last]
+                if picks == [up_id]:
+                    interrupted.add("first pick")
+                elif picks == [down_id, up_id]:
+                    interrupted.add("retry")
+                if interrupted == {"first pick", "retry"}:
+                    break
+        assert gw.inflight == 0
+    finally:
+        await gw.stop()
+        await pod.stop()
+    assert interrupted == {"first pick", "retry"}
+    assert all(n == 1 for n in recorder.per_request().values())
+    assert {info.status for _, _, info in recorder.calls} == {499}
+    assert not pod.requests
 
 
 async def test_drain_on_shutdown(tmp_path: Path, pods: list[FakePod], recorder: Recorder) -> None:
@@ -661,6 +888,99 @@ async def test_score_explains_without_side_effects(
     assert len(recorder.scheduled) == 1 and len(recorder.calls) == 1
     assert sum(len(p.requests) for p in pods) == 1
     assert again["scores"]["active-request-scorer"][picked] == 1.0
+
+
+class BrokenFilter:
+    """A filter plugin with a bug: it raises on every request."""
+
+    def __init__(self, params: Any, ctx: Any) -> None:
+        pass
+
+    def filter(self, ctx: Any, request: Any, endpoints: Any) -> Any:
+        raise RuntimeError("filter bug")
+
+
+class BrokenFilterPlugin:
+    @hookimpl
+    def kvaware_register_plugins(self, registry: Any) -> None:
+        registry.register("test-broken-filter", BrokenFilter, kinds=("filter",))
+
+
+async def test_broken_plugin_is_an_openai_shaped_500(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """A plugin that breaks scheduling gets 500 internal_error in the OpenAI shape, from the
+    inference routes and from /v1/score alike, and nothing is forwarded."""
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text(endpoints_yaml(pods))
+    config = scheduler_config()
+    config["plugins"].append({"type": "test-broken-filter"})
+    config["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "test-broken-filter"})
+    scheduler = Scheduler.from_config(
+        config,
+        plugin_manager=make_plugin_manager(
+            use_env=False, plugins=[RecorderPlugin(recorder), BrokenFilterPlugin()]
+        ),
+        seed=0,
+    )
+    scheduler.use_endpoints_file(endpoints, poll_interval=0.05, scrape=False)
+    gw = Gateway(scheduler, GatewayConfig(port=0), own_scheduler=True)
+    await gw.start()
+    got = []
+    try:
+        async with aiohttp.ClientSession() as s:
+            for path in ("/v1/completions", "/v1/score"):
+                async with s.post(gw.url + path, json={"model": MODEL, "prompt": "x"}) as resp:
+                    got.append((resp.status, resp.content_type, await resp.text()))
+    finally:
+        await gw.stop()
+    for status, content_type, text in got:
+        assert (status, content_type) == (500, "application/json"), text
+        error = json.loads(text)["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("server_error", "internal_error")
+    assert all(not p.requests for p in pods)
+    assert recorder.calls == []
+
+
+async def test_score_excluded_reasons(tmp_path: Path) -> None:
+    """/v1/score tells why each endpoint was left out: a pod in its connection-failure
+    cooldown that serves another model anyway is excluded for the model, not the refusal."""
+    refused = free_port()
+    other = FakePod("other", "other-model")
+    await other.start()
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text(
+        yaml.safe_dump(
+            {
+                "endpoints": [
+                    {"name": "down", "address": "127.0.0.1", "port": refused, "model": MODEL},
+                    {"name": "other", "address": "127.0.0.1", "port": other.port},
+                ]
+            }
+        )
+    )
+    scheduler = Scheduler.from_config(
+        scheduler_config(recorder=False), plugin_manager=make_plugin_manager(use_env=False)
+    )
+    scheduler.use_endpoints_file(endpoints, poll_interval=0.05, scrape=False)
+    gw = Gateway(scheduler, GatewayConfig(port=0, unhealthy_cooldown=30), own_scheduler=True)
+    await gw.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, _, _ = await post(
+                s, gw.url + "/v1/completions", {"model": MODEL, "prompt": "x"}
+            )
+            assert status == 502  # the only pod serving MODEL refused: now in its cooldown
+            status, score, _ = await post(
+                s, gw.url + "/v1/score", {"model": "other-model", "prompt": "x"}
+            )
+    finally:
+        await gw.stop()
+        await other.stop()
+    assert status == 200
+    assert score["candidates"] == [f"127.0.0.1:{other.port}"]
+    assert score["excluded"] == {f"127.0.0.1:{refused}": "does not serve the model"}
 
 
 async def test_shared_prefix_lands_on_one_pod(
