@@ -306,7 +306,8 @@ class RequestParser:
             APIError: Invalid JSON or not an object.
         """
         try:
-            return len(self._probe.decode(body).messages) > 0
+            raw = self._probe.decode(body).messages
+            return len(raw) > 0 and bytes(raw) != b"null"
         except msgspec.ValidationError as exc:
             raise _invalid(exc) from None
         except (msgspec.DecodeError, *_UNREADABLE) as exc:

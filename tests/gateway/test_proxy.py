@@ -943,6 +943,24 @@ async def test_broken_plugin_is_an_openai_shaped_500(
     assert recorder.calls == []
 
 
+async def test_score_null_messages_is_a_completion(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """``"messages": null`` beside a prompt is no chat request (clients send explicit nulls)."""
+    gw = await start_gateway(tmp_path, pods, recorder=recorder, config="precise.yaml")
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, body, _ = await post(
+                s,
+                gw.url + "/v1/score",
+                {"model": MODEL, "prompt": list(range(100, 164)), "messages": None},
+            )
+    finally:
+        await gw.stop()
+    assert status == 200, body
+    assert body["kind"] == "completion" and body["prompt_tokens"] == 64
+
+
 async def test_score_excluded_reasons(tmp_path: Path) -> None:
     """/v1/score tells why each endpoint was left out: a pod in its connection-failure
     cooldown that serves another model anyway is excluded for the model, not the refusal."""
