@@ -816,8 +816,12 @@ class Gateway:
 
     def _response_headers(self, resp: aiohttp.ClientResponse, target: Endpoint) -> CIMultiDict[str]:
         out: CIMultiDict[str] = CIMultiDict()
+        drop: frozenset[str] | set[str] = _DROP_RESPONSE
+        conn = resp.headers.get("connection")
+        if conn:
+            drop = _DROP_RESPONSE | {t.strip().lower() for t in conn.split(",")}
         for k, v in resp.headers.items():
-            if k.lower() not in _DROP_RESPONSE:
+            if k.lower() not in drop:
                 out.add(k, v)
         if self.config.endpoint_header:
             out["x-kvaware-endpoint"] = target.id

@@ -175,7 +175,7 @@ class FakePod:
             choice["finish_reason"] = "length"
             out["choices"] = [choice]
             out["usage"] = usage
-            return web.json_response(out)
+            return web.json_response(out, headers=opts.get("headers"))
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         die_after = opts.get("die_after")

@@ -132,6 +132,36 @@ async def test_forwarded_headers(tmp_path: Path, pods: list[FakePod]) -> None:
     assert headers["Content-Type"] == "application/json"
 
 
+async def test_response_headers_named_in_connection_are_not_relayed(
+    tmp_path: Path, pods: list[FakePod]
+) -> None:
+    """A pod's end-to-end headers reach the client; those its Connection header names are
+    hop-by-hop (RFC 9110 §7.6.1) and do not."""
+    gw = await start_gateway(tmp_path, pods[:1])
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, _, resp = await post(
+                s,
+                gw.url + "/v1/completions",
+                {
+                    "model": MODEL,
+                    "prompt": "hi",
+                    "test_pod": {
+                        "headers": {
+                            "Connection": "keep-alive, X-Pod-Hop",
+                            "X-Pod-Hop": "1",
+                            "X-Pod-Kept": "1",
+                        }
+                    },
+                },
+            )
+    finally:
+        await gw.stop()
+    assert status == 200
+    assert resp.headers["X-Pod-Kept"] == "1"
+    assert "X-Pod-Hop" not in resp.headers
+
+
 async def test_compressed_request_body_is_forwarded_decoded(
     tmp_path: Path, pods: list[FakePod]
 ) -> None:
