@@ -29,6 +29,7 @@ the listening socket closes, in-flight requests get up to ``drainTimeout`` secon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import logging
@@ -96,6 +97,17 @@ _DROP_REQUEST = _HOP_BY_HOP | {
 #: Response headers never relayed: hop-by-hop ones, the encoding (the client session decodes)
 #: and those the gateway's server sets itself.
 _DROP_RESPONSE = _HOP_BY_HOP | {"content-encoding", "date", "server"}
+
+
+def _sse_error(message: str, status: int, torn: bool) -> bytes:
+    """A final SSE error event (OpenAI error shape) and ``[DONE]``; `torn`: the bytes relayed
+    so far end inside an event, which the leading blank line closes."""
+    err = error_body(message, "server_error", None, status)
+    return (
+        (b"\n\n" if torn else b"") + b"data: " + msgspec.json.encode(err) + b"\n\ndata: [DONE]\n\n"
+    )
+
+
 _ROUTES = {
     "/v1/completions": "POST",
     "/v1/chat/completions": "POST",
@@ -196,6 +208,7 @@ class Gateway:
         self._listener_registered = False
         self._scheduler_started = False
         self._inflight = 0
+        self._forwarding: set[asyncio.Task[Any]] = set()  # handlers with a scheduled request
         self._draining = False
         self._down: dict[str, float] = {}
         self._urls: dict[tuple[str, str], yarl.URL] = {}
@@ -380,11 +393,29 @@ class Gateway:
             )
         runner, self._runner = self._runner, None
         try:
+            for site in list(runner.sites):
+                await site.stop()  # no new connections; open ones get 503 while draining
+            await self._drain(self.config.drain_timeout)
             await runner.cleanup()
         finally:
             await self._close_resources()
             self.port = None
         logger.info("gateway stopped")
+
+    async def _drain(self, timeout: float) -> None:
+        """Wait up to `timeout` s for the forwarded requests to finish, then cancel the rest
+        while their connections are still open, so that a cut stream can still say so."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._forwarding and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        tasks = list(self._forwarding)
+        if not tasks:
+            return
+        logger.warning("drain timeout: cancelling %d in-flight request(s)", len(tasks))
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks, timeout=2.0)
 
     async def _close_resources(self) -> None:
         if self._unknown_poll is not None:
@@ -653,6 +684,9 @@ class Gateway:
         info = ResponseInfo(status=0)
         self._inflight += 1
         self.metrics.inflight.inc()
+        task = asyncio.current_task()
+        if task is not None:
+            self._forwarding.add(task)
         try:
             return await self._forward(request, path, body, sreq, res.endpoints, attempt, info, t0)
         except asyncio.CancelledError:
@@ -670,6 +704,8 @@ class Gateway:
                 error_body("Internal gateway error.", "server_error", None, "internal_error"), 500
             )
         finally:
+            if task is not None:
+                self._forwarding.discard(task)
             self._inflight -= 1
             self.metrics.inflight.dec()
             self.scheduler.post_response(sreq, attempt.result, info)
@@ -950,17 +986,12 @@ class Gateway:
             if failure is not None:
                 info.error = f"{target.id}: {failure}"
                 logger.warning("stream from %s broke off: %s", target.id, failure)
-                err = error_body(
-                    "The endpoint failed during the stream; the response is incomplete.",
-                    "server_error",
-                    None,
-                    502,
-                )
                 await out.write(
-                    (b"\n\n" if torn else b"")
-                    + b"data: "
-                    + msgspec.json.encode(err)
-                    + b"\n\ndata: [DONE]\n\n"
+                    _sse_error(
+                        "The endpoint failed during the stream; the response is incomplete.",
+                        502,
+                        torn,
+                    )
                 )
             await out.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
@@ -971,6 +1002,21 @@ class Gateway:
             return out
         except asyncio.CancelledError:
             resp.close()
+            if self._draining and out.prepared:
+                # NOTE: the drain timed out: a last error event tells the client the response is
+                # cut short (a bare broken connection looks like a network fault).
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        out.write(
+                            _sse_error(
+                                "The gateway shut down during the stream; "
+                                "the response is incomplete.",
+                                503,
+                                torn,
+                            )
+                        ),
+                        0.5,
+                    )
             raise
         finally:
             if usage is not None:

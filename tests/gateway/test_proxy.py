@@ -818,6 +818,43 @@ async def test_drain_timeout_cancels(
     assert info.status == 499 and info.error == "gateway shutting down"
 
 
+async def test_drain_timeout_ends_a_stream_with_an_error_event(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """A stream still running when drainTimeout expires ends with an SSE error event and
+    [DONE], not just a broken connection."""
+    gw = await start_gateway(tmp_path, pods[:1], recorder=recorder, drain_timeout=0.3)
+    got = bytearray()
+    async with aiohttp.ClientSession() as s:
+
+        async def read() -> None:
+            body = {
+                "model": MODEL,
+                "prompt": "x",
+                "stream": True,
+                "test_pod": {"chunks": 200, "delay": 0.05},
+            }
+            async with s.post(gw.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                try:
+                    async for chunk in resp.content.iter_any():
+                        got.extend(chunk)
+                except aiohttp.ClientError:
+                    pass
+
+        task = asyncio.create_task(read())
+        await wait_for(lambda: got.count(b"\n\n") >= 2)
+        await gw.stop()
+        await asyncio.wait_for(task, 5)
+    events = [e for e in bytes(got).split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    err = json.loads(events[-2].removeprefix(b"data: "))
+    assert err["error"]["code"] == 503 and "shut down" in err["error"]["message"]
+    assert all(json.loads(e.removeprefix(b"data: "))["choices"] for e in events[:-2])
+    ((_, _, info),) = recorder.calls
+    assert info.status == 499 and info.error == "gateway shutting down"
+
+
 async def test_health_models_and_metrics(tmp_path: Path, recorder: Recorder) -> None:
     """/health reports the pool, /v1/models is the union over pods (LoRA adapters included) and
     /metrics carries the scheduler's and the gateway's metrics."""
