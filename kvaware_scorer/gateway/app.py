@@ -882,7 +882,7 @@ class Gateway:
             if line.startswith(b"data:") and b'"usage"' in line:
                 try:
                     env = self._envelope.decode(line[5:])
-                except msgspec.DecodeError:
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                     continue
                 if env.usage is not None:
                     found = env.usage
@@ -918,7 +918,7 @@ class Gateway:
         elif b'"usage"' in data:
             try:
                 env = self._envelope.decode(data)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
                 env = None
             if env is not None and env.usage is not None:
                 self._usage(info, env.usage)

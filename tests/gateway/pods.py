@@ -164,6 +164,11 @@ class FakePod:
             "model": body["model"],
         }
         base["system_fingerprint"] = self.name
+        if opts.get("nested"):
+            # An answer nested deeper than any JSON decoder follows (with a "usage" in it).
+            depth = int(opts["nested"])
+            raw = '{"usage": {"prompt_tokens": 1}, "x": ' + "[" * depth + "]" * depth + "}"
+            return web.Response(text=raw, content_type="application/json")
         if not body.get("stream"):
             text = "".join(f"t{i} " for i in range(n))
             if chat:

@@ -162,6 +162,24 @@ async def test_response_headers_named_in_connection_are_not_relayed(
     assert "X-Pod-Hop" not in resp.headers
 
 
+async def test_pod_answer_nested_too_deep_is_relayed(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """An answer the gateway cannot decode for its usage figures is still relayed as it is."""
+    gw = await start_gateway(tmp_path, pods[:1], recorder=recorder)
+    try:
+        async with aiohttp.ClientSession() as s:
+            body = {"model": MODEL, "prompt": "hi", "test_pod": {"nested": 200_000}}
+            async with s.post(gw.url + "/v1/completions", json=body) as resp:
+                status, text = resp.status, await resp.text()
+    finally:
+        await gw.stop()
+    assert status == 200
+    assert text.startswith('{"usage"') and len(text) > 400_000
+    ((_, _, info),) = recorder.calls
+    assert info.status == 200
+
+
 async def test_compressed_request_body_is_forwarded_decoded(
     tmp_path: Path, pods: list[FakePod]
 ) -> None:
