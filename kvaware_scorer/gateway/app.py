@@ -617,7 +617,13 @@ class Gateway:
         if length is not None and length > limit:
             raise too_large
         try:
-            return await request.read()
+            return await asyncio.wait_for(request.read(), self.config.body_timeout)
+        except TimeoutError:
+            raise APIError(
+                408,
+                f"The request body did not arrive within {self.config.body_timeout:g} s.",
+                code="request_timeout",
+            ) from None
         except web.HTTPRequestEntityTooLarge:
             raise too_large from None
         except (aiohttp.ClientPayloadError, ValueError) as exc:
@@ -655,7 +661,7 @@ class Gateway:
             parsed = parse(body)
             res = await self._resolve(parsed.model)
         except APIError as err:
-            return self._error(route, err, t0, close=err.status == 413)
+            return self._error(route, err, t0, close=err.status in (408, 413))
         sreq = self._scheduling_request(request, parsed, res)
         # NOTE: the decision is shielded from the request's cancellation (a client going away,
         # the end of the drain): with a blocking-I/O plugin it runs in a worker thread that
@@ -1036,7 +1042,7 @@ class Gateway:
             parsed = self.parser.chat(body) if chat else self.parser.completion(body)
             res = await self._resolve(parsed.model)
         except APIError as err:
-            return self._error(route, err, t0, close=err.status == 413)
+            return self._error(route, err, t0, close=err.status in (408, 413))
         sreq = self._scheduling_request(request, parsed, res)
         try:
             result = await self.scheduler.aschedule(sreq, res.endpoints, dry_run=True)

@@ -35,6 +35,9 @@ class GatewayConfig(ConfigModel):
         host: Address to listen on.
         port: Port to listen on.
         max_body_bytes: Largest accepted request body; larger ones get 413.
+        body_timeout: Seconds a client may take to send its request body; a slower one gets
+            408 with ``Connection: close`` (a client that stalls mid-body must not hold a
+            handler until shutdown).
         connect_timeout: Seconds to open a connection to a pod before trying the next one.
         read_timeout: Seconds a pod may stay silent (between response bytes) before the request
             fails with 504; 0 = no limit (a long prefill or a long non-streamed generation
@@ -58,6 +61,7 @@ class GatewayConfig(ConfigModel):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    body_timeout: float = Field(30.0, gt=0)
     connect_timeout: float = Field(2.0, gt=0)
     read_timeout: float = Field(0.0, ge=0)
     max_attempts: int = Field(3, ge=1, le=16)
@@ -71,6 +75,7 @@ class GatewayConfig(ConfigModel):
     endpoint_header: bool = False
 
     @field_validator(
+        "body_timeout",
         "connect_timeout",
         "read_timeout",
         "unhealthy_cooldown",

@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -654,6 +655,36 @@ async def test_oversize_body(tmp_path: Path, pods: list[FakePod]) -> None:
     finally:
         await gw.stop()
     assert sum(len(p.requests) for p in pods) == 1
+
+
+async def test_stalled_body_gets_408(tmp_path: Path, pods: list[FakePod]) -> None:
+    """A client that stops sending its body half-way gets 408 (Connection: close) after
+    bodyTimeout, and nothing reaches a pod."""
+    gw = await start_gateway(tmp_path, pods, body_timeout=0.3)
+    try:
+        assert gw.port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        body = json.dumps({"model": MODEL, "prompt": "hello"}).encode()
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]
+        )
+        await writer.drain()
+        t0 = time.monotonic()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        waited = time.monotonic() - t0
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+        payload = await asyncio.wait_for(reader.readexactly(length), 5)
+        writer.close()
+    finally:
+        await gw.stop()
+    assert head.startswith(b"HTTP/1.1 408")
+    assert re.search(rb"(?i)connection: *close", head)
+    assert json.loads(payload)["error"]["code"] == "request_timeout"
+    assert 0.2 < waited < 3
+    assert sum(len(p.requests) for p in pods) == 0
 
 
 async def test_client_disconnect_calls_post_response(
