@@ -1077,11 +1077,17 @@ class EventIngestor:
             lora = ev.lora_name
             extra = ev.extra_keys
             if parent is None:
-                if lora is None and not st.model:
+                space = lora
+                if space is None and ev.lora_id is not None:
+                    # NOTE: vLLM 0.11 names the adapter by its int id only (no lora_name): its
+                    # blocks are hashed with the adapter, so they are keyed apart from the
+                    # model's (no request names this namespace: misses, never stale hits).
+                    space = f"\x00lora_id\x00{ev.lora_id}\x00{st.model or ''}"
+                if space is None and not st.model:
                     self._drop("no_model", pod, ev)
                     return False
                 salt = _salt_of(extra[0], lora) if extra else None
-                pkey = keyer.root(st.model or "", lora, salt)
+                pkey = keyer.root(st.model or "", space, salt)
             else:
                 found = st.recent.get(parent)
                 if found is None:

@@ -898,3 +898,51 @@ def test_join_on_a_fresh_index_keeps_duplicate_copies() -> None:
     ix.ingest(POD, MODEL, history[5][1], 5)
     assert ix.ingestor.references(POD) == {"gpu": {1: 1, 2: 1, 3: 1}, "cpu": {1: 1}}
     assert counter(ix, "kvaware_purges_total", {"reason": "rejoin"}) == 0
+
+
+# -- payloads as vLLM 0.11 published them: positional events of six fields, no lora_name ----
+
+
+class _Vllm011KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+class _Vllm011BlockStored(_Vllm011KVCacheEvent, tag="BlockStored"):
+    block_hashes: list[int]
+    parent_block_hash: int | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+
+
+class _Vllm011BlockRemoved(_Vllm011KVCacheEvent, tag="BlockRemoved"):
+    block_hashes: list[int]
+    medium: str | None
+
+
+def test_lora_blocks_of_vllm_0_11_are_not_keyed_as_base_model_blocks() -> None:
+    """vLLM 0.11 names a request's adapter by ``lora_id`` only (no ``lora_name`` field) and
+    hashes the adapter into every block: its blocks are never a prefix hit for a base-model
+    request. They must not be keyed in the model's namespace (a stale hit on every pod that
+    served the adapter); their continuations and removals still apply."""
+    enc = msgspec.msgpack.Encoder()
+    toks = list(range(2000, 2048))
+
+    def payload(*events: Any) -> bytes:
+        return enc.encode(_VllmEventBatch(1.0, list(events), 0))
+
+    ix = Indexer()
+    ix.ingest(POD, MODEL, payload(_Vllm011BlockStored([1, 2], None, toks[:32], 16, 7, "GPU")), 0)
+    ix.ingest(POD, MODEL, payload(_Vllm011BlockStored([3], 2, toks[32:], 16, 7, "GPU")), 1)
+    assert ix.ingestor.held(POD) == {1: 1, 2: 1, 3: 1}
+    assert ix.score(MODEL, toks, [POD]) == {POD: 0.0}
+    assert counter(ix, "kvaware_orphaned_blocks_total") == 0
+    # the same tokens without an adapter are the model's own blocks
+    ix.ingest(POD, MODEL, payload(_Vllm011BlockStored([4, 5], None, toks[:32], 16, None, "GPU")), 2)
+    assert ix.score(MODEL, toks[:32], [POD]) == {POD: 1.0}
+    ix.ingest(
+        POD, MODEL, payload(_Vllm011BlockRemoved([3], "GPU"), _Vllm011BlockRemoved([2], "GPU")), 3
+    )
+    assert ix.ingestor.held(POD) == {1: 1, 4: 1, 5: 1}
+    assert ix.score(MODEL, toks[:32], [POD]) == {POD: 1.0}
