@@ -1021,15 +1021,16 @@ class EventIngestor:
         return st
 
     def _group_ok(self, st: StreamState, group: int | None, kind: str | None) -> bool:
-        if kind is not None:
+        if kind is not None and kind != "unknown":
             if kind not in FULL_ATTENTION_KINDS:
                 return False
             if st.main_group is None:
                 st.main_group = group
                 return True
             return group == st.main_group
-        # NOTE: no kind: vLLM < 0.24, or an offload placeholder; group 0 is vLLM's first
-        # (attention) group unless a full-attention group was learned.
+        # NOTE: no kind: vLLM < 0.24, or an offload placeholder; "unknown": a spec vLLM does not
+        # classify (e.g. a platform plugin's own attention spec, the only group of its model).
+        # Group 0 is vLLM's first (attention) group unless a full-attention group was learned.
         if group is None:
             return True
         return group == (0 if st.main_group is None else st.main_group)

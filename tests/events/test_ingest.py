@@ -346,6 +346,29 @@ def test_hybrid_model_indexes_the_full_attention_group_only() -> None:
     assert counter(ix, "kvaware_blocks_skipped_total", {"reason": "kv_group"}) == 7
 
 
+def test_a_group_of_unknown_kind_is_indexed_like_one_without_a_kind() -> None:
+    """vLLM reports "unknown" for attention specs it does not classify (a platform plugin's
+    own spec, the only group of its model): group 0 is indexed until a full-attention group is
+    learned; kinds it does classify as not prefix-cacheable stay skipped."""
+    toks = list(range(32))
+    ix = Indexer()
+    ix.ingest(POD, MODEL, frame(stored([1, 2], toks, kind="unknown")))
+    assert ix.score(MODEL, toks, [POD]) == {POD: 1.0}
+    ix.ingest(POD, MODEL, frame(removed([2])))
+    assert ix.score(MODEL, toks, [POD]) == {POD: 0.5}
+    hybrid = Indexer()
+    hybrid.ingest(
+        POD,
+        MODEL,
+        frame(
+            stored([1, 2], toks, group=0, kind="chunked_local_attention"),
+            stored([1, 2], toks, group=1, kind="full_attention"),
+            stored([1, 2], toks, group=2, kind="unknown"),
+        ),
+    )
+    assert hybrid.ingestor.held(POD) == {1: 1, 2: 1}
+
+
 def test_data_parallel_ranks_are_separate_streams() -> None:
     """Each DP rank has its own sequence and references: a restart or clear of one rank drops
     only that rank's blocks."""
