@@ -207,8 +207,7 @@ class Gateway:
         self._listener = _PoolListener(self)
         self._listener_registered = False
         self._scheduler_started = False
-        self._inflight = 0
-        self._forwarding: set[asyncio.Task[Any]] = set()  # handlers with a scheduled request
+        self._forwarding: set[asyncio.Task[Any]] = set()  # handlers of scheduled requests
         self._draining = False
         self._down: dict[str, float] = {}
         self._urls: dict[tuple[str, str], yarl.URL] = {}
@@ -288,7 +287,7 @@ class Gateway:
     @property
     def inflight(self) -> int:
         """Requests forwarded (or being forwarded) and not finished."""
-        return self._inflight
+        return len(self._forwarding)
 
     @property
     def draining(self) -> bool:
@@ -385,10 +384,10 @@ class Gateway:
         if self._runner is None:
             return
         self._draining = True
-        if self._inflight:
+        if self._forwarding:
             logger.info(
                 "draining %d in-flight request(s) (up to %.1fs)",
-                self._inflight,
+                len(self._forwarding),
                 self.config.drain_timeout,
             )
         runner, self._runner = self._runner, None
@@ -688,11 +687,10 @@ class Gateway:
         # whatever happens (pod failure, client disconnect, cancellation at shutdown).
         attempt = _Attempt(result)
         info = ResponseInfo(status=0)
-        self._inflight += 1
-        self.metrics.inflight.inc()
         task = asyncio.current_task()
-        if task is not None:
-            self._forwarding.add(task)
+        assert task is not None  # a request handler runs in a task
+        self._forwarding.add(task)
+        self.metrics.inflight.inc()
         try:
             return await self._forward(request, path, body, sreq, res.endpoints, attempt, info, t0)
         except asyncio.CancelledError:
@@ -710,9 +708,7 @@ class Gateway:
                 error_body("Internal gateway error.", "server_error", None, "internal_error"), 500
             )
         finally:
-            if task is not None:
-                self._forwarding.discard(task)
-            self._inflight -= 1
+            self._forwarding.discard(task)
             self.metrics.inflight.dec()
             self.scheduler.post_response(sreq, attempt.result, info)
             self._count(route, info.status or 500, t0)
@@ -1089,12 +1085,12 @@ class Gateway:
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         if self._draining:
-            return self._json({"status": "draining", "inflight": self._inflight}, 503)
+            return self._json({"status": "draining", "inflight": len(self._forwarding)}, 503)
         return self._json(
             {
                 "status": "ok",
                 "endpoints": len(self.scheduler.endpoints),
-                "inflight": self._inflight,
+                "inflight": len(self._forwarding),
             }
         )
 
