@@ -666,6 +666,43 @@ local function first_time(writer, token)
   return true
 end
 
+-- (engine hash, value) pairs `kv` into engine map `E`; returns the fields added
+local function emap_set(E, kv)
+  local added = 0
+  for i = 1, #kv, CHUNK do
+    added = added + call('HSET', E, unpack(kv, i, min(#kv, i + CHUNK - 1)))
+  end
+  cinc('emaps', added)
+  return added
+end
+
+-- one reference of (id, tier) at each block `names[i]` (key `keys[i]`, 8 bytes)
+local function add_refs(names, keys, id, tid)
+  blocks_load(names)
+  local st = stamp()
+  local s2 = char(floor(st / 256), st % 256)
+  local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
+  local db, de = 0, 0
+  for i = 1, #names do
+    local bk = names[i]
+    local v = BC[bk]
+    if v then
+      local nv, _, e1 = block_add(bk, v, id, tid, fresh, s2)
+      BC[bk] = nv
+      de = de + e1
+    else
+      if QUEUE then QBUF[#QBUF + 1] = keys[i] .. s2 end
+      BC[bk] = fresh
+      db = db + 1
+      de = de + 1
+    end
+    DIRTY[bk] = true
+  end
+  cinc('blocks', db)
+  cinc('entries', de)
+  ped(id, de)
+end
+
 -- A store of `kb` (keys, 8 bytes each) with engine hashes `eb` ('' = the keys) at tier
 -- `tname`. `x`: '1' when the keys are distinct with one engine hash each (the common case),
 -- else '0' followed by (engine hash, last key) pairs of engine blocks whose last key lives in
@@ -698,35 +735,9 @@ local function w_add(name, tname, kb, eb, x, new_only)
       vals[i] = kv[2 * i]
     end
     local cur = hmget(E, ehs)
-    local added = 0
-    for i = 1, j, CHUNK do
-      added = added + call('HSET', E, unpack(kv, i, min(j, i + CHUNK - 1)))
-    end
-    cinc('emaps', added)
+    local added = emap_set(E, kv)
     if added < n then move_old(id, cur, vals, function(g) return vals[g] end) end
-    blocks_load(names)
-    local st = stamp()
-    local s2 = char(floor(st / 256), st % 256)
-    local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
-    local db, de = 0, 0
-    for i = 1, n do
-      local bk = names[i]
-      local v = BC[bk]
-      if v then
-        local nv, _, e1 = block_add(bk, v, id, tid, fresh, s2)
-        BC[bk] = nv
-        de = de + e1
-      else
-        if QUEUE then QBUF[#QBUF + 1] = kv[2 * i] .. s2 end
-        BC[bk] = fresh
-        db = db + 1
-        de = de + 1
-      end
-      DIRTY[bk] = true
-    end
-    cinc('blocks', db)
-    cinc('entries', de)
-    ped(id, de)
+    add_refs(names, vals, id, tid)
     return ''
   end
   local gehs, gvals, gkeys = {}, {}, nil
@@ -793,35 +804,9 @@ local function w_add(name, tname, kb, eb, x, new_only)
     end
   end
   if #kv == 0 then return concat(skipped) end
-  local added = 0
-  for i = 1, #kv, CHUNK do
-    added = added + call('HSET', E, unpack(kv, i, min(#kv, i + CHUNK - 1)))
-  end
-  cinc('emaps', added)
+  emap_set(E, kv)
   move_old(id, cur, gvals, function(g) return gkeys[g] end)
-  blocks_load(names)
-  local st = stamp()
-  local s2 = char(floor(st / 256), st % 256)
-  local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
-  local db, de = 0, 0
-  for i = 1, #names do
-    local bk = names[i]
-    local v = BC[bk]
-    if v then
-      local nv, _, e1 = block_add(bk, v, id, tid, fresh, s2)
-      BC[bk] = nv
-      de = de + e1
-    else
-      if QUEUE then QBUF[#QBUF + 1] = key8[i] .. s2 end
-      BC[bk] = fresh
-      db = db + 1
-      de = de + 1
-    end
-    DIRTY[bk] = true
-  end
-  cinc('blocks', db)
-  cinc('entries', de)
-  ped(id, de)
+  add_refs(names, key8, id, tid)
   return concat(skipped)
 end
 
