@@ -37,6 +37,8 @@ __all__ = [
 
 HashAlgorithm = Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]
 KeyMode = Literal["derived", "vllm"]
+#: Wire formats of KV events (`Indexer.ingest(engine=...)`, upstream's ``engineType``).
+EngineType = Literal["vllm", "sglang"]
 
 #: Tier weights used when `kvCacheBackendConfigs` is not given (upstream: gpu 1.0, cpu 0.8).
 DEFAULT_TIER_WEIGHTS: dict[str, float] = {"gpu": 1.0, "cpu": 0.8, "storage": 0.5}
@@ -303,12 +305,14 @@ class KVEventsEndpoint(ConfigModel):
         model: Model assumed for this pod's events (else the topic's, else `default_model`).
         data_parallel_size: DP ranks publishing; rank ``r`` uses port ``+r`` of both endpoints,
             as vLLM offsets them.
+        engine: The pod's wire format (None: `KVEventsConfig.engine_type`).
     """
 
     endpoint: str
     replay_endpoint: str | None = None
     model: str | None = None
     data_parallel_size: int | None = Field(None, ge=1, le=1024)
+    engine: EngineType | None = None
 
 
 class KVEventsConfig(ConfigModel):
@@ -343,6 +347,8 @@ class KVEventsConfig(ConfigModel):
         socket_port: Publisher port used by discovery.
         replay_socket_port: Replay port used by discovery and by bind mode for pods without a
             `replay_endpoints` entry (0 = no replay).
+        engine_type: Wire format of pods that do not name theirs (upstream's ``engineType``):
+            ``vllm`` or ``sglang``.
     """
 
     zmq_endpoint: str | None = None
@@ -362,6 +368,7 @@ class KVEventsConfig(ConfigModel):
     discover_pods: bool = False
     socket_port: int = Field(5557, ge=0, le=65535)
     replay_socket_port: int = Field(0, ge=0, le=65535)
+    engine_type: EngineType = "vllm"
 
     def endpoint_config(self, pod_id: str) -> KVEventsEndpoint | None:
         """The connect-mode entry of `pod_id` (strings expanded with `replay_endpoints`)."""

@@ -306,13 +306,24 @@ class Indexer:
                     self._ingestor = EventIngestor(self)
         return self._ingestor
 
-    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
-        """Apply one vLLM KV-event payload frame (msgpack ``EventBatch``) from `pod`.
+    def ingest(
+        self,
+        pod: str,
+        model: str | None,
+        payload: bytes,
+        seq: int | None = None,
+        engine: str = "vllm",
+    ) -> None:
+        """Apply one KV-event payload frame (msgpack ``EventBatch``) from `pod`.
 
         Malformed payloads are dropped and counted, never raised. `seq` is the frame's sequence
-        number when known: gaps and restarts are detected from it.
+        number when known: gaps and restarts are detected from it. `engine` names the wire
+        format: ``"vllm"`` (default) or ``"sglang"`` (needs ``derived`` key mode).
+
+        Raises:
+            ValueError: `engine` names no known wire format.
         """
-        self.ingestor.ingest(pod=pod, model=model, payload=payload, seq=seq)
+        self.ingestor.ingest(pod=pod, model=model, payload=payload, seq=seq, engine=engine)
 
     def record_speculative(self, pod: str, keys: Sequence[int], ttl: float) -> None:
         """Count `keys` as held by `pod` for `ttl` seconds (a routing decision in flight)."""

@@ -38,6 +38,7 @@ from kvaware_scorer.scheduler import (
     parse_duration,
 )
 from kvaware_scorer.scheduler.matchinfo import MatchInfo, per_call
+from kvaware_scorer.scheduler.types import engine_of
 from kvaware_scorer.scoring import ScoreResult
 
 __all__ = [
@@ -131,13 +132,8 @@ def precise_transform(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]
             "index (bounded by inMemoryConfig.size)"
         )
     ev = out.get("kvEventsConfig")
-    if isinstance(ev, Mapping) and ("podDiscoveryConfig" in ev or "engineType" in ev):
+    if isinstance(ev, Mapping) and "podDiscoveryConfig" in ev:
         ev = dict(ev)
-        engine = ev.pop("engineType", "vllm")
-        if engine != "vllm":
-            raise ConfigError(
-                f"only vLLM KV events are supported, got {engine!r}", "kvEventsConfig.engineType"
-            )
         pd = ev.pop("podDiscoveryConfig", None) or {}
         if not isinstance(pd, Mapping):
             raise ConfigError("expected a mapping", "kvEventsConfig.podDiscoveryConfig")
@@ -290,9 +286,16 @@ class PrecisePrefixCacheScorer:
 
     # -- events -------------------------------------------------------------------------------------
 
-    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
-        """Apply one vLLM KV-event payload from `pod` (delegates to `Indexer.ingest`)."""
-        self.indexer.ingest(pod, model, payload, seq)
+    def ingest(
+        self,
+        pod: str,
+        model: str | None,
+        payload: bytes,
+        seq: int | None = None,
+        engine: str = "vllm",
+    ) -> None:
+        """Apply one KV-event payload from `pod` (delegates to `Indexer.ingest`)."""
+        self.indexer.ingest(pod, model, payload, seq, engine=engine)
 
     def _subscription(self, e: Endpoint) -> tuple[str, str | None] | None:
         cfg = self.params.kv_events_config
@@ -321,7 +324,9 @@ class PrecisePrefixCacheScorer:
             ).start()
             return
         endpoint, replay = sub
-        self._subscriber.add_endpoint(e.id, endpoint, replay_endpoint=replay, model=e.model)
+        self._subscriber.add_endpoint(
+            e.id, endpoint, replay_endpoint=replay, model=e.model, engine=engine_of(e)
+        )
 
     def _discover(self, e: Endpoint, subscriber: Any, fallback: tuple[str, str | None]) -> None:
         """Dial `e`'s publishers as its ``/kv_event_sources`` lists them, else the configured
@@ -345,10 +350,12 @@ class PrecisePrefixCacheScorer:
                 ):
                     return  # stopped, or the endpoint left while we asked
                 if sources:
-                    subscriber.add_event_sources(e.id, sources, model=e.model)
+                    subscriber.add_event_sources(e.id, sources, model=e.model, engine=engine_of(e))
                 else:
                     endpoint, replay = fallback
-                    subscriber.add_endpoint(e.id, endpoint, replay_endpoint=replay, model=e.model)
+                    subscriber.add_endpoint(
+                        e.id, endpoint, replay_endpoint=replay, model=e.model, engine=engine_of(e)
+                    )
         except Exception:
             logger.exception("%s: subscribing to %s failed", self.name, e.id)
 

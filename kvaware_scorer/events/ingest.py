@@ -55,6 +55,7 @@ from kvaware_scorer.events.decode import (
     DecodedBatch,
     EventDecoder,
 )
+from kvaware_scorer.events.sglang import SGLangEventDecoder
 from kvaware_scorer.index.base import MAX_TIERS, normalize_medium
 from kvaware_scorer.keys import DerivedKeyer
 
@@ -148,6 +149,7 @@ class StreamState:
         merging: A join replay is being applied over index entries that an earlier ingestor
             (another process on a shared index) wrote for this pod: stores add no reference
             the pod already holds, offload placeholders are skipped.
+        decoder: The wire decoder of the stream's engine (None: vLLM's).
     """
 
     pod: str
@@ -166,6 +168,7 @@ class StreamState:
     last_digest: int | None = None
     last_seen: float = field(default_factory=time.monotonic)
     merging: bool = False
+    decoder: Any = None
 
     def remember(self, engine_hash: int, key: int) -> None:
         """Record `engine_hash` -> `key` in `recent` (two generations of `_RECENT` pairs)."""
@@ -364,6 +367,12 @@ class EventIngestor:
         keyer = indexer.keyer
         self._keyer: DerivedKeyer | None = keyer if isinstance(keyer, DerivedKeyer) else None
         self._decoder = EventDecoder()
+        # NOTE: one decoder per engine wire format, chosen per frame (`ingest(engine=...)`).
+        self.decoders: dict[str, Any] = {
+            "vllm": self._decoder,
+            "sglang": SGLangEventDecoder(self.block_size),
+        }
+        self._engine_warned: set[str] = set()
         self._encoder = msgspec.msgpack.Encoder()
         self._streams: dict[str, dict[int, StreamState]] = {}
         self._locks = [threading.RLock() for _ in range(_LOCK_STRIPES)]
@@ -392,8 +401,15 @@ class EventIngestor:
 
     # -- public entry points -----------------------------------------------------------------
 
-    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
-        """Apply one payload frame from `pod` (never raises).
+    def ingest(
+        self,
+        pod: str,
+        model: str | None,
+        payload: bytes,
+        seq: int | None = None,
+        engine: str = "vllm",
+    ) -> None:
+        """Apply one payload frame from `pod` (never raises for bad data).
 
         Args:
             pod: Pod id (``"<address>:<port>"``).
@@ -402,9 +418,30 @@ class EventIngestor:
             payload: The msgpack ``EventBatch`` frame.
             seq: The frame's sequence number, when it came from a publisher: enables restart
                 and gap detection. None applies the frame as it is.
+            engine: The frame's wire format (``"vllm"``, the default, or ``"sglang"``); a
+                stream keeps the format of its latest frame (replays are decoded with it).
+
+        Raises:
+            ValueError: `engine` names no known wire format.
         """
+        decoder = self.decoders.get(engine)
+        if decoder is None:
+            known = ", ".join(sorted(self.decoders))
+            raise ValueError(f"unknown KV-event engine {engine!r} (known: {known})")
+        if engine != "vllm" and self._keyer is None:
+            # NOTE: vllm key mode reproduces vLLM's own block hashes from prompts; another
+            # engine's hashes never equal them, so its blocks could only be misses.
+            self._dropped["engine_key_mode"].inc()
+            if engine not in self._engine_warned:
+                self._engine_warned.add(engine)
+                logger.warning(
+                    "%s KV events need derived keys (tokenProcessorConfig keyMode 'derived'); "
+                    "dropping them in vllm key mode",
+                    engine,
+                )
+            return
         try:
-            self._ingest(pod, model, payload, seq)
+            self._ingest(pod, model, payload, seq, decoder)
         except Exception:
             self._dropped["internal_error"].inc()
             logger.exception("KV-event frame from %s (seq %s) failed", pod, seq)
@@ -562,23 +599,27 @@ class EventIngestor:
             st.held = {t: dict(r) for t, r in refs.items()}
         return True
 
-    def _decode(self, payload: bytes) -> DecodedBatch | None:
+    def _decode(self, payload: bytes, decoder: Any = None) -> DecodedBatch | None:
         try:
-            return self._decoder.decode(payload)
+            batch: DecodedBatch = (decoder or self._decoder).decode(payload)
+            return batch
         except EventDecodeError as exc:
             self._dropped[exc.reason].inc()
             logger.debug("dropped KV-event payload (%d bytes): %s", len(payload), exc)
             return None
 
-    def _ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None) -> None:
+    def _ingest(
+        self, pod: str, model: str | None, payload: bytes, seq: int | None, decoder: Any = None
+    ) -> None:
         if time.monotonic() - self._last_sweep >= self.sweep_interval:
             self.sweep()
-        batch = self._decode(payload)
+        batch = self._decode(payload, decoder)
         if batch is None:
             return
         rank = batch.data_parallel_rank or 0
         with self._lock_for(pod):
             st = self._stream(pod, rank, model)
+            st.decoder = decoder
             if seq is None:
                 self._apply(st, batch, "unsequenced")
                 return
@@ -725,7 +766,7 @@ class EventIngestor:
                 break
             if seq > expected and reason == "gap":
                 lost += seq - expected
-            batch = self._decode(payload)
+            batch = self._decode(payload, st.decoder)
             if batch is not None:
                 if (batch.data_parallel_rank or 0) != st.rank:
                     self._dropped["rank_mismatch"].inc()
@@ -832,7 +873,7 @@ class EventIngestor:
         st.first_seq = first
         applied = 0
         for q, payload in frames:
-            batch = self._decode(payload)
+            batch = self._decode(payload, st.decoder)
             if batch is not None and (batch.data_parallel_rank or 0) == st.rank:
                 st = self._apply(st, batch, "replay")
                 applied += 1
@@ -859,6 +900,7 @@ class EventIngestor:
             self.indexer.purge_pod(pod, reason=reason)
             self._streams.pop(pod, None)
             new = self._stream(pod, rank, st.model)
+        new.decoder = st.decoder
         if keep_seq:
             new.last_seq, new.live_seq, new.main_group = st.last_seq, st.live_seq, st.main_group
             new.first_seq, new.incomplete = st.first_seq, st.incomplete

@@ -150,6 +150,7 @@ class _PodEndpoint:
     model: str | None
     replay_base: str | None = None  # rank 0's replay ROUTER (rank r: offset by r, as vLLM does)
     replay_endpoints: dict[int, str] | None = None  # or each rank's, as the pod listed them
+    engine: str | None = None  # wire format (None: the config's engine_type)
 
 
 class KVEventSubscriber:
@@ -207,6 +208,7 @@ class KVEventSubscriber:
                 entry.replay_endpoint or config.replay_endpoints.get(pod_id),
                 entry.model,
                 entry.data_parallel_size,
+                entry.engine,
             )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -292,6 +294,7 @@ class KVEventSubscriber:
         model: str | None = None,
         *,
         data_parallel_size: int | None = None,
+        engine: str | None = None,
     ) -> None:
         """Dial a pod's publisher (replacing any previous endpoint of that pod).
 
@@ -301,11 +304,12 @@ class KVEventSubscriber:
             replay_endpoint: The pod's replay ROUTER endpoint (rank 0's), if any.
             model: Model of the pod's events (else the topic's, else ``default_model``).
             data_parallel_size: DP ranks; rank ``r`` is dialed at port ``+r``.
+            engine: The pod's wire format (``vllm``, ``sglang``; None: ``engine_type``).
 
         Raises:
             ConfigError: An endpoint that cannot be offset for its DP ranks.
         """
-        self._register(pod_id, endpoint, replay_endpoint, model, data_parallel_size)
+        self._register(pod_id, endpoint, replay_endpoint, model, data_parallel_size, engine)
         # NOTE: before start, registering is enough (start dials every registered pod); a
         # redundant "add" would only redial.
         if self._thread is not None:
@@ -316,6 +320,7 @@ class KVEventSubscriber:
         pod_id: str,
         sources: dict[int, tuple[str, str | None]],
         model: str | None = None,
+        engine: str | None = None,
     ) -> None:
         """Dial a pod's publishers as its vLLM server lists them (replacing any previous ones).
 
@@ -334,7 +339,7 @@ class KVEventSubscriber:
             )
         replays = {r: rep for r, (_, rep) in sources.items() if rep is not None}
         pubs = {r: e for r, (e, _) in sources.items()}
-        self._pods[pod_id] = _PodEndpoint(pubs, model, replay_endpoints=replays)
+        self._pods[pod_id] = _PodEndpoint(pubs, model, replay_endpoints=replays, engine=engine)
         if self._thread is not None:
             self._commands.put(("add", pod_id))
 
@@ -358,6 +363,7 @@ class KVEventSubscriber:
         replay_endpoint: str | None,
         model: str | None,
         data_parallel_size: int | None,
+        engine: str | None = None,
     ) -> None:
         ranks = range(data_parallel_size or self.config.data_parallel_size)
         try:
@@ -367,7 +373,7 @@ class KVEventSubscriber:
                     offset_endpoint(replay_endpoint, r)
         except ValueError as exc:
             raise ConfigError(str(exc), f"kvEventsConfig.endpoints.{pod_id}") from None
-        self._pods[pod_id] = _PodEndpoint(pubs, model, replay_endpoint)
+        self._pods[pod_id] = _PodEndpoint(pubs, model, replay_endpoint, engine=engine)
 
     # -- the receiving loop ------------------------------------------------------------------
 
@@ -531,8 +537,10 @@ class KVEventSubscriber:
         self._dispatch(pod, functools.partial(self._apply_frame, pod, use_model, payload, seq))
 
     def _apply_frame(self, pod: str, model: str | None, payload: bytes, seq: int) -> None:
+        info = self._pods.get(pod)
+        engine = (info.engine if info is not None else None) or self.config.engine_type
         try:
-            self.indexer.ingest(pod, model, payload, seq)
+            self.indexer.ingest(pod, model, payload, seq, engine=engine)
         finally:
             with self._handled_lock:
                 self.frames_handled += 1

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
 
-from kvaware_scorer.config import ConfigModel, load_model
+from kvaware_scorer.config import ConfigModel, EngineType, load_model
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.scheduler.config import read_yaml
 from kvaware_scorer.scheduler.types import Endpoint
@@ -56,6 +56,8 @@ class EndpointSpec(ConfigModel):
         kv_events_replay: The pod's replay ROUTER endpoint.
         metrics_path: HTTP path of the Prometheus metrics.
         metrics_port: Port of the metrics endpoint (default: `port`).
+        engine: The serving engine, ``vllm`` or ``sglang`` (default: the pod label
+            ``llm-d.ai/engine-type``, else the scorer's ``engineType``).
     """
 
     name: str | None = None
@@ -68,6 +70,7 @@ class EndpointSpec(ConfigModel):
     kv_events_replay: str | None = None
     metrics_path: str = "/metrics"
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    engine: EngineType | None = None
 
     @field_validator("port", mode="before")
     @classmethod
@@ -106,6 +109,7 @@ class EndpointSpec(ConfigModel):
             namespace=self.namespace,
             metrics_path=self.metrics_path,
             metrics_port=self.metrics_port,
+            engine=self.engine,
         )
 
 

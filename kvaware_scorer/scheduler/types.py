@@ -36,7 +36,11 @@ __all__ = [
     "SchedulingResult",
     "ScoredEndpoint",
     "Scorer",
+    "engine_of",
 ]
+
+#: Pod labels naming the serving engine, as upstream reads them (newest first).
+ENGINE_LABELS = ("llm-d.ai/engine-type", "inference.networking.k8s.io/engine-type")
 
 
 @dataclass(slots=True)
@@ -76,6 +80,9 @@ class Endpoint:
         namespace: Kubernetes namespace, optional (informational).
         metrics_path: HTTP path of the pod's Prometheus metrics.
         metrics_port: Port of the metrics endpoint (None = the serving port).
+        engine: The serving engine (``vllm``, ``sglang``): the wire format of its KV events
+            and the names of its metrics. None: read from the pod label
+            ``llm-d.ai/engine-type`` (as upstream), else the scorer's ``engineType``.
     """
 
     name: str
@@ -89,6 +96,7 @@ class Endpoint:
     namespace: str | None = None
     metrics_path: str = "/metrics"
     metrics_port: int | None = None
+    engine: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_id", f"{self.address}:{self.port}")
@@ -418,3 +426,14 @@ class RequestPreparer(Protocol):
     def prepare(self, request: SchedulingRequest) -> None:
         """Compute and cache what scoring will need (e.g. ``request.tokens(...)``)."""
         ...
+
+
+def engine_of(endpoint: Endpoint) -> str | None:
+    """`endpoint`'s serving engine: its ``engine``, else its engine-type label, else None."""
+    if endpoint.engine:
+        return endpoint.engine
+    for label in ENGINE_LABELS:
+        value = endpoint.labels.get(label)
+        if value:
+            return value.strip().lower()
+    return None
