@@ -24,6 +24,18 @@ def register(sub: Any) -> None:
     actions = p.add_subparsers(dest="events_action", metavar="ACTION")
     d = actions.add_parser("decode", help="print msgpack payload files as JSON lines")
     d.add_argument("files", nargs="+", type=Path)
+    d.add_argument(
+        "--engine",
+        choices=("vllm", "sglang"),
+        default="vllm",
+        help="wire format of the payloads (default: vllm)",
+    )
+    d.add_argument(
+        "--block-size",
+        type=int,
+        default=1,
+        help="re-chunk SGLang pages to this many tokens, as the index would (default: 1, as sent)",
+    )
     d.set_defaults(func=_decode)
     lis = actions.add_parser("listen", help="subscribe and print per-pod stream statistics")
     lis.add_argument("--bind", metavar="ENDPOINT", help="bind mode endpoint, e.g. tcp://*:5557")
@@ -36,6 +48,12 @@ def register(sub: Any) -> None:
     )
     lis.add_argument("--topic-filter", default="", help='topic prefix (default "": all)')
     lis.add_argument("--default-model", default=None, help="model when the topic names none")
+    lis.add_argument(
+        "--engine",
+        choices=("vllm", "sglang"),
+        default="vllm",
+        help="wire format of every stream (default: vllm)",
+    )
     lis.add_argument("--interval", type=float, default=5.0, help="seconds between reports")
     lis.add_argument("--duration", type=float, default=0.0, help="stop after this (0 = never)")
     lis.set_defaults(func=_listen)
@@ -62,8 +80,9 @@ def _json_default(value: Any) -> Any:
 def _decode(args: argparse.Namespace) -> int:
     from kvaware_scorer.errors import EventDecodeError
     from kvaware_scorer.events.decode import EventDecoder, event_fields
+    from kvaware_scorer.events.sglang import SGLangEventDecoder
 
-    dec = EventDecoder()
+    dec: Any = EventDecoder() if args.engine == "vllm" else SGLangEventDecoder(args.block_size)
     rc = 0
     for path in args.files:
         try:
@@ -106,6 +125,7 @@ def _listen(args: argparse.Namespace) -> int:
         topic_filter=args.topic_filter,
         default_model=args.default_model,
         stats_interval=0,
+        engine_type=args.engine,
     )
     try:
         sub = KVEventSubscriber(indexer, config)

@@ -360,3 +360,18 @@ def test_the_precise_scorer_reads_an_sglang_pod(
     finally:
         s.stop()
         pub.close(linger=0)
+
+
+def test_events_decode_reads_sglang_payloads(capsys: pytest.CaptureFixture[str]) -> None:
+    from kvaware_scorer.cli import main
+
+    path = FIXTURES / "batch_stored.msgpack"
+    assert main(["events", "decode", "--engine", "sglang", str(path)]) == 0
+    line = json.loads(capsys.readouterr().out)
+    (ev,) = line["events"]
+    want = _manifest(FIXTURES)["files"]["batch_stored.msgpack"]["batch"]["events"][0]
+    assert ev["block_hashes"] == [h["hex"] for h in want["block_hashes"]]
+    assert line["rejected"] == []
+    # vLLM's decoder rejects the same store (signed hashes)
+    assert main(["events", "decode", str(path)]) == 0
+    assert json.loads(capsys.readouterr().out)["rejected"] == ["malformed_event"]

@@ -33,12 +33,18 @@ def write(path: Path, text: str) -> None:
 def test_example_file_loads() -> None:
     """config/endpoints.example.yaml parses into endpoints with ids, labels and event endpoints."""
     eps = load_endpoints(ROOT / "config" / "endpoints.example.yaml")
-    assert [e.id for e in eps] == ["10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"]
+    assert [e.id for e in eps] == [
+        "10.0.0.1:8000",
+        "10.0.0.2:8000",
+        "10.0.0.3:8000",
+        "10.0.0.4:30000",
+    ]
     assert eps[0].labels == {"llm-d.ai/role": "decode"}
     assert eps[0].kv_events == "tcp://10.0.0.1:5557"
     assert eps[0].kv_events_replay == "tcp://10.0.0.1:5558"
     assert eps[0].model == "Qwen/Qwen3-32B"
     assert eps[2].port == 8000 and eps[2].kv_events is None
+    assert [e.engine for e in eps] == [None, None, None, "sglang"]
 
 
 @pytest.mark.parametrize(
@@ -55,6 +61,10 @@ def test_example_file_loads() -> None:
             "endpoints[1]",
         ),
         ("endpoint: []\n", "endpoint"),
+        (
+            "endpoints:\n  - {address: 10.0.0.1, port: 8000, engine: trtllm}\n",
+            "endpoints[0].engine",
+        ),
     ],
 )
 def test_invalid_files_name_the_path(tmp_path: Path, text: str, path: str) -> None:
