@@ -180,6 +180,20 @@ class RedisIndexConfig(ConfigModel):
         return value
 
 
+class IndexBackendConfig(ConfigModel):
+    """A backend registered by name (`kvBlockIndexConfig.backendConfig`): a third party's, or a
+    built-in one named explicitly.
+
+    Attributes:
+        type: The name the backend registered (`kvaware_scorer.index.register_backend`, or the
+            ``kvaware_scorer.index_backends`` entry-point group).
+        parameters: Passed to the backend's factory as they are.
+    """
+
+    type: str = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
 class KVBlockIndexConfig(ConfigModel):
     """Which index backend to use (`kvBlockIndexConfig`). At most one backend may be set;
     none means the in-memory default."""
@@ -187,6 +201,7 @@ class KVBlockIndexConfig(ConfigModel):
     in_memory_config: InMemoryIndexConfig | None = None
     redis_config: RedisIndexConfig | None = None
     valkey_config: RedisIndexConfig | None = None
+    backend_config: IndexBackendConfig | None = None
     enable_metrics: bool = True
     metrics_logging_interval: float = Field(0.0, ge=0)
 
@@ -198,6 +213,7 @@ class KVBlockIndexConfig(ConfigModel):
                 ("inMemoryConfig", self.in_memory_config),
                 ("redisConfig", self.redis_config),
                 ("valkeyConfig", self.valkey_config),
+                ("backendConfig", self.backend_config),
             )
             if value is not None
         ]
@@ -207,7 +223,10 @@ class KVBlockIndexConfig(ConfigModel):
 
     @property
     def backend(self) -> str:
-        """Name of the selected backend: ``memory``, ``redis`` or ``valkey``."""
+        """Name of the selected backend: ``memory``, ``redis``, ``valkey`` or a registered
+        backend's name (`backend_config`)."""
+        if self.backend_config is not None:
+            return self.backend_config.type
         if self.redis_config is not None:
             return "redis"
         if self.valkey_config is not None:

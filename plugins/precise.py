@@ -167,7 +167,7 @@ class PrecisePrefixCacheScorer:
         self._match_key = ctx.name + ":match"
         # NOTE: a remote index answers lookups over the network: the scheduler then keeps the
         # whole pipeline off the event loop.
-        self.blocking_io = params.kv_block_index_config.backend != "memory"
+        self.blocking_io = self.indexer.index.blocking_io
         self._subscriber: Any = None
         self._started = False
         self._lock = threading.Lock()

@@ -170,7 +170,13 @@ class KVBlockIndex(Protocol):
     Keys are our block keys (see `kvaware_scorer.keys`); engine hashes are the hashes vLLM
     publishes, remembered per pod so that removals and parent lookups can be resolved.
     Implementations are safe to call from several threads.
+
+    Attributes:
+        blocking_io: Whether calls wait on the network (a remote store): the scheduler then
+            keeps scoring off its event loop.
     """
+
+    blocking_io: bool
 
     def add(
         self,

@@ -114,7 +114,7 @@ def _bits(mask: int) -> Iterator[int]:
 
 
 class InMemoryIndex:
-    """In-process `KVBlockIndex`.
+    """In-process `KVBlockIndex` (no call waits on I/O: ``blocking_io`` is False).
 
     Args:
         size: Maximum (block, pod) entries; beyond it blocks are evicted, least recently used
@@ -125,6 +125,8 @@ class InMemoryIndex:
     """
 
     backend = "memory"
+
+    blocking_io = False
 
     def __init__(
         self,

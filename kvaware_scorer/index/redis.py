@@ -365,6 +365,8 @@ class RedisIndex:
 
     backend = "redis"
 
+    blocking_io = True
+
     def __init__(self, config: RedisIndexConfig, tiers: TierTable | None = None) -> None:
         if config.cluster and config.db not in (None, 0):
             raise ConfigError("must be 0 (or unset) on a cluster", "redisConfig.db")
