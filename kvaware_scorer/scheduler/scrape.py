@@ -93,7 +93,9 @@ def parse_vllm_metrics(text: str) -> EndpointMetrics:
         for sample in family.samples:
             # NOTE: one sample per engine (DP rank); engines add up, and an engine's KV usage is
             # weighted by its own num_gpu_blocks (cache_config_info has no model_name label).
-            engine = sample.labels.get("engine", "")
+            # SGLang labels its schedulers by dp_rank (and tp_rank; only attention-TP rank 0
+            # reports, so TP ranks never double count).
+            engine = sample.labels.get("engine") or sample.labels.get("dp_rank", "")
             if name in WAITING:
                 waiting[engine] = waiting.get(engine, 0.0) + sample.value
             elif name in RUNNING:

@@ -46,7 +46,7 @@ from kvaware_scorer.sim.engine import Engine, EngineRequest, RequestStatus, Step
 from kvaware_scorer.sim.hashing import BlockHasher, make_hasher
 from kvaware_scorer.sim.profiles import PROFILES, EngineProfile, get_profile
 from kvaware_scorer.sim.request import SimRequest
-from kvaware_scorer.sim.wire import EventEncoder, KVEvent
+from kvaware_scorer.sim.wire import EventEncoder, KVEvent, SGLangEventEncoder
 
 if TYPE_CHECKING:
     import zmq
@@ -111,6 +111,8 @@ class LivePodsConfig(ConfigModel):
             that ignores EOS should not do).
         prompt_tokens_details: Report ``usage.prompt_tokens_details.cached_tokens`` (vLLM's
             ``--enable-prompt-tokens-details``).
+        event_format: Wire format of the published KV events: ``vllm``, or ``sglang`` (an
+            SGLang >= 0.5.20 publisher's payloads, for the engine seam's live tests).
     """
 
     profile: str = "llama-3.1-8b-1xh100"
@@ -135,6 +137,7 @@ class LivePodsConfig(ConfigModel):
     buffer_steps: int = Field(10_000, ge=1)
     default_max_tokens: int = Field(16, ge=1)
     prompt_tokens_details: bool = True
+    event_format: Literal["vllm", "sglang"] = "vllm"
 
     @field_validator("profile")
     @classmethod
@@ -351,7 +354,7 @@ class LivePod:
         #: Requests completed and aborted since the last start.
         self.requests_finished = 0
         self.requests_aborted = 0
-        self._encoder = EventEncoder()
+        self._encoder = EventEncoder() if config.event_format == "vllm" else SGLangEventEncoder()
         self._live: dict[str, LiveRequest] = {}
         self._ops: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
         self._wake: asyncio.Event | None = None

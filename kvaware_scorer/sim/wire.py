@@ -23,6 +23,7 @@ __all__ = [
     "BlockStored",
     "EventEncoder",
     "KVEvent",
+    "SGLangEventEncoder",
     "event_extra_keys",
 ]
 
@@ -111,3 +112,73 @@ class EventEncoder:
         """Plain msgpack view of a payload (for tests and debugging)."""
         out: list[Any] = self._dec.decode(payload)
         return out
+
+
+def _signed64(value: int | bytes) -> int:
+    """A vLLM hash as an SGLang event hash: a signed int64 (bytes: their first 8, as SGLang
+    reads its SHA-256 digests)."""
+    raw = value[:8] if isinstance(value, bytes) else (value & ((1 << 64) - 1)).to_bytes(8, "big")
+    return int.from_bytes(raw.rjust(8, b"\0"), "big", signed=True)
+
+
+class SGLangEventEncoder(EventEncoder):
+    """Encodes the emulator's events as an SGLang >= 0.5.20 publisher sends them.
+
+    Events become maps in SGLang's field order with signed int64 hashes and ``medium`` always
+    set; the batch's rank is ``attn_dp_rank``; the first batch of a publisher starts with
+    ``AllBlocksCleared`` (SGLang queues one when its cache is built). The hashes stay the
+    emulated vLLM engine's, reinterpreted as signed: opaque ids to any consumer, which derives
+    keys from token ids.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._started = False
+
+    def encode(
+        self, ts: float, events: Sequence[KVEvent], data_parallel_rank: int | None = 0
+    ) -> bytes:
+        out: list[dict[str, Any]] = []
+        if not self._started:
+            self._started = True
+            out.append({"type": "AllBlocksCleared"})
+        for ev in events:
+            if isinstance(ev, BlockStored):
+                m: dict[str, Any] = {
+                    "type": "BlockStored",
+                    "block_hashes": [_signed64(h) for h in ev.block_hashes],
+                    "parent_block_hash": None
+                    if ev.parent_block_hash is None
+                    else _signed64(ev.parent_block_hash),
+                    "token_ids": list(ev.token_ids),
+                    "block_size": ev.block_size,
+                    "lora_id": None,
+                    "medium": ev.medium or MEDIUM_GPU,
+                }
+                salt = _salt(ev.extra_keys, ev.lora_name)
+                if salt is not None:
+                    m["cache_salt"] = salt
+                if ev.lora_name:
+                    m["lora_name"] = ev.lora_name
+                out.append(m)
+            elif isinstance(ev, BlockRemoved):
+                out.append(
+                    {
+                        "type": "BlockRemoved",
+                        "block_hashes": [_signed64(h) for h in ev.block_hashes],
+                        "medium": ev.medium or MEDIUM_GPU,
+                    }
+                )
+            else:
+                out.append({"type": "AllBlocksCleared"})
+        payload: bytes = self._enc.encode([float(ts), out, data_parallel_rank])
+        return payload
+
+
+def _salt(extra: list[list[Any] | None] | None, lora: str | None) -> str | None:
+    if not extra or not extra[0]:
+        return None
+    for x in extra[0]:
+        if isinstance(x, str) and x != lora:
+            return x
+    return None
