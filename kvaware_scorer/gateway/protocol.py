@@ -151,10 +151,13 @@ def _invalid(exc: msgspec.ValidationError, prefix: str = "") -> APIError:
     return APIError(400, f"Invalid request: {text}", param=param, code="invalid_type")
 
 
-#: What msgspec raises, besides `msgspec.DecodeError`, on bodies that are not valid JSON: strings
-#: that are not UTF-8 (checked only when a string is decoded) and nesting deeper than it
-#: recurses (even inside fields the gateway skips).
-_UNREADABLE = (UnicodeDecodeError, RecursionError)
+#: Everything msgspec documents (or is seen) to raise on bytes that are not the JSON a pod could
+#: read: `msgspec.DecodeError` (malformed JSON; from msgspec 0.23 also strings that are not
+#: UTF-8), `UnicodeError` (such strings before 0.23, checked only when a string is decoded) and
+#: `RecursionError` (nesting deeper than it recurses, even inside fields the gateway skips).
+#: `msgspec.ValidationError` is a `msgspec.DecodeError` too: catch it first where it means "the
+#: wrong type" rather than "unreadable".
+_UNREADABLE: tuple[type[Exception], ...] = (msgspec.DecodeError, UnicodeError, RecursionError)
 
 
 def _json_error(exc: Exception) -> APIError:
@@ -162,6 +165,8 @@ def _json_error(exc: Exception) -> APIError:
         detail = "it is nested too deeply"
     elif isinstance(exc, UnicodeDecodeError):
         detail = f"it is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+    elif isinstance(exc, UnicodeError) or "UTF-8" in str(exc):
+        detail = "it is not valid UTF-8"
     else:
         detail = str(exc)
     return APIError(
@@ -206,7 +211,7 @@ class RequestParser:
             req = self._completion.decode(body)
         except msgspec.ValidationError as exc:
             raise _invalid(exc) from None
-        except (msgspec.DecodeError, *_UNREADABLE) as exc:
+        except _UNREADABLE as exc:
             raise _json_error(exc) from None
         out = ParsedRequest(
             self._model(req.model), stream=bool(req.stream), cache_salt=req.cache_salt
@@ -230,6 +235,12 @@ class RequestParser:
         return out
 
     def _prompt(self, raw: msgspec.Raw, out: ParsedRequest) -> None:
+        """Decode the prompt's shape into `out`.
+
+        Raises:
+            APIError: A wrong type (400 ``invalid_type``).
+            msgspec.DecodeError: Unreadable JSON (any of `_UNREADABLE`; the caller maps them).
+        """
         # NOTE: msgspec allows one array type per union, so the four prompt shapes are tried in
         # turn; each wrong guess fails on its first byte or element.
         try:
@@ -237,8 +248,6 @@ class RequestParser:
             return
         except msgspec.ValidationError:
             pass
-        except msgspec.DecodeError as exc:
-            raise _json_error(exc) from None
         first_error: msgspec.ValidationError | None = None
         try:
             out.token_ids = self._ids.decode(raw)
@@ -274,7 +283,7 @@ class RequestParser:
             req = self._chat.decode(body)
         except msgspec.ValidationError as exc:
             raise _invalid(exc) from None
-        except (msgspec.DecodeError, *_UNREADABLE) as exc:
+        except _UNREADABLE as exc:
             raise _json_error(exc) from None
         model = self._model(req.model)
         if req.messages is None:
@@ -310,5 +319,5 @@ class RequestParser:
             return len(raw) > 0 and bytes(raw) != b"null"
         except msgspec.ValidationError as exc:
             raise _invalid(exc) from None
-        except (msgspec.DecodeError, *_UNREADABLE) as exc:
+        except _UNREADABLE as exc:
             raise _json_error(exc) from None

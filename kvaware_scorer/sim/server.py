@@ -301,7 +301,9 @@ class _PodAPI:
             raise _HTTPError(413, str(exc)) from None
         try:
             body = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
+            # NOTE: strings that are not UTF-8 are a DecodeError from msgspec 0.23, a
+            # UnicodeDecodeError before; nesting deeper than it recurses a RecursionError.
             raise _HTTPError(400, f"Invalid JSON body: {exc}") from None
         if not isinstance(body, dict):
             raise _HTTPError(400, "The request body must be a JSON object")

@@ -349,7 +349,8 @@ def _decode_tool_calls(message: dict[str, Any]) -> None:
             if not isinstance(arguments, (dict, list)):
                 try:
                     function["arguments"] = json.loads(arguments)
-                except (TypeError, ValueError) as exc:
+                except (TypeError, ValueError, RecursionError) as exc:
+                    # NOTE: client text: nesting deeper than json recurses is a bad request too
                     raise ValueError(f"tool call arguments are not valid JSON: {exc}") from None
         else:
             function["arguments"] = {}

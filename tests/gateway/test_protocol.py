@@ -170,6 +170,62 @@ def test_is_chat(parser: RequestParser) -> None:
         parser.is_chat(b"nope")
 
 
+_BAD = b"\xff\xfe"
+_DEEP = b"[" * 5_000 + b"]" * 5_000
+
+# Every string position each decoder of RequestParser reads, plus nesting beyond msgspec's
+# recursion limit: whichever of DecodeError (msgspec >= 0.23), UnicodeDecodeError (before) or
+# RecursionError the installed msgspec raises, the answer is the same 400.
+_UNREADABLE_BODIES = {
+    "completion": [
+        b'{"model": "m", "prompt": "' + _BAD + b'"}',
+        b'{"model": "' + _BAD + b'", "prompt": "x"}',
+        b'{"model": "m", "prompt": ["' + _BAD + b'"]}',
+        b'{"model": "m", "prompt": ["ok", "' + _BAD + b'"]}',
+        b'{"model": "m", "prompt": "x", "cache_salt": "' + _BAD + b'"}',
+        b'{"model": "m", "prompt": ' + _DEEP + b"}",
+        b'{"model": "m", "prompt": [' + _DEEP + b"]}",
+        b'{"model": "m", "skipped": ' + _DEEP + b', "prompt": "x"}',
+        b'{"model": "m", "prompt": "x"',
+        b"\xff",
+    ],
+    "chat": [
+        b'{"model": "m", "messages": [{"role": "user", "content": "' + _BAD + b'"}]}',
+        b'{"model": "m", "messages": [{"' + _BAD + b'": "x"}]}',
+        b'{"model": "m", "messages": [{"role": "user"}], "chat_template": "' + _BAD + b'"}',
+        b'{"model": "m", "messages": [{"role": "user"}], "tools": [{"x": "' + _BAD + b'"}]}',
+        b'{"model": "m", "messages": [{"role": "user", "content": ' + _DEEP + b"}]}",
+        b'{"model": "m", "messages": [{"role": "user"}], "skipped": ' + _DEEP + b"}",
+    ],
+    "is_chat": [
+        b'{"model": "m", "messages": [{"content": "x"}], "\xff',
+        b'{"model": "m", "messages": ' + _DEEP + b"}",
+        b'{"model": "m", "prompt": ' + _DEEP + b"}",
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [(m, b) for m, bodies in _UNREADABLE_BODIES.items() for b in bodies],
+    ids=[f"{m}-{i}" for m, bodies in _UNREADABLE_BODIES.items() for i in range(len(bodies))],
+)
+def test_unreadable_bodies_are_400_invalid_json(
+    parser: RequestParser, method: str, body: bytes
+) -> None:
+    """Bytes that are not readable JSON (not UTF-8, too deep, malformed) are a 400
+    invalid_json from every decoder, whatever error type the installed msgspec raises."""
+    with pytest.raises(APIError) as info:
+        getattr(parser, method)(body)
+    err = info.value
+    assert err.status == 400
+    assert err.code == "invalid_json"
+    assert err.message.startswith("We could not parse the JSON body of your request: ")
+    if _BAD in body:
+        assert err.message.endswith(("it is not valid UTF-8", ")"))
+        assert "UTF-8" in err.message
+
+
 def test_error_body_shape() -> None:
     """Errors use the OpenAI shape; 5xx errors are server errors."""
     assert error_body("m", param="p", code="c") == {

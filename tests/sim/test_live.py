@@ -502,6 +502,30 @@ async def test_bad_requests_get_vllm_errors(
     assert pod.engine is not None and not pod.engine.has_work()
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": "\xff\xfe", "max_tokens": 1}',
+        b'{"prompt": ["ok", "\xc3("]}',
+        b'{"\xff": 1}',
+        b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+    ids=["prompt-not-utf8", "batch-not-utf8", "key-not-utf8", "too-deep"],
+)
+async def test_unreadable_bodies_get_a_400(
+    make_fleet: FleetFactory, session: aiohttp.ClientSession, body: bytes
+) -> None:
+    """Bodies that are not UTF-8 or nest deeper than the decoder recurses get vLLM's 400."""
+    pod = (await make_fleet(num_gpu_blocks=32)).pods[0]
+    async with session.post(
+        pod.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+    ) as resp:
+        assert resp.status == 400
+        data = await resp.json()
+    assert data["error"]["type"] == "BadRequestError" and data["error"]["code"] == 400
+    assert data["error"]["message"].startswith("Invalid JSON body: ")
+
+
 async def test_token_prompts_work_without_a_tokenizer(
     make_fleet: FleetFactory, session: aiohttp.ClientSession
 ) -> None:

@@ -195,6 +195,8 @@ def test_tool_call_arguments_are_decoded(make_service: Callable[..., Tokenizatio
     assert '"arguments": {}' in svc.render_chat(CHATML_MODEL, [CHAT[1], call("")])
     with pytest.raises(ValueError, match="not valid JSON"):
         svc.render_chat(CHATML_MODEL, [CHAT[1], call("{oops")])
+    with pytest.raises(ValueError, match="not valid JSON"):  # json.loads: RecursionError
+        svc.render_chat(CHATML_MODEL, [CHAT[1], call("[" * 100_000 + "]" * 100_000)])
     empty = {"role": "assistant", "content": "done", "tool_calls": []}
     assert parse_messages([empty], "string") == [{"role": "assistant", "content": "done"}]
 
