@@ -293,6 +293,11 @@ class TokenizersPoolConfig(ConfigModel):
         max_cached_tokenizers: Loaded tokenizers kept (LRU).
         local: Local sources: explicit map and auto-discovery directory.
         hf: The Hugging Face hub as a source.
+        render_timeout: Seconds a request-supplied chat template may take to render (in a
+            separate worker process, which is killed beyond it).
+        render_max_chars: Longest text a request-supplied chat template may render.
+        render_workers: Worker processes rendering request-supplied chat templates at once; a
+            render finding them all busy is refused at once.
     """
 
     workers_count: int = Field(5, ge=1, le=256)
@@ -300,6 +305,9 @@ class TokenizersPoolConfig(ConfigModel):
     max_cached_tokenizers: int = Field(16, ge=1)
     local: LocalTokenizerConfig = Field(default_factory=LocalTokenizerConfig)
     hf: HFTokenizerConfig = Field(default_factory=HFTokenizerConfig)
+    render_timeout: float = Field(1.0, gt=0, le=600)
+    render_max_chars: int = Field(1 << 20, ge=1)
+    render_workers: int = Field(2, ge=1, le=64)
 
 
 class PrefixStoreConfig(ConfigModel):

@@ -79,6 +79,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.chat_renders = Counter(
+            "kvaware_chat_renders",
+            "Renders of request-supplied chat templates, by result (ok, error, timeout, size, "
+            "busy, worker, again: refused again from memory)",
+            ["result"],
+            registry=r,
+        )
         self.prefix_store_entries = Gauge(
             "kvaware_prefix_store_entries", "Text chunks held by the prefix store", registry=r
         )

@@ -21,9 +21,16 @@ Per inference request (``POST /v1/completions``, ``POST /v1/chat/completions``):
    disconnect, shutdown), with the usage the pod reported (``prompt_tokens``,
    ``prompt_tokens_details.cached_tokens``, ``completion_tokens``).
 
-Also: ``GET /v1/models`` (union over the pool), ``GET /health``, ``GET /metrics`` (scheduler and
-gateway metrics) and ``POST /v1/score`` (explains a decision without forwarding). `stop` drains:
-the listening socket closes, in-flight requests get up to ``drainTimeout`` seconds to finish.
+Also: ``GET /v1/models`` (union over the pool), ``GET /health`` (= ``/health/ready``: 503 when
+no endpoint is usable) and ``GET /health/live``, ``GET /metrics`` (scheduler and gateway
+metrics) and ``POST /v1/score`` (explains a decision without forwarding). `stop` drains: the
+listening socket closes, in-flight requests get up to ``drainTimeout`` seconds to finish.
+
+Defences (docs/limits.md lists every bound): API keys on the inference routes and an admin
+credential on ``/v1/score`` and ``/metrics`` (`auth`); a client-connection cap and a request-head
+timeout below HTTP (`guard`); compressed bodies inflated only up to the body cap (`body`);
+prompt size bounds before and after tokenization; a request's own ``chat_template`` refused
+unless trusted; time-to-first-byte and stream-idle timeouts toward the pods.
 """
 
 from __future__ import annotations
@@ -48,9 +55,12 @@ from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvaware_scorer.errors import NoEndpointError
+from kvaware_scorer.gateway.auth import Access, Credentials
+from kvaware_scorer.gateway.body import decode_body
 from kvaware_scorer.gateway.catalog import ModelCatalog, Resolution
 from kvaware_scorer.gateway.config import GatewayConfig
 from kvaware_scorer.gateway.explainer import explain
+from kvaware_scorer.gateway.guard import ConnectionGuard, LogLimiter, fit_connection_cap
 from kvaware_scorer.gateway.metrics import GatewayMetrics
 from kvaware_scorer.gateway.protocol import APIError, ParsedRequest, RequestParser, error_body
 from kvaware_scorer.scheduler import (
@@ -114,8 +124,12 @@ _ROUTES = {
     "/v1/score": "POST",
     "/v1/models": "GET",
     "/health": "GET",
+    "/health/live": "GET",
+    "/health/ready": "GET",
     "/metrics": "GET",
 }
+#: Compressed bodies up to this size are inflated on the event loop, larger ones in a thread.
+_INLINE_INFLATE = 1 << 16
 #: Largest incomplete SSE event held back; a pod that never ends its events is relayed as is.
 _MAX_HELD = 1 << 20
 #: Seconds between on-demand polls of endpoints that never listed their models.
@@ -173,6 +187,48 @@ class _Attempt:
         self.started = False  # response headers sent to the client
 
 
+class _GuardedSite(web.TCPSite):
+    """A TCP site whose connections go through a `ConnectionGuard` first."""
+
+    __slots__ = ("_factory",)
+
+    def __init__(self, runner: web.AppRunner, factory: ConnectionGuard, **kw: Any) -> None:
+        super().__init__(runner, **kw)
+        self._factory = factory
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._factory,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1]
+
+
+def _message_chars(parsed: ParsedRequest) -> int:
+    """Characters of a chat request's text: message contents, tools and template kwargs."""
+    n = 0
+    for message in parsed.messages or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            n += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    n += len(part["text"])
+                elif isinstance(part, str):
+                    n += len(part)
+    for key in ("tools", "chat_template_kwargs"):
+        value = parsed.chat.get(key)
+        if value:
+            n += len(msgspec.json.encode(value))
+    return n
+
+
 class Gateway:
     """OpenAI-compatible routing proxy in front of the scheduler's endpoint pool.
 
@@ -181,6 +237,9 @@ class Gateway:
             `Scheduler.use_endpoints_file`) is the set of pods the gateway may contact.
         config: Gateway settings (defaults when None).
         own_scheduler: `stop` also closes the scheduler (set by `from_files`).
+
+    Raises:
+        ConfigError: A configured API or admin key source cannot be read or holds no key.
     """
 
     def __init__(
@@ -194,6 +253,13 @@ class Gateway:
         self.config = config if config is not None else GatewayConfig()
         self.own_scheduler = own_scheduler
         self.metrics = GatewayMetrics()
+        cfg = self.config
+        self.credentials = Credentials.load(
+            cfg.api_key_file, cfg.api_key_env, cfg.admin_key_file, cfg.admin_key_env
+        )
+        self.log_limiter = LogLimiter(cfg.error_log_interval)
+        self._guard: ConnectionGuard | None = None
+        self._loop_handler: Any = None
         self.parser = RequestParser()
         self._envelope = msgspec.json.Decoder(_Envelope)
         self._session: aiohttp.ClientSession | None = None
@@ -265,7 +331,9 @@ class Gateway:
         r.add_post("/v1/chat/completions", self._chat)
         r.add_post("/v1/score", self._score)
         r.add_get("/v1/models", self._models, allow_head=False)
-        r.add_get("/health", self._health, allow_head=False)
+        r.add_get("/health", self._ready, allow_head=False)
+        r.add_get("/health/ready", self._ready, allow_head=False)
+        r.add_get("/health/live", self._live, allow_head=False)
         r.add_get("/metrics", self._metrics, allow_head=False)
         # NOTE: a catch-all route instead of a middleware keeps the hot path free of a wrapper
         # while unknown paths and methods still get the OpenAI error shape.
@@ -320,6 +388,10 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._draining = False
+        # NOTE: repeated loop errors (e.g. accept() failing at the open-file limit) are logged
+        # once per errorLogInterval, not once per occurrence.
+        self._loop_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self.log_limiter.loop_handler)
         connector = aiohttp.TCPConnector(
             limit=cfg.max_connections,
             limit_per_host=cfg.max_connections_per_endpoint,
@@ -356,12 +428,26 @@ class Gateway:
                 handler_cancellation=True,
                 access_log=None,
                 shutdown_timeout=cfg.drain_timeout,
+                keepalive_timeout=cfg.keepalive_timeout,
+                # NOTE: compressed bodies are inflated by `_read_body`, incrementally and only
+                # up to maxBodyBytes; aiohttp would inflate them whole first.
+                auto_decompress=False,
             )
             await self._runner.setup()
-            site = web.TCPSite(
+            server = self._runner.server
+            assert server is not None
+            self._guard = guard = ConnectionGuard(
+                server,
+                fit_connection_cap(cfg.max_client_connections),
+                cfg.header_timeout,
+                self._connection_rejected,
+            )
+            self.metrics.client_connections.set_function(lambda: len(guard.open))
+            site = _GuardedSite(
                 self._runner,
-                host if host is not None else cfg.host,
-                cfg.port if port is None else port,
+                guard,
+                host=host if host is not None else cfg.host,
+                port=cfg.port if port is None else port,
                 backlog=1024,
                 reuse_address=True,
             )
@@ -416,7 +502,15 @@ class Gateway:
             task.cancel()
         await asyncio.wait(tasks, timeout=2.0)
 
+    def _connection_rejected(self, reason: str) -> None:
+        self.metrics.rejected_connections.labels(reason).inc()
+        self.log_limiter.log(
+            logger, logging.WARNING, "conn:" + reason, "client connection refused: %s", reason
+        )
+
     async def _close_resources(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.set_exception_handler(self._loop_handler)
         if self._unknown_poll is not None:
             self._unknown_poll.cancel()
             self._unknown_poll = None
@@ -616,7 +710,7 @@ class Gateway:
         if length is not None and length > limit:
             raise too_large
         try:
-            return await asyncio.wait_for(request.read(), self.config.body_timeout)
+            data = await asyncio.wait_for(request.read(), self.config.body_timeout)
         except TimeoutError:
             raise APIError(
                 408,
@@ -627,6 +721,95 @@ class Gateway:
             raise too_large from None
         except (aiohttp.ClientPayloadError, ValueError) as exc:
             raise APIError(400, f"Could not read the request body: {exc}") from None
+        encoding = request.headers.get("Content-Encoding")
+        if encoding is None:
+            return data
+        if len(data) <= _INLINE_INFLATE:
+            return decode_body(data, encoding, limit)
+        return await asyncio.to_thread(decode_body, data, encoding, limit)
+
+    def _check_request(self, parsed: ParsedRequest) -> None:
+        """Refuse what must not reach tokenization: an untrusted chat template (400) and a
+        prompt over ``maxPromptChars`` / ``maxPromptTokens`` (413).
+
+        Raises:
+            APIError: As above.
+        """
+        cfg = self.config
+        chat = parsed.chat
+        if not cfg.trust_request_chat_template and (
+            "chat_template" in chat or "chat_template" in (chat.get("chat_template_kwargs") or {})
+        ):
+            raise APIError(
+                400,
+                "Chat template is passed with the request, but the gateway does not trust "
+                "request chat templates (trustRequestChatTemplate, "
+                "--trust-request-chat-template). Refused request with untrusted chat template.",
+                param="chat_template",
+                code="untrusted_chat_template",
+            )
+        if parsed.prompt is not None:
+            chars = len(parsed.prompt)
+        elif parsed.messages is not None:
+            chars = _message_chars(parsed)
+        else:
+            chars = 0
+        if chars > cfg.max_prompt_chars:
+            raise APIError(
+                413,
+                f"The prompt has {chars} characters, more than the limit of "
+                f"{cfg.max_prompt_chars}.",
+                param="messages" if parsed.messages is not None else "prompt",
+                code="prompt_too_large",
+            )
+        if parsed.token_ids is not None:
+            self._check_tokens(len(parsed.token_ids))
+
+    def _check_tokens(self, n: int) -> None:
+        if n > self.config.max_prompt_tokens:
+            raise APIError(
+                413,
+                f"The prompt has {n} tokens, more than the limit of "
+                f"{self.config.max_prompt_tokens}.",
+                param="prompt",
+                code="prompt_too_large",
+            )
+
+    @staticmethod
+    def _tokens_of(sreq: SchedulingRequest) -> int:
+        """Tokens the scheduling of `sreq` computed (0 when none were)."""
+        if not sreq.has_tokens:
+            return 0
+        return len(sreq.tokens(list))
+
+    def _deny(self, request: web.Request, admin: bool) -> APIError | None:
+        """The 401/403 for a request without the credential its route needs, else None."""
+        creds = self.credentials
+        auth = request.headers.get("Authorization")
+        access = creds.check_admin(auth, request.remote) if admin else creds.check_inference(auth)
+        if access is Access.OK:
+            return None
+        if access is Access.MISSING:
+            return APIError(
+                401,
+                "Incorrect or missing API key: send it as Authorization: Bearer <key>."
+                if not admin
+                else "This route needs the admin key: send it as Authorization: Bearer <key>.",
+                code="invalid_api_key",
+            )
+        return APIError(
+            403,
+            "This route needs the admin key."
+            if creds.admin
+            else "This route is served to loopback clients only (no admin key is configured).",
+            code="forbidden",
+        )
+
+    def _denied(self, route: str, err: APIError, t0: float) -> web.Response:
+        resp = self._error(route, err, t0)
+        if err.status == 401:
+            resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp
 
     # -- routes -------------------------------------------------------------------------------------
 
@@ -655,9 +838,13 @@ class Gateway:
                 t0,
                 close=True,
             )
+        denied = self._deny(request, admin=False)
+        if denied is not None:
+            return self._denied(route, denied, t0)
         try:
             body = await self._read_body(request)
             parsed = parse(body)
+            self._check_request(parsed)
             res = await self._resolve(parsed.model)
         except APIError as err:
             return self._error(route, err, t0, close=err.status in (408, 413))
@@ -692,7 +879,16 @@ class Gateway:
         self._forwarding.add(task)
         self.metrics.inflight.inc()
         try:
-            return await self._forward(request, path, body, sreq, res.endpoints, attempt, info, t0)
+            try:
+                self._check_tokens(self._tokens_of(sreq))
+            except APIError as err:
+                assert err.code is not None
+                self.metrics.rejected.labels(err.code).inc()
+                info.status, info.error = err.status, err.message
+                return self._json(err.body(), err.status)
+            return await self._forward(
+                request, path, body, sreq, res.endpoints, attempt, info, t0, parsed.stream
+            )
         except asyncio.CancelledError:
             if not info.error:
                 info.error = "gateway shutting down" if self._draining else "client disconnected"
@@ -723,11 +919,16 @@ class Gateway:
         attempt: _Attempt,
         info: ResponseInfo,
         t0: float,
+        stream: bool = False,
     ) -> web.StreamResponse:
         session = self._session
         assert session is not None
+        cfg = self.config
         headers = self._forward_headers(request, sreq)
         failed: set[str] = set()
+        # NOTE: vLLM starts a stream (headers) as soon as it accepts the request, but answers a
+        # non-streamed one only once generation is done: two different first-byte bounds.
+        first_byte = cfg.first_byte_timeout if stream else cfg.response_timeout
         self.metrics.overhead.observe(time.perf_counter() - t0)
         while True:
             target = attempt.result.targets[0]
@@ -735,7 +936,10 @@ class Gateway:
             try:
                 # NOTE: a redirect is the pod's answer, relayed as is: following it would
                 # contact a host outside the pool.
-                resp = await session.post(url, data=body, headers=headers, allow_redirects=False)
+                async with asyncio.timeout(first_byte):
+                    resp = await session.post(
+                        url, data=body, headers=headers, allow_redirects=False
+                    )
                 break
             except (
                 aiohttp.ClientConnectorError,
@@ -747,42 +951,7 @@ class Gateway:
                     exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
                 )
                 kind = "connect" if connect else "disconnect"
-                self.metrics.upstream_errors.labels(target.id, kind).inc()
-                logger.warning(
-                    "%s %s: %s failed (%s): %s", sreq.request_id, path, target.id, kind, exc
-                )
-                if connect and self.config.unhealthy_cooldown > 0:
-                    self._down[target.id] = time.monotonic() + self.config.unhealthy_cooldown
-                failed.add(target.id)
-                info.error = f"{target.id}: {exc}"
-                remaining = [e for e in candidates if e.id not in failed]
-                # NOTE: client-facing messages never name pod addresses; the log does.
-                unreachable = error_body(
-                    f"Could not reach an endpoint for model `{sreq.lora_name or sreq.model}` "
-                    f"after {len(failed)} attempt(s).",
-                    "server_error",
-                    None,
-                    "upstream_unavailable",
-                )
-                if len(failed) >= self.config.max_attempts or not remaining:
-                    info.status = 502
-                    return self._json(unreachable, 502)
-                retry = asyncio.ensure_future(self.scheduler.aschedule(sreq, remaining))
-                try:
-                    attempt.result = await asyncio.shield(retry)
-                except asyncio.CancelledError:
-                    # NOTE: as for the first decision (see `_inference`), but the request is
-                    # already counted: let the retry end (it moves the in-flight count), so
-                    # post_response releases the pick it made, not the pod that failed.
-                    try:
-                        attempt.result = await retry
-                    except Exception:
-                        pass
-                    raise
-                except NoEndpointError:
-                    info.status = 502
-                    return self._json(unreachable, 502)
-                self.metrics.retries.inc()
+                failure: BaseException = exc
             except aiohttp.SocketTimeoutError as exc:
                 self.metrics.upstream_errors.labels(target.id, "timeout").inc()
                 info.status, info.error = 504, f"{target.id}: {exc}"
@@ -810,11 +979,89 @@ class Gateway:
                     ),
                     502,
                 )
+            except TimeoutError as exc:
+                # The pod accepted the connection but did not start answering in time.
+                if not stream:
+                    self.metrics.upstream_errors.labels(target.id, "timeout").inc()
+                    self.log_limiter.log(
+                        logger,
+                        logging.WARNING,
+                        f"timeout:{target.id}",
+                        "%s %s: %s did not answer within %gs",
+                        sreq.request_id,
+                        path,
+                        target.id,
+                        first_byte,
+                    )
+                    info.status, info.error = 504, f"{target.id}: no answer in {first_byte:g}s"
+                    return self._json(
+                        error_body(
+                            f"The endpoint did not answer within {first_byte:g}s.",
+                            "server_error",
+                            None,
+                            "upstream_timeout",
+                        ),
+                        504,
+                    )
+                kind, connect, failure = "first_byte", True, exc
+            # A pod that could not be reached (or did not start a stream in time): try another.
+            self.metrics.upstream_errors.labels(target.id, kind).inc()
+            self.log_limiter.log(
+                logger,
+                logging.WARNING,
+                f"{kind}:{target.id}",
+                "%s %s: %s failed (%s): %r",
+                sreq.request_id,
+                path,
+                target.id,
+                kind,
+                failure,
+            )
+            if connect:
+                self._catalog_unreachable(target.id)
+                if cfg.unhealthy_cooldown > 0:
+                    self._down[target.id] = time.monotonic() + cfg.unhealthy_cooldown
+            failed.add(target.id)
+            info.error = f"{target.id}: {failure!r}"
+            remaining = [e for e in candidates if e.id not in failed]
+            # NOTE: client-facing messages never name pod addresses; the log does.
+            unreachable = error_body(
+                f"Could not reach an endpoint for model `{sreq.lora_name or sreq.model}` "
+                f"after {len(failed)} attempt(s).",
+                "server_error",
+                None,
+                "upstream_unavailable",
+            )
+            if len(failed) >= cfg.max_attempts or not remaining:
+                info.status = 502
+                return self._json(unreachable, 502)
+            retry = asyncio.ensure_future(self.scheduler.aschedule(sreq, remaining))
+            try:
+                attempt.result = await asyncio.shield(retry)
+            except asyncio.CancelledError:
+                # NOTE: as for the first decision (see `_inference`), but the request is
+                # already counted: let the retry end (it moves the in-flight count), so
+                # post_response releases the pick it made, not the pod that failed.
+                try:
+                    attempt.result = await retry
+                except Exception:
+                    pass
+                raise
+            except NoEndpointError:
+                info.status = 502
+                return self._json(unreachable, 502)
+            self.metrics.retries.inc()
+        if self._catalog is not None:
+            self._catalog.mark(target.id, reachable=True)
         info.status = resp.status
         info.error = None
         if resp.content_type == "text/event-stream":
             return await self._relay_stream(request, resp, target, info, attempt)
         return await self._relay_body(resp, target, info)
+
+    def _catalog_unreachable(self, endpoint_id: str) -> None:
+        if self._catalog is not None:
+            self._catalog.mark(endpoint_id, reachable=False)
 
     def _abandoned(
         self, sreq: SchedulingRequest, decision: asyncio.Future[SchedulingResult]
@@ -894,7 +1141,8 @@ class Gateway:
         self, resp: aiohttp.ClientResponse, target: Endpoint, info: ResponseInfo
     ) -> web.StreamResponse:
         try:
-            data = await resp.read()
+            async with asyncio.timeout(self.config.stream_idle_timeout):
+                data = await resp.read()
         except asyncio.CancelledError:
             resp.close()
             raise
@@ -943,12 +1191,14 @@ class Gateway:
         torn = False  # the last bytes relayed end inside an event (only past _MAX_HELD)
         usage: _Usage | None = None
         failure: str | None = None
+        idle = self.config.stream_idle_timeout
         try:
             await out.prepare(request)
             attempt.started = True
             while True:
                 try:
-                    chunk = await content.readany()
+                    async with asyncio.timeout(idle):
+                        chunk = await content.readany()
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     kind = "timeout" if isinstance(exc, TimeoutError) else "mid_stream"
                     self.metrics.upstream_errors.labels(target.id, kind).inc()
@@ -987,7 +1237,14 @@ class Gateway:
                 await out.write(chunk)
             if failure is not None:
                 info.error = f"{target.id}: {failure}"
-                logger.warning("stream from %s broke off: %s", target.id, failure)
+                self.log_limiter.log(
+                    logger,
+                    logging.WARNING,
+                    f"stream:{target.id}",
+                    "stream from %s broke off: %s",
+                    target.id,
+                    failure,
+                )
                 await out.write(
                     _sse_error(
                         "The endpoint failed during the stream; the response is incomplete.",
@@ -1032,16 +1289,23 @@ class Gateway:
     async def _score(self, request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
         route = "score"
+        denied = self._deny(request, admin=True)
+        if denied is not None:
+            return self._denied(route, denied, t0)
         try:
             body = await self._read_body(request)
             chat = self.parser.is_chat(body)
             parsed = self.parser.chat(body) if chat else self.parser.completion(body)
+            self._check_request(parsed)
             res = await self._resolve(parsed.model)
         except APIError as err:
             return self._error(route, err, t0, close=err.status in (408, 413))
         sreq = self._scheduling_request(request, parsed, res)
         try:
             result = await self.scheduler.aschedule(sreq, res.endpoints, dry_run=True)
+            self._check_tokens(self._tokens_of(sreq))
+        except APIError as err:
+            return self._error(route, err, t0)
         except NoEndpointError as exc:
             return self._error(
                 route,
@@ -1081,20 +1345,47 @@ class Gateway:
         return self._json(out)
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
+        denied = self._deny(request, admin=False)
+        if denied is not None:
+            return self._denied("models", denied, time.perf_counter())
         return self._json({"object": "list", "data": self.catalog.models(self.scheduler.endpoints)})
 
-    async def _health(self, request: web.Request) -> web.StreamResponse:
+    def usable_endpoints(self) -> int:
+        """Endpoints of the pool a request could be sent to now: not in their connection-failure
+        cooldown, and not found unreachable by their last ``/v1/models`` poll or request."""
+        down = self._down
+        now = time.monotonic()
+        catalog = self._catalog
+        n = 0
+        for e in self.scheduler.endpoints:
+            if down.get(e.id, 0.0) > now:
+                continue
+            if catalog is not None and not catalog.reachable(e.id):
+                continue
+            n += 1
+        return n
+
+    async def _ready(self, request: web.Request) -> web.StreamResponse:
         if self._draining:
             return self._json({"status": "draining", "inflight": len(self._forwarding)}, 503)
+        usable = self.usable_endpoints()
         return self._json(
             {
-                "status": "ok",
+                "status": "ok" if usable else "unavailable",
                 "endpoints": len(self.scheduler.endpoints),
+                "usable": usable,
                 "inflight": len(self._forwarding),
-            }
+            },
+            200 if usable else 503,
         )
 
+    async def _live(self, request: web.Request) -> web.StreamResponse:
+        return self._json({"status": "ok"})
+
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        denied = self._deny(request, admin=True)
+        if denied is not None:
+            return self._denied("metrics", denied, time.perf_counter())
         data = generate_latest(self.scheduler.metrics_registry) + generate_latest(
             self.metrics.registry
         )

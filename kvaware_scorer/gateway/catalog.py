@@ -99,6 +99,19 @@ class ModelCatalog:
         self.clock = clock
         self.metrics = metrics
         self._served: dict[str, _Served] = {}
+        self._unreachable: set[str] = set()  # endpoints of the pool only (see `forget`)
+
+    def reachable(self, endpoint_id: str) -> bool:
+        """False when the last contact with the endpoint (a poll or a forwarded request)
+        failed to connect or timed out; any HTTP answer makes it reachable again."""
+        return endpoint_id not in self._unreachable
+
+    def mark(self, endpoint_id: str, *, reachable: bool) -> None:
+        """Record the outcome of a contact with an endpoint of the pool."""
+        if reachable:
+            self._unreachable.discard(endpoint_id)
+        else:
+            self._unreachable.add(endpoint_id)
 
     def known(self, endpoint_id: str) -> bool:
         """Whether a poll of the endpoint has ever succeeded."""
@@ -142,6 +155,7 @@ class ModelCatalog:
         live = set(keep)
         for eid in [k for k in self._served if k not in live]:
             del self._served[eid]
+        self._unreachable &= live
 
     async def poll(self, endpoint: Endpoint) -> bool:
         """Poll one endpoint's ``/v1/models``; returns whether it answered with a model list."""
@@ -151,11 +165,14 @@ class ModelCatalog:
         try:
             # NOTE: a redirect is a failed poll: only endpoints of the pool are contacted.
             async with self.session.get(url, timeout=self.timeout, allow_redirects=False) as resp:
+                self._unreachable.discard(endpoint.id)
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
                 payload = await resp.json(content_type=None)
             cards, loras = parse_models(payload)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectionError | TimeoutError):
+                self._unreachable.add(endpoint.id)
             if self.metrics is not None:
                 self.metrics.models_polls.labels("error").inc()
             logger.debug("GET /v1/models of %s failed: %s", endpoint.id, exc)

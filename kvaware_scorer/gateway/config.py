@@ -56,6 +56,36 @@ class GatewayConfig(ConfigModel):
         models_timeout: HTTP timeout of one ``/v1/models`` poll.
         endpoint_header: Add ``x-kvaware-endpoint: <address:port>`` to responses (debugging and
             tests; off by default because it reveals pod addresses to clients).
+        first_byte_timeout: Seconds a pod may take to start answering a *streamed* request
+            (its response headers); then the pod is left out for ``unhealthyCooldown`` and the
+            request is tried on another candidate (vLLM starts a stream as soon as it accepts
+            the request, so only a hung pod is this slow).
+        response_timeout: Seconds a pod may take to answer a *non-streamed* request (vLLM sends
+            nothing until the whole generation is done, so this bounds the generation); then
+            504 ``upstream_timeout``.
+        stream_idle_timeout: Seconds a streamed answer may stay silent between chunks; then the
+            stream ends with an SSE error event and ``[DONE]``.
+        header_timeout: Seconds a new client connection may take to send its first complete
+            request head; then it gets 408 and is closed.
+        keepalive_timeout: Seconds an idle client connection is kept open between requests (the
+            next request head must also be complete within it).
+        max_client_connections: Open client connections at most; one more is answered 503 and
+            closed at once. Lowered at start to fit the process's open-file limit.
+        max_prompt_chars: Longest text prompt (completions) or total message text (chat) that
+            is tokenized; longer gets 413 before any tokenization.
+        max_prompt_tokens: Most prompt tokens (given as ids, or after tokenization); more gets
+            413.
+        trust_request_chat_template: Render a request's own ``chat_template`` (vLLM's
+            ``--trust-request-chat-template``). Off: such a request gets 400. On: it is rendered
+            in a separate, killable process within the tokenizer pool's render budget.
+        api_key_file: File of API keys (one per line; blank lines and ``#`` comments skipped)
+            accepted as ``Authorization: Bearer <key>`` on the inference routes.
+        api_key_env: Environment variable holding API keys (separated by commas or spaces).
+        admin_key_file: File of admin keys: required for ``/v1/score`` and ``/metrics`` (and
+            accepted on the inference routes).
+        admin_key_env: Environment variable holding admin keys.
+        error_log_interval: Seconds between two log lines of the same repeated error (the
+            later one says how many were suppressed).
     """
 
     host: str = "127.0.0.1"
@@ -73,9 +103,29 @@ class GatewayConfig(ConfigModel):
     models_refresh_interval: float = Field(10.0, gt=0)
     models_timeout: float = Field(2.0, gt=0)
     endpoint_header: bool = False
+    first_byte_timeout: float = Field(60.0, gt=0)
+    response_timeout: float = Field(300.0, gt=0)
+    stream_idle_timeout: float = Field(120.0, gt=0)
+    header_timeout: float = Field(10.0, gt=0)
+    keepalive_timeout: float = Field(75.0, gt=0)
+    max_client_connections: int = Field(4096, ge=1)
+    max_prompt_chars: int = Field(1 << 20, ge=1)
+    max_prompt_tokens: int = Field(1 << 18, ge=1)
+    trust_request_chat_template: bool = False
+    api_key_file: Path | None = None
+    api_key_env: str | None = None
+    admin_key_file: Path | None = None
+    admin_key_env: str | None = None
+    error_log_interval: float = Field(10.0, ge=0)
 
     @field_validator(
         "body_timeout",
+        "first_byte_timeout",
+        "response_timeout",
+        "stream_idle_timeout",
+        "header_timeout",
+        "keepalive_timeout",
+        "error_log_interval",
         "connect_timeout",
         "read_timeout",
         "unhealthy_cooldown",

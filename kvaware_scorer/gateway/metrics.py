@@ -109,6 +109,18 @@ class GatewayMetrics:
             ["result"],
             registry=r,
         )
+        self.rejected_connections = Counter(
+            "kvaware_gateway_rejected_connections",
+            "Client connections refused (limit: over maxClientConnections) or closed before a "
+            "complete request head (header_timeout)",
+            ["reason"],
+            registry=r,
+        )
+        self.client_connections = Gauge(
+            "kvaware_gateway_client_connections",
+            "Open client connections",
+            registry=r,
+        )
         self.lifecycle_errors = Counter(
             "kvaware_gateway_lifecycle_errors",
             "Background parts that failed to start or stop (e.g. a KV-event subscriber)",

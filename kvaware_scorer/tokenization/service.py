@@ -16,29 +16,42 @@ Text (the prompt, or the rendered chat) goes through the `PrefixStore` first: wh
 prefix covers at least ``minPrefixOverlapRatio`` of its characters the cached leading tokens
 are returned without tokenizing (a prefix of the full tokenization, see `TokenizationResult`);
 otherwise the text is tokenized in full and the store learns its chunks.
+
+A chat template given by the request itself is rendered in the `RenderSandbox` (separate,
+killable processes within ``renderTimeout`` / ``renderMaxChars``), never in the calling thread;
+a render refused for its budget is remembered (`MAX_FAILED_RENDERS` entries) so the same request
+seen again (e.g. by a second plugin) fails at once instead of rendering again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import msgspec
 
 from kvaware_scorer.config import PrefixStoreConfig, TokenizersPoolConfig
 from kvaware_scorer.metrics import Metrics
 from kvaware_scorer.tokenization.chat import CHAT_OPTIONS
 from kvaware_scorer.tokenization.prefix_store import PrefixStore, WordSpans, safe_token_counts
 from kvaware_scorer.tokenization.registry import TokenizerBackend, TokenizerRegistry
+from kvaware_scorer.tokenization.sandbox import RenderBudgetError, RenderSandbox
 
 __all__ = ["TokenSource", "TokenizationResult", "TokenizationService", "request_tokenization_args"]
 
 logger = logging.getLogger(__name__)
+
+#: Request-template renders refused for their budget, remembered to refuse them again at once.
+MAX_FAILED_RENDERS = 256
 
 #: Where a result's tokens came from.
 TokenSource = Literal["given", "prefix_store", "tokenizer"]
@@ -151,6 +164,8 @@ class TokenizationService:
         self.store = PrefixStore(self.prefix_config)
         self.min_overlap = self.pool_config.min_prefix_overlap_ratio
         self._executor: ThreadPoolExecutor | None = None
+        self._sandbox: RenderSandbox | None = None
+        self._failed: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -219,7 +234,7 @@ class TokenizationService:
         else:
             assert messages is not None
             tok = self.registry.get(model)
-            text = tok.render_chat(messages, **chat)
+            text = self._render(tok, messages, chat)
             # vLLM ChatCompletionRequest.add_special_tokens defaults to False.
             result = self._encode(tok, text, False if add_special is None else add_special)
         self._observe(result.source, t0)
@@ -235,7 +250,51 @@ class TokenizationService:
         unknown = set(chat) - (CHAT_OPTIONS - {"add_special_tokens"})
         if unknown:
             raise ValueError(f"unknown chat option(s) {', '.join(sorted(unknown))}")
-        return self.registry.get(model).render_chat(messages, **chat)
+        return self._render(self.registry.get(model), messages, chat)
+
+    def _render(
+        self, tok: TokenizerBackend, messages: Sequence[Mapping[str, Any]], chat: dict[str, Any]
+    ) -> str:
+        """The chat text: the tokenizer's own template renders here, a request's own template
+        in the sandbox (see the module docstring)."""
+        if chat.get("chat_template") is None:
+            return tok.render_chat(messages, **chat)
+        try:
+            key = hashlib.blake2b(
+                msgspec.json.encode([tok.model, messages, chat]), digest_size=16
+            ).digest()
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise ValueError(f"chat options cannot be rendered: {exc}") from None
+        with self._lock:
+            failed = self._failed.get(key)
+            if failed is not None:
+                self._failed.move_to_end(key)
+                self._count_render("again")
+                raise RenderBudgetError(failed, "again")
+            if self._closed:
+                raise RuntimeError("the tokenization service is closed")
+            if self._sandbox is None:
+                self._sandbox = RenderSandbox(self.pool_config)
+            sandbox = self._sandbox
+        try:
+            text = sandbox.render(tok.model, messages, chat)
+        except RenderBudgetError as exc:
+            self._count_render(exc.reason)
+            if exc.reason in ("timeout", "size"):
+                with self._lock:
+                    self._failed[key] = str(exc)
+                    while len(self._failed) > MAX_FAILED_RENDERS:
+                        self._failed.popitem(last=False)
+            raise
+        except ValueError:
+            self._count_render("error")
+            raise
+        self._count_render("ok")
+        return text
+
+    def _count_render(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.chat_renders.labels(result).inc()
 
     # -- async API ---------------------------------------------------------------------------
 
@@ -330,6 +389,9 @@ class TokenizationService:
         with self._lock:
             self._closed = True
             executor, self._executor = self._executor, None
+            sandbox, self._sandbox = self._sandbox, None
+        if sandbox is not None:
+            sandbox.close()
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
         self.registry.clear()
