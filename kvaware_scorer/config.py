@@ -75,7 +75,11 @@ class TokenProcessorConfig(ConfigModel):
         key_mode: ``derived`` (default: our own fast chained keys, derived from event tokens) or
             ``vllm`` (reproduce vLLM's block hashes exactly; needs algorithm, seed, block size).
         lora_adapters: LoRA name -> adapter path, needed in ``vllm`` key mode because vLLM
-            hashes ``("lora", name, path)`` while its events carry only the name.
+            (0.31 and later) hashes ``("lora", name, path)`` while its events carry only the
+            name.
+        vllm_hash_generation: ``vllm`` key mode: the pods' hashing generation, ``0.31``
+            (default, the newest: tagged extra keys) or ``pre-0.31`` (the bare LoRA name and
+            salt, as llm-d's published LoRA vectors).
     """
 
     block_size: int = Field(16, ge=1, le=4096)
@@ -83,6 +87,7 @@ class TokenProcessorConfig(ConfigModel):
     hash_algorithm: HashAlgorithm = "sha256"
     key_mode: KeyMode = "derived"
     lora_adapters: dict[str, str] = Field(default_factory=dict)
+    vllm_hash_generation: Literal["0.31", "pre-0.31"] = "0.31"
 
     @model_validator(mode="before")
     @classmethod

@@ -359,9 +359,16 @@ class ApproxPrefixCacheScorer:
     ) -> None:
         if self.producer_name:
             return  # the producer records routing decisions itself
-        target = result.targets[0]
         keys = self.keys(request)
-        if keys:
+        if not keys:
+            return
+        # NOTE: every profile's pick computes the prompt's KV (under P/D the prefill pod too,
+        # as upstream records its prefill profile's target).
+        picks = {result.targets[0].id: result.targets[0]}
+        for pr in result.profile_results.values():
+            if pr.targets:
+                picks.setdefault(pr.targets[0].id, pr.targets[0])
+        for target in picks.values():
             self.history.record(target.id, keys, self.capacity(ctx, target))
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
