@@ -8,6 +8,7 @@ the offending key.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
@@ -16,8 +17,11 @@ from pydantic.alias_generators import to_camel
 
 from kvaware_scorer.errors import ConfigError
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "DEFAULT_TIER_WEIGHTS",
+    "UPSTREAM_ONLY_HASHES",
     "ConfigModel",
     "HFTokenizerConfig",
     "InMemoryIndexConfig",
@@ -35,7 +39,10 @@ __all__ = [
     "load_model",
 ]
 
-HashAlgorithm = Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"]
+HashAlgorithm = Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor", "cbor-fnv", "xxh64"]
+#: Upstream llm-d's own key hashes: meaningful for its key derivation only, so accepted (and
+#: without effect) under ``derived`` keys, refused under ``vllm`` keys (vLLM has no such hash).
+UPSTREAM_ONLY_HASHES = frozenset({"cbor-fnv", "xxh64"})
 KeyMode = Literal["derived", "vllm"]
 #: Wire formats of KV events (`Indexer.ingest(engine=...)`, upstream's ``engineType``).
 EngineType = Literal["vllm", "sglang"]
@@ -64,10 +71,17 @@ class TokenProcessorConfig(ConfigModel):
         hash_seed: Under ``derived`` keys, mixed into every key. Under ``vllm`` keys it is the
             pods' ``PYTHONHASHSEED``; empty means unset (vLLM then seeds with "vllm-none-hash").
         hash_algorithm: vLLM's ``--prefix-caching-hash-algo`` (``vllm`` key mode only).
+            Upstream's own ``cbor-fnv`` and ``xxh64`` are accepted without effect under
+            ``derived`` keys and refused under ``vllm`` keys; the YAML plugin path and the
+            library follow this one rule.
         key_mode: ``derived`` (default: our own fast chained keys, derived from event tokens) or
             ``vllm`` (reproduce vLLM's block hashes exactly; needs algorithm, seed, block size).
         lora_adapters: LoRA name -> adapter path, needed in ``vllm`` key mode because vLLM
-            hashes ``("lora", name, path)`` while its events carry only the name.
+            (0.31 and later) hashes ``("lora", name, path)`` while its events carry only the
+            name.
+        vllm_hash_generation: ``vllm`` key mode: the pods' hashing generation, ``0.31``
+            (default, the newest: tagged extra keys) or ``pre-0.31`` (the bare LoRA name and
+            salt, as llm-d's published LoRA vectors).
     """
 
     block_size: int = Field(16, ge=1, le=4096)
@@ -75,18 +89,35 @@ class TokenProcessorConfig(ConfigModel):
     hash_algorithm: HashAlgorithm = "sha256"
     key_mode: KeyMode = "derived"
     lora_adapters: dict[str, str] = Field(default_factory=dict)
+    vllm_hash_generation: Literal["0.31", "pre-0.31"] = "0.31"
 
     @model_validator(mode="before")
     @classmethod
     def _accept_block_size_tokens(cls, data: Any) -> Any:
-        # NOTE: newer upstream releases renamed blockSize -> blockSizeTokens; accept both.
-        if isinstance(data, Mapping) and "blockSizeTokens" in data:
-            data = dict(data)
-            value = data.pop("blockSizeTokens")
-            if "blockSize" in data or "block_size" in data:
-                raise ValueError("give blockSize or blockSizeTokens, not both")
-            data["blockSize"] = value
+        # NOTE: newer upstream releases renamed blockSize -> blockSizeTokens. As upstream's
+        # token processor does: 0 means unset (both unset -> 16), blockSizeTokens wins when
+        # both are set.
+        if not isinstance(data, Mapping) or not ({"blockSizeTokens", "blockSize"} & set(data)):
+            return data
+        data = dict(data)
+        tokens = data.pop("blockSizeTokens", None)
+        legacy = data.pop("blockSize", None)
+        chosen = next((v for v in (tokens, legacy) if v is not None and v != 0), None)
+        if "block_size" in data:
+            if chosen is not None:
+                raise ValueError("give block_size or blockSizeTokens/blockSize, not both")
+            return data
+        data["blockSize"] = 16 if chosen is None else chosen
         return data
+
+    @model_validator(mode="after")
+    def _hash_for_key_mode(self) -> TokenProcessorConfig:
+        if self.key_mode == "vllm" and self.hash_algorithm in UPSTREAM_ONLY_HASHES:
+            raise ValueError(
+                f"hashAlgorithm {self.hash_algorithm!r} is upstream's own key hash; vllm key "
+                "mode needs one of vLLM's: sha256, sha256_cbor, xxhash, xxhash_cbor"
+            )
+        return self
 
     @field_validator("hash_seed", mode="before")
     @classmethod
@@ -204,6 +235,16 @@ class KVBlockIndexConfig(ConfigModel):
     backend_config: IndexBackendConfig | None = None
     enable_metrics: bool = True
     metrics_logging_interval: float = Field(0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_legacy_limit(cls, data: Any) -> Any:
+        # NOTE: older upstream configs put maxPrefixBlocksToMatch here; lookups here walk
+        # until the first block no candidate holds, so the limit has no use.
+        if isinstance(data, Mapping) and "maxPrefixBlocksToMatch" in data:
+            logger.warning("kvBlockIndexConfig.maxPrefixBlocksToMatch is ignored")
+            data = {k: v for k, v in data.items() if k != "maxPrefixBlocksToMatch"}
+        return data
 
     @model_validator(mode="after")
     def _one_backend(self) -> KVBlockIndexConfig:

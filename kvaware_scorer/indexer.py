@@ -73,7 +73,12 @@ class Indexer:
         self.config = config
         tp = config.token_processor_config
         self.keyer = make_keyer(
-            tp.key_mode, tp.block_size, tp.hash_seed, tp.hash_algorithm, tp.lora_adapters
+            tp.key_mode,
+            tp.block_size,
+            tp.hash_seed,
+            tp.hash_algorithm,
+            tp.lora_adapters,
+            tp.vllm_hash_generation,
         )
         self.block_size = tp.block_size
         self.tiers = tier_table(config)
@@ -195,11 +200,13 @@ class Indexer:
 
         Args:
             keys: The prompt's block keys, from block 0.
-            pods: Candidate pod ids; None = every pod the index knows.
+            pods: Candidate pod ids; None or empty = every pod the index knows (as upstream).
             t0: `time.perf_counter()` at the start of the request, for the latency histogram.
         """
         if t0 is None:
             t0 = time.perf_counter()
+        if pods is not None and not pods:
+            pods = None
         metrics = self.metrics
         bs = self.block_size
         total = len(keys)
@@ -239,7 +246,7 @@ class Indexer:
         Args:
             model: Served model name (namespaces keys).
             token_ids: The prompt as token ids; or give `prompt` (text) or `messages` (chat).
-            pods: Candidate pod ids; None = every pod the index knows.
+            pods: Candidate pod ids; None or empty = every pod the index knows.
             lora_name: LoRA adapter name (keys are namespaced by it instead of the model).
             cache_salt: vLLM ``cache_salt`` (isolates tenants).
             prompt: Completion prompt text (or token ids).

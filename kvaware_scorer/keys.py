@@ -30,6 +30,8 @@ from kvaware_scorer.errors import ConfigError, KeyDerivationError
 
 __all__ = [
     "DEFAULT_NONE_HASH_SEED",
+    "DEFAULT_VLLM_HASH_GENERATION",
+    "VLLM_HASH_GENERATIONS",
     "BlockKey",
     "BlockKeyer",
     "DerivedKeyer",
@@ -196,14 +198,23 @@ _VLLM_HASHES: dict[str, Callable[[Any], bytes]] = {
 }
 
 
+#: vLLM's block-hash generations: which extra keys go into a block's hash.
+#: ``0.31`` (0.31 and later): tagged, ``("lora", name, path)`` and ``("cache_salt", salt)``.
+#: ``pre-0.31``: bare, the LoRA name and the salt string themselves (the events' form).
+VLLM_HASH_GENERATIONS = ("0.31", "pre-0.31")
+DEFAULT_VLLM_HASH_GENERATION = "0.31"
+
+
 class VllmKeyer:
-    """Reproduces vLLM's block hashes (>= 0.31 extra-key form) and returns their event values.
+    """Reproduces vLLM's block hashes and returns their event values.
 
     Args:
         block_size: vLLM's (hash) block size.
         hash_algorithm: ``--prefix-caching-hash-algo``.
         hash_seed: The pods' ``PYTHONHASHSEED``; ``""``/None = unset.
-        lora_adapters: LoRA name -> adapter path (vLLM hashes the path too).
+        lora_adapters: LoRA name -> adapter path (vLLM 0.31+ hashes the path too).
+        generation: The pods' hashing generation (`VLLM_HASH_GENERATIONS`); default the
+            newest.
 
     Raises:
         ConfigError: Unknown algorithm, or xxhash without a seed (vLLM then seeds randomly per
@@ -218,7 +229,15 @@ class VllmKeyer:
         hash_algorithm: str = "sha256",
         hash_seed: str | None = None,
         lora_adapters: Mapping[str, str] | None = None,
+        generation: str = DEFAULT_VLLM_HASH_GENERATION,
     ) -> None:
+        if generation not in VLLM_HASH_GENERATIONS:
+            raise ConfigError(
+                f"unknown vLLM hash generation {generation!r}; valid: {list(VLLM_HASH_GENERATIONS)}",
+                "tokenProcessorConfig.vllmHashGeneration",
+            )
+        self.generation = generation
+        self._tagged = generation == "0.31"
         fn = _VLLM_HASHES.get(hash_algorithm)
         if fn is None:
             raise ConfigError(
@@ -240,7 +259,13 @@ class VllmKeyer:
     def extra_keys(
         self, block_index: int, lora_name: str | None, cache_salt: str | None
     ) -> tuple[Any, ...] | None:
-        """vLLM's tagged extra keys of one block (LoRA on all blocks, salt on block 0)."""
+        """vLLM's extra keys of one block (LoRA on all blocks, salt on block 0): tagged tuples
+        from 0.31, the bare name and salt before."""
+        if not self._tagged:
+            bare: list[Any] = [lora_name] if lora_name else []
+            if cache_salt and block_index == 0:
+                bare.append(cache_salt)
+            return tuple(bare) if bare else None
         keys: list[tuple[Any, ...]] = []
         if lora_name:
             path = self._lora.get(lora_name)
@@ -293,6 +318,7 @@ def make_keyer(
     hash_seed: str = "",
     hash_algorithm: str = "sha256",
     lora_adapters: Mapping[str, str] | None = None,
+    vllm_hash_generation: str = DEFAULT_VLLM_HASH_GENERATION,
 ) -> DerivedKeyer | VllmKeyer:
     """Build the keyer for a `TokenProcessorConfig`'s fields.
 
@@ -302,7 +328,9 @@ def make_keyer(
     if key_mode == "derived":
         return DerivedKeyer(block_size, hash_seed)
     if key_mode == "vllm":
-        return VllmKeyer(block_size, hash_algorithm, hash_seed or None, lora_adapters)
+        return VllmKeyer(
+            block_size, hash_algorithm, hash_seed or None, lora_adapters, vllm_hash_generation
+        )
     raise ConfigError(
         f"unknown key mode {key_mode!r}; valid: ['derived', 'vllm']", "tokenProcessorConfig.keyMode"
     )

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kvaware_scorer.config import ConfigModel, PrefixStoreConfig, TokenizersPoolConfig
 from kvaware_scorer.errors import ConfigError, KVAwareError
@@ -76,7 +76,7 @@ class ApproxPrefixCacheParams(ConfigModel):
             its match info; empty = this plugin produces its own (routing history).
     """
 
-    block_size_tokens: int = Field(64, ge=1, le=65536)
+    block_size_tokens: int = Field(64, ge=0, le=65536)
     max_prefix_blocks_to_match: int = Field(2048, ge=0)
     max_prefix_tokens_to_match: int = Field(131072, ge=0)
     lru_capacity_per_server: int = Field(31250, ge=1)
@@ -87,6 +87,16 @@ class ApproxPrefixCacheParams(ConfigModel):
     chars_per_token: int = Field(4, ge=1, le=64)
     tokenizers_pool_config: TokenizersPoolConfig | None = None
     prefix_match_info_producer_name: str | None = None
+
+    @model_validator(mode="after")
+    def _auto_tuned_block_size(self) -> ApproxPrefixCacheParams:
+        # NOTE: upstream accepts 0 with autoTune (the pods' block size, clamped to at least
+        # 64 tokens, which vLLM's 16-token blocks always are): 64 is that clamp.
+        if self.block_size_tokens == 0:
+            if not self.auto_tune:
+                raise ValueError("blockSizeTokens must be > 0 when autoTune is false")
+            self.block_size_tokens = 64
+        return self
 
 
 def _render(request: SchedulingRequest) -> str:
@@ -349,9 +359,16 @@ class ApproxPrefixCacheScorer:
     ) -> None:
         if self.producer_name:
             return  # the producer records routing decisions itself
-        target = result.targets[0]
         keys = self.keys(request)
-        if keys:
+        if not keys:
+            return
+        # NOTE: every profile's pick computes the prompt's KV (under P/D the prefill pod too,
+        # as upstream records its prefill profile's target).
+        picks = {result.targets[0].id: result.targets[0]}
+        for pr in result.profile_results.values():
+            if pr.targets:
+                picks.setdefault(pr.targets[0].id, pr.targets[0])
+        for target in picks.values():
             self.history.record(target.id, keys, self.capacity(ctx, target))
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:

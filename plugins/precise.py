@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from kvaware_scorer import Indexer, IndexerConfig
-from kvaware_scorer.config import KVEventsConfig
+from kvaware_scorer.config import UPSTREAM_ONLY_HASHES, KVEventsConfig
 from kvaware_scorer.errors import ConfigError, KVAwareError
 from kvaware_scorer.scheduler import (
     Endpoint,
@@ -49,9 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: vLLM's --prefix-caching-hash-algo values (the only ones meaningful in ``vllm`` key mode).
-_VLLM_ALGOS = frozenset({"sha256", "sha256_cbor", "xxhash", "xxhash_cbor"})
 
 
 class PrecisePrefixCacheParams(IndexerConfig):
@@ -101,13 +98,11 @@ def precise_transform(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     tp = out.get("tokenProcessorConfig")
     if isinstance(tp, Mapping) and "hashAlgorithm" in tp:
         algo = tp["hashAlgorithm"]
-        if algo not in _VLLM_ALGOS:
-            tp = dict(tp)
-            del tp["hashAlgorithm"]
-            out["tokenProcessorConfig"] = tp
+        # NOTE: the value is validated by TokenProcessorConfig (one rule with the library).
+        if algo in UPSTREAM_ONLY_HASHES:
             warnings.append(
                 f"tokenProcessorConfig.hashAlgorithm {algo!r} is upstream's own key hash; "
-                "ignored (keys are derived from the events' token ids)"
+                "without effect (keys are derived from the events' token ids)"
             )
     pool = out.get("tokenizersPoolConfig")
     if isinstance(pool, Mapping) and ("modelName" in pool or "uds" in pool):
@@ -123,6 +118,11 @@ def precise_transform(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]
             )
         out["tokenizersPoolConfig"] = pool
     kb = out.get("kvBlockIndexConfig")
+    if isinstance(kb, Mapping) and "maxPrefixBlocksToMatch" in kb:
+        warnings.append(
+            "kvBlockIndexConfig.maxPrefixBlocksToMatch (older upstream configs) is ignored: "
+            "lookups stop at the first block no candidate holds"
+        )
     if isinstance(kb, Mapping) and "costAwareMemoryConfig" in kb:
         kb = dict(kb)
         del kb["costAwareMemoryConfig"]

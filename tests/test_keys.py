@@ -164,3 +164,42 @@ def test_make_keyer_unknown_mode() -> None:
     """An unknown key mode names the config key and the valid choices."""
     with pytest.raises(ConfigError, match="keyMode"):
         make_keyer("fnv")
+
+
+#: vLLM before 0.31 (bare extra keys), LoRA "sql-lora" plus cache_salt "tenant-a", seed unset,
+#: the fixture's input tokens: event ints of the 4 full blocks, computed from the procedure
+#: H((parent, tuple(block tokens), ("sql-lora", "tenant-a") on block 0 else ("sql-lora",))).
+PRE_031_LORA_SALT = {
+    "sha256": [0x516796A4739FBCEC, 0x07C3C673674869AF, 0xC8143181FF0981FA, 0x410577177A31C56F],
+    "sha256_cbor": [0x75CC985E604400FB, 0x5B399DB12EBA5E3B, 0x5E2FDAFE5FAF1E8B, 0x85FD02BA0102E9C7],
+}
+
+
+@pytest.mark.parametrize("algo", sorted(PRE_031_LORA_SALT))
+def test_pre_031_generation_golden_vectors(algo: str) -> None:
+    """The pre-0.31 generation hashes the bare LoRA name and salt (no adapter path needed)."""
+    tokens = json.loads(VECTORS.read_text())["input_token_ids"]
+    keyer = make_keyer("vllm", 16, "", algo, None, "pre-0.31")
+    keys = keyer.block_keys(tokens, "any-model", "sql-lora", "tenant-a")
+    assert keys == PRE_031_LORA_SALT[algo]
+    newest = make_keyer("vllm", 16, "", algo, {"sql-lora": "/adapters/sql"})
+    assert newest.block_keys(tokens, "any-model", "sql-lora", "tenant-a")[0] != keys[0]
+
+
+def test_generations_agree_without_extra_keys() -> None:
+    """Without LoRA or salt both generations give the same keys (extra keys are None)."""
+    tokens = list(range(64))
+    old = VllmKeyer(16, generation="pre-0.31").block_keys(tokens, "m")
+    assert old == VllmKeyer(16).block_keys(tokens, "m")
+
+
+def test_generation_is_validated_and_configurable() -> None:
+    """An unknown generation is a ConfigError; the indexer config selects the generation."""
+    from kvaware_scorer import Indexer
+
+    with pytest.raises(ConfigError, match="generation"):
+        VllmKeyer(16, generation="0.7")
+    tp = {"keyMode": "vllm", "vllmHashGeneration": "pre-0.31"}
+    indexer = Indexer({"tokenProcessorConfig": tp})
+    assert isinstance(indexer.keyer, VllmKeyer) and indexer.keyer.generation == "pre-0.31"
+    assert Indexer({"tokenProcessorConfig": {"keyMode": "vllm"}}).keyer.generation == "0.31"

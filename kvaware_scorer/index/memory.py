@@ -32,6 +32,8 @@ __all__ = ["InMemoryIndex"]
 
 _PURGE_CHUNK = 4096
 _MAX_INTERNED = 1 << 16
+#: Block keys the holder-order map may keep beyond the index's blocks before a sweep.
+_RECENCY_SLACK = 65536
 
 
 class _Multi:
@@ -119,7 +121,8 @@ class InMemoryIndex:
     Args:
         size: Maximum (block, pod) entries; beyond it blocks are evicted, least recently used
             first (CLOCK).
-        pod_cache_size: Maximum pods per block (0 = unlimited).
+        pod_cache_size: Maximum pods per block (0 = unlimited); beyond it the pod that stored
+            the block least recently is forgotten, as upstream's per-block pod LRU.
         tiers: Tier names, ids and weights.
         clock: Monotonic clock (seconds), for speculative entries' TTL.
     """
@@ -157,6 +160,10 @@ class InMemoryIndex:
         self._spec_deadline: dict[int, dict[int, float]] = {}  # slot -> key -> deadline
         self._spec_queue: deque[tuple[float, int, tuple[int, ...]]] = deque()
         self._masks: dict[int, int] = {}
+        # NOTE: only with a pod_cache_size: block key -> holder slots, least recently stored
+        # first. Entries of blocks that left the index are dropped lazily (`_gc_recency`), so
+        # it holds at most the blocks plus _RECENCY_SLACK keys.
+        self._recency: dict[int, dict[int, None]] = {}
 
     def _intern(self, mask: int) -> int:
         """One shared int object per distinct holder mask.
@@ -192,6 +199,14 @@ class InMemoryIndex:
     # -- reference counting -----------------------------------------------------------------
 
     def _inc(self, key: int, slot: int, bit: int, tier: int) -> None:
+        if self.pod_cache_size:
+            rec = self._recency.get(key)
+            if rec is None:
+                if len(self._recency) > len(self._blocks) + _RECENCY_SLACK:
+                    self._gc_recency()
+                rec = self._recency[key] = {}
+            rec.pop(slot, None)
+            rec[slot] = None
         blocks = self._blocks
         v = blocks.get(key)
         if v is None:
@@ -227,11 +242,20 @@ class InMemoryIndex:
         excess = live.bit_count() - limit
         if excess <= 0:
             return
-        # NOTE: forget the holders with the highest slots other than the newcomer: the newest
-        # announcement is the most likely to still be cached.
-        victims = [s for s in _bits(live) if s != keep_slot][-excess:]
+        # NOTE: forget the holders that stored the block least recently (upstream's per-block
+        # LRU): the newest announcements are the most likely to still be cached.
+        rec = self._recency.get(key, {})
+        unranked = [s for s in _bits(live) if s not in rec]
+        ranked = [s for s in rec if live >> s & 1]
+        victims = [s for s in unranked + ranked if s != keep_slot][:excess]
         for s in victims:
             self._drop_slot_at(key, s)
+            rec.pop(s, None)
+
+    def _gc_recency(self) -> None:
+        """Forget the holder order of blocks no longer in the index."""
+        blocks = self._blocks
+        self._recency = {k: r for k, r in self._recency.items() if k in blocks}
 
     def _drop_slot_at(self, key: int, slot: int) -> None:
         """Remove every holding of `slot` at `key` (all tiers, all references)."""
@@ -580,12 +604,14 @@ class InMemoryIndex:
     # -- eviction ----------------------------------------------------------------------------
 
     def _evict(self) -> None:
-        """CLOCK sweep from the oldest block until entries are 1% under capacity."""
-        target = max(0, self.size - max(1, self.size // 100))
+        """CLOCK sweep from the oldest block until entries are back at the bound (a bound of N
+        keeps N, as upstream's LRU)."""
+        target = self.size
         blocks = self._blocks
         live = self._live_mask
         while self._entries > target and blocks:
-            batch = list(itertools.islice(blocks.items(), 1024))
+            n = min(1024, 2 * (self._entries - target) + 16)
+            batch = list(itertools.islice(blocks.items(), n))
             for key, v in batch:
                 if self._entries <= target:
                     break

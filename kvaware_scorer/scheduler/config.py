@@ -36,7 +36,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kvaware_scorer.config import format_validation_error
 from kvaware_scorer.errors import ConfigError
-from kvaware_scorer.scheduler.registry import PluginRegistry, PluginSpec
+from kvaware_scorer.scheduler.matchinfo import DEFAULT_PRODUCER, PRODUCER_PARAM
+from kvaware_scorer.scheduler.registry import NoParameters, PluginRegistry, PluginSpec
 
 __all__ = [
     "API_VERSION",
@@ -333,6 +334,54 @@ class _Parser(_Shape):
     pluginRef: str
 
 
+class _SaturationRef(_Shape):
+    pluginRef: str
+
+
+class _LegacySaturation(_Shape):
+    """The older GIE form: thresholds given inline (no plugin)."""
+
+    queueDepthThreshold: int | None = None
+    kvCacheUtilThreshold: float | None = None
+    metricsStalenessThreshold: str | float | None = None
+
+
+class _PriorityBand(_Shape):
+    priority: int
+    priorityName: str | None = None
+    maxBytes: int | str | None = None
+    maxRequests: int | str | None = None
+    fairnessPolicyRef: str | None = None
+    orderingPolicyRef: str | None = None
+
+
+class _FlowControl(_Shape):
+    maxBytes: int | str | None = None
+    maxRequests: int | str | None = None
+    defaultRequestTTL: str | float | None = None
+    noEndpointRequestTTL: str | float | None = None
+    defaultPriorityBand: _PriorityBand | None = None
+    defaultNegativePriorityBand: _PriorityBand | None = None
+    priorityBands: list[_PriorityBand] = []
+    usageLimitPolicyPluginRef: str | None = None
+    saturationDetector: _SaturationRef | None = None
+    enableEviction: bool | None = None
+
+
+#: Feature gates upstream registers (``RegisterFeatureGate``); others are errors, as upstream.
+KNOWN_FEATURE_GATES = frozenset(
+    {"flowControl", "haPopulateNonLeaderDatastore", "dataLayer", "prepareDataPlugins"}
+)
+
+#: (section, reference) -> the role the referenced plugin must play.
+_REF_ROLES = {
+    "saturationDetector": "saturation-detector",
+    "fairnessPolicyRef": "fairness-policy",
+    "orderingPolicyRef": "ordering-policy",
+    "parser": "parser",
+}
+
+
 _FEATURE_GATE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*(=(true|false))?$")
 
 
@@ -352,6 +401,59 @@ def _refs(model: BaseModel) -> list[str]:
 
     walk(model)
     return found
+
+
+def _section_refs(key: str, parsed: BaseModel) -> list[tuple[str, str | None, str]]:
+    """(plugin name, required role or None, YAML path) of every reference in a section."""
+    if isinstance(parsed, _FlowControl):
+        out: list[tuple[str, str | None, str]] = []
+        if parsed.saturationDetector is not None:
+            out.append(
+                (
+                    parsed.saturationDetector.pluginRef,
+                    _REF_ROLES["saturationDetector"],
+                    f"{key}.saturationDetector.pluginRef",
+                )
+            )
+        if parsed.usageLimitPolicyPluginRef:
+            out.append((parsed.usageLimitPolicyPluginRef, None, f"{key}.usageLimitPolicyPluginRef"))
+        bands = [(f"{key}.priorityBands[{i}]", b) for i, b in enumerate(parsed.priorityBands)] + [
+            (f"{key}.{n}", b)
+            for n, b in (
+                ("defaultPriorityBand", parsed.defaultPriorityBand),
+                ("defaultNegativePriorityBand", parsed.defaultNegativePriorityBand),
+            )
+            if b is not None
+        ]
+        for where, band in bands:
+            for field_name in ("fairnessPolicyRef", "orderingPolicyRef"):
+                ref = getattr(band, field_name)
+                if ref:
+                    out.append((ref, _REF_ROLES[field_name], f"{where}.{field_name}"))
+        return out
+    if isinstance(parsed, _SaturationRef):
+        return [(parsed.pluginRef, _REF_ROLES["saturationDetector"], f"{key}.pluginRef")]
+    if isinstance(parsed, _RequestHandler):
+        return [
+            (p.pluginRef, _REF_ROLES["parser"], f"{key}.parsers[{i}].pluginRef")
+            for i, p in enumerate(parsed.parsers)
+        ]
+    if isinstance(parsed, _Parser):
+        return [(parsed.pluginRef, _REF_ROLES["parser"], f"{key}.pluginRef")]
+    return [(ref, None, key) for ref in _refs(parsed)]
+
+
+def _unset(value: Any) -> bool:
+    """Whether `value` is a Go zero value (upstream reads it as not given)."""
+    return value is None or (not isinstance(value, bool) and value in (0, ""))
+
+
+def _default_plugins() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Upstream's default configuration (``loadDefaultConfig``): plugins and profiles."""
+    weights = {"queue-scorer": 2, "kv-cache-utilization-scorer": 2, "prefix-cache-scorer": 3}
+    plugins = [{"type": t} for t in weights]
+    refs = [{"pluginRef": t, "weight": w} for t, w in weights.items()]
+    return plugins, [{"name": DEFAULT_PROFILE, "plugins": refs}]
 
 
 # -- parameter errors ----------------------------------------------------------------------------
@@ -455,9 +557,21 @@ class _Loader:
         kind = data.get("kind")
         if kind != KIND:
             self.error(f"must be {KIND!r}, got {kind!r}", "kind")
-        plugins = self.plugins(data.get("plugins"))
+        raw_plugins, raw_profiles = data.get("plugins"), data.get("schedulingProfiles")
+        if not raw_plugins and raw_profiles is None:
+            # NOTE: upstream runs its default configuration when none is given; so does an
+            # EndpointPickerConfig that lists no plugins here.
+            self.warn(
+                "no plugins: using upstream's default profile (queue-scorer 2, "
+                "kv-cache-utilization-scorer 2, prefix-cache-scorer 3)",
+                "plugins",
+            )
+            raw_plugins, raw_profiles = _default_plugins()
+        plugins = self.plugins(raw_plugins)
+        self.bind_default_producer(plugins)
+        self.check_producer_loops(plugins)
         ignored = self.ignored_sections(data, plugins)
-        profiles = self.profiles(data.get("schedulingProfiles"), plugins)
+        profiles = self.profiles(raw_profiles, plugins)
         handler = self.profile_handler(plugins, profiles)
         if not self.errors:
             self.inject_pickers(plugins, profiles)
@@ -537,6 +651,14 @@ class _Loader:
             self.warn(f"plugin type {alias.old!r} is deprecated; use {alias.new!r}", f"{path}.type")
             params = self.rename(params, alias.param_aliases, params_path)
             params = self.transform(params, alias.transform, params_path)
+        if spec.params is NoParameters and params:
+            # NOTE: upstream's factories of parameterless types never decode `parameters`.
+            self.warn(
+                f"plugin type {spec.type!r} takes no parameters; "
+                f"{', '.join(map(str, params))} ignored (as upstream)",
+                params_path,
+            )
+            params = {}
         n_errors = len(self.errors)
         params = self.rename(params, spec.param_aliases, params_path)
         params = self.transform(params, spec.transform, params_path)
@@ -565,10 +687,10 @@ class _Loader:
         for old, new in aliases.items():
             if old not in params:
                 continue
-            if new in params:
-                self.error(
-                    f"give {new!r} or its deprecated name {old!r}, not both", f"{path}.{old}"
-                )
+            if new in params or _unset(params[old]):
+                # NOTE: as upstream: the current name wins, and a Go zero value means unset.
+                why = f"{new!r} is given" if new in params else "its value means unset"
+                self.warn(f"deprecated parameter {old!r} ignored: {why}", f"{path}.{old}")
                 params = {k: v for k, v in params.items() if k != old}
                 continue
             self.warn(f"parameter {old!r} is deprecated; use {new!r}", f"{path}.{old}")
@@ -591,6 +713,43 @@ class _Loader:
         out: dict[str, Any] = new
         return out
 
+    def bind_default_producer(self, plugins: dict[str, PluginConfig]) -> None:
+        """Bind prefix match-info consumers that name no producer, when several producers make
+        the choice ambiguous, to ``approx-prefix-cache-producer`` (added when missing), as
+        upstream binds them to its auto-created default producer."""
+
+        def is_producer(p: PluginConfig) -> bool:
+            return callable(getattr(p.spec.factory, "match_info", None))
+
+        def consumes(p: PluginConfig) -> bool:
+            return "scorer" in p.kinds and hasattr(p.params, PRODUCER_PARAM)
+
+        unbound = [
+            p
+            for p in plugins.values()
+            if consumes(p) and not is_producer(p) and not getattr(p.params, PRODUCER_PARAM)
+        ]
+        if not unbound:
+            return
+        sources = {
+            (getattr(p.params, PRODUCER_PARAM, None) if consumes(p) else None) or p.name
+            for p in plugins.values()
+            if is_producer(p)
+        }
+        if len(sources) <= 1:
+            return
+        name = DEFAULT_PRODUCER
+        if name not in plugins and self.inject(plugins, name, "pre-request") is None:
+            return
+        for p in unbound:
+            p.params = p.params.model_copy(update={PRODUCER_PARAM: name})
+            self.warn(
+                f"{p.name!r} names no prefixMatchInfoProducerName and several prefix producers "
+                f"are configured ({', '.join(sorted(sources))}): it reads {name!r}, upstream's "
+                "default producer" + (" (added)" if plugins[name].injected else ""),
+                p.path,
+            )
+
     # -- ignored upstream sections -------------------------------------------------------------
 
     def ignored_sections(
@@ -601,7 +760,7 @@ class _Loader:
             if key not in data:
                 continue
             value = data[key]
-            refs: list[str] = []
+            refs: list[tuple[str, str | None, str]] = []  # (name, role, YAML path)
             if key == "featureGates":
                 if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
                     self.error("expected a list of strings ('name', 'name=true|false')", key)
@@ -609,30 +768,85 @@ class _Loader:
                 for i, gate in enumerate(value):
                     if not _FEATURE_GATE.match(gate):
                         self.error(f"invalid feature gate {gate!r}", f"{key}[{i}]")
-            elif key in ("flowControl", "saturationDetector"):
-                if value is not None and not isinstance(value, Mapping):
-                    self.error(f"expected a mapping, got {type(value).__name__}", key)
-                    continue
+                    elif gate.split("=", 1)[0] not in KNOWN_FEATURE_GATES:
+                        self.error(
+                            f"unknown feature gate {gate.split('=', 1)[0]!r} (known: "
+                            f"{', '.join(sorted(KNOWN_FEATURE_GATES))})",
+                            f"{key}[{i}]",
+                        )
             else:
-                shapes: dict[str, type[BaseModel]] = {
-                    "dataLayer": _DataLayer,
-                    "requestHandler": _RequestHandler,
-                    "parser": _Parser,
-                }
-                model = shapes[key]
-                try:
-                    parsed = model.model_validate(value if value is not None else {})
-                except ValidationError as exc:
-                    err = format_validation_error(exc, key)
-                    self.error(err.message, err.path)
+                parsed = self.section_shape(key, value)
+                if parsed is None:
                     continue
-                refs = _refs(parsed)
-            for ref in refs:
-                if ref not in plugins and ref not in self.failed:
-                    self.error(f"pluginRef {ref!r} names no plugin in plugins[]", key)
+                refs = _section_refs(key, parsed)
+            for ref, role, where in refs:
+                self.check_ref(ref, role, where, plugins)
             ignored[key] = value
             self.warn(f"section {key!r} is accepted for compatibility and ignored here", key)
         return ignored
+
+    def section_shape(self, key: str, value: Any) -> BaseModel | None:
+        """The section validated against its upstream shape (None after an error)."""
+        model: type[BaseModel]
+        if key == "saturationDetector":
+            is_ref = isinstance(value, Mapping) and "pluginRef" in value
+            model = _SaturationRef if is_ref else _LegacySaturation
+        else:
+            shapes: dict[str, type[BaseModel]] = {
+                "dataLayer": _DataLayer,
+                "requestHandler": _RequestHandler,
+                "parser": _Parser,
+                "flowControl": _FlowControl,
+            }
+            model = shapes[key]
+        if value is not None and not isinstance(value, Mapping):
+            self.error(f"expected a mapping, got {type(value).__name__}", key)
+            return None
+        try:
+            return model.model_validate(value if value is not None else {})
+        except ValidationError as exc:
+            err = format_validation_error(exc, key)
+            self.error(err.message, err.path)
+            return None
+
+    def check_ref(
+        self, ref: str, role: str | None, where: str, plugins: Mapping[str, PluginConfig]
+    ) -> None:
+        """`ref` names a plugin that plays `role` (an accepted no-op type passes: it warns)."""
+        target = plugins.get(ref)
+        if target is None:
+            if ref not in self.failed:
+                self.error(f"pluginRef {ref!r} names no plugin in plugins[]", where)
+            return
+        if role is not None and target.kinds and role not in target.kinds:
+            roles = ", ".join(sorted(target.kinds))
+            self.error(
+                f"{ref!r} (type {target.type}) is no {role} (it is: {roles})",
+                where,
+            )
+
+    def check_producer_loops(self, plugins: Mapping[str, PluginConfig]) -> None:
+        """``prefixMatchInfoProducerName`` references must not form a loop."""
+        reported: set[str] = set()
+        for start in plugins:
+            chain = [start]
+            name = start
+            while True:
+                nxt = getattr(plugins[name].params, PRODUCER_PARAM, None)
+                if not nxt or nxt == name or nxt not in plugins:
+                    break
+                if nxt in chain:
+                    loop = chain[chain.index(nxt) :]
+                    if not reported & set(loop):
+                        reported.update(loop)
+                        self.error(
+                            "prefixMatchInfoProducerName references form a loop: "
+                            + " -> ".join([*loop, nxt]),
+                            f"{plugins[nxt].path}.parameters.prefixMatchInfoProducerName",
+                        )
+                    break
+                chain.append(nxt)
+                name = nxt
 
     # -- schedulingProfiles[] -------------------------------------------------------------------
 

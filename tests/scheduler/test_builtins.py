@@ -535,3 +535,22 @@ def test_precise_on_a_remote_index_declares_blocking_io(
     )
     assert s.plugin("precise-prefix-cache-scorer").blocking_io is blocking
     s.close()
+
+
+def test_approximate_pre_request_records_every_profile_pick() -> None:
+    """Under P/D the prefill profile's pick is recorded too, not only the primary target."""
+    from kvaware_scorer.scheduler import ProfileResult, SchedulingResult
+
+    s = build([{"type": "prefix-cache-scorer", "parameters": {"blockSizeTokens": 4}}], seed=0)
+    eps = endpoints(3)
+    prompt = list(range(16))
+    req = SchedulingRequest("a", "m", token_ids=prompt)
+    decode = ProfileResult("decode", [eps[0]], [e.id for e in eps], {}, {}, {})
+    prefill = ProfileResult("prefill", [eps[1]], [e.id for e in eps], {}, {}, {})
+    result = SchedulingResult(
+        [eps[0]], "decode", decode.candidates, {}, {}, {}, {"decode": decode, "prefill": prefill}
+    )
+    plugin = s.plugin("prefix-cache-scorer")
+    plugin.pre_request(s.context(), req, result)
+    after = plugin.score(s.context(), SchedulingRequest("b", "m", token_ids=prompt), eps)
+    assert [after.get(e.id, 0.0) for e in eps] == [1.0, 1.0, 0.0]

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
+from kvaware_scorer import IndexerConfig
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.scheduler import (
     ConfigErrorGroup,
@@ -97,7 +99,10 @@ def test_parameters_get_their_defaults(registry: PluginRegistry) -> None:
         ({**config([{"type": "queue-scorer"}]), "extra": 1}, "extra"),
         (config([{"type": "queue-scorer", "nmae": "x"}]), "plugins[0].nmae"),
         (config([{"type": "queue-scorer"}, {"type": "no-such-scorer"}]), "plugins[1].type"),
-        (config([{"type": "queue-scorer", "parameters": {"x": 1}}]), "plugins[0].parameters.x"),
+        (
+            config([{"type": "load-aware-scorer", "parameters": {"x": 1}}]),
+            "plugins[0].parameters.x",
+        ),
         (
             config([{"type": "load-aware-scorer", "parameters": {"threshold": 0}}]),
             "plugins[0].parameters.threshold",
@@ -178,7 +183,7 @@ def test_errors_name_the_yaml_path(
 def test_all_errors_are_collected(registry: PluginRegistry) -> None:
     """Several independent problems are all reported, in document order."""
     data = config(
-        [{"type": "bogus"}, {"type": "queue-scorer", "parameters": {"nope": 1}}],
+        [{"type": "bogus"}, {"type": "load-aware-scorer", "parameters": {"nope": 1}}],
         [{"name": "p", "plugins": [{"pluginRef": "missing"}]}],
     )
     assert paths_of(data, registry) == [
@@ -257,12 +262,109 @@ def test_parameter_aliases_accepted_with_warnings(old: str, registry: PluginRegi
     assert any(old in w and "blockSizeTokens" in w for w in cfg.warnings)
 
 
-def test_parameter_alias_and_new_name_together_rejected(registry: PluginRegistry) -> None:
-    """Giving both a deprecated parameter and its new name is an error naming the old one."""
+def test_parameter_alias_and_new_name_together_new_wins(registry: PluginRegistry) -> None:
+    """Given both a deprecated parameter and its new name, the new one wins with a warning
+    naming the old one (upstream's blockSize / blockSizeTokens precedence)."""
     data = config(
-        [{"type": "prefix-cache-scorer", "parameters": {"blockSize": 32, "blockSizeTokens": 64}}]
+        [{"type": "prefix-cache-scorer", "parameters": {"blockSize": 32, "blockSizeTokens": 128}}]
     )
-    assert paths_of(data, registry) == ["plugins[0].parameters.blockSize"]
+    cfg = load_config(data, registry)
+    assert cfg.plugins["prefix-cache-scorer"].parameters()["blockSizeTokens"] == 128
+    assert any(w.startswith("plugins[0].parameters.blockSize: deprecated") for w in cfg.warnings)
+
+
+def test_deprecated_parameter_zero_means_unset(registry: PluginRegistry) -> None:
+    """A deprecated parameter with a Go zero value (blockSize: 0) is ignored: the default holds."""
+    data = config([{"type": "approx-prefix-cache-producer", "parameters": {"blockSize": 0}}])
+    cfg = load_config(data, registry)
+    assert cfg.plugins["approx-prefix-cache-producer"].parameters()["blockSizeTokens"] == 64
+
+
+@pytest.mark.parametrize(("auto_tune", "ok"), [(True, True), (False, False)])
+def test_approx_block_size_zero_needs_auto_tune(
+    auto_tune: bool, ok: bool, registry: PluginRegistry
+) -> None:
+    """blockSizeTokens 0 is valid with autoTune (upstream's clamp, 64) and an error without."""
+    params = {"blockSizeTokens": 0, "autoTune": auto_tune}
+    data = config([{"type": "approx-prefix-cache-producer", "parameters": params}])
+    if ok:
+        cfg = load_config(data, registry)
+        assert cfg.plugins["approx-prefix-cache-producer"].parameters()["blockSizeTokens"] == 64
+    else:
+        assert paths_of(data, registry) == ["plugins[0].parameters"]
+
+
+def test_parameterless_type_ignores_parameters_with_a_warning(registry: PluginRegistry) -> None:
+    """queue-scorer with parameters loads (upstream ignores them) and the warning names them."""
+    data = config([{"type": "queue-scorer", "parameters": {"threshold": 3}}])
+    cfg = load_config(data, registry)
+    assert any("threshold ignored" in w for w in cfg.warnings)
+
+
+def test_no_plugins_loads_upstream_defaults(registry: PluginRegistry) -> None:
+    """A config without plugins runs upstream's default profile (queue 2, kv 2, prefix 3)."""
+    cfg = load_config({"apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig"}, registry)
+    weights = {s.name: s.weight for s in cfg.profiles["default"].scorers}
+    assert weights == {
+        "queue-scorer": 2,
+        "kv-cache-utilization-scorer": 2,
+        "prefix-cache-scorer": 3,
+    }
+    assert any("default profile" in w for w in cfg.warnings)
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "path"),
+    [
+        ("featureGates", ["noSuchGate"], "featureGates[0]"),
+        ("saturationDetector", {"pluginRef": "queue-scorer"}, "saturationDetector.pluginRef"),
+        ("saturationDetector", {"pluginRef": "nope"}, "saturationDetector.pluginRef"),
+        (
+            "flowControl",
+            {"saturationDetector": {"pluginRef": "queue-scorer"}},
+            "flowControl.saturationDetector.pluginRef",
+        ),
+        (
+            "flowControl",
+            {"priorityBands": [{"priority": 0, "fairnessPolicyRef": "queue-scorer"}]},
+            "flowControl.priorityBands[0].fairnessPolicyRef",
+        ),
+        ("flowControl", {"maxRequestz": 3}, "flowControl.maxRequestz"),
+        ("parser", {"pluginRef": "queue-scorer"}, "parser.pluginRef"),
+        (
+            "requestHandler",
+            {"parsers": [{"pluginRef": "queue-scorer"}]},
+            "requestHandler.parsers[0].pluginRef",
+        ),
+    ],
+)
+def test_section_references_need_the_right_role(
+    section: str, value: Any, path: str, registry: PluginRegistry
+) -> None:
+    """Feature gates must be upstream's; flowControl, saturationDetector and parser references
+    must name a plugin playing that role."""
+    data = {**config([{"type": "queue-scorer"}]), section: value}
+    assert path in paths_of(data, registry)
+
+
+def test_producer_reference_loop_rejected(registry: PluginRegistry) -> None:
+    """Two prefix scorers naming each other as their producer is an error naming the loop."""
+    data = config(
+        [
+            {
+                "name": "a",
+                "type": "prefix-cache-scorer",
+                "parameters": {"prefixMatchInfoProducerName": "b"},
+            },
+            {
+                "name": "b",
+                "type": "prefix-cache-scorer",
+                "parameters": {"prefixMatchInfoProducerName": "a"},
+            },
+        ]
+    )
+    (err,) = errors_of(data, registry)
+    assert "loop" in err.message and "a -> b -> a" in err.message
 
 
 def test_precise_accepts_upstream_nested_indexer_config(registry: PluginRegistry) -> None:
@@ -371,7 +473,11 @@ def test_ignored_upstream_sections_validated_and_warned(registry: PluginRegistry
         ("featureGates", ["bad gate"], "featureGates[0]"),
         ("dataLayer", {"sources": [{"extractors": []}]}, "dataLayer.sources[0].pluginRef"),
         ("dataLayer", {"sourcez": []}, "dataLayer.sourcez"),
-        ("requestHandler", {"parsers": [{"pluginRef": "missing"}]}, "requestHandler"),
+        (
+            "requestHandler",
+            {"parsers": [{"pluginRef": "missing"}]},
+            "requestHandler.parsers[0].pluginRef",
+        ),
         ("flowControl", [1], "flowControl"),
     ],
 )
@@ -568,3 +674,51 @@ def test_producer_reference_checked(ref: str) -> None:
     with pytest.raises(ConfigError) as info:
         Scheduler.from_config(data, plugin_manager=make_plugin_manager(use_env=False))
     assert info.value.path == "plugins[1].parameters.prefixMatchInfoProducerName"
+
+
+@pytest.mark.parametrize(
+    ("given", "block_size"),
+    [
+        ({"blockSize": 0}, 16),
+        ({"blockSizeTokens": 0}, 16),
+        ({"blockSize": 32, "blockSizeTokens": 64}, 64),
+        ({"blockSize": 32, "blockSizeTokens": 0}, 32),
+        ({"blockSize": 32}, 32),
+    ],
+)
+def test_token_processor_block_size_as_upstream(given: dict[str, int], block_size: int) -> None:
+    """blockSize / blockSizeTokens: 0 means unset (16), blockSizeTokens wins over blockSize."""
+    cfg = IndexerConfig.model_validate({"tokenProcessorConfig": given})
+    assert cfg.token_processor_config.block_size == block_size
+
+
+@pytest.mark.parametrize("algo", ["cbor-fnv", "xxh64"])
+def test_upstream_hash_one_rule_for_library_and_yaml(algo: str, registry: PluginRegistry) -> None:
+    """Upstream-only hashes load under derived keys (library and YAML alike) and are refused
+    under vllm keys (library and YAML alike)."""
+    tp = {"hashAlgorithm": algo}
+    IndexerConfig.model_validate({"tokenProcessorConfig": tp})
+    load_config(
+        config(
+            [{"type": "precise-prefix-cache-scorer", "parameters": {"tokenProcessorConfig": tp}}]
+        ),
+        registry,
+    )
+    bad = {**tp, "keyMode": "vllm"}
+    with pytest.raises(ValidationError):
+        IndexerConfig.model_validate({"tokenProcessorConfig": bad})
+    data = config(
+        [{"type": "precise-prefix-cache-scorer", "parameters": {"tokenProcessorConfig": bad}}]
+    )
+    assert paths_of(data, registry) == ["plugins[0].parameters.tokenProcessorConfig"]
+
+
+def test_legacy_max_prefix_blocks_in_index_config_warns(registry: PluginRegistry) -> None:
+    """kvBlockIndexConfig.maxPrefixBlocksToMatch (older configs) loads with a warning."""
+    kb = {"maxPrefixBlocksToMatch": 256, "inMemoryConfig": {"size": 1000}}
+    cfg = load_config(
+        config([{"type": "precise-prefix-cache-scorer", "parameters": {"kvBlockIndexConfig": kb}}]),
+        registry,
+    )
+    assert any("maxPrefixBlocksToMatch" in w for w in cfg.warnings)
+    assert IndexerConfig.model_validate({"kvBlockIndexConfig": kb}).kv_block_index_config

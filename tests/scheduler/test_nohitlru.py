@@ -150,19 +150,38 @@ def test_no_prefix_plugin_means_every_request_is_cold_with_a_warning() -> None:
     assert any("every request counts as a miss" in w for w in s.config.warnings)
 
 
-def test_several_prefix_plugins_need_a_name() -> None:
-    """Two distinct prefix plugins and no prefixMatchInfoProducerName is an error with its path."""
-    with pytest.raises(ConfigError) as info:
-        build(
-            [
-                {"type": "prefix-cache-scorer"},
-                {"type": "precise-prefix-cache-scorer"},
-                {"type": "no-hit-lru-scorer"},
-            ],
-            [{"pluginRef": "no-hit-lru-scorer"}, {"pluginRef": "prefix-cache-scorer"}],
-        )
-    assert info.value.path == "plugins[2].parameters"
-    assert "prefixMatchInfoProducerName" in info.value.message
+def test_several_prefix_producers_bind_to_the_default_producer() -> None:
+    """Beside two named prefix producers, a no-hit-lru-scorer naming none reads upstream's
+    default producer (approx-prefix-cache-producer, added), with a warning."""
+    s = build(
+        [
+            {"type": "precise-prefix-cache-producer", "name": "precise"},
+            {"type": "approx-prefix-cache-producer", "name": "approx"},
+            {
+                "type": "prefix-cache-scorer",
+                "name": "p1",
+                "parameters": {"prefixMatchInfoProducerName": "precise"},
+            },
+            {
+                "type": "prefix-cache-scorer",
+                "name": "p2",
+                "parameters": {"prefixMatchInfoProducerName": "approx"},
+            },
+            {"type": "no-hit-lru-scorer"},
+        ],
+        [{"pluginRef": "no-hit-lru-scorer"}, {"pluginRef": "p1"}, {"pluginRef": "p2"}],
+    )
+    cfg = s.config
+    lru = cfg.plugins["no-hit-lru-scorer"].parameters()
+    assert lru["prefixMatchInfoProducerName"] == "approx-prefix-cache-producer"
+    assert cfg.plugins["approx-prefix-cache-producer"].injected
+    assert any("upstream's default producer" in w for w in cfg.warnings)
+    eps = endpoints(2)
+    prompt = list(range(64 * 4))
+    first = s.schedule(SchedulingRequest("a", "m", token_ids=prompt), eps)
+    assert first.scores["no-hit-lru-scorer"][eps[0].id] == 1.0  # cold: nothing recorded yet
+    second = s.schedule(SchedulingRequest("b", "m", token_ids=prompt), eps)
+    assert set(second.scores["no-hit-lru-scorer"].values()) == {0.5}  # the default producer hit
 
 
 @pytest.mark.parametrize("ref", ["missing", "queue-scorer"])

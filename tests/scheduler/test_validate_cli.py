@@ -46,7 +46,7 @@ def test_validate_reports_every_error(capsys: pytest.CaptureFixture[str], tmp_pa
     f = tmp_path / "bad.yaml"
     f.write_text(
         "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
-        "  - type: queue-scorer\n    parameters: {depth: 3}\n"
+        "  - type: load-aware-scorer\n    parameters: {depth: 3}\n"
         "  - type: precise-prefix-cache-scorer\n    parameters: {speculativeTTL: soon}\n"
         "schedulingProfiles:\n  - name: default\n    plugins:\n      - pluginRef: queue\n"
     )
