@@ -53,6 +53,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between metrics scrapes when `autoTune` needs the pods' cache size.
+AUTO_TUNE_SCRAPE_INTERVAL = 1.0
+
 
 class ApproxPrefixCacheParams(ConfigModel):
     """Parameters of ``prefix-cache-scorer``.
@@ -224,6 +227,9 @@ class ApproxPrefixCacheScorer:
         self.token_limit = limit
         self._metrics = ctx.metrics
         self._scheduler = ctx.scheduler
+        # NOTE: autoTune reads only the pods' cache size (static): a slow scrape, well inside
+        # the metrics staleness threshold, is enough.
+        self.metrics_interval: float | None = AUTO_TUNE_SCRAPE_INTERVAL if params.auto_tune else None
         name = params.prefix_match_info_producer_name
         if ctx.scheduler is not None:
             name = match_sources(ctx.scheduler.config).get(ctx.name, name)

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 
 from kvaware_scorer.config import ConfigModel
 from kvaware_scorer.scheduler import (
+    DEFAULT_SCRAPE_INTERVAL,
     Endpoint,
     EndpointMetrics,
     PluginContext,
@@ -77,6 +78,9 @@ class QueueScorer:
     candidates are equal; unknown metrics -> 0.5.
     """
 
+    #: Reads scraped pod metrics: the scheduler scrapes at this interval (seconds).
+    metrics_interval = DEFAULT_SCRAPE_INTERVAL
+
     def __init__(self, params: object, ctx: PluginContext) -> None:
         self.name = ctx.name
 
@@ -89,6 +93,9 @@ class QueueScorer:
 class RunningRequestsSizeScorer:
     """``running-requests-size-scorer``: the same min-max on ``vllm:num_requests_running``."""
 
+    #: Reads scraped pod metrics: the scheduler scrapes at this interval (seconds).
+    metrics_interval = DEFAULT_SCRAPE_INTERVAL
+
     def __init__(self, params: object, ctx: PluginContext) -> None:
         self.name = ctx.name
 
@@ -100,6 +107,9 @@ class RunningRequestsSizeScorer:
 
 class KVCacheUtilizationScorer:
     """``kv-cache-utilization-scorer``: ``1 - kv_cache_usage_perc``; unknown metrics -> 0.5."""
+
+    #: Reads scraped pod metrics: the scheduler scrapes at this interval (seconds).
+    metrics_interval = DEFAULT_SCRAPE_INTERVAL
 
     def __init__(self, params: object, ctx: PluginContext) -> None:
         self.name = ctx.name
@@ -127,6 +137,9 @@ class LoadAwareParams(ConfigModel):
 class LoadAwareScorer:
     """``load-aware-scorer`` (llm-d): ``q = 0 -> 0.5``; ``q >= threshold -> 0``; else
     ``0.5 * (1 - q / threshold)``; the maximum is 0.5 by design. Unknown metrics -> 0.25."""
+
+    #: Reads scraped pod metrics: the scheduler scrapes at this interval (seconds).
+    metrics_interval = DEFAULT_SCRAPE_INTERVAL
 
     def __init__(self, params: LoadAwareParams, ctx: PluginContext) -> None:
         self.name = ctx.name

@@ -38,12 +38,17 @@ from kvaware_scorer.scheduler.registry import (
     PluginRegistry,
     PluginSpec,
 )
-from kvaware_scorer.scheduler.scrape import MetricsScraper, parse_vllm_metrics
+from kvaware_scorer.scheduler.scrape import (
+    DEFAULT_SCRAPE_INTERVAL,
+    MetricsScraper,
+    parse_vllm_metrics,
+)
 from kvaware_scorer.scheduler.types import (
     Endpoint,
     EndpointMetrics,
     EndpointsListener,
     Filter,
+    FirstTokenListener,
     KVEventSink,
     Lifecycle,
     Picker,
@@ -65,6 +70,7 @@ __all__ = [
     "API_VERSION",
     "BLOCK_ENV",
     "DEFAULT_METRICS_STALENESS",
+    "DEFAULT_SCRAPE_INTERVAL",
     "DEPRECATED_API_VERSION",
     "ENTRY_POINT_GROUP",
     "KINDS",
@@ -74,6 +80,7 @@ __all__ = [
     "EndpointsListener",
     "EndpointsWatcher",
     "Filter",
+    "FirstTokenListener",
     "Hooks",
     "KVEventSink",
     "Lifecycle",

@@ -33,6 +33,7 @@ from kvaware_scorer.scheduler.types import (
     Endpoint,
     EndpointsListener,
     Filter,
+    FirstTokenListener,
     KVEventSink,
     Lifecycle,
     Picker,
@@ -164,6 +165,7 @@ class Scheduler:
         self._listeners: list[EndpointsListener] = self._capable(EndpointsListener)
         self._sinks: list[KVEventSink] = self._capable(KVEventSink)
         self._preparers: list[RequestPreparer] = self._capable(RequestPreparer)
+        self._first_token: list[FirstTokenListener] = self._capable(FirstTokenListener)
         self._blocking = any(getattr(obj, "blocking_io", False) for obj in self._plugins.values())
         hooks.scheduler_created(self)
 
@@ -255,6 +257,18 @@ class Scheduler:
     def metrics_registry(self) -> CollectorRegistry:
         """Scheduler and indexer metrics (one registry, for a ``/metrics`` route)."""
         return self.metrics.registry
+
+    @property
+    def metrics_interval(self) -> float | None:
+        """Seconds between pod-metrics scrapes that the configured plugins need: the smallest
+        ``metrics_interval`` any plugin object declares, or None when no plugin reads scraped
+        metrics (nothing is scraped then)."""
+        wanted = [
+            float(v)
+            for obj in self._plugins.values()
+            if (v := getattr(obj, "metrics_interval", None)) is not None and v > 0
+        ]
+        return min(wanted) if wanted else None
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -453,6 +467,22 @@ class Scheduler:
                 logger.exception("post-response hook of plugin %s failed", name)
                 self.sched_metrics.plugin_errors.labels(name, "post_response").inc()
 
+    def first_token(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        """Tell the plugins that listen for it (``first_token(now, request, result)``) that the
+        request's first output token arrived now; call at most once per scheduled request,
+        before `post_response`."""
+        if not self._first_token:
+            return
+        now = self.clock()
+        for obj in self._first_token:
+            try:
+                obj.first_token(now, request, result)
+            except Exception:
+                logger.exception("first-token listener %r failed", obj)
+                self.sched_metrics.plugin_errors.labels(
+                    str(getattr(obj, "name", type(obj).__name__)), "first_token"
+                ).inc()
+
     # -- endpoints ----------------------------------------------------------------------------------
 
     def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
@@ -497,15 +527,16 @@ class Scheduler:
         Args:
             path: The endpoints YAML file.
             poll_interval: Seconds between checks of the file.
-            scrape: Scrape pod metrics (off when something else writes ``endpoint.metrics``).
-            scrape_interval: Seconds between scrape rounds (default: `MetricsScraper`'s).
+            scrape: Scrape pod metrics when a plugin reads them (off when something else
+                writes ``endpoint.metrics``).
+            scrape_interval: Seconds between scrape rounds (default: `metrics_interval`).
             scrape_timeout: Per-request HTTP timeout in seconds.
 
         Raises:
             ConfigError: The file is missing or invalid.
         """
         from kvaware_scorer.scheduler.endpoints import EndpointsWatcher
-        from kvaware_scorer.scheduler.scrape import DEFAULT_SCRAPE_INTERVAL, MetricsScraper
+        from kvaware_scorer.scheduler.scrape import MetricsScraper
 
         watcher = EndpointsWatcher(
             Path(path),
@@ -513,10 +544,11 @@ class Scheduler:
             poll_interval=poll_interval,
             metrics=self.sched_metrics,
         )
-        if scrape:
+        interval = scrape_interval or self.metrics_interval
+        if scrape and interval is not None:
             self._scraper = MetricsScraper(
                 lambda: self._endpoints,
-                interval=scrape_interval or DEFAULT_SCRAPE_INTERVAL,
+                interval=interval,
                 timeout=scrape_timeout or 1.0,
                 clock=self.clock,
                 metrics=self.sched_metrics,

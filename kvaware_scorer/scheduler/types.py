@@ -21,6 +21,7 @@ __all__ = [
     "EndpointMetrics",
     "EndpointsListener",
     "Filter",
+    "FirstTokenListener",
     "KVEventSink",
     "Lifecycle",
     "Picker",
@@ -382,6 +383,18 @@ class PostResponse(Protocol):
         self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
     ) -> None:
         """React to the outcome; exceptions are logged and counted, never raised."""
+        ...
+
+
+@runtime_checkable
+class FirstTokenListener(Protocol):
+    """Told when a scheduled request's first output token reached the front door (the end of
+    its prefill: queueing and prompt processing are over, decoding starts)."""
+
+    def first_token(
+        self, now: float, request: SchedulingRequest, result: SchedulingResult
+    ) -> None:
+        """`request`, scheduled as `result`, produced its first token at scheduler time `now`."""
         ...
 
 

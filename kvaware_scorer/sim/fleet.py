@@ -20,7 +20,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -290,6 +290,8 @@ class FleetSimulator:
         self._scrape()
         router.bind(endpoints)
         sinks: list[KVEventSink] = list(router.event_sinks)
+        # NOTE: optional, so that routers written before first-token reports still run.
+        on_first: Callable[[SimRequest], None] | None = getattr(router, "first_token", None)
         encoder = EventEncoder()
         seqs = [0] * len(engines)
         busy = [False] * len(engines)
@@ -388,6 +390,9 @@ class FleetSimulator:
                 if kind == _STEP_END:
                     i = data
                     out = engines[i].finish_step(t)
+                    if on_first is not None:
+                        for er in out.first_tokens:
+                            on_first(er.sim)
                     if out.sampled:
                         k = bisect.bisect_right(starts, t) - 1
                         if 0 <= k < len(stages) and t < stages[k].end:

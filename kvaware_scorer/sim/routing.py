@@ -3,7 +3,7 @@ that drives the real `kvaware_scorer.scheduler.Scheduler`.
 
 The simulator talks to one `Router` per run. It binds the fleet's endpoints once, hands over a
 metrics snapshot at every scrape (`observe`), asks for a pod per arrival (`route`), reports each
-completion (`complete`), and delivers every pod's KV-event payloads to the router's
+first token (`first_token`) and completion (`complete`), and delivers every pod's KV-event payloads to the router's
 `event_sinks`. Routers:
 
 * `SchedulerRouter`: a scheduler YAML (``config/precise.yaml``, ...) through the real
@@ -124,6 +124,10 @@ class Router(Protocol):
         """The id of the pod that serves `request`."""
         ...
 
+    def first_token(self, request: SimRequest) -> None:
+        """`request`'s first output token was sampled (now, on the router's clock)."""
+        ...
+
     def complete(self, request: SimRequest, outcome: RequestOutcome) -> None:
         """`request` finished (or was rejected)."""
         ...
@@ -147,6 +151,9 @@ class _Baseline:
             raise NoEndpointError("the fleet has no endpoints")
 
     def observe(self, endpoints: Sequence[SimEndpoint], now: float) -> None:
+        return None
+
+    def first_token(self, request: SimRequest) -> None:
         return None
 
     def complete(self, request: SimRequest, outcome: RequestOutcome) -> None:
@@ -231,7 +238,8 @@ class SchedulerRouter:
 
     Per ``scheduler_api.md``: built with ``Scheduler.from_yaml(path, clock=..., seed=...)``;
     endpoints are `Endpoint` objects whose ``metrics`` this adapter writes at every scrape;
-    ``schedule()`` per arrival; ``post_response()`` at completion; KV payloads go to
+    ``schedule()`` per arrival; ``first_token()`` when its first token is sampled;
+    ``post_response()`` at completion; KV payloads go to
     ``scheduler.event_sinks``; ``start()`` is never called (no sockets).
 
     With ``replicas`` > 1 the router emulates several scheduler processes behind one load
@@ -342,6 +350,12 @@ class SchedulerRouter:
         self._inflight[request.request_id] = (i, req, result)
         target: str = result.targets[0].id
         return target
+
+    def first_token(self, request: SimRequest) -> None:
+        entry = self._inflight.get(request.request_id)
+        if entry is not None:
+            i, req, result = entry
+            self.schedulers[i].first_token(req, result)
 
     def complete(self, request: SimRequest, outcome: RequestOutcome) -> None:
         entry = self._inflight.pop(request.request_id, None)

@@ -1,0 +1,414 @@
+"""``predicted-ttft-scorer``: scores each candidate by the time to first token it would give.
+
+For a request r and a candidate pod p the scorer predicts
+
+    TTFT(p) = base(p) + (queued(p) + uncached(r, p)) / rate(p) + memory_wait(r, p)
+
+* ``queued(p)``: prompt tokens of the requests already sent to p that have not produced their
+  first token yet (the scheduler's own ledger, `InFlightLedger`): vLLM serves its waiting queue
+  first come, first served, so r's prefill starts after theirs.
+* ``uncached(r, p)``: r's prompt tokens p does not hold, from the exact index's match info
+  (``prefixMatchInfoProducerName``); blocks that only the routing history (``priorProducerName``)
+  places on p count as held with probability ``priorWeight``.
+* ``rate(p)``, ``base(p)``: p's prefill rate (tokens/s) and fixed latency, learned online from
+  the TTFTs observed at first tokens: ``y = base + x / rate`` fitted by exponentially weighted
+  sums (half-life ``learningHalfLife`` samples), starting from ``prefillTokensPerSecond`` and
+  ``baseLatency``, pooled over the fleet until a pod has samples of its own.
+* ``memory_wait(r, p)``: when the KV tokens p's in-flight requests will hold (uncached prompt +
+  expected output; corrected upward by the scraped ``kv_cache_usage_perc`` when known) plus r's
+  exceed p's KV capacity, r waits for requests to finish: the excess over the tokens p frees
+  per second (in-flight KV tokens over the learned mean residence time).
+
+Moving a long session elsewhere costs its re-prefill (``uncached``), waiting behind short
+requests costs their prefill (``queued``): both are in seconds, so they compare directly.
+
+Score: ``(min_p TTFT + scale) / (TTFT(p) + scale)`` in (0, 1], 1 for the fastest pod;
+``scoreScale`` keeps differences far below it from deciding alone when composed with other
+scorers. Alone with ``max-score-picker`` it picks the lowest predicted TTFT.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pydantic import Field, field_validator
+
+from kvaware_scorer.config import ConfigModel
+from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.scheduler import (
+    Endpoint,
+    PluginContext,
+    PluginRegistry,
+    ResponseInfo,
+    SchedulingContext,
+    SchedulingRequest,
+    SchedulingResult,
+    parse_duration,
+)
+from kvaware_scorer.scheduler.matchinfo import MatchInfoProducer, default_source, producer
+
+from .inflight import InFlight, InFlightLedger, read_match_info, uncached_tokens
+
+__all__ = ["PredictedTTFTParams", "PredictedTTFTScorer", "PrefillModel", "register"]
+
+logger = logging.getLogger(__name__)
+
+
+class PredictedTTFTParams(ConfigModel):
+    """Parameters of ``predicted-ttft-scorer``.
+
+    Attributes:
+        prefix_match_info_producer_name: The exact prefix index to read (a
+            ``precise-prefix-cache-scorer`` / ``-producer``); empty = the one prefix plugin
+            configured (none: every prompt token counts as uncached).
+        prior_producer_name: A routing-history producer (``approx-prefix-cache-producer``)
+            whose matches beyond the exact index's count as held with `prior_weight`.
+        prior_weight: Probability that blocks only the routing history places on a pod are
+            still there (0 = ignore the history).
+        prefill_tokens_per_second: Prefill rate assumed before any TTFT was observed.
+        base_latency: Fixed TTFT part (seconds) assumed before any TTFT was observed.
+        learning_half_life: Observations after which an old one weighs half (0 = no learning:
+            the two values above are used as they are).
+        expected_output_tokens: Output tokens assumed per request before any completed
+            (then the mean of the completed ones, same half-life).
+        kv_capacity_tokens: KV-cache tokens per pod; 0 = from the scraped
+            ``vllm:cache_config_info`` (unknown: no memory term).
+        memory_headroom: Fraction of the KV capacity in-flight requests may fill before new
+            ones wait.
+        residence_seconds: Request duration (pick to end) assumed before any completed.
+        score_scale: Seconds added to both sides of the score ratio.
+        metrics_interval: Seconds between the pod-metrics scrapes this scorer asks for (KV
+            usage and cache size correct its own accounting); 0 = needs no scraping.
+        request_timeout: Seconds after which a request whose end was never reported stops
+            counting (0 = never).
+        max_tracked_requests: Bound on the requests the ledger tracks.
+    """
+
+    prefix_match_info_producer_name: str | None = None
+    prior_producer_name: str | None = None
+    prior_weight: float = Field(0.5, ge=0, le=1)
+    prefill_tokens_per_second: float = Field(10000.0, gt=0)
+    base_latency: float = Field(0.02, ge=0)
+    learning_half_life: int = Field(64, ge=0)
+    expected_output_tokens: int = Field(256, ge=0)
+    kv_capacity_tokens: int = Field(0, ge=0)
+    memory_headroom: float = Field(0.95, gt=0, le=1)
+    residence_seconds: float = Field(10.0, gt=0)
+    score_scale: float = Field(0.05, gt=0)
+    metrics_interval: float = Field(1.0, ge=0)
+    request_timeout: float = 300.0
+    max_tracked_requests: int = Field(65536, ge=1)
+
+    @field_validator(
+        "request_timeout", "base_latency", "residence_seconds", "metrics_interval", mode="before"
+    )
+    @classmethod
+    def _duration(cls, value: object) -> float:
+        return parse_duration(value)
+
+
+@dataclass(slots=True)
+class _Fit:
+    """Exponentially weighted sums of (x, y) observations for ``y = a + x / rate``."""
+
+    w: float = 0.0
+    x: float = 0.0
+    y: float = 0.0
+    xx: float = 0.0
+    xy: float = 0.0
+
+    def add(self, x: float, y: float, decay: float) -> None:
+        self.w = self.w * decay + 1.0
+        self.x = self.x * decay + x
+        self.y = self.y * decay + y
+        self.xx = self.xx * decay + x * x
+        self.xy = self.xy * decay + x * y
+
+
+class PrefillModel:
+    """Per-pod online fit of ``TTFT = base + work_tokens / rate`` (thread-safe).
+
+    A pod without observations of its own uses the fleet-wide fit; the fleet-wide fit starts
+    from the configured prior, which weighs as `prior_weight` observations and fades like one.
+
+    Args:
+        rate: Prior prefill rate (tokens/s).
+        base: Prior fixed latency (s).
+        half_life: Observations after which one weighs half (0 = keep the prior).
+        prior_weight: Observations the prior is worth.
+    """
+
+    def __init__(
+        self, rate: float, base: float, half_life: int, prior_weight: float = 4.0
+    ) -> None:
+        self.prior_rate = rate
+        self.prior_base = base
+        self.decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
+        self.learning = half_life > 0
+        self.prior_weight = prior_weight
+        self._lock = threading.Lock()
+        self._fleet = _Fit()
+        self._pods: dict[str, _Fit] = {}
+        self._cache: dict[str, tuple[float, float]] = {}
+
+    def observe(self, pod: str, work_tokens: float, ttft: float) -> None:
+        """One request's prefill of `work_tokens` (its own and those queued before it) took
+        `ttft` seconds on `pod`."""
+        if not self.learning or ttft <= 0 or not math.isfinite(ttft):
+            return
+        with self._lock:
+            self._fleet.add(work_tokens, ttft, self.decay)
+            fit = self._pods.get(pod)
+            if fit is None:
+                fit = self._pods[pod] = _Fit()
+            fit.add(work_tokens, ttft, self.decay)
+            self._cache.clear()
+
+    def params(self, pod: str) -> tuple[float, float]:
+        """(base seconds, rate tokens/s) for `pod`."""
+        cached = self._cache.get(pod)
+        if cached is not None:
+            return cached
+        with self._lock:
+            fleet = self._solve(self._fleet, self.prior_base, self.prior_rate)
+            fit = self._pods.get(pod)
+            out = fleet if fit is None else self._solve(fit, fleet[0], fleet[1])
+            self._cache[pod] = out
+        return out
+
+    def _solve(self, fit: _Fit, base0: float, rate0: float) -> tuple[float, float]:
+        # NOTE: least squares with the prior as `prior_weight` pseudo-observations on the prior
+        # line (at x = 0 and at x = one second of prefill): with few or clustered observations
+        # the slope stays near the prior instead of swinging wildly.
+        k = self.prior_weight / 2.0
+        x1 = rate0  # one second of prefill
+        w = fit.w + 2 * k
+        sx = fit.x + k * x1
+        sy = fit.y + k * base0 + k * (base0 + 1.0)
+        sxx = fit.xx + k * x1 * x1
+        sxy = fit.xy + k * x1 * (base0 + 1.0)
+        var = sxx - sx * sx / w
+        if var <= 0:
+            return base0, rate0
+        slope = (sxy - sx * sy / w) / var
+        if slope <= 0:
+            return base0, rate0
+        base = max(0.0, (sy - slope * sx) / w)
+        return base, 1.0 / slope
+
+
+class PredictedTTFTScorer:
+    """``predicted-ttft-scorer`` (see the module docstring)."""
+
+    def __init__(self, params: PredictedTTFTParams, ctx: PluginContext) -> None:
+        self.name = ctx.name
+        self.params = params
+        self.metrics_interval: float | None = params.metrics_interval or None
+        self._scheduler = ctx.scheduler
+        self.ledger = InFlightLedger(
+            timeout=params.request_timeout, max_tracked=params.max_tracked_requests
+        )
+        self.model = PrefillModel(
+            params.prefill_tokens_per_second, params.base_latency, params.learning_half_life
+        )
+        self._lock = threading.Lock()
+        decay = (
+            0.5 ** (1.0 / params.learning_half_life) if params.learning_half_life > 0 else 1.0
+        )
+        self._decay = decay
+        self._out_w = 0.0
+        self._out_sum = 0.0
+        self._res: dict[str, tuple[float, float]] = {}  # pod -> (weight, weighted seconds)
+        self._scrape_seen: dict[str, float] = {}
+        self._source: MatchInfoProducer | None = None
+        self._prior: MatchInfoProducer | None = None
+        self._resolved = False
+        self._key = ctx.name + ":ttft"
+
+    # -- sources --------------------------------------------------------------------------------
+
+    def _resolve(self, ctx: SchedulingContext) -> None:
+        if self._resolved:
+            return
+        sched = ctx.scheduler or self._scheduler
+        p = self.params
+        if sched is not None:
+            name = p.prefix_match_info_producer_name or default_source(sched.config, self.name)
+            if name is not None:
+                self._source = producer(sched.plugins, name, self.name)
+            if p.prior_producer_name:
+                try:
+                    self._prior = producer(sched.plugins, p.prior_producer_name, self.name)
+                except ConfigError as exc:
+                    raise ConfigError(exc.message, "priorProducerName") from exc
+        elif p.prefix_match_info_producer_name or p.prior_producer_name:
+            raise ConfigError("no scheduler to find the producer in", "prefixMatchInfoProducerName")
+        self._resolved = True
+
+    # -- the model ------------------------------------------------------------------------------
+
+    def expected_output(self) -> int:
+        """Output tokens expected for a new request."""
+        with self._lock:
+            if self._out_w <= 0:
+                return self.params.expected_output_tokens
+            return round(self._out_sum / self._out_w)
+
+    def residence(self, pod: str) -> float:
+        """Mean seconds a request stays on `pod` (pick to end)."""
+        with self._lock:
+            w, s = self._res.get(pod, (0.0, 0.0))
+        return s / w if w > 0 else self.params.residence_seconds
+
+    def capacity(self, ctx: SchedulingContext, endpoint: Endpoint) -> int | None:
+        """KV-cache tokens of `endpoint` (configured, else scraped), or None when unknown."""
+        if self.params.kv_capacity_tokens:
+            return self.params.kv_capacity_tokens
+        m = endpoint.metrics
+        if m.cache_num_blocks and m.cache_block_size:
+            return m.cache_num_blocks * m.cache_block_size
+        return None
+
+    def _kv_in_flight(self, ctx: SchedulingContext, endpoint: Endpoint, own: int) -> int:
+        """KV tokens `endpoint` will hold for its in-flight requests: the ledger's account,
+        or the scraped usage plus what was sent since that scrape when that is more."""
+        m = ctx.metrics(endpoint)
+        if m is not None and m.update_time > 0 and m.cache_num_blocks and m.cache_block_size:
+            if self._scrape_seen.get(endpoint.id) != m.update_time:
+                self._scrape_seen[endpoint.id] = m.update_time
+                self.ledger.mark_scraped(endpoint.id)
+            scraped = m.kv_cache_usage_percent * m.cache_num_blocks * m.cache_block_size
+            return max(own, int(scraped) + self.ledger.kv_tokens_since_scrape(endpoint.id))
+        return own
+
+    def predict(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> dict[str, tuple[float, int, int, float]]:
+        """Endpoint id -> (predicted TTFT s, uncached tokens, work tokens, memory wait s)."""
+        self._resolve(ctx)
+        p = self.params
+        info = read_match_info(self._source, ctx, request, endpoints)
+        prior = read_match_info(self._prior, ctx, request, endpoints) if self._prior else None
+        _, uncached = uncached_tokens(
+            request, info, endpoints, prior=prior, prior_weight=p.prior_weight
+        )
+        out_tokens = self.expected_output()
+        out: dict[str, tuple[float, int, int, float]] = {}
+        for e in endpoints:
+            load = self.ledger.load(e.id)
+            own = uncached[e.id]
+            work = load.prefill_tokens + own
+            base, rate = self.model.params(e.id)
+            ttft = base + work / rate
+            wait = 0.0
+            cap = self.capacity(ctx, e)
+            if cap:
+                held = self._kv_in_flight(ctx, e, load.kv_tokens)
+                excess = held + own + out_tokens - cap * p.memory_headroom
+                if excess > 0 and held > 0:
+                    # NOTE: a pod frees its in-flight KV tokens over one mean residence time;
+                    # the request waits until enough of them are free. Capped at one residence
+                    # (by then every current request has left).
+                    res = self.residence(e.id)
+                    wait = min(res, excess / held * res)
+            out[e.id] = (ttft + wait, own, work, wait)
+        return out
+
+    # -- roles ----------------------------------------------------------------------------------
+
+    def score(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Mapping[str, float]:
+        if self.ledger.timeout > 0:
+            self.ledger.expire(ctx.now)
+        pred = self.predict(ctx, request, endpoints)
+        request.state[self._key + ":pred"] = pred
+        if not pred:
+            return {}
+        best = min(v[0] for v in pred.values())
+        scale = self.params.score_scale
+        return {eid: (best + scale) / (v[0] + scale) for eid, v in pred.items()}
+
+    def pre_request(
+        self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
+    ) -> None:
+        """Admit the request against its target in the ledger (a re-schedule moves it)."""
+        old = request.state.pop(self._key, None)
+        if old is not None:
+            self.ledger.release(old)
+        target = result.targets[0]
+        pred = request.state.pop(self._key + ":pred", None)
+        entry = pred.get(target.id) if pred else None
+        if entry is None:
+            # NOTE: another profile or a retry picked a pod this scorer did not score.
+            entry = self.predict(ctx, request, [target])[target.id]
+        ttft, own, work, wait = entry
+        n = len(request.token_ids) if request.token_ids is not None else own
+        request.state[self._key] = self.ledger.admit(
+            InFlight(
+                pod=target.id,
+                prefill=own,
+                prompt=max(n, own),
+                output=self.expected_output(),
+                start=ctx.now,
+                ahead=work,
+                predicted=ttft,
+                memory_wait=wait,
+            )
+        )
+
+    def first_token(self, now: float, request: SchedulingRequest, result: SchedulingResult) -> None:
+        """The prefill is over: stop counting it as queued, and learn from its TTFT."""
+        key = request.state.get(self._key)
+        if key is None:
+            return
+        entry = self.ledger.first_token(key)
+        if entry is None:
+            return
+        if entry.memory_wait <= 0:
+            # NOTE: only waits the prefill model explains teach it; a wait for KV memory is
+            # the memory term's, and would read as a slow prefill rate.
+            self.model.observe(entry.pod, entry.ahead, now - entry.start)
+
+    def post_response(
+        self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
+    ) -> None:
+        key = request.state.pop(self._key, None)
+        if key is None:
+            return
+        entry = self.ledger.release(key)
+        if entry is None:
+            return
+        now = self._scheduler.clock() if self._scheduler is not None else entry.start
+        with self._lock:
+            d = self._decay
+            if response.status == 200 and response.completion_tokens > 0:
+                self._out_w = self._out_w * d + 1.0
+                self._out_sum = self._out_sum * d + response.completion_tokens
+                w, s = self._res.get(entry.pod, (0.0, 0.0))
+                self._res[entry.pod] = (w * d + 1.0, s * d + max(0.0, now - entry.start))
+
+    def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        """Forget pods that left the pool."""
+        gone = [e.id for e in removed]
+        if gone:
+            self.ledger.forget_pods(gone)
+            with self._lock:
+                for pod in gone:
+                    self._res.pop(pod, None)
+                    self._scrape_seen.pop(pod, None)
+
+
+def register(registry: PluginRegistry) -> None:
+    """Register ``predicted-ttft-scorer``."""
+    registry.register(
+        "predicted-ttft-scorer",
+        PredictedTTFTScorer,
+        params=PredictedTTFTParams,
+        kinds=("scorer", "pre-request", "post-response"),
+        description="lowest predicted time to first token (queue + uncached prefill + KV wait)",
+    )
