@@ -188,6 +188,7 @@ class OutputText:
 
     def __init__(self, tokenizer: str | Path | None = None) -> None:
         self._pieces: dict[int, str] = {}
+        self._tokenizer: Any = None
         if tokenizer is None:
             ids = np.arange(1000, 1000 + 4096, dtype=np.int32)
             self.vocab_size: int | None = None
@@ -205,6 +206,7 @@ class OutputText:
             tok = Tokenizer.from_file(str(file))
         except Exception as exc:
             raise ConfigError(f"cannot load tokenizer: {exc}", str(file)) from None
+        self._tokenizer = tok
         special = set(tok.get_added_tokens_decoder())
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         words: list[int] = []
@@ -238,6 +240,20 @@ class OutputText:
             return "".join(f" t{int(i)}" for i in ids)
         pieces = self._pieces
         return "".join(pieces.get(int(i), "") for i in ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of any token ids, special tokens included (vLLM's ``/detokenize``)."""
+        if self._tokenizer is None:
+            return self.text(ids)
+        text: str = self._tokenizer.decode(list(ids), skip_special_tokens=False)
+        return text
+
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        """Each id's vocabulary entry (``convert_ids_to_tokens``), for ``return_token_strs``."""
+        if self._tokenizer is None:
+            return [f"t{int(i)}" for i in ids]
+        tok = self._tokenizer
+        return [tok.id_to_token(int(i)) or "" for i in ids]
 
 
 class PodFailure:

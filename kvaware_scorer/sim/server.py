@@ -14,6 +14,11 @@ Routes (shapes as vLLM's OpenAI server answers them):
 * Usage: ``prompt_tokens``, ``completion_tokens`` and
   ``prompt_tokens_details.cached_tokens`` (the emulated prefix-cache hit at admission).
   Generation ignores EOS: every choice ends with ``finish_reason: "length"``.
+* ``POST /tokenize`` / ``POST /detokenize``: vLLM's tokenizer routes (text or chat messages
+  to ``{count, max_model_len, tokens, token_strs}``; ids to ``{prompt}``).
+* ``POST /v1/completions/render`` / ``POST /v1/chat/completions/render``: vLLM's render routes
+  (the prompt ids a completion would run on, as vLLM's ``GenerateRequest``: a list of them, one
+  per prompt, for completions; one object for chat). Routers tokenize with them.
 * ``GET /v1/models``, ``GET /health``, ``GET /version``, ``GET /metrics`` (vLLM's metric names
   and labels), ``GET /kv_event_sources`` (``{dp_rank: KVEventsConfig}``) and
   ``POST /reset_prefix_cache`` (vLLM's dev route; ``AllBlocksCleared`` on success).
@@ -25,10 +30,11 @@ boundary, as vLLM does). Errors use vLLM's shape ``{"error": {"message", "type",
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -201,6 +207,10 @@ def make_app(pod: LivePod) -> web.Application:
     r = app.router
     r.add_post("/v1/completions", api.completions)
     r.add_post("/v1/chat/completions", api.chat)
+    r.add_post("/v1/completions/render", api.render_completions)
+    r.add_post("/v1/chat/completions/render", api.render_chat)
+    r.add_post("/tokenize", api.tokenize)
+    r.add_post("/detokenize", api.detokenize)
     r.add_get("/v1/models", api.models)
     r.add_get("/health", api.health)
     r.add_get("/version", api.version)
@@ -232,6 +242,50 @@ def _token_list(value: Any, vocab: int | None, name: str) -> list[int] | None:
     if hi >= limit:
         raise _HTTPError(400, f"Token id {hi} is out of vocabulary")
     return list(value)
+
+
+def _too_long(limit: int, max_tokens: int, prompt: int | None) -> str:
+    """vLLM's context-length refusal (prompt None: checked before tokenizing)."""
+    if max_tokens == 0:
+        return (
+            f"This model's maximum context length is {limit} tokens. However, your request "
+            f"has {prompt} input tokens. Please reduce the length of the input."
+        )
+    has = "at least 1 input token" if prompt is None else f"{prompt} input tokens"
+    shown = 1 if prompt is None else prompt
+    return (
+        f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+        f"maximum context length is {limit} tokens and your request has {has} "
+        f"({max_tokens} > {limit} - {shown})."
+    )
+
+
+def _cache_salt(body: Mapping[str, Any]) -> str | None:
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise _HTTPError(400, "cache_salt must be a non-empty string")
+    return salt
+
+
+# Sampling fields a render answer carries over into its ``sampling_params`` (vLLM's names).
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "min_tokens",
+    "skip_special_tokens",
+)
+
+# Above this many ids, decoding runs in a worker thread (the event loop drives every pod).
+_DECODE_OFF_LOOP_TOKENS = 2048
 
 
 class _PodAPI:
@@ -285,6 +339,94 @@ class _PodAPI:
                 409, "Failed to reset prefix cache: some blocks are still in use", "ConflictError"
             )
         return _json_response({"success": True})
+
+    # -- tokenizer routes (vLLM's /tokenize, /detokenize and the render routes) -----------------
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._read(request)
+            self._check_model(body)
+            chat = body.get("messages") is not None
+            if not chat and not isinstance(body.get("prompt"), str):
+                raise _HTTPError(400, "prompt must be a string (or give messages)")
+            if chat and body.get("add_generation_prompt") is None:
+                # NOTE: vLLM's TokenizeChatRequest defaults add_generation_prompt to true.
+                body = {**body, "add_generation_prompt": True}
+            ids = (await self._prompts(body, chat))[0]
+            strs = body.get("return_token_strs")
+            if strs is not None and not isinstance(strs, bool):
+                raise _HTTPError(400, "return_token_strs must be a boolean")
+        except _HTTPError as exc:
+            return _error_response(exc.status, exc.message, exc.kind)
+        return _json_response(
+            {
+                "count": len(ids),
+                "max_model_len": self._max_model_len(),
+                "tokens": ids,
+                "token_strs": self.pod.text.token_strs(ids) if strs else None,
+            }
+        )
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._read(request)
+            self._check_model(body)
+            tokens = body.get("tokens")
+            if tokens == []:
+                return _json_response({"prompt": ""})
+            ids = _token_list(tokens, self.pod.text.vocab_size, "tokens")
+            if ids is None:
+                raise _HTTPError(400, "tokens must be a list of token ids")
+        except _HTTPError as exc:
+            return _error_response(exc.status, exc.message, exc.kind)
+        text = self.pod.text
+        if len(ids) >= _DECODE_OFF_LOOP_TOKENS:
+            prompt = await asyncio.to_thread(text.decode, ids)
+        else:
+            prompt = text.decode(ids)
+        return _json_response({"prompt": prompt})
+
+    async def render_completions(self, request: web.Request) -> web.Response:
+        return await self._render(request, chat=False)
+
+    async def render_chat(self, request: web.Request) -> web.Response:
+        return await self._render(request, chat=True)
+
+    async def _render(self, request: web.Request, chat: bool) -> web.Response:
+        """vLLM's render routes: the request's prompt ids as ``GenerateRequest`` objects, with
+        the same checks as the completion itself, and nothing generated."""
+        try:
+            body = await self._read(request)
+            self._check_model(body)
+            max_tokens = self._max_tokens(body, chat)
+            salt = _cache_salt(body)
+            prompts = await self._prompts(body, chat)
+            if max_tokens is not None:
+                self._check_context(prompts, max_tokens)
+            else:
+                self._check_context(prompts, 0)
+        except _HTTPError as exc:
+            return _error_response(exc.status, exc.message, exc.kind)
+        sampling = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+        sampling["max_tokens"] = max_tokens
+        stream = body.get("stream") is True
+        prefix = "chatcmpl-" if chat else "cmpl-"
+        rendered = [
+            {
+                "request_id": f"{prefix}{uuid.uuid4().hex}",
+                "token_ids": ids,
+                "features": None,
+                "sampling_params": sampling,
+                "model": self.pod.model,
+                "stream": stream,
+                "stream_options": body.get("stream_options") if stream else None,
+                "cache_salt": salt,
+                "priority": 0,
+                "kv_transfer_params": None,
+            }
+            for ids in prompts
+        ]
+        return _json_response(rendered[0] if chat else rendered)
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -355,23 +497,52 @@ class _PodAPI:
         except ValueError as exc:
             raise _HTTPError(400, str(exc)) from None
 
+    def _check_model(self, body: Mapping[str, Any]) -> None:
+        model = body.get("model")
+        if model is not None and model != self.pod.model:
+            raise _HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
+
+    def _max_model_len(self) -> int | None:
+        engine = self.pod.engine
+        return engine.max_model_len if engine is not None else None
+
+    def _max_tokens(self, body: Mapping[str, Any], chat: bool) -> int | None:
+        """The request's ``max_completion_tokens`` / ``max_tokens``, checked against the
+        context length before anything is sized by it (None = not given)."""
+        max_tokens = _int_field(body, "max_completion_tokens") if chat else None
+        if max_tokens is None:
+            max_tokens = _int_field(body, "max_tokens")
+        if max_tokens is None:
+            return None
+        if max_tokens < 1:
+            raise _HTTPError(400, f"max_tokens must be at least 1, got {max_tokens}.")
+        limit = self._max_model_len()
+        # NOTE: a prompt has at least one token, so this bound holds before tokenizing; the
+        # output buffer is sized by max_tokens, which must never reach the allocator unchecked.
+        if limit is not None and max_tokens >= limit:
+            raise _HTTPError(400, _too_long(limit, max_tokens, None))
+        return max_tokens
+
+    def _check_context(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> None:
+        """vLLM's context-length check of each prompt plus its output (a 400)."""
+        limit = self._max_model_len()
+        if limit is None:
+            return
+        for ids in prompts:
+            if len(ids) + max_tokens > limit:
+                raise _HTTPError(400, _too_long(limit, max_tokens, len(ids)))
+
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         pod = self.pod
         try:
             body = await self._read(request)
-            model = body.get("model")
-            if model is not None and model != pod.model:
-                raise _HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
+            self._check_model(body)
             n = _int_field(body, "n")
             if n is not None and n != 1:
                 raise _HTTPError(400, "the emulated pod supports n=1 only")
-            max_tokens = _int_field(body, "max_completion_tokens") if chat else None
-            if max_tokens is None:
-                max_tokens = _int_field(body, "max_tokens")
+            max_tokens = self._max_tokens(body, chat)
             if max_tokens is None:
                 max_tokens = pod.config.default_max_tokens
-            if max_tokens < 1:
-                raise _HTTPError(400, f"max_tokens must be at least 1, got {max_tokens}.")
             stream = body.get("stream") or False
             if not isinstance(stream, bool):
                 raise _HTTPError(400, "stream must be a boolean")
@@ -379,10 +550,9 @@ class _PodAPI:
             if options is not None and not stream:
                 raise _HTTPError(400, "Stream options can only be defined when `stream=True`.")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            salt = body.get("cache_salt")
-            if salt is not None and (not isinstance(salt, str) or not salt):
-                raise _HTTPError(400, "cache_salt must be a non-empty string")
+            salt = _cache_salt(body)
             prompts = await self._prompts(body, chat)
+            self._check_context(prompts, max_tokens)
             sims = [pod.new_request(ids, max_tokens, salt) for ids in prompts]
             reasons = [r for r in map(pod.validate, sims) if r is not None]
             if reasons:
