@@ -322,23 +322,26 @@ def _decode(raw: bytes, source: str | None) -> str:
         ) from None
 
 
-def load_yaml(source: str | bytes | Path) -> YamlDocument:
+def load_yaml(source: str | bytes | Path, name: str | None = None) -> YamlDocument:
     """Parse YAML text (`str` or UTF-8 `bytes`), or a file when `source` is a `Path`.
+
+    Args:
+        source: The text, or the file.
+        name: What errors call the source (default: the file's path; none for text).
 
     Raises:
         ConfigError: Unreadable file, text that is not UTF-8, invalid YAML, duplicate keys or
             nesting deeper than `MAX_YAML_DEPTH`; the error carries the line where known.
     """
-    name: str | None = None
     if isinstance(source, Path):
-        name = str(source)
+        name = name or str(source)
         try:
             raw = source.read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
         text = _decode(raw, name)
     elif isinstance(source, bytes):
-        text = _decode(source, None)
+        text = _decode(source, name)
     else:
         text = source
     loader = _StrictLoader(text)

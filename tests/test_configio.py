@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,6 +257,8 @@ def test_failed_endpoint_reloads_are_counted(tmp_path: Path) -> None:
         st = f.stat()
         os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + n * 1_000_000_000))
         assert not w.check()
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(f))}:"):
+            w.load()
         assert count("error") == float(n)
         assert [e.id for e in w.endpoints] == ["10.0.0.1:8000"]
     assert count("ok") == 1.0

@@ -234,9 +234,7 @@ class EndpointsWatcher:
             self._stamp = stamp
             if digest == self._digest:
                 return self.endpoints
-            doc = load_yaml(raw)
-            doc.source = str(self.path)
-            fresh = _parse_document(doc)
+            fresh = _parse_document(load_yaml(raw, str(self.path)))
             pool: dict[str, Endpoint] = {}
             for ep in fresh:
                 old = self._current.get(ep.id)
