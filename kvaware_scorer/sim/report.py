@@ -399,7 +399,7 @@ def _headline(summaries: Sequence[dict[str, Any]], base: dict[str, Any], width: 
             lines.extend(
                 _wrap(
                     f"{BACKLOG_MARK} {s['config']}: {n} of {total} stages started with a backlog "
-                    "carried from the stage before: its TTFT is mostly time spent in that queue"
+                    "carried from the stage before: its TTFT includes time spent in that queue"
                 )
             )
     return lines
