@@ -1,7 +1,7 @@
 """Routing benchmark against random on the emulated vLLM fleet (the project's main-job benchmark).
 
 Runs ``kvaware bench`` for one or more workloads with the same configs and prints, per workload,
-the per-stage tables and the comparison with ratios against random. Also prints the emulator's
+the per-stage tables and the headline comparison against random. Also prints the emulator's
 calibration figures next to upstream's published ones.
 
 Usage::

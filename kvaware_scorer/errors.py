@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "BackendUnavailableError",
     "ConfigError",
+    "ConfigErrorGroup",
     "EventDecodeError",
     "KVAwareError",
     "KeyDerivationError",
@@ -25,15 +26,51 @@ class KVAwareError(Exception):
 class ConfigError(KVAwareError, ValueError):
     """Invalid configuration; `path` names the offending location (YAML path or field path).
 
+    Printed as ``[source:line: ]path: message``, e.g.
+    ``gw.yaml:3: maxBodyBytess: unknown key; did you mean 'maxBodyBytes'? (valid: ...)``.
+
     Args:
         message: What is wrong.
         path: Dotted/indexed location of the problem, e.g. ``plugins[2].parameters.blockSize``.
+        line: 1-based line in the YAML file, when the loader knows it.
+        source: The file the configuration was read from, when known.
     """
 
-    def __init__(self, message: str, path: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        path: str | None = None,
+        *,
+        line: int | None = None,
+        source: str | None = None,
+    ) -> None:
         self.path = path
         self.message = message
-        super().__init__(f"{path}: {message}" if path else message)
+        self.line = line
+        self.source = source
+        body = f"{path}: {message}" if path else message
+        where = (
+            f"{source}:{line}" if source and line else source or (f"line {line}" if line else "")
+        )
+        super().__init__(f"{where}: {body}" if where else body)
+
+
+class ConfigErrorGroup(ConfigError):
+    """Several configuration errors at once; `errors` lists them all, and so does the message
+    (one error per line, in document order). A group of one reads as that error.
+
+    Args:
+        errors: The errors found, in document order.
+    """
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        if len(errors) == 1:
+            e = errors[0]
+            super().__init__(e.message, e.path, line=e.line, source=e.source)
+            return
+        listing = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"{len(errors)} errors:\n{listing}")
 
 
 class KeyDerivationError(KVAwareError, ValueError):

@@ -20,8 +20,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from kvaware_scorer.config import ConfigModel, load_model
+from kvaware_scorer.configio import load_yaml, parse_duration
 from kvaware_scorer.errors import ConfigError
-from kvaware_scorer.scheduler.config import parse_duration, read_yaml
 
 __all__ = ["GatewayConfig", "load_gateway_config"]
 
@@ -148,17 +148,19 @@ def load_gateway_config(path: str | Path | None, **overrides: Any) -> GatewayCon
         overrides: Field values (snake_case) that replace the file's, e.g. from CLI flags.
 
     Raises:
-        ConfigError: Unreadable or invalid file or override (the path names the key).
+        ConfigError: Unreadable or invalid file or override: every problem, each naming its
+            key (with the file and line for the file's keys).
     """
-    data: dict[str, Any] = {}
+    model = GatewayConfig()
     if path is not None:
-        raw = read_yaml(Path(path))
-        if raw is None:
-            raw = {}
+        doc = load_yaml(Path(path))
+        raw = {} if doc.data is None else doc.data
         if not isinstance(raw, dict):
-            raise ConfigError("the gateway config must be a mapping", str(path))
-        data = dict(raw)
-    model = load_model(GatewayConfig, data)
+            raise ConfigError("the gateway config must be a mapping", source=doc.source, line=1)
+        try:
+            model = load_model(GatewayConfig, raw)
+        except ConfigError as exc:
+            raise doc.locate(exc) from None
     updates = {k: v for k, v in overrides.items() if v is not None}
     if updates:
         merged = model.model_dump(by_alias=False)

@@ -24,9 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +32,16 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kvaware_scorer.config import format_validation_error
-from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.configio import (
+    errors_of,
+    join_path,
+    load_yaml,
+    parse_duration,
+    read_yaml,
+    unknown_key,
+    validation_errors,
+)
+from kvaware_scorer.errors import ConfigError, ConfigErrorGroup
 from kvaware_scorer.scheduler.matchinfo import DEFAULT_PRODUCER, PRODUCER_PARAM
 from kvaware_scorer.scheduler.registry import NoParameters, PluginRegistry, PluginSpec
 
@@ -74,95 +80,6 @@ _IGNORED_SECTIONS = (
     "parser",
 )
 _TOP_KEYS = ("apiVersion", "kind", "plugins", "schedulingProfiles", *_IGNORED_SECTIONS)
-
-
-class ConfigErrorGroup(ConfigError):
-    """Several configuration errors at once; `errors` lists them all (the message the first).
-
-    Args:
-        errors: The errors found, in document order.
-    """
-
-    def __init__(self, errors: list[ConfigError]) -> None:
-        self.errors = errors
-        first = errors[0]
-        more = len(errors) - 1
-        msg = first.message + (f" (and {more} more error{'s' if more > 1 else ''})" if more else "")
-        super().__init__(msg, first.path)
-
-
-# -- durations -----------------------------------------------------------------------------------
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ns|us|µs|ms|s|m|h)?\s*$")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number (seconds) or a Go-style duration string (``"2s"``, ``"500ms"``).
-
-    Raises:
-        ValueError: Not a non-negative number or duration.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"not a duration: {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION.match(value)
-        if m is None:
-            raise ValueError(f"not a duration: {value!r} (use seconds or e.g. '2s', '500ms')")
-        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    else:
-        raise ValueError(f"not a duration: {value!r}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"duration must be finite and >= 0, got {value!r}")
-    return seconds
-
-
-# -- YAML ----------------------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    out: dict[Any, Any] = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in out:
-            mark = key_node.start_mark
-            raise ConfigError(
-                f"duplicate key {key!r} (line {mark.line + 1}, column {mark.column + 1})"
-            )
-        out[key] = loader.construct_object(value_node, deep=True)
-    return out
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,
-)
-
-
-def read_yaml(source: str | Path) -> Any:
-    """Parse YAML text, or a file when `source` is a `Path`; duplicate keys are errors.
-
-    Raises:
-        ConfigError: Unreadable file or invalid YAML (with the line).
-    """
-    if isinstance(source, Path):
-        try:
-            text = source.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
-    else:
-        text = source
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}") from None
 
 
 # -- resolved model ------------------------------------------------------------------------------
@@ -456,60 +373,6 @@ def _default_plugins() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return plugins, [{"name": DEFAULT_PROFILE, "plugins": refs}]
 
 
-# -- parameter errors ----------------------------------------------------------------------------
-
-
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else None
-    return tp
-
-
-def _model_at(model: Any, loc: Sequence[int | str]) -> type[BaseModel] | None:
-    """The model class validating the mapping at `loc` inside `model` (None when unknown)."""
-    current = model
-    for part in loc:
-        current = _unwrap_optional(current)
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            fields = current.model_fields
-            field = fields.get(str(part)) or next(
-                (f for f in fields.values() if f.alias == part), None
-            )
-            if field is None:
-                return None
-            current = field.annotation
-        elif typing.get_origin(current) in (list, dict):
-            args = typing.get_args(current)
-            current = args[-1] if args else None
-        else:
-            return None
-    current = _unwrap_optional(current)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _validation_errors(
-    exc: ValidationError, model: type[BaseModel], path: str
-) -> list[tuple[str, str]]:
-    """(message, YAML path) for every error of a parameters validation; unknown keys list the
-    valid ones."""
-    out: list[tuple[str, str]] = []
-    for err in exc.errors():
-        loc = err["loc"]
-        where = path
-        for part in loc:
-            where += f"[{part}]" if isinstance(part, int) else f".{part}"
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            owner = _model_at(model, loc[:-1])
-            valid = (
-                [f.alias or n for n, f in owner.model_fields.items()] if owner is not None else []
-            )
-            message = f"unknown key (valid: {', '.join(valid)})" if valid else "unknown key"
-        out.append((message, where))
-    return out
-
-
 # -- the loader ----------------------------------------------------------------------------------
 
 
@@ -537,7 +400,7 @@ class _Loader:
             raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}")
         for key in data:
             if key not in _TOP_KEYS:
-                self.error(f"unknown key (valid: {', '.join(_TOP_KEYS)})", str(key))
+                self.error(unknown_key(key, _TOP_KEYS), str(key))
         api = data.get("apiVersion")
         if api is None:
             self.error(f"missing (use {API_VERSION!r})", "apiVersion")
@@ -615,7 +478,7 @@ class _Loader:
             return None
         bad = [k for k in entry if k not in ("type", "name", "parameters")]
         for k in bad:
-            self.error("unknown key (valid: type, name, parameters)", f"{path}.{k}")
+            self.error(unknown_key(k, ("type", "name", "parameters")), f"{path}.{k}")
         written = entry.get("type")
         if not isinstance(written, str) or not written:
             self.error("missing or not a string", f"{path}.type")
@@ -667,11 +530,14 @@ class _Loader:
         try:
             model = spec.params.model_validate(params)
         except ValidationError as exc:
-            for message, where in _validation_errors(exc, spec.params, params_path):
-                self.error(message, where)
+            for err in validation_errors(exc, spec.params, params_path):
+                self.error(err.message, err.path)
             return None
         except ConfigError as exc:
-            self.error(exc.message, f"{params_path}.{exc.path}" if exc.path else params_path)
+            for err in errors_of(exc):
+                self.error(
+                    err.message, join_path(params_path, err.path) if err.path else params_path
+                )
             return None
         if not spec.kinds:
             self.warn(
@@ -805,8 +671,8 @@ class _Loader:
         try:
             return model.model_validate(value if value is not None else {})
         except ValidationError as exc:
-            err = format_validation_error(exc, key)
-            self.error(err.message, err.path)
+            for err in validation_errors(exc, model, key):
+                self.error(err.message, err.path)
             return None
 
     def check_ref(
@@ -897,7 +763,7 @@ class _Loader:
             return None
         for k in entry:
             if k not in ("name", "plugins"):
-                self.error("unknown key (valid: name, plugins)", f"{path}.{k}")
+                self.error(unknown_key(k, ("name", "plugins")), f"{path}.{k}")
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             self.error("missing or not a string", f"{path}.name")
@@ -915,7 +781,7 @@ class _Loader:
                 continue
             for key in ref:
                 if key not in ("pluginRef", "weight"):
-                    self.error("unknown key (valid: pluginRef, weight)", f"{rpath}.{key}")
+                    self.error(unknown_key(key, ("pluginRef", "weight")), f"{rpath}.{key}")
             pname = ref.get("pluginRef")
             if not isinstance(pname, str) or not pname:
                 self.error("missing or not a string", f"{rpath}.pluginRef")
@@ -1077,9 +943,13 @@ def load_config(data: Mapping[str, Any] | str | Path, registry: PluginRegistry) 
         registry: Plugin types to resolve against.
 
     Raises:
-        ConfigError: The first problem (a `ConfigErrorGroup` listing all of them when there
-            are several); its ``path`` names the YAML location.
+        ConfigError: The problem (a `ConfigErrorGroup` listing all of them when there are
+            several); each names its YAML path, and the file and line when read from YAML.
     """
-    if isinstance(data, str | Path):
-        data = read_yaml(data)
-    return _Loader(registry).load(data)
+    if not isinstance(data, str | Path):
+        return _Loader(registry).load(data)
+    doc = load_yaml(data)
+    try:
+        return _Loader(registry).load(doc.data)
+    except ConfigError as exc:
+        raise doc.locate(exc) from None

@@ -14,7 +14,9 @@ The file names every serving endpoint the scheduler may route to::
         metricsPort: 8000               # optional (default: port)
 
 `EndpointsWatcher` polls the file's modification time and reloads it when it changes; a bad
-file is reported (with the YAML path) and the previous pool is kept.
+file (invalid YAML or values, not UTF-8, nested too deeply) is reported with its YAML path and
+line, counted in ``kvaware_endpoint_reloads_total{result="error"}``, and the previous pool is
+kept.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, field_validator
 
 from kvaware_scorer.config import ConfigModel, EngineType, load_model
+from kvaware_scorer.configio import YamlDocument, load_yaml
 from kvaware_scorer.errors import ConfigError
-from kvaware_scorer.scheduler.config import read_yaml
 from kvaware_scorer.scheduler.types import Endpoint
 
 if TYPE_CHECKING:
@@ -146,9 +148,16 @@ def load_endpoints(path: str | Path) -> list[Endpoint]:
     """Endpoints from an endpoints YAML file (see the module docstring).
 
     Raises:
-        ConfigError: Unreadable or invalid file.
+        ConfigError: Unreadable or invalid file (with the file and line of each problem).
     """
-    return parse_endpoints(read_yaml(Path(path)))
+    return _parse_document(load_yaml(Path(path)))
+
+
+def _parse_document(doc: YamlDocument) -> list[Endpoint]:
+    try:
+        return parse_endpoints(doc.data)
+    except ConfigError as exc:
+        raise doc.locate(exc) from None
 
 
 def _update(old: Endpoint, new: Endpoint) -> None:
@@ -229,7 +238,7 @@ class EndpointsWatcher:
             self._stamp = stamp
             if digest == self._digest:
                 return self.endpoints
-            fresh = parse_endpoints(read_yaml(raw.decode("utf-8", errors="replace")))
+            fresh = _parse_document(load_yaml(raw, str(self.path)))
             pool: dict[str, Endpoint] = {}
             for ep in fresh:
                 old = self._current.get(ep.id)
@@ -240,32 +249,40 @@ class EndpointsWatcher:
             self._current = pool
             self._digest = digest
             endpoints = list(pool.values())
-        if self.metrics is not None:
-            self.metrics.endpoint_reloads.labels("ok").inc()
         logger.info("loaded %d endpoint(s) from %s", len(endpoints), self.path)
         self.on_change(endpoints)
+        if self.metrics is not None:
+            self.metrics.endpoint_reloads.labels("ok").inc()
         return endpoints
 
     def check(self) -> bool:
         """Reload if the file's modification stamp changed; returns whether it reloaded.
 
-        Errors are logged and counted, never raised (the previous pool stays).
+        Errors are logged and counted (``result="error"``), never raised (the previous pool
+        stays); that includes an unexpected failure, logged with its traceback.
         """
         stamp = self._file_stamp()
         if stamp is None or stamp == self._stamp:
             return False
         try:
             self.load()
-        except ConfigError as exc:
+        except Exception as exc:
             self._stamp = stamp  # NOTE: do not retry the same broken file on every poll
             if self.metrics is not None:
                 self.metrics.endpoint_reloads.labels("error").inc()
-            logger.error(
-                "endpoints file %s not reloaded, keeping %d endpoint(s): %s",
-                self.path,
-                len(self._current),
-                exc,
-            )
+            if isinstance(exc, ConfigError):
+                logger.error(
+                    "endpoints file %s not reloaded, keeping %d endpoint(s): %s",
+                    self.path,
+                    len(self._current),
+                    exc,
+                )
+            else:
+                logger.exception(
+                    "endpoints file %s not reloaded, keeping %d endpoint(s)",
+                    self.path,
+                    len(self._current),
+                )
             return False
         return True
 

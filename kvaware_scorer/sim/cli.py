@@ -40,7 +40,7 @@ from kvaware_scorer.sim.workloads import (
     parse_stages,
 )
 
-__all__ = ["build_fleet", "build_workload_factory", "register", "run", "run_serve"]
+__all__ = ["build_fleet", "build_workload_factory", "plot_title", "register", "run", "run_serve"]
 
 DEFAULT_TRACE = Path("benchmarks/traces/mooncake_synthetic_trace.jsonl")
 MULTI_TURN_STAGES = (LoadStage(2, 60), LoadStage(4, 60), LoadStage(6, 60), LoadStage(8, 60))
@@ -101,6 +101,12 @@ def register(sub: Any) -> None:
         "every KV event, each keeps its own routing history and in-flight counts",
     )
     fleet.add_argument(
+        "--drain-between-stages",
+        action="store_true",
+        help="start each stage only after every earlier request finished, so no stage inherits "
+        "a backlog (default: off, like the upstream ladder)",
+    )
+    fleet.add_argument(
         "--drain-timeout",
         type=float,
         default=3600.0,
@@ -147,6 +153,7 @@ def build_fleet(args: argparse.Namespace) -> FleetConfig:
         drain_timeout_s=args.drain_timeout,
         event_loss=args.event_loss,
         seed=args.seed,
+        drain_between_stages=args.drain_between_stages,
     )
 
 
@@ -206,6 +213,16 @@ def build_workload_factory(args: argparse.Namespace, vocab_size: int) -> Any:
     return trace
 
 
+def plot_title(args: argparse.Namespace, fleet: FleetConfig) -> str:
+    """The chart title: workload, ``--quick``, seed, stage draining and the fleet."""
+    flags = " --quick" if args.quick else ""
+    flags += " --drain-between-stages" if args.drain_between_stages else ""
+    return (
+        f"{args.workload}{flags}, seed {args.seed}: "
+        f"{fleet.num_pods} x {fleet.profile.describe()['name']}"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; returns the exit code."""
     if args.plot:
@@ -237,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
         f"fleet: {fleet.num_pods} x {profile['name']} ({profile['model']}, TP={profile['tensor_parallel_size']}, "
         f"{profile['kv_capacity_tokens']:,} KV tokens/pod, block {profile['block_size']}); "
         f"workload {args.workload}{' (quick)' if args.quick else ''}, seed {args.seed}"
+        + (", stages drained between" if args.drain_between_stages else "")
     )
     for s in summaries:
         print()
@@ -253,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
             "metrics_interval_s": fleet.metrics_interval_s,
             "drain_timeout_s": fleet.drain_timeout_s,
             "event_loss": fleet.event_loss,
+            "drain_between_stages": fleet.drain_between_stages,
         },
         "seed": args.seed,
         "quick": bool(args.quick),
@@ -262,8 +281,7 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, summaries, meta)
         print(f"\nwrote {args.json}")
     if args.plot:
-        title = f"{args.workload}: {fleet.num_pods} x {profile['name']}"
-        plot_runs(args.plot, summaries, title)
+        plot_runs(args.plot, summaries, plot_title(args, fleet))
         print(f"wrote {args.plot}")
     return 0
 

@@ -8,6 +8,11 @@ when a request arrives. Payloads reach every sink of the router after ``event_de
 per-pod sequence number starting at 0, as ``sink.ingest(pod=..., model=..., payload=..., seq=...)``.
 Endpoint metrics are scraped every ``metrics_interval_s`` (0 = after every step).
 
+With ``drain_between_stages`` the stages are independent: a stage's first arrival waits until
+every request of the stages before it has finished, and that stage and the ones after it move
+later on the timeline by the wait (the reported windows are the moved ones). Off by default,
+like the upstream ladder, where a stage inherits the queue the previous one left.
+
 A run is deterministic for a seed: all randomness is seeded and ties in the heap break by
 insertion order.
 """
@@ -21,7 +26,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvaware_scorer.errors import ConfigError, NoEndpointError
@@ -71,6 +76,8 @@ class FleetConfig:
         event_loss: Probability that a published payload never reaches the sinks (its seq is
             still consumed, so consumers see a gap, as with a ZMQ PUB dropping frames).
         seed: Seed of the event-loss draws.
+        drain_between_stages: Start each stage only once every earlier request has finished
+            (independent stages; see the module docstring).
     """
 
     profile: EngineProfile
@@ -85,6 +92,7 @@ class FleetConfig:
     drain_timeout_s: float | None = None
     event_loss: float = 0.0
     seed: int = 0
+    drain_between_stages: bool = False
 
     def __post_init__(self) -> None:
         if self.num_pods < 1:
@@ -160,6 +168,10 @@ class RunResult:
         engine_stats: Per-pod engine counters.
         profile: The pods' profile figures (`EngineProfile.describe`).
         workload: The workload's knobs (`Workload.describe`).
+        drain_between_stages: Stages ran independently (each after the previous drained).
+        measure_ends: End of each stage's measurement window (output and completion rates):
+            its arrival window's end; with ``drain_between_stages``, the next stage's start
+            (the last stage: the end of the run), so a stage's drain counts as its own.
     """
 
     router: str
@@ -177,6 +189,8 @@ class RunResult:
     engine_stats: dict[str, EngineStats] = field(default_factory=dict)
     profile: dict[str, Any] = field(default_factory=dict)
     workload: dict[str, Any] = field(default_factory=dict)
+    drain_between_stages: bool = False
+    measure_ends: list[float] = field(default_factory=list)
 
 
 class FleetSimulator:
@@ -272,7 +286,8 @@ class FleetSimulator:
         endpoints = self.endpoints
         engines = self.engines
         by_id = {e.id: i for i, e in enumerate(endpoints)}
-        stages = workload.stages()
+        planned = workload.stages()
+        stages = list(planned)  # moved later stage by stage with drain_between_stages
         starts = [s.start for s in stages]
         result = RunResult(
             router=router.name,
@@ -281,11 +296,18 @@ class FleetSimulator:
             pods=[e.id for e in endpoints],
             profile=cfg.profile.describe(),
             workload=workload.describe(),
+            drain_between_stages=cfg.drain_between_stages,
+            measure_ends=[w.end for w in stages],
         )
+        measure_ends = result.measure_ends
         records = result.records
         stage_tokens = result.stage_output_tokens
-        load_end = stages[-1].end if stages else 0.0
-        deadline = None if cfg.drain_timeout_s is None else load_end + cfg.drain_timeout_s
+
+        def drain_deadline() -> float | None:
+            load_end = stages[-1].end if stages else 0.0
+            return None if cfg.drain_timeout_s is None else load_end + cfg.drain_timeout_s
+
+        deadline = drain_deadline()
 
         self._scrape()
         router.bind(endpoints)
@@ -314,13 +336,37 @@ class FleetSimulator:
 
         source: Iterator[SimRequest] = iter(workload.requests())
         source_done = False
+        drain = cfg.drain_between_stages
+        shift = 0.0  # how much later than planned the current stage runs (drain only)
+        current_stage = stages[0].index if stages else 0
+        held: SimRequest | None = None  # a next stage's first arrival, waiting for the drain
 
         def next_from_source() -> None:
-            nonlocal source_done, pending_arrivals
+            # Called while an arrival is being handled: that request is in flight too.
+            nonlocal source_done, held
             req = next(source, None)
             if req is None:
                 source_done = True
                 return
+            if drain and req.stage != current_stage:
+                held = req
+                return
+            release(req)
+
+        def release(req: SimRequest) -> None:
+            nonlocal pending_arrivals, shift, current_stage, deadline
+            if drain and req.stage != current_stage:
+                shift = max(shift, self.now - planned[req.stage].start)
+                for k in range(req.stage, len(stages)):
+                    w = planned[k]
+                    stages[k] = replace(w, start=w.start + shift, end=w.end + shift)
+                    starts[k] = stages[k].start
+                    measure_ends[k] = stages[k].end
+                for k in range(current_stage, req.stage):
+                    measure_ends[k] = max(stages[k].end, stages[k + 1].start)
+                current_stage = req.stage
+                deadline = drain_deadline()
+            req.arrival_time += shift
             pending_arrivals += 1
             push(req.arrival_time, _ARRIVAL, (req, True))
 
@@ -357,6 +403,10 @@ class FleetSimulator:
 
         def push_arrival(req: SimRequest) -> None:
             nonlocal pending_arrivals
+            if drain:
+                # NOTE: the workload placed it on the planned timeline; while draining, every
+                # follow-up belongs to the stage being run.
+                req.stage = current_stage
             if req.arrival_time < self.now:
                 req.arrival_time = self.now
             pending_arrivals += 1
@@ -382,6 +432,9 @@ class FleetSimulator:
         stopped_early = False
         try:
             while heap:
+                if held is not None and not live and not pending_arrivals:
+                    next_req, held = held, None
+                    release(next_req)
                 t, _, kind, data = heappop(heap)
                 if deadline is not None and t > deadline:
                     stopped_early = True
@@ -394,9 +447,12 @@ class FleetSimulator:
                         for er in out.first_tokens:
                             on_first(er.sim)
                     if out.sampled:
-                        k = bisect.bisect_right(starts, t) - 1
-                        if 0 <= k < len(stages) and t < stages[k].end:
-                            stage_tokens[k] += out.sampled
+                        if drain:
+                            stage_tokens[current_stage] += out.sampled
+                        else:
+                            k = bisect.bisect_right(starts, t) - 1
+                            if 0 <= k < len(stages) and t < stages[k].end:
+                                stage_tokens[k] += out.sampled
                     if out.events:
                         payload = encoder.encode(EVENT_EPOCH + t, out.events)
                         seq = seqs[i]
@@ -431,7 +487,7 @@ class FleetSimulator:
                         )
                         ideal_seen.update(er.block_hashes)
                         finish_request(er, 200, endpoints[i].id, None)
-                        bar.update(1)
+                        bar.done()
                     if interval == 0:
                         self._scrape()
                         router.observe(endpoints, self.clock())
@@ -442,6 +498,7 @@ class FleetSimulator:
                 elif kind == _ARRIVAL:
                     req, from_source = data
                     pending_arrivals -= 1
+                    bar.routed()
                     if from_source:
                         next_from_source()
                     self._hash_prompt(req)
@@ -451,7 +508,7 @@ class FleetSimulator:
                     except NoEndpointError as exc:
                         logger.warning("no endpoint for %s: %s", req.request_id, exc)
                         records.append(_failed(req, "", 503, ideal))
-                        bar.update(1)
+                        bar.done()
                         continue
                     i = by_id.get(pod_id, -1)
                     if i < 0:
@@ -466,7 +523,7 @@ class FleetSimulator:
                                 400, pod_id, req.num_prompt_tokens, 0, 0, t, None, t, 0, reason
                             ),
                         )
-                        bar.update(1)
+                        bar.done()
                         continue
                     er = engine.add_request(req)
                     live[er.request_id] = (er, req.stage, ideal, pod_id)
@@ -513,6 +570,8 @@ class FleetSimulator:
                     )
                 )
         result.end_time = self.now
+        if drain and stages:
+            measure_ends[current_stage] = max(stages[current_stage].end, self.now)
         result.engine_stats = {e.id: e.engine.stats for e in endpoints}
         result.wall_time_s = time.perf_counter() - wall0
         return result
@@ -535,16 +594,65 @@ def _failed(req: SimRequest, pod: str, status: int, ideal: int) -> RequestRecord
 
 
 class _NoBar:
-    def update(self, n: int) -> None:
+    def routed(self) -> None:
+        return None
+
+    def done(self) -> None:
         return None
 
     def close(self) -> None:
         return None
 
 
-def _progress(enabled: bool, total: int | None, desc: str) -> Any:
+#: Seconds between progress-bar refreshes.
+PROGRESS_INTERVAL_S = 1.0
+
+
+class _Progress:
+    """A progress bar on stderr where each request counts half when routed and half when done.
+
+    Counting completions alone gives no rate (and an ETA of hours) until the first request has
+    generated its whole output, tens of virtual seconds into the run; arrivals advance the bar
+    from the first request on. The rate is averaged over the whole run so far (tqdm's
+    ``smoothing=0``): the simulator's speed varies with the load, and a short-term rate swings.
+    """
+
+    def __init__(self, total: int | None, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.total = total
+        self._routed = 0
+        self._done = 0
+        self.bar = tqdm(
+            total=None if total is None else 2 * total,
+            desc=desc,
+            file=sys.stderr,
+            mininterval=PROGRESS_INTERVAL_S,
+            smoothing=0.0,
+            leave=True,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
+        )
+
+    def _postfix(self) -> str:
+        of = f"/{self.total}" if self.total is not None else ""
+        return f"{self._routed}{of} routed, {self._done} done"
+
+    def routed(self) -> None:
+        self._routed += 1
+        self.bar.set_postfix_str(self._postfix(), refresh=False)
+        self.bar.update(1)
+
+    def done(self) -> None:
+        self._done += 1
+        self.bar.set_postfix_str(self._postfix(), refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.set_postfix_str(self._postfix(), refresh=False)
+        self.bar.close()
+
+
+def _progress(enabled: bool, total: int | None, desc: str) -> _Progress | _NoBar:
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="req", file=sys.stderr, mininterval=1.0, leave=True)
+    return _Progress(total, desc)

@@ -27,7 +27,7 @@ def test_demo_precise_beats_random(tmp_path: Path, capsys: pytest.CaptureFixture
     elapsed = time.perf_counter() - t0
     assert rc == 0
     text = capsys.readouterr().out
-    assert "== precise ==" in text and "== random ==" in text and "ratios vs random" in text
+    assert "== precise ==" in text and "== random ==" in text and "headline vs random" in text
     runs = {r["config"]: r for r in json.loads(out.read_text())["runs"]}
     precise, rand = runs["precise"], runs["random"]
     for r in (precise, rand):

@@ -349,11 +349,11 @@ def test_every_parameter_error_is_reported_with_the_valid_keys(registry: PluginR
         "plugins[1].parameters.maxNumOfEndpoint",
     }
     assert errors["plugins[0].parameters.tokenProcessorConfig.blockSiz"].startswith(
-        "unknown key (valid: blockSize, "
+        "unknown key; did you mean 'blockSize'? (valid: blockSize, "
     )
     assert "topicFilter" in errors["plugins[0].parameters.kvEventsConfig.topicFiltr"]
     assert errors["plugins[1].parameters.maxNumOfEndpoint"] == (
-        "unknown key (valid: maxNumOfEndpoints, tieBreak)"
+        "unknown key; did you mean 'maxNumOfEndpoints'? (valid: maxNumOfEndpoints, tieBreak)"
     )
 
 

@@ -31,7 +31,7 @@ def test_bench_with_builtin_routers_writes_json_and_plot(
     )  # fmt: skip
     assert rc == 0 and time.perf_counter() - t0 < 60
     text = capsys.readouterr().out
-    assert "== random ==" in text and "== oracle ==" in text and "ratios vs random" in text
+    assert "== random ==" in text and "== oracle ==" in text and "headline vs random" in text
     doc = json.loads(out.read_text())
     runs = {r["config"]: r for r in doc["runs"]}
     assert set(runs) == {"random", "oracle"}
