@@ -192,7 +192,7 @@ def test_indexer_config_raises_config_errors_not_pydantic_ones() -> None:
         by_path = {e.path: e.message for e in info.value.errors}
         assert by_path == {
             "tokenProcessorConfig.blokSize": "unknown key; did you mean 'blockSize'? "
-            "(valid: blockSize, hashSeed, hashAlgorithm, keyMode, loraAdapters)",
+            "(valid: blockSize, hashSeed, hashAlgorithm, keyMode, loraAdapters, vllmHashGeneration)",
             "tokenProcessorConfig.keyMode": "'vlm' is not a valid choice; did you mean 'vllm'? "
             "(valid: derived, vllm)",
             "kvBlockIndexConfig.inMemoryConfig.sise": "unknown key; did you mean 'size'? "

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import ValidationError
 
 from kvaware_scorer import IndexerConfig
 from kvaware_scorer.errors import ConfigError
@@ -705,7 +704,7 @@ def test_upstream_hash_one_rule_for_library_and_yaml(algo: str, registry: Plugin
         registry,
     )
     bad = {**tp, "keyMode": "vllm"}
-    with pytest.raises(ValidationError):
+    with pytest.raises(ConfigError):
         IndexerConfig.model_validate({"tokenProcessorConfig": bad})
     data = config(
         [{"type": "precise-prefix-cache-scorer", "parameters": {"tokenProcessorConfig": bad}}]
