@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("events", help="decode or watch vLLM KV events")
     actions = p.add_subparsers(dest="events_action", metavar="ACTION")
     d = actions.add_parser("decode", help="print msgpack payload files as JSON lines")
-    d.add_argument("files", nargs="+", type=Path)
+    d.add_argument("files", nargs="+", type=Path, help="files holding one msgpack payload each")
     d.set_defaults(func=_decode)
     lis = actions.add_parser("listen", help="subscribe and print per-pod stream statistics")
     lis.add_argument("--bind", metavar="ENDPOINT", help="bind mode endpoint, e.g. tcp://*:5557")
@@ -34,8 +34,10 @@ def register(sub: Any) -> None:
         default=[],
         help="connect mode: a pod id and its publisher (and replay) endpoint; repeatable",
     )
-    lis.add_argument("--topic-filter", default="", help='topic prefix (default "": all)')
-    lis.add_argument("--default-model", default=None, help="model when the topic names none")
+    lis.add_argument("--topic-filter", default="", help='topic prefix (default: "", all)')
+    lis.add_argument(
+        "--default-model", default=None, help="model when the topic names none (default: none)"
+    )
     lis.add_argument("--interval", type=float, default=5.0, help="seconds between reports")
     lis.add_argument("--duration", type=float, default=0.0, help="stop after this (0 = never)")
     lis.set_defaults(func=_listen)
