@@ -64,12 +64,8 @@ Start N live emulated vLLM pods, each an OpenAI-compatible HTTP server with vLLM
 a ZMQ KV-event publisher (vLLM's frames, topic and replay), in real time scaled by --speedup,
 until SIGINT/SIGTERM. Without --tokenizer the pods serve the model kvaware/sim with the
 tokenizer built into kvaware, which every kvaware gateway knows, so text and chat requests work
-through `kvaware serve` with no tokenizer configuration:
-
-  kvaware sim serve --pods 3 --endpoints-out endpoints.yaml
-  kvaware serve --config config/precise.yaml --endpoints endpoints.yaml
-
-See docs/live.md.
+through a gateway with no tokenizer configuration: give `kvaware serve --endpoints` the file
+written by --endpoints-out (the README's "Try it" section). See docs/live.md.
 """
 MULTI_TURN_STAGES = (LoadStage(2, 60), LoadStage(4, 60), LoadStage(6, 60), LoadStage(8, 60))
 MULTI_TURN_QUICK = (LoadStage(4, 30), LoadStage(8, 30))
