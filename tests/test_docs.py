@@ -34,6 +34,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LANGS = {"python", "bash", "yaml", "json", "toml", "text"}
 #: The README section whose blocks tests/test_docs_recipe.py runs against live processes.
 RECIPE_SECTION = "Try it: emulated pods behind the gateway"
+#: Commands a block may name that finish in seconds with nothing else running: run for real.
+FAST_COMMANDS = {"quickstart", "validate", ("events", "decode")}
 #: Tools a command line may start with besides ``kvaware``: the suite itself runs them.
 CI_TOOLS = {"ruff", "mypy", "pytest"}
 
@@ -142,6 +144,16 @@ def check_kvaware(argv: list[str], produced: set[str]) -> None:
     for attr in ("endpoints_out", "json", "plot"):
         if getattr(args, attr, None):
             produced.add(str(getattr(args, attr)))
+    if argv[0] in FAST_COMMANDS or tuple(argv[:2]) in FAST_COMMANDS:
+        # Fast and self-contained: run it for real, from the checkout.
+        out = subprocess.run(
+            [sys.executable, "-m", "kvaware_scorer.cli", *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, f"kvaware {' '.join(argv)}: {out.stderr[-2000:]}"
 
 
 def check_command(argv: list[str], produced: set[str], *, recipe: bool) -> None:
