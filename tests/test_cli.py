@@ -250,3 +250,23 @@ def test_bench_works_from_any_directory(tmp_path: Path) -> None:
         "--pods", "2", "--no-progress", cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
+
+
+def test_demo_configs_resolve_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``kvaware demo``'s default configs (shipped names) load from a directory that is not
+    the checkout, with the demo's tokenizer root filled in."""
+    from kvaware_scorer.demo import DemoSettings, scheduler_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in DemoSettings().configs:
+        data = scheduler_config(name, tmp_path / "tokenizers")
+        assert data["kind"] == "EndpointPickerConfig"
+    precise = scheduler_config("config/precise.yaml", tmp_path / "tok")
+    pools = [
+        p["parameters"]["tokenizersPoolConfig"]["local"]["autoDiscoveryDir"]
+        for p in precise["plugins"]
+        if p.get("type") == "precise-prefix-cache-scorer"
+    ]
+    assert pools == [str(tmp_path / "tok")]
