@@ -155,7 +155,9 @@ class ModelCatalog:
                     raise ValueError(f"HTTP {resp.status}")
                 payload = await resp.json(content_type=None)
             cards, loras = parse_models(payload)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
+            # NOTE: ValueError covers malformed JSON and bytes that are not UTF-8; RecursionError
+            # nesting deeper than the JSON decoder recurses. A pod's answer is input too.
             if self.metrics is not None:
                 self.metrics.models_polls.labels("error").inc()
             logger.debug("GET /v1/models of %s failed: %s", endpoint.id, exc)
