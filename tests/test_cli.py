@@ -124,10 +124,8 @@ def test_every_flag_has_help_with_its_default() -> None:
             if not action.help:
                 missing.append(f"{name}: no help")
                 continue
-            if not action.option_strings or (
-                action.default in (None, False, [], "", 0.0, 0)
-                and (action.default is None or action.default is False or action.default == [])
-            ):
+            no_default = action.default is None or action.default is False or action.default == []
+            if not action.option_strings or no_default:
                 continue
             shown = formatter._expand_help(action)
             if "default" not in shown:
