@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,4 +69,23 @@ def test_score_without_a_tokenizer_warns_once_per_model(caplog: pytest.LogCaptur
         pods, 0.0
     )
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2
+    indexer.close()
+
+
+def test_missing_tokenizers_extra_is_named(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the ``tokenizers`` extra, text scoring scores zeros and the one warning names the
+    extra to install (not a bare ``No module named 'transformers'``)."""
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an absent package looks like
+    indexer = Indexer(IndexerConfig())
+    pods = ["10.0.0.1:8000"]
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            assert indexer.score(BUILTIN_TOKENIZER_MODEL, prompt="x " * 64, pods=pods) == {
+                pods[0]: 0.0
+            }
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "pip install 'kvaware-scorer[tokenizers]'" in warnings[0]
     indexer.close()
