@@ -3,7 +3,7 @@
     kvaware demo            # about a minute
     kvaware demo --quick    # about 30 seconds
 
-For each config (``config/precise.yaml``, then ``config/random.yaml``) the demo starts fresh
+For each config (the shipped ``precise``, then ``random``) the demo starts fresh
 live emulated pods (``kvaware sim serve`` in a child process: OpenAI HTTP servers publishing KV
 events over ZMQ), a gateway in front of them with that config (the precise scorer ingests the
 pods' KV events in connect mode and tokenizes with a locally built tokenizer, the very one the
@@ -47,6 +47,7 @@ from typing import Any
 import yaml
 
 from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.resources import resolve_config
 from kvaware_scorer.sim.engine import EngineStats
 from kvaware_scorer.sim.fleet import RequestRecord, RunResult
 from kvaware_scorer.sim.profiles import PROFILES, get_profile
@@ -96,7 +97,7 @@ class DemoSettings:
         json_path: Write the summaries as JSON here.
     """
 
-    configs: tuple[str, ...] = ("config/precise.yaml", "config/random.yaml")
+    configs: tuple[str, ...] = ("precise", "random")
     pods: int = 4
     profile: str = "llama-3.1-8b-1xh100"
     speedup: float = 1.0
@@ -218,12 +219,9 @@ def scheduler_config(path: str | Path, tokenizer_root: str | Path) -> dict[str, 
     Raises:
         ConfigError: The file is missing or is not a mapping with ``plugins``.
     """
-    file = Path(path)
+    file = resolve_config(path)
     if not file.is_file():
-        raise ConfigError(
-            "scheduler config not found (run from the repository root, or pass --configs)",
-            str(file),
-        )
+        raise ConfigError("scheduler config not found", str(file))
     data = yaml.safe_load(file.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or not isinstance(data.get("plugins"), list):
         raise ConfigError("not an EndpointPickerConfig (no plugins list)", str(file))
@@ -716,24 +714,36 @@ def register(sub: Any) -> None:
         "--configs",
         nargs="+",
         metavar="CFG",
-        help="scheduler YAMLs (default: config/precise.yaml config/random.yaml)",
+        help="scheduler YAML paths or shipped config names (default: precise random)",
     )
-    p.add_argument("--pods", type=int, help="live pods per run (4)")
-    p.add_argument("--profile", choices=sorted(PROFILES), help="engine profile of the pods")
-    p.add_argument("--speedup", type=float, help="emulated seconds per wall second (1)")
-    p.add_argument("--concurrency", type=int, help="concurrent clients (16)")
-    p.add_argument("--requests", type=int, help="requests per config (1200; quick 500)")
-    p.add_argument("--groups", type=int, help="shared system prompts (12)")
-    p.add_argument("--prompts-per-group", type=int, help="questions per group (6)")
-    p.add_argument("--system-words", type=int, help="words per system prompt (2000)")
-    p.add_argument("--question-words", type=int, help="words per question (60)")
-    p.add_argument("--output-tokens", type=int, help="max_tokens per request (24)")
-    p.add_argument("--chat-share", type=float, help="fraction of groups sent as chat (0.5)")
-    p.add_argument("--num-gpu-blocks", type=int, help="KV blocks per pod (default: sized)")
-    p.add_argument("--seed", type=int, help="workload and picker seed (0)")
-    p.add_argument("--timeout", type=float, help="stop everything after this many seconds")
+    p.add_argument("--pods", type=int, help="live pods per run (default: 4)")
+    p.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        help="engine profile of the pods (default: llama-3.1-8b-1xh100)",
+    )
+    p.add_argument("--speedup", type=float, help="emulated seconds per wall second (default: 1)")
+    p.add_argument("--concurrency", type=int, help="concurrent clients (default: 16)")
+    p.add_argument("--requests", type=int, help="requests per config (default: 1200; --quick 500)")
+    p.add_argument("--groups", type=int, help="shared system prompts (default: 12)")
+    p.add_argument("--prompts-per-group", type=int, help="questions per group (default: 6)")
+    p.add_argument("--system-words", type=int, help="words per system prompt (default: 2000)")
+    p.add_argument("--question-words", type=int, help="words per question (default: 60)")
+    p.add_argument("--output-tokens", type=int, help="max_tokens per request (default: 24)")
+    p.add_argument(
+        "--chat-share", type=float, help="fraction of groups sent as chat (default: 0.5)"
+    )
+    p.add_argument(
+        "--num-gpu-blocks", type=int, help="KV blocks per pod (default: sized to the load)"
+    )
+    p.add_argument("--seed", type=int, help="workload and picker seed (default: 0)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="stop everything after this many seconds (default: 170; --quick 90)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the summaries as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, extras=("gateway", "tokenizers"))
 
 
 def _settings(args: argparse.Namespace) -> DemoSettings:

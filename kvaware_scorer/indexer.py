@@ -183,7 +183,9 @@ class Indexer:
         except (TokenizerNotFoundError, KeyDerivationError) as exc:
             reason = "tokenizer" if isinstance(exc, TokenizerNotFoundError) else "keys"
             metrics.score_errors.labels(reason).inc()
-            logger.warning("scoring %s as zeros: %s", model, exc)
+            # NOTE: the registry warns once per model without a tokenizer; not once per call.
+            log = logger.debug if reason == "tokenizer" else logger.warning
+            log("scoring %s as zeros: %s", model, exc)
             return ScoreResult(0, bs, {p: PodScore(0.0) for p in pods or ()}, error=str(exc))
         result = self.match_keys(keys, pods, t0=t0)
         result.tokens = len(ids)

@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "quickstart", help="index a few prompts in memory and score pods for a request"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the example prompts")
     p.set_defaults(func=run)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from kvaware_scorer.config import ConfigModel, PrefixStoreConfig, TokenizersPoolConfig
-from kvaware_scorer.errors import ConfigError, KVAwareError
+from kvaware_scorer.errors import ConfigError, KVAwareError, TokenizerNotFoundError
 from kvaware_scorer.keys import DerivedKeyer
 from kvaware_scorer.scheduler import (
     Endpoint,
@@ -229,7 +229,9 @@ class ApproxPrefixCacheScorer:
         self._scheduler = ctx.scheduler
         # NOTE: autoTune reads only the pods' cache size (static): a slow scrape, well inside
         # the metrics staleness threshold, is enough.
-        self.metrics_interval: float | None = AUTO_TUNE_SCRAPE_INTERVAL if params.auto_tune else None
+        self.metrics_interval: float | None = (
+            AUTO_TUNE_SCRAPE_INTERVAL if params.auto_tune else None
+        )
         name = params.prefix_match_info_producer_name
         if ctx.scheduler is not None:
             name = match_sources(ctx.scheduler.config).get(ctx.name, name)
@@ -342,7 +344,9 @@ class ApproxPrefixCacheScorer:
             # NOTE: only a precise producer can fail (its tokenizer); the request is then scored
             # 0 everywhere and the load scorers place it.
             self._metrics.score_errors.labels("tokenizer").inc()
-            logger.warning("%s: scoring %s as zeros: %s", self.name, request.model, exc)
+            # NOTE: a missing tokenizer is warned about once per model by the registry.
+            log = logger.debug if isinstance(exc, TokenizerNotFoundError) else logger.warning
+            log("%s: scoring %s as zeros: %s", self.name, request.model, exc)
             return {}
         p = self.params
         return {

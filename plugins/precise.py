@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 
 from kvaware_scorer import Indexer, IndexerConfig
 from kvaware_scorer.config import UPSTREAM_ONLY_HASHES, KVEventsConfig
-from kvaware_scorer.errors import ConfigError, KVAwareError
+from kvaware_scorer.errors import ConfigError, KVAwareError, TokenizerNotFoundError
 from kvaware_scorer.scheduler import (
     Endpoint,
     PluginContext,
@@ -255,7 +255,9 @@ class PrecisePrefixCacheScorer:
             # NOTE: a request we cannot tokenize is scored 0 everywhere, never failed: the load
             # scorers still place it.
             self.indexer.metrics.score_errors.labels("tokenizer").inc()
-            logger.warning("%s: scoring %s as zeros: %s", self.name, request.model, exc)
+            # NOTE: a missing tokenizer is warned about once per model by the registry.
+            log = logger.debug if isinstance(exc, TokenizerNotFoundError) else logger.warning
+            log("%s: scoring %s as zeros: %s", self.name, request.model, exc)
             return {}
         return result.scores()
 

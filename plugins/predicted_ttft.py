@@ -142,9 +142,7 @@ class PrefillModel:
         prior_weight: Observations the prior is worth.
     """
 
-    def __init__(
-        self, rate: float, base: float, half_life: int, prior_weight: float = 4.0
-    ) -> None:
+    def __init__(self, rate: float, base: float, half_life: int, prior_weight: float = 4.0) -> None:
         self.prior_rate = rate
         self.prior_base = base
         self.decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
@@ -216,9 +214,7 @@ class PredictedTTFTScorer:
             params.prefill_tokens_per_second, params.base_latency, params.learning_half_life
         )
         self._lock = threading.Lock()
-        decay = (
-            0.5 ** (1.0 / params.learning_half_life) if params.learning_half_life > 0 else 1.0
-        )
+        decay = 0.5 ** (1.0 / params.learning_half_life) if params.learning_half_life > 0 else 1.0
         self._decay = decay
         self._out_w = 0.0
         self._out_sum = 0.0

@@ -23,7 +23,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("events", help="decode or watch vLLM KV events")
     actions = p.add_subparsers(dest="events_action", metavar="ACTION")
     d = actions.add_parser("decode", help="print msgpack payload files as JSON lines")
-    d.add_argument("files", nargs="+", type=Path)
+    d.add_argument("files", nargs="+", type=Path, help="files holding one msgpack payload each")
     d.add_argument(
         "--engine",
         choices=("vllm", "sglang"),
@@ -46,8 +46,10 @@ def register(sub: Any) -> None:
         default=[],
         help="connect mode: a pod id and its publisher (and replay) endpoint; repeatable",
     )
-    lis.add_argument("--topic-filter", default="", help='topic prefix (default "": all)')
-    lis.add_argument("--default-model", default=None, help="model when the topic names none")
+    lis.add_argument("--topic-filter", default="", help='topic prefix (default: "", all)')
+    lis.add_argument(
+        "--default-model", default=None, help="model when the topic names none (default: none)"
+    )
     lis.add_argument(
         "--engine",
         choices=("vllm", "sglang"),

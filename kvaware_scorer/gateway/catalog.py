@@ -170,7 +170,9 @@ class ModelCatalog:
                     raise ValueError(f"HTTP {resp.status}")
                 payload = await resp.json(content_type=None)
             cards, loras = parse_models(payload)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
+            # NOTE: ValueError covers malformed JSON and bytes that are not UTF-8; RecursionError
+            # nesting deeper than the JSON decoder recurses. A pod's answer is input too.
             if isinstance(exc, aiohttp.ClientConnectionError | TimeoutError):
                 self._unreachable.add(endpoint.id)
             if self.metrics is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.resources import resolve_config
 
 __all__ = ["register", "run"]
 
@@ -30,7 +31,10 @@ def register(sub: Any) -> None:
         "to the chosen pod. Stops on SIGINT/SIGTERM after draining in-flight requests.",
     )
     p.add_argument(
-        "--config", required=True, type=Path, help="EndpointPickerConfig YAML (scheduler)"
+        "--config",
+        required=True,
+        type=Path,
+        help="EndpointPickerConfig YAML (scheduler), or a shipped config's name (precise, ...)",
     )
     p.add_argument(
         "--endpoints", required=True, type=Path, help="endpoints YAML (watched for changes)"
@@ -38,12 +42,30 @@ def register(sub: Any) -> None:
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="listen port (default 8080; 0 = free)")
     p.add_argument(
-        "--gateway-config", type=Path, default=None, help="GatewayConfig YAML (limits, timeouts)"
+        "--gateway-config",
+        type=Path,
+        default=None,
+        help="GatewayConfig YAML: limits, timeouts (default: none; flags override it)",
     )
-    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body")
-    p.add_argument("--max-attempts", type=int, default=None, help="pods tried per request")
-    p.add_argument("--connect-timeout", default=None, help="seconds (or e.g. 500ms)")
-    p.add_argument("--drain-timeout", default=None, help="seconds (or e.g. 30s)")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        help="largest request body in bytes (default: 32 MiB)",
+    )
+    p.add_argument(
+        "--max-attempts", type=int, default=None, help="pods tried per request (default: 3)"
+    )
+    p.add_argument(
+        "--connect-timeout",
+        default=None,
+        help="seconds to connect to a pod, or e.g. 500ms (default: 2)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        default=None,
+        help="seconds to drain at shutdown, or e.g. 30s (default: 30)",
+    )
     p.add_argument(
         "--endpoint-header",
         action="store_true",
@@ -53,8 +75,10 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--no-scrape", action="store_true", help="do not scrape the pods' /metrics for load"
     )
-    p.add_argument("--seed", default=None, help="seed of the pickers' random choices")
-    p.set_defaults(func=run)
+    p.add_argument(
+        "--seed", default=None, help="seed of the pickers' random choices (default: random)"
+    )
+    p.set_defaults(func=run, extras=("gateway",))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
             endpoint_header=args.endpoint_header,
         )
         gateway = Gateway.from_files(
-            args.config, args.endpoints, config, scrape=not args.no_scrape, seed=args.seed
+            resolve_config(args.config),
+            args.endpoints,
+            config,
+            scrape=not args.no_scrape,
+            seed=args.seed,
         )
     except ConfigError as exc:
         print(f"kvaware serve: {exc}", file=sys.stderr)

@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from prometheus_client import CollectorRegistry
 
-from kvaware_scorer.errors import ConfigError, KVAwareError, NoEndpointError
+from kvaware_scorer.errors import (
+    ConfigError,
+    KVAwareError,
+    NoEndpointError,
+    TokenizerNotFoundError,
+)
 from kvaware_scorer.metrics import Metrics
 from kvaware_scorer.scheduler.config import SchedulerConfig, load_config
 from kvaware_scorer.scheduler.manager import Hooks, make_plugin_manager
@@ -443,6 +448,9 @@ class Scheduler:
         for p in self._preparers:
             try:
                 p.prepare(request)
+            except TokenizerNotFoundError as exc:
+                # NOTE: warned once per model by the tokenizer registry; scoring says it again.
+                logger.debug("request preparation by %r: %s", p, exc)
             except Exception:
                 # NOTE: scoring degrades on its own (e.g. a missing tokenizer scores 0); a
                 # preparation failure must not fail the request.

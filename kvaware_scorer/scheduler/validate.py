@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.resources import resolve_config
 
 __all__ = ["register", "run"]
 
@@ -25,7 +26,9 @@ def register(sub: Any) -> None:
         "validate",
         help="validate an EndpointPickerConfig YAML and print the resolved profiles",
     )
-    p.add_argument("config", type=Path, help="EndpointPickerConfig YAML file")
+    p.add_argument(
+        "config", type=Path, help="EndpointPickerConfig YAML file, or a shipped config's name"
+    )
     p.add_argument(
         "--resolved-yaml",
         action="store_true",
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         hooks = Hooks(make_plugin_manager(block=args.block))
         registry = PluginRegistry()
         hooks.register_plugins(registry)
-        config = load_config(args.config, registry)
+        config = load_config(resolve_config(args.config), registry)
         hooks.config_resolved(config)
     except ConfigError as exc:
         errors = exc.errors if isinstance(exc, ConfigErrorGroup) else [exc]

@@ -1,18 +1,5 @@
 """``kvaware bench`` (the routing benchmark on the emulated fleet) and ``kvaware sim serve``
-(live emulated pods).
-
-    kvaware bench --workload shared-prefix --quick \\
-        --configs config/random.yaml config/load.yaml config/estimated.yaml config/precise.yaml \\
-        --json out.json --plot out.png
-
-Each ``--configs`` entry is a scheduler YAML (run through the real scheduler) or
-``builtin:random`` / ``builtin:round-robin`` / ``builtin:oracle``. Prints a table per config
-(one row per load stage, plus the overall row) and a comparison with ratios against random.
-
-    kvaware sim serve --pods 3 --speedup 10 --build-tokenizer models --endpoints-out ep.yaml
-
-starts live pods (``docs/live.md``): each an OpenAI HTTP server with vLLM's metrics and a KV-event
-publisher, until SIGINT/SIGTERM.
+(live emulated pods): their arguments and their runs. See `BENCH_HELP` and `SERVE_HELP`.
 """
 
 from __future__ import annotations
@@ -25,6 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.extras import missing_extras, missing_extras_message
+from kvaware_scorer.resources import (
+    BUILTIN_TOKENIZER_MODEL,
+    builtin_tokenizer,
+    default_trace,
+    resolve_config,
+    shipped_configs,
+)
 from kvaware_scorer.sim.bench import run_bench
 from kvaware_scorer.sim.fleet import FleetConfig
 from kvaware_scorer.sim.profiles import PROFILES, get_profile
@@ -40,9 +35,39 @@ from kvaware_scorer.sim.workloads import (
     parse_stages,
 )
 
-__all__ = ["build_fleet", "build_workload_factory", "plot_title", "register", "run", "run_serve"]
+__all__ = [
+    "BENCH_HELP",
+    "SERVE_HELP",
+    "bench_configs",
+    "build_fleet",
+    "build_workload_factory",
+    "plot_title",
+    "register",
+    "run",
+    "run_serve",
+]
 
-DEFAULT_TRACE = Path("benchmarks/traces/mooncake_synthetic_trace.jsonl")
+BENCH_HELP = """\
+Run the same workload through each scheduler config on an emulated vLLM fleet (discrete-event,
+deterministic per seed) and print a table per config plus a comparison against the baseline.
+
+  kvaware bench --workload shared-prefix --quick
+  kvaware bench --configs precise random --json out.json --plot out.png
+
+Each --configs entry is a scheduler YAML path, the name of a shipped config (precise, random,
+... : the files of config/, also inside the installed package), or builtin:random /
+builtin:round-robin / builtin:oracle. Without --configs every shipped config runs.
+See docs/emulator.md.
+"""
+
+SERVE_HELP = """\
+Start N live emulated vLLM pods, each an OpenAI-compatible HTTP server with vLLM's /metrics and
+a ZMQ KV-event publisher (vLLM's frames, topic and replay), in real time scaled by --speedup,
+until SIGINT/SIGTERM. Without --tokenizer the pods serve the model kvaware/sim with the
+tokenizer built into kvaware, which every kvaware gateway knows, so text and chat requests work
+through a gateway with no tokenizer configuration: give `kvaware serve --endpoints` the file
+written by --endpoints-out (the README's "Try it" section). See docs/live.md.
+"""
 MULTI_TURN_STAGES = (LoadStage(2, 60), LoadStage(4, 60), LoadStage(6, 60), LoadStage(8, 60))
 MULTI_TURN_QUICK = (LoadStage(4, 30), LoadStage(8, 30))
 TRACE_QUICK_REQUESTS = 600
@@ -54,33 +79,53 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="benchmark routing configs on an emulated vLLM fleet",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=BENCH_HELP,
     )
     p.add_argument(
-        "--workload", choices=["shared-prefix", "multi-turn", "trace"], default="shared-prefix"
+        "--workload",
+        choices=["shared-prefix", "multi-turn", "trace"],
+        default="shared-prefix",
+        help="the request shape: shared system prompts, chat sessions, or a Mooncake trace",
     )
     p.add_argument(
         "--configs",
         nargs="+",
-        required=True,
         metavar="CFG",
-        help="scheduler YAMLs or builtin:<name>",
+        help="scheduler YAMLs, shipped config names or builtin:<name> "
+        "(default: every shipped config)",
     )
     p.add_argument("--quick", action="store_true", help="short version of the ladder (same shape)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--plot", metavar="PATH", help="write TTFT p90 / throughput vs QPS charts (PNG)")
     p.add_argument("--baseline", help="config name ratios are computed against (default: random)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the workload and the fleet")
     fleet = p.add_argument_group("fleet")
-    fleet.add_argument("--profile", choices=sorted(PROFILES), default="qwen3-32b-2xh100")
-    fleet.add_argument("--pods", type=int, default=8)
-    fleet.add_argument("--block-size", type=int, help="override the profile's vLLM block size")
-    fleet.add_argument("--max-model-len", type=int, help="override vLLM --max-model-len")
-    fleet.add_argument("--max-num-batched-tokens", type=int)
-    fleet.add_argument("--max-num-seqs", type=int)
-    fleet.add_argument("--engine-hash", choices=["xxh3", "sha256"], default="xxh3")
+    fleet.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="qwen3-32b-2xh100",
+        help="engine profile: model, GPUs, vLLM settings",
+    )
+    fleet.add_argument("--pods", type=int, default=8, help="emulated vLLM pods")
+    fleet.add_argument("--block-size", type=int, help="vLLM block size (default: the profile's)")
+    fleet.add_argument(
+        "--max-model-len", type=int, help="vLLM --max-model-len (default: the profile's)"
+    )
+    fleet.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help="vLLM --max-num-batched-tokens (default: the profile's)",
+    )
+    fleet.add_argument(
+        "--max-num-seqs", type=int, help="vLLM --max-num-seqs (default: the profile's)"
+    )
+    fleet.add_argument(
+        "--engine-hash",
+        choices=["xxh3", "sha256"],
+        default="xxh3",
+        help="block hash of the emulated engines (sha256: vLLM's; xxh3: faster)",
+    )
     fleet.add_argument(
         "--event-delay", type=float, default=0.005, help="KV-event delivery delay (s)"
     )
@@ -113,25 +158,45 @@ def register(sub: Any) -> None:
         help="virtual seconds allowed after the last stage",
     )
     load = p.add_argument_group("load")
-    load.add_argument("--stages", help="rate:duration,... (overrides the ladder)")
-    load.add_argument("--arrival", choices=["poisson", "constant"], default="poisson")
+    load.add_argument(
+        "--stages",
+        help="rate:duration,... in requests/s and seconds (default: the workload's ladder)",
+    )
+    load.add_argument(
+        "--arrival",
+        choices=["poisson", "constant"],
+        default="poisson",
+        help="inter-arrival times within a stage",
+    )
     sp = p.add_argument_group("shared-prefix")
-    sp.add_argument("--groups", type=int, default=150)
-    sp.add_argument("--prompts-per-group", type=int, default=5)
-    sp.add_argument("--system-prompt-len", type=int, default=6000)
-    sp.add_argument("--question-len", type=int, default=1200)
-    sp.add_argument("--output-len", type=int, default=1000)
+    sp.add_argument("--groups", type=int, default=150, help="system prompts (groups)")
+    sp.add_argument("--prompts-per-group", type=int, default=5, help="questions per system prompt")
+    sp.add_argument(
+        "--system-prompt-len", type=int, default=6000, help="system prompt length (tokens)"
+    )
+    sp.add_argument("--question-len", type=int, default=1200, help="question length (tokens)")
+    sp.add_argument("--output-len", type=int, default=1000, help="output length (tokens)")
     mt = p.add_argument_group("multi-turn")
-    mt.add_argument("--turns", type=int, default=8)
-    mt.add_argument("--system-prompts", type=int, default=10)
-    mt.add_argument("--mt-system-prompt-len", type=int, default=2000)
-    mt.add_argument("--user-message-len", type=int, default=400)
-    mt.add_argument("--answer-len", type=int, default=400)
-    mt.add_argument("--think-time", type=float, default=5.0)
+    mt.add_argument("--turns", type=int, default=8, help="turns per chat session")
+    mt.add_argument("--system-prompts", type=int, default=10, help="distinct system prompts")
+    mt.add_argument(
+        "--mt-system-prompt-len", type=int, default=2000, help="system prompt length (tokens)"
+    )
+    mt.add_argument(
+        "--user-message-len", type=int, default=400, help="user message length (tokens)"
+    )
+    mt.add_argument("--answer-len", type=int, default=400, help="answer length (tokens)")
+    mt.add_argument(
+        "--think-time", type=float, default=5.0, help="seconds between a reply and the next turn"
+    )
     tr = p.add_argument_group("trace")
-    tr.add_argument("--trace", help=f"Mooncake JSONL (default: {DEFAULT_TRACE})")
+    tr.add_argument("--trace", help="Mooncake JSONL (default: the trace bundled with kvaware)")
     tr.add_argument("--time-scale", type=float, default=1.0, help="scale inter-arrival times")
-    tr.add_argument("--max-requests", type=int)
+    tr.add_argument(
+        "--max-requests",
+        type=int,
+        help=f"requests replayed (default: all; {TRACE_QUICK_REQUESTS} with --quick)",
+    )
     tr.add_argument("--window", type=float, default=120.0, help="report window (s)")
     p.set_defaults(func=run)
 
@@ -195,7 +260,7 @@ def build_workload_factory(args: argparse.Namespace, vocab_size: int) -> Any:
             )
 
         return multi_turn
-    path = Path(args.trace) if args.trace else DEFAULT_TRACE
+    path = Path(args.trace) if args.trace else default_trace()
     if not path.is_file():
         raise ConfigError("trace file not found (give --trace PATH)", str(path))
     max_requests = args.max_requests or (TRACE_QUICK_REQUESTS if args.quick else None)
@@ -223,23 +288,31 @@ def plot_title(args: argparse.Namespace, fleet: FleetConfig) -> str:
     )
 
 
+def bench_configs(names: list[str] | None) -> list[str]:
+    """The configs to run: each named one resolved (`resolve_config`), or every shipped config.
+
+    Raises:
+        ConfigError: No names given and no config shipped.
+    """
+    if not names:
+        shipped = shipped_configs()
+        if not shipped:
+            raise ConfigError("no shipped config found; give --configs", "--configs")
+        return [str(p) for p in shipped.values()]
+    return [n if n.startswith("builtin:") else str(resolve_config(n)) for n in names]
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; returns the exit code."""
-    if args.plot:
+    if args.plot and missing_extras(["plot"]):
         # Fail before a run that can take minutes, not after it.
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print(
-                "kvaware bench: --plot needs matplotlib: pip install 'kvaware-scorer[plot]'",
-                file=sys.stderr,
-            )
-            return 2
+        print(missing_extras_message("kvaware bench --plot", ["plot"]), file=sys.stderr)
+        return 1
     try:
         fleet = build_fleet(args)
         factory = build_workload_factory(args, fleet.profile.model.vocab_size)
         summaries = run_bench(
-            args.configs,
+            bench_configs(args.configs),
             factory,
             fleet,
             seed=args.seed,
@@ -299,38 +372,52 @@ def _register_sim(sub: Any) -> None:
     p = simsub.add_parser(
         "serve",
         help="start N emulated vLLM pods until SIGINT/SIGTERM",
-        description="Start N live emulated vLLM pods, each an OpenAI-compatible HTTP server "
-        "with vLLM's /metrics and a ZMQ KV-event publisher (vLLM's frames, topic and replay), "
-        "in real time scaled by --speedup. See docs/live.md.",
+        description=SERVE_HELP,
     )
-    p.add_argument("--pods", type=int, default=3, help="pods to start (default 3)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="llama-3.1-8b-1xh100")
-    p.add_argument("--model", help="served model name (default: the profile's model)")
+    p.add_argument("--pods", type=int, default=3, help="pods to start")
     p.add_argument(
-        "--speedup", type=float, default=1.0, help="emulated seconds per wall second (default 1)"
+        "--profile",
+        choices=sorted(PROFILES),
+        default="llama-3.1-8b-1xh100",
+        help="engine profile: model shape, GPU, vLLM settings",
     )
+    p.add_argument(
+        "--model",
+        help=f"served model name (default: {BUILTIN_TOKENIZER_MODEL}; with --tokenizer or "
+        "--build-tokenizer the profile's model)",
+    )
+    p.add_argument("--speedup", type=float, default=1.0, help="emulated seconds per wall second")
     tok = p.add_mutually_exclusive_group()
-    tok.add_argument("--tokenizer", help="tokenizer directory (or tokenizer.json) of the model")
+    tok.add_argument(
+        "--tokenizer",
+        help="tokenizer directory (or tokenizer.json) of the model "
+        "(default: the tokenizer built into kvaware)",
+    )
     tok.add_argument(
         "--build-tokenizer",
         metavar="ROOT",
         help="build the offline test tokenizer under ROOT/<model> and use it (point a scorer's "
         "tokenizersPoolConfig.local.autoDiscoveryDir at ROOT)",
     )
-    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address")
     p.add_argument(
         "--port", type=int, default=0, help="HTTP port of pod 0, +i for pod i (0 = free)"
     )
     eng = p.add_argument_group("engine")
-    eng.add_argument("--num-gpu-blocks", type=int, help="KV blocks per pod (a small KV capacity)")
-    eng.add_argument("--block-size", type=int)
-    eng.add_argument("--max-num-batched-tokens", type=int)
-    eng.add_argument("--max-num-seqs", type=int)
-    eng.add_argument("--max-model-len", type=int)
-    eng.add_argument("--engine-hash", choices=["sha256", "xxh3"], default="sha256")
-    eng.add_argument("--hash-seed", default="", help="the pods' PYTHONHASHSEED (default unset)")
     eng.add_argument(
-        "--default-max-tokens", type=int, default=16, help="when a request gives none (16)"
+        "--num-gpu-blocks", type=int, help="KV blocks per pod (default: the profile's capacity)"
+    )
+    for flag in ("--block-size", "--max-num-batched-tokens", "--max-num-seqs", "--max-model-len"):
+        eng.add_argument(flag, type=int, help=f"vLLM {flag} (default: the profile's)")
+    eng.add_argument(
+        "--engine-hash",
+        choices=["sha256", "xxh3"],
+        default="sha256",
+        help="block hash in the KV events (sha256: vLLM's default; xxh3: faster)",
+    )
+    eng.add_argument("--hash-seed", default="", help="the pods' PYTHONHASHSEED (default: unset)")
+    eng.add_argument(
+        "--default-max-tokens", type=int, default=16, help="max_tokens when a request gives none"
     )
     ev = p.add_argument_group("KV events")
     ev.add_argument("--no-kv-events", action="store_true", help="publish no KV events")
@@ -351,7 +438,9 @@ def _register_sim(sub: Any) -> None:
         help='topic template ({pod}, {model}); "" = vLLM\'s default empty topic',
     )
     ev.add_argument("--no-replay", action="store_true", help="no replay ROUTER")
-    ev.add_argument("--buffer-steps", type=int, default=10_000, help="batches kept for replay")
+    ev.add_argument(
+        "--buffer-steps", type=int, default=10_000, help="event batches kept for replay"
+    )
     run_ = p.add_argument_group("run")
     run_.add_argument(
         "--endpoints-out", metavar="PATH", help="write an endpoints file for kvaware serve"
@@ -364,24 +453,24 @@ def _register_sim(sub: Any) -> None:
         action="store_true",
         help="stop when standard input closes (a parent process went away)",
     )
-    p.set_defaults(func=run_serve)
+    p.set_defaults(func=run_serve, extras=("gateway", "tokenizers"))
     sim.set_defaults(func=lambda args: (sim.print_help(), 2)[1])
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run live pods until interrupted; returns the exit code."""
-    try:
-        from kvaware_scorer.sim.live import LiveFleet, LivePodsConfig
-    except ModuleNotFoundError as exc:  # pragma: no cover - aiohttp missing
-        print(f"kvaware sim serve needs {exc.name}: pip install 'kvaware-scorer[gateway]'")
-        return 1
     from pydantic import ValidationError
 
     from kvaware_scorer.config import format_validation_error
+    from kvaware_scorer.sim.live import LiveFleet, LivePodsConfig
 
     try:
         tokenizer = args.tokenizer
         model = args.model or get_profile(args.profile).model.name
+        if not tokenizer and not args.build_tokenizer:
+            # The built-in tokenizer, under the name every tokenizer registry resolves to it.
+            tokenizer = str(builtin_tokenizer())
+            model = args.model or BUILTIN_TOKENIZER_MODEL
         if args.build_tokenizer:
             from kvaware_scorer.tokenization import install_local_tokenizer
 

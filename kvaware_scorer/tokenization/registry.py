@@ -2,8 +2,9 @@
 
 Sources, in order: the explicit ``modelTokenizerMap``; the ``autoDiscoveryDir`` (Hugging Face
 cache layout ``models--org--name/snapshots/<rev>/`` and nested ``org/name/`` folders); the
+built-in tokenizer shipped with kvaware (model ``kvaware/sim``, the emulator's default); the
 hub, only when ``hf.enabled`` - and then from its local cache only when ``HF_HUB_OFFLINE`` is
-set. Loaded tokenizers are kept in a bounded LRU; the registry is thread-safe (the scoring
+set. A model found nowhere is logged once as a warning naming the settings to fix. Loaded tokenizers are kept in a bounded LRU; the registry is thread-safe (the scoring
 worker pool calls it concurrently), loads a model at most once at a time, and remembers a
 missing model for ``autoDiscoveryRefreshSeconds`` so a flood of requests does not rescan.
 
@@ -31,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from kvaware_scorer.config import TokenizersPoolConfig
 from kvaware_scorer.errors import TokenizerNotFoundError
+from kvaware_scorer.extras import missing_extras, missing_extras_message
+from kvaware_scorer.resources import BUILTIN_TOKENIZER_MODEL, builtin_tokenizer
 from kvaware_scorer.tokenization.chat import ChatTemplateCache, render_chat
 from kvaware_scorer.tokenization.prefix_store import BoundaryRules, EncodingWords, WordSpans
 
@@ -380,6 +383,8 @@ class TokenizerRegistry:
         self._cache: OrderedDict[str, TokenizerBackend] = OrderedDict()
         self._loading: dict[str, threading.Lock] = {}
         self._misses: dict[str, _Miss] = {}
+        # Models already warned about (bounded like the misses; the oldest forgotten first).
+        self._warned: OrderedDict[str, None] = OrderedDict()
         self._discovered: dict[str, Path] = {}
         self._discovered_at = float("-inf")
 
@@ -415,7 +420,19 @@ class TokenizerRegistry:
                 with self._lock:
                     self._remember_miss(model, str(exc))
                     self._loading.pop(model, None)
+                    first = model not in self._warned
+                    self._warned[model] = None
+                    while len(self._warned) > _MAX_MISSES:
+                        self._warned.popitem(last=False)
                 self._count("not_found")
+                if first:
+                    logger.warning(
+                        "%s; text prompts and chat for this model are scored 0 until a "
+                        "tokenizer is configured (tokenizersPoolConfig.local.modelTokenizerMap or "
+                        "autoDiscoveryDir, or tokenizersPoolConfig.hf.enabled); "
+                        "logged once per model",
+                        exc,
+                    )
                 raise
             with self._lock:
                 self._cache[model] = tok
@@ -477,6 +494,9 @@ class TokenizerRegistry:
             self.metrics.tokenizer_loads.labels(result).inc()
 
     def _load(self, model: str) -> TokenizerBackend:
+        if missing_extras(["tokenizers"]):
+            what = f"no tokenizer for model {model!r}: loading one"
+            raise TokenizerNotFoundError(missing_extras_message(what, ["tokenizers"]))
         searched: list[str] = []
         local = self.config.local
         mapped = local.model_tokenizer_map.get(model)
@@ -514,6 +534,8 @@ class TokenizerRegistry:
                 )
         else:
             searched.append("autoDiscoveryDir: not set")
+        if model == BUILTIN_TOKENIZER_MODEL:
+            return self._from_path(model, builtin_tokenizer())
         hf = self.config.hf
         if not hf.enabled:
             searched.append("Hugging Face hub: disabled (tokenizersPoolConfig.hf.enabled=false)")

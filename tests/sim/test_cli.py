@@ -96,12 +96,12 @@ def test_real_quick_ladder_runs_in_bounded_time(capsys: pytest.CaptureFixture[st
 def test_plot_without_matplotlib_fails_before_running(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--plot without matplotlib installed exits 2 with the install hint before any run."""
+    """--plot without matplotlib installed exits 1 with the install hint before any run."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an absent package looks like
     out = tmp_path / "out.json"
     rc = main(
         ["bench", "--configs", "builtin:random", "--json", str(out), "--plot",
          str(tmp_path / "p.png"), *SMALL]
     )  # fmt: skip
-    assert rc == 2 and "kvaware-scorer[plot]" in capsys.readouterr().err
+    assert rc == 1 and "kvaware-scorer[plot]" in capsys.readouterr().err
     assert not out.exists()
