@@ -94,7 +94,7 @@ async def test_sigterm_stops_serve_during_runaway_renders(tmp_path: Path, pod: F
         if plugin["type"] == "precise-prefix-cache-scorer":
             plugin["parameters"]["tokenizersPoolConfig"] = {
                 "local": {"autoDiscoveryDir": str(root)},
-                "renderTimeout": 5.0,
+                "renderTimeout": 3.0,
             }
     config = tmp_path / "precise.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -104,6 +104,21 @@ async def test_sigterm_stops_serve_during_runaway_renders(tmp_path: Path, pod: F
         serve(config, endpoints, "--trust-request-chat-template") as served,
         aiohttp.ClientSession() as s,
     ):
+        # Both render workers up (a cold worker first loads the tokenizer, not part of the
+        # render budget), then the runaway renders.
+        warm = [
+            s.post(
+                served.url + "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": f"warm {i}"}],
+                    "chat_template": "{{ messages[0].content }}",
+                },
+            )
+            for i in range(2)
+        ]
+        for resp in await asyncio.gather(*warm):
+            assert resp.status == 200
         evil = {
             "model": MODEL,
             "messages": [{"role": "user", "content": "hi"}],
@@ -113,7 +128,7 @@ async def test_sigterm_stops_serve_during_runaway_renders(tmp_path: Path, pod: F
             asyncio.ensure_future(s.post(served.url + "/v1/chat/completions", json=evil))
             for _ in range(6)
         ]
-        await asyncio.sleep(2.0)  # the renders are running
+        await asyncio.sleep(1.0)  # the renders are running
         t0 = time.monotonic()
         served.proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(served.proc.wait(), 20)
