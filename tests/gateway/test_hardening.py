@@ -379,10 +379,9 @@ async def test_compressed_bodies_stop_at_the_cap(tmp_path: Path, pod: FakePod) -
     exact = prefix + b"a" * (limit - len(prefix) - 2) + b'"}'
     try:
         async with aiohttp.ClientSession() as s:
+            bomb = _bomb(256 << 20)
             t0 = time.monotonic()
-            async with s.post(
-                gw.url + "/v1/completions", data=_bomb(256 << 20), headers=headers
-            ) as resp:
+            async with s.post(gw.url + "/v1/completions", data=bomb, headers=headers) as resp:
                 assert resp.status == 413
                 assert (await resp.json())["error"]["code"] == "request_too_large"
             assert time.monotonic() - t0 < 2.0
