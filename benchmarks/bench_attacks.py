@@ -70,7 +70,7 @@ async def metric(url: str, name: str) -> float:
     async with aiohttp.ClientSession() as s, s.get(url + "/metrics") as resp:
         text = await resp.text()
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
