@@ -318,15 +318,16 @@ class Gateway:
             scheduler_kw: Passed to `Scheduler.from_yaml` (``seed``, ``clock``...).
 
         Raises:
-            ConfigError: Invalid scheduler config or endpoints file.
+            ConfigError: Invalid scheduler config or endpoints file, or a key source that
+                cannot be read.
         """
         scheduler = Scheduler.from_yaml(config, **scheduler_kw)
         try:
             scheduler.use_endpoints_file(endpoints, poll_interval=poll_interval, scrape=scrape)
+            return cls(scheduler, gateway_config, own_scheduler=True)
         except BaseException:
             scheduler.close()
             raise
-        return cls(scheduler, gateway_config, own_scheduler=True)
 
     def make_app(self) -> web.Application:
         """The aiohttp application (routes only; `start` runs it)."""

@@ -228,3 +228,46 @@ async def test_connection_flood_at_a_low_fd_limit(tmp_path: Path, pod: FakePod) 
     assert refused >= 400 - 80
     assert flooded == 503 and answered < 1.0
     assert "accept" not in log, log[-2000:]
+
+
+async def test_serve_key_flags(
+    tmp_path: Path, pod: FakePod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--api-key-env`` protects the inference routes of ``kvaware serve``; a key file that
+    does not exist stops it with status 1 and a message naming the file, never a key."""
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text(endpoints_yaml([pod]))
+    monkeypatch.setenv("KV_SERVE_TEST_KEY", "sk-serve-secret")
+    body = {"model": MODEL, "prompt": "x"}
+    async with (
+        serve(
+            ROOT / "config" / "load.yaml", endpoints, "--api-key-env", "KV_SERVE_TEST_KEY"
+        ) as served,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.post(served.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 401
+        headers = {"Authorization": "Bearer sk-serve-secret"}
+        async with s.post(served.url + "/v1/completions", json=body, headers=headers) as resp:
+            assert resp.status == 200
+    missing = tmp_path / "no-such-keys.txt"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kvaware_scorer.cli",
+        "serve",
+        "--config",
+        str(ROOT / "config" / "load.yaml"),
+        "--endpoints",
+        str(endpoints),
+        "--admin-key-file",
+        str(missing),
+        "--api-key-env",
+        "KV_SERVE_TEST_KEY",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert str(missing) in err.decode()
+    assert b"sk-serve-secret" not in out + err
