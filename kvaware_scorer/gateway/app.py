@@ -128,6 +128,9 @@ _ROUTES = {
     "/health/ready": "GET",
     "/metrics": "GET",
 }
+#: Seconds the drain waits for decisions being made before answering their requests 503 (a
+#: decision takes milliseconds; one still running is stuck, e.g. on a cold render worker).
+_DECISION_GRACE = 1.0
 #: Compressed bodies up to this size are inflated on the event loop, larger ones in a thread.
 _INLINE_INFLATE = 1 << 16
 #: Largest incomplete SSE event held back; a pod that never ends its events is relayed as is.
@@ -274,6 +277,8 @@ class Gateway:
         self._listener_registered = False
         self._scheduler_started = False
         self._forwarding: set[asyncio.Task[Any]] = set()  # handlers of scheduled requests
+        self._deciding: set[asyncio.Task[Any]] = set()  # handlers awaiting their decision
+        self._cut: set[asyncio.Task[Any]] = set()  # of those, the ones the drain answered 503
         self._draining = False
         self._down: dict[str, float] = {}
         self._urls: dict[tuple[str, str], yarl.URL] = {}
@@ -313,15 +318,16 @@ class Gateway:
             scheduler_kw: Passed to `Scheduler.from_yaml` (``seed``, ``clock``...).
 
         Raises:
-            ConfigError: Invalid scheduler config or endpoints file.
+            ConfigError: Invalid scheduler config or endpoints file, or a key source that
+                cannot be read.
         """
         scheduler = Scheduler.from_yaml(config, **scheduler_kw)
         try:
             scheduler.use_endpoints_file(endpoints, poll_interval=poll_interval, scrape=scrape)
+            return cls(scheduler, gateway_config, own_scheduler=True)
         except BaseException:
             scheduler.close()
             raise
-        return cls(scheduler, gateway_config, own_scheduler=True)
 
     def make_app(self) -> web.Application:
         """The aiohttp application (routes only; `start` runs it)."""
@@ -480,12 +486,24 @@ class Gateway:
         try:
             for site in list(runner.sites):
                 await site.stop()  # no new connections; open ones get 503 while draining
+            await self._cut_decisions(min(_DECISION_GRACE, self.config.drain_timeout))
             await self._drain(self.config.drain_timeout)
             await runner.cleanup()
         finally:
             await self._close_resources()
             self.port = None
         logger.info("gateway stopped")
+
+    async def _cut_decisions(self, grace: float) -> None:
+        """Give requests still being scheduled `grace` seconds, then answer them 503
+        ``shutting_down`` (their decision is released when it ends, see `_abandoned`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._deciding and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for task in list(self._deciding):
+            self._cut.add(task)
+            task.cancel()
 
     async def _drain(self, timeout: float) -> None:
         """Wait up to `timeout` s for the forwarded requests to finish, then cancel the rest
@@ -785,6 +803,8 @@ class Gateway:
     def _deny(self, request: web.Request, admin: bool) -> APIError | None:
         """The 401/403 for a request without the credential its route needs, else None."""
         creds = self.credentials
+        if not admin and not creds.api:
+            return None  # the common case: no API keys, nothing to read
         auth = request.headers.get("Authorization")
         access = creds.check_admin(auth, request.remote) if admin else creds.check_inference(auth)
         if access is Access.OK:
@@ -854,11 +874,22 @@ class Gateway:
         # cancellation cannot stop, whose pre-request hooks (in-flight count, speculative
         # entries) would then never be released. An abandoned decision is released when it ends.
         decision = asyncio.ensure_future(self.scheduler.aschedule(sreq, res.endpoints))
+        task = asyncio.current_task()
+        assert task is not None  # a request handler runs in a task
+        self._deciding.add(task)
         try:
             result = await asyncio.shield(decision)
         except asyncio.CancelledError:
             decision.add_done_callback(functools.partial(self._abandoned, sreq))
-            raise
+            if task not in self._cut:
+                raise
+            task.uncancel()
+            return self._error(
+                route,
+                APIError(503, "The gateway is shutting down.", code="shutting_down"),
+                t0,
+                close=True,
+            )
         except NoEndpointError as exc:
             return self._error(
                 route,
@@ -870,12 +901,13 @@ class Gateway:
             return self._error(
                 route, APIError(500, "Scheduling failed.", code="internal_error"), t0
             )
+        finally:
+            self._deciding.discard(task)
+            self._cut.discard(task)
         # NOTE: from here on the request is scheduled: post_response must run exactly once,
         # whatever happens (pod failure, client disconnect, cancellation at shutdown).
         attempt = _Attempt(result)
         info = ResponseInfo(status=0)
-        task = asyncio.current_task()
-        assert task is not None  # a request handler runs in a task
         self._forwarding.add(task)
         self.metrics.inflight.inc()
         try:

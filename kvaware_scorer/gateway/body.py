@@ -17,6 +17,9 @@ __all__ = ["ENCODINGS", "decode_body"]
 ENCODINGS = frozenset({"identity", "gzip", "x-gzip", "deflate"})
 #: Compressed bytes fed to the decompressor at a time.
 _PIECE = 1 << 16
+#: Inflated bytes produced at a time (zlib builds each output twice over: small steps keep a
+#: body's peak memory near what it inflates to).
+_STEP = 1 << 20
 
 
 def _too_large(limit: int) -> APIError:
@@ -74,9 +77,10 @@ def decode_body(data: bytes, encoding: str | None, limit: int) -> bytes:
             piece = d.unconsumed_tail or data[pos : pos + _PIECE]
             if not d.unconsumed_tail:
                 pos += len(piece)
-            if not piece:
+            # NOTE: with the input used up, output held back by the step bound may remain.
+            chunk = d.decompress(piece, min(_STEP, limit - size + 1))
+            if not piece and not chunk:
                 break
-            chunk = d.decompress(piece, limit - size + 1)
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit)

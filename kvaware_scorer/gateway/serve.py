@@ -73,6 +73,41 @@ def register(sub: Any) -> None:
         help="add x-kvaware-endpoint to responses (reveals pod addresses)",
     )
     p.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        default=None,
+        help="render a request's own chat_template (as vLLM's flag of the same name; default: "
+        "such requests get 400)",
+    )
+    p.add_argument(
+        "--max-client-connections",
+        type=int,
+        default=None,
+        help="open client connections at most; more are refused with 503 (default 4096)",
+    )
+    p.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="file of API keys, one per line, for the inference routes (default: none, open)",
+    )
+    p.add_argument(
+        "--api-key-env",
+        default=None,
+        help="environment variable holding API keys, comma-separated (default: none)",
+    )
+    p.add_argument(
+        "--admin-key-file",
+        type=Path,
+        default=None,
+        help="file of admin keys for /v1/score and /metrics (default: none, loopback only)",
+    )
+    p.add_argument(
+        "--admin-key-env",
+        default=None,
+        help="environment variable holding admin keys (default: none)",
+    )
+    p.add_argument(
         "--no-scrape", action="store_true", help="do not scrape the pods' /metrics for load"
     )
     p.add_argument(
@@ -103,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
             connect_timeout=args.connect_timeout,
             drain_timeout=args.drain_timeout,
             endpoint_header=args.endpoint_header,
+            trust_request_chat_template=args.trust_request_chat_template,
+            max_client_connections=args.max_client_connections,
+            api_key_file=args.api_key_file,
+            api_key_env=args.api_key_env,
+            admin_key_file=args.admin_key_file,
+            admin_key_env=args.admin_key_env,
         )
         gateway = Gateway.from_files(
             resolve_config(args.config),

@@ -4,6 +4,7 @@
 - `TokenizerRegistry`: finds and caches tokenizers (explicit map, discovery dir, hub).
 - `PrefixStore`: text-chunk hashes -> tokens, so repeated prefixes skip tokenization.
 - `chat`: vLLM's message parsing and chat-template rules.
+- `RenderSandbox`: renders request-supplied chat templates in killable worker processes.
 - `local`: a deterministic offline tokenizer builder (tests, emulator, demo).
 
 Importing this package loads neither transformers nor tokenizers; they are imported when a
@@ -42,6 +43,7 @@ from kvaware_scorer.tokenization.registry import (
     discover_tokenizers,
     hub_offline,
 )
+from kvaware_scorer.tokenization.sandbox import RenderBudgetError, RenderSandbox
 from kvaware_scorer.tokenization.service import (
     TokenizationResult,
     TokenizationService,
@@ -57,6 +59,8 @@ __all__ = [
     "PrefixHit",
     "PrefixStore",
     "PrefixStoreStats",
+    "RenderBudgetError",
+    "RenderSandbox",
     "TokenSource",
     "TokenizationResult",
     "TokenizationService",

@@ -43,6 +43,7 @@ LOAD_TIMEOUT = 60.0
 #: Characters of a worker's error message passed back.
 _MAX_ERROR = 500
 _HEAD = struct.Struct(">I")
+_PR_SET_PDEATHSIG = 1
 
 
 class RenderBudgetError(ValueError):
@@ -96,6 +97,15 @@ def serve_worker() -> None:  # pragma: no cover - runs in the worker process
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
     with contextlib.suppress(OSError):
         os.nice(10)  # a runaway render must not take CPU from the serving process
+    if sys.platform.startswith("linux"):
+        # NOTE: killed with the parent (even by SIGKILL): a render in progress never reads
+        # stdin, so it would not notice the parent is gone and could loop on forever.
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() == 1:
+                return
     from kvaware_scorer.tokenization.registry import TokenizerRegistry
 
     rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
