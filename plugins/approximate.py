@@ -219,7 +219,9 @@ class ApproxPrefixCacheScorer:
         self._scheduler = ctx.scheduler
         # NOTE: autoTune reads only the pods' cache size (static): a slow scrape, well inside
         # the metrics staleness threshold, is enough.
-        self.metrics_interval: float | None = AUTO_TUNE_SCRAPE_INTERVAL if params.auto_tune else None
+        self.metrics_interval: float | None = (
+            AUTO_TUNE_SCRAPE_INTERVAL if params.auto_tune else None
+        )
         name = params.prefix_match_info_producer_name
         if ctx.scheduler is not None:
             name = match_sources(ctx.scheduler.config).get(ctx.name, name)

@@ -383,9 +383,7 @@ class FirstTokenListener(Protocol):
     """Told when a scheduled request's first output token reached the front door (the end of
     its prefill: queueing and prompt processing are over, decoding starts)."""
 
-    def first_token(
-        self, now: float, request: SchedulingRequest, result: SchedulingResult
-    ) -> None:
+    def first_token(self, now: float, request: SchedulingRequest, result: SchedulingResult) -> None:
         """`request`, scheduled as `result`, produced its first token at scheduler time `now`."""
         ...
 
