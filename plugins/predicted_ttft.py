@@ -167,6 +167,7 @@ class PrefillModel:
         self._fleet = _Fit()
         self._pods: dict[str, _Fit] = {}
         self._cache: dict[str, tuple[float, float]] = {}
+        self._count = 0
 
     def observe(self, pod: str, work_tokens: float, ttft: float) -> None:
         """One request's prefill of `work_tokens` (its own and those queued before it) took
@@ -174,12 +175,18 @@ class PrefillModel:
         if not self.learning or ttft <= 0 or not math.isfinite(ttft):
             return
         with self._lock:
+            self._count += 1
             self._fleet.add(work_tokens, ttft, self.decay)
             fit = self._pods.get(pod)
             if fit is None:
                 fit = self._pods[pod] = _Fit()
             fit.add(work_tokens, ttft, self.decay)
             self._cache.clear()
+
+    def observations(self) -> int:
+        """Observations made so far (over the whole fleet)."""
+        with self._lock:
+            return self._count
 
     def params(self, pod: str) -> tuple[float, float]:
         """(base seconds, rate tokens/s) for `pod`."""
