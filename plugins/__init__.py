@@ -25,6 +25,7 @@ BUILTIN_MODULES = (
     "filters",
     "compat",
     "predicted_ttft",
+    "affinity",
 )
 
 

@@ -52,10 +52,13 @@ class NoHitLRUParams(ConfigModel):
         lru_size: Pods remembered in the LRU (<= 0 means the default, 1024).
         prefix_match_info_producer_name: The plugin whose match info says whether a request
             hits (a prefix-cache scorer or producer); empty = the one prefix plugin configured.
+        prefill_profile: The profile whose pick is also recorded (disaggregated prefill; older
+            upstream releases had this parameter, newer ones fix it to ``prefill``).
     """
 
     lru_size: int = 1024
     prefix_match_info_producer_name: str | None = None
+    prefill_profile: str = _PREFILL_PROFILE
 
     @field_validator("lru_size")
     @classmethod
@@ -78,6 +81,7 @@ class NoHitLRUScorer:
         self.name = ctx.name
         self.size = params.lru_size
         self.producer_name = params.prefix_match_info_producer_name
+        self.prefill_profile = params.prefill_profile
         self._scheduler = ctx.scheduler
         self._source: MatchInfoProducer | None = None
         self._resolved = False
@@ -140,8 +144,8 @@ class NoHitLRUScorer:
         if not request.state.pop(self.name, False):
             return
         picks = [result.targets[0].id]
-        prefill = result.profile_results.get(_PREFILL_PROFILE)
-        if prefill is not None and prefill.targets and result.profile != _PREFILL_PROFILE:
+        prefill = result.profile_results.get(self.prefill_profile)
+        if prefill is not None and prefill.targets and result.profile != self.prefill_profile:
             picks.append(prefill.targets[0].id)
         with self._lock:
             lru = self._lru

@@ -49,9 +49,13 @@ from kvaware_scorer.scheduler import (
     SchedulingResult,
     parse_duration,
 )
+from kvaware_scorer.scheduler.inflight import (
+    InFlight,
+    InFlightLedger,
+    read_match_info,
+    uncached_tokens,
+)
 from kvaware_scorer.scheduler.matchinfo import MatchInfoProducer, default_source, producer
-
-from .inflight import InFlight, InFlightLedger, read_match_info, uncached_tokens
 
 __all__ = ["PredictedTTFTParams", "PredictedTTFTScorer", "PrefillModel", "register"]
 
@@ -80,6 +84,10 @@ class PredictedTTFTParams(ConfigModel):
         memory_headroom: Fraction of the KV capacity in-flight requests may fill before new
             ones wait.
         residence_seconds: Request duration (pick to end) assumed before any completed.
+        externality: Weight of the delay a pick imposes on the requests that will queue
+            behind it: the request's own prefill seconds on the pod times the mean number of
+            requests waiting for their first token per candidate (0 at light load, where the
+            pick is greedy on TTFT; growing with load, where every re-prefill delays others).
         score_scale: Seconds added to both sides of the score ratio.
         metrics_interval: Seconds between the pod-metrics scrapes this scorer asks for (KV
             usage and cache size correct its own accounting); 0 = needs no scraping.
@@ -98,6 +106,7 @@ class PredictedTTFTParams(ConfigModel):
     kv_capacity_tokens: int = Field(0, ge=0)
     memory_headroom: float = Field(0.95, gt=0, le=1)
     residence_seconds: float = Field(10.0, gt=0)
+    externality: float = Field(1.0, ge=0)
     score_scale: float = Field(0.05, gt=0)
     metrics_interval: float = Field(1.0, ge=0)
     request_timeout: float = 300.0
@@ -132,8 +141,9 @@ class _Fit:
 class PrefillModel:
     """Per-pod online fit of ``TTFT = base + work_tokens / rate`` (thread-safe).
 
-    A pod without observations of its own uses the fleet-wide fit; the fleet-wide fit starts
-    from the configured prior, which weighs as `prior_weight` observations and fades like one.
+    A pod's fit is shrunk toward the fleet-wide fit (worth `half_life` observations); the
+    fleet-wide fit starts from the configured prior, which weighs as `prior_weight`
+    observations and fades like them.
 
     Args:
         rate: Prior prefill rate (tokens/s).
@@ -148,10 +158,16 @@ class PrefillModel:
         self.decay = 0.5 ** (1.0 / half_life) if half_life > 0 else 1.0
         self.learning = half_life > 0
         self.prior_weight = prior_weight
+        # NOTE: a pod's own fit leans on the fleet's with as many pseudo-observations as a
+        # half-life holds: pods of one pool are alike, and noise in one pod's estimate must
+        # not make it look faster than its peers (it would then win every tie and pile up
+        # work) or slower (it would starve and never be measured again).
+        self.pod_prior_weight = float(max(half_life, 1))
         self._lock = threading.Lock()
         self._fleet = _Fit()
         self._pods: dict[str, _Fit] = {}
         self._cache: dict[str, tuple[float, float]] = {}
+        self._count = 0
 
     def observe(self, pod: str, work_tokens: float, ttft: float) -> None:
         """One request's prefill of `work_tokens` (its own and those queued before it) took
@@ -159,12 +175,18 @@ class PrefillModel:
         if not self.learning or ttft <= 0 or not math.isfinite(ttft):
             return
         with self._lock:
+            self._count += 1
             self._fleet.add(work_tokens, ttft, self.decay)
             fit = self._pods.get(pod)
             if fit is None:
                 fit = self._pods[pod] = _Fit()
             fit.add(work_tokens, ttft, self.decay)
             self._cache.clear()
+
+    def observations(self) -> int:
+        """Observations made so far (over the whole fleet)."""
+        with self._lock:
+            return self._count
 
     def params(self, pod: str) -> tuple[float, float]:
         """(base seconds, rate tokens/s) for `pod`."""
@@ -174,15 +196,17 @@ class PrefillModel:
         with self._lock:
             fleet = self._solve(self._fleet, self.prior_base, self.prior_rate)
             fit = self._pods.get(pod)
-            out = fleet if fit is None else self._solve(fit, fleet[0], fleet[1])
+            out = fleet if fit is None else self._solve(fit, *fleet, self.pod_prior_weight)
             self._cache[pod] = out
         return out
 
-    def _solve(self, fit: _Fit, base0: float, rate0: float) -> tuple[float, float]:
-        # NOTE: least squares with the prior as `prior_weight` pseudo-observations on the prior
-        # line (at x = 0 and at x = one second of prefill): with few or clustered observations
-        # the slope stays near the prior instead of swinging wildly.
-        k = self.prior_weight / 2.0
+    def _solve(
+        self, fit: _Fit, base0: float, rate0: float, weight: float | None = None
+    ) -> tuple[float, float]:
+        # NOTE: least squares with the prior as `weight` pseudo-observations on the prior line
+        # (at x = 0 and at x = one second of prefill): with few or clustered observations the
+        # slope stays near the prior instead of swinging wildly.
+        k = (self.prior_weight if weight is None else weight) / 2.0
         x1 = rate0  # one second of prefill
         w = fit.w + 2 * k
         sx = fit.x + k * x1
@@ -283,8 +307,9 @@ class PredictedTTFTScorer:
 
     def predict(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
-    ) -> dict[str, tuple[float, int, int, float]]:
-        """Endpoint id -> (predicted TTFT s, uncached tokens, work tokens, memory wait s)."""
+    ) -> dict[str, tuple[float, int, int, float, float]]:
+        """Endpoint id -> (predicted TTFT s, uncached tokens, work tokens, memory wait s, cost s:
+        the TTFT plus the delay the pick imposes on requests queueing behind it)."""
         self._resolve(ctx)
         p = self.params
         info = read_match_info(self._source, ctx, request, endpoints)
@@ -293,9 +318,11 @@ class PredictedTTFTScorer:
             request, info, endpoints, prior=prior, prior_weight=p.prior_weight
         )
         out_tokens = self.expected_output()
-        out: dict[str, tuple[float, int, int, float]] = {}
+        out: dict[str, tuple[float, int, int, float, float]] = {}
+        loads = {e.id: self.ledger.load(e.id) for e in endpoints}
+        behind = p.externality * sum(v.prefilling for v in loads.values()) / max(1, len(loads))
         for e in endpoints:
-            load = self.ledger.load(e.id)
+            load = loads[e.id]
             own = uncached[e.id]
             work = load.prefill_tokens + own
             base, rate = self.model.params(e.id)
@@ -311,7 +338,7 @@ class PredictedTTFTScorer:
                     # (by then every current request has left).
                     res = self.residence(e.id)
                     wait = min(res, excess / held * res)
-            out[e.id] = (ttft + wait, own, work, wait)
+            out[e.id] = (ttft + wait, own, work, wait, ttft + wait + behind * own / rate)
         return out
 
     # -- roles ----------------------------------------------------------------------------------
@@ -325,9 +352,9 @@ class PredictedTTFTScorer:
         request.state[self._key + ":pred"] = pred
         if not pred:
             return {}
-        best = min(v[0] for v in pred.values())
+        best = min(v[4] for v in pred.values())
         scale = self.params.score_scale
-        return {eid: (best + scale) / (v[0] + scale) for eid, v in pred.items()}
+        return {eid: (best + scale) / (v[4] + scale) for eid, v in pred.items()}
 
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
@@ -342,7 +369,7 @@ class PredictedTTFTScorer:
         if entry is None:
             # NOTE: another profile or a retry picked a pod this scorer did not score.
             entry = self.predict(ctx, request, [target])[target.id]
-        ttft, own, work, wait = entry
+        ttft, own, work, wait, _ = entry
         n = len(request.token_ids) if request.token_ids is not None else own
         request.state[self._key] = self.ledger.admit(
             InFlight(

@@ -183,11 +183,13 @@ class _PoolListener:
 class _Attempt:
     """The current decision of a request (it changes when a retry schedules it again)."""
 
-    __slots__ = ("result", "started")
+    __slots__ = ("first_token", "request", "result", "started")
 
-    def __init__(self, result: SchedulingResult) -> None:
+    def __init__(self, result: SchedulingResult, request: SchedulingRequest) -> None:
         self.result = result
+        self.request = request
         self.started = False  # response headers sent to the client
+        self.first_token = False  # reported to the scheduler
 
 
 class _GuardedSite(web.TCPSite):
@@ -906,7 +908,7 @@ class Gateway:
             self._cut.discard(task)
         # NOTE: from here on the request is scheduled: post_response must run exactly once,
         # whatever happens (pod failure, client disconnect, cancellation at shutdown).
-        attempt = _Attempt(result)
+        attempt = _Attempt(result, sreq)
         info = ResponseInfo(status=0)
         self._forwarding.add(task)
         self.metrics.inflight.inc()
@@ -1267,6 +1269,11 @@ class Gateway:
                 if not done and _ends_stream(chunk):
                     done = True
                 await out.write(chunk)
+                if not attempt.first_token:
+                    # NOTE: a stream's first event carries the first token: the prefill is over
+                    # (predicted-ttft-scorer stops counting it as queued and learns from it).
+                    attempt.first_token = True
+                    self.scheduler.first_token(attempt.request, attempt.result)
             if failure is not None:
                 info.error = f"{target.id}: {failure}"
                 self.log_limiter.log(

@@ -276,6 +276,12 @@ class Scheduler:
         return min(wanted) if wanted else None
 
     @property
+    def scrape_interval(self) -> float | None:
+        """Seconds between the scrapes of the running configuration's metrics scraper, or None
+        when nothing is scraped (no endpoints file, scraping off, or no plugin reads metrics)."""
+        return self._scraper.interval if self._scraper is not None else None
+
+    @property
     def endpoints(self) -> list[Endpoint]:
         """The current endpoint pool (from `set_endpoints` or the endpoints file)."""
         return list(self._endpoints)
@@ -537,7 +543,8 @@ class Scheduler:
             poll_interval: Seconds between checks of the file.
             scrape: Scrape pod metrics when a plugin reads them (off when something else
                 writes ``endpoint.metrics``).
-            scrape_interval: Seconds between scrape rounds (default: `metrics_interval`).
+            scrape_interval: Seconds between scrape rounds, when a plugin reads metrics
+                (default: `metrics_interval`).
             scrape_timeout: Per-request HTTP timeout in seconds.
 
         Raises:
@@ -552,11 +559,11 @@ class Scheduler:
             poll_interval=poll_interval,
             metrics=self.sched_metrics,
         )
-        interval = scrape_interval or self.metrics_interval
-        if scrape and interval is not None:
+        wanted = self.metrics_interval
+        if scrape and wanted is not None:
             self._scraper = MetricsScraper(
                 lambda: self._endpoints,
-                interval=interval,
+                interval=scrape_interval or wanted,
                 timeout=scrape_timeout or 1.0,
                 clock=self.clock,
                 metrics=self.sched_metrics,

@@ -239,3 +239,11 @@ def test_explain_runs_no_lru_update() -> None:
     eps = endpoints(2)
     s.schedule(SchedulingRequest("x", "m", token_ids=[1]), eps, dry_run=True)
     assert s.plugin("no-hit-lru-scorer").recent() == []
+
+
+def test_prefill_profile_parameter_of_older_upstream_accepted() -> None:
+    """Older upstream releases name the recorded prefill profile (prefillProfile); it loads and
+    is the profile whose pick a cold request also records."""
+    s = lru_only(prefillProfile="pf")
+    assert s.plugin("no-hit-lru-scorer").prefill_profile == "pf"
+    assert lru_only().plugin("no-hit-lru-scorer").prefill_profile == "prefill"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvaware_scorer.scheduler import (
+    DEFAULT_SCRAPE_INTERVAL,
     Endpoint,
     MetricsScraper,
     Scheduler,
@@ -22,6 +24,7 @@ from kvaware_scorer.scheduler.metrics import SchedulerMetrics
 from .conftest import FakeClock, config
 
 MODEL = "Qwen/Qwen3-8B"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def vllm_exposition(
@@ -166,12 +169,14 @@ class _Pod:
             {"0": {"running": 0, "waiting": 0, "usage": 0.0, "blocks": 100}}
         )
         self.status = 200
+        self.hits = 0  # GET /metrics served
         pod = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:
+                pod.hits += self.path == "/metrics"
                 data = pod.body.encode() if self.path == "/metrics" else b"not found"
                 status = pod.status if self.path == "/metrics" else 404
                 self.send_response(status)
@@ -286,3 +291,46 @@ def test_parse_sglang_metrics() -> None:
     m = parse_vllm_metrics(SGLANG_PAGE)
     assert (m.waiting_queue_size, m.running_requests_size) == (4, 7)
     assert m.kv_cache_usage_percent == pytest.approx(0.5)
+
+
+def _hits_after(
+    pods: list[_Pod], tmp_path, cfg: str | dict, seconds: float
+) -> tuple[int, Scheduler]:  # type: ignore[no-untyped-def]
+    f = tmp_path / "endpoints.yaml"
+    f.write_text(
+        "endpoints:\n" + "".join(f"  - {{address: 127.0.0.1, port: {p.port}}}\n" for p in pods)
+    )
+    for p in pods:
+        p.hits = 0
+    s = Scheduler.from_config(cfg, plugin_manager=make_plugin_manager(use_env=False), seed=0)
+    s.use_endpoints_file(f, scrape_timeout=1.0)
+    s.start()
+    try:
+        import time
+
+        time.sleep(seconds)
+    finally:
+        s.close()
+    return sum(p.hits for p in pods), s
+
+
+def test_config_reading_no_metrics_scrapes_nothing(pods: list[_Pod], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """random.yaml reads no pod metrics: the scheduler never GETs a pod's /metrics."""
+    hits, s = _hits_after(pods, tmp_path, ROOT / "config" / "random.yaml", 0.5)
+    assert s.metrics_interval is None and s.scrape_interval is None
+    assert hits == 0
+
+
+def test_scrape_interval_is_what_the_configured_plugins_need(pods: list[_Pod], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """load.yaml's queue scorer asks for fresh metrics (100 ms); the predicted-TTFT scorer alone
+    only for a slow correction (its metricsInterval); either way the pods are scraped."""
+    hits, s = _hits_after(pods, tmp_path, ROOT / "config" / "load.yaml", 0.5)
+    assert s.scrape_interval == DEFAULT_SCRAPE_INTERVAL
+    assert hits >= 2 * len(pods)
+    slow = config([{"type": "predicted-ttft-scorer", "parameters": {"metricsInterval": "250ms"}}])
+    hits, s = _hits_after(pods, tmp_path, slow, 0.6)
+    assert s.scrape_interval == pytest.approx(0.25)
+    assert len(pods) <= hits <= 4 * len(pods)
+    off = config([{"type": "predicted-ttft-scorer", "parameters": {"metricsInterval": 0}}])
+    hits, s = _hits_after(pods, tmp_path, off, 0.3)
+    assert s.scrape_interval is None and hits == 0

@@ -14,7 +14,7 @@ from kvaware_scorer.sim.workloads import LoadStage, SharedPrefixWorkload
 from .helpers import small_profile
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ["random", "load", "estimated", "precise"]
+CONFIGS = ["random", "load", "estimated", "precise", "kvaware"]
 
 
 def _workload() -> SharedPrefixWorkload:
@@ -50,6 +50,23 @@ def test_precise_ingests_events_and_beats_random_on_hits() -> None:
     random_, _ = run_config(str(ROOT / "config" / "random.yaml"), _workload, _fleet())
     assert precise["prefix_hit_rate"] > random_["prefix_hit_rate"]
     assert precise["prefix_hit_rate"] >= 0.8 * precise["ideal_hit_rate"]
+
+
+def test_first_tokens_reach_the_predicted_ttft_scorer() -> None:
+    """kvaware.yaml learns from the emulator's first-token reports: every prefill leaves the
+    queue at its first token, every request is released, and TTFTs were observed."""
+    from kvaware_scorer.sim.fleet import FleetSimulator
+
+    sim = FleetSimulator(_fleet())
+    router = SchedulerRouter(
+        ROOT / "config" / "kvaware.yaml", clock=sim.clock, seed=0, model=_fleet().model_name
+    )
+    result = sim.run(_workload(), router)
+    scorer = router.scheduler.plugin("predicted-ttft-scorer")
+    assert len(result.records) > 0
+    assert len(scorer.ledger) == 0
+    assert all(scorer.ledger.load(p).requests == 0 for p in result.pods)
+    assert 0.5 * len(result.records) <= scorer.model.observations() <= len(result.records)
 
 
 def test_adapter_exposes_the_scheduler_event_sinks() -> None:

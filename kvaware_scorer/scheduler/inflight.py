@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from kvaware_scorer.errors import KVAwareError
-from kvaware_scorer.scheduler import Endpoint, SchedulingContext, SchedulingRequest
 from kvaware_scorer.scheduler.matchinfo import MatchInfo, MatchInfoProducer
+from kvaware_scorer.scheduler.types import Endpoint, SchedulingContext, SchedulingRequest
 
 __all__ = [
     "DEFAULT_MAX_TRACKED",

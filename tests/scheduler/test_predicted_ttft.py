@@ -1,0 +1,232 @@
+"""predicted-ttft-scorer: in-flight ledger, learned prefill model, and routing in time units."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kvaware_scorer.plugins.predicted_ttft import PrefillModel
+from kvaware_scorer.scheduler import (
+    Endpoint,
+    ResponseInfo,
+    Scheduler,
+    SchedulingRequest,
+    SchedulingResult,
+)
+from kvaware_scorer.scheduler.inflight import InFlight, InFlightLedger
+
+from .conftest import FakeClock, build, config, endpoints
+
+RATE = 1000.0  # prefill tokens per second assumed (learning off unless a test turns it on)
+
+
+def _ttft(**params: Any) -> dict[str, Any]:
+    base = {
+        "prefixMatchInfoProducerName": "prefix-cache-scorer",
+        "prefillTokensPerSecond": RATE,
+        "baseLatency": 0,
+        "learningHalfLife": 0,
+        "externality": 0,
+        "metricsInterval": 0,
+    }
+    base.update(params)
+    return {"type": "predicted-ttft-scorer", "parameters": base}
+
+
+def _scheduler(clock: FakeClock, *plugins: dict[str, Any], **ttft: Any) -> Scheduler:
+    history = {"type": "prefix-cache-scorer", "parameters": {"blockSizeTokens": 16}}
+    return build(
+        config(
+            [history, *plugins, _ttft(**ttft)],
+            [{"name": "default", "plugins": [{"pluginRef": "predicted-ttft-scorer"}]}],
+        ),
+        clock=clock,
+        seed=0,
+    )
+
+
+def _tokens(start: int, n: int) -> list[int]:
+    return list(range(start, start + n))
+
+
+def _send(
+    s: Scheduler, rid: str, tokens: list[int], eps: list[Endpoint]
+) -> tuple[SchedulingRequest, SchedulingResult]:
+    req = SchedulingRequest(rid, "m", token_ids=tokens)
+    return req, s.schedule(req, eps)
+
+
+def test_ledger_counts_prefill_until_first_token_and_tokens_until_release() -> None:
+    """A request's uncached prompt is queued prefill until its first token, and held KV until
+    its release."""
+    led = InFlightLedger()
+    k1 = led.admit(InFlight("a", prefill=800, prompt=1000, output=100, start=0.0))
+    k2 = led.admit(InFlight("a", prefill=200, prompt=200, output=50, start=0.0))
+    load = led.load("a")
+    assert (load.requests, load.prefill_tokens, load.tokens, load.kv_tokens) == (
+        2,
+        1000,
+        1000,
+        1150,
+    )
+    assert led.first_token(k1) is not None
+    assert led.first_token(k1) is None  # reported once
+    load = led.load("a")
+    assert (load.prefill_tokens, load.prefilling, load.tokens) == (200, 1, 1000)
+    assert led.release(k1) is not None and led.release(k2) is not None
+    assert led.load("a").requests == 0 and len(led) == 0
+
+
+def test_ledger_is_bounded_and_expires() -> None:
+    """Beyond its bound the oldest request is forgotten, and unreleased requests time out."""
+    led = InFlightLedger(timeout=10.0, max_tracked=2)
+    for t in range(3):
+        led.admit(InFlight("a", prefill=10, prompt=10, output=0, start=float(t)))
+    assert len(led) == 2 and led.load("a").prefill_tokens == 20 and led.dropped == 1
+    assert led.expire(12.5) == 2
+    assert led.load("a").requests == 0
+
+
+def test_prefill_model_learns_rate_and_base() -> None:
+    """TTFTs that follow base + work / rate teach the model that base and rate; a pod with a few
+    odd observations stays close to its fleet."""
+    model = PrefillModel(rate=10000.0, base=0.0, half_life=64)
+    for i in range(400):
+        work = 1000.0 + (i * 7919) % 20000
+        model.observe(f"p{i % 4}", work, 0.1 + work / 20000.0)
+    base, rate = model.params("p0")
+    assert rate == pytest.approx(20000.0, rel=0.05)
+    assert base == pytest.approx(0.1, abs=0.02)
+    model.observe("odd", 1000.0, 5.0)
+    model.observe("odd", 2000.0, 0.01)
+    assert model.params("odd")[1] == pytest.approx(model.params("p1")[1], rel=0.3)
+
+
+def test_waits_behind_short_requests_but_leaves_a_long_backlog(clock: FakeClock) -> None:
+    """A session's next turn stays where its context is when only short requests queue there,
+    and moves (paying the re-prefill) when the queue there costs more than the re-prefill."""
+    s = _scheduler(clock)
+    a, b = endpoints(2)
+    session = _tokens(0, 8000)
+    req, res = _send(s, "t1", session, [a])
+    s.first_token(req, res)
+    s.post_response(req, res, ResponseInfo(200, 8000, 0, 10))
+    _send(s, "short1", _tokens(100_000, 500), [a])
+    _send(s, "short2", _tokens(200_000, 500), [a])
+    req, res = _send(s, "t2", [*session, *_tokens(50_000, 400)], [a, b])
+    assert res.target is a
+    # a: 1,000 queued + ~400 new tokens; b: the whole 8,400-token re-prefill
+    assert res.scores["predicted-ttft-scorer"][b.id] < 1.0
+    for i in range(3):
+        _send(s, f"long{i}", _tokens(300_000 + 10_000 * i, 4000), [a])
+    _, res = _send(s, "t3", [*session, *_tokens(60_000, 400)], [a, b])
+    assert res.target is b
+    assert res.scores["predicted-ttft-scorer"][b.id] == 1.0
+
+
+def test_first_token_ends_queueing_and_teaches_the_rate(clock: FakeClock) -> None:
+    """At a request's first token its prefill leaves the pod's queue, and its observed TTFT
+    moves the pod's learned prefill rate."""
+    s = _scheduler(clock, learningHalfLife=8)
+    (a,) = endpoints(1)
+    scorer = s.plugin("predicted-ttft-scorer")
+    req, res = _send(s, "r1", _tokens(0, 4000), [a])
+    assert scorer.ledger.load(a.id).prefill_tokens == 4000
+    clock.advance(1.0)  # 4,000 tokens in 1 s: faster than the 1,000 tokens/s assumed
+    s.first_token(req, res)
+    assert scorer.ledger.load(a.id).prefill_tokens == 0
+    assert scorer.model.params(a.id)[1] > RATE
+    s.post_response(req, res, ResponseInfo(200, 4000, 0, 100))
+    assert scorer.ledger.load(a.id).requests == 0
+    assert scorer.expected_output() < 256  # moved toward the 100 tokens observed
+
+
+def test_full_kv_cache_sends_the_request_elsewhere(clock: FakeClock) -> None:
+    """When a pod's in-flight requests would fill its KV cache, a request there waits for
+    memory: it goes to a pod with room although the full pod holds its prefix."""
+    s = _scheduler(clock, kvCapacityTokens=10_000, expectedOutputTokens=100)
+    a, b = endpoints(2)
+    prefix = _tokens(0, 2000)
+    _send(s, "warm", prefix, [a])
+    _, res = _send(s, "r1", [*prefix, *_tokens(90_000, 100)], [a, b])
+    assert res.target is a  # room on a: the cached prefix wins
+    for i in range(4):
+        req, r = _send(s, f"big{i}", _tokens(100_000 + 10_000 * i, 2000), [a])
+        s.first_token(req, r)  # decoding: no queued prefill, but its KV is held
+    _, res = _send(s, "r2", [*prefix, *_tokens(95_000, 100)], [a, b])
+    assert res.target is b
+
+
+def test_externality_prefers_cached_pods_under_load(clock: FakeClock) -> None:
+    """With requests waiting everywhere, a pick that re-prefills a long context also delays the
+    requests that will queue behind it: the cached pod wins although its own queue is longer."""
+
+    def run(externality: float) -> Endpoint:
+        s = _scheduler(clock, externality=externality)
+        a, b = endpoints(2)
+        session = _tokens(0, 3000)
+        req, res = _send(s, "t1", session, [a])
+        s.first_token(req, res)
+        for i in range(4):
+            _send(s, f"qa{i}", _tokens(100_000 + 10_000 * i, 1000), [a])
+        for i in range(2):
+            _send(s, f"qb{i}", _tokens(200_000 + 10_000 * i, 200), [b])
+        _, res = _send(s, "t2", [*session, *_tokens(50_000, 100)], [a, b])
+        return res.target
+
+    # a: 4,000 queued + 100 = 4.1 s; b: 400 queued + 3,100 = 3.5 s; three requests wait per
+    # pod on average, so the re-prefill on b costs 3.1 s x 3 more
+    assert run(0.0).name == "pod-1"
+    assert run(1.0).name == "pod-0"
+
+
+def test_routing_history_prior_keeps_sessions_sticky(clock: FakeClock) -> None:
+    """When the exact index knows nothing of a session (no KV events yet), the routing history
+    keeps its next turn where the previous one went; without the prior the pick is a tie."""
+
+    def picks(weight: float) -> set[str]:
+        plugins = [
+            {
+                "type": "precise-prefix-cache-producer",
+                "parameters": {
+                    "tokenProcessorConfig": {"blockSize": 16},
+                    "speculativeIndexing": False,
+                },
+            },
+            {"type": "approx-prefix-cache-producer", "parameters": {"blockSizeTokens": 16}},
+            _ttft(
+                prefixMatchInfoProducerName="precise-prefix-cache-producer",
+                priorProducerName="approx-prefix-cache-producer",
+                priorWeight=weight,
+            ),
+        ]
+        s = build(
+            config(plugins, [{"name": "d", "plugins": [{"pluginRef": "predicted-ttft-scorer"}]}]),
+            clock=clock,
+            seed=1,
+        )
+        a, b = endpoints(2)
+        out = set()
+        for i in range(12):
+            session = _tokens(1_000_000 * (i + 1), 1600)
+            req, res = _send(s, f"s{i}t1", session, [a])
+            s.post_response(req, res, ResponseInfo(200, 1600, 0, 10))
+            _, res = _send(s, f"s{i}t2", [*session, *_tokens(5, 64)], [a, b])
+            out.add(res.target.name)
+            s.post_response(req, res, ResponseInfo(200, 1664, 0, 10))
+        return out
+
+    assert picks(1.0) == {"pod-0"}
+    assert picks(0.0) == {"pod-0", "pod-1"}
+
+
+def test_scores_are_normalized_with_the_fastest_at_one(clock: FakeClock) -> None:
+    """Scores lie in (0, 1]: 1 for the lowest predicted TTFT, lower for slower pods."""
+    s = _scheduler(clock)
+    a, b, c = endpoints(3)
+    _send(s, "q", _tokens(0, 3000), [b])
+    _send(s, "q2", _tokens(10_000, 6000), [c])
+    _, res = _send(s, "r", _tokens(50_000, 100), [a, b, c])
+    sc = res.scores["predicted-ttft-scorer"]
+    assert sc[a.id] == 1.0 and 0.0 < sc[c.id] < sc[b.id] < 1.0
