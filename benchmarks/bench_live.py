@@ -326,6 +326,7 @@ def router_command(
     workdir: Path,
     tokenizers: Path,
     block_size: int,
+    kvaware_python: str | None = None,
 ) -> list[str]:
     """The command line that starts `spec` on `port` in front of `pods`."""
     if spec.kind == "kvaware":
@@ -334,7 +335,7 @@ def router_command(
         config = workdir / "scheduler.yaml"
         config.write_text(yaml.safe_dump(scheduler_config(spec.arg, tokenizers)))
         return [
-            sys.executable,
+            kvaware_python or sys.executable,
             "-m",
             "kvaware_scorer.cli",
             "serve",
@@ -536,7 +537,9 @@ def run_one(
     try:
         pods.wait_ready()
         port = free_port()
-        cmd = router_command(spec, binary, pods, port, run_dir, tokenizers, args.block_size)
+        cmd = router_command(
+            spec, binary, pods, port, run_dir, tokenizers, args.block_size, args.kvaware_python
+        )
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         router = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=run_dir
@@ -584,6 +587,11 @@ def run_one(
         reqs = m.get("requests") or 0
         m["cpu_ms_req"] = 1000 * cpu / reqs if reqs else None
         m["wall_s"] = wall
+        log.flush()
+        text = (run_dir / "router.log").read_text(errors="replace")
+        m["router_errors"] = sum(
+            1 for line in text.splitlines() if "Traceback" in line or " ERROR " in line
+        )
         res.metrics = m
         res.ok = True
     except Exception as exc:  # one failed run is reported, the others go on
@@ -611,6 +619,7 @@ COLUMNS = [
     ("preempt", "preempt", "{:.0f}"),
     ("CPU s", "cpu_s", "{:.1f}"),
     ("CPU ms/req", "cpu_ms_req", "{:.1f}"),
+    ("rtr errs", "router_errors", "{:.0f}"),
 ]
 
 
@@ -650,6 +659,12 @@ def main() -> None:
     add("--venv-dir", type=Path, default=default_venv_dir(), help="peer venvs (user cache)")
     add("--python", default=sys.executable, help="Python for the peers' venvs (default: this)")
     add("--loadgen-python", default=None, help="Python 3.12 for inference-perf (default: found)")
+    add(
+        "--kvaware-python",
+        default=None,
+        help="Python whose kvaware_scorer runs `kvaware serve` (default: this one; another "
+        "install measures another revision against the same pods)",
+    )
     add("--workdir", type=Path, default=None, help="keep run logs here (default: a temp dir)")
     add("--json", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
