@@ -459,11 +459,14 @@ def loadgen_config(
                 "use_static_model": True,
                 "static_model_name": MODEL,
                 "default_max_tokens": 64,
+                # The 9 recorded sessions, duplicated (unique segments re-randomized, shared
+                # ones kept) so the run lasts and the shared prefixes compete for the cache.
+                "duplicate_sessions_target": 64,
             },
         }
         cfg["load"] = {
             "type": "trace_session_replay",
-            "stages": [{"concurrent_sessions": 4, "timeout": max(1.0, duration)}],
+            "stages": [{"concurrent_sessions": 6, "timeout": max(1.0, duration)}],
             "num_workers": 1,
             "base_seed": seed,
         }
