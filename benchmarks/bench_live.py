@@ -644,6 +644,39 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def format_summary(results: list[Result]) -> str:
+    """Per workload and router over the repeats: the mean and the [min, max] range (the
+    run-to-run noise) of the figures the comparison rests on."""
+    keys = [("TTFT mean", "ttft_mean", 3), ("TTFT p90", "ttft_p90", 3), ("pod hit", "hit", 3)]
+    head = f"{'workload':<14} {'router':<26} {'runs':>4} " + " ".join(
+        f"{k[0] + ' [min, max]':>26}" for k in keys
+    )
+    lines = [head + f" {'CPU ms/req':>10}"]
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.workload, r.router), []).append(r)
+    for (workload, router), runs in groups.items():
+        ok = [r for r in runs if r.ok]
+        row = f"{workload:<14} {router:<26} {len(ok):>4} "
+        cells = []
+        for _, key, digits in keys:
+            vals = [v for r in ok if (v := r.metrics.get(key)) is not None]
+            if not vals:
+                cells.append(f"{'-':>26}")
+                continue
+            mean = sum(vals) / len(vals)
+            text = f"{mean:.{digits}f} [{min(vals):.{digits}f}, {max(vals):.{digits}f}]"
+            cells.append(f"{text:>26}")
+        cpu = [v for r in ok if (v := r.metrics.get("cpu_ms_req")) is not None]
+        cpu_text = f"{sum(cpu) / len(cpu):.1f}" if cpu else "-"
+        lines.append(row + " ".join(cells) + f" {cpu_text:>10}")
+    return "\n".join(lines)
+
+
+def load_results(path: Path) -> list[Result]:
+    return [Result(**row) for row in json.loads(path.read_text())]
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -670,7 +703,14 @@ def main() -> None:
     )
     add("--workdir", type=Path, default=None, help="keep run logs here (default: a temp dir)")
     add("--json", type=Path, default=None, help="write the results as JSON")
+    add("--report", type=Path, default=None, help="print the tables of a --json file and exit")
     args = parser.parse_args()
+    if args.report is not None:
+        done = load_results(args.report)
+        print(format_table(done))
+        print()
+        print(format_summary(done))
+        return
 
     workloads = WORKLOADS if args.workloads == "all" else args.workloads.split(",")
     specs = parse_routers(args.routers)
@@ -733,6 +773,8 @@ def main() -> None:
     results.sort(key=lambda r: (workloads.index(r.workload), r.router, r.repeat))
     print()
     print(format_table(results))
+    print()
+    print(format_summary(results))
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
 
