@@ -24,6 +24,7 @@ BUILTIN_MODULES = (
     "profile",
     "filters",
     "compat",
+    "disagg",
 )
 
 

@@ -54,6 +54,7 @@ from kvaware_scorer.gateway.explainer import explain
 from kvaware_scorer.gateway.metrics import GatewayMetrics
 from kvaware_scorer.gateway.protocol import APIError, ParsedRequest, RequestParser, error_body
 from kvaware_scorer.scheduler import (
+    ROUTING_HEADERS,
     Endpoint,
     ResponseInfo,
     Scheduler,
@@ -729,13 +730,21 @@ class Gateway:
         headers = self._forward_headers(request, sreq)
         failed: set[str] = set()
         self.metrics.overhead.observe(time.perf_counter() - t0)
+        for name in ROUTING_HEADERS:
+            headers.pop(name, None)
         while True:
             target = attempt.result.targets[0]
             url = self._url(target, path)
             try:
                 # NOTE: a redirect is the pod's answer, relayed as is: following it would
-                # contact a host outside the pool.
-                resp = await session.post(url, data=body, headers=headers, allow_redirects=False)
+                # contact a host outside the pool. The scheduler's routing headers (the P/D
+                # prefill pick for the decode pod's sidecar) go with each attempt's own pick.
+                resp = await session.post(
+                    url,
+                    data=body,
+                    headers={**headers, **attempt.result.headers},
+                    allow_redirects=False,
+                )
                 break
             except (
                 aiohttp.ClientConnectorError,

@@ -40,6 +40,10 @@ from kvaware_scorer.scheduler.registry import (
 )
 from kvaware_scorer.scheduler.scrape import MetricsScraper, parse_vllm_metrics
 from kvaware_scorer.scheduler.types import (
+    DATA_PARALLEL_HEADER,
+    ENCODER_HEADER,
+    PREFILL_HEADER,
+    ROUTING_HEADERS,
     Endpoint,
     EndpointMetrics,
     EndpointsListener,
@@ -64,10 +68,14 @@ from kvaware_scorer.scheduler.types import (
 __all__ = [
     "API_VERSION",
     "BLOCK_ENV",
+    "DATA_PARALLEL_HEADER",
     "DEFAULT_METRICS_STALENESS",
     "DEPRECATED_API_VERSION",
+    "ENCODER_HEADER",
     "ENTRY_POINT_GROUP",
     "KINDS",
+    "PREFILL_HEADER",
+    "ROUTING_HEADERS",
     "ConfigErrorGroup",
     "Endpoint",
     "EndpointMetrics",

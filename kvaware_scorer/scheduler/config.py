@@ -570,6 +570,7 @@ class _Loader:
         plugins = self.plugins(raw_plugins)
         self.bind_default_producer(plugins)
         self.check_producer_loops(plugins)
+        self.check_param_refs(plugins)
         ignored = self.ignored_sections(data, plugins)
         profiles = self.profiles(raw_profiles, plugins)
         handler = self.profile_handler(plugins, profiles)
@@ -825,6 +826,19 @@ class _Loader:
                 where,
             )
 
+    def check_param_refs(self, plugins: Mapping[str, PluginConfig]) -> None:
+        """Parameters that name other plugins (`PluginSpec.refs`) name one of the right role."""
+        for p in list(plugins.values()):
+            if not p.spec.refs:
+                continue
+            dumped = p.parameters()
+            for dotted, role in p.spec.refs.items():
+                value: Any = dumped
+                for part in dotted.split("."):
+                    value = value.get(part) if isinstance(value, Mapping) else None
+                if isinstance(value, str) and value:
+                    self.check_ref(value, role, f"{p.path}.parameters.{dotted}", plugins)
+
     def check_producer_loops(self, plugins: Mapping[str, PluginConfig]) -> None:
         """``prefixMatchInfoProducerName`` references must not form a loop."""
         reported: set[str] = set()
@@ -1066,6 +1080,8 @@ class _Loader:
                         f"plugin {p.name!r} is in no profile; only its request hooks run", p.path
                     )
                 continue
+            if not p.kinds & set(_PROFILE_SLOTS):
+                continue  # a decider, parser, policy...: referenced elsewhere, not by profiles
             self.warn(f"plugin {p.name!r} is defined but used by no profile", p.path)
 
 

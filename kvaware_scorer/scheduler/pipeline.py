@@ -297,6 +297,7 @@ class Scheduler:
         ctx = SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
         results: dict[str, ProfileResult] = {}
         errors: dict[str, str] = {}
+        failed: dict[str, NoEndpointError] = {}
         handler = self._handler
         for _ in range(len(self._profiles) + 1):
             names = handler.pick_profiles(ctx, request, self._views, results)
@@ -308,15 +309,25 @@ class Scheduler:
                 prof = self._profiles.get(name)
                 if prof is None:
                     raise ConfigError(f"profile handler chose an unknown profile {name!r}")
-                results[name] = self._run_profile(prof, ctx, request, eps, errors)
+                try:
+                    results[name] = self._run_profile(prof, ctx, request, eps, errors)
+                except NoEndpointError as exc:
+                    # NOTE: as upstream, a profile that finds no endpoint leaves an empty result
+                    # and the handler decides (P/D goes on decode-only without prefill pods).
+                    failed[name] = exc
+                    results[name] = ProfileResult(name, [], [], {}, {}, {})
         if not results:
             self.sched_metrics.no_endpoint.labels("handler").inc()
             raise NoEndpointError("the profile handler ran no profile")
         primary = handler.process_results(ctx, request, results)
+        if primary in failed:
+            raise failed[primary]
         if primary not in results:
             raise ConfigError(
                 f"profile handler chose a primary profile that did not run: {primary!r}"
             )
+        for name in failed:
+            del results[name]
         pr = results[primary]
         result = SchedulingResult(
             targets=pr.targets,
@@ -328,6 +339,7 @@ class Scheduler:
             profile_results=results,
             errors=errors,
             dry_run=dry_run,
+            failed_profiles={name: str(exc) for name, exc in failed.items()},
         )
         if dry_run:
             return result

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from kvaware_scorer.scheduler.pipeline import Scheduler
 
 __all__ = [
+    "DATA_PARALLEL_HEADER",
+    "ENCODER_HEADER",
+    "PREFILL_HEADER",
+    "ROUTING_HEADERS",
     "Endpoint",
     "EndpointMetrics",
     "EndpointsListener",
@@ -37,6 +41,17 @@ __all__ = [
     "ScoredEndpoint",
     "Scorer",
 ]
+
+
+#: Header naming the prefill pod (``ip:port``) for the decode pod's sidecar (llm-d P/D).
+PREFILL_HEADER = "x-prefiller-host-port"
+#: Header naming the encode pods (comma-separated ``ip:port``) (llm-d E/P/D).
+ENCODER_HEADER = "x-encoder-hosts-ports"
+#: Header naming the decode target when ``pd-profile-handler``'s ``primaryPort`` is set.
+DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
+#: Routing headers only the scheduler sets (`SchedulingResult.headers`); a client's own values
+#: are never passed on, or a client could point a sidecar at any host.
+ROUTING_HEADERS = frozenset({PREFILL_HEADER, ENCODER_HEADER, DATA_PARALLEL_HEADER})
 
 
 @dataclass(slots=True)
@@ -211,6 +226,11 @@ class SchedulingResult:
         profile_results: Every profile that ran, by name.
         errors: Scorer plugin name -> the error it raised (it then scored 0 everywhere).
         dry_run: Whether this was an explanation only (no pre-request hook ran).
+        headers: Request headers the pre-request hooks want sent to the primary target, e.g.
+            ``x-prefiller-host-port: <ip:port>`` of the prefill pick for the decode pod's
+            sidecar under P/D (as upstream sets them); the gateway and the EPP send them.
+        failed_profiles: Profiles that ran and found no endpoint -> why (a multi-profile
+            handler may go on without them, as upstream drops a failed profile's result).
     """
 
     targets: list[Endpoint]
@@ -222,11 +242,19 @@ class SchedulingResult:
     profile_results: dict[str, ProfileResult] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    failed_profiles: dict[str, str] = field(default_factory=dict)
 
     @property
     def target(self) -> Endpoint:
         """The first chosen endpoint."""
         return self.targets[0]
+
+    def profile_target(self, profile: str) -> Endpoint | None:
+        """The first pick of `profile` (e.g. ``prefill`` under P/D), None when it did not run
+        or found no endpoint."""
+        pr = self.profile_results.get(profile)
+        return pr.targets[0] if pr is not None and pr.targets else None
 
 
 @dataclass
