@@ -25,6 +25,7 @@ BUILTIN_MODULES = (
     "filters",
     "compat",
     "disagg",
+    "affinity",
 )
 
 

@@ -36,7 +36,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -823,7 +823,7 @@ class Gateway:
         info.error = None
         if resp.content_type == "text/event-stream":
             return await self._relay_stream(request, resp, target, info, attempt)
-        return await self._relay_body(resp, target, info)
+        return await self._relay_body(resp, target, info, attempt.result.response_headers)
 
     def _abandoned(
         self, sreq: SchedulingRequest, decision: asyncio.Future[SchedulingResult]
@@ -861,7 +861,12 @@ class Gateway:
         out.setdefault("x-request-id", sreq.request_id)
         return out
 
-    def _response_headers(self, resp: aiohttp.ClientResponse, target: Endpoint) -> CIMultiDict[str]:
+    def _response_headers(
+        self,
+        resp: aiohttp.ClientResponse,
+        target: Endpoint,
+        extra: Mapping[str, str] | None = None,
+    ) -> CIMultiDict[str]:
         out: CIMultiDict[str] = CIMultiDict()
         drop: frozenset[str] | set[str] = _DROP_RESPONSE
         conn = resp.headers.get("connection")
@@ -872,6 +877,9 @@ class Gateway:
                 out.add(k, v)
         if self.config.endpoint_header:
             out["x-kvaware-endpoint"] = target.id
+        # NOTE: headers the scheduler's plugins set for the client (a session token).
+        for k, v in (extra or {}).items():
+            out[k] = v
         return out
 
     def _usage(self, info: ResponseInfo, usage: _Usage) -> None:
@@ -900,7 +908,11 @@ class Gateway:
         return found
 
     async def _relay_body(
-        self, resp: aiohttp.ClientResponse, target: Endpoint, info: ResponseInfo
+        self,
+        resp: aiohttp.ClientResponse,
+        target: Endpoint,
+        info: ResponseInfo,
+        extra: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
         try:
             data = await resp.read()
@@ -934,7 +946,7 @@ class Gateway:
             if env is not None and env.usage is not None:
                 self._usage(info, env.usage)
         return web.Response(
-            body=data, status=resp.status, headers=self._response_headers(resp, target)
+            body=data, status=resp.status, headers=self._response_headers(resp, target, extra)
         )
 
     async def _relay_stream(
@@ -945,7 +957,10 @@ class Gateway:
         info: ResponseInfo,
         attempt: _Attempt,
     ) -> web.StreamResponse:
-        out = web.StreamResponse(status=resp.status, headers=self._response_headers(resp, target))
+        out = web.StreamResponse(
+            status=resp.status,
+            headers=self._response_headers(resp, target, attempt.result.response_headers),
+        )
         content = resp.content
         held = b""  # an incomplete trailing event, relayed once its end arrives
         done = False  # data: [DONE] seen

@@ -65,6 +65,11 @@ class EndpointMetrics:
         cache_block_size: Tokens per KV block (``vllm:cache_config_info{block_size}``).
         cache_num_blocks: GPU KV blocks (``vllm:cache_config_info{num_gpu_blocks}``).
         update_time: Scheduler-clock time of the last successful scrape or update; 0 = never.
+        active_models: LoRA adapters running (``vllm:lora_requests_info{running_lora_adapters}``).
+        waiting_models: LoRA adapters waiting (``…{waiting_lora_adapters}``).
+        max_active_models: Adapters the pod can hold at once (``…{max_lora}``); 0 = unknown.
+        attributes: Further scalar endpoint attributes by name (read by
+            ``endpoint-attribute-filter`` / ``-scorer``), set by an in-process driver.
     """
 
     waiting_queue_size: int = 0
@@ -73,6 +78,10 @@ class EndpointMetrics:
     cache_block_size: int | None = None
     cache_num_blocks: int | None = None
     update_time: float = 0.0
+    active_models: frozenset[str] = frozenset()
+    waiting_models: frozenset[str] = frozenset()
+    max_active_models: int = 0
+    attributes: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -231,6 +240,8 @@ class SchedulingResult:
             sidecar under P/D (as upstream sets them); the gateway and the EPP send them.
         failed_profiles: Profiles that ran and found no endpoint -> why (a multi-profile
             handler may go on without them, as upstream drops a failed profile's result).
+        response_headers: Headers the pre-request hooks want sent back to the client (e.g.
+            ``session-affinity-scorer``'s session token); the gateway adds them.
     """
 
     targets: list[Endpoint]
@@ -244,6 +255,7 @@ class SchedulingResult:
     dry_run: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     failed_profiles: dict[str, str] = field(default_factory=dict)
+    response_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def target(self) -> Endpoint:
