@@ -26,6 +26,7 @@ BUILTIN_MODULES = (
     "compat",
     "disagg",
     "affinity",
+    "latency",
 )
 
 

@@ -37,12 +37,7 @@ from kvaware_scorer.scheduler import (
     SchedulingRequest,
     SchedulingResult,
 )
-from kvaware_scorer.scheduler.matchinfo import (
-    DEFAULT_PRODUCER,
-    MatchInfoProducer,
-    match_sources,
-    producer,
-)
+from kvaware_scorer.scheduler.matchinfo import MatchInfoProducer, find_prefix_source
 
 __all__ = [
     "DATA_PARALLEL_HEADER",
@@ -163,24 +158,13 @@ class PrefixBasedPDDecider:
         self._resolved = False
 
     def _producer(self, ctx: SchedulingContext) -> MatchInfoProducer | None:
-        if self._resolved:
-            return self._source
-        self._resolved = True
-        sched = ctx.scheduler or self._scheduler
-        if sched is None:
-            return None
-        name = self.producer_name
-        if not name and DEFAULT_PRODUCER in sched.plugins:
-            name = DEFAULT_PRODUCER
-        if not name:
-            sources = sorted(set(match_sources(sched.config).values()))
-            name = sources[0] if len(sources) == 1 else None
-        if name:
-            self._source = producer(sched.plugins, name, self.name)
-        else:
-            logger.warning(
-                "%s: no prefix plugin to read; every prompt counts as uncached", self.name
-            )
+        if not self._resolved:
+            self._resolved = True
+            sched = ctx.scheduler or self._scheduler
+            if sched is not None:
+                self._source = find_prefix_source(
+                    sched.plugins, sched.config, self.producer_name, self.name
+                )
         return self._source
 
     def disaggregate(

@@ -47,7 +47,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvaware_scorer.errors import NoEndpointError
+from kvaware_scorer.errors import NoEndpointError, RequestRejectedError
 from kvaware_scorer.gateway.catalog import ModelCatalog, Resolution
 from kvaware_scorer.gateway.config import GatewayConfig
 from kvaware_scorer.gateway.explainer import explain
@@ -673,6 +673,12 @@ class Gateway:
         except asyncio.CancelledError:
             decision.add_done_callback(functools.partial(self._abandoned, sreq))
             raise
+        except RequestRejectedError as exc:
+            # NOTE: shed by admission or flow control (upstream answers 429, or 503 when no
+            # endpoint exists).
+            return self._error(
+                route, APIError(exc.status, f"Request rejected: {exc}", code="rejected"), t0
+            )
         except NoEndpointError as exc:
             return self._error(
                 route,

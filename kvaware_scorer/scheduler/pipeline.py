@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 from prometheus_client import CollectorRegistry
 
-from kvaware_scorer.errors import ConfigError, KVAwareError, NoEndpointError
+from kvaware_scorer.errors import ConfigError, KVAwareError, NoEndpointError, RequestRejectedError
 from kvaware_scorer.metrics import Metrics
 from kvaware_scorer.scheduler.config import SchedulerConfig, load_config
 from kvaware_scorer.scheduler.manager import Hooks, make_plugin_manager
@@ -160,6 +160,7 @@ class Scheduler:
         self._handler: ProfileHandler = self._plugins[config.profile_handler]  # type: ignore[assignment]
         self._pre_request: list[tuple[str, PreRequest]] = self._with_kind("pre-request")  # type: ignore[assignment]
         self._post_response: list[tuple[str, PostResponse]] = self._with_kind("post-response")  # type: ignore[assignment]
+        self._admitters: list[tuple[str, Any]] = self._with_kind("admitter")
         self._lifecycle: list[Lifecycle] = self._capable(Lifecycle)
         self._listeners: list[EndpointsListener] = self._capable(EndpointsListener)
         self._sinks: list[KVEventSink] = self._capable(KVEventSink)
@@ -295,6 +296,12 @@ class Scheduler:
             self.sched_metrics.no_endpoint.labels("input").inc()
             raise NoEndpointError("no endpoints to schedule on")
         ctx = SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
+        for name, admitter in self._admitters:
+            reason = admitter.admit(ctx, request, eps)
+            if reason:
+                # NOTE: upstream's admission plugins shed before scheduling (429).
+                self.sched_metrics.no_endpoint.labels("admission").inc()
+                raise RequestRejectedError(f"{name}: {reason}", 429)
         results: dict[str, ProfileResult] = {}
         errors: dict[str, str] = {}
         failed: dict[str, NoEndpointError] = {}

@@ -153,6 +153,8 @@ class SchedulingRequest:
         chat: Chat rendering options (``chat_template``, ``chat_template_kwargs``, ``tools``...).
         state: Per-request scratch space shared by plugins between scheduling and the response
             (keyed by plugin name by convention).
+        priority: Upstream's objective priority: < 0 is sheddable (admission may turn it away),
+            higher is served first by flow control.
     """
 
     request_id: str
@@ -165,6 +167,7 @@ class SchedulingRequest:
     headers: dict[str, str] = field(default_factory=dict)
     chat: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict, repr=False)
+    priority: int = 0
     _tokens: list[int] | None = field(default=None, init=False, repr=False)
     _tokens_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
