@@ -27,6 +27,7 @@ BUILTIN_MODULES = (
     "disagg",
     "affinity",
     "latency",
+    "flowcontrol",
 )
 
 

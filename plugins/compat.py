@@ -9,7 +9,6 @@ EndpointPickerConfig files load: they are validated loosely and do nothing (a wa
 * ``inflight-load-producer``: ``active-request-scorer`` counts in-flight requests itself.
 * ``openai-parser``, ``anthropic-parser``, ``vllmhttp-parser``, ``passthrough-parser``: request
   parsing is the gateway's.
-* ``utilization-detector``: no saturation detection / flow control here.
 """
 
 from __future__ import annotations
@@ -35,7 +34,6 @@ INERT_TYPES: Mapping[str, str] = MappingProxyType(
         "anthropic-parser": "request parsing is done by the gateway",
         "vllmhttp-parser": "request parsing is done by the gateway",
         "passthrough-parser": "request parsing is done by the gateway",
-        "utilization-detector": "no saturation detection here",
     }
 )
 

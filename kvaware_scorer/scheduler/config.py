@@ -73,6 +73,9 @@ _IGNORED_SECTIONS = (
     "saturationDetector",
     "parser",
 )
+#: Sections that configure flow control (`kvaware_scorer.scheduler.flowcontrol`): used, kept
+#: in `SchedulerConfig.ignored` for its builder.
+_FLOW_SECTIONS = ("flowControl", "saturationDetector")
 _TOP_KEYS = ("apiVersion", "kind", "plugins", "schedulingProfiles", *_IGNORED_SECTIONS)
 
 
@@ -783,7 +786,8 @@ class _Loader:
             for ref, role, where in refs:
                 self.check_ref(ref, role, where, plugins)
             ignored[key] = value
-            self.warn(f"section {key!r} is accepted for compatibility and ignored here", key)
+            if key not in _FLOW_SECTIONS:
+                self.warn(f"section {key!r} is accepted for compatibility and ignored here", key)
         return ignored
 
     def section_shape(self, key: str, value: Any) -> BaseModel | None:

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from kvaware_scorer.errors import ConfigError, KVAwareError, NoEndpointError, RequestRejectedError
 from kvaware_scorer.metrics import Metrics
 from kvaware_scorer.scheduler.config import SchedulerConfig, load_config
+from kvaware_scorer.scheduler.flowcontrol import FlowController, build_flow_controller
 from kvaware_scorer.scheduler.manager import Hooks, make_plugin_manager
 from kvaware_scorer.scheduler.metrics import SchedulerMetrics
 from kvaware_scorer.scheduler.registry import KINDS, PluginContext, PluginRegistry
@@ -161,12 +162,28 @@ class Scheduler:
         self._pre_request: list[tuple[str, PreRequest]] = self._with_kind("pre-request")  # type: ignore[assignment]
         self._post_response: list[tuple[str, PostResponse]] = self._with_kind("post-response")  # type: ignore[assignment]
         self._admitters: list[tuple[str, Any]] = self._with_kind("admitter")
+        self.flow: FlowController | None = build_flow_controller(
+            config, self._plugins, lambda: self._endpoints, self.context, self._make_default
+        )
         self._lifecycle: list[Lifecycle] = self._capable(Lifecycle)
         self._listeners: list[EndpointsListener] = self._capable(EndpointsListener)
         self._sinks: list[KVEventSink] = self._capable(KVEventSink)
         self._preparers: list[RequestPreparer] = self._capable(RequestPreparer)
         self._blocking = any(getattr(obj, "blocking_io", False) for obj in self._plugins.values())
         hooks.scheduler_created(self)
+
+    def _make_default(self, type_name: str, params: Mapping[str, Any]) -> object:
+        """A plugin of `type_name` the configuration did not list (a default of a section)."""
+        spec, _ = self.registry.resolve(type_name)
+        ctx = PluginContext(
+            name=type_name,
+            type=spec.type,
+            clock=self.clock,
+            rng=_plugin_rng(self.seed, type_name),
+            metrics=self.metrics,
+            scheduler=self,
+        )
+        return spec.factory(spec.params.model_validate(dict(params)), ctx)
 
     def _with_kind(self, kind: str) -> list[tuple[str, object]]:
         return [
@@ -430,6 +447,9 @@ class Scheduler:
             dry_run: As in `schedule`.
         """
         loop = asyncio.get_running_loop()
+        if self.flow is not None and not dry_run:
+            # NOTE: flow control: wait for a turn while the pool is saturated, or be shed.
+            await self.flow.wait_turn(request)
         if self._blocking:
             return await loop.run_in_executor(
                 self._pool(), self._prepare_and_schedule, request, endpoints, dry_run
