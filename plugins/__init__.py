@@ -28,6 +28,7 @@ BUILTIN_MODULES = (
     "affinity",
     "latency",
     "flowcontrol",
+    "parsers",
 )
 
 
