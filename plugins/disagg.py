@@ -390,7 +390,13 @@ class PdProfileHandlerParams(ConfigModel):
     Attributes:
         decode_profile: The decode profile's name.
         prefill_profile: The prefill profile's name.
-        decider_plugin_name: The decider (must be configured).
+        decider_plugin_name: The decider; default ``prefix-based-pd-decider`` when one is
+            configured, else the handler's older built-in rule (`threshold`).
+        threshold: Older built-in rule (before deciders): 0 runs prefill for every request;
+            > 0 runs it when the uncached part of the prompt is at least this many characters
+            (uncached tokens x 4 here; upstream counted prompt characters).
+        hash_block_size: Older built-in rule: accepted (block sizes come from the prefix
+            plugin here).
         primary_port: Deprecated: when set, ``x-data-parallel-host-port`` names the decode pick
             (the request itself still goes to the pick's own port here).
         prefix_plugin_type: Deprecated, ignored.
@@ -400,7 +406,9 @@ class PdProfileHandlerParams(ConfigModel):
 
     decode_profile: str = "decode"
     prefill_profile: str = "prefill"
-    decider_plugin_name: str = "prefix-based-pd-decider"
+    decider_plugin_name: str | None = None
+    threshold: int = Field(0, ge=0)
+    hash_block_size: int | None = Field(None, ge=1)
     primary_port: int = Field(0, ge=0, le=65535)
     prefix_plugin_type: str | None = None
     prefix_plugin_name: str | None = None
@@ -415,8 +423,25 @@ class PdProfileHandler:
         self.decode = params.decode_profile
         self.prefill = params.prefill_profile
         self.decider_name = params.decider_plugin_name
+        self.threshold = params.threshold
         self.primary_port = params.primary_port
         self._stages = _Stages(ctx)
+        self._scheduler = ctx.scheduler
+        self._legacy: PrefixBasedPDDecider | None = None
+
+    def _decider(self, ctx: SchedulingContext) -> Decider | None:
+        name = self.decider_name
+        sched = ctx.scheduler or self._scheduler
+        if name is None and sched is not None and "prefix-based-pd-decider" in sched.plugins:
+            name = "prefix-based-pd-decider"
+        if name is not None:
+            return self._stages.decider(ctx, name)
+        if self._legacy is None:
+            # NOTE: the handler's older built-in rule: threshold 0 always disaggregates.
+            params = PrefixBasedPDParams(non_cached_tokens=-(-self.threshold // 4))
+            plugin_ctx = PluginContext(name=self.name, type="pd-profile-handler", scheduler=sched)
+            self._legacy = PrefixBasedPDDecider(params, plugin_ctx)
+        return self._legacy if self.threshold else _ALWAYS
 
     def pick_profiles(
         self,
@@ -430,7 +455,7 @@ class PdProfileHandler:
         decoded = results[self.decode].targets
         if len(profiles) == len(results) or not decoded or self.prefill in results:
             return []
-        d = self._stages.decider(ctx, self.decider_name)
+        d = self._decider(ctx)
         if d is not None and d.disaggregate(ctx, request, decoded[0]):
             return [self.prefill]
         return []
@@ -453,8 +478,23 @@ class PdProfileHandler:
             result.headers[DATA_PARALLEL_HEADER] = _host_port(result.targets[0])
 
 
+class _Always:
+    def disaggregate(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoint: Endpoint | None
+    ) -> bool:
+        return True
+
+
+_ALWAYS = _Always()
+
+
 def _pd_legacy(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     warnings = ["pd-profile-handler is deprecated upstream; use disagg-profile-handler"]
+    if "threshold" in params or "hashBlockSize" in params:
+        warnings.append(
+            "threshold / hashBlockSize are pd-profile-handler's older built-in rule (before "
+            "deciders); used when no decider is named"
+        )
     if params.get("primaryPort"):
         warnings.append(
             "primaryPort is deprecated upstream (not needed with Istio >= 1.28.1): only the "

@@ -350,7 +350,7 @@ class _LegacySaturation(_Shape):
 
 
 class _PriorityBand(_Shape):
-    priority: int
+    priority: int = 0
     priorityName: str | None = None
     maxBytes: int | str | None = None
     maxRequests: int | str | None = None

@@ -287,3 +287,17 @@ def test_role_filters(filter_type: str, kept: set[str | None]) -> None:
     flt = s.plugin(filter_type)
     out = flt.filter(s.context(), req("a"), eps)
     assert {e.labels.get(ROLE) for e in out} == kept
+
+
+@pytest.mark.parametrize(
+    ("params", "expect"),
+    [({}, True), ({"threshold": 10, "hashBlockSize": 5}, True), ({"threshold": 100000}, False)],
+)
+def test_pd_profile_handler_older_built_in_rule(params: dict[str, Any], expect: bool) -> None:
+    """Older pd-profile-handler configs (no decider; threshold / hashBlockSize) load: threshold 0
+    always disaggregates, a threshold beyond the prompt never does."""
+    cfg = pd_config(
+        {"type": "pd-profile-handler", "parameters": params}, {"type": "prefill-header-handler"}
+    )
+    r = build(cfg, seed=0).schedule(req("a", 256), fleet())
+    assert ("x-prefiller-host-port" in r.headers) is expect
