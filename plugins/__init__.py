@@ -29,6 +29,7 @@ BUILTIN_MODULES = (
     "latency",
     "flowcontrol",
     "parsers",
+    "burst",
 )
 
 

@@ -476,8 +476,10 @@ class Scheduler:
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._executor is None:
+                # NOTE: a plugin that waits while scheduling (a batch window) asks for more.
+                wanted = [getattr(p, "min_workers", 0) for p in self._plugins.values()]
                 self._executor = ThreadPoolExecutor(
-                    max_workers=4, thread_name_prefix="kvaware-prepare"
+                    max_workers=max([4, *wanted]), thread_name_prefix="kvaware-prepare"
                 )
             return self._executor
 
