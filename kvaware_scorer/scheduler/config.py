@@ -261,14 +261,10 @@ class SchedulerConfig:
                 entry["parameters"] = params
             out["plugins"].append(entry)
         out["schedulingProfiles"] = [
-            {
-                "name": prof.name,
-                "plugins": [{"pluginRef": f} for f in prof.filters]
-                + [{"pluginRef": s.name, "weight": s.weight} for s in prof.scorers]
-                + [{"pluginRef": prof.picker}],
-            }
-            for prof in self.profiles.values()
+            {"name": prof.name, "plugins": _profile_refs(prof)} for prof in self.profiles.values()
         ]
+        # NOTE: the upstream sections as given (flow control is configured there).
+        out.update(self.ignored)
         return out
 
     def describe(self) -> str:
@@ -302,6 +298,19 @@ class SchedulerConfig:
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
+
+
+def _profile_refs(prof: ProfileConfig) -> list[dict[str, Any]]:
+    """A profile's ``plugins`` list; a plugin that is a filter and a scorer is listed once (it
+    plays both roles), with its weight."""
+    weights = {s.name: s.weight for s in prof.scorers}
+    refs: list[dict[str, Any]] = []
+    for f in prof.filters:
+        refs.append(
+            {"pluginRef": f, "weight": weights.pop(f)} if f in weights else {"pluginRef": f}
+        )
+    refs += [{"pluginRef": name, "weight": w} for name, w in weights.items()]
+    return [*refs, {"pluginRef": prof.picker}]
 
 
 # -- shape models of the ignored upstream sections ------------------------------------------------

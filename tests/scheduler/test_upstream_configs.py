@@ -397,6 +397,19 @@ def test_corpus_validates_and_names_every_no_op(
         assert any(inert in line and "does nothing" in line for line in out.splitlines()), inert
 
 
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
+def test_corpus_resolved_yaml_loads_back(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The resolved form of each corpus file (every default written out) validates again."""
+    from kvaware_scorer.cli import main
+
+    assert main(["validate", "--resolved-yaml", str(path)]) == 0
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(capsys.readouterr().out)
+    assert main(["validate", str(resolved)]) == 0, capsys.readouterr().err
+
+
 def role_fleet() -> list[Endpoint]:
     roles = ["decode", "decode", "prefill", "prefill", "encode"]
     return [
@@ -444,3 +457,12 @@ def test_corpus_semantics(registry: PluginRegistry) -> None:
     assert sim.parameters()["kvBlockIndexConfig"]["metricsLoggingInterval"] == 60.0
     older = corpus("kv-cache-older-index.yaml", registry).plugins["precise-prefix-cache-scorer"]
     assert older.parameters()["tokenProcessorConfig"]["blockSize"] == 64
+
+
+def test_resolved_yaml_keeps_flow_control(registry: PluginRegistry) -> None:
+    """The resolved form keeps the upstream sections (flowControl configures flow control)."""
+    cfg = corpus("probabilistic-admitter.yaml", registry)
+    again = load_config(cfg.to_dict(), registry)
+    assert again.ignored["flowControl"] == {
+        "saturationDetector": {"pluginRef": "utilization-detector"}
+    }
