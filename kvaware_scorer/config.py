@@ -10,8 +10,8 @@ pydantic's raw ``ValidationError``.
 
 from __future__ import annotations
 
-import logging
 import contextvars
+import logging
 from collections.abc import Mapping
 from typing import Any, Literal, Self, TypeVar
 
@@ -276,6 +276,15 @@ class KVBlockIndexConfig(ConfigModel):
     backend_config: IndexBackendConfig | None = None
     enable_metrics: bool = True
     metrics_logging_interval: float = Field(0.0, ge=0)
+
+    @field_validator("metrics_logging_interval", mode="before")
+    @classmethod
+    def _go_duration(cls, value: Any) -> Any:
+        # NOTE: upstream's field is a Go time.Duration, an integer of nanoseconds in JSON
+        # (60000000000 = 1 min); seconds here. An integer >= 1e6 can only mean nanoseconds.
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1_000_000:
+            return value / 1e9
+        return value
 
     @model_validator(mode="before")
     @classmethod

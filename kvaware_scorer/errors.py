@@ -15,6 +15,7 @@ __all__ = [
     "KVAwareError",
     "KeyDerivationError",
     "NoEndpointError",
+    "RequestRejectedError",
     "TokenizerNotFoundError",
 ]
 
@@ -96,3 +97,12 @@ class TokenizerNotFoundError(KVAwareError, LookupError):
 
 class NoEndpointError(KVAwareError):
     """Scheduling found no endpoint (a filter left none, or none were given)."""
+
+
+class RequestRejectedError(NoEndpointError):
+    """Admission or flow control turned the request away (shed); `status` is the HTTP status
+    a front door answers with (429 when shed for load or SLO, 503 when no endpoint exists)."""
+
+    def __init__(self, message: str, status: int = 429) -> None:
+        super().__init__(message)
+        self.status = status

@@ -24,8 +24,14 @@ BUILTIN_MODULES = (
     "profile",
     "filters",
     "compat",
-    "predicted_ttft",
+    "disagg",
     "affinity",
+    "latency",
+    "flowcontrol",
+    "parsers",
+    "burst",
+    "predicted_ttft",
+    "prefix_affinity",
 )
 
 

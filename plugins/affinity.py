@@ -1,364 +1,595 @@
-"""Upstream's threshold-style routing tools: ``prefix-cache-affinity-filter`` and
-``token-load-scorer`` (llm-d's "sticky until saturated" optimized baseline).
-
-* ``prefix-cache-affinity-filter`` keeps only the *sticky* candidates, those holding at least
-  ``affinityThreshold`` of the prompt's blocks (a prefix producer's match info), unless the best
-  sticky one is overloaded: when its TTFT exceeds the best other candidate's by more than
-  ``maxTTFTPenaltyMs`` every candidate is kept. TTFT is ``in-flight tokens /
-  peakPrefillThroughput`` (``ttftSource: prefillThroughput``) or a latency predictor's
-  prediction (``ttftSource: latencyPredictor``: a configured ``predicted-ttft-scorer``).
-* ``token-load-scorer``: ``1 - min(1, (in-flight tokens + this request's uncached tokens) /
-  queueThresholdTokens)``; 1.0 when the sum is 0.
-
-In-flight tokens are the uncached prompt tokens of the requests each plugin saw scheduled and
-not yet answered (its own `InFlightLedger`: upstream's ``inflight-load-producer`` is accepted
-as a no-op, see ``compat.py``).
-"""
+"""Affinity scorers and attribute filters of upstream llm-d: ``lora-affinity-scorer``,
+``session-affinity-scorer``, ``context-length-aware``, ``header-label-affinity-scorer``,
+``endpoint-attribute-filter`` and ``endpoint-attribute-scorer``."""
 
 from __future__ import annotations
 
-import logging
+import base64
+import binascii
+import math
 import threading
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kvaware_scorer.config import ConfigModel
-from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.scheduler import (
     Endpoint,
     PluginContext,
     PluginRegistry,
-    ResponseInfo,
     SchedulingContext,
     SchedulingRequest,
     SchedulingResult,
 )
-from kvaware_scorer.scheduler.inflight import (
-    InFlight,
-    InFlightLedger,
-    read_match_info,
-    uncached_tokens,
-)
-from kvaware_scorer.scheduler.matchinfo import (
-    MatchInfo,
-    MatchInfoProducer,
-    default_source,
-    producer,
-)
 
 __all__ = [
-    "AffinityFilterParams",
-    "PrefixCacheAffinityFilter",
-    "TokenLoadParams",
-    "TokenLoadScorer",
+    "ContextLengthAware",
+    "EndpointAttributeFilter",
+    "EndpointAttributeScorer",
+    "HeaderLabelAffinityScorer",
+    "LoraAffinityScorer",
+    "SessionAffinityScorer",
+    "endpoint_attribute",
     "register",
 ]
 
-logger = logging.getLogger(__name__)
+#: Default label of ``context-length-aware``: ``"<min>-<max>"`` tokens a pod is meant for.
+CONTEXT_LENGTH_LABEL = "llm-d.ai/context-length-range"
+#: Header carrying the base64 endpoint id (``encoded_endpoint_header`` strategy).
+SESSION_TOKEN_HEADER = "x-session-token"
+#: Header carrying a session id (``session_id`` strategy).
+SESSION_ID_HEADER = "x-session-id"
 
-#: Upstream's default normalisation of ``token-load-scorer``: 128 requests of 32k tokens.
-DEFAULT_QUEUE_THRESHOLD_TOKENS = 4_194_304
-#: Upstream's default peak prefill rate (Qwen3-32B on 2 x H100, TP=2).
-DEFAULT_PEAK_PREFILL_THROUGHPUT = 15928.0
+#: Endpoint attributes read from `EndpointMetrics` fields (upstream's core metric names).
+_METRIC_ATTRIBUTES = {
+    "WaitingQueueSize": "waiting_queue_size",
+    "RunningRequestsSize": "running_requests_size",
+    "KVCacheUsagePercent": "kv_cache_usage_percent",
+    "CacheBlockSize": "cache_block_size",
+    "CacheNumBlocks": "cache_num_blocks",
+    "MaxActiveModels": "max_active_models",
+}
 
 
-class _Tracked:
-    """Shared part: an own in-flight ledger fed by the request lifecycle, and the prefix
-    producer whose match info says which prompt tokens a candidate holds."""
+def endpoint_attribute(ctx: SchedulingContext, endpoint: Endpoint, name: str) -> float | None:
+    """A scalar attribute of `endpoint`: its metrics' ``attributes[name]``, else the core metric
+    of that name (``WaitingQueueSize``, ``KVCacheUsagePercent``...); None when unknown or stale."""
+    m = ctx.metrics(endpoint)
+    if m is None:
+        return None
+    value = m.attributes.get(name)
+    if value is None:
+        field_name = _METRIC_ATTRIBUTES.get(name)
+        raw = getattr(m, field_name) if field_name else None
+        value = float(raw) if isinstance(raw, int | float) else None
+    return value if value is not None and math.isfinite(value) else None
 
-    name: str
 
-    def _setup(self, ctx: PluginContext, producer_name: str | None) -> None:
+def _prompt_tokens(request: SchedulingRequest) -> int:
+    """Prompt length in tokens when known (token ids given or already tokenized), else 0."""
+    return len(request.tokens(list)) if request.has_tokens else 0
+
+
+# -- lora-affinity-scorer -----------------------------------------------------------------------
+
+
+class LoraAffinityScorer:
+    """``lora-affinity-scorer``: 1.0 where the request's adapter is running, 0.8 where a slot is
+    free to load it, 0.6 where it is waiting, else 0 (unknown metrics: 0)."""
+
+    def __init__(self, params: object, ctx: PluginContext) -> None:
         self.name = ctx.name
-        self._scheduler = ctx.scheduler
-        self._producer_name = producer_name
-        self._source: MatchInfoProducer | None = None
-        self._resolved = False
-        self._lock = threading.Lock()
-        self.ledger = InFlightLedger()
-        self._key = ctx.name + ":inflight"
-
-    def _producer(self, ctx: SchedulingContext) -> MatchInfoProducer | None:
-        if not self._resolved:
-            with self._lock:
-                sched = ctx.scheduler or self._scheduler
-                if sched is not None:
-                    name = self._producer_name or default_source(sched.config, self.name)
-                    if name is not None:
-                        self._source = producer(sched.plugins, name, self.name)
-                elif self._producer_name:
-                    raise ConfigError(
-                        "no scheduler to find the producer in", "prefixMatchInfoProducerName"
-                    )
-                self._resolved = True
-        return self._source
-
-    def _match(
-        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
-    ) -> MatchInfo | None:
-        return read_match_info(self._producer(ctx), ctx, request, endpoints)
-
-    def _uncached(
-        self,
-        ctx: SchedulingContext,
-        request: SchedulingRequest,
-        endpoints: Sequence[Endpoint],
-        info: MatchInfo | None = None,
-    ) -> dict[str, int]:
-        """Endpoint id -> prompt tokens it would compute, kept on the request for
-        `pre_request`.
-
-        NOTE: computed while scheduling, not after the pick: by then a producer's own
-        pre-request hook may already have recorded the request for its target.
-        """
-        if info is None:
-            info = self._match(ctx, request, endpoints)
-        _, uncached = uncached_tokens(request, info, endpoints)
-        request.state[self._key + ":uncached"] = uncached
-        return uncached
-
-    def pre_request(
-        self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
-    ) -> None:
-        """Count the request's uncached prompt tokens against its target."""
-        old = request.state.pop(self._key, None)
-        if old is not None:
-            self.ledger.release(old)
-        target = result.targets[0]
-        uncached = request.state.pop(self._key + ":uncached", None)
-        if uncached is None or target.id not in uncached:
-            uncached = self._uncached(ctx, request, [target])
-        own = uncached[target.id]
-        request.state[self._key] = self.ledger.admit(
-            InFlight(pod=target.id, prefill=own, prompt=own, output=0, start=ctx.now)
-        )
-
-    def post_response(
-        self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
-    ) -> None:
-        """Release the request's tokens."""
-        key = request.state.pop(self._key, None)
-        if key is not None:
-            self.ledger.release(key)
-
-    def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
-        """Forget pods that left the pool."""
-        if removed:
-            self.ledger.forget_pods([e.id for e in removed])
-
-    def in_flight_tokens(self, pod: str) -> int:
-        """Uncached prompt tokens of the requests in flight on `pod`."""
-        return self.ledger.load(pod).tokens
-
-
-# -- token-load-scorer ----------------------------------------------------------------------------
-
-
-class TokenLoadParams(ConfigModel):
-    """Parameters of ``token-load-scorer``.
-
-    Attributes:
-        queue_threshold_tokens: In-flight tokens at which the score reaches 0 (<= 0 means the
-            default, 4,194,304).
-        in_flight_load_producer_name: Upstream's ``inflight-load-producer`` reference; accepted
-            (this scorer keeps its own account).
-        prefix_match_info_producer_name: The prefix plugin whose match info discounts cached
-            tokens (upstream sets it on the in-flight producer); empty = the one configured.
-    """
-
-    queue_threshold_tokens: int = DEFAULT_QUEUE_THRESHOLD_TOKENS
-    in_flight_load_producer_name: str | None = None
-    prefix_match_info_producer_name: str | None = None
-
-
-class TokenLoadScorer(_Tracked):
-    """``token-load-scorer`` (see the module docstring)."""
-
-    def __init__(self, params: TokenLoadParams, ctx: PluginContext) -> None:
-        self._setup(ctx, params.prefix_match_info_producer_name)
-        t = params.queue_threshold_tokens
-        self.threshold = float(t if t > 0 else DEFAULT_QUEUE_THRESHOLD_TOKENS)
 
     def score(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Mapping[str, float]:
-        if self.ledger.timeout > 0:
-            self.ledger.expire(ctx.now)
-        uncached = self._uncached(ctx, request, endpoints)
+        model = request.lora_name or request.model
         out: dict[str, float] = {}
         for e in endpoints:
-            load = float(self.in_flight_tokens(e.id) + uncached[e.id])
-            out[e.id] = 1.0 if load <= 0 else 1.0 - min(load, self.threshold) / self.threshold
+            m = ctx.metrics(e)
+            if m is None:
+                out[e.id] = 0.0
+            elif model in m.active_models:
+                out[e.id] = 1.0
+            elif len(m.active_models) + len(m.waiting_models) < m.max_active_models:
+                out[e.id] = 0.8
+            elif model in m.waiting_models:
+                out[e.id] = 0.6
+            else:
+                out[e.id] = 0.0
         return out
 
 
-# -- prefix-cache-affinity-filter -----------------------------------------------------------------
+# -- session-affinity-scorer ---------------------------------------------------------------------
 
 
-class AffinityFilterParams(ConfigModel):
-    """Parameters of ``prefix-cache-affinity-filter`` (upstream names and defaults).
+class EncodedEndpointHeaderConfig(ConfigModel):
+    """``encodedEndpointHeaderConfig``: the header carrying the base64 endpoint id."""
 
-    Attributes:
-        affinity_threshold: Fraction of the prompt's blocks a candidate must hold to be sticky
-            (0 = filter off).
-        exploration_probability: Probability of keeping every candidate (skipping the gate).
-        max_ttft_penalty_ms: Stickiness breaks when the best sticky candidate's TTFT exceeds
-            the best other one's by more than this (0 = always stick).
-        ttft_source: ``prefillThroughput`` (in-flight tokens / `peak_prefill_throughput`) or
-            ``latencyPredictor`` (a configured ``predicted-ttft-scorer``'s prediction).
-        peak_prefill_throughput: Prefill tokens per second for ``prefillThroughput``.
-        prefix_match_info_producer_name: The prefix plugin read; empty = the one configured.
-        latency_prediction_info_producer_name: The ``predicted-ttft-scorer`` read by
-            ``latencyPredictor``; empty = the one configured.
-        in_flight_load_producer_name: Upstream's ``inflight-load-producer`` reference;
-            accepted (this filter keeps its own account).
-    """
+    header: str = SESSION_TOKEN_HEADER
 
-    affinity_threshold: float = Field(0.80, ge=0, le=1)
-    exploration_probability: float = Field(0.0, ge=0, le=1)
-    max_ttft_penalty_ms: float = Field(18000.0, ge=0, alias="maxTTFTPenaltyMs")
-    ttft_source: Literal["prefillThroughput", "latencyPredictor"] = Field(
-        "prefillThroughput", alias="ttftSource"
-    )
-    peak_prefill_throughput: float = Field(DEFAULT_PEAK_PREFILL_THROUGHPUT, ge=0)
-    prefix_match_info_producer_name: str | None = None
-    latency_prediction_info_producer_name: str | None = None
-    in_flight_load_producer_name: str | None = None
+
+class SessionIDSource(ConfigModel):
+    """One place a session id is read from: a request header or a request attribute."""
+
+    header: str | None = None
+    attribute: str | None = None
+    producer: str | None = None
 
     @model_validator(mode="after")
-    def _throughput_needs_rate(self) -> AffinityFilterParams:
-        if (
-            self.ttft_source == "prefillThroughput"
-            and self.max_ttft_penalty_ms > 0
-            and self.peak_prefill_throughput <= 0
-        ):
-            raise ValueError(
-                "peakPrefillThroughput must be > 0 when ttftSource is prefillThroughput"
-            )
+    def _exactly_one(self) -> SessionIDSource:
+        if bool(self.header) == bool(self.attribute):
+            raise ValueError("exactly one of header or attribute must be set")
         return self
 
 
-def _affinity_transform(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Drop upstream's calibration-file parameters (with a warning): set
-    ``peakPrefillThroughput`` instead."""
-    dropped = [
-        k
-        for k in (
-            "prefillCalibrationFile",
-            "prefillCalibrationFingerprint",
-            "prefillCalibrationRequired",
-        )
-        if k in params
-    ]
-    if not dropped:
-        return params, []
-    out = {k: v for k, v in params.items() if k not in dropped}
-    return out, [
-        f"{', '.join(dropped)} ignored: calibration files are not read here; set "
-        "peakPrefillThroughput"
-    ]
+class SessionIDConfig(ConfigModel):
+    """``sessionIdConfig`` (``session_id`` strategy).
+
+    Attributes:
+        sources: Where the session id is read, first found wins (default: ``x-session-id``).
+        eviction_ttl_seconds: A binding unused this long is forgotten.
+        eviction_sweep_seconds: Accepted for upstream configs (expiry is checked on use here).
+        max_sessions: Bindings kept at most (least recently used dropped first).
+    """
+
+    sources: list[SessionIDSource] = Field(
+        default_factory=lambda: [SessionIDSource(header=SESSION_ID_HEADER)]
+    )
+    eviction_ttl_seconds: float = Field(300.0, gt=0)
+    eviction_sweep_seconds: float = Field(10.0, gt=0)
+    max_sessions: int = Field(100_000, ge=1)
+
+    @field_validator("sources")
+    @classmethod
+    def _default_sources(cls, value: list[SessionIDSource]) -> list[SessionIDSource]:
+        return value or [SessionIDSource(header=SESSION_ID_HEADER)]
 
 
-class PrefixCacheAffinityFilter(_Tracked):
-    """``prefix-cache-affinity-filter`` (see the module docstring)."""
+class SessionAffinityParams(ConfigModel):
+    """Parameters of ``session-affinity-scorer``.
 
-    def __init__(self, params: AffinityFilterParams, ctx: PluginContext) -> None:
-        self._setup(ctx, params.prefix_match_info_producer_name)
-        self.params = params
-        self._rng = ctx.rng
-        self._predictor: Any = None
-        self.decisions: dict[str, int] = {}  # outcome -> count (bounded: five outcomes)
+    Attributes:
+        strategy: ``encoded_endpoint_header`` (the client sends back the token the gateway
+            returned) or ``session_id`` (requests of one session id stick to one pod).
+        encoded_endpoint_header_config: The token header.
+        session_id_config: Session id sources and eviction.
+        profile_name: The profile whose pick the session binds to (default: the primary).
+    """
 
-    def _count(self, outcome: str) -> None:
-        self.decisions[outcome] = self.decisions.get(outcome, 0) + 1
+    strategy: Literal["encoded_endpoint_header", "session_id"] = "encoded_endpoint_header"
+    encoded_endpoint_header_config: EncodedEndpointHeaderConfig = Field(
+        default_factory=EncodedEndpointHeaderConfig
+    )
+    session_id_config: SessionIDConfig = Field(
+        default_factory=SessionIDConfig, alias="sessionIdConfig"
+    )
+    profile_name: str = ""
 
-    def _latency(self, ctx: SchedulingContext) -> Any:
-        if self._predictor is None:
-            sched = ctx.scheduler or self._scheduler
-            if sched is None:
-                raise ConfigError("no scheduler to find the latency predictor in", "ttftSource")
-            name = self.params.latency_prediction_info_producer_name
-            if name is None:
-                found = [
-                    n
-                    for n, pc in sched.config.plugins.items()
-                    if pc.type == "predicted-ttft-scorer"
-                ]
-                if len(found) != 1:
-                    raise ConfigError(
-                        "ttftSource latencyPredictor needs one predicted-ttft-scorer (or name it "
-                        "with latencyPredictionInfoProducerName)",
-                        "latencyPredictionInfoProducerName",
-                    )
-                name = found[0]
-            obj = sched.plugins.get(name)
-            if obj is None or not callable(getattr(obj, "predict", None)):
-                raise ConfigError(
-                    f"{name!r} is not a configured predicted-ttft-scorer",
-                    "latencyPredictionInfoProducerName",
-                )
-            self._predictor = obj
-        return self._predictor
 
-    def _ttft_ms(
+class SessionAffinityScorer:
+    """``session-affinity-scorer``: 1.0 for the pod the request's session is bound to, else 0.
+
+    ``encoded_endpoint_header``: the pod is the base64-decoded id in the token header, and the
+    chosen pod's token is returned to the client (`SchedulingResult.response_headers`).
+    ``session_id``: the first pick of a session id binds it; later requests of the session
+    score that pod 1.0 while it is a candidate; when it is not, the new pick re-binds the
+    session. Bindings expire after ``evictionTtlSeconds`` and are bounded by ``maxSessions``.
+    """
+
+    def __init__(self, params: SessionAffinityParams, ctx: PluginContext) -> None:
+        self.name = ctx.name
+        self.strategy = params.strategy
+        self.header = params.encoded_endpoint_header_config.header.strip().lower()
+        self.header = self.header or SESSION_TOKEN_HEADER
+        sid = params.session_id_config
+        self.sources = sid.sources
+        self.ttl = sid.eviction_ttl_seconds
+        self.max_sessions = sid.max_sessions
+        self.profile = params.profile_name
+        self._clock = ctx.clock
+        self._lock = threading.Lock()
+        self._bindings: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def session_id(self, request: SchedulingRequest) -> str:
+        """The request's session id from the first source that has one."""
+        for src in self.sources:
+            if src.header:
+                value = request.headers.get(src.header.strip().lower(), "")
+            else:
+                raw = request.state.get(f"attribute:{src.attribute}")
+                value = raw if isinstance(raw, str) else ""
+            if value.strip():
+                return value.strip()
+        return ""
+
+    def _bound(self, sid: str) -> str | None:
+        with self._lock:
+            entry = self._bindings.get(sid)
+            if entry is None:
+                return None
+            if self._clock() - entry[1] > self.ttl:
+                del self._bindings[sid]
+                return None
+            return entry[0]
+
+    def score(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
-    ) -> dict[str, float]:
-        if self.params.ttft_source == "latencyPredictor":
-            pred = self._latency(ctx).predict(ctx, request, endpoints)
-            return {eid: v[0] * 1000.0 for eid, v in pred.items()}
-        rate = self.params.peak_prefill_throughput
-        return {e.id: self.in_flight_tokens(e.id) / rate * 1000.0 for e in endpoints}
+    ) -> Mapping[str, float]:
+        out = {e.id: 0.0 for e in endpoints}
+        if self.strategy == "encoded_endpoint_header":
+            token = request.headers.get(self.header, "")
+            try:
+                pod = base64.b64decode(token, validate=True).decode() if token else ""
+            except (binascii.Error, UnicodeDecodeError):
+                pod = ""
+            if pod in out:
+                out[pod] = 1.0
+            return out
+        sid = self.session_id(request)
+        bound = self._bound(sid) if sid else None
+        if bound is not None:
+            request.state[self.name] = bound in out  # whether the bound pod was a candidate
+            if bound in out:
+                out[bound] = 1.0
+        return out
+
+    def _pick(self, result: SchedulingResult) -> Endpoint | None:
+        if self.profile:
+            return result.profile_target(self.profile)
+        return result.targets[0] if result.targets else None
+
+    def pre_request(
+        self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
+    ) -> None:
+        """Return the session token (header strategy) or bind the session to the pick."""
+        pick = self._pick(result)
+        if pick is None:
+            return
+        if self.strategy == "encoded_endpoint_header":
+            result.response_headers[self.header] = base64.b64encode(pick.id.encode()).decode()
+            return
+        sid = self.session_id(request)
+        if not sid:
+            return
+        present = request.state.pop(self.name, None)
+        now = self._clock()
+        with self._lock:
+            entry = self._bindings.get(sid)
+            live = entry is not None and now - entry[1] <= self.ttl
+            if live and entry is not None and entry[0] != pick.id and present is not False:
+                return  # the bound pod was a candidate and lost: keep the binding
+            self._bindings[sid] = (pick.id, now)
+            self._bindings.move_to_end(sid)
+            while len(self._bindings) > self.max_sessions:
+                self._bindings.popitem(last=False)
+
+    def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        """Forget sessions bound to pods that left the pool."""
+        gone = {e.id for e in removed}
+        if not gone:
+            return
+        with self._lock:
+            for sid in [s for s, (pod, _) in self._bindings.items() if pod in gone]:
+                del self._bindings[sid]
+
+
+# -- context-length-aware ------------------------------------------------------------------------
+
+
+class ContextLengthParams(ConfigModel):
+    """Parameters of ``context-length-aware``.
+
+    Attributes:
+        label: Pod label holding the ``"<min>-<max>"`` token range it serves.
+        enable_filtering: Also drop pods whose range excludes the prompt (unlabeled pods pass,
+            malformed labels are dropped).
+    """
+
+    label: str = Field(CONTEXT_LENGTH_LABEL, min_length=1)
+    enable_filtering: bool = False
+
+
+def parse_range(text: str) -> tuple[int, int] | None:
+    """``"min-max"`` -> (min, max), None when malformed or min > max."""
+    parts = text.split("-")
+    if len(parts) != 2:
+        return None
+    try:
+        lo, hi = int(parts[0].strip()), int(parts[1].strip())
+    except ValueError:
+        return None
+    return (lo, hi) if lo <= hi else None
+
+
+def range_score(length: int, lo: int, hi: int) -> float:
+    """Upstream's range score: inside a range, narrower ranges and more headroom score higher
+    (0.3 + 0.7 * (0.7 * width score + 0.3 * headroom)); outside, 0.3 decaying with distance."""
+    fallback = 0.3
+    if lo <= length <= hi:
+        width = hi - lo
+        if width == 0:
+            return 1.0
+        width_score = 1.0 / (1.0 + width / 10000.0)
+        headroom = (hi - length) / width
+        return fallback + (0.7 * width_score + 0.3 * headroom) * (1.0 - fallback)
+    distance = length - hi if length > hi else lo - length
+    return fallback / (1.0 + distance / 1000.0)
+
+
+class ContextLengthAware:
+    """``context-length-aware``: scores (and optionally filters) pods by the token range in
+    their label; unlabeled pods score 0.5, malformed labels 0."""
+
+    def __init__(self, params: ContextLengthParams, ctx: PluginContext) -> None:
+        self.name = ctx.name
+        self.label = params.label
+        self.enable_filtering = params.enable_filtering
 
     def filter(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Sequence[Endpoint]:
-        p = self.params
-        info = self._match(ctx, request, endpoints)
-        self._uncached(ctx, request, endpoints, info)
-        if len(endpoints) <= 1 or p.affinity_threshold <= 0:
-            self._count("not_applicable")
+        if not self.enable_filtering:
             return endpoints
-        if p.exploration_probability > 0 and self._rng.random() < p.exploration_probability:
-            self._count("exploration")
-            return endpoints
-        if self.ledger.timeout > 0:
-            self.ledger.expire(ctx.now)
-        matched, total = (info[0], info[1]) if info is not None else ({}, 0)
-        sticky: list[Endpoint] = []
-        others: list[Endpoint] = []
+        n = _prompt_tokens(request)
+        out: list[Endpoint] = []
         for e in endpoints:
-            ratio = matched.get(e.id, 0.0) / total if total > 0 else 0.0
-            (sticky if ratio >= p.affinity_threshold else others).append(e)
-        if not sticky:
-            self._count("no_match")
-            return endpoints
-        if p.max_ttft_penalty_ms > 0 and others:
-            ttft = self._ttft_ms(ctx, request, endpoints)
-            penalty = min(ttft[e.id] for e in sticky) - min(ttft[e.id] for e in others)
-            if penalty > p.max_ttft_penalty_ms:
-                self._count("load_override")
-                return endpoints
-        self._count("sticky")
-        return sticky
+            text = e.labels.get(self.label)
+            if text is None:
+                out.append(e)
+                continue
+            r = parse_range(text)
+            if r is not None and r[0] <= n <= r[1]:
+                out.append(e)
+        return out
+
+    def score(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Mapping[str, float]:
+        n = _prompt_tokens(request)
+        out: dict[str, float] = {}
+        for e in endpoints:
+            text = e.labels.get(self.label)
+            if text is None:
+                out[e.id] = 0.5
+                continue
+            r = parse_range(text)
+            out[e.id] = 0.0 if r is None else range_score(n, *r)
+        return out
+
+
+# -- header-label-affinity-scorer ------------------------------------------------------------------
+
+
+class HeaderLabelParams(ConfigModel):
+    """Parameters of ``header-label-affinity-scorer`` (both required)."""
+
+    header_name: str = Field(min_length=1)
+    label_key: str = Field(min_length=1)
+
+
+class HeaderLabelAffinityScorer:
+    """``header-label-affinity-scorer``: 1.0 for pods whose ``labelKey`` label equals the
+    request's ``headerName`` header, else 0 (no header: 0 everywhere)."""
+
+    def __init__(self, params: HeaderLabelParams, ctx: PluginContext) -> None:
+        self.name = ctx.name
+        self.header = params.header_name.lower()
+        self.label = params.label_key
+
+    def score(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Mapping[str, float]:
+        wanted = request.headers.get(self.header, "")
+        return {e.id: float(bool(wanted) and e.labels.get(self.label) == wanted) for e in endpoints}
+
+
+# -- endpoint-attribute-filter / -scorer ------------------------------------------------------------
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    "LessThan": lambda v, t: v < t,
+    "LessThanOrEqual": lambda v, t: v <= t,
+    "GreaterThan": lambda v, t: v > t,
+    "GreaterThanOrEqual": lambda v, t: v >= t,
+    "Equal": lambda v, t: v == t,
+    "NotEqual": lambda v, t: v != t,
+}
+
+
+def _check_attribute(name: str, producer: str | None) -> None:
+    if producer is None and "/" in name:
+        head, _, tail = name.rpartition("/")
+        raise ValueError(
+            f"attribute {name!r} contains '/' but no producer is set; split it into attribute "
+            f"{head!r} and producer {tail!r}"
+        )
+
+
+class Threshold(ConfigModel):
+    """``algorithm.threshold``: keep endpoints whose value `operator` `value` holds."""
+
+    operator: Literal[
+        "LessThan", "LessThanOrEqual", "GreaterThan", "GreaterThanOrEqual", "Equal", "NotEqual"
+    ]
+    value: float
+
+
+class FilterAlgorithm(ConfigModel):
+    """``algorithm`` of ``endpoint-attribute-filter`` (``threshold`` only, as upstream)."""
+
+    type: Literal["threshold"]
+    threshold: Threshold
+
+
+class EndpointAttributeFilterParams(ConfigModel):
+    """Parameters of ``endpoint-attribute-filter``.
+
+    Attributes:
+        attribute: The endpoint attribute (see `endpoint_attribute`).
+        producer: Upstream's producer of the attribute (accepted; attributes are by name here).
+        on_missing: ``Pass`` (default) or ``Fail`` for endpoints without the attribute.
+        fallback_on_empty: Keep every endpoint when none passes.
+        algorithm: ``{type: threshold, threshold: {operator, value}}``.
+    """
+
+    attribute: str = Field(min_length=1)
+    producer: str | None = None
+    on_missing: Literal["Pass", "Fail"] = "Pass"
+    fallback_on_empty: bool = False
+    algorithm: FilterAlgorithm
+
+    @model_validator(mode="after")
+    def _split_attribute(self) -> EndpointAttributeFilterParams:
+        _check_attribute(self.attribute, self.producer)
+        return self
+
+
+class EndpointAttributeFilter:
+    """``endpoint-attribute-filter``: keeps endpoints whose attribute passes the threshold."""
+
+    def __init__(self, params: EndpointAttributeFilterParams, ctx: PluginContext) -> None:
+        self.name = ctx.name
+        self.attribute = params.attribute
+        self.pass_missing = params.on_missing == "Pass"
+        self.fallback = params.fallback_on_empty
+        self.op = _OPS[params.algorithm.threshold.operator]
+        self.value = params.algorithm.threshold.value
+
+    def filter(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Sequence[Endpoint]:
+        out: list[Endpoint] = []
+        for e in endpoints:
+            v = endpoint_attribute(ctx, e, self.attribute)
+            if (v is None and self.pass_missing) or (v is not None and self.op(v, self.value)):
+                out.append(e)
+        return endpoints if not out and self.fallback else out
+
+
+class FixedRange(ConfigModel):
+    """``normalization.fixedRange``: values are mapped from [min, max] (clamped)."""
+
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FixedRange:
+        if self.min >= self.max:
+            raise ValueError(f"fixedRange requires min < max, got min {self.min}, max {self.max}")
+        return self
+
+
+class AdaptiveRange(ConfigModel):
+    """``normalization.adaptiveRange``: min-max over the candidates (the default)."""
+
+
+class Normalization(ConfigModel):
+    """At most one of ``fixedRange`` / ``adaptiveRange``."""
+
+    fixed_range: FixedRange | None = None
+    adaptive_range: AdaptiveRange | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Normalization:
+        if self.fixed_range is not None and self.adaptive_range is not None:
+            raise ValueError("at most one normalization: fixedRange or adaptiveRange")
+        return self
+
+
+class ScorerAlgorithm(ConfigModel):
+    """``algorithm`` of ``endpoint-attribute-scorer``."""
+
+    type: Literal["linear_lower_is_better", "linear_higher_is_better"]
+    normalization: Normalization = Field(default_factory=Normalization)
+
+
+class EndpointAttributeScorerParams(ConfigModel):
+    """Parameters of ``endpoint-attribute-scorer``.
+
+    Attributes:
+        attribute_key: The endpoint attribute (see `endpoint_attribute`).
+        producer: Upstream's producer of the attribute (accepted; attributes are by name here).
+        algorithm: ``linear_lower_is_better`` / ``linear_higher_is_better`` and normalization.
+    """
+
+    attribute_key: str = Field(min_length=1)
+    producer: str | None = None
+    algorithm: ScorerAlgorithm
+
+    @model_validator(mode="after")
+    def _split_attribute(self) -> EndpointAttributeScorerParams:
+        _check_attribute(self.attribute_key, self.producer)
+        return self
+
+
+class EndpointAttributeScorer:
+    """``endpoint-attribute-scorer``: a linear score of an endpoint attribute, normalized over a
+    fixed range or min-max over the candidates (all equal: 1.0); missing values score 0."""
+
+    def __init__(self, params: EndpointAttributeScorerParams, ctx: PluginContext) -> None:
+        self.name = ctx.name
+        self.attribute = params.attribute_key
+        self.lower_is_better = params.algorithm.type == "linear_lower_is_better"
+        self.fixed = params.algorithm.normalization.fixed_range
+
+    def score(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Mapping[str, float]:
+        values = {e.id: endpoint_attribute(ctx, e, self.attribute) for e in endpoints}
+        known = [v for v in values.values() if v is not None]
+        out: dict[str, float] = {}
+        if self.fixed is not None:
+            lo, hi = self.fixed.min, self.fixed.max
+        elif known:
+            lo, hi = min(known), max(known)
+        for eid, v in values.items():
+            if v is None:
+                out[eid] = 0.0
+            elif self.fixed is None and hi == lo:
+                out[eid] = 1.0
+            else:
+                x = min(1.0, max(0.0, (v - lo) / (hi - lo)))
+                out[eid] = 1.0 - x if self.lower_is_better else x
+        return out
 
 
 def register(registry: PluginRegistry) -> None:
-    """Register ``token-load-scorer`` and ``prefix-cache-affinity-filter``."""
+    """Register the affinity scorers and the endpoint-attribute plugins."""
     registry.register(
-        "token-load-scorer",
-        TokenLoadScorer,
-        params=TokenLoadParams,
-        kinds=("scorer", "pre-request", "post-response"),
-        description="fewer in-flight uncached prompt tokens is better (upstream token load)",
+        "lora-affinity-scorer",
+        LoraAffinityScorer,
+        description="prefers pods running the request's LoRA adapter, then free adapter slots",
     )
     registry.register(
-        "prefix-cache-affinity-filter",
-        PrefixCacheAffinityFilter,
-        params=AffinityFilterParams,
-        kinds=("filter", "pre-request", "post-response"),
-        description="keep pods holding the prefix unless they are too loaded (sticky until "
-        "saturated)",
-        transform=_affinity_transform,
+        "session-affinity-scorer",
+        SessionAffinityScorer,
+        params=SessionAffinityParams,
+        kinds=("scorer", "pre-request"),
+        description="keeps a session on the pod it was sent to",
+    )
+    registry.register(
+        "context-length-aware",
+        ContextLengthAware,
+        params=ContextLengthParams,
+        description="prefers (or keeps only) pods whose token-range label fits the prompt",
+    )
+    registry.register(
+        "header-label-affinity-scorer",
+        HeaderLabelAffinityScorer,
+        params=HeaderLabelParams,
+        description="prefers pods whose label equals a request header",
+    )
+    registry.register(
+        "endpoint-attribute-filter",
+        EndpointAttributeFilter,
+        params=EndpointAttributeFilterParams,
+        description="keeps endpoints whose attribute passes a threshold",
+    )
+    registry.register(
+        "endpoint-attribute-scorer",
+        EndpointAttributeScorer,
+        params=EndpointAttributeScorerParams,
+        description="linear score of an endpoint attribute",
     )

@@ -7,9 +7,12 @@ EndpointPickerConfig files load: they are validated loosely and do nothing (a wa
 * ``token-producer`` (formerly ``tokenizer``): scorers tokenize themselves (once per request,
   shared).
 * ``inflight-load-producer``: ``active-request-scorer`` counts in-flight requests itself.
-* ``openai-parser``, ``anthropic-parser``, ``vllmhttp-parser``, ``passthrough-parser``: request
-  parsing is the gateway's.
-* ``utilization-detector``: no saturation detection / flow control here.
+* ``openai-parser``, ``vllmhttp-parser``, ``passthrough-parser``: request parsing is the
+  gateway's.
+* ``vllmgrpc-parser``, ``vertexai-parser``: gRPC front doors (Envoy ext_proc over gRPC bodies);
+  there is none here, so they cannot parse anything.
+* ``models-data-source``, ``models-data-extractor``: the gateway's model catalog polls each
+  pod's ``/v1/models``.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ INERT_TYPES: Mapping[str, str] = MappingProxyType(
         "token-producer": "scorers tokenize requests themselves",
         "inflight-load-producer": "active-request-scorer counts in-flight requests itself",
         "openai-parser": "request parsing is done by the gateway",
-        "anthropic-parser": "request parsing is done by the gateway",
+        "vllmgrpc-parser": "there is no gRPC front door here: vLLM gRPC requests are not parsed",
+        "vertexai-parser": "there is no gRPC front door here: Vertex AI requests are not parsed",
+        "models-data-source": "the gateway's model catalog reads each pod's /v1/models itself",
+        "models-data-extractor": "the gateway's model catalog reads each pod's /v1/models itself",
         "vllmhttp-parser": "request parsing is done by the gateway",
         "passthrough-parser": "request parsing is done by the gateway",
-        "utilization-detector": "no saturation detection here",
     }
 )
 

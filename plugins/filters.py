@@ -1,4 +1,4 @@
-"""Filters: ``decode-filter`` (``llm-d.ai/role``) and ``label-selector-filter`` (Kubernetes
+"""Filters: ``decode-filter``, ``prefill-filter``, ``encode-filter`` (``llm-d.ai/role``) and ``label-selector-filter`` (Kubernetes
 label selector semantics; also the deprecated ``by-label`` form)."""
 
 from __future__ import annotations
@@ -19,17 +19,26 @@ from kvaware_scorer.scheduler import (
 
 __all__ = [
     "DECODE_ROLES",
+    "ENCODE_ROLES",
+    "PREFILL_ROLES",
     "ROLE_LABEL",
     "DecodeFilter",
     "LabelSelectorFilter",
     "LabelSelectorParams",
     "MatchExpression",
+    "RoleFilter",
     "register",
 ]
 
 ROLE_LABEL = "llm-d.ai/role"
 #: Roles that can decode (upstream ``…/filter/bylabel/roles.go``); unlabeled pods pass too.
 DECODE_ROLES = frozenset({"decode", "prefill-decode", "both", "encode-prefill-decode"})
+#: Roles that can prefill; unlabeled pods do not pass (upstream).
+PREFILL_ROLES = frozenset(
+    {"prefill", "encode-prefill", "prefill-decode", "both", "encode-prefill-decode"}
+)
+#: Roles that can encode; unlabeled pods do not pass (upstream).
+ENCODE_ROLES = frozenset({"encode", "encode-prefill", "encode-prefill-decode"})
 
 
 class DecodeFilter:
@@ -48,6 +57,21 @@ class DecodeFilter:
             if role is None or role in DECODE_ROLES:
                 out.append(e)
         return out
+
+
+class RoleFilter:
+    """``prefill-filter`` / ``encode-filter``: keeps endpoints whose ``llm-d.ai/role`` label
+    names a role that can do the stage; endpoints without the label are dropped."""
+
+    def __init__(self, params: object, ctx: PluginContext) -> None:
+        self.name = ctx.name
+        self.roles = PREFILL_ROLES if ctx.type == "prefill-filter" else ENCODE_ROLES
+
+    def filter(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Sequence[Endpoint]:
+        roles = self.roles
+        return [e for e in endpoints if e.labels.get(ROLE_LABEL) in roles]
 
 
 class MatchExpression(ConfigModel):
@@ -144,6 +168,8 @@ class LabelSelectorFilter:
 def register(registry: PluginRegistry) -> None:
     """Register the filters and the ``by-label`` / ``by-label-selector`` aliases."""
     registry.register("decode-filter", DecodeFilter, description="endpoints that can decode")
+    registry.register("prefill-filter", RoleFilter, description="endpoints that can prefill")
+    registry.register("encode-filter", RoleFilter, description="endpoints that can encode")
     registry.register(
         "label-selector-filter",
         LabelSelectorFilter,

@@ -43,7 +43,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvaware_scorer.errors import NoEndpointError
+from kvaware_scorer.errors import NoEndpointError, RequestRejectedError
 from kvaware_scorer.gateway.auth import Access, Credentials
 from kvaware_scorer.gateway.body import decode_body
 from kvaware_scorer.gateway.catalog import ModelCatalog, Resolution
@@ -64,6 +64,7 @@ from kvaware_scorer.gateway.guard import ConnectionGuard, LogLimiter, fit_connec
 from kvaware_scorer.gateway.metrics import GatewayMetrics
 from kvaware_scorer.gateway.protocol import APIError, ParsedRequest, RequestParser, error_body
 from kvaware_scorer.scheduler import (
+    ROUTING_HEADERS,
     Endpoint,
     ResponseInfo,
     Scheduler,
@@ -892,6 +893,12 @@ class Gateway:
                 t0,
                 close=True,
             )
+        except RequestRejectedError as exc:
+            # NOTE: shed by admission or flow control (upstream answers 429, or 503 when no
+            # endpoint exists).
+            return self._error(
+                route, APIError(exc.status, f"Request rejected: {exc}", code="rejected"), t0
+            )
         except NoEndpointError as exc:
             return self._error(
                 route,
@@ -964,15 +971,21 @@ class Gateway:
         # non-streamed one only once generation is done: two different first-byte bounds.
         first_byte = cfg.first_byte_timeout if stream else cfg.response_timeout
         self.metrics.overhead.observe(time.perf_counter() - t0)
+        for name in ROUTING_HEADERS:
+            headers.pop(name, None)
         while True:
             target = attempt.result.targets[0]
             url = self._url(target, path)
             try:
                 # NOTE: a redirect is the pod's answer, relayed as is: following it would
-                # contact a host outside the pool.
+                # contact a host outside the pool. The scheduler's routing headers (the P/D
+                # prefill pick for the decode pod's sidecar) go with each attempt's own pick.
                 async with asyncio.timeout(first_byte):
                     resp = await session.post(
-                        url, data=body, headers=headers, allow_redirects=False
+                        url,
+                        data=body,
+                        headers={**headers, **attempt.result.headers},
+                        allow_redirects=False,
                     )
                 break
             except (
@@ -1091,7 +1104,7 @@ class Gateway:
         info.error = None
         if resp.content_type == "text/event-stream":
             return await self._relay_stream(request, resp, target, info, attempt)
-        return await self._relay_body(resp, target, info)
+        return await self._relay_body(resp, target, info, attempt.result.response_headers)
 
     def _catalog_unreachable(self, endpoint_id: str) -> None:
         if self._catalog is not None:
@@ -1133,7 +1146,12 @@ class Gateway:
         out.setdefault("x-request-id", sreq.request_id)
         return out
 
-    def _response_headers(self, resp: aiohttp.ClientResponse, target: Endpoint) -> CIMultiDict[str]:
+    def _response_headers(
+        self,
+        resp: aiohttp.ClientResponse,
+        target: Endpoint,
+        extra: Mapping[str, str] | None = None,
+    ) -> CIMultiDict[str]:
         out: CIMultiDict[str] = CIMultiDict()
         drop: frozenset[str] | set[str] = _DROP_RESPONSE
         conn = resp.headers.get("connection")
@@ -1144,6 +1162,9 @@ class Gateway:
                 out.add(k, v)
         if self.config.endpoint_header:
             out["x-kvaware-endpoint"] = target.id
+        # NOTE: headers the scheduler's plugins set for the client (a session token).
+        for k, v in (extra or {}).items():
+            out[k] = v
         return out
 
     def _usage(self, info: ResponseInfo, usage: _Usage) -> None:
@@ -1172,7 +1193,11 @@ class Gateway:
         return found
 
     async def _relay_body(
-        self, resp: aiohttp.ClientResponse, target: Endpoint, info: ResponseInfo
+        self,
+        resp: aiohttp.ClientResponse,
+        target: Endpoint,
+        info: ResponseInfo,
+        extra: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
         try:
             async with asyncio.timeout(self.config.stream_idle_timeout):
@@ -1207,7 +1232,7 @@ class Gateway:
             if env is not None and env.usage is not None:
                 self._usage(info, env.usage)
         return web.Response(
-            body=data, status=resp.status, headers=self._response_headers(resp, target)
+            body=data, status=resp.status, headers=self._response_headers(resp, target, extra)
         )
 
     async def _relay_stream(
@@ -1218,7 +1243,10 @@ class Gateway:
         info: ResponseInfo,
         attempt: _Attempt,
     ) -> web.StreamResponse:
-        out = web.StreamResponse(status=resp.status, headers=self._response_headers(resp, target))
+        out = web.StreamResponse(
+            status=resp.status,
+            headers=self._response_headers(resp, target, attempt.result.response_headers),
+        )
         content = resp.content
         held = b""  # an incomplete trailing event, relayed once its end arrives
         done = False  # data: [DONE] seen

@@ -44,6 +44,10 @@ from kvaware_scorer.scheduler.scrape import (
     parse_vllm_metrics,
 )
 from kvaware_scorer.scheduler.types import (
+    DATA_PARALLEL_HEADER,
+    ENCODER_HEADER,
+    PREFILL_HEADER,
+    ROUTING_HEADERS,
     Endpoint,
     EndpointMetrics,
     EndpointsListener,
@@ -69,11 +73,15 @@ from kvaware_scorer.scheduler.types import (
 __all__ = [
     "API_VERSION",
     "BLOCK_ENV",
+    "DATA_PARALLEL_HEADER",
     "DEFAULT_METRICS_STALENESS",
     "DEFAULT_SCRAPE_INTERVAL",
     "DEPRECATED_API_VERSION",
+    "ENCODER_HEADER",
     "ENTRY_POINT_GROUP",
     "KINDS",
+    "PREFILL_HEADER",
+    "ROUTING_HEADERS",
     "ConfigErrorGroup",
     "Endpoint",
     "EndpointMetrics",

@@ -79,6 +79,9 @@ _IGNORED_SECTIONS = (
     "saturationDetector",
     "parser",
 )
+#: Sections that configure flow control (`kvaware_scorer.scheduler.flowcontrol`): used, kept
+#: in `SchedulerConfig.ignored` for its builder.
+_FLOW_SECTIONS = ("flowControl", "saturationDetector")
 _TOP_KEYS = ("apiVersion", "kind", "plugins", "schedulingProfiles", *_IGNORED_SECTIONS)
 
 
@@ -175,14 +178,10 @@ class SchedulerConfig:
                 entry["parameters"] = params
             out["plugins"].append(entry)
         out["schedulingProfiles"] = [
-            {
-                "name": prof.name,
-                "plugins": [{"pluginRef": f} for f in prof.filters]
-                + [{"pluginRef": s.name, "weight": s.weight} for s in prof.scorers]
-                + [{"pluginRef": prof.picker}],
-            }
-            for prof in self.profiles.values()
+            {"name": prof.name, "plugins": _profile_refs(prof)} for prof in self.profiles.values()
         ]
+        # NOTE: the upstream sections as given (flow control is configured there).
+        out.update(self.ignored)
         return out
 
     def describe(self) -> str:
@@ -216,6 +215,19 @@ class SchedulerConfig:
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
+
+
+def _profile_refs(prof: ProfileConfig) -> list[dict[str, Any]]:
+    """A profile's ``plugins`` list; a plugin that is a filter and a scorer is listed once (it
+    plays both roles), with its weight."""
+    weights = {s.name: s.weight for s in prof.scorers}
+    refs: list[dict[str, Any]] = []
+    for f in prof.filters:
+        refs.append(
+            {"pluginRef": f, "weight": weights.pop(f)} if f in weights else {"pluginRef": f}
+        )
+    refs += [{"pluginRef": name, "weight": w} for name, w in weights.items()]
+    return [*refs, {"pluginRef": prof.picker}]
 
 
 # -- shape models of the ignored upstream sections ------------------------------------------------
@@ -264,7 +276,7 @@ class _LegacySaturation(_Shape):
 
 
 class _PriorityBand(_Shape):
-    priority: int
+    priority: int = 0
     priorityName: str | None = None
     maxBytes: int | str | None = None
     maxRequests: int | str | None = None
@@ -433,6 +445,7 @@ class _Loader:
         plugins = self.plugins(raw_plugins)
         self.bind_default_producer(plugins)
         self.check_producer_loops(plugins)
+        self.check_param_refs(plugins)
         ignored = self.ignored_sections(data, plugins)
         profiles = self.profiles(raw_profiles, plugins)
         handler = self.profile_handler(plugins, profiles)
@@ -648,7 +661,8 @@ class _Loader:
             for ref, role, where in refs:
                 self.check_ref(ref, role, where, plugins)
             ignored[key] = value
-            self.warn(f"section {key!r} is accepted for compatibility and ignored here", key)
+            if key not in _FLOW_SECTIONS:
+                self.warn(f"section {key!r} is accepted for compatibility and ignored here", key)
         return ignored
 
     def section_shape(self, key: str, value: Any) -> BaseModel | None:
@@ -690,6 +704,19 @@ class _Loader:
                 f"{ref!r} (type {target.type}) is no {role} (it is: {roles})",
                 where,
             )
+
+    def check_param_refs(self, plugins: Mapping[str, PluginConfig]) -> None:
+        """Parameters that name other plugins (`PluginSpec.refs`) name one of the right role."""
+        for p in list(plugins.values()):
+            if not p.spec.refs:
+                continue
+            dumped = p.parameters()
+            for dotted, role in p.spec.refs.items():
+                value: Any = dumped
+                for part in dotted.split("."):
+                    value = value.get(part) if isinstance(value, Mapping) else None
+                if isinstance(value, str) and value:
+                    self.check_ref(value, role, f"{p.path}.parameters.{dotted}", plugins)
 
     def check_producer_loops(self, plugins: Mapping[str, PluginConfig]) -> None:
         """``prefixMatchInfoProducerName`` references must not form a loop."""
@@ -932,6 +959,8 @@ class _Loader:
                         f"plugin {p.name!r} is in no profile; only its request hooks run", p.path
                     )
                 continue
+            if not p.kinds & set(_PROFILE_SLOTS):
+                continue  # a decider, parser, policy...: referenced elsewhere, not by profiles
             self.warn(f"plugin {p.name!r} is defined but used by no profile", p.path)
 
 

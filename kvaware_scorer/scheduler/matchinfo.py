@@ -31,6 +31,7 @@ __all__ = [
     "MatchInfoProducer",
     "check_references",
     "default_source",
+    "find_prefix_source",
     "match_sources",
     "per_call",
     "producer",
@@ -188,3 +189,24 @@ def producer(plugins: Mapping[str, object], name: str, consumer: str) -> MatchIn
             "prefixMatchInfoProducerName",
         )
     return obj
+
+
+def find_prefix_source(
+    plugins: Mapping[str, object], config: SchedulerConfig, name: str | None, consumer: str
+) -> MatchInfoProducer | None:
+    """The prefix plugin a consumer that is no scorer (a decider, a latency predictor) reads:
+    `name`, else ``approx-prefix-cache-producer`` when configured (upstream's default
+    producer), else the one prefix plugin configured; None (with a warning) when none is.
+
+    Raises:
+        ConfigError: `name` is no configured prefix match-info producer.
+    """
+    if not name and DEFAULT_PRODUCER in plugins:
+        name = DEFAULT_PRODUCER
+    if not name:
+        sources = sorted(set(match_sources(config).values()))
+        name = sources[0] if len(sources) == 1 else None
+    if not name:
+        logger.warning("%s: no prefix plugin to read; every prompt counts as uncached", consumer)
+        return None
+    return producer(plugins, name, consumer)

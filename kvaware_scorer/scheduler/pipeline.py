@@ -27,10 +27,12 @@ from kvaware_scorer.errors import (
     ConfigError,
     KVAwareError,
     NoEndpointError,
+    RequestRejectedError,
     TokenizerNotFoundError,
 )
 from kvaware_scorer.metrics import Metrics
 from kvaware_scorer.scheduler.config import SchedulerConfig, load_config
+from kvaware_scorer.scheduler.flowcontrol import FlowController, build_flow_controller
 from kvaware_scorer.scheduler.manager import Hooks, make_plugin_manager
 from kvaware_scorer.scheduler.metrics import SchedulerMetrics
 from kvaware_scorer.scheduler.registry import KINDS, PluginContext, PluginRegistry
@@ -166,6 +168,10 @@ class Scheduler:
         self._handler: ProfileHandler = self._plugins[config.profile_handler]  # type: ignore[assignment]
         self._pre_request: list[tuple[str, PreRequest]] = self._with_kind("pre-request")  # type: ignore[assignment]
         self._post_response: list[tuple[str, PostResponse]] = self._with_kind("post-response")  # type: ignore[assignment]
+        self._admitters: list[tuple[str, Any]] = self._with_kind("admitter")
+        self.flow: FlowController | None = build_flow_controller(
+            config, self._plugins, lambda: self._endpoints, self.context, self._make_default
+        )
         self._lifecycle: list[Lifecycle] = self._capable(Lifecycle)
         self._listeners: list[EndpointsListener] = self._capable(EndpointsListener)
         self._sinks: list[KVEventSink] = self._capable(KVEventSink)
@@ -173,6 +179,19 @@ class Scheduler:
         self._first_token: list[FirstTokenListener] = self._capable(FirstTokenListener)
         self._blocking = any(getattr(obj, "blocking_io", False) for obj in self._plugins.values())
         hooks.scheduler_created(self)
+
+    def _make_default(self, type_name: str, params: Mapping[str, Any]) -> object:
+        """A plugin of `type_name` the configuration did not list (a default of a section)."""
+        spec, _ = self.registry.resolve(type_name)
+        ctx = PluginContext(
+            name=type_name,
+            type=spec.type,
+            clock=self.clock,
+            rng=_plugin_rng(self.seed, type_name),
+            metrics=self.metrics,
+            scheduler=self,
+        )
+        return spec.factory(spec.params.model_validate(dict(params)), ctx)
 
     def _with_kind(self, kind: str) -> list[tuple[str, object]]:
         return [
@@ -320,8 +339,15 @@ class Scheduler:
             self.sched_metrics.no_endpoint.labels("input").inc()
             raise NoEndpointError("no endpoints to schedule on")
         ctx = SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
+        for name, admitter in self._admitters:
+            reason = admitter.admit(ctx, request, eps)
+            if reason:
+                # NOTE: upstream's admission plugins shed before scheduling (429).
+                self.sched_metrics.no_endpoint.labels("admission").inc()
+                raise RequestRejectedError(f"{name}: {reason}", 429)
         results: dict[str, ProfileResult] = {}
         errors: dict[str, str] = {}
+        failed: dict[str, NoEndpointError] = {}
         handler = self._handler
         for _ in range(len(self._profiles) + 1):
             names = handler.pick_profiles(ctx, request, self._views, results)
@@ -333,15 +359,25 @@ class Scheduler:
                 prof = self._profiles.get(name)
                 if prof is None:
                     raise ConfigError(f"profile handler chose an unknown profile {name!r}")
-                results[name] = self._run_profile(prof, ctx, request, eps, errors)
+                try:
+                    results[name] = self._run_profile(prof, ctx, request, eps, errors)
+                except NoEndpointError as exc:
+                    # NOTE: as upstream, a profile that finds no endpoint leaves an empty result
+                    # and the handler decides (P/D goes on decode-only without prefill pods).
+                    failed[name] = exc
+                    results[name] = ProfileResult(name, [], [], {}, {}, {})
         if not results:
             self.sched_metrics.no_endpoint.labels("handler").inc()
             raise NoEndpointError("the profile handler ran no profile")
         primary = handler.process_results(ctx, request, results)
+        if primary in failed:
+            raise failed[primary]
         if primary not in results:
             raise ConfigError(
                 f"profile handler chose a primary profile that did not run: {primary!r}"
             )
+        for name in failed:
+            del results[name]
         pr = results[primary]
         result = SchedulingResult(
             targets=pr.targets,
@@ -353,6 +389,7 @@ class Scheduler:
             profile_results=results,
             errors=errors,
             dry_run=dry_run,
+            failed_profiles={name: str(exc) for name, exc in failed.items()},
         )
         if dry_run:
             return result
@@ -436,6 +473,9 @@ class Scheduler:
             dry_run: As in `schedule`.
         """
         loop = asyncio.get_running_loop()
+        if self.flow is not None and not dry_run:
+            # NOTE: flow control: wait for a turn while the pool is saturated, or be shed.
+            await self.flow.wait_turn(request)
         if self._blocking:
             return await loop.run_in_executor(
                 self._pool(), self._prepare_and_schedule, request, endpoints, dry_run
@@ -465,8 +505,10 @@ class Scheduler:
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._executor is None:
+                # NOTE: a plugin that waits while scheduling (a batch window) asks for more.
+                wanted = [getattr(p, "min_workers", 0) for p in self._plugins.values()]
                 self._executor = ThreadPoolExecutor(
-                    max_workers=4, thread_name_prefix="kvaware-prepare"
+                    max_workers=max([4, *wanted]), thread_name_prefix="kvaware-prepare"
                 )
             return self._executor
 

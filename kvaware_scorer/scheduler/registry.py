@@ -45,6 +45,13 @@ KINDS: Mapping[str, str] = MappingProxyType(
         "profile-handler": "pick_profiles",
         "pre-request": "pre_request",
         "post-response": "post_response",
+        # roles referenced from other plugins' parameters or the upstream top-level sections
+        "decider": "disaggregate",
+        "parser": "parse",
+        "saturation-detector": "saturated",
+        "fairness-policy": "pick_flow",
+        "ordering-policy": "order_key",
+        "admitter": "admit",
     }
 )
 
@@ -97,6 +104,9 @@ class PluginSpec:
         transform: Rewrites raw parameters before validation (upstream-form conversions).
         override: Whether this registration replaces another of the same type.
         source: Module that registered it (for error messages).
+        refs: Parameters naming other plugins: dotted field path in the parameter model
+            (``deciders.prefill``) -> the role the named plugin must play (None: any). The
+            loader checks them like ``pluginRef``s, with the YAML path.
     """
 
     type: str
@@ -108,6 +118,7 @@ class PluginSpec:
     transform: ParamTransform | None = None
     override: bool = False
     source: str = ""
+    refs: Mapping[str, str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,7 @@ class PluginRegistry:
         param_aliases: Mapping[str, str] | None = None,
         transform: ParamTransform | None = None,
         override: bool = False,
+        refs: Mapping[str, str | None] | None = None,
     ) -> None:
         """Register a plugin type.
 
@@ -161,6 +173,8 @@ class PluginRegistry:
             transform: Rewrites raw parameters before validation.
             override: Replace an existing registration of `type_name`. A registration made
                 with ``override=True`` also wins over later plain ones.
+            refs: Parameters naming other plugins (dotted field path -> required role or
+                None); checked by the configuration loader.
 
         Raises:
             ConfigError: The type is registered twice without ``override``, or a kind is
@@ -184,6 +198,7 @@ class PluginRegistry:
             transform=transform,
             override=override,
             source=source,
+            refs=dict(refs or {}),
         )
         existing = self._specs.get(type_name)
         if existing is not None:

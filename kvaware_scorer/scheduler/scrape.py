@@ -46,7 +46,12 @@ WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
 CACHE_INFO = ("vllm:cache_config_info", "sglang:cache_config_info")
-_WANTED = frozenset(WAITING + RUNNING + USAGE + CACHE_INFO)
+LORA_INFO = ("vllm:lora_requests_info",)
+_WANTED = frozenset(WAITING + RUNNING + USAGE + CACHE_INFO + LORA_INFO)
+
+
+def _adapters(value: str | None) -> frozenset[str]:
+    return frozenset(a.strip() for a in (value or "").split(",") if a.strip())
 
 
 def _keep(line: str) -> bool:
@@ -88,6 +93,7 @@ def parse_vllm_metrics(text: str) -> EndpointMetrics:
     usage: dict[str, float] = {}
     blocks: dict[str, int] = {}
     block_size: int | None = None
+    lora: tuple[float, dict[str, str]] | None = None  # the newest sample (value = its time)
     for family in text_string_to_metric_families(filtered):
         name = family.name
         for sample in family.samples:
@@ -110,6 +116,8 @@ def parse_vllm_metrics(text: str) -> EndpointMetrics:
                 nb = _int_label(labels.get("num_gpu_blocks") or labels.get("num_pages"))
                 if nb is not None:
                     blocks[engine] = nb
+            elif name in LORA_INFO and (lora is None or sample.value > lora[0]):
+                lora = (sample.value, dict(sample.labels))
     if not (waiting or running or usage):
         raise ValueError("no vLLM load metrics (num_requests_waiting/running, kv_cache_usage_perc)")
     if usage:
@@ -127,6 +135,9 @@ def parse_vllm_metrics(text: str) -> EndpointMetrics:
         kv_cache_usage_percent=min(1.0, max(0.0, kv)),
         cache_block_size=block_size,
         cache_num_blocks=sum(blocks.values()) if blocks else None,
+        active_models=_adapters(lora[1].get("running_lora_adapters")) if lora else frozenset(),
+        waiting_models=_adapters(lora[1].get("waiting_lora_adapters")) if lora else frozenset(),
+        max_active_models=(_int_label(lora[1].get("max_lora")) or 0) if lora else 0,
     )
 
 

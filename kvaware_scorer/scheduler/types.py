@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from kvaware_scorer.scheduler.pipeline import Scheduler
 
 __all__ = [
+    "DATA_PARALLEL_HEADER",
+    "ENCODER_HEADER",
+    "PREFILL_HEADER",
+    "ROUTING_HEADERS",
     "Endpoint",
     "EndpointMetrics",
     "EndpointsListener",
@@ -44,6 +48,17 @@ __all__ = [
 ENGINE_LABELS = ("llm-d.ai/engine-type", "inference.networking.k8s.io/engine-type")
 
 
+#: Header naming the prefill pod (``ip:port``) for the decode pod's sidecar (llm-d P/D).
+PREFILL_HEADER = "x-prefiller-host-port"
+#: Header naming the encode pods (comma-separated ``ip:port``) (llm-d E/P/D).
+ENCODER_HEADER = "x-encoder-hosts-ports"
+#: Header naming the decode target when ``pd-profile-handler``'s ``primaryPort`` is set.
+DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
+#: Routing headers only the scheduler sets (`SchedulingResult.headers`); a client's own values
+#: are never passed on, or a client could point a sidecar at any host.
+ROUTING_HEADERS = frozenset({PREFILL_HEADER, ENCODER_HEADER, DATA_PARALLEL_HEADER})
+
+
 @dataclass(slots=True)
 class EndpointMetrics:
     """What scorers read about a pod's load; vLLM metric names in parentheses.
@@ -55,6 +70,11 @@ class EndpointMetrics:
         cache_block_size: Tokens per KV block (``vllm:cache_config_info{block_size}``).
         cache_num_blocks: GPU KV blocks (``vllm:cache_config_info{num_gpu_blocks}``).
         update_time: Scheduler-clock time of the last successful scrape or update; 0 = never.
+        active_models: LoRA adapters running (``vllm:lora_requests_info{running_lora_adapters}``).
+        waiting_models: LoRA adapters waiting (``…{waiting_lora_adapters}``).
+        max_active_models: Adapters the pod can hold at once (``…{max_lora}``); 0 = unknown.
+        attributes: Further scalar endpoint attributes by name (read by
+            ``endpoint-attribute-filter`` / ``-scorer``), set by an in-process driver.
     """
 
     waiting_queue_size: int = 0
@@ -63,6 +83,10 @@ class EndpointMetrics:
     cache_block_size: int | None = None
     cache_num_blocks: int | None = None
     update_time: float = 0.0
+    active_models: frozenset[str] = frozenset()
+    waiting_models: frozenset[str] = frozenset()
+    max_active_models: int = 0
+    attributes: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -138,6 +162,8 @@ class SchedulingRequest:
         chat: Chat rendering options (``chat_template``, ``chat_template_kwargs``, ``tools``...).
         state: Per-request scratch space shared by plugins between scheduling and the response
             (keyed by plugin name by convention).
+        priority: Upstream's objective priority: < 0 is sheddable (admission may turn it away),
+            higher is served first by flow control.
     """
 
     request_id: str
@@ -150,6 +176,7 @@ class SchedulingRequest:
     headers: dict[str, str] = field(default_factory=dict)
     chat: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict, repr=False)
+    priority: int = 0
     _tokens: list[int] | None = field(default=None, init=False, repr=False)
     _tokens_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
@@ -220,6 +247,13 @@ class SchedulingResult:
         profile_results: Every profile that ran, by name.
         errors: Scorer plugin name -> the error it raised (it then scored 0 everywhere).
         dry_run: Whether this was an explanation only (no pre-request hook ran).
+        headers: Request headers the pre-request hooks want sent to the primary target, e.g.
+            ``x-prefiller-host-port: <ip:port>`` of the prefill pick for the decode pod's
+            sidecar under P/D (as upstream sets them); the gateway and the EPP send them.
+        failed_profiles: Profiles that ran and found no endpoint -> why (a multi-profile
+            handler may go on without them, as upstream drops a failed profile's result).
+        response_headers: Headers the pre-request hooks want sent back to the client (e.g.
+            ``session-affinity-scorer``'s session token); the gateway adds them.
     """
 
     targets: list[Endpoint]
@@ -231,11 +265,20 @@ class SchedulingResult:
     profile_results: dict[str, ProfileResult] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     dry_run: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+    failed_profiles: dict[str, str] = field(default_factory=dict)
+    response_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def target(self) -> Endpoint:
         """The first chosen endpoint."""
         return self.targets[0]
+
+    def profile_target(self, profile: str) -> Endpoint | None:
+        """The first pick of `profile` (e.g. ``prefill`` under P/D), None when it did not run
+        or found no endpoint."""
+        pr = self.profile_results.get(profile)
+        return pr.targets[0] if pr is not None and pr.targets else None
 
 
 @dataclass

@@ -1,223 +1,259 @@
-"""prefix-cache-affinity-filter and token-load-scorer: upstream's tables, ported in spirit."""
+"""Affinity scorers and endpoint-attribute plugins (tables ported in spirit from upstream's
+lora-affinity, session-affinity, context-length-aware, header-label and endpoint-attribute tests)."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
 
 from kvaware_scorer.errors import ConfigError
-from kvaware_scorer.scheduler import Endpoint, ResponseInfo, Scheduler, SchedulingRequest
+from kvaware_scorer.scheduler import (
+    Endpoint,
+    EndpointMetrics,
+    SchedulingRequest,
+    parse_vllm_metrics,
+)
 
 from .conftest import FakeClock, build, config, endpoints
 
-BS = 16  # routing-history block size of these tests
-PROMPT = list(range(100 * BS))  # 100 blocks
+
+def plugin(type_name: str, params: dict[str, Any] | None = None, **kw: Any) -> Any:
+    entry: dict[str, Any] = {"type": type_name}
+    if params is not None:
+        entry["parameters"] = params
+    s = build(config([entry]), seed=0, **kw)
+    return s, s.plugin(type_name)
 
 
-def _filter_scheduler(clock: FakeClock, **params: Any) -> Scheduler:
-    """History producer + the filter + a queue-blind picker (the filter's output is visible in
-    the result's candidates)."""
-    return build(
-        config(
-            [
-                {"type": "approx-prefix-cache-producer", "parameters": {"blockSizeTokens": BS}},
-                {"type": "prefix-cache-affinity-filter", "parameters": params},
-                {"type": "random-picker"},
-            ],
-            [
-                {
-                    "name": "d",
-                    "plugins": [
-                        {"pluginRef": "prefix-cache-affinity-filter"},
-                        {"pluginRef": "random-picker"},
-                    ],
-                }
-            ],
-        ),
-        clock=clock,
-        seed=0,
-    )
-
-
-def _place(s: Scheduler, ep: Endpoint, blocks: int, rid: str, tokens_in_flight: int = 0) -> None:
-    """Record `blocks` blocks of PROMPT on `ep` (and keep `tokens_in_flight` tokens in flight
-    there, with a prompt sharing nothing)."""
-    if blocks:
-        req = SchedulingRequest(rid, "m", token_ids=PROMPT[: blocks * BS])
-        s.post_response(req, s.schedule(req, [ep]), ResponseInfo())
-    if tokens_in_flight:
-        other = list(
-            range(10**6 * (ep.port + len(rid)), 10**6 * (ep.port + len(rid)) + tokens_in_flight)
-        )
-        s.schedule(SchedulingRequest(rid + "-load", "m", token_ids=other), [ep])
-
-
-def _kept(s: Scheduler, eps: list[Endpoint]) -> set[str]:
-    res = s.schedule(SchedulingRequest("probe", "m", token_ids=PROMPT), eps, dry_run=True)
-    return {e.name for e in eps if e.id in res.candidates}
+# -- lora ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("params", "matches", "loads", "kept"),
+    ("active", "waiting", "max_lora", "score"),
     [
-        # upstream TestFilter_AffinityThresholdDisabled
-        ({"affinityThreshold": 0}, [0, 90], [0, 0], {"pod-0", "pod-1"}),
-        # TestFilter_NoStickyEndpoints
-        ({"affinityThreshold": 0.8}, [10, 20, 50], [0, 0, 0], {"pod-0", "pod-1", "pod-2"}),
-        # TestFilter_NarrowToSticky
-        ({"affinityThreshold": 0.8}, [90, 85, 10], [0, 0, 0], {"pod-0", "pod-1"}),
-        # TestFilter_ThroughputTTFTBreaksStickiness: 500 vs 50 in-flight tokens at 1,000/s
-        (
-            {"maxTTFTPenaltyMs": 100, "peakPrefillThroughput": 1000},
-            [90, 10],
-            [500, 50],
-            {"pod-0", "pod-1"},
-        ),
-        # TestFilter_ThroughputTTFTWithinThreshold
-        ({"maxTTFTPenaltyMs": 1000, "peakPrefillThroughput": 1000}, [90, 10], [500, 50], {"pod-0"}),
-        # TestFilter_TTFTPenaltyDisabled
-        ({"maxTTFTPenaltyMs": 0, "peakPrefillThroughput": 1000}, [90, 10], [5000, 50], {"pod-0"}),
-        # TestFilter_ExplorationProbability
-        ({"explorationProbability": 1.0}, [90, 10], [0, 0], {"pod-0", "pod-1"}),
+        ({"sql"}, set(), 2, 1.0),  # running
+        ({"other"}, set(), 2, 0.8),  # a free slot
+        ({"a", "b"}, {"sql"}, 2, 0.6),  # waiting, no slot
+        ({"a", "b"}, set(), 2, 0.0),  # neither
     ],
 )
-def test_affinity_filter_table(
-    clock: FakeClock,
-    params: dict[str, Any],
-    matches: list[int],
-    loads: list[int],
-    kept: set[str],
+def test_lora_affinity_table(
+    active: set[str], waiting: set[str], max_lora: int, score: float
 ) -> None:
-    """Sticky pods (match >= threshold) are kept alone unless the gate opens (no sticky pod,
-    threshold 0, exploration, or the best sticky pod's TTFT trails by more than the penalty)."""
-    s = _filter_scheduler(clock, **params)
-    eps = endpoints(len(matches))
-    for i, (ep, m, load) in enumerate(zip(eps, matches, loads, strict=True)):
-        _place(s, ep, m, f"w{i}", load)
-    assert _kept(s, eps) == kept
+    """Running 1.0, free slot 0.8, waiting 0.6, else 0."""
+    s, p = plugin("lora-affinity-scorer")
+    (ep,) = endpoints(1)
+    ep.metrics = EndpointMetrics(
+        active_models=frozenset(active),
+        waiting_models=frozenset(waiting),
+        max_active_models=max_lora,
+    )
+    req = SchedulingRequest("r", "base", token_ids=[1], lora_name="sql")
+    assert p.score(s.context(), req, [ep]) == {ep.id: score}
 
 
-def test_affinity_filter_single_endpoint_passes(clock: FakeClock) -> None:
-    """One candidate is always kept."""
-    s = _filter_scheduler(clock)
-    (a,) = endpoints(1)
-    assert _kept(s, [a]) == {"pod-0"}
+def test_lora_adapters_scraped_from_vllm_metrics() -> None:
+    """vllm:lora_requests_info: the newest sample's running / waiting adapters and max_lora."""
+    text = (
+        "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting 0\n"
+        "# TYPE vllm:lora_requests_info gauge\n"
+        'vllm:lora_requests_info{max_lora="4",running_lora_adapters="old",waiting_lora_adapters=""} 1.0\n'
+        'vllm:lora_requests_info{max_lora="4",running_lora_adapters="a,b",waiting_lora_adapters="c"} 2.0\n'
+    )
+    m = parse_vllm_metrics(text)
+    assert m.active_models == {"a", "b"} and m.waiting_models == {"c"} and m.max_active_models == 4
 
 
-def test_affinity_filter_load_releases_when_responses_end(clock: FakeClock) -> None:
-    """In-flight tokens leave the TTFT estimate when the response ends: stickiness returns."""
-    s = _filter_scheduler(clock, maxTTFTPenaltyMs=100, peakPrefillThroughput=1000)
-    a, b = endpoints(2)
-    _place(s, a, 100, "w")
-    req = SchedulingRequest("load", "m", token_ids=list(range(10**7, 10**7 + 5000)))
-    res = s.schedule(req, [a])
-    assert _kept(s, [a, b]) == {"pod-0", "pod-1"}
-    s.post_response(req, res, ResponseInfo())
-    assert _kept(s, [a, b]) == {"pod-0"}
+# -- session affinity ------------------------------------------------------------------------------
+
+
+def test_session_token_round_trip() -> None:
+    """encoded_endpoint_header: the pick's token is returned; sending it back scores that pod 1."""
+    s, p = plugin("session-affinity-scorer")
+    eps = endpoints(3)
+    r = s.schedule(SchedulingRequest("a", "m", token_ids=[1]), eps)
+    token = r.response_headers["x-session-token"]
+    assert base64.b64decode(token).decode() == r.target.id
+    req = SchedulingRequest("b", "m", token_ids=[1], headers={"x-session-token": token})
+    scores = p.score(s.context(), req, eps)
+    assert scores[r.target.id] == 1.0 and sum(scores.values()) == 1.0
+    bad = SchedulingRequest("c", "m", token_ids=[1], headers={"x-session-token": "%%%"})
+    assert set(p.score(s.context(), bad, eps).values()) == {0.0}
+
+
+def test_session_id_binds_sticks_migrates_and_expires() -> None:
+    """session_id: the first pick binds; the bound pod scores 1; when it is no candidate the new
+    pick re-binds; bindings expire after evictionTtlSeconds."""
+    clock = FakeClock()
+    params = {"strategy": "session_id", "sessionIdConfig": {"evictionTtlSeconds": 60}}
+    s, p = plugin("session-affinity-scorer", params, clock=clock)
+    eps = endpoints(3)
+
+    def req(rid: str) -> SchedulingRequest:
+        return SchedulingRequest(rid, "m", token_ids=[1], headers={"x-session-id": "s1"})
+
+    first = s.schedule(req("a"), eps).target
+    assert p.score(s.context(), req("b"), eps)[first.id] == 1.0
+    others = [e for e in eps if e is not first]
+    moved = s.schedule(req("c"), others).target
+    assert p.score(s.context(), req("d"), eps)[moved.id] == 1.0
+    clock.advance(61)
+    assert set(p.score(s.context(), req("e"), eps).values()) == {0.0}
+
+
+def test_session_bindings_are_bounded() -> None:
+    """maxSessions bounds the bindings (least recently used dropped)."""
+    params = {"strategy": "session_id", "sessionIdConfig": {"maxSessions": 2}}
+    s, p = plugin("session-affinity-scorer", params)
+    eps = endpoints(2)
+    for sid in ("a", "b", "c"):
+        s.schedule(SchedulingRequest(sid, "m", token_ids=[1], headers={"x-session-id": sid}), eps)
+    assert len(p._bindings) == 2 and "a" not in p._bindings
+
+
+def test_session_source_needs_exactly_one_of_header_or_attribute() -> None:
+    """A session-id source with both header and attribute is a configuration error."""
+    params = {
+        "strategy": "session_id",
+        "sessionIdConfig": {"sources": [{"header": "h", "attribute": "a"}]},
+    }
+    with pytest.raises(ConfigError, match="exactly one"):
+        plugin("session-affinity-scorer", params)
+
+
+# -- context length --------------------------------------------------------------------------------
+
+
+def labeled(ranges: list[str | None]) -> list[Endpoint]:
+    return [
+        Endpoint(f"p{i}", f"10.0.2.{i}", 8000, {"llm-d.ai/context-length-range": r} if r else {})
+        for i, r in enumerate(ranges)
+    ]
+
+
+def test_context_length_scores_and_filters() -> None:
+    """In range beats out of range, narrower ranges win, unlabeled 0.5, malformed 0; with
+    enableFiltering only fitting and unlabeled pods remain."""
+    s, p = plugin("context-length-aware", {"enableFiltering": True})
+    eps = labeled(["0-1000", "0-100000", "2000-4000", None, "bad"])
+    req = SchedulingRequest("r", "m", token_ids=list(range(500)))
+    sc = p.score(s.context(), req, eps)
+    narrow, wide, outside, unlabeled, bad = (sc[e.id] for e in eps)
+    assert narrow > wide > outside > 0 and unlabeled == 0.5 and bad == 0.0
+    assert narrow == pytest.approx(0.3 + 0.7 * (0.7 / 1.1 + 0.3 * 0.5))
+    assert outside == pytest.approx(0.3 / 2.5)
+    kept = p.filter(s.context(), req, eps)
+    assert [e.name for e in kept] == ["p0", "p1", "p3"]
+
+
+# -- header label ----------------------------------------------------------------------------------
+
+
+def test_header_label_affinity() -> None:
+    """Pods whose label equals the header score 1; no header scores 0 everywhere."""
+    s, p = plugin("header-label-affinity-scorer", {"headerName": "X-Tier", "labelKey": "tier"})
+    eps = [Endpoint("a", "10.0.3.1", 8000, {"tier": "gold"}), Endpoint("b", "10.0.3.2", 8000, {})]
+    req = SchedulingRequest("r", "m", token_ids=[1], headers={"x-tier": "gold"})
+    assert p.score(s.context(), req, eps) == {eps[0].id: 1.0, eps[1].id: 0.0}
+    assert set(p.score(s.context(), SchedulingRequest("q", "m", token_ids=[1]), eps).values()) == {
+        0.0
+    }
+
+
+def test_header_label_affinity_requires_both_parameters() -> None:
+    """headerName and labelKey are required."""
+    with pytest.raises(ConfigError):
+        plugin("header-label-affinity-scorer", {"headerName": "x"})
+
+
+# -- endpoint attributes ----------------------------------------------------------------------------
+
+
+def attr_fleet(values: list[float | None]) -> list[Endpoint]:
+    eps = endpoints(len(values))
+    for e, v in zip(eps, values, strict=True):
+        e.metrics = EndpointMetrics(attributes={} if v is None else {"gpu_temp": v})
+    return eps
 
 
 @pytest.mark.parametrize(
-    ("params", "message"),
+    ("op", "kept"),
     [
-        ({"affinityThreshold": 1.5}, "affinityThreshold"),
-        ({"explorationProbability": -0.1}, "explorationProbability"),
-        ({"peakPrefillThroughput": -1}, "peakPrefillThroughput"),
-        ({"ttftSource": "bogus"}, "ttftSource"),
-        ({"ttftSource": "prefillThroughput", "peakPrefillThroughput": 0}, "peakPrefillThroughput"),
+        ("LessThan", [0]),
+        ("LessThanOrEqual", [0, 1]),
+        ("GreaterThan", [2]),
+        ("GreaterThanOrEqual", [1, 2]),
+        ("Equal", [1]),
+        ("NotEqual", [0, 2]),
     ],
 )
-def test_affinity_filter_rejects_bad_parameters(params: dict[str, Any], message: str) -> None:
-    """Invalid parameters are configuration errors naming the parameter."""
-    with pytest.raises(ConfigError, match=message):
-        build(config([{"type": "prefix-cache-affinity-filter", "parameters": params}]))
+def test_endpoint_attribute_filter_operators(op: str, kept: list[int]) -> None:
+    """Each threshold operator keeps the endpoints it should (missing passes by default)."""
+    params = {
+        "attribute": "gpu_temp",
+        "algorithm": {"type": "threshold", "threshold": {"operator": op, "value": 70}},
+    }
+    s, p = plugin("endpoint-attribute-filter", params)
+    eps = attr_fleet([60, 70, 80, None])
+    out = p.filter(s.context(), SchedulingRequest("r", "m", token_ids=[1]), eps)
+    assert out == [eps[i] for i in kept] + [eps[3]]
 
 
-def test_affinity_filter_accepts_unused_zero_rate() -> None:
-    """peakPrefillThroughput 0 is fine when the throughput estimate is not used."""
-    build(
-        config(
-            [
-                {
-                    "type": "prefix-cache-affinity-filter",
-                    "parameters": {"maxTTFTPenaltyMs": 0, "peakPrefillThroughput": 0},
-                }
-            ]
-        )
+def test_endpoint_attribute_filter_missing_and_fallback() -> None:
+    """onMissing Fail drops endpoints without the attribute; fallbackOnEmpty keeps all when none pass."""
+    algo = {"type": "threshold", "threshold": {"operator": "GreaterThan", "value": 100}}
+    s, p = plugin(
+        "endpoint-attribute-filter",
+        {"attribute": "gpu_temp", "onMissing": "Fail", "algorithm": algo},
     )
-
-
-def test_affinity_filter_reads_a_latency_predictor(clock: FakeClock) -> None:
-    """ttftSource latencyPredictor takes each pod's TTFT from a predicted-ttft-scorer."""
-    s = build(
-        config(
-            [
-                {"type": "approx-prefix-cache-producer", "parameters": {"blockSizeTokens": BS}},
-                {
-                    "type": "prefix-cache-affinity-filter",
-                    "parameters": {"ttftSource": "latencyPredictor", "maxTTFTPenaltyMs": 1000},
-                },
-                {
-                    "type": "predicted-ttft-scorer",
-                    "parameters": {
-                        "prefixMatchInfoProducerName": "approx-prefix-cache-producer",
-                        "prefillTokensPerSecond": 1000,
-                        "learningHalfLife": 0,
-                        "metricsInterval": 0,
-                    },
-                },
-                {"type": "random-picker"},
-            ]
-        ),
-        clock=clock,
-        seed=0,
+    eps = attr_fleet([60, None])
+    req = SchedulingRequest("r", "m", token_ids=[1])
+    assert p.filter(s.context(), req, eps) == []
+    s2, p2 = plugin(
+        "endpoint-attribute-filter",
+        {"attribute": "gpu_temp", "onMissing": "Fail", "fallbackOnEmpty": True, "algorithm": algo},
     )
-    a, b = endpoints(2)
-    _place(s, a, 100, "w")
-    assert _kept(s, [a, b]) == {"pod-0"}
-    # 3,000 tokens queued on the sticky pod: 3 s there against 1.6 s of prefill elsewhere
-    s.schedule(SchedulingRequest("q", "m", token_ids=list(range(10**7, 10**7 + 3000))), [a])
-    assert _kept(s, [a, b]) == {"pod-0", "pod-1"}
+    assert p2.filter(s2.context(), req, eps) == eps
 
 
-def test_token_load_scorer_table(clock: FakeClock) -> None:
-    """Upstream's table: (in flight + this request's tokens) / threshold, 1 - that, floor 0."""
-    s = build(
-        config([{"type": "token-load-scorer", "parameters": {"queueThresholdTokens": 1000}}]),
-        clock=clock,
-        seed=0,
+def test_endpoint_attribute_with_slash_needs_a_producer() -> None:
+    """An 'attribute/producer' spelling without producer is an error naming the split."""
+    algo = {"type": "threshold", "threshold": {"operator": "Equal", "value": 1}}
+    with pytest.raises(ConfigError, match="split"):
+        plugin("endpoint-attribute-filter", {"attribute": "temp/dcgm", "algorithm": algo})
+
+
+def test_endpoint_attribute_scorer_normalizations() -> None:
+    """Adaptive min-max over candidates, fixed range clamped, missing 0, all equal 1."""
+    req = SchedulingRequest("r", "m", token_ids=[1])
+    s, p = plugin(
+        "endpoint-attribute-scorer",
+        {"attributeKey": "gpu_temp", "algorithm": {"type": "linear_lower_is_better"}},
     )
-    a, b, c = endpoints(3)
-    s.schedule(SchedulingRequest("l1", "m", token_ids=list(range(10**6, 10**6 + 250))), [b])
-    s.schedule(SchedulingRequest("l2", "m", token_ids=list(range(2 * 10**6, 2 * 10**6 + 750))), [c])
-    res = s.schedule(
-        SchedulingRequest("r", "m", token_ids=list(range(250))), [a, b, c], dry_run=True
-    )
-    sc = res.scores["token-load-scorer"]
-    assert sc[a.id] == pytest.approx(0.75)
-    assert sc[b.id] == pytest.approx(0.5)
-    assert sc[c.id] == pytest.approx(0.0)
+    eps = attr_fleet([50, 70, 90, None])
+    assert [p.score(s.context(), req, eps)[e.id] for e in eps] == [1.0, 0.5, 0.0, 0.0]
+    same = attr_fleet([70, 70])
+    assert set(p.score(s.context(), req, same).values()) == {1.0}
+    fixed = {
+        "type": "linear_higher_is_better",
+        "normalization": {"fixedRange": {"min": 60, "max": 80}},
+    }
+    s2, p2 = plugin("endpoint-attribute-scorer", {"attributeKey": "gpu_temp", "algorithm": fixed})
+    assert [p2.score(s2.context(), req, eps)[e.id] for e in eps] == [0.0, 0.5, 1.0, 0.0]
 
 
-def test_token_load_scorer_discounts_cached_tokens_and_defaults(clock: FakeClock) -> None:
-    """A pod holding the prompt is charged only its uncached tokens; a threshold <= 0 means
-    upstream's default (4,194,304 tokens)."""
-    s = build(
-        config(
-            [
-                {"type": "prefix-cache-scorer", "parameters": {"blockSizeTokens": BS}},
-                {"type": "token-load-scorer", "parameters": {"queueThresholdTokens": 0}},
-            ],
-            [{"name": "d", "plugins": [{"pluginRef": "token-load-scorer"}]}],
-        ),
-        clock=clock,
-        seed=0,
+def test_endpoint_attribute_reads_core_metrics_by_name() -> None:
+    """Upstream's core metric names (WaitingQueueSize...) read the scraped metrics."""
+    s, p = plugin(
+        "endpoint-attribute-scorer",
+        {"attributeKey": "WaitingQueueSize", "algorithm": {"type": "linear_lower_is_better"}},
     )
-    a, b = endpoints(2)
-    assert s.plugin("token-load-scorer").threshold == 4_194_304
-    req = SchedulingRequest("w", "m", token_ids=PROMPT)
-    s.post_response(req, s.schedule(req, [a]), ResponseInfo())
-    res = s.schedule(SchedulingRequest("r", "m", token_ids=PROMPT), [a, b], dry_run=True)
-    sc = res.scores["token-load-scorer"]
-    assert sc[a.id] > sc[b.id]
-    assert 1 - sc[b.id] == pytest.approx(len(PROMPT) / 4_194_304)
+    eps = endpoints(2)
+    eps[0].metrics = EndpointMetrics(waiting_queue_size=0)
+    eps[1].metrics = EndpointMetrics(waiting_queue_size=10)
+    assert p.score(s.context(), SchedulingRequest("r", "m", token_ids=[1]), eps) == {
+        eps[0].id: 1.0,
+        eps[1].id: 0.0,
+    }

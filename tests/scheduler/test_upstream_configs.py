@@ -3,12 +3,15 @@ precise-prefix guide) build working schedulers, with warnings for what this host
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.scheduler import (
+    Endpoint,
     PluginRegistry,
     Scheduler,
     SchedulingRequest,
@@ -364,3 +367,102 @@ def test_removed_upstream_type_fails_naming_the_path(registry: PluginRegistry) -
         load_config(data, registry)
     assert info.value.path == "plugins[0].type"
     assert "known types:" in info.value.message and "no-hit-lru-scorer" in info.value.message
+
+
+# -- the corpus of upstream-style configurations --------------------------------------------------
+
+CORPUS = sorted((Path(__file__).parent / "upstream_corpus").glob("*.yaml"))
+
+
+def test_corpus_is_there() -> None:
+    """The corpus holds the published configuration shapes (not vacuously empty)."""
+    assert len(CORPUS) >= 15
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
+def test_corpus_validates_and_names_every_no_op(
+    path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kvaware validate` accepts each corpus file (which names its upstream source), and every
+    type it accepts as a no-op is named in a warning."""
+    from kvaware_scorer.cli import main
+    from kvaware_scorer.plugins.compat import INERT_TYPES
+
+    text = path.read_text()
+    assert text.startswith("# Source: "), "each corpus file names its upstream source"
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    used = {e["type"] for e in yaml.safe_load(text).get("plugins") or []}
+    for inert in used & set(INERT_TYPES):
+        assert any(inert in line and "does nothing" in line for line in out.splitlines()), inert
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
+def test_corpus_resolved_yaml_loads_back(
+    path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The resolved form of each corpus file (every default written out) validates again."""
+    from kvaware_scorer.cli import main
+
+    assert main(["validate", "--resolved-yaml", str(path)]) == 0
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(capsys.readouterr().out)
+    assert main(["validate", str(resolved)]) == 0, capsys.readouterr().err
+
+
+def role_fleet() -> list[Endpoint]:
+    roles = ["decode", "decode", "prefill", "prefill", "encode"]
+    return [
+        Endpoint(f"{r}-{i}", f"10.1.0.{i}", 8000, {"llm-d.ai/role": r}) for i, r in enumerate(roles)
+    ]
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
+def test_corpus_schedules(path: Path) -> None:
+    """Each corpus configuration builds a scheduler that schedules a request."""
+    s = Scheduler.from_config(
+        yaml.safe_load(path.read_text()) or {},
+        plugin_manager=make_plugin_manager(use_env=False),
+        seed=0,
+    )
+    try:
+        r = s.schedule(SchedulingRequest("r", "m", token_ids=list(range(256))), role_fleet())
+    finally:
+        s.close()
+    assert r.targets
+
+
+def corpus(name: str, registry: PluginRegistry) -> Any:
+    return load_config(
+        yaml.safe_load((Path(__file__).parent / "upstream_corpus" / name).read_text()), registry
+    )
+
+
+def test_corpus_semantics(registry: PluginRegistry) -> None:
+    """What the corpus files mean here is upstream's meaning: defaults when no plugins, the
+    default producer bound beside two producers, nanosecond durations, block-size precedence."""
+    weights = {
+        s.name: s.weight for s in corpus("defaults-only.yaml", registry).profiles["default"].scorers
+    }
+    assert weights == {
+        "queue-scorer": 2,
+        "kv-cache-utilization-scorer": 2,
+        "prefix-cache-scorer": 3,
+    }
+    two = corpus("no-hit-lru-two-producers.yaml", registry)
+    assert two.plugins["no-hit-lru-scorer"].parameters()["prefixMatchInfoProducerName"] == (
+        "approx-prefix-cache-producer"
+    )
+    sim = corpus("precise-kvcache-sim.yaml", registry).plugins["precise-prefix-cache-producer"]
+    assert sim.parameters()["kvBlockIndexConfig"]["metricsLoggingInterval"] == 60.0
+    older = corpus("kv-cache-older-index.yaml", registry).plugins["precise-prefix-cache-scorer"]
+    assert older.parameters()["tokenProcessorConfig"]["blockSize"] == 64
+
+
+def test_resolved_yaml_keeps_flow_control(registry: PluginRegistry) -> None:
+    """The resolved form keeps the upstream sections (flowControl configures flow control)."""
+    cfg = corpus("probabilistic-admitter.yaml", registry)
+    again = load_config(cfg.to_dict(), registry)
+    assert again.ignored["flowControl"] == {
+        "saturationDetector": {"pluginRef": "utilization-detector"}
+    }

@@ -1,0 +1,248 @@
+"""Flow control and admission: saturation detectors, the queue (priority, fairness, ordering,
+shedding with 429/503), probabilistic admission and agent identity (ported in spirit from
+upstream's detector, policy and admitter tables)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from kvaware_scorer.errors import RequestRejectedError
+from kvaware_scorer.scheduler import (
+    EndpointMetrics,
+    ResponseInfo,
+    Scheduler,
+    SchedulingRequest,
+)
+
+from .conftest import FakeClock, build, config, endpoints
+
+
+def plugin(
+    type_name: str, params: dict[str, Any] | None = None, **kw: Any
+) -> tuple[Scheduler, Any]:
+    entry: dict[str, Any] = {"type": type_name}
+    if params is not None:
+        entry["parameters"] = params
+    s = build(config([entry]), seed=0, **kw)
+    return s, s.plugin(type_name)
+
+
+def req(rid: str, **kw: Any) -> SchedulingRequest:
+    return SchedulingRequest(rid, "m", token_ids=list(range(32)), **kw)
+
+
+# -- detectors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("metrics", "saturation"),
+    [
+        ([(0, 0.0), (0, 0.0)], 0.0),
+        ([(5, 0.0), (0, 0.4)], 0.75),  # max(5/5, 0) = 1 and max(0, 0.4/0.8) = 0.5
+        ([(10, 0.0), (0, 0.8)], 1.5),
+        ([(0, 0.0), None], 0.5),  # unknown metrics count as saturated (fail closed)
+    ],
+)
+def test_utilization_detector_roofline(metrics: list[Any], saturation: float) -> None:
+    """Pool saturation is the average of max(queue / 5, kv / 0.8), unknown = 1."""
+    s, d = plugin("utilization-detector")
+    eps = endpoints(len(metrics))
+    clock_now = s.context().now
+    for e, m in zip(eps, metrics, strict=True):
+        if m is None:
+            e.metrics = EndpointMetrics(update_time=1.0)  # long stale
+        else:
+            e.metrics = EndpointMetrics(
+                waiting_queue_size=m[0], kv_cache_usage_percent=m[1], update_time=clock_now
+            )
+    assert d.saturated(s.context(), eps) == pytest.approx(saturation)
+
+
+def test_utilization_filter_fails_open() -> None:
+    """Endpoints over the limits are dropped, but never all of them."""
+    s, d = plugin("utilization-detector", {"queueDepthThreshold": 2})
+    eps = endpoints(2)
+    eps[0].metrics = EndpointMetrics(waiting_queue_size=1)
+    eps[1].metrics = EndpointMetrics(waiting_queue_size=3)
+    assert d.filter(s.context(), req("a"), eps) == [eps[0]]
+    eps[0].metrics = EndpointMetrics(waiting_queue_size=9)
+    assert d.filter(s.context(), req("a"), eps) == eps
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"), [("requests", 0.75), ("tokens", 96 / 20000), ("hybrid", 0.75)]
+)
+def test_concurrency_detector_counts_in_flight(mode: str, expected: float) -> None:
+    """In-flight requests (or prompt tokens) over capacity; released requests stop counting."""
+    params = {"concurrencyMode": mode, "maxConcurrency": 2, "maxTokenConcurrency": 10000}
+    s = build(config([{"type": "concurrency-detector", "parameters": params}]), seed=0)
+    d = s.plugin("concurrency-detector")
+    eps = endpoints(2)
+    done = []
+    for k, e in enumerate([eps[0], eps[0], eps[1], eps[1]]):
+        r = req(f"r{k}")
+        done.append((r, s.schedule(r, [e])))
+    s.post_response(*done[3], ResponseInfo(200))
+    assert d.saturated(s.context(), eps) == pytest.approx(expected)
+    if mode != "tokens":
+        assert d.filter(s.context(), req("x"), eps) == [eps[1]]  # eps[0] at 2 = max
+
+
+# -- the queue -------------------------------------------------------------------------------------
+
+
+class Gate:
+    """A saturation detector the test opens and closes."""
+
+    def __init__(self) -> None:
+        self.value = 1.0
+
+    def saturated(self, ctx: Any, endpoints: Any) -> float:
+        return self.value
+
+
+def controller(**kw: Any) -> tuple[Any, Gate]:
+    from kvaware_scorer.scheduler.flowcontrol import FlowController
+
+    s = build(config([{"type": "queue-scorer"}]), seed=0)
+    eps = endpoints(2)
+    gate = Gate()
+    fc = FlowController(gate, lambda: eps, s.context, **kw)
+    return fc, gate
+
+
+async def test_queue_serves_priority_then_fairness_then_order() -> None:
+    """While saturated requests wait; on release the higher band goes first, then flows take
+    turns (round robin) in arrival order within a flow."""
+    from kvaware_scorer.scheduler.flowcontrol import QueuedRequest
+
+    class RoundRobin:
+        def __init__(self) -> None:
+            self.last: str | None = None
+
+        def pick_flow(self, flows: Any, ordering: Any) -> str:
+            keys = sorted(flows)
+            i = (keys.index(self.last) + 1) % len(keys) if self.last in keys else 0
+            self.last = keys[i]
+            return self.last
+
+    fc, gate = controller(fairness=RoundRobin())
+    order: list[str] = []
+
+    async def one(rid: str, flow: str, priority: int = 0) -> None:
+        await fc.wait_turn(
+            req(rid, headers={"x-llm-d-inference-fairness-id": flow}, priority=priority)
+        )
+        order.append(rid)
+
+    tasks = [
+        asyncio.create_task(one("a1", "a")),
+        asyncio.create_task(one("a2", "a")),
+        asyncio.create_task(one("b1", "b")),
+        asyncio.create_task(one("hi", "c", priority=5)),
+    ]
+    await asyncio.sleep(0.05)
+    assert order == [] and fc.waiting() == 4
+    gate.value = 0.0
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert order == ["hi", "a1", "b1", "a2"]
+    assert isinstance(QueuedRequest, type)
+
+
+async def test_queue_sheds_with_upstream_statuses() -> None:
+    """A full band is shed with 429, a wait past the TTL with 429, an empty pool with 503."""
+    fc, gate = controller(request_ttl=0.05, band_max_requests=1)
+    waiting = asyncio.create_task(fc.wait_turn(req("w")))
+    await asyncio.sleep(0.01)
+    with pytest.raises(RequestRejectedError) as full:
+        await fc.wait_turn(req("x"))
+    assert full.value.status == 429
+    with pytest.raises(RequestRejectedError) as ttl:
+        await waiting
+    assert ttl.value.status == 429 and "timed out" in str(ttl.value)
+    from kvaware_scorer.scheduler.flowcontrol import FlowController
+
+    empty = FlowController(gate, list, fc._context)
+    with pytest.raises(RequestRejectedError) as none:
+        await empty.wait_turn(req("y"))
+    assert none.value.status == 503
+
+
+async def test_flow_control_configured_from_yaml_queues_in_aschedule() -> None:
+    """flowControl in the config puts aschedule behind the saturation detector (here
+    concurrency, 1 request per pod): the third request waits until one finishes."""
+    data = config(
+        [
+            {"type": "concurrency-detector", "parameters": {"maxConcurrency": 1}},
+            {"type": "queue-scorer"},
+        ]
+    )
+    data["flowControl"] = {
+        "saturationDetector": {"pluginRef": "concurrency-detector"},
+        "defaultRequestTTL": "5s",
+    }
+    s = build(data, seed=0)
+    eps = endpoints(2)
+    s.set_endpoints(eps)
+    assert s.flow is not None
+    r1 = await s.aschedule(req("1"))
+    r2 = await s.aschedule(req("2"))
+    third = asyncio.create_task(s.aschedule(req("3")))
+    await asyncio.sleep(0.05)
+    assert not third.done() and s.flow.waiting() == 1
+    s.post_response(req("1"), r1, ResponseInfo(200))
+    r3 = await asyncio.wait_for(third, 2)
+    assert r3.target is r1.target and r2.target is not r1.target
+
+
+# -- admitters and identity -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("queue", "prob"), [(0, 0.0), (1, min(0.2**5 * 300, 1.0)), (5, 1.0)])
+def test_probabilistic_admitter_curve(queue: int, prob: float) -> None:
+    """p = min(saturation^power * k, 1) over the roofline saturation."""
+    s, a = plugin("probabilistic-admitter")
+    eps = endpoints(1)
+    eps[0].metrics = EndpointMetrics(waiting_queue_size=queue)
+    assert a.shed_probability(s.context(), eps) == pytest.approx(prob)
+
+
+def test_probabilistic_admitter_sheds_only_sheddable() -> None:
+    """At full saturation sheddable requests get 429 and others pass."""
+    s = build(config([{"type": "probabilistic-admitter"}, {"type": "queue-scorer"}]), seed=0)
+    eps = endpoints(1)
+    eps[0].metrics = EndpointMetrics(waiting_queue_size=50)
+    with pytest.raises(RequestRejectedError) as info:
+        s.schedule(req("a", priority=-1), eps)
+    assert info.value.status == 429
+    s.schedule(req("b"), eps)
+
+
+def test_agent_identity_is_the_fairness_id() -> None:
+    """The first agent session header becomes the flow (an explicit fairness header wins)."""
+    data = config(
+        [
+            {"type": "agent-identity", "parameters": {"additionalSessionHeaders": ["X-My-Agent"]}},
+            {"type": "queue-scorer"},
+        ]
+    )
+    data["featureGates"] = ["flowControl"]
+    s = build(data, seed=0)
+    assert s.flow is not None
+    assert s.flow.flow_of(req("a", headers={"session-id": "codex-1"})) == "codex-1"
+    assert s.flow.flow_of(req("b", headers={"x-my-agent": "m", "session-id": "c"})) == "m"
+    explicit = {"x-llm-d-inference-fairness-id": "tenant", "session-id": "c"}
+    assert s.flow.flow_of(req("c", headers=explicit)) == "tenant"
+    assert s.flow.flow_of(req("d")) == "default-flow"
+    r = req("e", headers={"x-claude-code-session-id": "cc"})
+    s.schedule(r, endpoints(1))
+    assert r.state["attribute:agent-identity"] == "cc"
+
+
+def test_without_flow_control_nothing_queues() -> None:
+    """No flowControl section and no gate: no controller."""
+    s = build(config([{"type": "queue-scorer"}]), seed=0, clock=FakeClock())
+    assert s.flow is None

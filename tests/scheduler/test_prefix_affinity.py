@@ -1,0 +1,223 @@
+"""prefix-cache-affinity-filter and token-load-scorer: upstream's tables, ported in spirit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.scheduler import Endpoint, ResponseInfo, Scheduler, SchedulingRequest
+
+from .conftest import FakeClock, build, config, endpoints
+
+BS = 16  # routing-history block size of these tests
+PROMPT = list(range(100 * BS))  # 100 blocks
+
+
+def _filter_scheduler(clock: FakeClock, **params: Any) -> Scheduler:
+    """History producer + the filter + a queue-blind picker (the filter's output is visible in
+    the result's candidates)."""
+    return build(
+        config(
+            [
+                {"type": "approx-prefix-cache-producer", "parameters": {"blockSizeTokens": BS}},
+                {"type": "prefix-cache-affinity-filter", "parameters": params},
+                {"type": "random-picker"},
+            ],
+            [
+                {
+                    "name": "d",
+                    "plugins": [
+                        {"pluginRef": "prefix-cache-affinity-filter"},
+                        {"pluginRef": "random-picker"},
+                    ],
+                }
+            ],
+        ),
+        clock=clock,
+        seed=0,
+    )
+
+
+def _place(s: Scheduler, ep: Endpoint, blocks: int, rid: str, tokens_in_flight: int = 0) -> None:
+    """Record `blocks` blocks of PROMPT on `ep` (and keep `tokens_in_flight` tokens in flight
+    there, with a prompt sharing nothing)."""
+    if blocks:
+        req = SchedulingRequest(rid, "m", token_ids=PROMPT[: blocks * BS])
+        s.post_response(req, s.schedule(req, [ep]), ResponseInfo())
+    if tokens_in_flight:
+        other = list(
+            range(10**6 * (ep.port + len(rid)), 10**6 * (ep.port + len(rid)) + tokens_in_flight)
+        )
+        s.schedule(SchedulingRequest(rid + "-load", "m", token_ids=other), [ep])
+
+
+def _kept(s: Scheduler, eps: list[Endpoint]) -> set[str]:
+    res = s.schedule(SchedulingRequest("probe", "m", token_ids=PROMPT), eps, dry_run=True)
+    return {e.name for e in eps if e.id in res.candidates}
+
+
+@pytest.mark.parametrize(
+    ("params", "matches", "loads", "kept"),
+    [
+        # upstream TestFilter_AffinityThresholdDisabled
+        ({"affinityThreshold": 0}, [0, 90], [0, 0], {"pod-0", "pod-1"}),
+        # TestFilter_NoStickyEndpoints
+        ({"affinityThreshold": 0.8}, [10, 20, 50], [0, 0, 0], {"pod-0", "pod-1", "pod-2"}),
+        # TestFilter_NarrowToSticky
+        ({"affinityThreshold": 0.8}, [90, 85, 10], [0, 0, 0], {"pod-0", "pod-1"}),
+        # TestFilter_ThroughputTTFTBreaksStickiness: 500 vs 50 in-flight tokens at 1,000/s
+        (
+            {"maxTTFTPenaltyMs": 100, "peakPrefillThroughput": 1000},
+            [90, 10],
+            [500, 50],
+            {"pod-0", "pod-1"},
+        ),
+        # TestFilter_ThroughputTTFTWithinThreshold
+        ({"maxTTFTPenaltyMs": 1000, "peakPrefillThroughput": 1000}, [90, 10], [500, 50], {"pod-0"}),
+        # TestFilter_TTFTPenaltyDisabled
+        ({"maxTTFTPenaltyMs": 0, "peakPrefillThroughput": 1000}, [90, 10], [5000, 50], {"pod-0"}),
+        # TestFilter_ExplorationProbability
+        ({"explorationProbability": 1.0}, [90, 10], [0, 0], {"pod-0", "pod-1"}),
+    ],
+)
+def test_affinity_filter_table(
+    clock: FakeClock,
+    params: dict[str, Any],
+    matches: list[int],
+    loads: list[int],
+    kept: set[str],
+) -> None:
+    """Sticky pods (match >= threshold) are kept alone unless the gate opens (no sticky pod,
+    threshold 0, exploration, or the best sticky pod's TTFT trails by more than the penalty)."""
+    s = _filter_scheduler(clock, **params)
+    eps = endpoints(len(matches))
+    for i, (ep, m, load) in enumerate(zip(eps, matches, loads, strict=True)):
+        _place(s, ep, m, f"w{i}", load)
+    assert _kept(s, eps) == kept
+
+
+def test_affinity_filter_single_endpoint_passes(clock: FakeClock) -> None:
+    """One candidate is always kept."""
+    s = _filter_scheduler(clock)
+    (a,) = endpoints(1)
+    assert _kept(s, [a]) == {"pod-0"}
+
+
+def test_affinity_filter_load_releases_when_responses_end(clock: FakeClock) -> None:
+    """In-flight tokens leave the TTFT estimate when the response ends: stickiness returns."""
+    s = _filter_scheduler(clock, maxTTFTPenaltyMs=100, peakPrefillThroughput=1000)
+    a, b = endpoints(2)
+    _place(s, a, 100, "w")
+    req = SchedulingRequest("load", "m", token_ids=list(range(10**7, 10**7 + 5000)))
+    res = s.schedule(req, [a])
+    assert _kept(s, [a, b]) == {"pod-0", "pod-1"}
+    s.post_response(req, res, ResponseInfo())
+    assert _kept(s, [a, b]) == {"pod-0"}
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"affinityThreshold": 1.5}, "affinityThreshold"),
+        ({"explorationProbability": -0.1}, "explorationProbability"),
+        ({"peakPrefillThroughput": -1}, "peakPrefillThroughput"),
+        ({"ttftSource": "bogus"}, "ttftSource"),
+        ({"ttftSource": "prefillThroughput", "peakPrefillThroughput": 0}, "peakPrefillThroughput"),
+    ],
+)
+def test_affinity_filter_rejects_bad_parameters(params: dict[str, Any], message: str) -> None:
+    """Invalid parameters are configuration errors naming the parameter."""
+    with pytest.raises(ConfigError, match=message):
+        build(config([{"type": "prefix-cache-affinity-filter", "parameters": params}]))
+
+
+def test_affinity_filter_accepts_unused_zero_rate() -> None:
+    """peakPrefillThroughput 0 is fine when the throughput estimate is not used."""
+    build(
+        config(
+            [
+                {
+                    "type": "prefix-cache-affinity-filter",
+                    "parameters": {"maxTTFTPenaltyMs": 0, "peakPrefillThroughput": 0},
+                }
+            ]
+        )
+    )
+
+
+def test_affinity_filter_reads_a_latency_predictor(clock: FakeClock) -> None:
+    """ttftSource latencyPredictor takes each pod's TTFT from a predicted-ttft-scorer."""
+    s = build(
+        config(
+            [
+                {"type": "approx-prefix-cache-producer", "parameters": {"blockSizeTokens": BS}},
+                {
+                    "type": "prefix-cache-affinity-filter",
+                    "parameters": {"ttftSource": "latencyPredictor", "maxTTFTPenaltyMs": 1000},
+                },
+                {
+                    "type": "predicted-ttft-scorer",
+                    "parameters": {
+                        "prefixMatchInfoProducerName": "approx-prefix-cache-producer",
+                        "prefillTokensPerSecond": 1000,
+                        "learningHalfLife": 0,
+                        "metricsInterval": 0,
+                    },
+                },
+                {"type": "random-picker"},
+            ]
+        ),
+        clock=clock,
+        seed=0,
+    )
+    a, b = endpoints(2)
+    _place(s, a, 100, "w")
+    assert _kept(s, [a, b]) == {"pod-0"}
+    # 3,000 tokens queued on the sticky pod: 3 s there against 1.6 s of prefill elsewhere
+    s.schedule(SchedulingRequest("q", "m", token_ids=list(range(10**7, 10**7 + 3000))), [a])
+    assert _kept(s, [a, b]) == {"pod-0", "pod-1"}
+
+
+def test_token_load_scorer_table(clock: FakeClock) -> None:
+    """Upstream's table: (in flight + this request's tokens) / threshold, 1 - that, floor 0."""
+    s = build(
+        config([{"type": "token-load-scorer", "parameters": {"queueThresholdTokens": 1000}}]),
+        clock=clock,
+        seed=0,
+    )
+    a, b, c = endpoints(3)
+    s.schedule(SchedulingRequest("l1", "m", token_ids=list(range(10**6, 10**6 + 250))), [b])
+    s.schedule(SchedulingRequest("l2", "m", token_ids=list(range(2 * 10**6, 2 * 10**6 + 750))), [c])
+    res = s.schedule(
+        SchedulingRequest("r", "m", token_ids=list(range(250))), [a, b, c], dry_run=True
+    )
+    sc = res.scores["token-load-scorer"]
+    assert sc[a.id] == pytest.approx(0.75)
+    assert sc[b.id] == pytest.approx(0.5)
+    assert sc[c.id] == pytest.approx(0.0)
+
+
+def test_token_load_scorer_discounts_cached_tokens_and_defaults(clock: FakeClock) -> None:
+    """A pod holding the prompt is charged only its uncached tokens; a threshold <= 0 means
+    upstream's default (4,194,304 tokens)."""
+    s = build(
+        config(
+            [
+                {"type": "prefix-cache-scorer", "parameters": {"blockSizeTokens": BS}},
+                {"type": "token-load-scorer", "parameters": {"queueThresholdTokens": 0}},
+            ],
+            [{"name": "d", "plugins": [{"pluginRef": "token-load-scorer"}]}],
+        ),
+        clock=clock,
+        seed=0,
+    )
+    a, b = endpoints(2)
+    assert s.plugin("token-load-scorer").threshold == 4_194_304
+    req = SchedulingRequest("w", "m", token_ids=PROMPT)
+    s.post_response(req, s.schedule(req, [a]), ResponseInfo())
+    res = s.schedule(SchedulingRequest("r", "m", token_ids=PROMPT), [a, b], dry_run=True)
+    sc = res.scores["token-load-scorer"]
+    assert sc[a.id] > sc[b.id]
+    assert 1 - sc[b.id] == pytest.approx(len(PROMPT) / 4_194_304)
