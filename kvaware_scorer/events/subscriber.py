@@ -28,15 +28,11 @@ never die on a bad frame: they log it, count it and go on.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import queue
 import threading
 import time
-import urllib.parse
-import urllib.request
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -44,7 +40,9 @@ import zmq
 
 from kvaware_scorer.config import KVEventsConfig, load_model
 from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.events.discovery import fetch_event_sources, parse_event_sources
 from kvaware_scorer.events.ingest import ReplayResult
+from kvaware_scorer.events.lanes import PodLanes
 from kvaware_scorer.events.publisher import END_SEQ, offset_endpoint
 
 if TYPE_CHECKING:
@@ -72,76 +70,6 @@ def parse_topic(topic: bytes) -> tuple[str | None, str | None]:
     pod = parts[1] if len(parts) > 1 and parts[1] else None
     model = parts[2] if len(parts) > 2 and parts[2] else None
     return pod, model
-
-
-#: Hosts of an endpoint bound on every interface (a dialer needs the pod's address instead).
-_WILDCARD_HOSTS: Final = frozenset({"*", "0.0.0.0", "::", "[::]"})
-
-
-def _dialable(endpoint: str, host: str) -> str:
-    """`endpoint` as a peer dials it: a wildcard tcp host becomes `host`.
-
-    Raises:
-        ValueError: A tcp endpoint without a port, or with port 0 (not resolved).
-    """
-    if not endpoint.startswith("tcp://"):
-        return endpoint
-    addr, sep, port = endpoint[len("tcp://") :].rpartition(":")
-    if not sep or not port.isdigit() or int(port) == 0:
-        raise ValueError(f"endpoint {endpoint!r} has no port to dial")
-    if addr in _WILDCARD_HOSTS:
-        name = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        return f"tcp://{name}:{port}"
-    return endpoint
-
-
-def parse_event_sources(sources: Any, host: str) -> dict[int, tuple[str, str | None]]:
-    """DP rank -> (publisher, replay endpoint) from vLLM's ``GET /kv_event_sources`` answer.
-
-    vLLM (>= 0.33) serves ``{dp_rank: KVEventsConfig}`` with the endpoints its publishers
-    actually bound (``tcp://*:0`` resolved to the node's address and a random port; each rank
-    already offset). Wildcard hosts are replaced by `host`; ranks whose events are off or not
-    published over ZMQ are left out.
-
-    Args:
-        sources: The decoded JSON answer.
-        host: The pod's address (for wildcard hosts).
-
-    Raises:
-        ValueError: An answer that is not such a map, or an endpoint without a port.
-    """
-    if not isinstance(sources, dict):
-        raise ValueError("expected a map of DP rank -> KV-events config")
-    out: dict[int, tuple[str, str | None]] = {}
-    for key, cfg in sources.items():
-        if not isinstance(cfg, dict) or not str(key).isdigit():
-            raise ValueError(f"unexpected entry {key!r} in the event sources")
-        if not cfg.get("enable_kv_cache_events") or cfg.get("publisher") not in (None, "zmq"):
-            continue
-        endpoint, replay = cfg.get("endpoint"), cfg.get("replay_endpoint")
-        if not isinstance(endpoint, str) or not isinstance(replay, str | None):
-            raise ValueError(f"rank {key}: endpoints must be strings")
-        out[int(key)] = (
-            _dialable(endpoint, host),
-            None if replay is None else _dialable(replay, host),
-        )
-    return out
-
-
-def fetch_event_sources(base_url: str, timeout: float = 2.0) -> dict[int, tuple[str, str | None]]:
-    """Ask a vLLM server (``http://<address>:<port>``) where its KV-event publishers are.
-
-    Returns:
-        DP rank -> (publisher, replay endpoint), see `parse_event_sources`.
-
-    Raises:
-        OSError: The server could not be reached (or answered an HTTP error).
-        ValueError: The answer is not vLLM's event-sources map.
-    """
-    url = base_url.rstrip("/") + "/kv_event_sources"
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        data = json.loads(resp.read())
-    return parse_event_sources(data, urllib.parse.urlsplit(url).hostname or "")
 
 
 @dataclass(slots=True)
@@ -189,8 +117,14 @@ class KVEventSubscriber:
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
-        self._workers: list[threading.Thread] = []
-        self._queues: list[queue.Queue[Any]] = []
+        self._lanes: PodLanes | None = None
+        self._replay_slots = threading.BoundedSemaphore(config.max_concurrent_replays)
+        #: Pod ids the scheduler knows (bind mode accepts only these, unless open mode).
+        self._known: frozenset[str] = frozenset(config.endpoints)
+        #: Open mode: pod id -> monotonic time of its last frame (bounded by ``maxPods``).
+        self._seen: dict[str, float] = {}
+        self._next_reclaim = 0.0
+        self._auth: Any = None
         self._handled_lock = threading.Lock()
         self._bound: str | None = None
         self._ready = threading.Event()
@@ -233,19 +167,19 @@ class KVEventSubscriber:
         self._ready.clear()
         self._start_error = None
         self._ctx = self._ctx_given or zmq.Context()
+        cfg = self.config
         ingestor = self.indexer.ingestor
         ingestor.set_replay_source(self)
-        n = self.config.concurrency
-        if n > 1:
-            self._queues = [queue.Queue(self.config.queue_size) for _ in range(n)]
-            self._workers = [
-                threading.Thread(
-                    target=self._worker, args=(q,), name=f"kvaware-kv-apply-{i}", daemon=True
-                )
-                for i, q in enumerate(self._queues)
-            ]
-            for w in self._workers:
-                w.start()
+        ingestor.max_event_tokens = cfg.max_event_tokens
+        ingestor.max_seq_jump = cfg.max_seq_jump
+        # NOTE: one thread per allowed concurrent replay on top of `concurrency`: a pod stuck
+        # in a slow replay never holds up another pod's live events.
+        self._lanes = PodLanes(
+            cfg.concurrency + cfg.max_concurrent_replays,
+            cfg.queue_size,
+            max(1, cfg.queue_size // (2 * cfg.max_concurrent_replays)),
+            self._apply_error,
+        )
         self._thread = threading.Thread(target=self._run, name="kvaware-kv-events", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -263,8 +197,11 @@ class KVEventSubscriber:
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
                 logger.warning("KV-event receiver did not stop within %.1fs", timeout)
-        for w in self._workers:
-            w.join(max(0.0, deadline - time.monotonic()))
+        if self._lanes is not None:
+            self._lanes.stop(max(0.0, deadline - time.monotonic()))
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         ingestor = self.indexer.ingestor
         if ingestor.replay_source is self:
             ingestor.set_replay_source(None)
@@ -272,8 +209,7 @@ class KVEventSubscriber:
             self._ctx.destroy(0)
         self._ctx = None
         self._thread = None
-        self._workers = []
-        self._queues = []
+        self._lanes = None
 
     def __enter__(self) -> KVEventSubscriber:
         self.start()
@@ -380,8 +316,105 @@ class KVEventSubscriber:
             sock.setsockopt(zmq.RCVBUF, cfg.rcvbuf)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_frame_bytes)
         sock.setsockopt(zmq.SUBSCRIBE, cfg.topic_filter.encode("utf-8"))
         return sock
+
+    def _curve_keys(self) -> tuple[bytes, bytes]:
+        """Our (public, secret) CURVE keys from ``curve.certificate``.
+
+        Raises:
+            ConfigError: The certificate cannot be read or holds no secret key.
+        """
+        curve = self.config.curve
+        assert curve is not None
+        try:
+            import zmq.auth
+
+            public, secret = zmq.auth.load_certificate(curve.certificate)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot read the CURVE certificate: {exc}", "kvEventsConfig.curve.certificate"
+            ) from None
+        if secret is None:
+            raise ConfigError(
+                "the CURVE certificate holds no secret key", "kvEventsConfig.curve.certificate"
+            )
+        return public, secret
+
+    def _curve_server(self, sock: zmq.Socket[Any]) -> None:
+        """Bind mode with CURVE: our bound socket authenticates the publishers that connect."""
+        curve = self.config.curve
+        if curve is None:
+            return
+        _public, secret = self._curve_keys()
+        if self._auth is None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            assert self._ctx is not None
+            auth = ThreadAuthenticator(self._ctx)
+            auth.start()
+            location = curve.client_keys_dir
+            auth.configure_curve(domain="*", location=location or zmq.auth.CURVE_ALLOW_ANY)
+            self._auth = auth
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+
+    def _curve_client(self, sock: zmq.Socket[Any]) -> None:
+        """Connect mode with CURVE: we authenticate the pod's publisher by ``curve.serverKey``."""
+        curve = self.config.curve
+        if curve is None:
+            return
+        if curve.server_key is None:
+            raise ConfigError(
+                "connect mode with CURVE needs the publishers' public key",
+                "kvEventsConfig.curve.serverKey",
+            )
+        public, secret = self._curve_keys()
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key.encode("ascii"))
+
+    # -- which pods bind mode accepts ------------------------------------------------------------
+
+    def set_known_pods(self, pods: Iterable[str]) -> None:
+        """The pod ids the scheduler knows (its endpoints): in bind mode only their frames are
+        applied, unless ``acceptUnknownPods``. Static ``endpoints`` are always known."""
+        self._known = frozenset(pods) | frozenset(self.config.endpoints)
+
+    def _accepts(self, pod: str) -> bool:
+        """Whether a bind-mode frame naming `pod` in its topic is applied (counted when not)."""
+        if pod in self._known or pod in self._pods:
+            return True
+        metrics = self.indexer.metrics
+        if not self.config.accept_unknown_pods:
+            metrics.dropped.labels("unknown_pod").inc()
+            return False
+        seen = self._seen
+        if pod not in seen and len(seen) >= self.config.max_pods:
+            now = time.monotonic()
+            if now >= self._next_reclaim:
+                self._next_reclaim = now + 1.0
+                self._reclaim_pods()
+            if len(seen) >= self.config.max_pods:
+                metrics.dropped.labels("too_many_pods").inc()
+                return False
+        seen[pod] = time.monotonic()
+        return True
+
+    def _reclaim_pods(self) -> None:
+        """Open mode: forget pods silent for ``podIdleSeconds`` (their index entries are purged,
+        their ingestion state dropped), so spoofed or departed pod ids do not pile up."""
+        limit = time.monotonic() - self.config.pod_idle_seconds
+        gone = [p for p, t in self._seen.items() if t < limit]
+        for pod in gone:
+            del self._seen[pod]
+            self._dispatch(pod, functools.partial(self._forget, pod))
+        if gone:
+            logger.info("forgot %d idle pods (open bind mode)", len(gone))
+
+    def _forget(self, pod: str) -> None:
+        self.indexer.purge_pod(pod, reason="idle")
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -392,6 +425,7 @@ class KVEventSubscriber:
             if self.config.zmq_endpoint:
                 sub = self._new_sub()
                 sources[sub] = (None, None)
+                self._curve_server(sub)
                 for i, endpoint in enumerate(self._bind_endpoints()):
                     sub.bind(endpoint)
                     bound = sub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -428,6 +462,8 @@ class KVEventSubscriber:
                 if self.config.stats_interval and time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + self.config.stats_interval
                     self.indexer.stats()
+                    if self._seen:
+                        self._reclaim_pods()
             except Exception:
                 self.indexer.metrics.dropped.labels("internal_error").inc()
                 logger.exception("KV-event receive loop error (continuing)")
@@ -465,9 +501,10 @@ class KVEventSubscriber:
         sub = self._new_sub()
         dialed = sorted(set(info.endpoints.values()))
         try:
+            self._curve_client(sub)
             for endpoint in dialed:
                 sub.connect(endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ConfigError) as exc:
             sub.close(0)
             logger.error("cannot dial %s for pod %s: %s", dialed, pod_id, exc)
             self.indexer.metrics.dropped.labels("bad_endpoint").inc()
@@ -526,6 +563,9 @@ class KVEventSubscriber:
                 metrics.dropped.labels("topic_without_pod").inc()
                 logger.debug("dropped a frame whose topic %r names no pod", topic)
                 return
+            if not self._accepts(pod):
+                logger.debug("dropped a frame of unknown pod %r", pod[:80])
+                return
         use_model = model or topic_model or self.config.default_model
         seq = int.from_bytes(seq8, "big")
         self._dispatch(pod, functools.partial(self._apply_frame, pod, use_model, payload, seq))
@@ -538,30 +578,15 @@ class KVEventSubscriber:
                 self.frames_handled += 1
 
     def _dispatch(self, pod: str, work: Callable[[], None]) -> None:
-        if not self._queues:
+        lanes = self._lanes
+        if lanes is None:
             work()
             return
-        q = self._queues[zlib.crc32(pod.encode("utf-8")) % len(self._queues)]
-        while not self._stop_event.is_set():
-            try:
-                q.put(work, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        if not lanes.submit(pod, work):
+            self.indexer.metrics.dropped.labels("replay_backlog").inc()
 
-    def _worker(self, q: queue.Queue[Any]) -> None:
-        # NOTE: on stop, frames still queued are dropped: stop stays bounded however full the
-        # queue is (a restarted subscriber rejoins each stream through its replay buffer).
-        while not self._stop_event.is_set():
-            try:
-                item = q.get(timeout=_POLL_MS / 1000)
-            except queue.Empty:
-                continue
-            try:
-                item()
-            except Exception:
-                self.indexer.metrics.dropped.labels("internal_error").inc()
-                logger.exception("KV-event apply error (continuing)")
+    def _apply_error(self) -> None:
+        self.indexer.metrics.dropped.labels("internal_error").inc()
 
     # -- replay (the ingestor's ReplaySource) ------------------------------------------------
 
@@ -586,11 +611,12 @@ class KVEventSubscriber:
             logger.warning("replay endpoint %s cannot serve rank %d", base, rank)
             return None
 
-    def _recv_replay(self, sock: zmq.Socket[Any], timeout: float) -> list[bytes] | None:
-        """The next reply message, or None after `timeout` seconds without one or on `stop`."""
-        deadline = time.monotonic() + timeout
+    def _recv_replay(self, sock: zmq.Socket[Any], deadline: float) -> list[bytes] | None:
+        """The next reply message, or None after ``replayTimeout`` seconds without one, past
+        `deadline`, or on `stop`."""
+        until = min(deadline, time.monotonic() + self.config.replay_timeout)
         while not self._stop_event.is_set():
-            left = deadline - time.monotonic()
+            left = until - time.monotonic()
             if left <= 0:
                 return None
             if sock.poll(int(min(left, _POLL_MS / 1000) * 1000) + 1):
@@ -600,8 +626,13 @@ class KVEventSubscriber:
     def replay(self, pod: str, rank: int, start_seq: int, reason: str) -> ReplayResult | None:
         """Fetch `pod`'s buffered batches from `start_seq` on (vLLM's replay protocol).
 
+        Bounded in time (``replayTimeout`` per answer frame, ``replayDeadline`` in total), in
+        frames (``maxReplayBatches``), in bytes (``maxReplayBytes``, each frame at most
+        ``maxFrameBytes``) and in number (``maxConcurrentReplays`` at once: one more is
+        refused at once with status ``busy`` instead of waiting).
+
         Returns None when the pod has no replay endpoint (or ``replayOnJoin`` is off for a
-        join); otherwise what arrived before the end marker, a timeout or `stop`.
+        join); otherwise what arrived before the end marker or a bound.
         """
         if reason == "join" and not self.config.replay_on_join:
             return None
@@ -609,45 +640,19 @@ class KVEventSubscriber:
         ctx = self._ctx
         if endpoint is None or ctx is None:
             return None
-        timeout = self.config.replay_timeout
-        limit = self.config.max_replay_batches
-        frames: list[tuple[int, bytes]] = []
-        status = "timeout"
-        # NOTE: one socket per replay, closed after it: replays are rare (gaps, joins), a kept
-        # socket per endpoint would outlive its pod (and keep reconnecting to it), and late
-        # replies to an abandoned request die with their socket instead of being read as the
-        # next answer.
-        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        if not self._replay_slots.acquire(blocking=False):
+            self.indexer.metrics.dropped.labels("replay_busy").inc()
+            logger.info("replay (%s) of %s rank %d refused: too many replays", reason, pod, rank)
+            return ReplayResult([], "busy")
+        lanes = self._lanes
+        if lanes is not None:
+            lanes.replaying(pod, True)
         try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.connect(endpoint)
-            sock.send_multipart((b"", start_seq.to_bytes(8, "big")))
-            while len(frames) < limit:
-                parts = self._recv_replay(sock, timeout)
-                if parts is None:
-                    break
-                if len(parts) == 4 and parts[0] == b"":  # >= 0.26: [b"", topic, seq, payload]
-                    seq8, payload = parts[2], parts[3]
-                elif len(parts) == 3 and parts[0] == b"":  # < 0.26: [b"", seq, payload]
-                    seq8, payload = parts[1], parts[2]
-                else:
-                    self.indexer.metrics.dropped.labels("bad_replay_frame").inc()
-                    continue
-                if len(seq8) != 8:
-                    self.indexer.metrics.dropped.labels("bad_replay_frame").inc()
-                    continue
-                if seq8 == END_SEQ:
-                    status = "ok"
-                    break
-                frames.append((int.from_bytes(seq8, "big"), payload))
-            else:
-                status = "truncated"
-        except zmq.ZMQError as exc:
-            logger.warning("replay from %s failed: %s", endpoint, exc)
-            status = "error"
+            frames, status = self._fetch_replay(ctx, endpoint, start_seq)
         finally:
-            sock.close(0)
+            if lanes is not None:
+                lanes.replaying(pod, False)
+            self._replay_slots.release()
         logger.info(
             "replay (%s) of %s rank %d from seq %d: %d batches, %s",
             reason,
@@ -658,3 +663,60 @@ class KVEventSubscriber:
             status,
         )
         return ReplayResult(frames, status)
+
+    def _fetch_replay(
+        self, ctx: zmq.Context[Any], endpoint: str, start_seq: int
+    ) -> tuple[list[tuple[int, bytes]], str]:
+        cfg = self.config
+        deadline = time.monotonic() + cfg.replay_deadline
+        limit, max_bytes = cfg.max_replay_batches, cfg.max_replay_bytes
+        dropped = self.indexer.metrics.dropped
+        frames: list[tuple[int, bytes]] = []
+        size = 0
+        status = "timeout"
+        # NOTE: one socket per replay, closed after it: replays are rare (gaps, joins), a kept
+        # socket per endpoint would outlive its pod (and keep reconnecting to it), and late
+        # replies to an abandoned request die with their socket instead of being read as the
+        # next answer.
+        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_frame_bytes)
+            self._curve_client(sock)
+            sock.connect(endpoint)
+            sock.send_multipart((b"", start_seq.to_bytes(8, "big")))
+            while True:
+                parts = self._recv_replay(sock, deadline)
+                if parts is None:
+                    if time.monotonic() >= deadline:
+                        status = "deadline"
+                    break
+                if len(parts) == 4 and parts[0] == b"":  # >= 0.26: [b"", topic, seq, payload]
+                    seq8, payload = parts[2], parts[3]
+                elif len(parts) == 3 and parts[0] == b"":  # < 0.26: [b"", seq, payload]
+                    seq8, payload = parts[1], parts[2]
+                else:
+                    dropped.labels("bad_replay_frame").inc()
+                    continue
+                if len(seq8) != 8:
+                    dropped.labels("bad_replay_frame").inc()
+                    continue
+                if seq8 == END_SEQ:
+                    status = "ok"
+                    break
+                if len(frames) >= limit or size + len(payload) > max_bytes:
+                    dropped.labels("replay_too_large").inc()
+                    status = "truncated"
+                    break
+                size += len(payload)
+                frames.append((int.from_bytes(seq8, "big"), payload))
+        except zmq.ZMQError as exc:
+            logger.warning("replay from %s failed: %s", endpoint, exc)
+            status = "error"
+        except ConfigError as exc:
+            logger.warning("replay from %s impossible: %s", endpoint, exc)
+            status = "error"
+        finally:
+            sock.close(0)
+        return frames, status
