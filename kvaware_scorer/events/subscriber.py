@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kvaware_scorer.config import KVEventsConfig, load_model
 from kvaware_scorer.errors import ConfigError
@@ -53,6 +54,8 @@ __all__ = ["KVEventSubscriber", "fetch_event_sources", "parse_event_sources", "p
 logger = logging.getLogger(__name__)
 
 _POLL_MS: Final = 100
+#: Seconds before a pod whose connection dropped is dialed again.
+_REDIAL_DELAY: Final = 0.2
 _DRAIN: Final = 512
 
 
@@ -125,6 +128,9 @@ class KVEventSubscriber:
         self._seen: dict[str, float] = {}
         self._next_reclaim = 0.0
         self._auth: Any = None
+        # receiving thread only: monitor socket -> dialed pod; pod -> when to redial it
+        self._monitors: dict[zmq.Socket[Any], str] = {}
+        self._redial: dict[str, float] = {}
         self._handled_lock = threading.Lock()
         self._bound: str | None = None
         self._ready = threading.Event()
@@ -447,6 +453,9 @@ class KVEventSubscriber:
                 self._commands_due(poller, sources, by_pod)
                 events = dict(poller.poll(_POLL_MS))
                 for sock in events:
+                    if sock in self._monitors:
+                        self._on_monitor(sock)
+                        continue
                     pod, model = sources.get(sock, (None, None))
                     for _ in range(_DRAIN):
                         try:
@@ -483,6 +492,9 @@ class KVEventSubscriber:
         return list(dict.fromkeys(offset_endpoint(base, r) for r in ranks))
 
     def _close_all(self, sources: dict[zmq.Socket[Any], Any]) -> None:
+        for mon in self._monitors:
+            mon.close(0)
+        self._monitors.clear()
         for sock in sources:
             sock.close(0)
         sources.clear()
@@ -512,6 +524,9 @@ class KVEventSubscriber:
         poller.register(sub, zmq.POLLIN)
         sources[sub] = (pod_id, info.model)
         by_pod[pod_id] = sub
+        mon = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitors[mon] = pod_id
+        poller.register(mon, zmq.POLLIN)
         logger.info("dialing KV events of %s at %s", pod_id, ", ".join(dialed))
 
     def _disconnect(
@@ -525,7 +540,27 @@ class KVEventSubscriber:
         if old is not None:
             poller.unregister(old)
             sources.pop(old, None)
+            for mon, owner in list(self._monitors.items()):
+                if owner == pod_id:
+                    poller.unregister(mon)
+                    del self._monitors[mon]
+                    mon.close(0)
+            old.disable_monitor()
             old.close(0)
+
+    def _on_monitor(self, mon: zmq.Socket[Any]) -> None:
+        """A dialed pod's connection dropped. NOTE: ZMQ does not redial after a protocol error
+        (a frame above ``maxFrameBytes`` is one), so the pod is redialed here (after a short
+        pause); what was lost meanwhile shows as a seq gap."""
+        pod = self._monitors.get(mon)
+        dropped = False
+        while mon.poll(0):
+            event = recv_monitor_message(mon)
+            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
+        if dropped and pod is not None and pod in self._pods:
+            self.indexer.metrics.dropped.labels("connection_dropped").inc()
+            logger.info("KV-event connection to %s dropped; redialing", pod)
+            self._redial[pod] = time.monotonic() + _REDIAL_DELAY
 
     def _commands_due(
         self,
@@ -533,6 +568,12 @@ class KVEventSubscriber:
         sources: dict[zmq.Socket[Any], tuple[str | None, str | None]],
         by_pod: dict[str, zmq.Socket[Any]],
     ) -> None:
+        if self._redial:
+            now = time.monotonic()
+            for pod, at in list(self._redial.items()):
+                if at <= now:
+                    del self._redial[pod]
+                    self._connect(pod, poller, sources, by_pod)
         while True:
             try:
                 op, arg = self._commands.get_nowait()
