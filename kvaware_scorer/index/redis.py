@@ -99,7 +99,11 @@ def _transient(exc: BaseException) -> bool:
 def _oom(exc: BaseException) -> bool:
     """Redis refused a write for memory (``maxmemory`` reached under ``noeviction``): the
     write is fine, the server cannot take it now."""
-    return isinstance(exc, redis.exceptions.ResponseError) and "OOM command not allowed" in str(exc)
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and (
+        "command not allowed when used memory" in str(exc)
+    )
 
 
 #: Pods remembered as written (to resync after a restart lost the data) or diverged.
