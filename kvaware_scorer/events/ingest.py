@@ -361,6 +361,8 @@ class EventIngestor:
         max_event_tokens: Most token ids one BlockStored may carry (a model's context is far
             below the default, 2**20); beyond it the event is dropped (``too_many_tokens``),
             so one event can never make more than ``max_event_tokens / block_size`` keys.
+        max_payload_bytes: Largest payload decoded (larger ones are dropped as
+            ``frame_too_large`` before decoding).
         max_seq_jump: A live seq more than this above the stream's last one is a publisher
             restart (purge, then join), not a gap of that many lost batches (``seq_jump``).
     """
@@ -368,6 +370,7 @@ class EventIngestor:
     idle_after: float = 300.0
     sweep_interval: float = 60.0
     max_event_tokens: int = 1 << 20
+    max_payload_bytes: int = 8 << 20
     max_seq_jump: int = 1 << 24
 
     def __init__(self, indexer: Indexer) -> None:
@@ -600,6 +603,12 @@ class EventIngestor:
         return True
 
     def _decode(self, payload: bytes) -> DecodedBatch | None:
+        if len(payload) > self.max_payload_bytes:
+            # NOTE: decoding costs ~40 bytes per token id; the subscriber's sockets refuse such
+            # frames already, this guards direct callers and replays alike.
+            self._dropped["frame_too_large"].inc()
+            logger.debug("dropped a KV-event payload of %d bytes", len(payload))
+            return None
         try:
             return self._decoder.decode(payload)
         except EventDecodeError as exc:

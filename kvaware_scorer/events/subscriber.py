@@ -54,8 +54,8 @@ __all__ = ["KVEventSubscriber", "fetch_event_sources", "parse_event_sources", "p
 logger = logging.getLogger(__name__)
 
 _POLL_MS: Final = 100
-#: Seconds before a pod whose connection dropped is dialed again.
-_REDIAL_DELAY: Final = 0.2
+#: Seconds after a disconnect without ZMQ's own retry before the pod is dialed again.
+_REDIAL_DELAY: Final = 0.5
 _DRAIN: Final = 512
 
 
@@ -130,7 +130,7 @@ class KVEventSubscriber:
         self._auth: Any = None
         # receiving thread only: monitor socket -> dialed pod; pod -> when to redial it
         self._monitors: dict[zmq.Socket[Any], str] = {}
-        self._redial: dict[str, float] = {}
+        self._redial: dict[str, tuple[float, set[bytes]]] = {}
         self._handled_lock = threading.Lock()
         self._bound: str | None = None
         self._ready = threading.Event()
@@ -157,6 +157,12 @@ class KVEventSubscriber:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def queued_frames(self) -> int:
+        """Frames received and not yet applied (at most ``queueSize``)."""
+        lanes = self._lanes
+        return 0 if lanes is None else lanes.queued
+
+    @property
     def bound_endpoint(self) -> str | None:
         """The endpoint the bind-mode socket actually listens on for DP rank 0 (port resolved)."""
         return self._bound
@@ -178,6 +184,7 @@ class KVEventSubscriber:
         ingestor.set_replay_source(self)
         ingestor.max_event_tokens = cfg.max_event_tokens
         ingestor.max_seq_jump = cfg.max_seq_jump
+        ingestor.max_payload_bytes = cfg.max_frame_bytes
         # NOTE: one thread per allowed concurrent replay on top of `concurrency`: a pod stuck
         # in a slow replay never holds up another pod's live events.
         self._lanes = PodLanes(
@@ -524,7 +531,9 @@ class KVEventSubscriber:
         poller.register(sub, zmq.POLLIN)
         sources[sub] = (pod_id, info.model)
         by_pod[pod_id] = sub
-        mon = sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        mon = sub.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
+        )
         self._monitors[mon] = pod_id
         poller.register(mon, zmq.POLLIN)
         logger.info("dialing KV events of %s at %s", pod_id, ", ".join(dialed))
@@ -549,18 +558,26 @@ class KVEventSubscriber:
             old.close(0)
 
     def _on_monitor(self, mon: zmq.Socket[Any]) -> None:
-        """A dialed pod's connection dropped. NOTE: ZMQ does not redial after a protocol error
-        (a frame above ``maxFrameBytes`` is one), so the pod is redialed here (after a short
-        pause); what was lost meanwhile shows as a seq gap."""
+        """Watch a dialed pod's connections. NOTE: ZMQ redials a dropped connection by itself
+        (a disconnect is followed by a retry at once), except after a protocol error: a frame
+        above ``maxFrameBytes`` is one. Such a connection is redialed here; what was lost
+        meanwhile shows as a seq gap."""
         pod = self._monitors.get(mon)
-        dropped = False
         while mon.poll(0):
             event = recv_monitor_message(mon)
-            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
-        if dropped and pod is not None and pod in self._pods:
-            self.indexer.metrics.dropped.labels("connection_dropped").inc()
-            logger.info("KV-event connection to %s dropped; redialing", pod)
-            self._redial[pod] = time.monotonic() + _REDIAL_DELAY
+            if pod is None:
+                continue
+            endpoint = event["endpoint"]
+            kind = event["event"]
+            due = self._redial.get(pod)
+            if kind == zmq.EVENT_DISCONNECTED:
+                if due is None:
+                    due = self._redial[pod] = (time.monotonic() + _REDIAL_DELAY, set())
+                due[1].add(endpoint)
+            elif due is not None:  # ZMQ is retrying this endpoint itself
+                due[1].discard(endpoint)
+                if not due[1]:
+                    del self._redial[pod]
 
     def _commands_due(
         self,
@@ -570,10 +587,13 @@ class KVEventSubscriber:
     ) -> None:
         if self._redial:
             now = time.monotonic()
-            for pod, at in list(self._redial.items()):
+            for pod, (at, _endpoints) in list(self._redial.items()):
                 if at <= now:
                     del self._redial[pod]
-                    self._connect(pod, poller, sources, by_pod)
+                    if pod in self._pods:
+                        self.indexer.metrics.dropped.labels("protocol_error").inc()
+                        logger.info("ZMQ dropped the connection to %s for good; redialing", pod)
+                        self._connect(pod, poller, sources, by_pod)
         while True:
             try:
                 op, arg = self._commands.get_nowait()

@@ -144,7 +144,7 @@ def test_oversized_live_frame_is_refused_by_the_socket(indexer: Indexer) -> None
             assert time.monotonic() < deadline
             pub.publish([store([9000], small)])
             time.sleep(0.1)
-    assert counter(indexer, "kvaware_dropped_messages_total", {"reason": "connection_dropped"}) >= 1
+    assert counter(indexer, "kvaware_dropped_messages_total", {"reason": "protocol_error"}) >= 1
     assert indexer.score(MODEL, big, [POD]) == {POD: 0.0}
 
 
