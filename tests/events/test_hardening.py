@@ -394,3 +394,47 @@ def test_curve_connect_mode_authenticates_the_publisher(
             pub.publish([store([2], toks[16:], parent=1)])
             wait_until(lambda: indexer.score(MODEL, toks, [POD]) == {POD: 1.0})
         assert pub.replays_served == 1
+
+
+def test_precise_scorer_in_bind_mode_follows_the_schedulers_pods() -> None:
+    """The precise scorer's bound subscriber applies events of the scheduler's endpoints only,
+    and follows the pool as it changes."""
+    from kvaware_scorer.scheduler import Endpoint, Scheduler, make_plugin_manager
+
+    port = free_port()
+    params = {"kvEventsConfig": {"zmqEndpoint": tcp(port), "defaultModel": MODEL}}
+    s = Scheduler.from_config(
+        {
+            "apiVersion": "inference.networking.x-k8s.io/v1alpha1",
+            "kind": "EndpointPickerConfig",
+            "plugins": [{"type": "precise-prefix-cache-scorer", "parameters": params}],
+            "schedulingProfiles": [
+                {"name": "default", "plugins": [{"pluginRef": "precise-prefix-cache-scorer"}]}
+            ],
+        },
+        plugin_manager=make_plugin_manager(use_env=False),
+    )
+    a, b = Endpoint("a", "127.0.0.1", 8001), Endpoint("b", "127.0.0.1", 8002)
+    s.set_endpoints([a])
+    s.start()
+    scorer = s.plugin("precise-prefix-cache-scorer")
+    ix = scorer.indexer
+    toks = list(range(16))
+    pubs = {
+        e.id: VllmEventPublisher(tcp(port), topic=f"kv@{e.id}@{MODEL}", bind=False) for e in (a, b)
+    }
+    try:
+        for p in pubs.values():
+            assert p.wait_for_subscriber(10)
+        pubs[b.id].publish([store([2], toks)])
+        pubs[a.id].publish([store([1], toks)])
+        wait_until(lambda: ix.score(MODEL, toks, [a.id]) == {a.id: 1.0})
+        assert ix.score(MODEL, toks, [b.id]) == {b.id: 0.0}
+        s.set_endpoints([a, b])
+        pubs[b.id].publish([store([3], toks)])
+        wait_until(lambda: ix.score(MODEL, toks, [b.id]) == {b.id: 1.0})
+    finally:
+        for p in pubs.values():
+            p.close()
+        s.close()
+    assert counter(ix, "kvaware_dropped_messages_total", {"reason": "unknown_pod"}) == 1
