@@ -26,7 +26,11 @@ def register(sub: Any) -> None:
     d.add_argument("files", nargs="+", type=Path)
     d.set_defaults(func=_decode)
     lis = actions.add_parser("listen", help="subscribe and print per-pod stream statistics")
-    lis.add_argument("--bind", metavar="ENDPOINT", help="bind mode endpoint, e.g. tcp://*:5557")
+    lis.add_argument(
+        "--bind",
+        metavar="ENDPOINT",
+        help="bind mode endpoint, e.g. tcp://*:5557 (applies every pod a topic names)",
+    )
     lis.add_argument(
         "--connect",
         metavar="POD=ENDPOINT[,REPLAY]",
@@ -106,6 +110,9 @@ def _listen(args: argparse.Namespace) -> int:
         topic_filter=args.topic_filter,
         default_model=args.default_model,
         stats_interval=0,
+        # NOTE: a diagnostic listener knows no pods: every pod a topic names is shown (bounded
+        # by maxPods, like any open bind mode)
+        accept_unknown_pods=True,
     )
     try:
         sub = KVEventSubscriber(indexer, config)
