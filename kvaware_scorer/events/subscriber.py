@@ -20,9 +20,11 @@ gaps (and joins) are replayed from the pod's ROUTER with a DEALER socket, reques
 ``[b"", start_seq]``, replies ``[b"", topic, seq, payload]`` (``[b"", seq, payload]`` before
 vLLM 0.26) until the ``ff*8`` end marker.
 
-One receiving thread owns the SUB sockets. With ``concurrency`` > 1, frames are handed to that
-many applying threads, a pod always to the same one (its events stay in order). The loops
-never die on a bad frame: they log it, count it and go on.
+One receiving thread owns the SUB sockets and hands frames to a small pool of applying threads
+(`PodLanes`): a pod's frames run in order, and a pod stuck in a slow replay never holds up the
+others. What may publish is decided by `access` (bind-mode pod admission, CURVE); replays are
+fetched by `replay.fetch_replay` and discovery answers read by `discovery`, all bounded. The
+loops never die on a bad frame: they log it, count it and go on.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from kvaware_scorer.config import KVEventsConfig, load_model
 from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.events.access import CurveKeys, PodAdmission
 from kvaware_scorer.events.discovery import fetch_event_sources, parse_event_sources
 from kvaware_scorer.events.ingest import ReplayResult
 from kvaware_scorer.events.lanes import PodLanes
-from kvaware_scorer.events.publisher import END_SEQ, offset_endpoint
+from kvaware_scorer.events.publisher import offset_endpoint
+from kvaware_scorer.events.replay import fetch_replay
 
 if TYPE_CHECKING:
     from kvaware_scorer.indexer import Indexer
@@ -122,12 +126,8 @@ class KVEventSubscriber:
         self._thread: threading.Thread | None = None
         self._lanes: PodLanes | None = None
         self._replay_slots = threading.BoundedSemaphore(config.max_concurrent_replays)
-        #: Pod ids the scheduler knows (bind mode accepts only these, unless open mode).
-        self._known: frozenset[str] = frozenset(config.endpoints)
-        #: Open mode: pod id -> monotonic time of its last frame (bounded by ``maxPods``).
-        self._seen: dict[str, float] = {}
-        self._next_reclaim = 0.0
-        self._auth: Any = None
+        self._admission = PodAdmission(config, indexer.metrics.dropped, self._forget)
+        self._curve = CurveKeys(config.curve)
         # receiving thread only: monitor socket -> dialed pod; pod -> when to redial it
         self._monitors: dict[zmq.Socket[Any], str] = {}
         self._redial: dict[str, tuple[float, set[bytes]]] = {}
@@ -212,9 +212,7 @@ class KVEventSubscriber:
                 logger.warning("KV-event receiver did not stop within %.1fs", timeout)
         if self._lanes is not None:
             self._lanes.stop(max(0.0, deadline - time.monotonic()))
-        if self._auth is not None:
-            self._auth.stop()
-            self._auth = None
+        self._curve.stop()
         ingestor = self.indexer.ingestor
         if ingestor.replay_source is self:
             ingestor.set_replay_source(None)
@@ -333,101 +331,16 @@ class KVEventSubscriber:
         sock.setsockopt(zmq.SUBSCRIBE, cfg.topic_filter.encode("utf-8"))
         return sock
 
-    def _curve_keys(self) -> tuple[bytes, bytes]:
-        """Our (public, secret) CURVE keys from ``curve.certificate``.
-
-        Raises:
-            ConfigError: The certificate cannot be read or holds no secret key.
-        """
-        curve = self.config.curve
-        assert curve is not None
-        try:
-            import zmq.auth
-
-            public, secret = zmq.auth.load_certificate(curve.certificate)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(
-                f"cannot read the CURVE certificate: {exc}", "kvEventsConfig.curve.certificate"
-            ) from None
-        if secret is None:
-            raise ConfigError(
-                "the CURVE certificate holds no secret key", "kvEventsConfig.curve.certificate"
-            )
-        return public, secret
-
-    def _curve_server(self, sock: zmq.Socket[Any]) -> None:
-        """Bind mode with CURVE: our bound socket authenticates the publishers that connect."""
-        curve = self.config.curve
-        if curve is None:
-            return
-        _public, secret = self._curve_keys()
-        if self._auth is None:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            assert self._ctx is not None
-            auth = ThreadAuthenticator(self._ctx)
-            auth.start()
-            location = curve.client_keys_dir
-            auth.configure_curve(domain="*", location=location or zmq.auth.CURVE_ALLOW_ANY)
-            self._auth = auth
-        sock.setsockopt(zmq.CURVE_SERVER, 1)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-
-    def _curve_client(self, sock: zmq.Socket[Any]) -> None:
-        """Connect mode with CURVE: we authenticate the pod's publisher by ``curve.serverKey``."""
-        curve = self.config.curve
-        if curve is None:
-            return
-        if curve.server_key is None:
-            raise ConfigError(
-                "connect mode with CURVE needs the publishers' public key",
-                "kvEventsConfig.curve.serverKey",
-            )
-        public, secret = self._curve_keys()
-        sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key.encode("ascii"))
-
     # -- which pods bind mode accepts ------------------------------------------------------------
 
     def set_known_pods(self, pods: Iterable[str]) -> None:
         """The pod ids the scheduler knows (its endpoints): in bind mode only their frames are
         applied, unless ``acceptUnknownPods``. Static ``endpoints`` are always known."""
-        self._known = frozenset(pods) | frozenset(self.config.endpoints)
-
-    def _accepts(self, pod: str) -> bool:
-        """Whether a bind-mode frame naming `pod` in its topic is applied (counted when not)."""
-        if pod in self._known or pod in self._pods:
-            return True
-        metrics = self.indexer.metrics
-        if not self.config.accept_unknown_pods:
-            metrics.dropped.labels("unknown_pod").inc()
-            return False
-        seen = self._seen
-        if pod not in seen and len(seen) >= self.config.max_pods:
-            now = time.monotonic()
-            if now >= self._next_reclaim:
-                self._next_reclaim = now + 1.0
-                self._reclaim_pods()
-            if len(seen) >= self.config.max_pods:
-                metrics.dropped.labels("too_many_pods").inc()
-                return False
-        seen[pod] = time.monotonic()
-        return True
-
-    def _reclaim_pods(self) -> None:
-        """Open mode: forget pods silent for ``podIdleSeconds`` (their index entries are purged,
-        their ingestion state dropped), so spoofed or departed pod ids do not pile up."""
-        limit = time.monotonic() - self.config.pod_idle_seconds
-        gone = [p for p, t in self._seen.items() if t < limit]
-        for pod in gone:
-            del self._seen[pod]
-            self._dispatch(pod, functools.partial(self._forget, pod))
-        if gone:
-            logger.info("forgot %d idle pods (open bind mode)", len(gone))
+        self._admission.set_known(pods)
 
     def _forget(self, pod: str) -> None:
-        self.indexer.purge_pod(pod, reason="idle")
+        """Open mode reclaimed `pod`: purge it (after its queued frames)."""
+        self._dispatch(pod, functools.partial(self._purge, pod, "idle"))
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -438,7 +351,7 @@ class KVEventSubscriber:
             if self.config.zmq_endpoint:
                 sub = self._new_sub()
                 sources[sub] = (None, None)
-                self._curve_server(sub)
+                self._curve.server(sub, self._ctx)
                 for i, endpoint in enumerate(self._bind_endpoints()):
                     sub.bind(endpoint)
                     bound = sub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -478,8 +391,7 @@ class KVEventSubscriber:
                 if self.config.stats_interval and time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + self.config.stats_interval
                     self.indexer.stats()
-                    if self._seen:
-                        self._reclaim_pods()
+                    self._admission.reclaim()
             except Exception:
                 self.indexer.metrics.dropped.labels("internal_error").inc()
                 logger.exception("KV-event receive loop error (continuing)")
@@ -520,7 +432,7 @@ class KVEventSubscriber:
         sub = self._new_sub()
         dialed = sorted(set(info.endpoints.values()))
         try:
-            self._curve_client(sub)
+            self._curve.client(sub)
             for endpoint in dialed:
                 sub.connect(endpoint)
         except (zmq.ZMQError, ConfigError) as exc:
@@ -607,8 +519,8 @@ class KVEventSubscriber:
                 if purge:
                     self._dispatch(pod_id, functools.partial(self._purge, pod_id))
 
-    def _purge(self, pod_id: str) -> None:
-        self.indexer.purge_pod(pod_id, reason="endpoint_removed")
+    def _purge(self, pod_id: str, reason: str = "endpoint_removed") -> None:
+        self.indexer.purge_pod(pod_id, reason=reason)
 
     def _on_frames(self, frames: list[bytes], pod: str | None, model: str | None) -> None:
         metrics = self.indexer.metrics
@@ -624,7 +536,7 @@ class KVEventSubscriber:
                 metrics.dropped.labels("topic_without_pod").inc()
                 logger.debug("dropped a frame whose topic %r names no pod", topic)
                 return
-            if not self._accepts(pod):
+            if pod not in self._pods and not self._admission.accepts(pod):
                 logger.debug("dropped a frame of unknown pod %r", pod[:80])
                 return
         use_model = model or topic_model or self.config.default_model
@@ -672,18 +584,6 @@ class KVEventSubscriber:
             logger.warning("replay endpoint %s cannot serve rank %d", base, rank)
             return None
 
-    def _recv_replay(self, sock: zmq.Socket[Any], deadline: float) -> list[bytes] | None:
-        """The next reply message, or None after ``replayTimeout`` seconds without one, past
-        `deadline`, or on `stop`."""
-        until = min(deadline, time.monotonic() + self.config.replay_timeout)
-        while not self._stop_event.is_set():
-            left = until - time.monotonic()
-            if left <= 0:
-                return None
-            if sock.poll(int(min(left, _POLL_MS / 1000) * 1000) + 1):
-                return sock.recv_multipart()
-        return None
-
     def replay(self, pod: str, rank: int, start_seq: int, reason: str) -> ReplayResult | None:
         """Fetch `pod`'s buffered batches from `start_seq` on (vLLM's replay protocol).
 
@@ -709,7 +609,15 @@ class KVEventSubscriber:
         if lanes is not None:
             lanes.replaying(pod, True)
         try:
-            frames, status = self._fetch_replay(ctx, endpoint, start_seq)
+            frames, status = fetch_replay(
+                ctx,
+                endpoint,
+                start_seq,
+                self.config,
+                self._curve,
+                self.indexer.metrics.dropped,
+                self._stop_event,
+            )
         finally:
             if lanes is not None:
                 lanes.replaying(pod, False)
@@ -724,60 +632,3 @@ class KVEventSubscriber:
             status,
         )
         return ReplayResult(frames, status)
-
-    def _fetch_replay(
-        self, ctx: zmq.Context[Any], endpoint: str, start_seq: int
-    ) -> tuple[list[tuple[int, bytes]], str]:
-        cfg = self.config
-        deadline = time.monotonic() + cfg.replay_deadline
-        limit, max_bytes = cfg.max_replay_batches, cfg.max_replay_bytes
-        dropped = self.indexer.metrics.dropped
-        frames: list[tuple[int, bytes]] = []
-        size = 0
-        status = "timeout"
-        # NOTE: one socket per replay, closed after it: replays are rare (gaps, joins), a kept
-        # socket per endpoint would outlive its pod (and keep reconnecting to it), and late
-        # replies to an abandoned request die with their socket instead of being read as the
-        # next answer.
-        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
-        try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_frame_bytes)
-            self._curve_client(sock)
-            sock.connect(endpoint)
-            sock.send_multipart((b"", start_seq.to_bytes(8, "big")))
-            while True:
-                parts = self._recv_replay(sock, deadline)
-                if parts is None:
-                    if time.monotonic() >= deadline:
-                        status = "deadline"
-                    break
-                if len(parts) == 4 and parts[0] == b"":  # >= 0.26: [b"", topic, seq, payload]
-                    seq8, payload = parts[2], parts[3]
-                elif len(parts) == 3 and parts[0] == b"":  # < 0.26: [b"", seq, payload]
-                    seq8, payload = parts[1], parts[2]
-                else:
-                    dropped.labels("bad_replay_frame").inc()
-                    continue
-                if len(seq8) != 8:
-                    dropped.labels("bad_replay_frame").inc()
-                    continue
-                if seq8 == END_SEQ:
-                    status = "ok"
-                    break
-                if len(frames) >= limit or size + len(payload) > max_bytes:
-                    dropped.labels("replay_too_large").inc()
-                    status = "truncated"
-                    break
-                size += len(payload)
-                frames.append((int.from_bytes(seq8, "big"), payload))
-        except zmq.ZMQError as exc:
-            logger.warning("replay from %s failed: %s", endpoint, exc)
-            status = "error"
-        except ConfigError as exc:
-            logger.warning("replay from %s impossible: %s", endpoint, exc)
-            status = "error"
-        finally:
-            sock.close(0)
-        return frames, status
