@@ -91,7 +91,13 @@ def _decode(args: argparse.Namespace) -> int:
             "events": events,
             "rejected": batch.rejected,
         }
-        print(json.dumps(line, default=_json_default))
+        try:
+            text = json.dumps(line, default=_json_default)
+        except (RecursionError, ValueError) as exc:  # e.g. extra keys nested too deep to print
+            print(f"{path}: cannot print: {exc!r}", file=sys.stderr)
+            rc = 1
+            continue
+        print(text)
     return rc
 
 

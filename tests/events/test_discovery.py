@@ -133,3 +133,26 @@ def test_a_trickling_answer_meets_the_total_deadline(pod: tuple[str, dict[str, H
     with pytest.raises(OSError):
         fetch_event_sources(base, timeout=1.0)
     assert time.monotonic() - t0 < 1.8
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"0": {"endpoint": "\xff\xfe"}}', b"\x00\x01"],
+    ids=["nested", "not-utf8", "binary"],
+)
+def test_undecodable_answers_are_value_errors(
+    pod: tuple[str, dict[str, Handler]], body: bytes
+) -> None:
+    """An answer that is not JSON (too deep, not UTF-8, binary) is a ValueError, which the
+    precise scorer turns into its socketPort fallback."""
+    base, routes = pod
+
+    def raw(h: http.server.BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    routes["/kv_event_sources"] = raw
+    with pytest.raises(ValueError):
+        fetch_event_sources(base)
