@@ -761,6 +761,14 @@ class RedisIndex:
                 time.monotonic() - since,
                 len(self._buffer),
             )
+            # NOTE: another process may have reloaded the script after a restart, so a missing
+            # script cannot be relied on to reveal lost data: check the marker on every return.
+            client = self._client
+            if client is not None:
+                try:
+                    self._check_boot(client)
+                except redis.exceptions.RedisError as exc:
+                    logger.debug("Redis index: dataset marker not checked (%s)", exc)
 
     def _guarded(self, what: str, fn: Callable[[], T]) -> T:
         """Run a read; backend trouble becomes `BackendUnavailableError`."""

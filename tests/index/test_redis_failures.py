@@ -19,6 +19,7 @@ from kvaware_scorer import Indexer
 from kvaware_scorer.config import KVEventsConfig
 from kvaware_scorer.events import KVEventSubscriber, VllmEventPublisher
 from kvaware_scorer.events.decode import BlockRemoved, BlockStored, encode_batch
+from kvaware_scorer.index.redis import _script_source
 from tests.conftest import RedisProcess, free_port
 
 POD = "10.0.0.1:8000"
@@ -189,6 +190,8 @@ def test_restart_empty_rebuilds_pods_from_their_events(own_redis: RedisProcess) 
         assert rig.converged()
         own_redis.stop()
         own_redis.start()
+        # another process (a scheduler replica) reloads the script first
+        redis.Redis.from_url(own_redis.url).script_load(_script_source())
         rig.publish(payloads(2, 30))
         time.sleep(1.2)
         rig.publish(payloads(2, 32))
