@@ -1,9 +1,10 @@
 """Per-pod ordered work on a small thread pool: the subscriber's applying threads.
 
 Each pod's frames run in arrival order, one at a time, on whichever pool thread is free; other
-pods' frames run meanwhile on the other threads. A pod stuck in a slow replay therefore holds
-one thread and its own queue, never the others' live events (the pool has a thread per
-allowed concurrent replay on top of the configured concurrency).
+pods' frames run meanwhile on the other threads. At most `active` threads apply frames at once
+(the configured concurrency); a thread waiting for a replay gives its turn up meanwhile. A pod
+stuck in a slow replay therefore holds one thread and its own queue, never the others' live
+events (the pool has a thread per allowed concurrent replay on top of `active`).
 
 Bounds: at most `capacity` frames wait in total (beyond it `submit` waits: back pressure on
 the receiving thread, as a full ZMQ queue would give); a pod that is replaying may hold at
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Final
@@ -32,6 +34,8 @@ class PodLanes:
 
     Args:
         threads: Pool threads.
+        active: Most threads running callables at once (a thread inside `replaying` does not
+            count).
         capacity: Most callables waiting in total.
         replay_backlog: Most callables waiting for a pod marked as replaying.
         on_error: Called (on the pool thread) with nothing when a callable raised; the
@@ -42,6 +46,7 @@ class PodLanes:
     def __init__(
         self,
         threads: int,
+        active: int,
         capacity: int,
         replay_backlog: int,
         on_error: Callable[[], None],
@@ -57,6 +62,8 @@ class PodLanes:
         self._replaying: dict[str, int] = {}
         self._queued = 0
         self._stopped = False
+        self._slots = threading.Semaphore(active)
+        self._local = threading.local()
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
             for i in range(threads)
@@ -93,13 +100,31 @@ class PodLanes:
         return True
 
     def replaying(self, pod: str, on: bool) -> None:
-        """Mark (or unmark) `pod` as replaying: its backlog is then bounded by `replay_backlog`."""
+        """Mark (or unmark) `pod` as replaying: its backlog is then bounded by `replay_backlog`.
+        Called on a pool thread, the thread gives its turn to apply up while the replay runs
+        (and waits for one again after)."""
         with self._cond:
             n = self._replaying.get(pod, 0) + (1 if on else -1)
             if n > 0:
                 self._replaying[pod] = n
             else:
                 self._replaying.pop(pod, None)
+        holding = getattr(self._local, "slot", None)
+        if holding is None:
+            return  # not a pool thread
+        if on and holding:
+            self._local.slot = False
+            self._slots.release()
+        elif not on and not holding:
+            self._take_slot()
+            self._local.slot = True
+
+    def _take_slot(self) -> bool:
+        """Wait for a turn to apply; False when the lanes stopped meanwhile."""
+        while not self._stopped:
+            if self._slots.acquire(timeout=0.1):
+                return True
+        return False
 
     def stop(self, timeout: float) -> None:
         """Stop the threads; work still queued is dropped (bounded by `timeout`)."""
@@ -127,12 +152,23 @@ class PodLanes:
                     items.append(dq.popleft())
                 self._queued -= len(items)
                 cond.notify_all()  # room for waiting submitters
-            for item in items:
-                try:
-                    item()
-                except Exception:
-                    self._on_error()
-                    logger.exception("KV-event apply error (continuing)")
+            if not self._take_slot():
+                return
+            self._local.slot = True
+            try:
+                for item in items:
+                    try:
+                        item()
+                    except Exception:
+                        self._on_error()
+                        logger.exception("KV-event apply error (continuing)")
+                    # NOTE: hand the GIL to waiting threads (the scheduler's score calls) after
+                    # every frame rather than after CPython's 5 ms switch interval.
+                    time.sleep(0)
+            finally:
+                if self._local.slot:
+                    self._slots.release()
+                self._local.slot = None
             with cond:
                 dq = self._pending.get(pod)
                 if dq:

@@ -189,6 +189,7 @@ class KVEventSubscriber:
         # in a slow replay never holds up another pod's live events.
         self._lanes = PodLanes(
             cfg.concurrency + cfg.max_concurrent_replays,
+            cfg.concurrency,
             cfg.queue_size,
             max(1, cfg.queue_size // (2 * cfg.max_concurrent_replays)),
             self._apply_error,

@@ -9,20 +9,22 @@ from kvaware_scorer.events.lanes import PodLanes
 
 
 def test_a_stuck_pod_holds_neither_other_pods_nor_unbounded_memory() -> None:
-    """While one pod's work blocks (a slow replay), other pods' work runs at once, the stuck
-    pod's backlog is capped while it replays, and its queued work then runs in order."""
+    """While one pod's work waits for a slow replay, other pods' work runs at once (even with
+    one applying turn), the stuck pod's backlog is capped, and its queued work then runs in
+    order."""
     errors: list[int] = []
-    lanes = PodLanes(2, capacity=100, replay_backlog=3, on_error=lambda: errors.append(1))
+    lanes = PodLanes(2, 1, capacity=100, replay_backlog=3, on_error=lambda: errors.append(1))
     release = threading.Event()
     done: list[tuple[str, int]] = []
     try:
         started = threading.Event()
 
-        def stuck() -> None:
+        def stuck() -> None:  # a frame whose replay trickles
+            lanes.replaying("a", True)
             started.set()
             release.wait()
+            lanes.replaying("a", False)
 
-        lanes.replaying("a", True)
         assert lanes.submit("a", stuck)
         assert started.wait(5)
         accepted = [lanes.submit("a", lambda i=i: done.append(("a", i))) for i in range(5)]
@@ -32,7 +34,6 @@ def test_a_stuck_pod_holds_neither_other_pods_nor_unbounded_memory() -> None:
         while ("b", 0) not in done:
             assert time.monotonic() - t0 < 2.0
             time.sleep(0.005)
-        lanes.replaying("a", False)
         release.set()
         deadline = time.monotonic() + 5
         while len(done) < 4:
@@ -49,7 +50,7 @@ def test_a_stuck_pod_holds_neither_other_pods_nor_unbounded_memory() -> None:
 def test_work_that_raises_is_counted_and_the_pod_goes_on() -> None:
     """A callable that raises is counted; the pod's next work still runs."""
     errors: list[int] = []
-    lanes = PodLanes(1, capacity=10, replay_backlog=5, on_error=lambda: errors.append(1))
+    lanes = PodLanes(1, 1, capacity=10, replay_backlog=5, on_error=lambda: errors.append(1))
     ran = threading.Event()
     try:
 
