@@ -719,10 +719,26 @@ class EventIngestor:
         if source is None:
             return None
         try:
-            return source.replay(st.pod, st.rank, start, reason)
+            return self._unlocked(source, st, start, reason)
         except Exception:
             logger.exception("replay for %s rank %d failed", st.pod, st.rank)
             return ReplayResult([], "error")
+
+    def _unlocked(
+        self, source: ReplaySource, st: StreamState, start: int, reason: str
+    ) -> ReplayResult | None:
+        """Ask `source` for a replay without holding `st`'s lock (held once by `_ingest`).
+
+        NOTE: locks are striped: other pods share this one, and a replay may take up to its
+        deadline. The subscriber runs a pod's frames one at a time, so nothing else applies to
+        this stream meanwhile (the sweep leaves it alone: it was just seen).
+        """
+        lock = self._lock_for(st.pod)
+        lock.release()
+        try:
+            return source.replay(st.pod, st.rank, start, reason)
+        finally:
+            lock.acquire()
 
     def _recover_gap(self, st: StreamState, last: int, seq: int) -> StreamState:
         """Fill the gap ``(last, seq)``; first check that the publisher is the one whose batch
@@ -888,7 +904,7 @@ class EventIngestor:
         assert source is not None
         st.next_resync = time.monotonic() + _RESYNC_INTERVAL
         try:
-            result = source.replay(st.pod, st.rank, 0, "resync")
+            result = self._unlocked(source, st, 0, "resync")
         except Exception:
             logger.exception("resync replay for %s rank %d failed", st.pod, st.rank)
             result = ReplayResult([], "error")

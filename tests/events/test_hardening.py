@@ -211,9 +211,24 @@ class TricklingRouter:
         self.ctx.term()
 
 
-def test_trickling_replay_has_a_deadline_and_never_stalls_other_pods(indexer: Indexer) -> None:
+def same_lock_pod(indexer: Indexer, pod: str) -> str:
+    """Another pod id whose frames apply under the same (striped) lock as `pod`'s."""
+    lock = indexer.ingestor._lock_for(pod)
+    for i in range(10_000):
+        other = f"10.9.{i // 256}.{i % 256}:8000"
+        if indexer.ingestor._lock_for(other) is lock:
+            return other
+    raise AssertionError("no pod id shares the lock")
+
+
+@pytest.mark.parametrize("same_lock", [False, True])
+def test_trickling_replay_has_a_deadline_and_never_stalls_other_pods(
+    indexer: Indexer, same_lock: bool
+) -> None:
     """A replay trickling one frame every 0.5 s ends at replayDeadline, and meanwhile another
-    pod's live events are applied at once."""
+    pod's live events are applied at once (also a pod whose frames share the replaying pod's
+    lock)."""
+    other = same_lock_pod(indexer, POD) if same_lock else OTHER
     router = TricklingRouter(0.5)
     a_port, b_port = free_port(), free_port()
     b_toks = list(range(500, 516))
@@ -224,7 +239,7 @@ def test_trickling_replay_has_a_deadline_and_never_stalls_other_pods(indexer: In
             make_sub(indexer, replay_deadline=3.0, replay_on_join=False) as sub,
         ):
             sub.add_endpoint(POD, tcp(a_port), tcp(router.port))
-            sub.add_endpoint(OTHER, tcp(b_port))
+            sub.add_endpoint(other, tcp(b_port))
             assert a.wait_for_subscriber(10) and b.wait_for_subscriber(10)
             a.publish([store([1], list(range(16)))])
             for _ in range(3):
@@ -233,7 +248,7 @@ def test_trickling_replay_has_a_deadline_and_never_stalls_other_pods(indexer: In
             a.publish([])  # a gap: replay from the trickling router
             time.sleep(0.5)
             b.publish([store([2], b_toks)])
-            wait_until(lambda: indexer.score(MODEL, b_toks, [OTHER]) == {OTHER: 1.0}, 10)
+            wait_until(lambda: indexer.score(MODEL, b_toks, [other]) == {other: 1.0}, 10)
             stalled = time.monotonic() - t0 - 0.5
             wait_until(
                 lambda: counter(indexer, "kvaware_replays_total", {"result": "deadline"}), 10
