@@ -432,6 +432,21 @@ def attack_discovery() -> None:
     )
 
 
+def _spoof(endpoint: str, n_pods: int) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUB)
+    s.setsockopt(zmq.SNDHWM, 0)
+    s.connect(endpoint)
+    time.sleep(0.5)
+    payload = encode_batch([store([5], list(range(16)))])
+    for i in range(n_pods):
+        topic = f"kv@10.{i >> 16}.{(i >> 8) & 255}.{i & 255}:80@{MODEL}".encode()
+        s.send_multipart([topic, b"\x00" * 8, payload])
+    time.sleep(2.0)
+    s.close(0)
+    ctx.term()
+
+
 def attack_spoof(n_pods: int) -> None:
     for mode in ("known", "open"):
         ix = Indexer()
@@ -441,25 +456,21 @@ def attack_spoof(n_pods: int) -> None:
             cfg["accept_unknown_pods"] = True
         with sub_for(ix, **cfg) as sub:
             sub.set_known_pods([POD])
-            pub = VllmEventPublisher(tcp(port), bind=False)
-            pub.wait_for_subscriber(10)
             before = rss_mb()
             t0 = time.monotonic()
-            payload = encode_batch([store([5], list(range(16)))])
-            for i in range(n_pods):
-                pub._topic = f"kv@10.{i >> 16}.{(i >> 8) & 255}.{i & 255}:80@{MODEL}".encode()
-                pub.publish(payload)
-            wait(lambda: sub.frames_received >= n_pods, 120)
-            wait(lambda: sub.queued_frames == 0, 120)
+            child = mp.get_context("spawn").Process(target=_spoof, args=(tcp(port), n_pods))
+            child.start()
+            wait(lambda: sub.frames_received >= n_pods, 300)
+            wait(lambda: sub.queued_frames == 0, 300)
             took = time.monotonic() - t0
+            child.join(30)
             pods = len(ix.index.pods())
             grew = rss_mb() - before
-            pub.close()
         dropped = counter(ix, "kvaware_dropped_messages_total", reason="unknown_pod") + counter(
             ix, "kvaware_dropped_messages_total", reason="too_many_pods"
         )
         row(
-            f"{n_pods:,} spoofed pod ids in bind mode ({mode} pods)",
+            f"{n_pods:,} spoofed pod ids in bind mode ({mode} pods; sender in another process)",
             "120,000 ids: RSS +968 MB, never reclaimed",
             f"pods indexed {pods:,}, dropped {dropped:,.0f}, RSS +{grew:.0f} MB, {took:.1f}s",
         )
