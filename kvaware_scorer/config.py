@@ -33,6 +33,7 @@ __all__ = [
     "KVBlockIndexConfig",
     "KVCacheBackendConfig",
     "KVEventsConfig",
+    "KVEventsCurve",
     "KVEventsEndpoint",
     "LocalTokenizerConfig",
     "PrefixStoreConfig",
@@ -433,6 +434,24 @@ class KVEventsEndpoint(ConfigModel):
     engine: EngineType | None = None
 
 
+class KVEventsCurve(ConfigModel):
+    """ZMQ CURVE authentication and encryption of the KV-event sockets (`kvEventsConfig.curve`).
+
+    Attributes:
+        certificate: Our secret certificate file (``zmq.auth.create_certificates`` format: it
+            holds our public and secret keys). Never logged.
+        server_key: Connect mode: the Z85 public key of the pods' publishers (and replay
+            ROUTERs); our SUB and DEALER sockets authenticate them with it.
+        client_keys_dir: Bind mode: a directory of the public certificates of the publishers
+            allowed to connect to our bound socket; None allows any publisher that knows our
+            public key (traffic is still encrypted).
+    """
+
+    certificate: str
+    server_key: str | None = None
+    client_keys_dir: str | None = None
+
+
 class KVEventsConfig(ConfigModel):
     """How KV events reach the indexer (`kvEventsConfig`).
 
@@ -467,6 +486,26 @@ class KVEventsConfig(ConfigModel):
             `replay_endpoints` entry (0 = no replay).
         engine_type: Wire format of pods that do not name theirs (upstream's ``engineType``):
             ``vllm`` or ``sglang``.
+        max_frame_bytes: Largest frame a publisher or replay ROUTER may send (ZMQ
+            ``MAXMSGSIZE``); a larger one closes that connection (the publisher reconnects, the
+            lost batch shows as a seq gap).
+        replay_deadline: Seconds one replay may take in total, however slowly it trickles.
+        max_replay_bytes: Payload bytes taken from one replay answer (the rest is dropped).
+        max_concurrent_replays: Replays running at once; a replay beyond it is refused
+            (``busy``) rather than waiting, so replays never hold up live events.
+        max_event_tokens: Token ids one BlockStored may carry (events beyond are dropped).
+        max_seq_jump: A live seq further than this above the last one is a publisher restart.
+        accept_unknown_pods: Bind mode: apply events of any pod id a topic names (open mode).
+            Off: only pods the scheduler knows (its endpoints, `endpoints`, `known_pods`).
+        max_pods: Bind mode: most distinct pods tracked in open mode (new pods beyond it are
+            dropped until idle ones are reclaimed).
+        pod_idle_seconds: Open mode: a pod silent this long is forgotten by the subscriber.
+        discovery_allowed_hosts: Hosts a pod's ``/kv_event_sources`` answer may point at
+            besides the pod's own address (``"*"`` = any); only ``tcp://`` is ever dialed.
+        discovery_timeout: Total seconds for one ``/kv_event_sources`` request.
+        max_discovery_bytes: Largest ``/kv_event_sources`` answer read.
+        max_discovery_ranks: Most DP ranks taken from one answer (extra ranks are refused).
+        curve: ZMQ CURVE authentication for both modes (None = plain ZMQ).
     """
 
     zmq_endpoint: str | None = None
@@ -487,6 +526,20 @@ class KVEventsConfig(ConfigModel):
     socket_port: int = Field(5557, ge=0, le=65535)
     replay_socket_port: int = Field(0, ge=0, le=65535)
     engine_type: EngineType = "vllm"
+    max_frame_bytes: int = Field(8 << 20, ge=1024)
+    replay_deadline: float = Field(10.0, gt=0)
+    max_replay_bytes: int = Field(64 << 20, ge=1024)
+    max_concurrent_replays: int = Field(2, ge=1, le=64)
+    max_event_tokens: int = Field(1 << 20, ge=1)
+    max_seq_jump: int = Field(1 << 24, ge=1)
+    accept_unknown_pods: bool = False
+    max_pods: int = Field(10_000, ge=1)
+    pod_idle_seconds: float = Field(600.0, gt=0)
+    discovery_allowed_hosts: list[str] = Field(default_factory=list)
+    discovery_timeout: float = Field(2.0, gt=0)
+    max_discovery_bytes: int = Field(1 << 20, ge=1024)
+    max_discovery_ranks: int = Field(64, ge=1, le=1024)
+    curve: KVEventsCurve | None = None
 
     def endpoint_config(self, pod_id: str) -> KVEventsEndpoint | None:
         """The connect-mode entry of `pod_id` (strings expanded with `replay_endpoints`)."""

@@ -38,6 +38,9 @@ __all__ = ["Indexer"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds between two log lines about failed index lookups.
+_LOOKUP_LOG_INTERVAL = 10.0
+
 
 class Indexer:
     """Scores candidate pods by the longest run of prompt blocks each already holds.
@@ -89,6 +92,9 @@ class Indexer:
         self._tokenization: TokenizationService | None = None
         self._ingestor: EventIngestor | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # lookup failures not logged yet, and when the next log line may be written
+        self._unlogged_lookup_errors = 0
+        self._next_lookup_log = 0.0
 
     # -- tokens and keys --------------------------------------------------------------------
 
@@ -217,7 +223,7 @@ class Indexer:
         except (BackendUnavailableError, KVAwareError, OSError) as exc:
             metrics.score_errors.labels("backend").inc()
             metrics.backend_errors.labels("lookup").inc()
-            logger.warning("index lookup failed, scoring zeros: %s", exc)
+            self._warn_lookup(exc)
             return ScoreResult(total, bs, {p: PodScore(0.0) for p in pods or ()}, error=str(exc))
         cfg = self.config
         candidates = pods if pods is not None else list(matches)
@@ -363,6 +369,22 @@ class Indexer:
         m.index_pods.set(st.pods)
         m.index_evictions.set(st.evictions)
         return st
+
+    def _warn_lookup(self, exc: BaseException) -> None:
+        """Log a failed lookup at most once per `_LOOKUP_LOG_INTERVAL` seconds, with how many
+        failed since the last line (an index down fails every score call)."""
+        with self._lock:
+            self._unlogged_lookup_errors += 1
+            now = time.monotonic()
+            if now < self._next_lookup_log:
+                return
+            count, self._unlogged_lookup_errors = self._unlogged_lookup_errors, 0
+            self._next_lookup_log = now + _LOOKUP_LOG_INTERVAL
+        logger.warning(
+            "index lookup failed, scoring zeros (%d lookups failed since the last report): %s",
+            count,
+            exc,
+        )
 
     def close(self) -> None:
         """Stop workers and release the backend."""

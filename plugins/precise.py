@@ -334,8 +334,15 @@ class PrecisePrefixCacheScorer:
         """Dial `e`'s publishers as its ``/kv_event_sources`` lists them, else the configured
         ``socketPort`` (older vLLM, or the route unreachable)."""
         module = importlib.import_module("kvaware_scorer.events.subscriber")
+        cfg = self.params.kv_events_config
         try:
-            sources = module.fetch_event_sources(f"http://{e.address}:{e.port}", timeout=2.0)
+            sources = module.fetch_event_sources(
+                f"http://{e.address}:{e.port}",
+                timeout=cfg.discovery_timeout,
+                allowed_hosts=cfg.discovery_allowed_hosts,
+                max_bytes=cfg.max_discovery_bytes,
+                max_ranks=cfg.max_discovery_ranks,
+            )
         except (OSError, ValueError) as exc:
             logger.debug(
                 "%s: no /kv_event_sources from %s (%s); dialing %s",
@@ -377,9 +384,11 @@ class PrecisePrefixCacheScorer:
                 f"the KV-event subscriber is not available: {exc}", "kvEventsConfig"
             ) from exc
         sub = subscriber_mod.KVEventSubscriber(self.indexer, self.params.kv_events_config)
+        current = self._current_endpoints()
+        sub.set_known_pods(e.id for e in current)
         sub.start()
         self._subscriber = sub
-        for e in self._current_endpoints():
+        for e in current:
             self._subscribe(e)
 
     def start(self) -> None:
@@ -426,6 +435,8 @@ class PrecisePrefixCacheScorer:
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         """Purge removed pods from the index (and stop dialing them); dial added ones."""
         with self._lock:
+            if self._subscriber is not None and removed:
+                self._subscriber.set_known_pods(e.id for e in self._current_endpoints())
             for e in removed:
                 if self._subscriber is not None:
                     try:
@@ -443,6 +454,8 @@ class PrecisePrefixCacheScorer:
                     except Exception:
                         logger.exception("%s: starting the KV-event subscriber failed", self.name)
                 return
+            # NOTE: bind mode applies events only of pods the scheduler knows
+            self._subscriber.set_known_pods(e.id for e in self._current_endpoints())
             for e in added:
                 try:
                     self._subscribe(e)

@@ -38,7 +38,11 @@ def register(sub: Any) -> None:
     )
     d.set_defaults(func=_decode)
     lis = actions.add_parser("listen", help="subscribe and print per-pod stream statistics")
-    lis.add_argument("--bind", metavar="ENDPOINT", help="bind mode endpoint, e.g. tcp://*:5557")
+    lis.add_argument(
+        "--bind",
+        metavar="ENDPOINT",
+        help="bind mode endpoint, e.g. tcp://*:5557 (applies every pod a topic names)",
+    )
     lis.add_argument(
         "--connect",
         metavar="POD=ENDPOINT[,REPLAY]",
@@ -108,7 +112,13 @@ def _decode(args: argparse.Namespace) -> int:
             "events": events,
             "rejected": batch.rejected,
         }
-        print(json.dumps(line, default=_json_default))
+        try:
+            text = json.dumps(line, default=_json_default)
+        except (RecursionError, ValueError) as exc:  # e.g. extra keys nested too deep to print
+            print(f"{path}: cannot print: {exc!r}", file=sys.stderr)
+            rc = 1
+            continue
+        print(text)
     return rc
 
 
@@ -128,6 +138,9 @@ def _listen(args: argparse.Namespace) -> int:
         default_model=args.default_model,
         stats_interval=0,
         engine_type=args.engine,
+        # NOTE: a diagnostic listener knows no pods: every pod a topic names is shown (bounded
+        # by maxPods, like any open bind mode)
+        accept_unknown_pods=True,
     )
     try:
         sub = KVEventSubscriber(indexer, config)

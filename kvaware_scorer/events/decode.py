@@ -27,6 +27,7 @@ from kvaware_scorer.errors import EventDecodeError
 from kvaware_scorer.keys import u64
 
 __all__ = [
+    "DECODE_ERRORS",
     "KNOWN_EVENT_TYPES",
     "AllBlocksCleared",
     "BlockRemoved",
@@ -221,8 +222,22 @@ class DecodedBatch:
     legacy: bool = False
 
 
-# NOTE: msgspec raises UnicodeDecodeError (a ValueError) for invalid UTF-8 in str fields.
-_DECODE_ERRORS: Final = (msgspec.DecodeError, ValueError)
+# NOTE: every error the decoding library can raise on hostile bytes, whatever its version:
+# DecodeError / ValidationError (msgspec >= 0.23 also for invalid UTF-8), UnicodeError and
+# ValueError (older msgspec), RecursionError (a frame nested deeper than the interpreter's
+# stack: one ~1 KB frame is enough), OverflowError / MemoryError (absurd lengths), TypeError
+# and IndexError (from __post_init__ on odd values).
+DECODE_ERRORS: Final = (
+    msgspec.DecodeError,
+    UnicodeError,
+    ValueError,
+    RecursionError,
+    OverflowError,
+    MemoryError,
+    TypeError,
+    IndexError,
+)
+_DECODE_ERRORS: Final = DECODE_ERRORS
 
 _MAP_FIRST = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 _ARRAY_FIRST = frozenset(range(0x90, 0xA0)) | {0xDC, 0xDD}

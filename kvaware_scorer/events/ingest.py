@@ -49,6 +49,7 @@ import xxhash
 
 from kvaware_scorer.errors import EventDecodeError, KVAwareError
 from kvaware_scorer.events.decode import (
+    DECODE_ERRORS,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -79,6 +80,13 @@ _RESYNC_INTERVAL: Final = 30.0
 
 #: Engine hash -> key pairs a stream remembers in each of its two ``recent`` generations.
 _RECENT: Final = 1024
+
+#: Sequence numbers of undecodable frames remembered per pod, and pods remembered.
+_FAILED_SEQS: Final = 64
+_FAILED_PODS: Final = 4096
+
+#: Seconds between two checks for pods a remote index lost writes of.
+_HEAL_INTERVAL: Final = 1.0
 
 #: Locks pods are spread over (a pod's frames apply under its lock, in order).
 _LOCK_STRIPES: Final = 64
@@ -353,10 +361,20 @@ class EventIngestor:
     Attributes:
         idle_after: Seconds without a frame after which a stream counts as idle.
         sweep_interval: Seconds between two sweeps.
+        max_event_tokens: Most token ids one BlockStored may carry (a model's context is far
+            below the default, 2**20); beyond it the event is dropped (``too_many_tokens``),
+            so one event can never make more than ``max_event_tokens / block_size`` keys.
+        max_payload_bytes: Largest payload decoded (larger ones are dropped as
+            ``frame_too_large`` before decoding).
+        max_seq_jump: A live seq more than this above the stream's last one is a publisher
+            restart (purge, then join), not a gap of that many lost batches (``seq_jump``).
     """
 
     idle_after: float = 300.0
     sweep_interval: float = 60.0
+    max_event_tokens: int = 1 << 20
+    max_payload_bytes: int = 8 << 20
+    max_seq_jump: int = 1 << 24
 
     def __init__(self, indexer: Indexer) -> None:
         self.indexer = indexer
@@ -378,6 +396,12 @@ class EventIngestor:
         self._locks = [threading.RLock() for _ in range(_LOCK_STRIPES)]
         self._last_sweep = time.monotonic()
         self._replay_source: ReplaySource | None = None
+        self._failed: dict[str, list[int]] = {}
+        # NOTE: a remote index may lose writes (a full buffer through a long outage, a server
+        # that restarted empty); it then names the pods to rebuild.
+        self._take_diverged = getattr(self.index, "take_diverged", None)
+        self._next_heal = 0.0
+        self._failed_lock = threading.Lock()
         m = self.metrics
         self._dropped = _Counters(m.dropped)
         self._skipped = _Counters(m.blocks_skipped)
@@ -453,6 +477,8 @@ class EventIngestor:
         """
         with self._lock_for(pod):
             self._streams.pop(pod, None)
+        with self._failed_lock:
+            self._failed.pop(pod, None)
 
     def sweep(self) -> int:
         """Release what idle streams keep (done by `ingest` every `sweep_interval` seconds).
@@ -503,6 +529,20 @@ class EventIngestor:
         if forgotten:
             logger.info("forgot %d idle pods the index no longer holds", forgotten)
         return forgotten
+
+    def _heal(self) -> None:
+        """Purge the pods whose writes the index lost; each one's next frame starts a new
+        stream, which replays its publisher's buffer from seq 0 (a rebuild), where a replay
+        endpoint is known."""
+        assert self._take_diverged is not None
+        try:
+            pods: set[str] = self._take_diverged()
+        except _BACKEND_ERRORS as exc:
+            logger.debug("the index cannot name diverged pods: %s", exc)
+            return
+        for pod in pods:
+            logger.warning("pod %s: index writes were lost; rebuilding it from its events", pod)
+            self.indexer.purge_pod(pod, reason="index_diverged")
 
     def wait(self) -> None:
         """Return once every write of the frames ingested so far has reached the index (a
@@ -600,6 +640,12 @@ class EventIngestor:
         return True
 
     def _decode(self, payload: bytes, decoder: Any = None) -> DecodedBatch | None:
+        if len(payload) > self.max_payload_bytes:
+            # NOTE: decoding costs ~40 bytes per token id; the subscriber's sockets refuse such
+            # frames already, this guards direct callers and replays alike.
+            self._dropped["frame_too_large"].inc()
+            logger.debug("dropped a KV-event payload of %d bytes", len(payload))
+            return None
         try:
             batch: DecodedBatch = (decoder or self._decoder).decode(payload)
             return batch
@@ -607,14 +653,24 @@ class EventIngestor:
             self._dropped[exc.reason].inc()
             logger.debug("dropped KV-event payload (%d bytes): %s", len(payload), exc)
             return None
+        except DECODE_ERRORS as exc:  # the decoder's own guard missed one: still a bad frame
+            self._dropped["decode_error"].inc()
+            logger.debug("dropped KV-event payload (%d bytes): %r", len(payload), exc)
+            return None
 
     def _ingest(
         self, pod: str, model: str | None, payload: bytes, seq: int | None, decoder: Any = None
     ) -> None:
-        if time.monotonic() - self._last_sweep >= self.sweep_interval:
+        now = time.monotonic()
+        if now - self._last_sweep >= self.sweep_interval:
             self.sweep()
+        if self._take_diverged is not None and now >= self._next_heal:
+            self._next_heal = now + _HEAL_INTERVAL
+            self._heal()
         batch = self._decode(payload, decoder)
         if batch is None:
+            if seq is not None:
+                self._skipped_seq(pod, seq)
             return
         rank = batch.data_parallel_rank or 0
         with self._lock_for(pod):
@@ -625,6 +681,17 @@ class EventIngestor:
                 return
             self._observe_lag(batch.ts)
             live = st.live_seq
+            if live is not None and seq > live + self.max_seq_jump:
+                logger.info(
+                    "pod %s rank %d: seq jumped from %d to %d: publisher restarted",
+                    pod,
+                    rank,
+                    live,
+                    seq,
+                )
+                self._dropped["seq_jump"].inc()
+                st = self._reset(st, "publisher_restart", keep_seq=False)
+                live = None
             if live is not None and seq <= live:
                 logger.info(
                     "pod %s rank %d: seq went from %d back to %d: publisher restarted",
@@ -640,6 +707,10 @@ class EventIngestor:
                 st.first_seq = seq
                 if seq > 0:
                     st = self._join(st, seq)
+            elif seq > last + 1 and self._only_failed(pod, last + 1, seq):
+                # NOTE: the missing frames arrived but could not be decoded (counted then):
+                # a replay would only bring the same bytes back.
+                pass
             elif seq > last + 1:
                 self.metrics.seq_gaps.inc()
                 logger.info("pod %s rank %d: seq gap %d..%d", pod, rank, last + 1, seq - 1)
@@ -655,6 +726,29 @@ class EventIngestor:
             st.last_seq = seq
             st.last_digest = _digest(payload)
 
+    def _skipped_seq(self, pod: str, seq: int) -> None:
+        """Remember that `pod`'s frame `seq` failed to decode (bounded: `_FAILED_SEQS` per
+        pod, `_FAILED_PODS` pods), so that the gap it leaves is not replayed."""
+        failed = self._failed
+        with self._failed_lock:
+            seqs = failed.pop(pod, None)
+            if seqs is None:
+                seqs = []
+                if len(failed) >= _FAILED_PODS:
+                    del failed[next(iter(failed))]
+            seqs.append(seq)
+            if len(seqs) > _FAILED_SEQS:
+                del seqs[0]
+            failed[pod] = seqs
+
+    def _only_failed(self, pod: str, start: int, end: int) -> bool:
+        """Whether every seq in ``[start, end)`` is a frame of `pod` that failed to decode."""
+        with self._failed_lock:
+            seqs = self._failed.get(pod)
+            if not seqs or end - start > len(seqs):
+                return False
+            return set(range(start, end)) <= set(seqs)
+
     def _observe_lag(self, ts: float) -> None:
         lag = time.time() - ts
         if 0.0 <= lag < 86400.0 and math.isfinite(lag):
@@ -666,10 +760,26 @@ class EventIngestor:
         if source is None:
             return None
         try:
-            return source.replay(st.pod, st.rank, start, reason)
+            return self._unlocked(source, st, start, reason)
         except Exception:
             logger.exception("replay for %s rank %d failed", st.pod, st.rank)
             return ReplayResult([], "error")
+
+    def _unlocked(
+        self, source: ReplaySource, st: StreamState, start: int, reason: str
+    ) -> ReplayResult | None:
+        """Ask `source` for a replay without holding `st`'s lock (held once by `_ingest`).
+
+        NOTE: locks are striped: other pods share this one, and a replay may take up to its
+        deadline. The subscriber runs a pod's frames one at a time, so nothing else applies to
+        this stream meanwhile (the sweep leaves it alone: it was just seen).
+        """
+        lock = self._lock_for(st.pod)
+        lock.release()
+        try:
+            return source.replay(st.pod, st.rank, start, reason)
+        finally:
+            lock.acquire()
 
     def _recover_gap(self, st: StreamState, last: int, seq: int) -> StreamState:
         """Fill the gap ``(last, seq)``; first check that the publisher is the one whose batch
@@ -835,7 +945,7 @@ class EventIngestor:
         assert source is not None
         st.next_resync = time.monotonic() + _RESYNC_INTERVAL
         try:
-            result = source.replay(st.pod, st.rank, 0, "resync")
+            result = self._unlocked(source, st, 0, "resync")
         except Exception:
             logger.exception("resync replay for %s rank %d failed", st.pod, st.rank)
             result = ReplayResult([], "error")
@@ -1098,6 +1208,9 @@ class EventIngestor:
         if not toks:
             return self._placeholder(st, hashes, tier, w)
         bs = ev.block_size
+        if len(toks) > self.max_event_tokens:
+            self._drop("too_many_tokens", pod, ev)
+            return False
         if bs <= 0 or len(toks) != n * bs:
             self._drop("token_count_mismatch", pod, ev)
             return False

@@ -74,6 +74,10 @@ class VllmEventPublisher:
         bind: Bind (True) or connect (False) the PUB socket; None = vLLM's rule.
         legacy_replay: Answer replays in the pre-0.26 form (no topic frame).
         context: ZMQ context to use (a private one otherwise).
+        curve: Our CURVE (public, secret) keys: with `curve_server_key` the sockets are CURVE
+            clients of that server (a pod publishing to a bound subscriber); without, they are
+            CURVE servers (a pod whose subscribers dial it). None = plain ZMQ.
+        curve_server_key: The public key of the CURVE server we connect to.
     """
 
     def __init__(
@@ -87,8 +91,12 @@ class VllmEventPublisher:
         bind: bool | None = None,
         legacy_replay: bool = False,
         context: zmq.Context[Any] | None = None,
+        curve: tuple[bytes, bytes] | None = None,
+        curve_server_key: bytes | None = None,
     ) -> None:
         self._own_ctx = context is None
+        self._curve = curve
+        self._curve_server_key = curve_server_key
         self._ctx: zmq.Context[Any] = context or zmq.Context()
         self.topic = topic
         self._topic = topic.encode("utf-8")
@@ -102,6 +110,7 @@ class VllmEventPublisher:
         self._pub.setsockopt(zmq.SNDHWM, hwm)
         self._pub.setsockopt(zmq.LINGER, 0)
         self._pub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self._secure(self._pub)
         do_bind = vllm_binds(endpoint) if bind is None else bind
         if do_bind:
             self._pub.bind(endpoint)
@@ -117,6 +126,7 @@ class VllmEventPublisher:
             router = self._ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.SNDHWM, 2 * (buffer_steps + 1))
             router.setsockopt(zmq.LINGER, 0)
+            self._secure(router)
             router.bind(replay_endpoint)
             self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             self._router = router
@@ -124,6 +134,18 @@ class VllmEventPublisher:
                 target=self._serve_replays, name="kvaware-replay-router", daemon=True
             )
             self._thread.start()
+
+    def _secure(self, sock: zmq.Socket[Any]) -> None:
+        if self._curve is None:
+            return
+        public, secret = self._curve
+        if self._curve_server_key is None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+        else:
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self._curve_server_key)
 
     @property
     def next_seq(self) -> int:

@@ -20,32 +20,35 @@ gaps (and joins) are replayed from the pod's ROUTER with a DEALER socket, reques
 ``[b"", start_seq]``, replies ``[b"", topic, seq, payload]`` (``[b"", seq, payload]`` before
 vLLM 0.26) until the ``ff*8`` end marker.
 
-One receiving thread owns the SUB sockets. With ``concurrency`` > 1, frames are handed to that
-many applying threads, a pod always to the same one (its events stay in order). The loops
-never die on a bad frame: they log it, count it and go on.
+One receiving thread owns the SUB sockets and hands frames to a small pool of applying threads
+(`PodLanes`): a pod's frames run in order, and a pod stuck in a slow replay never holds up the
+others. What may publish is decided by `access` (bind-mode pod admission, CURVE); replays are
+fetched by `replay.fetch_replay` and discovery answers read by `discovery`, all bounded. The
+loops never die on a bad frame: they log it, count it and go on.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import queue
 import threading
 import time
-import urllib.parse
-import urllib.request
-import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from kvaware_scorer.config import KVEventsConfig, load_model
 from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.events.access import CurveKeys, PodAdmission
+from kvaware_scorer.events.discovery import fetch_event_sources, parse_event_sources
 from kvaware_scorer.events.ingest import ReplayResult
-from kvaware_scorer.events.publisher import END_SEQ, offset_endpoint
+from kvaware_scorer.events.lanes import PodLanes
+from kvaware_scorer.events.publisher import offset_endpoint
+from kvaware_scorer.events.replay import fetch_replay
 
 if TYPE_CHECKING:
     from kvaware_scorer.indexer import Indexer
@@ -55,6 +58,8 @@ __all__ = ["KVEventSubscriber", "fetch_event_sources", "parse_event_sources", "p
 logger = logging.getLogger(__name__)
 
 _POLL_MS: Final = 100
+#: Seconds after a disconnect without ZMQ's own retry before the pod is dialed again.
+_REDIAL_DELAY: Final = 0.5
 _DRAIN: Final = 512
 
 
@@ -72,76 +77,6 @@ def parse_topic(topic: bytes) -> tuple[str | None, str | None]:
     pod = parts[1] if len(parts) > 1 and parts[1] else None
     model = parts[2] if len(parts) > 2 and parts[2] else None
     return pod, model
-
-
-#: Hosts of an endpoint bound on every interface (a dialer needs the pod's address instead).
-_WILDCARD_HOSTS: Final = frozenset({"*", "0.0.0.0", "::", "[::]"})
-
-
-def _dialable(endpoint: str, host: str) -> str:
-    """`endpoint` as a peer dials it: a wildcard tcp host becomes `host`.
-
-    Raises:
-        ValueError: A tcp endpoint without a port, or with port 0 (not resolved).
-    """
-    if not endpoint.startswith("tcp://"):
-        return endpoint
-    addr, sep, port = endpoint[len("tcp://") :].rpartition(":")
-    if not sep or not port.isdigit() or int(port) == 0:
-        raise ValueError(f"endpoint {endpoint!r} has no port to dial")
-    if addr in _WILDCARD_HOSTS:
-        name = f"[{host}]" if ":" in host and not host.startswith("[") else host
-        return f"tcp://{name}:{port}"
-    return endpoint
-
-
-def parse_event_sources(sources: Any, host: str) -> dict[int, tuple[str, str | None]]:
-    """DP rank -> (publisher, replay endpoint) from vLLM's ``GET /kv_event_sources`` answer.
-
-    vLLM (>= 0.33) serves ``{dp_rank: KVEventsConfig}`` with the endpoints its publishers
-    actually bound (``tcp://*:0`` resolved to the node's address and a random port; each rank
-    already offset). Wildcard hosts are replaced by `host`; ranks whose events are off or not
-    published over ZMQ are left out.
-
-    Args:
-        sources: The decoded JSON answer.
-        host: The pod's address (for wildcard hosts).
-
-    Raises:
-        ValueError: An answer that is not such a map, or an endpoint without a port.
-    """
-    if not isinstance(sources, dict):
-        raise ValueError("expected a map of DP rank -> KV-events config")
-    out: dict[int, tuple[str, str | None]] = {}
-    for key, cfg in sources.items():
-        if not isinstance(cfg, dict) or not str(key).isdigit():
-            raise ValueError(f"unexpected entry {key!r} in the event sources")
-        if not cfg.get("enable_kv_cache_events") or cfg.get("publisher") not in (None, "zmq"):
-            continue
-        endpoint, replay = cfg.get("endpoint"), cfg.get("replay_endpoint")
-        if not isinstance(endpoint, str) or not isinstance(replay, str | None):
-            raise ValueError(f"rank {key}: endpoints must be strings")
-        out[int(key)] = (
-            _dialable(endpoint, host),
-            None if replay is None else _dialable(replay, host),
-        )
-    return out
-
-
-def fetch_event_sources(base_url: str, timeout: float = 2.0) -> dict[int, tuple[str, str | None]]:
-    """Ask a vLLM server (``http://<address>:<port>``) where its KV-event publishers are.
-
-    Returns:
-        DP rank -> (publisher, replay endpoint), see `parse_event_sources`.
-
-    Raises:
-        OSError: The server could not be reached (or answered an HTTP error).
-        ValueError: The answer is not vLLM's event-sources map.
-    """
-    url = base_url.rstrip("/") + "/kv_event_sources"
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        data = json.loads(resp.read())
-    return parse_event_sources(data, urllib.parse.urlsplit(url).hostname or "")
 
 
 @dataclass(slots=True)
@@ -190,8 +125,13 @@ class KVEventSubscriber:
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
-        self._workers: list[threading.Thread] = []
-        self._queues: list[queue.Queue[Any]] = []
+        self._lanes: PodLanes | None = None
+        self._replay_slots = threading.BoundedSemaphore(config.max_concurrent_replays)
+        self._admission = PodAdmission(config, indexer.metrics.dropped, self._forget)
+        self._curve = CurveKeys(config.curve)
+        # receiving thread only: monitor socket -> dialed pod; pod -> when to redial it
+        self._monitors: dict[zmq.Socket[Any], str] = {}
+        self._redial: dict[str, tuple[float, set[bytes]]] = {}
         self._handled_lock = threading.Lock()
         self._bound: str | None = None
         self._ready = threading.Event()
@@ -219,6 +159,12 @@ class KVEventSubscriber:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def queued_frames(self) -> int:
+        """Frames received and not yet applied (at most ``queueSize``)."""
+        lanes = self._lanes
+        return 0 if lanes is None else lanes.queued
+
+    @property
     def bound_endpoint(self) -> str | None:
         """The endpoint the bind-mode socket actually listens on for DP rank 0 (port resolved)."""
         return self._bound
@@ -235,19 +181,21 @@ class KVEventSubscriber:
         self._ready.clear()
         self._start_error = None
         self._ctx = self._ctx_given or zmq.Context()
+        cfg = self.config
         ingestor = self.indexer.ingestor
         ingestor.set_replay_source(self)
-        n = self.config.concurrency
-        if n > 1:
-            self._queues = [queue.Queue(self.config.queue_size) for _ in range(n)]
-            self._workers = [
-                threading.Thread(
-                    target=self._worker, args=(q,), name=f"kvaware-kv-apply-{i}", daemon=True
-                )
-                for i, q in enumerate(self._queues)
-            ]
-            for w in self._workers:
-                w.start()
+        ingestor.max_event_tokens = cfg.max_event_tokens
+        ingestor.max_seq_jump = cfg.max_seq_jump
+        ingestor.max_payload_bytes = cfg.max_frame_bytes
+        # NOTE: one thread per allowed concurrent replay on top of `concurrency`: a pod stuck
+        # in a slow replay never holds up another pod's live events.
+        self._lanes = PodLanes(
+            cfg.concurrency + cfg.max_concurrent_replays,
+            cfg.concurrency,
+            cfg.queue_size,
+            max(1, cfg.queue_size // (2 * cfg.max_concurrent_replays)),
+            self._apply_error,
+        )
         self._thread = threading.Thread(target=self._run, name="kvaware-kv-events", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -265,8 +213,9 @@ class KVEventSubscriber:
             self._thread.join(max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
                 logger.warning("KV-event receiver did not stop within %.1fs", timeout)
-        for w in self._workers:
-            w.join(max(0.0, deadline - time.monotonic()))
+        if self._lanes is not None:
+            self._lanes.stop(max(0.0, deadline - time.monotonic()))
+        self._curve.stop()
         ingestor = self.indexer.ingestor
         if ingestor.replay_source is self:
             ingestor.set_replay_source(None)
@@ -274,8 +223,7 @@ class KVEventSubscriber:
             self._ctx.destroy(0)
         self._ctx = None
         self._thread = None
-        self._workers = []
-        self._queues = []
+        self._lanes = None
 
     def __enter__(self) -> KVEventSubscriber:
         self.start()
@@ -386,8 +334,20 @@ class KVEventSubscriber:
             sock.setsockopt(zmq.RCVBUF, cfg.rcvbuf)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_frame_bytes)
         sock.setsockopt(zmq.SUBSCRIBE, cfg.topic_filter.encode("utf-8"))
         return sock
+
+    # -- which pods bind mode accepts ------------------------------------------------------------
+
+    def set_known_pods(self, pods: Iterable[str]) -> None:
+        """The pod ids the scheduler knows (its endpoints): in bind mode only their frames are
+        applied, unless ``acceptUnknownPods``. Static ``endpoints`` are always known."""
+        self._admission.set_known(pods)
+
+    def _forget(self, pod: str) -> None:
+        """Open mode reclaimed `pod`: purge it (after its queued frames)."""
+        self._dispatch(pod, functools.partial(self._purge, pod, "idle"))
 
     def _run(self) -> None:
         poller = zmq.Poller()
@@ -398,6 +358,7 @@ class KVEventSubscriber:
             if self.config.zmq_endpoint:
                 sub = self._new_sub()
                 sources[sub] = (None, None)
+                self._curve.server(sub, self._ctx)
                 for i, endpoint in enumerate(self._bind_endpoints()):
                     sub.bind(endpoint)
                     bound = sub.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -419,6 +380,9 @@ class KVEventSubscriber:
                 self._commands_due(poller, sources, by_pod)
                 events = dict(poller.poll(_POLL_MS))
                 for sock in events:
+                    if sock in self._monitors:
+                        self._on_monitor(sock)
+                        continue
                     pod, model = sources.get(sock, (None, None))
                     for _ in range(_DRAIN):
                         try:
@@ -434,6 +398,7 @@ class KVEventSubscriber:
                 if self.config.stats_interval and time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + self.config.stats_interval
                     self.indexer.stats()
+                    self._admission.reclaim()
             except Exception:
                 self.indexer.metrics.dropped.labels("internal_error").inc()
                 logger.exception("KV-event receive loop error (continuing)")
@@ -453,6 +418,9 @@ class KVEventSubscriber:
         return list(dict.fromkeys(offset_endpoint(base, r) for r in ranks))
 
     def _close_all(self, sources: dict[zmq.Socket[Any], Any]) -> None:
+        for mon in self._monitors:
+            mon.close(0)
+        self._monitors.clear()
         for sock in sources:
             sock.close(0)
         sources.clear()
@@ -471,9 +439,10 @@ class KVEventSubscriber:
         sub = self._new_sub()
         dialed = sorted(set(info.endpoints.values()))
         try:
+            self._curve.client(sub)
             for endpoint in dialed:
                 sub.connect(endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, ConfigError) as exc:
             sub.close(0)
             logger.error("cannot dial %s for pod %s: %s", dialed, pod_id, exc)
             self.indexer.metrics.dropped.labels("bad_endpoint").inc()
@@ -481,6 +450,11 @@ class KVEventSubscriber:
         poller.register(sub, zmq.POLLIN)
         sources[sub] = (pod_id, info.model)
         by_pod[pod_id] = sub
+        mon = sub.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
+        )
+        self._monitors[mon] = pod_id
+        poller.register(mon, zmq.POLLIN)
         logger.info("dialing KV events of %s at %s", pod_id, ", ".join(dialed))
 
     def _disconnect(
@@ -494,7 +468,35 @@ class KVEventSubscriber:
         if old is not None:
             poller.unregister(old)
             sources.pop(old, None)
+            for mon, owner in list(self._monitors.items()):
+                if owner == pod_id:
+                    poller.unregister(mon)
+                    del self._monitors[mon]
+                    mon.close(0)
+            old.disable_monitor()
             old.close(0)
+
+    def _on_monitor(self, mon: zmq.Socket[Any]) -> None:
+        """Watch a dialed pod's connections. NOTE: ZMQ redials a dropped connection by itself
+        (a disconnect is followed by a retry at once), except after a protocol error: a frame
+        above ``maxFrameBytes`` is one. Such a connection is redialed here; what was lost
+        meanwhile shows as a seq gap."""
+        pod = self._monitors.get(mon)
+        while mon.poll(0):
+            event = recv_monitor_message(mon)
+            if pod is None:
+                continue
+            endpoint = event["endpoint"]
+            kind = event["event"]
+            due = self._redial.get(pod)
+            if kind == zmq.EVENT_DISCONNECTED:
+                if due is None:
+                    due = self._redial[pod] = (time.monotonic() + _REDIAL_DELAY, set())
+                due[1].add(endpoint)
+            elif due is not None:  # ZMQ is retrying this endpoint itself
+                due[1].discard(endpoint)
+                if not due[1]:
+                    del self._redial[pod]
 
     def _commands_due(
         self,
@@ -502,6 +504,15 @@ class KVEventSubscriber:
         sources: dict[zmq.Socket[Any], tuple[str | None, str | None]],
         by_pod: dict[str, zmq.Socket[Any]],
     ) -> None:
+        if self._redial:
+            now = time.monotonic()
+            for pod, (at, _endpoints) in list(self._redial.items()):
+                if at <= now:
+                    del self._redial[pod]
+                    if pod in self._pods:
+                        self.indexer.metrics.dropped.labels("protocol_error").inc()
+                        logger.info("ZMQ dropped the connection to %s for good; redialing", pod)
+                        self._connect(pod, poller, sources, by_pod)
         while True:
             try:
                 op, arg = self._commands.get_nowait()
@@ -515,8 +526,8 @@ class KVEventSubscriber:
                 if purge:
                     self._dispatch(pod_id, functools.partial(self._purge, pod_id))
 
-    def _purge(self, pod_id: str) -> None:
-        self.indexer.purge_pod(pod_id, reason="endpoint_removed")
+    def _purge(self, pod_id: str, reason: str = "endpoint_removed") -> None:
+        self.indexer.purge_pod(pod_id, reason=reason)
 
     def _on_frames(self, frames: list[bytes], pod: str | None, model: str | None) -> None:
         metrics = self.indexer.metrics
@@ -532,6 +543,9 @@ class KVEventSubscriber:
                 metrics.dropped.labels("topic_without_pod").inc()
                 logger.debug("dropped a frame whose topic %r names no pod", topic)
                 return
+            if pod not in self._pods and not self._admission.accepts(pod):
+                logger.debug("dropped a frame of unknown pod %r", pod[:80])
+                return
         use_model = model or topic_model or self.config.default_model
         seq = int.from_bytes(seq8, "big")
         self._dispatch(pod, functools.partial(self._apply_frame, pod, use_model, payload, seq))
@@ -546,30 +560,15 @@ class KVEventSubscriber:
                 self.frames_handled += 1
 
     def _dispatch(self, pod: str, work: Callable[[], None]) -> None:
-        if not self._queues:
+        lanes = self._lanes
+        if lanes is None:
             work()
             return
-        q = self._queues[zlib.crc32(pod.encode("utf-8")) % len(self._queues)]
-        while not self._stop_event.is_set():
-            try:
-                q.put(work, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        if not lanes.submit(pod, work):
+            self.indexer.metrics.dropped.labels("replay_backlog").inc()
 
-    def _worker(self, q: queue.Queue[Any]) -> None:
-        # NOTE: on stop, frames still queued are dropped: stop stays bounded however full the
-        # queue is (a restarted subscriber rejoins each stream through its replay buffer).
-        while not self._stop_event.is_set():
-            try:
-                item = q.get(timeout=_POLL_MS / 1000)
-            except queue.Empty:
-                continue
-            try:
-                item()
-            except Exception:
-                self.indexer.metrics.dropped.labels("internal_error").inc()
-                logger.exception("KV-event apply error (continuing)")
+    def _apply_error(self) -> None:
+        self.indexer.metrics.dropped.labels("internal_error").inc()
 
     # -- replay (the ingestor's ReplaySource) ------------------------------------------------
 
@@ -594,22 +593,16 @@ class KVEventSubscriber:
             logger.warning("replay endpoint %s cannot serve rank %d", base, rank)
             return None
 
-    def _recv_replay(self, sock: zmq.Socket[Any], timeout: float) -> list[bytes] | None:
-        """The next reply message, or None after `timeout` seconds without one or on `stop`."""
-        deadline = time.monotonic() + timeout
-        while not self._stop_event.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            if sock.poll(int(min(left, _POLL_MS / 1000) * 1000) + 1):
-                return sock.recv_multipart()
-        return None
-
     def replay(self, pod: str, rank: int, start_seq: int, reason: str) -> ReplayResult | None:
         """Fetch `pod`'s buffered batches from `start_seq` on (vLLM's replay protocol).
 
+        Bounded in time (``replayTimeout`` per answer frame, ``replayDeadline`` in total), in
+        frames (``maxReplayBatches``), in bytes (``maxReplayBytes``, each frame at most
+        ``maxFrameBytes``) and in number (``maxConcurrentReplays`` at once: one more is
+        refused at once with status ``busy`` instead of waiting).
+
         Returns None when the pod has no replay endpoint (or ``replayOnJoin`` is off for a
-        join); otherwise what arrived before the end marker, a timeout or `stop`.
+        join); otherwise what arrived before the end marker or a bound.
         """
         if reason == "join" and not self.config.replay_on_join:
             return None
@@ -617,45 +610,27 @@ class KVEventSubscriber:
         ctx = self._ctx
         if endpoint is None or ctx is None:
             return None
-        timeout = self.config.replay_timeout
-        limit = self.config.max_replay_batches
-        frames: list[tuple[int, bytes]] = []
-        status = "timeout"
-        # NOTE: one socket per replay, closed after it: replays are rare (gaps, joins), a kept
-        # socket per endpoint would outlive its pod (and keep reconnecting to it), and late
-        # replies to an abandoned request die with their socket instead of being read as the
-        # next answer.
-        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        if not self._replay_slots.acquire(blocking=False):
+            self.indexer.metrics.dropped.labels("replay_busy").inc()
+            logger.info("replay (%s) of %s rank %d refused: too many replays", reason, pod, rank)
+            return ReplayResult([], "busy")
+        lanes = self._lanes
+        if lanes is not None:
+            lanes.replaying(pod, True)
         try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-            sock.connect(endpoint)
-            sock.send_multipart((b"", start_seq.to_bytes(8, "big")))
-            while len(frames) < limit:
-                parts = self._recv_replay(sock, timeout)
-                if parts is None:
-                    break
-                if len(parts) == 4 and parts[0] == b"":  # >= 0.26: [b"", topic, seq, payload]
-                    seq8, payload = parts[2], parts[3]
-                elif len(parts) == 3 and parts[0] == b"":  # < 0.26: [b"", seq, payload]
-                    seq8, payload = parts[1], parts[2]
-                else:
-                    self.indexer.metrics.dropped.labels("bad_replay_frame").inc()
-                    continue
-                if len(seq8) != 8:
-                    self.indexer.metrics.dropped.labels("bad_replay_frame").inc()
-                    continue
-                if seq8 == END_SEQ:
-                    status = "ok"
-                    break
-                frames.append((int.from_bytes(seq8, "big"), payload))
-            else:
-                status = "truncated"
-        except zmq.ZMQError as exc:
-            logger.warning("replay from %s failed: %s", endpoint, exc)
-            status = "error"
+            frames, status = fetch_replay(
+                ctx,
+                endpoint,
+                start_seq,
+                self.config,
+                self._curve,
+                self.indexer.metrics.dropped,
+                self._stop_event,
+            )
         finally:
-            sock.close(0)
+            if lanes is not None:
+                lanes.replaying(pod, False)
+            self._replay_slots.release()
         logger.info(
             "replay (%s) of %s rank %d from seq %d: %d batches, %s",
             reason,

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -94,6 +94,20 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(
         ("BUSY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "READONLY")
     )
+
+
+def _oom(exc: BaseException) -> bool:
+    """Redis refused a write for memory (``maxmemory`` reached under ``noeviction``): the
+    write is fine, the server cannot take it now."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and (
+        "command not allowed when used memory" in str(exc)
+    )
+
+
+#: Pods remembered as written (to resync after a restart lost the data) or diverged.
+_MAX_TRACKED_PODS = 100_000
 
 
 def redis_url(address: str) -> str:
@@ -385,6 +399,13 @@ class RedisIndex:
         self._script_ready = False
         self._down_until = 0.0
         self._down_since: float | None = None
+        # writes refused for memory: retried (reads go on) after `retry_interval`
+        self._refused_until = 0.0
+        self._refused_since: float | None = None
+        # pods some of whose writes never reached Redis (see `take_diverged`)
+        self._diverged: set[str] = set()
+        self._written: set[str] = set()
+        self._boot: bytes | None = None
         self._buffer: deque[_Write] = deque()
         self._seq = itertools.count()
         self._unlogged_drops = 0
@@ -401,6 +422,8 @@ class RedisIndex:
             "dropped_speculative": 0,
             "backend_errors": 0,
             "quiet_pods_purged": 0,
+            "refused_writes": 0,
+            "data_lost": 0,
         }
         self._last_stats = IndexStats(backend=self.backend, capacity=config.size)
         self._best: dict[tuple[int, tuple[str, ...]], tuple[str, float]] = {}
@@ -506,6 +529,35 @@ class RedisIndex:
     def _load_script(self, client: Any) -> None:
         client.script_load(self._code)
         self._script_ready = True
+        self._check_boot(client)
+
+    def _check_boot(self, client: Any) -> None:
+        """Tell whether the server still holds what we wrote (run when the script must be
+        loaded: first use, or after a restart or a script flush).
+
+        A marker key is created once per dataset; a server that answers with another marker
+        (or none) lost the data we wrote (restarted empty, or flushed): every pod we wrote for
+        is then diverged, and the ingestor rebuilds it (see `take_diverged`).
+        """
+        key = self._prefix + b"boot"
+        try:
+            client.set(key, os.urandom(8).hex(), nx=True)
+            marker = client.get(key)
+        except redis.exceptions.ResponseError as exc:  # e.g. OOM: checked at the next load
+            logger.debug("Redis index: no dataset marker (%s)", exc)
+            return
+        if self._boot is not None and marker != self._boot:
+            with self._lock:
+                lost = set(self._written)
+                self._diverged |= lost
+                self._counters["data_lost"] += 1
+            logger.warning(
+                "Redis index at %s lost its data (restarted empty or flushed): %d pods will "
+                "be rebuilt from their KV events",
+                self.config.address,
+                len(lost),
+            )
+        self._boot = marker
 
     def _argv(self, shard: _Shard, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (self._sha, 1, shard.route, args[0], shard.prefix, self._ttl_ms, *args[1:])
@@ -642,6 +694,61 @@ class RedisIndex:
         if first:
             logger.warning("Redis index at %s unavailable: %s", self.config.address, exc)
 
+    def _writable(self) -> bool:
+        return time.monotonic() >= self._refused_until
+
+    def _refuse(self, exc: BaseException) -> None:
+        """Redis refused writes for memory: keep them buffered and retry after
+        `retry_interval` (lookups go on meanwhile). Logged once per episode."""
+        with self._lock:
+            self._counters["refused_writes"] += 1
+            self._refused_until = time.monotonic() + self.config.retry_interval
+            first = self._refused_since is None
+            if first:
+                self._refused_since = time.monotonic()
+        if first:
+            logger.warning(
+                "Redis index at %s refuses writes (%s): buffering them (at most %d) and "
+                "retrying every %.1fs",
+                self.config.address,
+                str(exc).split("\n", 1)[0][:200],
+                self.config.max_buffered_writes,
+                self.config.retry_interval,
+            )
+
+    def _accepted(self) -> None:
+        """Writes went through again after a refusal episode."""
+        if self._refused_since is None:
+            return
+        with self._lock:
+            since, self._refused_since = self._refused_since, None
+            self._refused_until = 0.0
+        if since is not None:
+            logger.warning(
+                "Redis index at %s accepts writes again after %.1fs",
+                self.config.address,
+                time.monotonic() - since,
+            )
+
+    def take_diverged(self) -> set[str]:
+        """Pods whose index entries may differ from their KV events (some of their writes never
+        reached Redis: dropped from a full buffer, refused, or lost with the server's data),
+        returned once Redis takes writes again and nothing is buffered; then forgotten.
+
+        The event ingestor purges each and rebuilds it from its publisher's replay buffer.
+        """
+        if not self._diverged or self._buffer or not self._available() or not self._writable():
+            return set()
+        with self._lock:
+            out, self._diverged = self._diverged, set()
+        return out
+
+    def _mark_diverged(self, pods: Iterable[str]) -> None:
+        """Record pods whose writes were lost (bounded; caller holds `_lock`)."""
+        for pod in pods:
+            if len(self._diverged) < _MAX_TRACKED_PODS:
+                self._diverged.add(pod)
+
     def _mark_up(self) -> None:
         if self._down_since is None:
             return
@@ -656,6 +763,14 @@ class RedisIndex:
                 time.monotonic() - since,
                 len(self._buffer),
             )
+            # NOTE: another process may have reloaded the script after a restart, so a missing
+            # script cannot be relied on to reveal lost data: check the marker on every return.
+            client = self._client
+            if client is not None:
+                try:
+                    self._check_boot(client)
+                except redis.exceptions.RedisError as exc:
+                    logger.debug("Redis index: dataset marker not checked (%s)", exc)
 
     def _guarded(self, what: str, fn: Callable[[], T]) -> T:
         """Run a read; backend trouble becomes `BackendUnavailableError`."""
@@ -687,6 +802,7 @@ class RedisIndex:
         if engine_hashes is not None and len(engine_hashes) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(engine_hashes)} engine hashes")
         kb = _pack(keys)  # bad keys fail here, in the caller, not at replay
+        self._track(pod)
         eb = b"" if engine_hashes is None else _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
         ehs = None if engine_hashes is None else tuple(engine_hashes)
@@ -697,9 +813,16 @@ class RedisIndex:
     ) -> _Write:
         eb = _pack(engine_hashes)
         tname = normalize_medium(tier, self.tiers.default_tier)
+        self._track(pod)
         return _Write(
             kind, pod, (), tuple(engine_hashes), tname, packed=(b"", eb), token=self._token()
         )
+
+    def _track(self, pod: str) -> None:
+        """Remember that we wrote for `pod` (bounded), to rebuild it if the data is lost."""
+        written = self._written
+        if pod not in written and len(written) < _MAX_TRACKED_PODS:
+            written.add(pod)
 
     def _purge_op(self, pod: str) -> _Write:
         return _Write("purge", pod, token=self._token())
@@ -875,15 +998,16 @@ class RedisIndex:
             try:
                 raws: list[Any] = [self._eval(calls[0][0], *calls[0][1])]
             except redis.exceptions.ResponseError as exc:
-                if isinstance(exc, _UNAVAILABLE) or _transient(exc):
+                if isinstance(exc, _UNAVAILABLE) or _transient(exc) or _oom(exc):
                     raise
                 raws = [exc]
         else:
             raws = self._pipeline(calls)
             for r in raws:
-                if isinstance(r, _UNAVAILABLE) or _transient(r):
+                if isinstance(r, _UNAVAILABLE) or _transient(r) or _oom(r):
                     raise r
         self._mark_up()
+        self._accepted()
         out: list[int | None] = []
         for w, plan, spots in zip(ops, plans, where, strict=True):
             got = []
@@ -908,17 +1032,20 @@ class RedisIndex:
         if not ops:
             return []
         self._ensure_worker()
-        if self._buffer and self._available():
+        if self._buffer and self._available() and self._writable():
             self._drain()
-        if self._buffer or not self._available():
+        if self._buffer or not self._available() or not self._writable():
             self._enqueue(ops)
             return [self._fallback(w) for w in ops]
         try:
             return self._apply(ops, strict)
         except _UNAVAILABLE_OR_REPLY as exc:
-            if not isinstance(exc, _UNAVAILABLE) and not _transient(exc):
+            if _oom(exc):
+                self._refuse(exc)
+            elif not isinstance(exc, _UNAVAILABLE) and not _transient(exc):
                 raise
-            self._mark_down(exc)
+            else:
+                self._mark_down(exc)
             self._enqueue(ops)
             return [self._fallback(w) for w in ops]
 
@@ -999,6 +1126,7 @@ class RedisIndex:
             raise ValueError(msg.split("KVAWARE", 1)[1].strip()) from None
         with self._lock:
             self._counters["failed_writes"] += 1
+            self._mark_diverged((w.pod,))
         logger.warning("Redis index dropped a %s of %s: %s", w.kind, w.pod, msg)
 
     def _enqueue(self, ops: list[_Write]) -> None:
@@ -1007,10 +1135,13 @@ class RedisIndex:
         with self._lock:
             if limit == 0:
                 dropped = len(ops)
+                self._mark_diverged(w.pod for w in ops)
             else:
                 for w in ops:
                     if len(self._buffer) >= limit:
-                        self._unbuffer(self._buffer.popleft())
+                        old = self._buffer.popleft()
+                        self._unbuffer(old)
+                        self._mark_diverged((old.pod,))
                         dropped += 1
                     w.seq = next(self._seq)
                     self._buffer.append(w)
@@ -1053,11 +1184,14 @@ class RedisIndex:
                     if not batch:
                         self._pending.clear()
                         return True
-                if not self._available():
+                if not self._available() or not self._writable():
                     return False
                 try:
                     self._apply_replayed(batch)
                 except _UNAVAILABLE_OR_REPLY as exc:
+                    if _oom(exc):
+                        self._refuse(exc)
+                        return False
                     if not isinstance(exc, _UNAVAILABLE) and not _transient(exc):
                         raise
                     self._mark_down(exc)
@@ -1476,7 +1610,7 @@ class RedisIndex:
         next_maint = time.monotonic() + cfg.maintenance_interval
         while not self._stop.wait(tick):
             try:
-                if self._buffer and self._available():
+                if self._buffer and self._available() and self._writable():
                     self._drain()
                 now = time.monotonic()
                 if now >= next_maint and not self._buffer and self._available() and self._shards:

@@ -64,3 +64,17 @@ def test_listen_needs_a_source(capsys: pytest.CaptureFixture[str]) -> None:
     """listen without --bind or --connect exits with a usage error."""
     assert main(["events", "listen"]) == 2
     assert "--bind" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("depth", [996, 20_000])
+def test_decode_reports_deeply_nested_files(
+    capsys: pytest.CaptureFixture[str], tmp_path: Any, depth: int
+) -> None:
+    """A payload nested too deep to decode or to print is reported, never a traceback."""
+    from tests.events.test_hardening import poison
+
+    bad = tmp_path / "deep.msgpack"
+    bad.write_bytes(poison(depth))
+    assert main(["events", "decode", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "deep.msgpack" in err and "Traceback" not in err

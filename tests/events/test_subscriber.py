@@ -132,7 +132,9 @@ def test_bind_mode_takes_pod_and_model_from_the_topic(indexer: Indexer) -> None:
     uses the default model, and one without a pod is dropped and counted."""
     toks = list(range(32))
     port = free_port()
-    with make_sub(indexer, zmq_endpoint=tcp(port), topic_filter="") as sub:
+    with make_sub(
+        indexer, accept_unknown_pods=True, zmq_endpoint=tcp(port), topic_filter=""
+    ) as sub:
         assert sub.bound_endpoint == tcp(port)
         pubs = [
             VllmEventPublisher(tcp(port), topic="kv@10.0.0.1:8000@model-a", bind=False),
@@ -157,7 +159,9 @@ def test_bind_mode_takes_pod_and_model_from_the_topic(indexer: Indexer) -> None:
 def test_topic_filter_selects_frames(indexer: Indexer) -> None:
     """With topic filter "kv@", frames under other topics are not received."""
     port = free_port()
-    with make_sub(indexer, zmq_endpoint=tcp(port), topic_filter="kv@") as sub:
+    with make_sub(
+        indexer, accept_unknown_pods=True, zmq_endpoint=tcp(port), topic_filter="kv@"
+    ) as sub:
         good = VllmEventPublisher(tcp(port), topic="kv@p:1@m", bind=False)
         other = VllmEventPublisher(tcp(port), topic="other@p:2@m", bind=False)
         try:
@@ -419,7 +423,9 @@ def test_bind_mode_listens_on_every_data_parallel_ranks_port(indexer: Indexer) -
     a, b = list(range(32)), list(range(100, 132))
     port = two_free_ports()
     topic = f"kv@{POD}@{MODEL}"
-    with make_sub(indexer, zmq_endpoint=tcp(port), data_parallel_size=2) as sub:
+    with make_sub(
+        indexer, accept_unknown_pods=True, zmq_endpoint=tcp(port), data_parallel_size=2
+    ) as sub:
         assert sub.bound_endpoint == tcp(port)
         pubs = [
             VllmEventPublisher(tcp(port + r), topic=topic, bind=False, data_parallel_rank=r)
@@ -524,7 +530,7 @@ def test_concurrent_appliers_keep_each_pod_in_order(indexer: Indexer) -> None:
     """With several applying threads, every pod's frames still apply in order."""
     port = free_port()
     pods = [f"10.0.0.{i}:8000" for i in range(1, 5)]
-    with make_sub(indexer, zmq_endpoint=tcp(port), concurrency=3) as sub:
+    with make_sub(indexer, accept_unknown_pods=True, zmq_endpoint=tcp(port), concurrency=3) as sub:
         pubs = [VllmEventPublisher(tcp(port), topic=f"kv@{p}@{MODEL}", bind=False) for p in pods]
         try:
             for p in pubs:
@@ -597,7 +603,12 @@ def test_bind_mode_gap_is_replayed_from_the_configured_endpoint(indexer: Indexer
     toks = list(range(48))
     port, rport = free_port(), free_port()
     pod = "10.0.0.7:8000"
-    sub = make_sub(indexer, zmq_endpoint=tcp(port), replay_endpoints={pod: tcp(rport)})
+    sub = make_sub(
+        indexer,
+        accept_unknown_pods=True,
+        zmq_endpoint=tcp(port),
+        replay_endpoints={pod: tcp(rport)},
+    )
     topic = f"kv@{pod}@{MODEL}"
     with sub, VllmEventPublisher(tcp(port), tcp(rport), topic=topic, bind=False) as pub:
         assert pub.wait_for_subscriber(10)

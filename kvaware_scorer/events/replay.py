@@ -1,0 +1,120 @@
+"""The replay client: one request to a pod's replay ROUTER, read within every bound.
+
+vLLM's protocol: a DEALER sends ``[b"", start_seq (8 bytes BE)]``; the ROUTER answers
+``[b"", topic, seq, payload]`` (``[b"", seq, payload]`` before vLLM 0.26) per buffered batch,
+then the ``ff*8`` end marker. The answer comes from a pod, so it is bounded: ``replayTimeout``
+per frame, ``replayDeadline`` in total, ``maxReplayBatches`` frames, ``maxReplayBytes`` bytes
+and ``maxFrameBytes`` per frame (the socket drops a larger one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Final
+
+import zmq
+
+from kvaware_scorer.config import KVEventsConfig
+from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.events.access import CurveKeys
+from kvaware_scorer.events.publisher import END_SEQ
+
+__all__ = ["fetch_replay"]
+
+logger = logging.getLogger(__name__)
+
+_POLL_MS: Final = 100
+
+
+def _recv(
+    sock: zmq.Socket[Any], deadline: float, timeout: float, stop: threading.Event
+) -> list[bytes] | None:
+    """The next reply message, or None after `timeout` seconds without one, past `deadline`,
+    or on `stop`."""
+    until = min(deadline, time.monotonic() + timeout)
+    while not stop.is_set():
+        left = until - time.monotonic()
+        if left <= 0:
+            return None
+        if sock.poll(int(min(left, _POLL_MS / 1000) * 1000) + 1):
+            return sock.recv_multipart()
+    return None
+
+
+def fetch_replay(
+    ctx: zmq.Context[Any],
+    endpoint: str,
+    start_seq: int,
+    config: KVEventsConfig,
+    curve: CurveKeys,
+    dropped: Any,
+    stop: threading.Event,
+) -> tuple[list[tuple[int, bytes]], str]:
+    """Ask `endpoint` for its batches from `start_seq` on.
+
+    Args:
+        ctx: ZMQ context for the DEALER socket.
+        endpoint: The pod's replay ROUTER.
+        start_seq: First sequence number wanted.
+        config: The bounds.
+        curve: CURVE client options (connect mode).
+        dropped: The ``kvaware_dropped_messages`` counter family.
+        stop: Ends the wait early when set.
+
+    Returns:
+        ``(seq, payload)`` pairs in the order received, and the status: ``ok`` (end marker),
+        ``timeout``, ``deadline``, ``truncated`` (a frame or byte bound) or ``error``.
+    """
+    deadline = time.monotonic() + config.replay_deadline
+    limit, max_bytes = config.max_replay_batches, config.max_replay_bytes
+    frames: list[tuple[int, bytes]] = []
+    size = 0
+    status = "timeout"
+    # NOTE: one socket per replay, closed after it: replays are rare (gaps, joins), a kept
+    # socket per endpoint would outlive its pod (and keep reconnecting to it), and late
+    # replies to an abandoned request die with their socket instead of being read as the
+    # next answer.
+    sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, config.max_frame_bytes)
+        curve.client(sock)
+        sock.connect(endpoint)
+        sock.send_multipart((b"", start_seq.to_bytes(8, "big")))
+        while True:
+            parts = _recv(sock, deadline, config.replay_timeout, stop)
+            if parts is None:
+                if time.monotonic() >= deadline:
+                    status = "deadline"
+                break
+            if len(parts) == 4 and parts[0] == b"":  # >= 0.26: [b"", topic, seq, payload]
+                seq8, payload = parts[2], parts[3]
+            elif len(parts) == 3 and parts[0] == b"":  # < 0.26: [b"", seq, payload]
+                seq8, payload = parts[1], parts[2]
+            else:
+                dropped.labels("bad_replay_frame").inc()
+                continue
+            if len(seq8) != 8:
+                dropped.labels("bad_replay_frame").inc()
+                continue
+            if seq8 == END_SEQ:
+                status = "ok"
+                break
+            if len(frames) >= limit or size + len(payload) > max_bytes:
+                dropped.labels("replay_too_large").inc()
+                status = "truncated"
+                break
+            size += len(payload)
+            frames.append((int.from_bytes(seq8, "big"), payload))
+    except zmq.ZMQError as exc:
+        logger.warning("replay from %s failed: %s", endpoint, exc)
+        status = "error"
+    except ConfigError as exc:
+        logger.warning("replay from %s impossible: %s", endpoint, exc)
+        status = "error"
+    finally:
+        sock.close(0)
+    return frames, status

@@ -1,0 +1,65 @@
+"""The applying threads: order per pod, other pods not held up, bounded backlogs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from kvaware_scorer.events.lanes import PodLanes
+
+
+def test_a_stuck_pod_holds_neither_other_pods_nor_unbounded_memory() -> None:
+    """While one pod's work waits for a slow replay, other pods' work runs at once (even with
+    one applying turn), the stuck pod's backlog is capped, and its queued work then runs in
+    order."""
+    errors: list[int] = []
+    lanes = PodLanes(2, 1, capacity=100, replay_backlog=3, on_error=lambda: errors.append(1))
+    release = threading.Event()
+    done: list[tuple[str, int]] = []
+    try:
+        started = threading.Event()
+
+        def stuck() -> None:  # a frame whose replay trickles
+            lanes.replaying("a", True)
+            started.set()
+            release.wait()
+            lanes.replaying("a", False)
+
+        assert lanes.submit("a", stuck)
+        assert started.wait(5)
+        accepted = [lanes.submit("a", lambda i=i: done.append(("a", i))) for i in range(5)]
+        assert accepted == [True, True, True, False, False]
+        t0 = time.monotonic()
+        assert lanes.submit("b", lambda: done.append(("b", 0)))
+        while ("b", 0) not in done:
+            assert time.monotonic() - t0 < 2.0
+            time.sleep(0.005)
+        release.set()
+        deadline = time.monotonic() + 5
+        while len(done) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert [x for x in done if x[0] == "a"] == [("a", 0), ("a", 1), ("a", 2)]
+        assert lanes.queued == 0
+    finally:
+        release.set()
+        lanes.stop(2.0)
+    assert errors == []
+
+
+def test_work_that_raises_is_counted_and_the_pod_goes_on() -> None:
+    """A callable that raises is counted; the pod's next work still runs."""
+    errors: list[int] = []
+    lanes = PodLanes(1, 1, capacity=10, replay_backlog=5, on_error=lambda: errors.append(1))
+    ran = threading.Event()
+    try:
+
+        def boom() -> None:
+            raise RuntimeError("bad frame")
+
+        lanes.submit("a", boom)
+        lanes.submit("a", ran.set)
+        assert ran.wait(5)
+    finally:
+        lanes.stop(2.0)
+    assert errors == [1]
