@@ -83,6 +83,7 @@ def bootstrap(
     health_check: bool = True,
     access_log: bool = False,
     route_timeout: str = "300s",
+    subset_hint: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The Envoy bootstrap (a mapping to dump as YAML); see the module docstring.
 
@@ -102,6 +103,9 @@ def bootstrap(
         health_check: gRPC-health-check the EPP's ext_proc service.
         access_log: Log every request to standard output (status, flags, upstream, metadata).
         route_timeout: Route timeout.
+        subset_hint: Endpoints (``ip:port``) every request is restricted to, set as the
+            ``envoy.lb.subset_hint`` metadata by a ``set_metadata`` filter (as a gateway does
+            for a pool split; tests and demos).
     """
     if lb not in ("override_host", "original_dst"):
         raise ValueError(f"lb must be override_host or original_dst, not {lb!r}")
@@ -152,6 +156,22 @@ def bootstrap(
             },
         ],
     }
+    if subset_hint is not None:
+        hcm["http_filters"].insert(
+            0,
+            {
+                "name": "envoy.filters.http.set_metadata",
+                "typed_config": {
+                    "@type": f"{_PM}.filters.http.set_metadata.v3.Config",
+                    "metadata": [
+                        {
+                            "metadata_namespace": "envoy.lb.subset_hint",
+                            "value": {"x-gateway-destination-endpoint-subset": list(subset_hint)},
+                        }
+                    ],
+                },
+            },
+        )
     if access_log:
         hcm["access_log"] = [
             {

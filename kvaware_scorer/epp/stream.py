@@ -98,6 +98,13 @@ _FULL_DUPLEX = pm.ProcessingMode.FULL_DUPLEX_STREAMED
 _BUFFERED = (pm.ProcessingMode.BUFFERED, pm.ProcessingMode.BUFFERED_PARTIAL)
 _OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _CONTINUE = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse()))
+_DROP_LENGTH = ep.ProcessingResponse(
+    request_headers=ep.HeadersResponse(
+        response=ep.CommonResponse(
+            header_mutation=ep.HeaderMutation(remove_headers=["content-length"])
+        )
+    )
+)
 _EMPTY_REQ_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse()))
 _EMPTY_RESP_BODY = ep.ProcessingResponse(
     response_body=ep.BodyResponse(response=ep.CommonResponse())
@@ -326,6 +333,11 @@ class ProcessStream:
         if self.req_mode == _FULL_DUPLEX:
             return []  # answered once the body has ended
         if self.req_mode in _BUFFERED:
+            if self._rewrite_target():
+                # NOTE: under BUFFERED, Envoy refuses a Content-Length mutation on the body
+                # answer and 500s a mutated body that does not match the length; removing the
+                # header on the headers answer lets it frame the rewritten body itself.
+                return [_DROP_LENGTH]
             return [_CONTINUE]
         # NOTE: without a body mode that lets the EPP see the whole body before answering the
         # headers (NONE, STREAMED), the request is routed on its headers alone.
@@ -530,7 +542,6 @@ class ProcessStream:
         if self.req_mode in _BUFFERED:
             common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
             if self._rewrite is not None:
-                mutation.set_headers.append(_set("content-length", str(len(body))))
                 common.body_mutation.body = body
             return [
                 ep.ProcessingResponse(
