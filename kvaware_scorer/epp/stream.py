@@ -224,6 +224,7 @@ class ProcessStream:
         "_rewrite",
         "_routed_at",
         "_sse",
+        "_subset",
         "_tail",
         "_target_label",
         "_usage",
@@ -254,6 +255,7 @@ class ProcessStream:
         self._rewrite: tuple[str, str] | None = None  # (original model, rewritten model)
         self._model_bytes: list[tuple[bytes, bytes]] = []
         self._sse = False
+        self._subset: Any = None  # the subset hint sent with the request headers
         self._pending = b""  # an incomplete SSE line (usage scanning)
         self._tail = b""  # the last bytes of a JSON response body (usage)
         self._usage: _Usage | None = None
@@ -315,6 +317,8 @@ class ProcessStream:
     async def _on_request_headers(self, msg: ep.ProcessingRequest) -> list[Any]:
         rh = msg.request_headers
         self.headers = _headers(rh)
+        if msg.HasField("metadata_context"):
+            self._subset = _lb_value(msg.metadata_context, SUBSET_HINT, SUBSET_KEY)
         self._envoy_id = self.headers.get("x-request-id", "")
         limit = self.ctx.config.max_streams
         if limit and len(self.ctx.active) > limit:
@@ -440,8 +444,12 @@ class ProcessStream:
             raise _Reject(
                 503, "rejected-no-endpoints", "No endpoints are available.", "no_endpoint"
             )
-        if self.ctx.config.subset_filter and msg.HasField("metadata_context"):
-            subset = _lb_value(msg.metadata_context, SUBSET_HINT, SUBSET_KEY)
+        if self.ctx.config.subset_filter:
+            subset = None
+            if msg.HasField("metadata_context"):
+                subset = _lb_value(msg.metadata_context, SUBSET_HINT, SUBSET_KEY)
+            if subset is None:
+                subset = self._subset  # forwarded with the headers
             if subset is not None:
                 wanted = {
                     _endpoint_id(s) for s in ([subset] if isinstance(subset, str) else subset)
