@@ -183,7 +183,11 @@ def register(sub: Any) -> None:
     )
     u = p.add_argument_group("accepted for compatibility, not honoured (a warning says so)")
     for name in _UNHONOURED:
-        u.add_argument("--" + name.replace("_", "-"), default=None, help=argparse.SUPPRESS)
+        # NOTE: nargs="?" accepts Go's bare boolean form (``--ha-enable-leader-election``).
+        u.add_argument(
+            "--" + name.replace("_", "-"), nargs="?", const="true", default=None,
+            help=argparse.SUPPRESS,
+        )  # fmt: skip
     p.set_defaults(func=run)
 
 
