@@ -22,12 +22,14 @@ if TYPE_CHECKING:
     from kvaware_scorer.epp.config import EppConfig
     from kvaware_scorer.epp.discovery import KubernetesDiscovery, PoolSpec
     from kvaware_scorer.epp.envoy import EnvoyProcess, bootstrap, envoy_binary, write_bootstrap
+    from kvaware_scorer.epp.front import EnvoyFront
     from kvaware_scorer.epp.metrics import EppMetrics
     from kvaware_scorer.epp.server import EXT_PROC_SERVICE, EndpointPicker
 
 __all__ = [
     "EXT_PROC_SERVICE",
     "EndpointPicker",
+    "EnvoyFront",
     "EnvoyProcess",
     "EppConfig",
     "EppMetrics",
@@ -46,6 +48,7 @@ _WHERE = {
     "bootstrap": "envoy",
     "envoy_binary": "envoy",
     "write_bootstrap": "envoy",
+    "EnvoyFront": "front",
     "EppMetrics": "metrics",
     "EXT_PROC_SERVICE": "server",
     "EndpointPicker": "server",
