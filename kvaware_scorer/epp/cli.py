@@ -181,6 +181,9 @@ def register(sub: Any) -> None:
     x.add_argument(
         "--envoy-port", type=int, default=10000, help="listen port in that bootstrap (10000)"
     )
+    x.add_argument(
+        "--envoy-admin-port", type=int, default=19901, help="admin port in that bootstrap (19901)"
+    )
     u = p.add_argument_group("accepted for compatibility, not honoured (a warning says so)")
     for name in _UNHONOURED:
         # NOTE: nargs="?" accepts Go's bare boolean form (``--ha-enable-leader-election``).
@@ -319,7 +322,7 @@ async def _serve(picker: Any, discovery: Any, args: argparse.Namespace) -> None:
             args.envoy_config_out,
             bootstrap(
                 listen_port=args.envoy_port,
-                admin_port=19901,
+                admin_port=args.envoy_admin_port,
                 epp_port=picker.grpc_port,
                 endpoints=picker.scheduler.endpoints,
                 epp_tls=picker.config.secure_serving,
