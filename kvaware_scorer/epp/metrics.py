@@ -12,7 +12,7 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["MAX_MODEL_LABELS", "EppMetrics"]
+__all__ = ["MAX_MODEL_LABELS", "EppMetrics", "ModelMetrics"]
 
 #: Distinct ``model_name`` / ``target_model_name`` label values kept; later ones become "other".
 MAX_MODEL_LABELS = 64
@@ -20,6 +20,19 @@ MAX_MODEL_LABELS = 64
 _TOKENS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 _LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 _DURATION = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1200)
+
+
+class ModelMetrics:
+    """The label children of one (model, target model) pair, resolved once (hot path)."""
+
+    __slots__ = ("duration", "input_tokens", "output_tokens", "requests", "running")
+
+    def __init__(self, m: EppMetrics, model: str, target: str) -> None:
+        self.requests = m.requests.labels(model, target)
+        self.running = m.running.labels(model)
+        self.duration = m.duration.labels(model, target)
+        self.input_tokens = m.input_tokens.labels(model, target)
+        self.output_tokens = m.output_tokens.labels(model, target)
 
 
 class EppMetrics:
@@ -103,6 +116,18 @@ class EppMetrics:
         )
         self._models: set[str] = set()
         self._lock = threading.Lock()
+        # NOTE: bounded by MAX_MODEL_LABELS squared (plus "other"), as the labels are.
+        self._children: dict[tuple[str, str], ModelMetrics] = {}
+        self.routed = self.streams.labels("routed")
+        self.aborted = self.streams.labels("aborted")
+
+    def for_model(self, model: str, target: str) -> ModelMetrics:
+        """The children of (model, target) label values (already bounded by `model_label`)."""
+        key = (model, target)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = ModelMetrics(self, model, target)
+        return found
 
     def model_label(self, model: str) -> str:
         """`model` as a label value, or ``other`` once `MAX_MODEL_LABELS` values are in use."""

@@ -80,14 +80,12 @@ class _Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
 
 class _Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    def __init__(self, picker: EndpointPicker) -> None:
-        self.picker = picker
+    # NOTE: grpc.aio recognizes a streaming handler by its being an async generator function;
+    # the stream's own generator is the handler, so each message passes one generator.
+    Process = ProcessStream.serve
 
-    async def Process(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
-        # NOTE: grpc.aio recognizes a streaming handler by its being an async generator
-        # function, so this one cannot simply return the stream's generator.
-        async for out in ProcessStream(self.picker.context).run(request_iterator):
-            yield out
+    def __init__(self, picker: EndpointPicker) -> None:
+        self.context = picker.context
 
 
 class _PoolListener:

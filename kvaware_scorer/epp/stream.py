@@ -54,7 +54,7 @@ from kvaware_scorer.scheduler import (
 
 if TYPE_CHECKING:
     from kvaware_scorer.epp.config import EppConfig
-    from kvaware_scorer.epp.metrics import EppMetrics
+    from kvaware_scorer.epp.metrics import EppMetrics, ModelMetrics
 
 __all__ = [
     "DESTINATION",
@@ -218,7 +218,7 @@ class ProcessStream:
         "_envoy_id",
         "_finished",
         "_info",
-        "_label",
+        "_mm",
         "_model_bytes",
         "_pending",
         "_rewrite",
@@ -226,7 +226,6 @@ class ProcessStream:
         "_sse",
         "_subset",
         "_tail",
-        "_target_label",
         "_usage",
         "ctx",
         "headers",
@@ -262,15 +261,18 @@ class ProcessStream:
         self._info = ResponseInfo(status=0)
         self._finished = False
         self._done = False
-        self._label = ""
-        self._target_label = ""
+        self._mm: ModelMetrics | None = None
         self._envoy_id = ""
 
     # -- the stream -----------------------------------------------------------------------------
 
-    async def run(self, messages: AsyncIterator[ep.ProcessingRequest]) -> AsyncIterator[Any]:
-        """Answer Envoy's messages, in order; accounting is closed when the stream ends."""
-        ctx = self.ctx
+    @staticmethod
+    async def serve(owner: Any, messages: Any, context: Any = None) -> AsyncIterator[Any]:
+        """Answer Envoy's messages of one stream, in order; accounting is closed when the stream
+        ends. `owner` has the `StreamContext` as ``context`` (the gRPC servicer, whose
+        ``Process`` this is: one generator per message, not two)."""
+        ctx: StreamContext = owner.context
+        self = ProcessStream(ctx)
         ctx.active.add(self)
         try:
             first = True
@@ -429,10 +431,11 @@ class ProcessStream:
         self.result = result
         self._routed_at = time.perf_counter()
         m = self.ctx.metrics
-        self._label = m.model_label(parsed.model if parsed is not None else "")
-        self._target_label = m.model_label(sreq.model) if self._rewrite else self._label
-        m.requests.labels(self._label, self._target_label).inc()
-        m.running.labels(self._label).inc()
+        label = m.model_label(parsed.model if parsed is not None else "")
+        target = m.model_label(sreq.model) if self._rewrite else label
+        mm = self._mm = m.for_model(label, target)
+        mm.requests.inc()
+        mm.running.inc()
         m.route_latency.observe(self._routed_at - t0)
         return self._routing_answer(msg, body, trailers=trailers)
 
@@ -534,11 +537,13 @@ class ProcessStream:
         if not self._envoy_id:
             self._envoy_id = str(uuid.uuid4())
             mutation.set_headers.append(_set("x-request-id", self._envoy_id))
-        lb: dict[str, Any] = {DESTINATION: value}
-        if cfg.emit_endpoint_scores:
-            lb[SCORES] = ",".join(f"{k}:{v:.4f}" for k, v in sorted(result.totals.items()))
         md = struct_pb2.Struct()
-        md.update({"envoy.lb": lb})
+        lb = md.fields["envoy.lb"].struct_value.fields
+        lb[DESTINATION].string_value = value
+        if cfg.emit_endpoint_scores:
+            lb[SCORES].string_value = ",".join(
+                f"{k}:{v:.4f}" for k, v in sorted(result.totals.items())
+            )
         kind = msg.WhichOneof("request")
         if kind == "request_headers" and msg.request_headers.end_of_stream:
             common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
@@ -726,15 +731,15 @@ class ProcessStream:
             self._scan_usage(b"\n")
         usage = self._usage
         m = self.ctx.metrics
+        mm = self._mm
+        assert mm is not None
         if usage is not None:
             if usage.prompt_tokens is not None:
                 info.prompt_tokens = usage.prompt_tokens
-                m.input_tokens.labels(self._label, self._target_label).observe(usage.prompt_tokens)
+                mm.input_tokens.observe(usage.prompt_tokens)
             if usage.completion_tokens is not None:
                 info.completion_tokens = usage.completion_tokens
-                m.output_tokens.labels(self._label, self._target_label).observe(
-                    usage.completion_tokens
-                )
+                mm.output_tokens.observe(usage.completion_tokens)
             details = usage.prompt_tokens_details
             if details is not None and details.cached_tokens is not None:
                 info.cached_tokens = details.cached_tokens
@@ -747,11 +752,9 @@ class ProcessStream:
             if served is not None:
                 rest = [e for e in result.targets if e.id != served.id]
                 result = dataclasses.replace(result, targets=[served, *rest])
-        m.running.labels(self._label).dec()
-        m.duration.labels(self._label, self._target_label).observe(
-            time.perf_counter() - self.started
-        )
-        m.streams.labels("aborted" if aborted else "routed").inc()
+        mm.running.dec()
+        mm.duration.observe(time.perf_counter() - self.started)
+        (m.aborted if aborted else m.routed).inc()
         try:
             self.ctx.scheduler.post_response(self.request, result, info)
         finally:
