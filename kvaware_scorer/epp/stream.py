@@ -209,7 +209,7 @@ def _format(e: Endpoint) -> str:
 
 
 class ProcessStream:
-    """The state of one ext_proc stream; `run` turns Envoy's messages into answers."""
+    """The state of one ext_proc stream; `serve` turns Envoy's messages into answers."""
 
     __slots__ = (
         "_body",
@@ -217,6 +217,7 @@ class ProcessStream:
         "_done",
         "_envoy_id",
         "_finished",
+        "_first_byte",
         "_info",
         "_mm",
         "_model_bytes",
@@ -251,6 +252,7 @@ class ProcessStream:
         self.status = 0
         self.started = time.perf_counter()
         self._routed_at = 0.0
+        self._first_byte = 0.0  # when the response headers arrived
         self._rewrite: tuple[str, str] | None = None  # (original model, rewritten model)
         self._model_bytes: list[tuple[bytes, bytes]] = []
         self._sse = False
@@ -627,6 +629,7 @@ class ProcessStream:
 
     def _on_response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
         hdrs = _headers(msg.response_headers)
+        self._first_byte = time.perf_counter()
         try:
             self.status = int(hdrs.get(":status", "0"))
         except ValueError:
@@ -755,6 +758,13 @@ class ProcessStream:
         mm.running.dec()
         mm.duration.observe(time.perf_counter() - self.started)
         (m.aborted if aborted else m.routed).inc()
+        # NOTE: ResponseInfo has no timing fields yet; the EPP's observed times ride on the
+        # request's state for post-response hooks that learn latencies.
+        self.request.state["epp"] = {
+            "first_byte_s": self._first_byte - self._routed_at if self._first_byte else None,
+            "duration_s": time.perf_counter() - self._routed_at,
+            "served": result.targets[0].id,
+        }
         try:
             self.ctx.scheduler.post_response(self.request, result, info)
         finally:

@@ -284,8 +284,10 @@ async def test_response_phase_feeds_the_accounting(
     await c.send([ep.ProcessingRequest(response_body=ep.HttpBody(end_of_stream=True))])
     (last,) = await c.read(1)
     assert last.response_body.response.body_mutation.streamed_response.end_of_stream
-    (_, target, info) = recorder.calls[0]
+    (request, target, info) = recorder.calls[0]
     assert len(recorder.calls) == 1 and target == dest
+    timing = request.state["epp"]
+    assert timing["served"] == dest and 0 <= timing["first_byte_s"] <= timing["duration_s"]
     assert (info.status, info.prompt_tokens, info.completion_tokens, info.cached_tokens) == (
         200,
         7,
