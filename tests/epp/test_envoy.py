@@ -209,3 +209,51 @@ async def test_in_process_drain_lets_a_stream_finish(
     status, _, text = await task
     assert status == 200 and text.rstrip().endswith("data: [DONE]")
     assert text.count("data: {") == 10
+
+
+async def test_ordered_fallback_list_and_served_endpoint(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder, envoys: Any
+) -> None:
+    """With several targets the EPP sends an ordered list; Envoy's override-host balancer skips
+    an endpoint it does not have and reports the one that served, which the EPP's accounting
+    and the response header follow."""
+    from kvaware_scorer.scheduler import Endpoint
+
+    from .conftest import load_config
+
+    config = load_config()
+    config["plugins"] = [
+        {"type": "max-score-picker", "parameters": {"maxNumOfEndpoints": 4}},
+        {"type": "test-recorder"},
+    ]
+    config["schedulingProfiles"][0]["plugins"] = [{"pluginRef": "max-score-picker"}]
+    ghost = FakePod("ghost", MODEL)
+    ghost.port = free_port()  # in the EPP's pool, not in Envoy's cluster, not listening
+    picker = await start_picker(tmp_path, [*pods, ghost], recorder, config=config)
+    try:
+        real = [Endpoint(p.name, "127.0.0.1", p.port) for p in pods]  # type: ignore[arg-type]
+        envoy = await envoys(picker.grpc_port, real)
+        ghost_id = f"127.0.0.1:{ghost.port}"
+        served: list[str] = []
+        for _ in range(30):
+            status, headers, text = await _post(
+                envoy.url, "/v1/completions", {"model": MODEL, "prompt": "x"}
+            )
+            assert status == 200, text
+            served.append(headers["x-kvaware-endpoint"])
+        assert ghost_id not in served
+        sent = [
+            p.requests[-1]["headers"]["x-gateway-destination-endpoint"] for p in pods if p.requests
+        ]
+        assert all(len(v.split(",")) == 4 for v in sent)
+        await wait_for(lambda: len(recorder.calls) == 30)
+        primaries = dict(recorder.scheduled)
+        moved = [
+            (primaries[r.request_id], t)
+            for r, t, _ in recorder.calls
+            if primaries[r.request_id] == ghost_id
+        ]
+        assert moved, "the ghost was never the primary pick"
+        assert all(t != ghost_id for _, t in moved)
+    finally:
+        await picker.stop()
