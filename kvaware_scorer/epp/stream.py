@@ -28,7 +28,9 @@ once per routed request, whatever happened (a stream cut by Envoy counts as 499)
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -411,8 +413,16 @@ class ProcessStream:
                 self._rewrite = (parsed.model, rewrite)
                 sreq.model = rewrite
                 body = self._rewrite_body(body, rewrite)
+            # NOTE: shielded, as in the gateway: when Envoy drops the stream during the
+            # decision (which may run in a worker thread cancellation cannot stop), the
+            # pre-request hooks (in-flight count, speculative entries) of a decision that
+            # completes anyway are released by post_response.
+            decision = asyncio.ensure_future(self.ctx.scheduler.aschedule(sreq, candidates))
             try:
-                result = await self.ctx.scheduler.aschedule(sreq, candidates)
+                result = await asyncio.shield(decision)
+            except asyncio.CancelledError:
+                decision.add_done_callback(functools.partial(self._abandoned, sreq))
+                raise
             except NoEndpointError as exc:
                 raise _Reject(
                     503,
@@ -440,6 +450,15 @@ class ProcessStream:
         mm.running.inc()
         m.route_latency.observe(self._routed_at - t0)
         return self._routing_answer(msg, body, trailers=trailers)
+
+    def _abandoned(
+        self, sreq: SchedulingRequest, decision: asyncio.Future[SchedulingResult]
+    ) -> None:
+        if decision.cancelled() or decision.exception() is not None:
+            return
+        info = ResponseInfo(status=499, error="stream ended during the decision")
+        self.ctx.metrics.streams.labels("aborted").inc()
+        self.ctx.scheduler.post_response(sreq, decision.result(), info)
 
     def _candidates(
         self, msg: ep.ProcessingRequest, parsed: ParsedRequest | None

@@ -390,3 +390,25 @@ async def test_prefill_pick_sets_the_prefiller_header(
             assert {s.rsplit(":", 1)[0] for s in scores.split(",")} == ids
     finally:
         await picker.stop(0)
+
+
+async def test_a_decision_abandoned_by_envoy_is_released(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """When Envoy drops the stream while the (slow) decision is being made, the decision's
+    pre-request hooks are still released once it completes (post_response, 499)."""
+    picker = await start_picker(tmp_path, pods, recorder, slow=0.5)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
+            c = Client(ch)
+            await c.send(_request(body={"model": MODEL, "prompt": "x"}))
+            await asyncio.sleep(0.2)
+            c.call.cancel()
+            for _ in range(100):
+                if recorder.calls:
+                    break
+                await asyncio.sleep(0.02)
+        assert len(recorder.scheduled) == 1
+        assert len(recorder.calls) == 1 and recorder.calls[0][2].status == 499
+    finally:
+        await picker.stop(0)
