@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,55 @@ async def test_sigterm_drains_in_flight_streams(tmp_path: Path, pods: list[FakeP
         if envoy is not None:
             envoy.stop()
         epp.stop()
+
+
+def test_without_the_extra_one_line_names_it() -> None:
+    """Without grpcio the command says in one line which extra to install (exit 1)."""
+    code = (
+        "import sys; sys.modules['grpc'] = None\n"
+        "from kvaware_scorer.cli import main\n"
+        "sys.exit(main(['epp', '--config', 'c.yaml']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'kvaware-scorer[epp]'" in lines[0]
+
+
+async def test_cert_path_serves_that_certificate(tmp_path: Path) -> None:
+    """With --cert-path the ext_proc port serves the given certificate: a client trusting only
+    it gets through the TLS handshake (health check SERVING)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from kvaware_scorer.epp import EndpointPicker, EppConfig
+    from kvaware_scorer.epp.tls import self_signed
+    from kvaware_scorer.scheduler import Scheduler
+
+    key, cert = self_signed("epp.test")
+    (tmp_path / "tls.key").write_bytes(key)
+    (tmp_path / "tls.crt").write_bytes(cert)
+    scheduler = Scheduler.from_yaml(ROOT / "config" / "load.yaml")
+    cfg = EppConfig(
+        host="127.0.0.1",
+        grpc_port=0,
+        grpc_health_port=0,
+        metrics_port=None,
+        cert_path=str(tmp_path),
+    )
+    picker = EndpointPicker(scheduler, cfg, own_scheduler=True)
+    await picker.start()
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert)
+        opts = [("grpc.ssl_target_name_override", "epp.test")]
+        async with grpc.aio.secure_channel(f"127.0.0.1:{picker.grpc_port}", creds, opts) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            req = health_pb2.HealthCheckRequest(
+                service="envoy.service.ext_proc.v3.ExternalProcessor"
+            )
+            resp = await stub.Check(req, timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await picker.stop(0)
