@@ -149,6 +149,18 @@ def pod_ready(pod: Mapping[str, Any]) -> bool:
     return False
 
 
+def _abort(w: Any) -> None:
+    """Stop a watch now: its flag is only read between events, so its long-poll response is
+    closed too (the reading thread then leaves its loop)."""
+    w.stop()
+    resp = getattr(w, "_resp", None)
+    if resp is not None:
+        try:
+            resp.close()
+        except Exception:
+            logger.debug("closing a watch response failed", exc_info=True)
+
+
 class KubernetesDiscovery:
     """Keeps a scheduler's pool equal to the Ready Pods of an InferencePool.
 
@@ -249,7 +261,7 @@ class KubernetesDiscovery:
         self._stop.set()
         self._restart.set()
         for w in list(self._watches):
-            w.stop()
+            _abort(w)
         if self._scraper is not None:
             self._scraper.stop()
         for t in self._threads:
@@ -318,7 +330,7 @@ class KubernetesDiscovery:
             self._restart.set()
             for w in list(self._watches):
                 if getattr(w, "_kvaware_pods", False):
-                    w.stop()
+                    _abort(w)
 
     # -- the Pods ------------------------------------------------------------------------------
 

@@ -284,7 +284,7 @@ class EndpointPicker:
             httpd.server_close()
         for cleanup in reversed(self.cleanups):
             try:
-                cleanup()
+                await asyncio.to_thread(cleanup)
             except Exception:
                 logger.exception("cleanup failed")
         self.cleanups = []
