@@ -257,3 +257,26 @@ async def test_ordered_fallback_list_and_served_endpoint(
         assert all(t != ghost_id for _, t in moved)
     finally:
         await picker.stop()
+
+
+async def test_fail_open_needs_buffered_and_override_host(pods: list[FakePod], envoys: Any) -> None:
+    """With the EPP down, failure_mode_allow under BUFFERED + override-host serves through the
+    round-robin fallback (a FailOpen pool), while FULL_DUPLEX still answers 500."""
+    from kvaware_scorer.scheduler import Endpoint
+
+    eps = [Endpoint(p.name, "127.0.0.1", p.port) for p in pods]
+    down = free_port()
+    fail_open = await envoys(
+        down,
+        eps,
+        wait_epp=False,
+        request_body_mode="BUFFERED",
+        response_body_mode="STREAMED",
+        failure_mode_allow=True,
+    )
+    status, _, text = await _post(fail_open.url, "/v1/completions", {"model": MODEL, "prompt": "x"})
+    assert status == 200, text
+    assert sum(len(p.requests) for p in pods) == 1
+    duplex = await envoys(down, eps, wait_epp=False, failure_mode_allow=True)
+    status, _, _ = await _post(duplex.url, "/v1/completions", {"model": MODEL, "prompt": "x"})
+    assert status == 500
