@@ -412,3 +412,26 @@ async def test_a_decision_abandoned_by_envoy_is_released(
         assert len(recorder.calls) == 1 and recorder.calls[0][2].status == 499
     finally:
         await picker.stop(0)
+
+
+async def test_conformance_hooks(tmp_path: Path, pods: list[FakePod], recorder: Recorder) -> None:
+    """With --test-hooks, ``test-epp-endpoint-selection`` restricts the pick (by IP or
+    ``ip:port``) and the served endpoint is echoed in ``x-conformance-test-served-endpoint``."""
+    picker = await start_picker(tmp_path, pods, recorder, test_hooks=True)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
+            only = f"127.0.0.1:{pods[2].port}"
+            for _ in range(4):
+                c = Client(ch)
+                extra = {"test-epp-endpoint-selection": f"{only},10.9.9.9"}
+                await c.send(_request(body={"model": MODEL, "prompt": "x"}, extra=extra))
+                headers, _ = await c.read(2)
+                hdrs = _set_headers(headers.request_headers.response)
+                assert hdrs["x-gateway-destination-endpoint"] == only
+                await c.send([ep.ProcessingRequest(response_headers=_headers({":status": "200"}))])
+                (rh,) = await c.read(1)
+                served = _set_headers(rh.response_headers.response)
+                assert served["x-conformance-test-served-endpoint"] == only
+                await c.call.done_writing()
+    finally:
+        await picker.stop(0)
