@@ -406,6 +406,11 @@ class ProcessStream:
                 parsed = self._parse(body)
             except APIError as err:
                 raise _Reject(err.status, "bad-request", err.message, err.code) from None
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+                # NOTE: some msgspec versions raise these past the parser's own handling.
+                raise _Reject(
+                    400, "bad-request", f"Unreadable request body: {exc}", "invalid_json"
+                ) from None
             candidates = self._candidates(msg, parsed)
             sreq = self._scheduling_request(parsed)
             rewrite = self._rewrite_target()

@@ -435,3 +435,14 @@ async def test_conformance_hooks(tmp_path: Path, pods: list[FakePod], recorder: 
                 await c.call.done_writing()
     finally:
         await picker.stop(0)
+
+
+async def test_a_batch_prompt_that_is_not_utf8_is_a_400(channel: grpc.aio.Channel) -> None:
+    """A prompt batch with invalid UTF-8 is answered 400 by the EPP, never a 500."""
+    c = Client(channel)
+    msgs = _request(body={"model": MODEL, "prompt": "x"})
+    raw = b'{"model": "test-model", "prompt": ["\xff"]}'
+    msgs[1:] = [ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True))]
+    await c.send(msgs)
+    (resp,) = await c.read(1)
+    assert _immediate(resp)[0] == 400
