@@ -280,3 +280,31 @@ async def test_fail_open_needs_buffered_and_override_host(pods: list[FakePod], e
     duplex = await envoys(down, eps, wait_epp=False, failure_mode_allow=True)
     status, _, _ = await _post(duplex.url, "/v1/completions", {"model": MODEL, "prompt": "x"})
     assert status == 500
+
+
+async def test_estimated_prefix_routing_history_through_the_epp(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder, envoys: Any
+) -> None:
+    """The approximate prefix producer's pre-request history works through the EPP: requests
+    sharing a long prefix follow the first one's pod (config/estimated.yaml)."""
+    import yaml
+
+    from .conftest import ROOT
+
+    config = yaml.safe_load((ROOT / "config" / "estimated.yaml").read_text())
+    config["plugins"].append({"type": "test-recorder"})
+    picker = await start_picker(tmp_path, pods, recorder, config=config)
+    try:
+        envoy = await envoys(picker.grpc_port, picker.scheduler.endpoints)
+        for group in range(3):
+            prefix = f"group {group} " + " ".join(f"w{group}x{i}" for i in range(400))
+            first = None
+            for q in range(4):
+                body = {"model": MODEL, "prompt": f"{prefix} question {q}"}
+                status, headers, text = await _post(envoy.url, "/v1/completions", body)
+                assert status == 200, text
+                pod = headers["x-kvaware-endpoint"]
+                first = first or pod
+                assert pod == first, f"group {group} question {q} left its pod"
+    finally:
+        await picker.stop()
