@@ -109,8 +109,8 @@ def register(sub: Any) -> None:
     cfg = c.add_mutually_exclusive_group()
     cfg.add_argument(
         "--config-file", "--config", dest="config_file", type=Path, default=None,
-        help="EndpointPickerConfig YAML (--config is kvaware's name for it; default: "
-        "config/precise.yaml semantics are not assumed, give one)",
+        help="EndpointPickerConfig YAML (this or --config-text is required; --config is "
+        "kvaware's name for it)",
     )  # fmt: skip
     cfg.add_argument(
         "--config-text", default=None, help="EndpointPickerConfig YAML text (default: none)"
