@@ -283,3 +283,62 @@ async def test_readiness_waits_for_the_first_list() -> None:
             assert await status("envoy.service.ext_proc.v3.ExternalProcessor") == serving
     finally:
         await picker.stop(0)
+
+
+async def test_the_command_with_pool_name_and_kubeconfig(kube: FakeKube, tmp_path: Path) -> None:
+    """``kvaware epp --pool-name --kubeconfig`` lists the pool through the API server, turns
+    readiness on, and routes to a Ready Pod's target port."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import free_port
+
+    from .conftest import Command
+    from .test_protocol import Client, _request, _set_headers
+
+    await kube.put("InferencePool", _pool([8000]))
+    await kube.put("Pod", _pod("a", "127.0.1.1"))
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{kube.port}"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    grpc_port, health_port = free_port(), free_port()
+    epp = Command(
+        [
+            "epp", "--config", str(ROOT / "config" / "load.yaml"), "--pool-name", "pool",
+            "--pool-namespace", NS, "--kubeconfig", str(kubeconfig), "--host", "127.0.0.1",
+            "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+            "--metrics-port", "-1", "--secure-serving=false", "--no-scrape",
+        ],
+        tmp_path / "epp.log",
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(epp.wait_line, "serving ext_proc")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            req = health_pb2.HealthCheckRequest(service="readiness")
+            for _ in range(250):
+                if (
+                    await stub.Check(req, timeout=5)
+                ).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail("readiness never turned SERVING")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as ch:
+            c = Client(ch)
+            await c.send(_request(body={"model": "m", "prompt": "x"}))
+            headers, _ = await c.read(2)
+            dest = _set_headers(headers.request_headers.response)["x-gateway-destination-endpoint"]
+            assert dest == "127.0.1.1:8000"
+    finally:
+        await asyncio.to_thread(epp.stop)
