@@ -87,7 +87,9 @@ PREFILL_HEADER = "x-prefiller-host-port"
 #: Model rewrite request headers (current name first, then GIE's deprecated one).
 REWRITE_HEADERS = ("x-llm-d-model-name-rewrite", "x-gateway-model-name-rewrite")
 #: Headers only the EPP may set: a client's copies are removed before the request goes on.
-SYSTEM_HEADERS = (DESTINATION, SERVED, PREFILL_HEADER, DESTINATION + "-fallback")
+#: The scheduler's routing headers (P/D prefill pick, E/P/D encoders, data-parallel target).
+ROUTING_HEADERS = (PREFILL_HEADER, "x-encoder-hosts-ports", "x-data-parallel-host-port")
+SYSTEM_HEADERS = (DESTINATION, SERVED, DESTINATION + "-fallback", *ROUTING_HEADERS)
 #: Conformance test hooks (GIE ``pkg/lwepp``).
 TEST_SELECTION = "test-epp-endpoint-selection"
 TEST_SERVED = "x-conformance-test-served-endpoint"
@@ -553,13 +555,25 @@ class ProcessStream:
         assert result is not None
         value = ",".join(_format(e) for e in result.targets)
         cfg = self.ctx.config
-        mutation = ep.HeaderMutation(
-            set_headers=[_set(DESTINATION, value)],
-            remove_headers=[h for h in SYSTEM_HEADERS[1:] if h in self.headers],
-        )
+        mutation = ep.HeaderMutation(set_headers=[_set(DESTINATION, value)])
+        # NOTE: routing headers the pre-request hooks put on the result (``headers``, where the
+        # scheduler has it) go to the target as they are; otherwise a ``prefill`` profile's
+        # pick is named for the decode pod's sidecar, as upstream's P/D handlers do.
+        routing: dict[str, str] = dict(getattr(result, "headers", None) or {})
         prefill = result.profile_results.get(PREFILL_PROFILE)
-        if prefill is not None and result.profile != PREFILL_PROFILE and prefill.targets:
-            mutation.set_headers.append(_set(PREFILL_HEADER, _format(prefill.targets[0])))
+        if (
+            PREFILL_HEADER not in routing
+            and prefill is not None
+            and result.profile != PREFILL_PROFILE
+            and prefill.targets
+        ):
+            routing[PREFILL_HEADER] = _format(prefill.targets[0])
+        for key, val in routing.items():
+            mutation.set_headers.append(_set(key, val))
+        # A client's copies of the system headers go (those set above are overwritten).
+        mutation.remove_headers.extend(
+            h for h in SYSTEM_HEADERS[1:] if h in self.headers and h not in routing
+        )
         if not self._envoy_id:
             self._envoy_id = str(uuid.uuid4())
             mutation.set_headers.append(_set("x-request-id", self._envoy_id))
@@ -665,6 +679,10 @@ class ProcessStream:
             if isinstance(served, str) and served:
                 self.served = _endpoint_id(served)
         common = ep.CommonResponse()
+        if self.result is not None:
+            # Headers the pre-request hooks want sent back to the client (e.g. a session token).
+            for key, val in (getattr(self.result, "response_headers", None) or {}).items():
+                common.header_mutation.set_headers.append(_set(key, val))
         served_id = self.served
         if served_id is None and self.result is not None:
             served_id = self.result.targets[0].id

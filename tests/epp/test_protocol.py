@@ -446,3 +446,65 @@ async def test_a_batch_prompt_that_is_not_utf8_is_a_400(channel: grpc.aio.Channe
     await c.send(msgs)
     (resp,) = await c.read(1)
     assert _immediate(resp)[0] == 400
+
+
+class _HeaderHook:
+    """A pre-request hook setting routing headers and client headers on the result."""
+
+    def pre_request(self, ctx: Any, request: Any, result: Any) -> None:
+        result.headers = {
+            "x-prefiller-host-port": "127.0.0.9:8000",
+            "x-data-parallel-host-port": "127.0.0.1:8001",
+        }
+        result.response_headers = {"x-session-token": "tok-1"}
+
+
+class _HeaderPlugins:
+    @hookimpl
+    def kvaware_register_plugins(self, registry: Any) -> None:
+        registry.register(
+            "test-header-hook",
+            lambda params, ctx: _HeaderHook(),
+            kinds=("pre-request",),
+            description="sets result headers (tests)",
+        )
+
+
+async def test_routing_and_response_headers_of_the_result(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """Routing headers the pre-request hooks put on the result go to the target (a client's own
+    copies removed), and the result's response headers go back to the client."""
+    from kvaware_scorer.epp import EppConfig
+    from kvaware_scorer.scheduler import Scheduler, make_plugin_manager
+
+    from .conftest import EppTestPlugins, endpoints_yaml
+
+    config = load_config()
+    config["plugins"].append({"type": "test-header-hook"})
+    (tmp_path / "ep.yaml").write_text(endpoints_yaml(pods))
+    pm_ = make_plugin_manager(use_env=False, plugins=[EppTestPlugins(recorder), _HeaderPlugins()])
+    scheduler = Scheduler.from_config(config, plugin_manager=pm_, seed=0)
+    scheduler.use_endpoints_file(tmp_path / "ep.yaml", scrape=False)
+    cfg = EppConfig(
+        host="127.0.0.1", grpc_port=0, grpc_health_port=0, metrics_port=None, secure_serving=False
+    )
+    picker = EndpointPicker(scheduler, cfg, own_scheduler=True)
+    await picker.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
+            c = Client(ch)
+            extra = {"x-encoder-hosts-ports": "6.6.6.6:1", "x-prefiller-host-port": "6.6.6.6:2"}
+            await c.send(_request(body={"model": MODEL, "prompt": "x"}, extra=extra))
+            headers, _ = await c.read(2)
+            common = headers.request_headers.response
+            hdrs = _set_headers(common)
+            assert hdrs["x-prefiller-host-port"] == "127.0.0.9:8000"
+            assert hdrs["x-data-parallel-host-port"] == "127.0.0.1:8001"
+            assert "x-encoder-hosts-ports" in common.header_mutation.remove_headers
+            assert "x-prefiller-host-port" not in common.header_mutation.remove_headers
+            await c.send([ep.ProcessingRequest(response_headers=_headers({":status": "200"}))])
+            (rh,) = await c.read(1)
+            assert _set_headers(rh.response_headers.response)["x-session-token"] == "tok-1"
+    finally:
+        await picker.stop(0)
