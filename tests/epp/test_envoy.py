@@ -44,10 +44,13 @@ async def test_full_duplex_routes_streams_and_accounts(
             ):  # fmt: skip
                 if stream:
                     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
-                status, headers, text = await _post(envoy.url, path, body)
+                status, headers, text = await _post(
+                    envoy.url, path, body, headers={"x-prefiller-host-port": "10.6.6.6:1"}
+                )
                 assert status == 200, text
                 served = headers["x-kvaware-endpoint"]
                 pod = ids[served]
+                assert "x-prefiller-host-port" not in pod.requests[-1]["headers"]
                 assert pod.requests[-1]["path"] == path
                 assert pod.requests[-1]["headers"]["x-gateway-destination-endpoint"] == served
                 if stream:
