@@ -431,8 +431,15 @@ class ProcessStream:
                 decision.add_done_callback(functools.partial(self._abandoned, sreq))
                 raise
             except NoEndpointError as exc:
+                # NOTE: admission or flow control may shed a request with its own status (a
+                # `status` attribute, 429 for load); other failures have no endpoint left.
+                status = int(getattr(exc, "status", 503))
+                if status == 429:
+                    raise _Reject(
+                        429, "rejected-saturated", f"Request rejected: {exc}", "rejected"
+                    ) from None
                 raise _Reject(
-                    503,
+                    status,
                     "rejected-no-endpoints",
                     f"No endpoint can serve this request: {exc}",
                     "no_endpoint",

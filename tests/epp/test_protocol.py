@@ -18,6 +18,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 from google.protobuf import struct_pb2
 
 from kvaware_scorer.epp import EndpointPicker
+from kvaware_scorer.errors import NoEndpointError
 from kvaware_scorer.scheduler import hookimpl
 from tests.gateway.pods import FakePod
 
@@ -506,5 +507,59 @@ async def test_routing_and_response_headers_of_the_result(
             await c.send([ep.ProcessingRequest(response_headers=_headers({":status": "200"}))])
             (rh,) = await c.read(1)
             assert _set_headers(rh.response_headers.response)["x-session-token"] == "tok-1"
+    finally:
+        await picker.stop(0)
+
+
+class _Shed(NoEndpointError):
+    status = 429
+
+
+class _Shedder:
+    """A filter that sheds every request, as admission control under overload does."""
+
+    def filter(self, ctx: Any, request: Any, endpoints: Any) -> Any:
+        raise _Shed("over the queue limit")
+
+
+class _ShedPlugins:
+    @hookimpl
+    def kvaware_register_plugins(self, registry: Any) -> None:
+        registry.register(
+            "test-shedder", lambda params, ctx: _Shedder(), kinds=("filter",), description="sheds"
+        )
+
+
+async def test_a_shed_request_is_429_rejected_saturated(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """A scheduling error carrying status 429 (admission or flow control shedding) becomes a
+    429 with ``rejected-saturated``; nothing is scheduled."""
+    from kvaware_scorer.epp import EppConfig
+    from kvaware_scorer.scheduler import Scheduler, make_plugin_manager
+
+    from .conftest import EppTestPlugins, endpoints_yaml
+
+    config = load_config()
+    config["plugins"].append({"type": "test-shedder"})
+    config["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "test-shedder"})
+    (tmp_path / "ep.yaml").write_text(endpoints_yaml(pods))
+    pm_ = make_plugin_manager(use_env=False, plugins=[EppTestPlugins(recorder), _ShedPlugins()])
+    scheduler = Scheduler.from_config(config, plugin_manager=pm_, seed=0)
+    scheduler.use_endpoints_file(tmp_path / "ep.yaml", scrape=False)
+    cfg = EppConfig(
+        host="127.0.0.1", grpc_port=0, grpc_health_port=0, metrics_port=None, secure_serving=False
+    )
+    picker = EndpointPicker(scheduler, cfg, own_scheduler=True)
+    await picker.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
+            c = Client(ch)
+            await c.send(_request(body={"model": MODEL, "prompt": "x"}))
+            (resp,) = await c.read(1)
+            status, hdrs, body = _immediate(resp)
+            assert status == 429 and hdrs["x-llm-d-request-dropped-reason"] == "rejected-saturated"
+            assert body["error"]["code"] == "rejected"
+        assert not recorder.scheduled
     finally:
         await picker.stop(0)
