@@ -196,7 +196,10 @@ def register(sub: Any) -> None:
 
 def _warn_unhonoured(args: argparse.Namespace) -> None:
     for name, why in _UNHONOURED.items():
-        if getattr(args, name, None) is not None:
+        value = getattr(args, name, None)
+        if name == "pool_group" and value == "inference.networking.k8s.io":
+            continue  # the group this EPP watches: honoured
+        if value is not None:
             msg = f"--{name.replace('_', '-')} is accepted but not honoured: {why}"
             logger.warning(msg)
             print(f"kvaware epp: warning: {msg}", file=sys.stderr)
