@@ -26,6 +26,7 @@ _COMMANDS: tuple[str, ...] = (
     "kvaware_scorer.scheduler.validate",
     "kvaware_scorer.sim.cli",
     "kvaware_scorer.gateway.serve",
+    "kvaware_scorer.epp.cli",
     "kvaware_scorer.events.cli",
     "kvaware_scorer.demo",
 )

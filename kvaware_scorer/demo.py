@@ -2,6 +2,7 @@
 
     kvaware demo            # about a minute
     kvaware demo --quick    # about 30 seconds
+    kvaware demo --via envoy   # the same through Envoy + kvaware epp (ext_proc)
 
 For each config (the shipped ``precise``, then ``random``) the demo starts fresh
 live emulated pods (``kvaware sim serve`` in a child process: OpenAI HTTP servers publishing KV
@@ -95,6 +96,7 @@ class DemoSettings:
         seed: Seed of the workload and of the pickers.
         timeout: Wall seconds after which everything is stopped.
         json_path: Write the summaries as JSON here.
+        via: ``gateway`` (``kvaware serve``'s proxy) or ``envoy`` (Envoy + ``kvaware epp``).
     """
 
     configs: tuple[str, ...] = ("precise", "random")
@@ -114,6 +116,7 @@ class DemoSettings:
     timeout: float = 170.0
     json_path: str | None = None
     quick: bool = False
+    via: str = "gateway"
 
     @classmethod
     def quick_settings(cls, **changes: Any) -> DemoSettings:
@@ -543,20 +546,26 @@ async def _run_config(
         except BaseException:
             scheduler.close()
             raise
-        gateway = Gateway(
-            scheduler,
-            GatewayConfig(port=0, endpoint_header=True, drain_timeout=2.0),
-            own_scheduler=True,
-        )
+        if settings.via == "envoy":
+            from kvaware_scorer.epp.front import EnvoyFront
+
+            gateway = EnvoyFront(scheduler, workdir)
+        else:
+            gateway = Gateway(
+                scheduler,
+                GatewayConfig(port=0, endpoint_header=True, drain_timeout=2.0),
+                own_scheduler=True,
+            )
         await gateway.start()
         timeout = aiohttp.ClientTimeout(total=60)
         connector = aiohttp.TCPConnector(limit=settings.concurrency + 8)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            # Warm the gateway's tokenizer (the first tokenization loads it) and let its KV-event
-            # subscriber dial the pods before the clock starts.
-            warm = {"model": _MODEL, "prompt": "warm up the tokenizer"}
-            async with session.post(gateway.url + "/v1/score", json=warm) as resp:
-                await resp.read()
+            # Warm the scheduler's tokenizer (the first tokenization loads it) and let its
+            # KV-event subscriber dial the pods before the clock starts.
+            from kvaware_scorer.scheduler import SchedulingRequest
+
+            warm = SchedulingRequest("warm-up", _MODEL, prompt="warm up the tokenizer")
+            await scheduler.aschedule(warm, dry_run=True)
             await asyncio.sleep(0.3)
             say(f"  {name}: pods and gateway up in {time.perf_counter() - t_setup:.1f} s; "
                 f"{len(requests)} requests, {settings.concurrency} clients")  # fmt: skip
@@ -663,7 +672,8 @@ async def run_demo(
             f"groups as chat), prompts "
             f"{prompt_lens[0]:,}-{prompt_lens[-1]:,} tokens, {settings.output_tokens} output "
             f"tokens, {settings.concurrency} concurrent streaming clients, "
-            f"{settings.requests} requests per config, through the gateway"
+            f"{settings.requests} requests per config, through "
+            + ("Envoy + kvaware epp" if settings.via == "envoy" else "the gateway")
         )
         runs: list[RunResult] = []
         async with asyncio.timeout(settings.timeout):
@@ -743,6 +753,11 @@ def register(sub: Any) -> None:
         help="stop everything after this many seconds (default: 170; --quick 90)",
     )
     p.add_argument("--json", metavar="PATH", help="write the summaries as JSON")
+    p.add_argument(
+        "--via",
+        choices=["gateway", "envoy"],
+        help="front door: kvaware's gateway (default) or Envoy + kvaware epp (ext_proc)",
+    )
     p.set_defaults(func=run, extras=("gateway", "tokenizers"))
 
 
@@ -750,7 +765,7 @@ def _settings(args: argparse.Namespace) -> DemoSettings:
     fields = (
         "pods", "profile", "speedup", "concurrency", "requests", "groups", "prompts_per_group",
         "system_words", "question_words", "output_tokens", "chat_share", "num_gpu_blocks",
-        "seed", "timeout",
+        "seed", "timeout", "via",
     )  # fmt: skip
     changes: dict[str, Any] = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     if args.configs:

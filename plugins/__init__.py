@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import importlib
 
-from kvaware_scorer.scheduler import PluginRegistry, SchedulerConfig, hookimpl
+from kvaware_scorer.scheduler import PluginRegistry, Scheduler, SchedulerConfig, hookimpl
 from kvaware_scorer.scheduler.matchinfo import check_references
 
-__all__ = ["BUILTIN_MODULES", "kvaware_config_resolved", "kvaware_register_plugins"]
+__all__ = [
+    "BUILTIN_MODULES",
+    "kvaware_config_resolved",
+    "kvaware_register_plugins",
+    "kvaware_scheduler_created",
+]
 
 #: Modules of this package that register plugin types.
 BUILTIN_MODULES = (
@@ -32,6 +37,7 @@ BUILTIN_MODULES = (
     "burst",
     "predicted_ttft",
     "prefix_affinity",
+    "discovery",
 )
 
 
@@ -46,3 +52,9 @@ def kvaware_register_plugins(registry: PluginRegistry) -> None:
 def kvaware_config_resolved(config: SchedulerConfig) -> None:
     """Check cross-plugin references of the built-ins (prefixMatchInfoProducerName)."""
     check_references(config)
+
+
+@hookimpl(trylast=True)
+def kvaware_scheduler_created(scheduler: Scheduler) -> None:
+    """Give a ``file-discovery`` plugin's endpoints file to the scheduler as its pool."""
+    importlib.import_module(f"{__name__}.discovery").attach(scheduler)

@@ -3,7 +3,8 @@ EndpointPickerConfig files load: they are validated loosely and do nothing (a wa
 
 * ``metrics-data-source``, ``core-metrics-extractor``: metrics come from the endpoints' own
   ``/metrics`` (`kvaware_scorer.scheduler.MetricsScraper`).
-* ``endpoint-notification-source``, ``file-discovery``: endpoints come from the endpoints file.
+* ``endpoint-notification-source``: endpoints come from the endpoints file (``file-discovery``
+  is a real plugin: `kvaware_scorer.plugins.discovery`).
 * ``token-producer`` (formerly ``tokenizer``): scorers tokenize themselves (once per request,
   shared).
 * ``inflight-load-producer``: ``active-request-scorer`` counts in-flight requests itself.
@@ -31,7 +32,6 @@ INERT_TYPES: Mapping[str, str] = MappingProxyType(
         "metrics-data-source": "pod metrics are scraped by the scheduler itself",
         "core-metrics-extractor": "vLLM metric names are built in",
         "endpoint-notification-source": "endpoints come from the endpoints file",
-        "file-discovery": "endpoints come from the endpoints file",
         "token-producer": "scorers tokenize requests themselves",
         "inflight-load-producer": "active-request-scorer counts in-flight requests itself",
         "openai-parser": "request parsing is done by the gateway",

@@ -1,0 +1,821 @@
+"""One ext_proc stream (one HTTP request through Envoy): the message flow of the Endpoint Picker
+Protocol under each body mode, routing through the shared `Scheduler`, and the response phase
+feeding the same per-request accounting as the gateway.
+
+This module is over the usual size because the protocol is one state machine: the request phase
+(headers, body chunks, trailers, under FULL_DUPLEX_STREAMED, BUFFERED or no body) and the
+response phase (served endpoint, usage, end of stream) share one per-stream state.
+
+Request phase:
+
+* FULL_DUPLEX_STREAMED (GIE, Istio, llm-d): the request headers are not answered until the body
+  has ended; then, in order, the headers answer (destination header, ``clear_route_cache``,
+  ``envoy.lb`` dynamic metadata) and the body sent back as ``streamed_response`` chunks.
+* BUFFERED (Envoy AI Gateway): the headers are answered at once; the routing answer rides on the
+  body answer (header mutations apply there in this mode only).
+* A request without a body (``end_of_stream`` on the headers) is routed on the headers.
+
+A request that cannot be routed is answered with an ``ImmediateResponse``: 400 (unreadable
+body), 413 (body over `EppConfig.max_body_bytes`), 429 ``rejected-saturated`` (over
+`EppConfig.max_streams`), 503 ``rejected-no-endpoints`` (empty pool, subset hint matching
+nothing, every endpoint filtered out), each with upstream's ``x-llm-d-request-dropped-reason``.
+
+Response phase: the served endpoint (``envoy.lb`` ``x-gateway-destination-endpoint-served`` when
+the load balancer reports it, else the primary pick), the status, the usage (the JSON body or
+the SSE chunk carrying it) and the end of the stream; `Scheduler.post_response` runs exactly
+once per routed request, whatever happened (a stream cut by Envoy counts as 499).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from envoy.config.core.v3 import base_pb2 as core
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from kvaware_scorer.errors import NoEndpointError
+from kvaware_scorer.gateway.protocol import APIError, ParsedRequest, RequestParser, error_body
+from kvaware_scorer.scheduler import (
+    Endpoint,
+    ResponseInfo,
+    Scheduler,
+    SchedulingRequest,
+    SchedulingResult,
+)
+
+if TYPE_CHECKING:
+    from kvaware_scorer.epp.config import EppConfig
+    from kvaware_scorer.epp.metrics import EppMetrics, ModelMetrics
+
+__all__ = [
+    "DESTINATION",
+    "DROPPED_REASON",
+    "PREFILL_HEADER",
+    "SERVED",
+    "SUBSET_HINT",
+    "SUBSET_KEY",
+    "ProcessStream",
+    "StreamContext",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Request header and ``envoy.lb`` metadata key naming the chosen endpoint(s) (``ip:port[,…]``).
+DESTINATION = "x-gateway-destination-endpoint"
+#: ``envoy.lb`` metadata key written by the load balancer: the endpoint that served.
+SERVED = "x-gateway-destination-endpoint-served"
+#: ``envoy.lb`` metadata key with the primary profile's totals (``--emit-endpoint-scores``).
+SCORES = "x-gateway-destination-endpoint-scores"
+#: Metadata namespace and key of the endpoint subset hint.
+SUBSET_HINT = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+#: Response header naming why the EPP answered a request itself.
+DROPPED_REASON = "x-llm-d-request-dropped-reason"
+#: Header telling a decode pod's sidecar where the prefill pod is (P/D disaggregation).
+PREFILL_HEADER = "x-prefiller-host-port"
+#: Model rewrite request headers (current name first, then GIE's deprecated one).
+REWRITE_HEADERS = ("x-llm-d-model-name-rewrite", "x-gateway-model-name-rewrite")
+#: Headers only the EPP may set: a client's copies are removed before the request goes on.
+#: The scheduler's routing headers (P/D prefill pick, E/P/D encoders, data-parallel target).
+ROUTING_HEADERS = (PREFILL_HEADER, "x-encoder-hosts-ports", "x-data-parallel-host-port")
+SYSTEM_HEADERS = (DESTINATION, SERVED, DESTINATION + "-fallback", *ROUTING_HEADERS)
+#: Conformance test hooks (GIE ``pkg/lwepp``).
+TEST_SELECTION = "test-epp-endpoint-selection"
+TEST_SERVED = "x-conformance-test-served-endpoint"
+#: Response header naming the serving endpoint (`EppConfig.endpoint_header`).
+ENDPOINT_HEADER = "x-kvaware-endpoint"
+#: The profile whose pick is the prefill pod (upstream's P/D handlers name it so).
+PREFILL_PROFILE = "prefill"
+
+_FULL_DUPLEX = pm.ProcessingMode.FULL_DUPLEX_STREAMED
+_BUFFERED = (pm.ProcessingMode.BUFFERED, pm.ProcessingMode.BUFFERED_PARTIAL)
+_OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_CONTINUE = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse()))
+_DROP_LENGTH = ep.ProcessingResponse(
+    request_headers=ep.HeadersResponse(
+        response=ep.CommonResponse(
+            header_mutation=ep.HeaderMutation(remove_headers=["content-length"])
+        )
+    )
+)
+_EMPTY_REQ_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse()))
+_EMPTY_RESP_BODY = ep.ProcessingResponse(
+    response_body=ep.BodyResponse(response=ep.CommonResponse())
+)
+_REQ_TRAILERS = ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
+_RESP_TRAILERS = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    prompt_tokens_details: _Details | None = None
+
+
+class _Envelope(msgspec.Struct):
+    usage: _Usage | None = None
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+
+
+class _Reject(Exception):
+    """A request the EPP answers itself (an `ImmediateResponse`)."""
+
+    def __init__(self, status: int, reason: str, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.code = code
+
+
+@dataclasses.dataclass
+class StreamContext:
+    """What every stream of one Endpoint Picker shares.
+
+    Attributes:
+        scheduler: The scheduler (its pool is the set of endpoints the EPP may name).
+        config: The EPP's settings.
+        metrics: The EPP's metrics.
+        parser: Request-body parser (shared decoders).
+        next_id: Makes a unique request id (in-flight accounting keys on it).
+        active: Streams in progress (bounded by ``config.max_streams``).
+        on_done: Called when a routed request's accounting is done (drain bookkeeping).
+    """
+
+    scheduler: Scheduler
+    config: EppConfig
+    metrics: EppMetrics
+    parser: RequestParser
+    next_id: Callable[[], str]
+    active: set[ProcessStream] = dataclasses.field(default_factory=set)
+    on_done: Callable[[], None] | None = None
+
+
+def _headers(msg: ep.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in msg.headers.headers:
+        # NOTE: Envoy sends values as raw_value (bytes); value is the legacy string field.
+        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def _set(key: str, value: str) -> core.HeaderValueOption:
+    return core.HeaderValueOption(
+        header=core.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def _lb_value(md: Any, namespace: str, key: str) -> Any:
+    """A value of the forwarded metadata (``metadata_context.filter_metadata``), or None."""
+    fm = md.filter_metadata
+    if namespace not in fm:
+        return None
+    fields = fm[namespace].fields
+    if key not in fields:
+        return None
+    v = fields[key]
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "list_value":
+        return [
+            x.string_value for x in v.list_value.values if x.WhichOneof("kind") == "string_value"
+        ]
+    return None
+
+
+def _endpoint_id(value: str) -> str:
+    """``ip:port`` of a destination string (IPv6 brackets dropped)."""
+    host, _, port = value.strip().rpartition(":")
+    return f"{host.strip('[]')}:{port}"
+
+
+def _format(e: Endpoint) -> str:
+    """``ip:port`` as the protocol writes it (IPv6 bracketed)."""
+    return f"[{e.address}]:{e.port}" if ":" in e.address else f"{e.address}:{e.port}"
+
+
+class ProcessStream:
+    """The state of one ext_proc stream; `serve` turns Envoy's messages into answers."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_done",
+        "_envoy_id",
+        "_finished",
+        "_first_byte",
+        "_info",
+        "_mm",
+        "_model_bytes",
+        "_pending",
+        "_rewrite",
+        "_routed_at",
+        "_sse",
+        "_subset",
+        "_tail",
+        "_usage",
+        "ctx",
+        "headers",
+        "req_mode",
+        "request",
+        "resp_mode",
+        "result",
+        "served",
+        "started",
+        "status",
+    )
+
+    def __init__(self, ctx: StreamContext) -> None:
+        self.ctx = ctx
+        self.req_mode = _FULL_DUPLEX
+        self.resp_mode = _FULL_DUPLEX
+        self.headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self.request: SchedulingRequest | None = None
+        self.result: SchedulingResult | None = None
+        self.served: str | None = None
+        self.status = 0
+        self.started = time.perf_counter()
+        self._routed_at = 0.0
+        self._first_byte = 0.0  # when the response headers arrived
+        self._rewrite: tuple[str, str] | None = None  # (original model, rewritten model)
+        self._model_bytes: list[tuple[bytes, bytes]] = []
+        self._sse = False
+        self._subset: Any = None  # the subset hint sent with the request headers
+        self._pending = b""  # an incomplete SSE line (usage scanning)
+        self._tail = b""  # the last bytes of a JSON response body (usage)
+        self._usage: _Usage | None = None
+        self._info = ResponseInfo(status=0)
+        self._finished = False
+        self._done = False
+        self._mm: ModelMetrics | None = None
+        self._envoy_id = ""
+
+    # -- the stream -----------------------------------------------------------------------------
+
+    @staticmethod
+    async def serve(owner: Any, messages: Any, context: Any = None) -> AsyncIterator[Any]:
+        """Answer Envoy's messages of one stream, in order; accounting is closed when the stream
+        ends. `owner` has the `StreamContext` as ``context`` (the gRPC servicer, whose
+        ``Process`` this is: one generator per message, not two)."""
+        ctx: StreamContext = owner.context
+        self = ProcessStream(ctx)
+        ctx.active.add(self)
+        try:
+            first = True
+            async for msg in messages:
+                if first:
+                    first = False
+                    if msg.HasField("protocol_config"):
+                        pc = msg.protocol_config
+                        self.req_mode = pc.request_body_mode
+                        self.resp_mode = pc.response_body_mode
+                kind = msg.WhichOneof("request")
+                if kind == "request_headers":
+                    for out in await self._on_request_headers(msg):
+                        yield out
+                elif kind == "request_body":
+                    for out in await self._on_request_body(msg):
+                        yield out
+                elif kind == "request_trailers":
+                    if self.result is None and not self._done:
+                        for out in await self._route(msg, trailers=True):
+                            yield out
+                    if not self._done:
+                        yield _REQ_TRAILERS
+                elif kind == "response_headers":
+                    yield self._on_response_headers(msg)
+                elif kind == "response_body":
+                    yield self._on_response_body(msg.response_body)
+                elif kind == "response_trailers":
+                    yield _RESP_TRAILERS
+                    self._finish()
+                if self._done:
+                    return
+        finally:
+            ctx.active.discard(self)
+            if self.result is not None and not self._finished:
+                self._info.status = 499
+                self._info.error = self._info.error or "stream ended before the response did"
+                self._finish(aborted=True)
+            elif self.result is None and not self._done:
+                ctx.metrics.streams.labels("unrouted").inc()
+
+    # -- request phase --------------------------------------------------------------------------
+
+    async def _on_request_headers(self, msg: ep.ProcessingRequest) -> list[Any]:
+        rh = msg.request_headers
+        self.headers = _headers(rh)
+        if msg.HasField("metadata_context"):
+            self._subset = _lb_value(msg.metadata_context, SUBSET_HINT, SUBSET_KEY)
+        self._envoy_id = self.headers.get("x-request-id", "")
+        limit = self.ctx.config.max_streams
+        if limit and len(self.ctx.active) > limit:
+            return [
+                self._immediate(
+                    _Reject(
+                        429,
+                        "rejected-saturated",
+                        f"The endpoint picker is saturated ({limit} requests in progress).",
+                        "rejected_saturated",
+                    )
+                )
+            ]
+        if rh.end_of_stream:
+            return await self._route(msg, trailers=False)
+        if self.req_mode == _FULL_DUPLEX:
+            return []  # answered once the body has ended
+        if self.req_mode in _BUFFERED:
+            if self._rewrite_target():
+                # NOTE: under BUFFERED, Envoy refuses a Content-Length mutation on the body
+                # answer and 500s a mutated body that does not match the length; removing the
+                # header on the headers answer lets it frame the rewritten body itself.
+                return [_DROP_LENGTH]
+            return [_CONTINUE]
+        # NOTE: without a body mode that lets the EPP see the whole body before answering the
+        # headers (NONE, STREAMED), the request is routed on its headers alone.
+        return await self._route(msg, trailers=False)
+
+    async def _on_request_body(self, msg: ep.ProcessingRequest) -> list[Any]:
+        rb = msg.request_body
+        if self.result is not None or self._done:
+            # Routed on the headers already: let the body through untouched.
+            if self.req_mode == _FULL_DUPLEX:
+                return [self._streamed_request(rb.body, rb.end_of_stream)]
+            return [_EMPTY_REQ_BODY]
+        if rb.body:
+            self._body_size += len(rb.body)
+            if self._body_size > self.ctx.config.max_body_bytes:
+                return [
+                    self._immediate(
+                        _Reject(
+                            413,
+                            "request-too-large",
+                            "The request body exceeds the limit of "
+                            f"{self.ctx.config.max_body_bytes} bytes.",
+                            "request_too_large",
+                        )
+                    )
+                ]
+            self._body.append(rb.body)
+        if rb.end_of_stream or self.req_mode in _BUFFERED:
+            return await self._route(msg, trailers=False)
+        return []
+
+    def _parse(self, body: bytes) -> ParsedRequest | None:
+        """The request's routing fields, or None for a request that is not a completion (it is
+        then routed on load alone)."""
+        path = self.headers.get(":path", "")
+        parser = self.ctx.parser
+        try:
+            if path.startswith("/v1/chat/completions"):
+                return parser.chat(body)
+            if path.startswith("/v1/completions"):
+                return parser.completion(body)
+            if not body:
+                return None
+            return parser.chat(body) if parser.is_chat(body) else parser.completion(body)
+        except APIError:
+            if path.startswith(("/v1/chat/completions", "/v1/completions")):
+                raise
+            return None  # some other API: route it, the pod answers
+
+    async def _route(self, msg: ep.ProcessingRequest, *, trailers: bool) -> list[Any]:
+        t0 = time.perf_counter()
+        body = b"".join(self._body)
+        self._body = []
+        try:
+            try:
+                parsed = self._parse(body)
+            except APIError as err:
+                raise _Reject(err.status, "bad-request", err.message, err.code) from None
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+                # NOTE: some msgspec versions raise these past the parser's own handling.
+                raise _Reject(
+                    400, "bad-request", f"Unreadable request body: {exc}", "invalid_json"
+                ) from None
+            candidates = self._candidates(msg, parsed)
+            sreq = self._scheduling_request(parsed)
+            rewrite = self._rewrite_target()
+            if parsed is not None and rewrite and rewrite != parsed.model:
+                self._rewrite = (parsed.model, rewrite)
+                sreq.model = rewrite
+                body = self._rewrite_body(body, rewrite)
+            # NOTE: shielded, as in the gateway: when Envoy drops the stream during the
+            # decision (which may run in a worker thread cancellation cannot stop), the
+            # pre-request hooks (in-flight count, speculative entries) of a decision that
+            # completes anyway are released by post_response.
+            decision = asyncio.ensure_future(self.ctx.scheduler.aschedule(sreq, candidates))
+            try:
+                result = await asyncio.shield(decision)
+            except asyncio.CancelledError:
+                decision.add_done_callback(functools.partial(self._abandoned, sreq))
+                raise
+            except NoEndpointError as exc:
+                # NOTE: admission or flow control may shed a request with its own status (a
+                # `status` attribute, 429 for load); other failures have no endpoint left.
+                status = int(getattr(exc, "status", 503))
+                if status == 429:
+                    raise _Reject(
+                        429, "rejected-saturated", f"Request rejected: {exc}", "rejected"
+                    ) from None
+                raise _Reject(
+                    status,
+                    "rejected-no-endpoints",
+                    f"No endpoint can serve this request: {exc}",
+                    "no_endpoint",
+                ) from None
+        except _Reject as rej:
+            return [self._immediate(rej)]
+        except Exception:
+            logger.exception("%s: scheduling failed", self._envoy_id)
+            return [
+                self._immediate(
+                    _Reject(500, "internal-error", "Scheduling failed.", "internal_error")
+                )
+            ]
+        self.request = sreq
+        self.result = result
+        self._routed_at = time.perf_counter()
+        m = self.ctx.metrics
+        label = m.model_label(parsed.model if parsed is not None else "")
+        target = m.model_label(sreq.model) if self._rewrite else label
+        mm = self._mm = m.for_model(label, target)
+        mm.requests.inc()
+        mm.running.inc()
+        m.route_latency.observe(self._routed_at - t0)
+        return self._routing_answer(msg, body, trailers=trailers)
+
+    def _abandoned(
+        self, sreq: SchedulingRequest, decision: asyncio.Future[SchedulingResult]
+    ) -> None:
+        if decision.cancelled() or decision.exception() is not None:
+            return
+        info = ResponseInfo(status=499, error="stream ended during the decision")
+        self.ctx.metrics.streams.labels("aborted").inc()
+        self.ctx.scheduler.post_response(sreq, decision.result(), info)
+
+    def _candidates(
+        self, msg: ep.ProcessingRequest, parsed: ParsedRequest | None
+    ) -> list[Endpoint]:
+        pool = self.ctx.scheduler.endpoints
+        if not pool:
+            raise _Reject(
+                503, "rejected-no-endpoints", "No endpoints are available.", "no_endpoint"
+            )
+        if self.ctx.config.subset_filter:
+            subset = None
+            if msg.HasField("metadata_context"):
+                subset = _lb_value(msg.metadata_context, SUBSET_HINT, SUBSET_KEY)
+            if subset is None:
+                subset = self._subset  # forwarded with the headers
+            if subset is not None:
+                wanted = {
+                    _endpoint_id(s) for s in ([subset] if isinstance(subset, str) else subset)
+                }
+                pool = [e for e in pool if e.id in wanted]
+                if not pool:
+                    raise _Reject(
+                        503,
+                        "rejected-no-endpoints",
+                        "No endpoint of the requested subset is available.",
+                        "no_endpoint",
+                    )
+        if self.ctx.config.test_hooks:
+            sel = self.headers.get(TEST_SELECTION)
+            if sel:
+                ids = {s.strip() for s in sel.split(",") if s.strip()}
+                pool = [e for e in pool if e.address in ids or e.id in ids]
+                if not pool:
+                    raise _Reject(
+                        503, "rejected-no-endpoints", "No selected endpoint.", "no_endpoint"
+                    )
+        if parsed is not None:
+            # NOTE: endpoints that declare their model are matched by it; when none serves the
+            # requested model the whole pool stays in (the pod answers, as behind the Go EPP).
+            serving = [e for e in pool if e.model is None or e.model == parsed.model]
+            if serving:
+                pool = serving
+        return pool
+
+    def _scheduling_request(self, parsed: ParsedRequest | None) -> SchedulingRequest:
+        rid = self.ctx.next_id()
+        if parsed is None:
+            return SchedulingRequest(request_id=rid, model="", headers=self.headers)
+        return SchedulingRequest(
+            request_id=rid,
+            model=parsed.model,
+            token_ids=parsed.token_ids,
+            prompt=parsed.prompt,
+            messages=parsed.messages,
+            cache_salt=parsed.cache_salt,
+            headers=self.headers,
+            chat=parsed.chat,
+        )
+
+    def _rewrite_target(self) -> str | None:
+        for name in REWRITE_HEADERS:
+            value = self.headers.get(name)
+            if value:
+                return value
+        return None
+
+    def _rewrite_body(self, body: bytes, model: str) -> bytes:
+        try:
+            data = msgspec.json.decode(body)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return body
+        if not isinstance(data, dict):
+            return body
+        data["model"] = model
+        assert self._rewrite is not None
+        orig, new = (msgspec.json.encode(s) for s in self._rewrite)
+        self._model_bytes = [
+            (b'"model":' + new, b'"model":' + orig),
+            (b'"model": ' + new, b'"model": ' + orig),
+        ]
+        return msgspec.json.encode(data)
+
+    def _routing_answer(
+        self, msg: ep.ProcessingRequest, body: bytes, *, trailers: bool
+    ) -> list[Any]:
+        result = self.result
+        assert result is not None
+        value = ",".join(_format(e) for e in result.targets)
+        cfg = self.ctx.config
+        mutation = ep.HeaderMutation(set_headers=[_set(DESTINATION, value)])
+        # NOTE: routing headers the pre-request hooks put on the result (``headers``, where the
+        # scheduler has it) go to the target as they are; otherwise a ``prefill`` profile's
+        # pick is named for the decode pod's sidecar, as upstream's P/D handlers do.
+        routing: dict[str, str] = dict(getattr(result, "headers", None) or {})
+        prefill = result.profile_results.get(PREFILL_PROFILE)
+        if (
+            PREFILL_HEADER not in routing
+            and prefill is not None
+            and result.profile != PREFILL_PROFILE
+            and prefill.targets
+        ):
+            routing[PREFILL_HEADER] = _format(prefill.targets[0])
+        for key, val in routing.items():
+            mutation.set_headers.append(_set(key, val))
+        # A client's copies of the system headers go (those set above are overwritten).
+        mutation.remove_headers.extend(
+            h for h in SYSTEM_HEADERS[1:] if h in self.headers and h not in routing
+        )
+        if not self._envoy_id:
+            self._envoy_id = str(uuid.uuid4())
+            mutation.set_headers.append(_set("x-request-id", self._envoy_id))
+        md = struct_pb2.Struct()
+        lb = md.fields["envoy.lb"].struct_value.fields
+        lb[DESTINATION].string_value = value
+        if cfg.emit_endpoint_scores:
+            lb[SCORES].string_value = ",".join(
+                f"{k}:{v:.4f}" for k, v in sorted(result.totals.items())
+            )
+        kind = msg.WhichOneof("request")
+        if kind == "request_headers" and msg.request_headers.end_of_stream:
+            common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+            return [
+                ep.ProcessingResponse(
+                    request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md
+                )
+            ]
+        if self.req_mode in _BUFFERED:
+            common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+            if self._rewrite is not None:
+                common.body_mutation.body = body
+            return [
+                ep.ProcessingResponse(
+                    request_body=ep.BodyResponse(response=common), dynamic_metadata=md
+                )
+            ]
+        if self.req_mode != _FULL_DUPLEX:
+            common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+            return [
+                ep.ProcessingResponse(
+                    request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md
+                )
+            ]
+        if self._rewrite is not None:
+            mutation.remove_headers.append("content-length")
+        common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+        out: list[Any] = [
+            ep.ProcessingResponse(
+                request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md
+            )
+        ]
+        step = cfg.body_chunk_bytes
+        eos = not trailers
+        if len(body) <= step:
+            out.append(self._streamed_request(body, eos))
+        else:
+            last = (len(body) - 1) // step
+            for i in range(last + 1):
+                out.append(
+                    self._streamed_request(body[i * step : (i + 1) * step], eos and i == last)
+                )
+        return out
+
+    @staticmethod
+    def _streamed_request(data: bytes, eos: bool) -> ep.ProcessingResponse:
+        return ep.ProcessingResponse(
+            request_body=ep.BodyResponse(
+                response=ep.CommonResponse(
+                    body_mutation=ep.BodyMutation(
+                        streamed_response=ep.StreamedBodyResponse(body=data, end_of_stream=eos)
+                    )
+                )
+            )
+        )
+
+    def _immediate(self, rej: _Reject) -> ep.ProcessingResponse:
+        self._done = True
+        m = self.ctx.metrics
+        m.immediate.labels(str(rej.status), rej.reason).inc()
+        m.streams.labels("immediate").inc()
+        label = m.model_label("")
+        m.request_errors.labels(label, label, rej.reason).inc()
+        typ = "invalid_request_error" if rej.status < 500 else "server_error"
+        body = msgspec.json.encode(error_body(rej.message, typ, None, rej.code))
+        return ep.ProcessingResponse(
+            immediate_response=ep.ImmediateResponse(
+                status=http_status_pb2.HttpStatus(code=rej.status),
+                headers=ep.HeaderMutation(
+                    set_headers=[
+                        _set("content-type", "application/json"),
+                        _set(DROPPED_REASON, rej.reason),
+                    ]
+                ),
+                body=body,
+                details=rej.reason,
+            )
+        )
+
+    # -- response phase -------------------------------------------------------------------------
+
+    def _on_response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
+        hdrs = _headers(msg.response_headers)
+        self._first_byte = time.perf_counter()
+        try:
+            self.status = int(hdrs.get(":status", "0"))
+        except ValueError:
+            self.status = 0
+        self._info.status = self.status
+        self._sse = hdrs.get("content-type", "").startswith("text/event-stream")
+        if msg.HasField("metadata_context"):
+            served = _lb_value(msg.metadata_context, "envoy.lb", SERVED)
+            if isinstance(served, str) and served:
+                self.served = _endpoint_id(served)
+        common = ep.CommonResponse()
+        if self.result is not None:
+            # Headers the pre-request hooks want sent back to the client (e.g. a session token).
+            for key, val in (getattr(self.result, "response_headers", None) or {}).items():
+                common.header_mutation.set_headers.append(_set(key, val))
+        served_id = self.served
+        if served_id is None and self.result is not None:
+            served_id = self.result.targets[0].id
+        if served_id is not None:
+            cfg = self.ctx.config
+            if cfg.endpoint_header:
+                common.header_mutation.set_headers.append(_set(ENDPOINT_HEADER, served_id))
+            if cfg.test_hooks:
+                common.header_mutation.set_headers.append(_set(TEST_SERVED, served_id))
+        if msg.response_headers.end_of_stream:
+            self._finish()
+        return ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
+
+    def _on_response_body(self, rb: ep.HttpBody) -> ep.ProcessingResponse:
+        data = rb.body
+        if self.result is not None and data:
+            self._scan_usage(data)
+            if self._model_bytes:
+                for new, orig in self._model_bytes:
+                    data = data.replace(new, orig)
+        if rb.end_of_stream:
+            self._finish()
+        if self.resp_mode == _FULL_DUPLEX:
+            return ep.ProcessingResponse(
+                response_body=ep.BodyResponse(
+                    response=ep.CommonResponse(
+                        body_mutation=ep.BodyMutation(
+                            streamed_response=ep.StreamedBodyResponse(
+                                body=data, end_of_stream=rb.end_of_stream
+                            )
+                        )
+                    )
+                )
+            )
+        if data is not rb.body:
+            return ep.ProcessingResponse(
+                response_body=ep.BodyResponse(
+                    response=ep.CommonResponse(body_mutation=ep.BodyMutation(body=data))
+                )
+            )
+        return _EMPTY_RESP_BODY
+
+    def _scan_usage(self, data: bytes) -> None:
+        limit = self.ctx.config.max_usage_bytes
+        if self._sse:
+            chunk = self._pending + data if self._pending else data
+            cut = chunk.rfind(b"\n")
+            self._pending = chunk[cut + 1 :][-limit:]
+            if cut >= 0 and b'"usage"' in chunk:
+                for line in chunk[:cut].split(b"\n"):
+                    if line.startswith(b"data:") and b'"usage"' in line:
+                        try:
+                            env = _ENVELOPE.decode(line[5:])
+                        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                            continue
+                        if env.usage is not None:
+                            self._usage = env.usage
+        else:
+            # NOTE: only the end of a long answer is kept: usage is a top-level field at the
+            # end of vLLM's answers, so the object from its key on decodes by itself.
+            tail = self._tail + data
+            self._tail = tail[-limit:] if len(tail) > limit else tail
+
+    def _usage_from_tail(self) -> None:
+        tail = self._tail
+        if not tail or b'"usage"' not in tail:
+            return
+        candidates = [tail] if tail.lstrip().startswith(b"{") else []
+        at = tail.rfind(b'"usage"')
+        candidates.append(b"{" + tail[at:])
+        for raw in candidates:
+            try:
+                env = _ENVELOPE.decode(raw)
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+                continue
+            if env.usage is not None:
+                self._usage = env.usage
+                return
+
+    # -- accounting -----------------------------------------------------------------------------
+
+    def _finish(self, *, aborted: bool = False) -> None:
+        """Close the request's accounting (once): usage, metrics, post-response hooks."""
+        if self._finished or self.result is None or self.request is None:
+            return
+        self._finished = True
+        info = self._info
+        if not self._sse:
+            self._usage_from_tail()
+        elif self._pending and b'"usage"' in self._pending:
+            self._scan_usage(b"\n")
+        usage = self._usage
+        m = self.ctx.metrics
+        mm = self._mm
+        assert mm is not None
+        if usage is not None:
+            if usage.prompt_tokens is not None:
+                info.prompt_tokens = usage.prompt_tokens
+                mm.input_tokens.observe(usage.prompt_tokens)
+            if usage.completion_tokens is not None:
+                info.completion_tokens = usage.completion_tokens
+                mm.output_tokens.observe(usage.completion_tokens)
+            details = usage.prompt_tokens_details
+            if details is not None and details.cached_tokens is not None:
+                info.cached_tokens = details.cached_tokens
+        if info.status >= 400 and not info.error:
+            info.error = f"HTTP {info.status}"
+        result = self.result
+        if self.served is not None and self.served != result.targets[0].id:
+            m.served_elsewhere.inc()
+            served = next((e for e in self.ctx.scheduler.endpoints if e.id == self.served), None)
+            if served is not None:
+                rest = [e for e in result.targets if e.id != served.id]
+                result = dataclasses.replace(result, targets=[served, *rest])
+        mm.running.dec()
+        mm.duration.observe(time.perf_counter() - self.started)
+        (m.aborted if aborted else m.routed).inc()
+        # NOTE: ResponseInfo has no timing fields yet; the EPP's observed times ride on the
+        # request's state for post-response hooks that learn latencies.
+        self.request.state["epp"] = {
+            "first_byte_s": self._first_byte - self._routed_at if self._first_byte else None,
+            "duration_s": time.perf_counter() - self._routed_at,
+            "served": result.targets[0].id,
+        }
+        try:
+            self.ctx.scheduler.post_response(self.request, result, info)
+        finally:
+            if self.ctx.on_done is not None:
+                self.ctx.on_done()
