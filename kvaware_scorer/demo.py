@@ -723,11 +723,6 @@ def register(sub: Any) -> None:
         "--quick", action="store_true", help="a shorter run (about 30 s: fewer requests)"
     )
     p.add_argument(
-        "--via",
-        choices=["gateway", "envoy"],
-        help="front door: kvaware's gateway (default) or Envoy + kvaware epp (ext_proc)",
-    )
-    p.add_argument(
         "--configs",
         nargs="+",
         metavar="CFG",
@@ -748,6 +743,11 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, help="workload and picker seed (0)")
     p.add_argument("--timeout", type=float, help="stop everything after this many seconds")
     p.add_argument("--json", metavar="PATH", help="write the summaries as JSON")
+    p.add_argument(
+        "--via",
+        choices=["gateway", "envoy"],
+        help="front door: kvaware's gateway (default) or Envoy + kvaware epp (ext_proc)",
+    )
     p.set_defaults(func=run)
 
 

@@ -23,13 +23,13 @@ __all__ = [
 BUILTIN_MODULES = (
     "precise",
     "approximate",
-    "discovery",
     "nohitlru",
     "load",
     "pickers",
     "profile",
     "filters",
     "compat",
+    "discovery",
 )
 
 
