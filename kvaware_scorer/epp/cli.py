@@ -201,7 +201,6 @@ def _warn_unhonoured(args: argparse.Namespace) -> None:
             continue  # the group this EPP watches: honoured
         if value is not None:
             msg = f"--{name.replace('_', '-')} is accepted but not honoured: {why}"
-            logger.warning(msg)
             print(f"kvaware epp: warning: {msg}", file=sys.stderr)
 
 

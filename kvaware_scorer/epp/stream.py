@@ -2,9 +2,8 @@
 Protocol under each body mode, routing through the shared `Scheduler`, and the response phase
 feeding the same per-request accounting as the gateway.
 
-This module is over the usual size because the protocol is one state machine: the request phase
-(headers, body chunks, trailers, under FULL_DUPLEX_STREAMED, BUFFERED or no body) and the
-response phase (served endpoint, usage, end of stream) share one per-stream state.
+Names and message shapes of the protocol live in `kvaware_scorer.epp.wire`; this module is a
+little over the usual size because the request and response phases share one state machine.
 
 Request phase:
 
@@ -38,14 +37,42 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from envoy.config.core.v3 import base_pb2 as core
-from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
+from kvaware_scorer.epp.wire import (
+    BUFFERED,
+    CONTINUE,
+    DESTINATION,
+    DROP_LENGTH,
+    EMPTY_REQUEST_BODY,
+    EMPTY_RESPONSE_BODY,
+    ENDPOINT_HEADER,
+    FULL_DUPLEX,
+    PREFILL_HEADER,
+    PREFILL_PROFILE,
+    REQUEST_TRAILERS,
+    RESPONSE_TRAILERS,
+    REWRITE_HEADERS,
+    SCORES,
+    SERVED,
+    SUBSET_HINT,
+    SUBSET_KEY,
+    SYSTEM_HEADERS,
+    TEST_SELECTION,
+    TEST_SERVED,
+    UsageReader,
+    endpoint_id,
+    format_endpoint,
+    headers_of,
+    immediate_response,
+    metadata_value,
+    set_header,
+    streamed_request_body,
+    streamed_response_body,
+)
 from kvaware_scorer.errors import NoEndpointError
-from kvaware_scorer.gateway.protocol import APIError, ParsedRequest, RequestParser, error_body
+from kvaware_scorer.gateway.protocol import APIError, ParsedRequest, RequestParser
 from kvaware_scorer.scheduler import (
     Endpoint,
     ResponseInfo,
@@ -58,80 +85,9 @@ if TYPE_CHECKING:
     from kvaware_scorer.epp.config import EppConfig
     from kvaware_scorer.epp.metrics import EppMetrics, ModelMetrics
 
-__all__ = [
-    "DESTINATION",
-    "DROPPED_REASON",
-    "PREFILL_HEADER",
-    "SERVED",
-    "SUBSET_HINT",
-    "SUBSET_KEY",
-    "ProcessStream",
-    "StreamContext",
-]
+__all__ = ["ProcessStream", "StreamContext"]
 
 logger = logging.getLogger(__name__)
-
-#: Request header and ``envoy.lb`` metadata key naming the chosen endpoint(s) (``ip:port[,…]``).
-DESTINATION = "x-gateway-destination-endpoint"
-#: ``envoy.lb`` metadata key written by the load balancer: the endpoint that served.
-SERVED = "x-gateway-destination-endpoint-served"
-#: ``envoy.lb`` metadata key with the primary profile's totals (``--emit-endpoint-scores``).
-SCORES = "x-gateway-destination-endpoint-scores"
-#: Metadata namespace and key of the endpoint subset hint.
-SUBSET_HINT = "envoy.lb.subset_hint"
-SUBSET_KEY = "x-gateway-destination-endpoint-subset"
-#: Response header naming why the EPP answered a request itself.
-DROPPED_REASON = "x-llm-d-request-dropped-reason"
-#: Header telling a decode pod's sidecar where the prefill pod is (P/D disaggregation).
-PREFILL_HEADER = "x-prefiller-host-port"
-#: Model rewrite request headers (current name first, then GIE's deprecated one).
-REWRITE_HEADERS = ("x-llm-d-model-name-rewrite", "x-gateway-model-name-rewrite")
-#: Headers only the EPP may set: a client's copies are removed before the request goes on.
-#: The scheduler's routing headers (P/D prefill pick, E/P/D encoders, data-parallel target).
-ROUTING_HEADERS = (PREFILL_HEADER, "x-encoder-hosts-ports", "x-data-parallel-host-port")
-SYSTEM_HEADERS = (DESTINATION, SERVED, DESTINATION + "-fallback", *ROUTING_HEADERS)
-#: Conformance test hooks (GIE ``pkg/lwepp``).
-TEST_SELECTION = "test-epp-endpoint-selection"
-TEST_SERVED = "x-conformance-test-served-endpoint"
-#: Response header naming the serving endpoint (`EppConfig.endpoint_header`).
-ENDPOINT_HEADER = "x-kvaware-endpoint"
-#: The profile whose pick is the prefill pod (upstream's P/D handlers name it so).
-PREFILL_PROFILE = "prefill"
-
-_FULL_DUPLEX = pm.ProcessingMode.FULL_DUPLEX_STREAMED
-_BUFFERED = (pm.ProcessingMode.BUFFERED, pm.ProcessingMode.BUFFERED_PARTIAL)
-_OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_CONTINUE = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse()))
-_DROP_LENGTH = ep.ProcessingResponse(
-    request_headers=ep.HeadersResponse(
-        response=ep.CommonResponse(
-            header_mutation=ep.HeaderMutation(remove_headers=["content-length"])
-        )
-    )
-)
-_EMPTY_REQ_BODY = ep.ProcessingResponse(request_body=ep.BodyResponse(response=ep.CommonResponse()))
-_EMPTY_RESP_BODY = ep.ProcessingResponse(
-    response_body=ep.BodyResponse(response=ep.CommonResponse())
-)
-_REQ_TRAILERS = ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
-_RESP_TRAILERS = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
-
-
-class _Details(msgspec.Struct):
-    cached_tokens: int | None = None
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    prompt_tokens_details: _Details | None = None
-
-
-class _Envelope(msgspec.Struct):
-    usage: _Usage | None = None
-
-
-_ENVELOPE = msgspec.json.Decoder(_Envelope)
 
 
 class _Reject(Exception):
@@ -168,50 +124,6 @@ class StreamContext:
     on_done: Callable[[], None] | None = None
 
 
-def _headers(msg: ep.HttpHeaders) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for h in msg.headers.headers:
-        # NOTE: Envoy sends values as raw_value (bytes); value is the legacy string field.
-        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
-    return out
-
-
-def _set(key: str, value: str) -> core.HeaderValueOption:
-    return core.HeaderValueOption(
-        header=core.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
-    )
-
-
-def _lb_value(md: Any, namespace: str, key: str) -> Any:
-    """A value of the forwarded metadata (``metadata_context.filter_metadata``), or None."""
-    fm = md.filter_metadata
-    if namespace not in fm:
-        return None
-    fields = fm[namespace].fields
-    if key not in fields:
-        return None
-    v = fields[key]
-    kind = v.WhichOneof("kind")
-    if kind == "string_value":
-        return v.string_value
-    if kind == "list_value":
-        return [
-            x.string_value for x in v.list_value.values if x.WhichOneof("kind") == "string_value"
-        ]
-    return None
-
-
-def _endpoint_id(value: str) -> str:
-    """``ip:port`` of a destination string (IPv6 brackets dropped)."""
-    host, _, port = value.strip().rpartition(":")
-    return f"{host.strip('[]')}:{port}"
-
-
-def _format(e: Endpoint) -> str:
-    """``ip:port`` as the protocol writes it (IPv6 bracketed)."""
-    return f"[{e.address}]:{e.port}" if ":" in e.address else f"{e.address}:{e.port}"
-
-
 class ProcessStream:
     """The state of one ext_proc stream; `serve` turns Envoy's messages into answers."""
 
@@ -225,13 +137,10 @@ class ProcessStream:
         "_info",
         "_mm",
         "_model_bytes",
-        "_pending",
+        "_reader",
         "_rewrite",
         "_routed_at",
-        "_sse",
         "_subset",
-        "_tail",
-        "_usage",
         "ctx",
         "headers",
         "req_mode",
@@ -245,8 +154,8 @@ class ProcessStream:
 
     def __init__(self, ctx: StreamContext) -> None:
         self.ctx = ctx
-        self.req_mode = _FULL_DUPLEX
-        self.resp_mode = _FULL_DUPLEX
+        self.req_mode = FULL_DUPLEX
+        self.resp_mode = FULL_DUPLEX
         self.headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._body_size = 0
@@ -259,11 +168,8 @@ class ProcessStream:
         self._first_byte = 0.0  # when the response headers arrived
         self._rewrite: tuple[str, str] | None = None  # (original model, rewritten model)
         self._model_bytes: list[tuple[bytes, bytes]] = []
-        self._sse = False
         self._subset: Any = None  # the subset hint sent with the request headers
-        self._pending = b""  # an incomplete SSE line (usage scanning)
-        self._tail = b""  # the last bytes of a JSON response body (usage)
-        self._usage: _Usage | None = None
+        self._reader = UsageReader(ctx.config.max_usage_bytes)
         self._info = ResponseInfo(status=0)
         self._finished = False
         self._done = False
@@ -301,13 +207,13 @@ class ProcessStream:
                         for out in await self._route(msg, trailers=True):
                             yield out
                     if not self._done:
-                        yield _REQ_TRAILERS
+                        yield REQUEST_TRAILERS
                 elif kind == "response_headers":
                     yield self._on_response_headers(msg)
                 elif kind == "response_body":
                     yield self._on_response_body(msg.response_body)
                 elif kind == "response_trailers":
-                    yield _RESP_TRAILERS
+                    yield RESPONSE_TRAILERS
                     self._finish()
                 if self._done:
                     return
@@ -324,9 +230,9 @@ class ProcessStream:
 
     async def _on_request_headers(self, msg: ep.ProcessingRequest) -> list[Any]:
         rh = msg.request_headers
-        self.headers = _headers(rh)
+        self.headers = headers_of(rh)
         if msg.HasField("metadata_context"):
-            self._subset = _lb_value(msg.metadata_context, SUBSET_HINT, SUBSET_KEY)
+            self._subset = metadata_value(msg.metadata_context, SUBSET_HINT, SUBSET_KEY)
         self._envoy_id = self.headers.get("x-request-id", "")
         limit = self.ctx.config.max_streams
         if limit and len(self.ctx.active) > limit:
@@ -342,15 +248,15 @@ class ProcessStream:
             ]
         if rh.end_of_stream:
             return await self._route(msg, trailers=False)
-        if self.req_mode == _FULL_DUPLEX:
+        if self.req_mode == FULL_DUPLEX:
             return []  # answered once the body has ended
-        if self.req_mode in _BUFFERED:
+        if self.req_mode in BUFFERED:
             if self._rewrite_target():
                 # NOTE: under BUFFERED, Envoy refuses a Content-Length mutation on the body
                 # answer and 500s a mutated body that does not match the length; removing the
                 # header on the headers answer lets it frame the rewritten body itself.
-                return [_DROP_LENGTH]
-            return [_CONTINUE]
+                return [DROP_LENGTH]
+            return [CONTINUE]
         # NOTE: without a body mode that lets the EPP see the whole body before answering the
         # headers (NONE, STREAMED), the request is routed on its headers alone.
         return await self._route(msg, trailers=False)
@@ -359,9 +265,9 @@ class ProcessStream:
         rb = msg.request_body
         if self.result is not None or self._done:
             # Routed on the headers already: let the body through untouched.
-            if self.req_mode == _FULL_DUPLEX:
-                return [self._streamed_request(rb.body, rb.end_of_stream)]
-            return [_EMPTY_REQ_BODY]
+            if self.req_mode == FULL_DUPLEX:
+                return [streamed_request_body(rb.body, rb.end_of_stream)]
+            return [EMPTY_REQUEST_BODY]
         if rb.body:
             self._body_size += len(rb.body)
             if self._body_size > self.ctx.config.max_body_bytes:
@@ -377,7 +283,7 @@ class ProcessStream:
                     )
                 ]
             self._body.append(rb.body)
-        if rb.end_of_stream or self.req_mode in _BUFFERED:
+        if rb.end_of_stream or self.req_mode in BUFFERED:
             return await self._route(msg, trailers=False)
         return []
 
@@ -485,13 +391,11 @@ class ProcessStream:
         if self.ctx.config.subset_filter:
             subset = None
             if msg.HasField("metadata_context"):
-                subset = _lb_value(msg.metadata_context, SUBSET_HINT, SUBSET_KEY)
+                subset = metadata_value(msg.metadata_context, SUBSET_HINT, SUBSET_KEY)
             if subset is None:
                 subset = self._subset  # forwarded with the headers
             if subset is not None:
-                wanted = {
-                    _endpoint_id(s) for s in ([subset] if isinstance(subset, str) else subset)
-                }
+                wanted = {endpoint_id(s) for s in ([subset] if isinstance(subset, str) else subset)}
                 pool = [e for e in pool if e.id in wanted]
                 if not pool:
                     raise _Reject(
@@ -560,9 +464,9 @@ class ProcessStream:
     ) -> list[Any]:
         result = self.result
         assert result is not None
-        value = ",".join(_format(e) for e in result.targets)
+        value = ",".join(format_endpoint(e) for e in result.targets)
         cfg = self.ctx.config
-        mutation = ep.HeaderMutation(set_headers=[_set(DESTINATION, value)])
+        mutation = ep.HeaderMutation(set_headers=[set_header(DESTINATION, value)])
         # NOTE: routing headers the pre-request hooks put on the result (``headers``, where the
         # scheduler has it) go to the target as they are; otherwise a ``prefill`` profile's
         # pick is named for the decode pod's sidecar, as upstream's P/D handlers do.
@@ -574,16 +478,16 @@ class ProcessStream:
             and result.profile != PREFILL_PROFILE
             and prefill.targets
         ):
-            routing[PREFILL_HEADER] = _format(prefill.targets[0])
+            routing[PREFILL_HEADER] = format_endpoint(prefill.targets[0])
         for key, val in routing.items():
-            mutation.set_headers.append(_set(key, val))
+            mutation.set_headers.append(set_header(key, val))
         # A client's copies of the system headers go (those set above are overwritten).
         mutation.remove_headers.extend(
             h for h in SYSTEM_HEADERS[1:] if h in self.headers and h not in routing
         )
         if not self._envoy_id:
             self._envoy_id = str(uuid.uuid4())
-            mutation.set_headers.append(_set("x-request-id", self._envoy_id))
+            mutation.set_headers.append(set_header("x-request-id", self._envoy_id))
         md = struct_pb2.Struct()
         lb = md.fields["envoy.lb"].struct_value.fields
         lb[DESTINATION].string_value = value
@@ -599,7 +503,7 @@ class ProcessStream:
                     request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md
                 )
             ]
-        if self.req_mode in _BUFFERED:
+        if self.req_mode in BUFFERED:
             common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
             if self._rewrite is not None:
                 common.body_mutation.body = body
@@ -608,7 +512,7 @@ class ProcessStream:
                     request_body=ep.BodyResponse(response=common), dynamic_metadata=md
                 )
             ]
-        if self.req_mode != _FULL_DUPLEX:
+        if self.req_mode != FULL_DUPLEX:
             common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
             return [
                 ep.ProcessingResponse(
@@ -626,26 +530,14 @@ class ProcessStream:
         step = cfg.body_chunk_bytes
         eos = not trailers
         if len(body) <= step:
-            out.append(self._streamed_request(body, eos))
+            out.append(streamed_request_body(body, eos))
         else:
             last = (len(body) - 1) // step
             for i in range(last + 1):
                 out.append(
-                    self._streamed_request(body[i * step : (i + 1) * step], eos and i == last)
+                    streamed_request_body(body[i * step : (i + 1) * step], eos and i == last)
                 )
         return out
-
-    @staticmethod
-    def _streamed_request(data: bytes, eos: bool) -> ep.ProcessingResponse:
-        return ep.ProcessingResponse(
-            request_body=ep.BodyResponse(
-                response=ep.CommonResponse(
-                    body_mutation=ep.BodyMutation(
-                        streamed_response=ep.StreamedBodyResponse(body=data, end_of_stream=eos)
-                    )
-                )
-            )
-        )
 
     def _immediate(self, rej: _Reject) -> ep.ProcessingResponse:
         self._done = True
@@ -654,51 +546,37 @@ class ProcessStream:
         m.streams.labels("immediate").inc()
         label = m.model_label("")
         m.request_errors.labels(label, label, rej.reason).inc()
-        typ = "invalid_request_error" if rej.status < 500 else "server_error"
-        body = msgspec.json.encode(error_body(rej.message, typ, None, rej.code))
-        return ep.ProcessingResponse(
-            immediate_response=ep.ImmediateResponse(
-                status=http_status_pb2.HttpStatus(code=rej.status),
-                headers=ep.HeaderMutation(
-                    set_headers=[
-                        _set("content-type", "application/json"),
-                        _set(DROPPED_REASON, rej.reason),
-                    ]
-                ),
-                body=body,
-                details=rej.reason,
-            )
-        )
+        return immediate_response(rej.status, rej.reason, rej.message, rej.code)
 
     # -- response phase -------------------------------------------------------------------------
 
     def _on_response_headers(self, msg: ep.ProcessingRequest) -> ep.ProcessingResponse:
-        hdrs = _headers(msg.response_headers)
+        hdrs = headers_of(msg.response_headers)
         self._first_byte = time.perf_counter()
         try:
             self.status = int(hdrs.get(":status", "0"))
         except ValueError:
             self.status = 0
         self._info.status = self.status
-        self._sse = hdrs.get("content-type", "").startswith("text/event-stream")
+        self._reader.sse = hdrs.get("content-type", "").startswith("text/event-stream")
         if msg.HasField("metadata_context"):
-            served = _lb_value(msg.metadata_context, "envoy.lb", SERVED)
+            served = metadata_value(msg.metadata_context, "envoy.lb", SERVED)
             if isinstance(served, str) and served:
-                self.served = _endpoint_id(served)
+                self.served = endpoint_id(served)
         common = ep.CommonResponse()
         if self.result is not None:
             # Headers the pre-request hooks want sent back to the client (e.g. a session token).
             for key, val in (getattr(self.result, "response_headers", None) or {}).items():
-                common.header_mutation.set_headers.append(_set(key, val))
+                common.header_mutation.set_headers.append(set_header(key, val))
         served_id = self.served
         if served_id is None and self.result is not None:
             served_id = self.result.targets[0].id
         if served_id is not None:
             cfg = self.ctx.config
             if cfg.endpoint_header:
-                common.header_mutation.set_headers.append(_set(ENDPOINT_HEADER, served_id))
+                common.header_mutation.set_headers.append(set_header(ENDPOINT_HEADER, served_id))
             if cfg.test_hooks:
-                common.header_mutation.set_headers.append(_set(TEST_SERVED, served_id))
+                common.header_mutation.set_headers.append(set_header(TEST_SERVED, served_id))
         if msg.response_headers.end_of_stream:
             self._finish()
         return ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
@@ -706,68 +584,21 @@ class ProcessStream:
     def _on_response_body(self, rb: ep.HttpBody) -> ep.ProcessingResponse:
         data = rb.body
         if self.result is not None and data:
-            self._scan_usage(data)
+            self._reader.feed(data)
             if self._model_bytes:
                 for new, orig in self._model_bytes:
                     data = data.replace(new, orig)
         if rb.end_of_stream:
             self._finish()
-        if self.resp_mode == _FULL_DUPLEX:
-            return ep.ProcessingResponse(
-                response_body=ep.BodyResponse(
-                    response=ep.CommonResponse(
-                        body_mutation=ep.BodyMutation(
-                            streamed_response=ep.StreamedBodyResponse(
-                                body=data, end_of_stream=rb.end_of_stream
-                            )
-                        )
-                    )
-                )
-            )
+        if self.resp_mode == FULL_DUPLEX:
+            return streamed_response_body(data, rb.end_of_stream)
         if data is not rb.body:
             return ep.ProcessingResponse(
                 response_body=ep.BodyResponse(
                     response=ep.CommonResponse(body_mutation=ep.BodyMutation(body=data))
                 )
             )
-        return _EMPTY_RESP_BODY
-
-    def _scan_usage(self, data: bytes) -> None:
-        limit = self.ctx.config.max_usage_bytes
-        if self._sse:
-            chunk = self._pending + data if self._pending else data
-            cut = chunk.rfind(b"\n")
-            self._pending = chunk[cut + 1 :][-limit:]
-            if cut >= 0 and b'"usage"' in chunk:
-                for line in chunk[:cut].split(b"\n"):
-                    if line.startswith(b"data:") and b'"usage"' in line:
-                        try:
-                            env = _ENVELOPE.decode(line[5:])
-                        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-                            continue
-                        if env.usage is not None:
-                            self._usage = env.usage
-        else:
-            # NOTE: only the end of a long answer is kept: usage is a top-level field at the
-            # end of vLLM's answers, so the object from its key on decodes by itself.
-            tail = self._tail + data
-            self._tail = tail[-limit:] if len(tail) > limit else tail
-
-    def _usage_from_tail(self) -> None:
-        tail = self._tail
-        if not tail or b'"usage"' not in tail:
-            return
-        candidates = [tail] if tail.lstrip().startswith(b"{") else []
-        at = tail.rfind(b'"usage"')
-        candidates.append(b"{" + tail[at:])
-        for raw in candidates:
-            try:
-                env = _ENVELOPE.decode(raw)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-                continue
-            if env.usage is not None:
-                self._usage = env.usage
-                return
+        return EMPTY_RESPONSE_BODY
 
     # -- accounting -----------------------------------------------------------------------------
 
@@ -777,11 +608,7 @@ class ProcessStream:
             return
         self._finished = True
         info = self._info
-        if not self._sse:
-            self._usage_from_tail()
-        elif self._pending and b'"usage"' in self._pending:
-            self._scan_usage(b"\n")
-        usage = self._usage
+        usage = self._reader.close()
         m = self.ctx.metrics
         mm = self._mm
         assert mm is not None
