@@ -299,7 +299,15 @@ class _FlowControl(_Shape):
 
 #: Feature gates upstream registers (``RegisterFeatureGate``); others are errors, as upstream.
 KNOWN_FEATURE_GATES = frozenset(
-    {"flowControl", "haPopulateNonLeaderDatastore", "dataLayer", "prepareDataPlugins"}
+    {
+        "flowControl",
+        "haPopulateNonLeaderDatastore",
+        "dataLayer",
+        "prepareDataPlugins",
+        "enableLegacyMetrics",
+        "experimentalPlugins",
+        "multicluster",
+    }
 )
 
 #: (section, reference) -> the role the referenced plugin must play.
