@@ -2,7 +2,7 @@
 
     kvaware demo            # about a minute
     kvaware demo --quick    # about 30 seconds
-    kvaware demo --via envoy   # the same through Envoy + kvaware epp (ext_proc)
+    kvaware demo --via envoy   # the same through Envoy with the epp Endpoint Picker
 
 For each config (the shipped ``precise``, then ``random``) the demo starts fresh
 live emulated pods (``kvaware sim serve`` in a child process: OpenAI HTTP servers publishing KV
@@ -756,7 +756,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--via",
         choices=["gateway", "envoy"],
-        help="front door: kvaware's gateway (default) or Envoy + kvaware epp (ext_proc)",
+        help="front door: kvaware's gateway (default) or Envoy with the epp Endpoint Picker (ext_proc)",
     )
     p.set_defaults(func=run, extras=("gateway", "tokenizers"))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterable
 
-__all__ = ["EXTRAS", "missing_extras", "missing_extras_message"]
+__all__ = ["DISTRIBUTIONS", "EXTRAS", "missing_extras", "missing_extras_message"]
 
 #: Extra name -> modules it installs (import names), as ``pyproject.toml`` declares them.
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -18,6 +18,14 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "redis": ("redis",),
     "gateway": ("aiohttp",),
     "plot": ("matplotlib",),
+    "epp": ("grpc", "grpc_health", "envoy", "kubernetes", "cryptography"),
+}
+
+#: Import name -> distribution, where they differ (the rest are the same name).
+DISTRIBUTIONS: dict[str, str] = {
+    "grpc": "grpcio",
+    "grpc_health": "grpcio-health-checking",
+    "envoy": "xds-protos",
 }
 
 

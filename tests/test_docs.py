@@ -34,6 +34,9 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LANGS = {"python", "bash", "yaml", "json", "toml", "text"}
 #: The README section whose blocks tests/test_docs_recipe.py runs against live processes.
 RECIPE_SECTION = "Try it: emulated pods behind the gateway"
+#: Shell scripts another test runs for real, whole, against live processes: (doc, section) ->
+#: that test file (which must read the doc).
+RUN_ELSEWHERE = {("epp.md", "Five minutes on one machine"): "tests/epp/test_docs_recipe.py"}
 #: Commands a block may name that finish in seconds with nothing else running: run for real.
 FAST_COMMANDS = {"quickstart", "validate", ("events", "decode")}
 #: Tools a command line may start with besides ``kvaware``: the suite itself runs them.
@@ -81,8 +84,19 @@ def of(lang: str, *, recipe: bool = False) -> list[Any]:
     return [
         pytest.param(b, id=b.id)
         for b in BLOCKS
-        if b.lang == lang and (b.section == RECIPE_SECTION) == recipe
+        if b.lang == lang
+        and (b.section == RECIPE_SECTION) == recipe
+        and (b.file.name, b.section) not in RUN_ELSEWHERE
     ]
+
+
+@pytest.mark.parametrize(("doc", "section"), sorted(RUN_ELSEWHERE))
+def test_scripts_run_elsewhere_are_run(doc: str, section: str) -> None:
+    """A script left out here is run whole by the test that names it."""
+    runner = ROOT / RUN_ELSEWHERE[(doc, section)]
+    text = runner.read_text(encoding="utf-8")
+    assert doc in text and section in text, f"{runner.name} does not run {doc} / {section}"
+    assert any(b.file.name == doc and b.section == section and b.lang == "bash" for b in BLOCKS)
 
 
 def test_blocks_found() -> None:

@@ -191,7 +191,7 @@ def register(sub: Any) -> None:
             "--" + name.replace("_", "-"), nargs="?", const="true", default=None,
             help=argparse.SUPPRESS,
         )  # fmt: skip
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, extras=("epp",))
 
 
 def _warn_unhonoured(args: argparse.Namespace) -> None:

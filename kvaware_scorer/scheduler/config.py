@@ -918,10 +918,13 @@ class _Loader:
         if handlers:
             name = handlers[0].name
         elif len(profiles) > 1:
-            self.error(
-                "no profile handler configured; several profiles need one (e.g. a custom handler)",
-                "plugins",
-            )
+            # NOTE: a handler whose own entry failed is not reported missing as well.
+            if not self.failed:
+                self.error(
+                    "no profile handler configured; several profiles need one "
+                    "(e.g. a custom handler)",
+                    "plugins",
+                )
             return ""
         else:
             name = self.inject(plugins, DEFAULT_HANDLER, "profile-handler") or ""
