@@ -54,6 +54,7 @@ class InFlight:
         memory_wait: The part of `predicted` due to a full KV cache.
         kv_after_scrape: Whether it was admitted after the pod's last metrics scrape.
         prefilling: True until its first token.
+        first: Scheduler time of its first token (0 before).
     """
 
     pod: str
@@ -66,6 +67,7 @@ class InFlight:
     memory_wait: float = 0.0
     kv_after_scrape: bool = True
     prefilling: bool = True
+    first: float = 0.0
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ def _ttft(**params: Any) -> dict[str, Any]:
         "prefillTokensPerSecond": RATE,
         "baseLatency": 0,
         "learningHalfLife": 0,
+        "workWeight": 0,
         "externality": 0,
         "metricsInterval": 0,
     }
@@ -159,8 +160,8 @@ def test_full_kv_cache_sends_the_request_elsewhere(clock: FakeClock) -> None:
 
 
 def test_externality_prefers_cached_pods_under_load(clock: FakeClock) -> None:
-    """With requests waiting everywhere, a pick that re-prefills a long context also delays the
-    requests that will queue behind it: the cached pod wins although its own queue is longer."""
+    """A pick that re-prefills a long context also delays the requests waiting on that pod: the
+    cached pod wins although its own queue is longer."""
 
     def run(externality: float) -> Endpoint:
         s = _scheduler(clock, externality=externality)
@@ -175,8 +176,8 @@ def test_externality_prefers_cached_pods_under_load(clock: FakeClock) -> None:
         _, res = _send(s, "t2", [*session, *_tokens(50_000, 100)], [a, b])
         return res.target
 
-    # a: 4,000 queued + 100 = 4.1 s; b: 400 queued + 3,100 = 3.5 s; three requests wait per
-    # pod on average, so the re-prefill on b costs 3.1 s x 3 more
+    # a: 4,000 queued + 100 = 4.1 s; b: 400 queued + 3,100 = 3.5 s; with the externality the
+    # 100 tokens on a delay its 4 waiting requests (0.4 s), the 3,100 on b its 2 (6.2 s)
     assert run(0.0).name == "pod-1"
     assert run(1.0).name == "pod-0"
 
@@ -230,3 +231,24 @@ def test_scores_are_normalized_with_the_fastest_at_one(clock: FakeClock) -> None
     _, res = _send(s, "r", _tokens(50_000, 100), [a, b, c])
     sc = res.scores["predicted-ttft-scorer"]
     assert sc[a.id] == 1.0 and 0.0 < sc[c.id] < sc[b.id] < 1.0
+
+
+def test_work_weight_charges_a_re_prefill_beyond_the_own_ttft(clock: FakeClock) -> None:
+    """At light load, a pod that must compute a context again is charged that work once more
+    (the pod is busy longer and holds a second copy): a slightly faster TTFT elsewhere does not
+    move the session, unless workWeight is 0."""
+
+    def run(work_weight: float) -> str:
+        s = _scheduler(clock, workWeight=work_weight)
+        a, b = endpoints(2)
+        session = _tokens(0, 500)
+        req, res = _send(s, "t1", session, [a])
+        s.first_token(req, res)
+        s.post_response(req, res, ResponseInfo(200, 500, 0, 10))
+        _send(s, "q", _tokens(100_000, 600), [a])
+        _, res = _send(s, "t2", [*session, *_tokens(50_000, 100)], [a, b])
+        return res.target.name
+
+    # a: 0.6 s queued + ~0.1 s; b: 0.6 s of re-prefill (+ 0.6 s of extra work when charged)
+    assert run(0.0) == "pod-1"
+    assert run(1.0) == "pod-0"
