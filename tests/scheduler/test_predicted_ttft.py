@@ -252,3 +252,18 @@ def test_work_weight_charges_a_re_prefill_beyond_the_own_ttft(clock: FakeClock) 
     # a: 0.6 s queued + ~0.1 s; b: 0.6 s of re-prefill (+ 0.6 s of extra work when charged)
     assert run(0.0) == "pod-1"
     assert run(1.0) == "pod-0"
+
+
+def test_ledger_counts_kv_sent_since_the_last_scrape() -> None:
+    """KV tokens of requests admitted after a pod's last scrape are counted apart (the scraped
+    usage already holds the earlier ones); releases of either kind keep the count right."""
+    led = InFlightLedger()
+    k1 = led.admit(InFlight("a", prefill=100, prompt=100, output=0, start=0.0))
+    led.mark_scraped("a")
+    assert led.kv_tokens_since_scrape("a") == 0
+    k2 = led.admit(InFlight("a", prefill=50, prompt=50, output=10, start=0.0))
+    assert led.kv_tokens_since_scrape("a") == 60
+    led.release(k1)
+    assert led.kv_tokens_since_scrape("a") == 60
+    led.release(k2)
+    assert led.kv_tokens_since_scrape("a") == 0 and led.load("a").kv_tokens == 0
