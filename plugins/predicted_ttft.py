@@ -196,6 +196,12 @@ class PrefillModel:
             fit.add(work_tokens, ttft, self.decay)
             self._cache.clear()
 
+    def forget(self, pod: str) -> None:
+        """Drop `pod`'s own fit (it left the pool; the fleet's fit keeps what it taught)."""
+        with self._lock:
+            self._pods.pop(pod, None)
+            self._cache.clear()
+
     def observations(self) -> int:
         """Observations made so far (over the whole fleet)."""
         with self._lock:
@@ -440,6 +446,8 @@ class PredictedTTFTScorer:
         gone = [e.id for e in removed]
         if gone:
             self.ledger.forget_pods(gone)
+            for pod in gone:
+                self.model.forget(pod)
             with self._lock:
                 for pod in gone:
                     self._res.pop(pod, None)

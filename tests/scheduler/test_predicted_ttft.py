@@ -267,3 +267,18 @@ def test_ledger_counts_kv_sent_since_the_last_scrape() -> None:
     assert led.kv_tokens_since_scrape("a") == 60
     led.release(k2)
     assert led.kv_tokens_since_scrape("a") == 0 and led.load("a").kv_tokens == 0
+
+
+def test_pods_leaving_the_pool_are_forgotten(clock: FakeClock) -> None:
+    """A removed pod's in-flight requests and its own prefill fit are dropped."""
+    s = _scheduler(clock, learningHalfLife=8)
+    a, b = endpoints(2)
+    s.set_endpoints([a, b])
+    scorer = s.plugin("predicted-ttft-scorer")
+    req, res = _send(s, "r", _tokens(0, 1000), [a])
+    clock.advance(0.5)
+    s.first_token(req, res)
+    _send(s, "r2", _tokens(5000, 1000), [a])
+    assert a.id in scorer.model._pods and scorer.ledger.load(a.id).requests == 2
+    s.set_endpoints([b])
+    assert a.id not in scorer.model._pods and scorer.ledger.load(a.id).requests == 0
