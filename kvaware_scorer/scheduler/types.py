@@ -3,6 +3,11 @@
 The dataclasses are a contract shared with the gateway and the emulator: fields are only ever
 added, never renamed. The Protocols are what the scheduler calls on plugin objects; a plugin
 implements one or more roles (a scorer that is also a pre-request hook, for instance).
+
+This is the bottom of the scheduler package: it imports nothing from it. What plugins see of
+the running scheduler and of its resolved configuration is declared here as Protocols
+(`SchedulerView`, `ResolvedConfig`, `ConfiguredPlugin`), which `pipeline.Scheduler` and
+`config.SchedulerConfig` satisfy, so no module below the pipeline needs to know it.
 """
 
 from __future__ import annotations
@@ -11,16 +16,14 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from kvaware_scorer.scheduler.pipeline import Scheduler
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "DATA_PARALLEL_HEADER",
     "ENCODER_HEADER",
     "PREFILL_HEADER",
     "ROUTING_HEADERS",
+    "ConfiguredPlugin",
     "Endpoint",
     "EndpointMetrics",
     "EndpointsListener",
@@ -35,7 +38,9 @@ __all__ = [
     "ProfileResult",
     "ProfileView",
     "RequestPreparer",
+    "ResolvedConfig",
     "ResponseInfo",
+    "SchedulerView",
     "SchedulingContext",
     "SchedulingRequest",
     "SchedulingResult",
@@ -321,7 +326,7 @@ class SchedulingContext:
         now: float,
         staleness: float | None = None,
         tracked: frozenset[str] | set[str] = frozenset(),
-        scheduler: Scheduler | None = None,
+        scheduler: SchedulerView | None = None,
     ) -> None:
         self.now = now
         self._stale_before = now - staleness if staleness is not None else -math.inf
@@ -491,3 +496,118 @@ def engine_of(endpoint: Endpoint) -> str | None:
         if value:
             return value.strip().lower()
     return None
+
+
+# -- what plugins see of the scheduler -------------------------------------------------------------
+
+
+class ConfiguredPlugin(Protocol):
+    """One plugin of the resolved configuration (`kvaware_scorer.scheduler.PluginConfig`)."""
+
+    @property
+    def name(self) -> str:
+        """Its configured name."""
+        ...
+
+    @property
+    def type(self) -> str:
+        """Its canonical YAML type."""
+        ...
+
+    @property
+    def path(self) -> str:
+        """YAML path of its entry (``plugins[3]``)."""
+        ...
+
+    @property
+    def params(self) -> Any:
+        """Its validated parameters (an instance of the type's parameter model)."""
+        ...
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        """The roles its objects play."""
+        ...
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What its objects provide to other plugins (e.g. ``match-info-producer``)."""
+        ...
+
+
+class ResolvedConfig(Protocol):
+    """The resolved configuration as plugins see it (`kvaware_scorer.scheduler.SchedulerConfig`)."""
+
+    @property
+    def plugins(self) -> Mapping[str, ConfiguredPlugin]:
+        """Plugins by name, in YAML order."""
+        ...
+
+    @property
+    def warnings(self) -> list[str]:
+        """Warnings issued while loading (checks may add more)."""
+        ...
+
+    @property
+    def default_producer(self) -> str | None:
+        """Name of the match-info producer a consumer naming none reads when it is configured
+        (declared by the plugin distributions through the registry), or None."""
+        ...
+
+
+class SchedulerView(Protocol):
+    """What plugins and hook implementations reach on the running scheduler
+    (`kvaware_scorer.scheduler.Scheduler` implements it)."""
+
+    @property
+    def config(self) -> ResolvedConfig:
+        """The resolved configuration."""
+        ...
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The scheduler's monotonic clock in seconds."""
+        ...
+
+    @property
+    def plugins(self) -> Mapping[str, object]:
+        """Plugin objects by configured name."""
+        ...
+
+    def plugin(self, name: str) -> Any:
+        """The plugin object configured under `name` (KeyError when there is none)."""
+        ...
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """The current endpoint pool."""
+        ...
+
+    @property
+    def event_sinks(self) -> list[KVEventSink]:
+        """Plugins that accept KV-event payloads."""
+        ...
+
+    def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+        """Replace the endpoint pool."""
+        ...
+
+    async def aschedule(
+        self,
+        request: SchedulingRequest,
+        endpoints: Sequence[Endpoint] | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> SchedulingResult:
+        """Choose endpoint(s) for `request` without blocking the event loop."""
+        ...
+
+    def post_response(
+        self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
+    ) -> None:
+        """Run the post-response hooks."""
+        ...
+
+    def first_token(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        """Tell first-token listeners that `request`'s first token arrived."""
+        ...
