@@ -156,6 +156,28 @@ def _infer_capabilities(factory: PluginFactory) -> frozenset[str]:
     )
 
 
+def _roles(
+    type_name: str,
+    factory: PluginFactory,
+    kinds: Iterable[str] | None,
+    capabilities: Iterable[str] | None,
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The kinds and capabilities of a registration (inferred from `factory` when None)."""
+    kind_set = frozenset(kinds) if kinds is not None else _infer_kinds(factory)
+    unknown = kind_set - set(KINDS)
+    if unknown:
+        raise ConfigError(
+            f"unknown plugin kinds {sorted(unknown)} for type {type_name!r}; valid: {sorted(KINDS)}"
+        )
+    caps = frozenset(capabilities) if capabilities is not None else _infer_capabilities(factory)
+    if caps - set(CAPABILITIES):
+        raise ConfigError(
+            f"unknown capabilities {sorted(caps - set(CAPABILITIES))} for type "
+            f"{type_name!r}; valid: {sorted(CAPABILITIES)}"
+        )
+    return kind_set, caps
+
+
 class PluginRegistry:
     """YAML plugin types known to a scheduler (filled by `kvaware_register_plugins` hooks).
 
@@ -213,36 +235,29 @@ class PluginRegistry:
             ConfigError: The type is registered twice without ``override``, or a kind or a
                 capability is unknown.
         """
-        kind_set = frozenset(kinds) if kinds is not None else _infer_kinds(factory)
-        unknown = kind_set - set(KINDS)
-        if unknown:
-            raise ConfigError(
-                f"unknown plugin kinds {sorted(unknown)} for type {type_name!r}; "
-                f"valid: {sorted(KINDS)}"
+        kind_set, caps = _roles(type_name, factory, kinds, capabilities)
+        self._add(
+            PluginSpec(
+                type=type_name,
+                factory=factory,
+                params=params or NoParameters,
+                kinds=kind_set,
+                description=description,
+                param_aliases=dict(param_aliases or {}),
+                transform=transform,
+                override=override,
+                source=getattr(factory, "__module__", "") or "",
+                refs=dict(refs or {}),
+                capabilities=caps,
             )
-        caps = frozenset(capabilities) if capabilities is not None else _infer_capabilities(factory)
-        if caps - set(CAPABILITIES):
-            raise ConfigError(
-                f"unknown capabilities {sorted(caps - set(CAPABILITIES))} for type "
-                f"{type_name!r}; valid: {sorted(CAPABILITIES)}"
-            )
-        source = getattr(factory, "__module__", "") or ""
-        spec = PluginSpec(
-            type=type_name,
-            factory=factory,
-            params=params or NoParameters,
-            kinds=kind_set,
-            description=description,
-            param_aliases=dict(param_aliases or {}),
-            transform=transform,
-            override=override,
-            source=source,
-            refs=dict(refs or {}),
-            capabilities=caps,
         )
+
+    def _add(self, spec: PluginSpec) -> None:
+        """Store `spec`, unless a registration made with ``override=True`` holds its type."""
+        type_name, source = spec.type, spec.source
         existing = self._specs.get(type_name)
         if existing is not None:
-            if existing.override and not override:
+            if existing.override and not spec.override:
                 logger.info(
                     "plugin type %r from %s kept (overrides %s)",
                     type_name,
@@ -250,7 +265,7 @@ class PluginRegistry:
                     source,
                 )
                 return
-            if not override:
+            if not spec.override:
                 raise ConfigError(
                     f"plugin type {type_name!r} registered twice (by {existing.source} and "
                     f"{source}); pass override=True to replace it"
