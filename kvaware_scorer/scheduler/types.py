@@ -16,7 +16,10 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = [
     "DATA_PARALLEL_HEADER",
@@ -502,57 +505,47 @@ def engine_of(endpoint: Endpoint) -> str | None:
 
 
 class ConfiguredPlugin(Protocol):
-    """One plugin of the resolved configuration (`kvaware_scorer.scheduler.PluginConfig`)."""
+    """One plugin of the resolved configuration (`kvaware_scorer.scheduler.PluginConfig`).
+
+    Attributes:
+        name: Its configured name.
+        type: Its canonical YAML type.
+        path: YAML path of its entry (``plugins[3]``).
+        params: Its validated parameters (an instance of the type's parameter model).
+        kinds: The roles its objects play.
+        capabilities: What its objects provide to other plugins (``match-info-producer``).
+    """
 
     @property
-    def name(self) -> str:
-        """Its configured name."""
-        ...
-
+    def name(self) -> str: ...
     @property
-    def type(self) -> str:
-        """Its canonical YAML type."""
-        ...
-
+    def type(self) -> str: ...
     @property
-    def path(self) -> str:
-        """YAML path of its entry (``plugins[3]``)."""
-        ...
-
+    def path(self) -> str: ...
     @property
-    def params(self) -> Any:
-        """Its validated parameters (an instance of the type's parameter model)."""
-        ...
-
+    def params(self) -> Any: ...
     @property
-    def kinds(self) -> frozenset[str]:
-        """The roles its objects play."""
-        ...
-
+    def kinds(self) -> frozenset[str]: ...
     @property
-    def capabilities(self) -> frozenset[str]:
-        """What its objects provide to other plugins (e.g. ``match-info-producer``)."""
-        ...
+    def capabilities(self) -> frozenset[str]: ...
 
 
 class ResolvedConfig(Protocol):
-    """The resolved configuration as plugins see it (`kvaware_scorer.scheduler.SchedulerConfig`)."""
+    """The resolved configuration as plugins see it (`kvaware_scorer.scheduler.SchedulerConfig`).
+
+    Attributes:
+        plugins: Plugins by name, in YAML order.
+        warnings: Warnings issued while loading (checks may add more).
+        default_producer: Name of the match-info producer a consumer naming none reads when it
+            is configured (declared by a plugin distribution through the registry), or None.
+    """
 
     @property
-    def plugins(self) -> Mapping[str, ConfiguredPlugin]:
-        """Plugins by name, in YAML order."""
-        ...
-
+    def plugins(self) -> Mapping[str, ConfiguredPlugin]: ...
     @property
-    def warnings(self) -> list[str]:
-        """Warnings issued while loading (checks may add more)."""
-        ...
-
+    def warnings(self) -> list[str]: ...
     @property
-    def default_producer(self) -> str | None:
-        """Name of the match-info producer a consumer naming none reads when it is configured
-        (declared by the plugin distributions through the registry), or None."""
-        ...
+    def default_producer(self) -> str | None: ...
 
 
 class SchedulerView(Protocol):
@@ -586,6 +579,11 @@ class SchedulerView(Protocol):
     @property
     def event_sinks(self) -> list[KVEventSink]:
         """Plugins that accept KV-event payloads."""
+        ...
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """The Prometheus registry the scheduler exposes (extra collectors may be added)."""
         ...
 
     def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
