@@ -71,7 +71,7 @@ IGNORED_SECTIONS = (
 FLOW_SECTIONS = ("flowControl", "saturationDetector")
 
 #: A plugin-injecting callback of the loader: (plugins, type, role) -> the name, or None.
-Inject = Callable[[dict[str, PluginConfig], str, str], "str | None"]
+Inject = Callable[[dict[str, PluginConfig], str, str], str | None]
 
 
 # -- header ------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def rename_params(
 # -- the top-level sections this host does not implement -----------------------------------------
 
 #: Checks that a plugin reference names a configured plugin of a role: (name, role, YAML path).
-CheckRef = Callable[[str, "str | None", str], None]
+CheckRef = Callable[[str, str | None, str], None]
 
 
 def ignored_sections(
