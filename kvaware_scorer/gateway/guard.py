@@ -8,6 +8,9 @@ itself fails and even ``/health`` cannot be answered). A connection whose first 
 not complete within ``headerTimeout`` gets ``408`` and is closed (later heads on a kept-alive
 connection are bounded by aiohttp's keep-alive timeout, ``keepaliveTimeout``).
 
+`GuardedSite` is the aiohttp TCP site that puts a `ConnectionGuard` in front of every accepted
+connection.
+
 `LogLimiter` lets the first occurrence of an error through with its traceback, then at most one
 line per ``errorLogInterval`` per kind of error, saying how many were suppressed.
 """
