@@ -1,6 +1,7 @@
 """One ext_proc stream (one HTTP request through Envoy): the message flow of the Endpoint Picker
 Protocol under each body mode, routing through the shared `Scheduler`, and the response phase
-feeding the same per-request accounting as the gateway.
+feeding the same per-request accounting as the gateway (`kvaware_scorer.gateway.accounting`:
+the shielded decision, the usage schema and how usage lands on `ResponseInfo`).
 
 Names and message shapes of the protocol live in `kvaware_scorer.epp.wire`; this module is a
 little over the usual size because the request and response phases share one state machine.

@@ -76,7 +76,10 @@ logger = logging.getLogger(__name__)
 #: Seconds the drain waits for decisions being made before answering their requests 503 (a
 #: decision takes milliseconds; one still running is stuck, e.g. on a cold render worker).
 _DECISION_GRACE = 1.0
-_SHUTTING_DOWN = APIError(503, "The gateway is shutting down.", code="shutting_down")
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "The gateway is shutting down.", code="shutting_down")
 
 
 class _PoolListener:
@@ -470,7 +473,7 @@ class Gateway:
     ) -> web.StreamResponse:
         t0 = time.perf_counter()
         if self._draining:
-            return self.answers.error(route, _SHUTTING_DOWN, t0, close=True)
+            return self.answers.error(route, _shutting_down(), t0, close=True)
         denied = self.intake.deny(request, admin=False)
         if denied is not None:
             return self.answers.denied(route, denied, t0)
@@ -503,7 +506,7 @@ class Gateway:
             if task not in self._cut:
                 raise
             task.uncancel()
-            return self.answers.error(route, _SHUTTING_DOWN, t0, close=True)
+            return self.answers.error(route, _shutting_down(), t0, close=True)
         except RequestRejectedError as exc:
             # NOTE: shed by admission or flow control (upstream answers 429, or 503 when no
             # endpoint exists).
