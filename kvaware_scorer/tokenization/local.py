@@ -210,11 +210,7 @@ def build_tokenizer(
     # NOTE: imported first so that a missing extra fails here, before any argument check.
     import tokenizers  # noqa: F401
 
-    specials = _special_tokens(extra_special_tokens)
-    if style not in ("bytelevel", "split"):
-        raise ValueError(f"unknown pre-tokenizer style {style!r} (choose bytelevel or split)")
-    if vocab_size < 256 + len(specials):
-        raise ValueError(f"vocab_size must be at least {256 + len(specials)}, got {vocab_size}")
+    specials = _checked_specials(style, vocab_size, extra_special_tokens)
     lines = list(corpus) if corpus is not None else builtin_corpus()
     template = chat_template if chat_template is not None else chatml_template(add_bos_token)
     params = {
@@ -246,10 +242,21 @@ def build_tokenizer(
     return out
 
 
-def _special_tokens(extra: Sequence[str]) -> list[str]:
-    """eos, bos, the chat markers, then `extra` (without repeats)."""
+def _checked_specials(style: str, vocab_size: int, extra: Sequence[str]) -> list[str]:
+    """The special tokens (eos, bos, the chat markers, then `extra` without repeats), once
+    `style` and `vocab_size` are checked.
+
+    Raises:
+        ValueError: `vocab_size` too small for the byte symbols and the specials, or an unknown
+            `style`.
+    """
+    if style not in ("bytelevel", "split"):
+        raise ValueError(f"unknown pre-tokenizer style {style!r} (choose bytelevel or split)")
     specials = [EOS_TOKEN, BOS_TOKEN, *CHAT_MARKERS]
-    return specials + [t for t in extra if t not in specials]
+    specials += [t for t in extra if t not in specials]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be at least {256 + len(specials)}, got {vocab_size}")
+    return specials
 
 
 def _already_built(out: Path, fingerprint: str) -> bool:
