@@ -402,7 +402,7 @@ def encode_batch(
     enc = encoder or msgspec.msgpack.Encoder()
     body: list[Any] = list(events)
     # NOTE: the emulator's events are already laid out (its hot path): encoded as they are.
-    if legacy or not all(type(e) in _WIRE_TYPES for e in body):
+    if legacy or not _WIRE_TYPES.issuperset(map(type, body)):
         body = [encode_event(e, legacy) for e in body]
     stamp = float(time.time() if ts is None else ts)
     return enc.encode(_WireBatch(stamp, body, data_parallel_rank))
