@@ -47,6 +47,7 @@ from kvaware_scorer.scheduler.matchinfo import (
     default_source,
     producer,
 )
+from kvaware_scorer.scheduler.registry import MATCH_INFO_PRODUCER
 
 __all__ = [
     "AffinityFilterParams",
@@ -73,7 +74,7 @@ class _Tracked:
     def _setup(self, ctx: PluginContext, producer_name: str | None) -> None:
         if producer_name and ctx.scheduler is not None:
             pc = ctx.scheduler.config.plugins.get(producer_name)
-            if pc is None or not callable(getattr(pc.spec.factory, "match_info", None)):
+            if pc is None or MATCH_INFO_PRODUCER not in pc.capabilities:
                 raise ConfigError(
                     f"{producer_name!r} is not a configured prefix match-info producer",
                     "prefixMatchInfoProducerName",
