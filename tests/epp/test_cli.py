@@ -130,6 +130,14 @@ async def test_sigterm_drains_in_flight_streams(tmp_path: Path, pods: list[FakeP
             "test_pod": {"chunks": 12, "delay": 0.1},
         }
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+            # NOTE: Envoy may answer before its first ext_proc connection is up (a loaded
+            # machine); the drain is what is tested, so wait for the first routed request.
+            for _ in range(50):
+                async with s.post(url, json={**body, "stream": False}) as probe:
+                    await probe.read()
+                    if probe.status == 200:
+                        break
+                await asyncio.sleep(0.2)
             async with s.post(url, json=body) as resp:
                 assert resp.status == 200
                 first = await resp.content.readline()
