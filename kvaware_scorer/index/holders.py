@@ -5,15 +5,16 @@ block at the default tier with one reference each -- is a plain int: bit ``s`` s
 slot ``s`` holds the block, bit 0 is the CLOCK "referenced" flag. Anything else (a second
 reference, another tier) upgrades the value to a `_Multi` with per-(slot, tier) reference
 counts, and it is downgraded again once it is plain. It counts (block, pod) entries, overall
-and per slot, and applies the per-block holder limit (``pod_cache_size``).
+and per slot, applies the per-block holder limit (``pod_cache_size``) and evicts with a CLOCK
+sweep (`_sweep`: blocks a lookup walked since the last sweep get a second chance).
 
-`InMemoryIndex` builds on it (slots, engine-hash maps, eviction, speculative entries,
-lookups); its hot paths read ``_blocks`` directly, so the encoding is the contract between the
+`InMemoryIndex` builds on it (slots, engine-hash maps, speculative entries, lookups); its hot paths read ``_blocks`` directly, so the encoding is the contract between the
 two modules.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 from kvaware_scorer.keys import BlockKey
@@ -65,6 +66,7 @@ class HolderTable:
         self._live_mask = 0  # bits of the slots of live pods
         self._slot_entries: dict[int, int] = {}
         self._entries = 0
+        self._evictions = 0
         self._masks: dict[int, int] = {}
         # NOTE: only with a pod_cache_size: block key -> holder slots, least recently stored
         # first. Entries of blocks that left the index are dropped lazily (`_gc_recency`), so
@@ -214,3 +216,36 @@ class HolderTable:
             self._slot_entries[slot] -= 1
         self._settle(key, m)
         return still
+
+    def _sweep(self, target: int) -> None:
+        """CLOCK sweep from the oldest block until entries are back at `target` (a bound of N
+        keeps N, as upstream's LRU): a block whose referenced bit is set loses it and moves
+        to the back (a second chance); the others are evicted."""
+        blocks = self._blocks
+        live = self._live_mask
+        while self._entries > target and blocks:
+            n = min(1024, 2 * (self._entries - target) + 16)
+            batch = list(itertools.islice(blocks.items(), n))
+            for key, v in batch:
+                if self._entries <= target:
+                    break
+                if v.__class__ is int:
+                    iv: int = v
+                    if iv & 1:
+                        del blocks[key]
+                        blocks[key] = self._intern(iv & ~1)
+                        continue
+                    mask = iv
+                else:
+                    m: _Multi = v  # type: ignore[assignment]
+                    if m.mask & 1:
+                        del blocks[key]
+                        m.mask &= ~1
+                        blocks[key] = m
+                        continue
+                    mask = m.mask
+                del blocks[key]
+                self._evictions += 1
+                for s in _bits(mask & live):
+                    self._entries -= 1
+                    self._slot_entries[s] -= 1

@@ -8,6 +8,8 @@ Layout (chosen for memory and for a fast walk over a prompt's keys):
   parents, and doubles as the pod's reverse index, so a purge touches only that pod's entries.
 * Lookups walk keys from block 0 with one dict probe and a few int operations per block; pods
   are bits, so 16 or 1,000 candidates cost the same per block.
+* Speculative holdings (routing decisions not yet confirmed by events) live apart, with
+  their deadlines, in `SpeculativeHolds` (``speculative.py``); a lookup ORs them in.
 
 NOTE: A lookup sets the referenced bit of every block it walks; eviction gives referenced blocks
 a second chance. A shared system prompt that is hit by every request but never re-stored (vLLM
@@ -19,13 +21,13 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import cast
 
 from kvaware_scorer.index.base import IndexStats, PodMatch, TierTable, iter_groups
 from kvaware_scorer.index.holders import HolderTable, _bits, _Multi
+from kvaware_scorer.index.speculative import SpeculativeHolds
 from kvaware_scorer.keys import BlockKey, EngineHash
 
 __all__ = ["InMemoryIndex"]
@@ -129,10 +131,7 @@ class InMemoryIndex(HolderTable):
         self._next_slot = 1
         self._emaps: dict[int, dict[EngineHash, _Target]] = {}
         self._emap_size = 0
-        self._evictions = 0
-        self._spec: dict[BlockKey, int] = {}
-        self._spec_deadline: dict[int, dict[BlockKey, float]] = {}  # slot -> key -> deadline
-        self._spec_queue: deque[tuple[float, int, tuple[BlockKey, ...]]] = deque()
+        self._speculative = SpeculativeHolds()
 
     # -- slots -----------------------------------------------------------------------------
 
@@ -376,7 +375,7 @@ class InMemoryIndex(HolderTable):
             self._emap_size -= len(emap)
             dropped = self._slot_entries.pop(slot, 0)
             self._entries -= dropped
-            self._drop_speculative_slot(slot)
+            self._speculative.drop_slot(slot)
         # NOTE: the slot is already invisible to lookups (not live); clear its bits in chunks so
         # that purging a large pod never holds the lock for long.
         targets = iter(list(emap.values()))
@@ -428,37 +427,8 @@ class InMemoryIndex(HolderTable):
     # -- eviction ----------------------------------------------------------------------------
 
     def _evict(self) -> None:
-        """CLOCK sweep from the oldest block until entries are back at the bound (a bound of N
-        keeps N, as upstream's LRU)."""
-        target = self.size
-        blocks = self._blocks
-        live = self._live_mask
-        while self._entries > target and blocks:
-            n = min(1024, 2 * (self._entries - target) + 16)
-            batch = list(itertools.islice(blocks.items(), n))
-            for key, v in batch:
-                if self._entries <= target:
-                    break
-                if v.__class__ is int:
-                    iv: int = v
-                    if iv & 1:
-                        del blocks[key]
-                        blocks[key] = self._intern(iv & ~1)
-                        continue
-                    mask = iv
-                else:
-                    m: _Multi = v  # type: ignore[assignment]
-                    if m.mask & 1:
-                        del blocks[key]
-                        m.mask &= ~1
-                        blocks[key] = m
-                        continue
-                    mask = m.mask
-                del blocks[key]
-                self._evictions += 1
-                for s in _bits(mask & live):
-                    self._entries -= 1
-                    self._slot_entries[s] -= 1
+        """Evict down to ``size`` entries, then drop engine-hash mappings left stale."""
+        self._sweep(self.size)
         if self._emap_size > 2 * self._entries + 65536:
             self._gc_emaps()
 
@@ -485,59 +455,20 @@ class InMemoryIndex(HolderTable):
             return
         with self._lock:
             now = self._clock()
-            self._expire_speculative(now)
-            slot = self._slot(pod)
-            bit = 1 << slot
-            deadline = now + ttl
-            spec = self._spec
-            sget = spec.get
-            dl = self._spec_deadline.get(slot)
-            if dl is None:
-                dl = self._spec_deadline[slot] = {}
-            for k in keys:
-                spec[k] = sget(k, 0) | bit
-                dl[k] = deadline
-            self._spec_queue.append((deadline, slot, tuple(keys)))
-
-    def _expire_speculative(self, now: float) -> None:
-        q = self._spec_queue
-        spec = self._spec
-        while q and q[0][0] <= now:
-            _, slot, keys = q.popleft()
-            dl = self._spec_deadline.get(slot)
-            if dl is None:
-                continue
-            bit = 1 << slot
-            for k in keys:
-                d = dl.get(k)
-                if d is None or d > now:
-                    continue  # gone already, or re-recorded with a later deadline
-                del dl[k]
-                rest = spec.get(k, 0) & ~bit
-                if rest:
-                    spec[k] = rest
-                else:
-                    spec.pop(k, None)
-            if not dl:
-                del self._spec_deadline[slot]
-
-    def _drop_speculative_slot(self, slot: int) -> None:
-        bit = 1 << slot
-        for k in self._spec_deadline.pop(slot, {}):
-            rest = self._spec.get(k, 0) & ~bit
-            if rest:
-                self._spec[k] = rest
-            else:
-                self._spec.pop(k, None)
+            spec = self._speculative
+            spec.expire(now)
+            spec.add(self._slot(pod), keys, now + ttl)
 
     # -- reads -------------------------------------------------------------------------------
 
     def lookup(
         self, keys: Sequence[BlockKey], pods: Collection[str] | None = None
     ) -> dict[str, PodMatch]:
+        # Over 60 lines: the walk is the read path's hot loop, inlined once per speculative case.
         with self._lock:
-            if self._spec_queue:
-                self._expire_speculative(self._clock())
+            speculative = self._speculative
+            if speculative.queue:
+                speculative.expire(self._clock())
             if pods is None:
                 cand = self._live_mask
             else:
@@ -556,7 +487,7 @@ class InMemoryIndex(HolderTable):
             run = 0
             drops: list[tuple[int, int]] = []
             multis: list[tuple[int, _Multi, int]] = []
-            spec = self._spec
+            spec = speculative.masks
             if not spec:
                 for k in keys:
                     v = get(k)
@@ -676,7 +607,7 @@ class InMemoryIndex(HolderTable):
                 pods=len(self._slot_of),
                 capacity=self.size,
                 evictions=self._evictions,
-                speculative_entries=sum(len(d) for d in self._spec_deadline.values()),
+                speculative_entries=self._speculative.entries(),
                 engine_hashes=self._emap_size,
             )
 
