@@ -1,6 +1,6 @@
 """The Redis backend's writer: writes applied in order, whatever state Redis is in.
 
-`RedisWriter` takes the index's writes (direct ones and `WriteBatch` es) and
+`RedisWriter` takes the index's writes (direct ones and those of each `WriteBatch`) and
 
 * applies them in one round trip (planned by `Planner`) when Redis takes writes;
 * otherwise keeps them in the **outage buffer** (at most ``max_buffered_writes``, oldest
