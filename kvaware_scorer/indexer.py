@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from kvaware_scorer.config import IndexerConfig, load_model
 from kvaware_scorer.errors import (
@@ -26,7 +26,7 @@ from kvaware_scorer.errors import (
 )
 from kvaware_scorer.index import KVBlockIndex, create_index, tier_table
 from kvaware_scorer.index.base import IndexStats
-from kvaware_scorer.keys import make_keyer
+from kvaware_scorer.keys import BlockKey, make_keyer
 from kvaware_scorer.metrics import Metrics
 from kvaware_scorer.scoring import PodScore, ScoreResult, score_matches
 
@@ -161,9 +161,11 @@ class Indexer:
         model: str,
         lora_name: str | None = None,
         cache_salt: str | None = None,
-    ) -> list[int]:
+    ) -> list[BlockKey]:
         """The index keys of every full block of `token_ids` in this request's namespace."""
-        return self.keyer.block_keys(token_ids, model, lora_name, cache_salt)
+        return cast(
+            "list[BlockKey]", self.keyer.block_keys(token_ids, model, lora_name, cache_salt)
+        )
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -219,7 +221,7 @@ class Indexer:
         bs = self.block_size
         total = len(keys)
         try:
-            matches = self.index.lookup(keys, pods) if keys else {}
+            matches = self.index.lookup(cast("Sequence[BlockKey]", keys), pods) if keys else {}
         except (BackendUnavailableError, KVAwareError, OSError) as exc:
             metrics.score_errors.labels("backend").inc()
             metrics.backend_errors.labels("lookup").inc()
@@ -343,7 +345,7 @@ class Indexer:
     def record_speculative(self, pod: str, keys: Sequence[int], ttl: float) -> None:
         """Count `keys` as held by `pod` for `ttl` seconds (a routing decision in flight)."""
         try:
-            self.index.add_speculative(pod, keys, ttl)
+            self.index.add_speculative(pod, cast("Sequence[BlockKey]", keys), ttl)
         except (KVAwareError, OSError) as exc:
             self.metrics.backend_errors.labels("speculative").inc()
             logger.warning("speculative insert failed: %s", exc)

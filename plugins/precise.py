@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 from kvaware_scorer import Indexer, IndexerConfig
 from kvaware_scorer.config import UPSTREAM_ONLY_HASHES, KVEventsConfig
 from kvaware_scorer.errors import ConfigError, KVAwareError, TokenizerNotFoundError
+from kvaware_scorer.keys import BlockKey
 from kvaware_scorer.scheduler import (
     Endpoint,
     PluginContext,
@@ -191,7 +192,7 @@ class PrecisePrefixCacheScorer:
             )
         )
 
-    def keys(self, request: SchedulingRequest) -> list[int]:
+    def keys(self, request: SchedulingRequest) -> list[BlockKey]:
         """The request's block keys in this index's namespace; cached on the request."""
         key = self.name + ":keys"
         cached = request.state.get(key)
@@ -200,7 +201,7 @@ class PrecisePrefixCacheScorer:
             cached = request.state[key] = self.indexer.block_keys(
                 ids, request.model, request.lora_name, request.cache_salt
             )
-        keys: list[int] = cached
+        keys: list[BlockKey] = cached
         return keys
 
     def prepare(self, request: SchedulingRequest) -> None:

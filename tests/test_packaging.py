@@ -52,6 +52,7 @@ def test_wheel_has_no_top_level_helper_packages(tmp_path: Path) -> None:
     for config in sorted((ROOT / "config").glob("*.yaml")):
         assert f"kvaware_scorer/data/config/{config.name}" in names, config.name
     assert "kvaware_scorer/data/traces/mooncake_synthetic_trace.jsonl" in names
+    assert "kvaware_scorer/index/redis/redis.lua" in names  # the Redis backend's script
     for part in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert f"kvaware_scorer/data/tokenizers/kvaware/sim/{part}" in names
 

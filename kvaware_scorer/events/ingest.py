@@ -42,7 +42,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 import msgspec
 import xxhash
@@ -58,7 +58,7 @@ from kvaware_scorer.events.decode import (
 )
 from kvaware_scorer.events.sglang import SGLangEventDecoder
 from kvaware_scorer.index.base import MAX_TIERS, normalize_medium
-from kvaware_scorer.keys import DerivedKeyer
+from kvaware_scorer.keys import BlockKey, DerivedKeyer, EngineHash
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -317,7 +317,7 @@ class _Writer:
         """
         if self._ops or self._keys is not None:
             self.flush()
-        return self._ing.index.resolve(self._pod, engine_hash)
+        return self._ing.index.resolve(self._pod, EngineHash(engine_hash))
 
     def flush(self) -> None:
         """Send the queued writes; their results are counted when the index reports them."""
@@ -333,14 +333,25 @@ class _Writer:
         try:
             with ing.index.batch(functools.partial(ing._count_writes, pod, ops)) as b:
                 for kind, tier, a, ehs, _n in ops:
+                    # `a` holds block keys for adds, engine hashes otherwise
                     if kind == _ADD:
-                        b.add(pod, a, ehs, tier)
+                        b.add(
+                            pod,
+                            cast("list[BlockKey]", a),
+                            cast("list[EngineHash] | None", ehs),
+                            tier,
+                        )
                     elif kind in (_REMOVE, _REMOVE_HELD):
-                        b.remove(pod, a, tier)
+                        b.remove(pod, cast("list[EngineHash]", a), tier)
                     elif kind == _ADD_NEW:
-                        b.add_new(pod, a, ehs, tier)
+                        b.add_new(
+                            pod,
+                            cast("list[BlockKey]", a),
+                            cast("list[EngineHash] | None", ehs),
+                            tier,
+                        )
                     else:
-                        b.add_tier(pod, a, tier)
+                        b.add_tier(pod, cast("list[EngineHash]", a), tier)
         except _BACKEND_ERRORS as exc:
             # NOTE: the in-memory index applied the writes before the failing one
             done = [] if b is None else b.results
@@ -636,7 +647,7 @@ class EventIngestor:
                 self.indexer.purge_pod(pod, reason="rank_split")
                 streams.clear()
                 return False
-            st.held = {t: dict(r) for t, r in refs.items()}
+            st.held = {t: dict(r.items()) for t, r in refs.items()}
         return True
 
     def _decode(self, payload: bytes, decoder: Any = None) -> DecodedBatch | None:
@@ -927,7 +938,7 @@ class EventIngestor:
                 and parent not in st.recent_old
             ):
                 try:
-                    if resolve(st.pod, parent) is None:
+                    if resolve(st.pod, EngineHash(parent)) is None:
                         return True
                 except _BACKEND_ERRORS:
                     return False  # no resync while the index cannot answer
@@ -1326,7 +1337,7 @@ class EventIngestor:
             if w.pending:
                 w.flush()
             resolve = self.index.resolve
-            known = [h for h in hashes if resolve(pod, h) is not None]
+            known = [h for h in hashes if resolve(pod, EngineHash(h)) is not None]
         except _BACKEND_ERRORS as exc:
             self.metrics.backend_errors.labels("ingest").inc()
             logger.warning("offload store for %s failed: %s", pod, exc)

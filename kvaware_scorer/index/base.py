@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, cast, runtime_checkable
+
+from kvaware_scorer.keys import BlockKey, EngineHash
 
 __all__ = [
     "MAX_TIERS",
@@ -133,8 +135,8 @@ class IndexWriteBatch(Protocol):
     def add(
         self,
         pod: str,
-        keys: Sequence[int],
-        engine_hashes: Sequence[int] | None = None,
+        keys: Sequence[BlockKey],
+        engine_hashes: Sequence[EngineHash] | None = None,
         tier: str | None = None,
     ) -> None:
         """Queue `KVBlockIndex.add` (result: None)."""
@@ -143,18 +145,20 @@ class IndexWriteBatch(Protocol):
     def add_new(
         self,
         pod: str,
-        keys: Sequence[int],
-        engine_hashes: Sequence[int] | None = None,
+        keys: Sequence[BlockKey],
+        engine_hashes: Sequence[EngineHash] | None = None,
         tier: str | None = None,
     ) -> None:
         """Queue `KVBlockIndex.add_new` (result: engine hashes skipped)."""
         ...
 
-    def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> None:
+    def add_tier(self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None) -> None:
         """Queue `KVBlockIndex.add_tier` (result: unknown engine hashes)."""
         ...
 
-    def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> None:
+    def remove(
+        self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None = None
+    ) -> None:
         """Queue `KVBlockIndex.remove` (result: known engine hashes)."""
         ...
 
@@ -167,8 +171,9 @@ class IndexWriteBatch(Protocol):
 class KVBlockIndex(Protocol):
     """Which pod holds which block, at which tier, reference-counted per (block, pod, tier).
 
-    Keys are our block keys (see `kvaware_scorer.keys`); engine hashes are the hashes vLLM
-    publishes, remembered per pod so that removals and parent lookups can be resolved.
+    Keys are our block keys (`BlockKey`, see `kvaware_scorer.keys`); engine hashes
+    (`EngineHash`) are the hashes the engine publishes, remembered per pod so that removals
+    and parent lookups can be resolved.
     Implementations are safe to call from several threads.
 
     Attributes:
@@ -181,8 +186,8 @@ class KVBlockIndex(Protocol):
     def add(
         self,
         pod: str,
-        keys: Sequence[int],
-        engine_hashes: Sequence[int] | None = None,
+        keys: Sequence[BlockKey],
+        engine_hashes: Sequence[EngineHash] | None = None,
         tier: str | None = None,
     ) -> None:
         """Record that `pod` stored `keys` (one reference each) at `tier`.
@@ -200,8 +205,8 @@ class KVBlockIndex(Protocol):
     def add_new(
         self,
         pod: str,
-        keys: Sequence[int],
-        engine_hashes: Sequence[int] | None = None,
+        keys: Sequence[BlockKey],
+        engine_hashes: Sequence[EngineHash] | None = None,
         tier: str | None = None,
     ) -> int:
         """`add`, except that engine hashes `pod` already holds at `tier` get no new reference.
@@ -216,7 +221,7 @@ class KVBlockIndex(Protocol):
         """
         ...
 
-    def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
+    def add_tier(self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None) -> int:
         """Add `tier` to blocks `pod` already holds, named by engine hash (offload stores).
 
         Returns:
@@ -224,7 +229,7 @@ class KVBlockIndex(Protocol):
         """
         ...
 
-    def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> int:
+    def remove(self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None = None) -> int:
         """Drop one reference per engine hash at `tier`; unknown hashes are ignored.
 
         Returns:
@@ -232,12 +237,12 @@ class KVBlockIndex(Protocol):
         """
         ...
 
-    def resolve(self, pod: str, engine_hash: int) -> int | None:
+    def resolve(self, pod: str, engine_hash: EngineHash) -> BlockKey | None:
         """The key of the last block `engine_hash` covers on `pod`, or None if unknown."""
         ...
 
     def lookup(
-        self, keys: Sequence[int], pods: Collection[str] | None = None
+        self, keys: Sequence[BlockKey], pods: Collection[str] | None = None
     ) -> dict[str, PodMatch]:
         """Walk `keys` from block 0 for the candidate `pods` (None = every known pod).
 
@@ -246,7 +251,7 @@ class KVBlockIndex(Protocol):
         """
         ...
 
-    def add_speculative(self, pod: str, keys: Sequence[int], ttl: float) -> None:
+    def add_speculative(self, pod: str, keys: Sequence[BlockKey], ttl: float) -> None:
         """Count `keys` as held by `pod` for `ttl` seconds (at the default tier's weight)
         unless real events arrive first (routing decisions not yet confirmed by events)."""
         ...
@@ -281,7 +286,7 @@ class KVBlockIndex(Protocol):
         """
         ...
 
-    def references(self, pod: str) -> dict[str, dict[int, int]]:
+    def references(self, pod: str) -> dict[str, dict[EngineHash, int]]:
         """Tier name -> engine hash -> references `pod` holds there (an inspection, O(pod)).
 
         Only engine hashes whose block the pod still holds are listed.
@@ -302,12 +307,15 @@ class KVBlockIndex(Protocol):
 
 
 def iter_groups(
-    keys: Sequence[int], engine_hashes: Sequence[int] | None
-) -> Iterable[tuple[int, tuple[int, ...]]]:
-    """(engine hash, keys it covers) groups; consecutive equal engine hashes form one group."""
+    keys: Sequence[BlockKey], engine_hashes: Sequence[EngineHash] | None
+) -> Iterable[tuple[EngineHash, tuple[BlockKey, ...]]]:
+    """(engine hash, keys it covers) groups; consecutive equal engine hashes form one group.
+
+    Without engine hashes (``vllm`` key mode) each key is its own engine hash.
+    """
     if engine_hashes is None:
-        for k in keys:
-            yield k, (k,)
+        for k, eh in zip(keys, cast("Sequence[EngineHash]", keys), strict=True):
+            yield eh, (k,)
         return
     if len(engine_hashes) != len(keys):
         raise ValueError(f"{len(keys)} keys but {len(engine_hashes)} engine hashes")

@@ -2,15 +2,14 @@
 
 Layout (chosen for memory and for a fast walk over a prompt's keys):
 
-* ``_blocks: dict[key, int | _Multi]``. The common case -- pods holding a block at the default
-  tier with one reference each -- is a plain int: bit ``s`` set means pod slot ``s`` holds the
-  block, bit 0 is the CLOCK "referenced" flag. Anything else (a second reference, another tier)
-  upgrades the value to a `_Multi` with per-(slot, tier) reference counts, and it is downgraded
-  again once it is plain.
+* ``_blocks: dict[key, int | _Multi]``: which pod slots hold each block (a bit mask in the
+  common case), kept by `HolderTable` (``holders.py``), which this index extends.
 * ``_emaps[slot]: dict[engine_hash, key | tuple[key, ...]]`` per pod: resolves removals and
   parents, and doubles as the pod's reverse index, so a purge touches only that pod's entries.
 * Lookups walk keys from block 0 with one dict probe and a few int operations per block; pods
   are bits, so 16 or 1,000 candidates cost the same per block.
+* Speculative holdings (routing decisions not yet confirmed by events) live apart, with
+  their deadlines, in `SpeculativeHolds` (``speculative.py``); a lookup ORs them in.
 
 NOTE: A lookup sets the referenced bit of every block it walks; eviction gives referenced blocks
 a second chance. A shared system prompt that is hit by every request but never re-stored (vLLM
@@ -22,35 +21,21 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
+from typing import cast
 
 from kvaware_scorer.index.base import IndexStats, PodMatch, TierTable, iter_groups
+from kvaware_scorer.index.holders import HolderTable, _bits, _Multi
+from kvaware_scorer.index.speculative import SpeculativeHolds
+from kvaware_scorer.keys import BlockKey, EngineHash
 
 __all__ = ["InMemoryIndex"]
 
 _PURGE_CHUNK = 4096
-_MAX_INTERNED = 1 << 16
-#: Block keys the holder-order map may keep beyond the index's blocks before a sweep.
-_RECENCY_SLACK = 65536
 
-
-class _Multi:
-    """A block held at a non-default tier or with more than one reference by some pod."""
-
-    __slots__ = ("counts", "mask")
-
-    def __init__(self, mask: int, counts: dict[int, int]) -> None:
-        self.mask = mask  # bit 0: referenced; bit s: slot s holds the block at some tier
-        self.counts = counts  # (slot << 4 | tier) -> reference count (>= 1)
-
-    def plain(self) -> int | None:
-        """The int encoding when every holding is default-tier with one reference."""
-        for ck, c in self.counts.items():
-            if c != 1 or ck & 15:
-                return None
-        return self.mask
+#: What an engine hash maps to on a pod: its block key, or the keys of a re-chunked block.
+_Target = BlockKey | tuple[BlockKey, ...]
 
 
 class _DirectBatch:
@@ -82,8 +67,8 @@ class _DirectBatch:
     def add(
         self,
         pod: str,
-        keys: Sequence[int],
-        engine_hashes: Sequence[int] | None = None,
+        keys: Sequence[BlockKey],
+        engine_hashes: Sequence[EngineHash] | None = None,
         tier: str | None = None,
     ) -> None:
         self._index.add(pod, keys, engine_hashes, tier)
@@ -92,30 +77,25 @@ class _DirectBatch:
     def add_new(
         self,
         pod: str,
-        keys: Sequence[int],
-        engine_hashes: Sequence[int] | None = None,
+        keys: Sequence[BlockKey],
+        engine_hashes: Sequence[EngineHash] | None = None,
         tier: str | None = None,
     ) -> None:
         self.results.append(self._index.add_new(pod, keys, engine_hashes, tier))
 
-    def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> None:
+    def add_tier(self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None) -> None:
         self.results.append(self._index.add_tier(pod, engine_hashes, tier))
 
-    def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> None:
+    def remove(
+        self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None = None
+    ) -> None:
         self.results.append(self._index.remove(pod, engine_hashes, tier))
 
     def purge(self, pod: str) -> None:
         self.results.append(self._index.purge(pod))
 
 
-def _bits(mask: int) -> Iterator[int]:
-    while mask:
-        low = mask & -mask
-        yield low.bit_length() - 1
-        mask ^= low
-
-
-class InMemoryIndex:
+class InMemoryIndex(HolderTable):
     """In-process `KVBlockIndex` (no call waits on I/O: ``blocking_io`` is False).
 
     Args:
@@ -140,43 +120,18 @@ class InMemoryIndex:
     ) -> None:
         if size < 1:
             raise ValueError("size must be >= 1")
+        super().__init__(pod_cache_size)
         self.size = size
-        self.pod_cache_size = pod_cache_size
         self.tiers = tiers or TierTable({"gpu": 1.0, "cpu": 0.8, "storage": 0.5})
         self._clock = clock
         self._lock = threading.RLock()
-        self._blocks: dict[int, int | _Multi] = {}
         self._slot_of: dict[str, int] = {}
         self._pod_of: dict[int, str] = {}
         self._free_slots: list[int] = []
         self._next_slot = 1
-        self._live_mask = 0
-        self._emaps: dict[int, dict[int, int | tuple[int, ...]]] = {}
-        self._slot_entries: dict[int, int] = {}
-        self._entries = 0
+        self._emaps: dict[int, dict[EngineHash, _Target]] = {}
         self._emap_size = 0
-        self._evictions = 0
-        self._spec: dict[int, int] = {}
-        self._spec_deadline: dict[int, dict[int, float]] = {}  # slot -> key -> deadline
-        self._spec_queue: deque[tuple[float, int, tuple[int, ...]]] = deque()
-        self._masks: dict[int, int] = {}
-        # NOTE: only with a pod_cache_size: block key -> holder slots, least recently stored
-        # first. Entries of blocks that left the index are dropped lazily (`_gc_recency`), so
-        # it holds at most the blocks plus _RECENCY_SLACK keys.
-        self._recency: dict[int, dict[int, None]] = {}
-
-    def _intern(self, mask: int) -> int:
-        """One shared int object per distinct holder mask.
-
-        NOTE: masks of pods beyond slot 7 are not CPython's cached small ints; a fleet has few
-        distinct holder sets, so sharing them saves an int object (~32 bytes) per block.
-        """
-        shared = self._masks.get(mask)
-        if shared is not None:
-            return shared
-        if len(self._masks) < _MAX_INTERNED:
-            self._masks[mask] = mask
-        return mask
+        self._speculative = SpeculativeHolds()
 
     # -- slots -----------------------------------------------------------------------------
 
@@ -196,151 +151,19 @@ class InMemoryIndex:
             self._live_mask |= 1 << slot
         return slot
 
-    # -- reference counting -----------------------------------------------------------------
-
-    def _inc(self, key: int, slot: int, bit: int, tier: int) -> None:
-        if self.pod_cache_size:
-            rec = self._recency.get(key)
-            if rec is None:
-                if len(self._recency) > len(self._blocks) + _RECENCY_SLACK:
-                    self._gc_recency()
-                rec = self._recency[key] = {}
-            rec.pop(slot, None)
-            rec[slot] = None
-        blocks = self._blocks
-        v = blocks.get(key)
-        if v is None:
-            blocks[key] = self._intern(bit) if tier == 0 else _Multi(bit, {slot << 4 | tier: 1})
-            self._entries += 1
-            self._slot_entries[slot] += 1
-            return
-        if v.__class__ is int:
-            iv: int = v
-            if tier == 0 and not iv & bit:
-                blocks[key] = self._intern(iv | bit)
-                self._entries += 1
-                self._slot_entries[slot] += 1
-                self._limit_holders(key, iv | bit, slot)
-                return
-            m = _Multi(iv, {s << 4: 1 for s in _bits(iv & ~1)})
-            blocks[key] = m
-        else:
-            m = v  # type: ignore[assignment]
-        ck = slot << 4 | tier
-        m.counts[ck] = m.counts.get(ck, 0) + 1
-        if not m.mask & bit:
-            m.mask |= bit
-            self._entries += 1
-            self._slot_entries[slot] += 1
-            self._limit_holders(key, m.mask, slot)
-
-    def _limit_holders(self, key: int, mask: int, keep_slot: int) -> None:
-        limit = self.pod_cache_size
-        if not limit:
-            return
-        live = mask & self._live_mask
-        excess = live.bit_count() - limit
-        if excess <= 0:
-            return
-        # NOTE: forget the holders that stored the block least recently (upstream's per-block
-        # LRU): the newest announcements are the most likely to still be cached.
-        rec = self._recency.get(key, {})
-        unranked = [s for s in _bits(live) if s not in rec]
-        ranked = [s for s in rec if live >> s & 1]
-        victims = [s for s in unranked + ranked if s != keep_slot][:excess]
-        for s in victims:
-            self._drop_slot_at(key, s)
-            rec.pop(s, None)
-
-    def _gc_recency(self) -> None:
-        """Forget the holder order of blocks no longer in the index."""
-        blocks = self._blocks
-        self._recency = {k: r for k, r in self._recency.items() if k in blocks}
-
-    def _drop_slot_at(self, key: int, slot: int) -> None:
-        """Remove every holding of `slot` at `key` (all tiers, all references)."""
-        v = self._blocks.get(key)
-        if v is None:
-            return
-        bit = 1 << slot
-        if v.__class__ is int:
-            iv: int = v
-            if not iv & bit:
-                return
-            rest = iv & ~bit
-            if rest & ~1:
-                self._blocks[key] = self._intern(rest)
-            else:
-                del self._blocks[key]
-        else:
-            m: _Multi = v  # type: ignore[assignment]
-            if not m.mask & bit:
-                return
-            for ck in [ck for ck in m.counts if ck >> 4 == slot]:
-                del m.counts[ck]
-            m.mask &= ~bit
-            self._settle(key, m)
-        if self._live_mask & bit:
-            self._entries -= 1
-            self._slot_entries[slot] -= 1
-
-    def _settle(self, key: int, m: _Multi) -> None:
-        if not m.counts:
-            del self._blocks[key]
-            return
-        plain = m.plain()
-        if plain is not None:
-            self._blocks[key] = self._intern(plain)
-
-    def _dec(self, key: int, slot: int, bit: int, tier: int) -> bool:
-        """Drop one reference; returns whether `slot` still holds `key` at any tier."""
-        v = self._blocks.get(key)
-        if v is None:
-            return False
-        if v.__class__ is int:
-            iv: int = v
-            if not iv & bit:
-                return False
-            if tier != 0:
-                return True
-            rest = iv & ~bit
-            if rest & ~1:
-                self._blocks[key] = self._intern(rest)
-            else:
-                del self._blocks[key]
-            self._entries -= 1
-            self._slot_entries[slot] -= 1
-            return False
-        m: _Multi = v  # type: ignore[assignment]
-        counts = m.counts
-        ck = slot << 4 | tier
-        c = counts.get(ck)
-        if c is None:
-            return bool(m.mask & bit)
-        if c > 1:
-            counts[ck] = c - 1
-            return True
-        del counts[ck]
-        still = any(other >> 4 == slot for other in counts)
-        if not still:
-            m.mask &= ~bit
-            self._entries -= 1
-            self._slot_entries[slot] -= 1
-        self._settle(key, m)
-        return still
-
     # -- writes ------------------------------------------------------------------------------
 
     def add(
         self,
         pod: str,
-        keys: Sequence[int],
-        engine_hashes: Sequence[int] | None = None,
+        keys: Sequence[BlockKey],
+        engine_hashes: Sequence[EngineHash] | None = None,
         tier: str | None = None,
     ) -> None:
         if not keys:
             return
-        ehs = keys if engine_hashes is None else engine_hashes
+        # NOTE: without engine hashes (``vllm`` key mode) each key is its own engine hash.
+        ehs = cast("Sequence[EngineHash]", keys) if engine_hashes is None else engine_hashes
         if len(ehs) != len(keys):
             raise ValueError(f"{len(keys)} keys but {len(ehs)} engine hashes")
         # NOTE: re-chunked engine blocks repeat their hash over consecutive keys, always in runs
@@ -352,7 +175,7 @@ class InMemoryIndex:
             bit = 1 << slot
             emap = self._emaps[slot]
             before = len(emap)
-            moved: list[tuple[int, int | tuple[int, ...]]] = []
+            moved: list[tuple[EngineHash, _Target]] = []
             if grouped:
                 inc = self._inc
                 for eh, ks in iter_groups(keys, ehs):
@@ -377,12 +200,12 @@ class InMemoryIndex:
 
     def _add_plain(
         self,
-        keys: Sequence[int],
-        ehs: Sequence[int],
+        keys: Sequence[BlockKey],
+        ehs: Sequence[EngineHash],
         slot: int,
         bit: int,
-        emap: dict[int, int | tuple[int, ...]],
-        moved: list[tuple[int, int | tuple[int, ...]]],
+        emap: dict[EngineHash, _Target],
+        moved: list[tuple[EngineHash, _Target]],
     ) -> None:
         """`add` at the default tier without a holder limit: the hot path of ingestion."""
         setdefault = emap.setdefault
@@ -409,8 +232,8 @@ class InMemoryIndex:
     def _move(
         self,
         slot: int,
-        emap: dict[int, int | tuple[int, ...]],
-        moved: list[tuple[int, int | tuple[int, ...]]],
+        emap: dict[EngineHash, _Target],
+        moved: list[tuple[EngineHash, _Target]],
     ) -> None:
         """Point engine hashes that came back with other keys at those keys.
 
@@ -428,8 +251,8 @@ class InMemoryIndex:
     def add_new(
         self,
         pod: str,
-        keys: Sequence[int],
-        engine_hashes: Sequence[int] | None = None,
+        keys: Sequence[BlockKey],
+        engine_hashes: Sequence[EngineHash] | None = None,
         tier: str | None = None,
     ) -> int:
         if not keys:
@@ -444,8 +267,8 @@ class InMemoryIndex:
             ck = slot << 4 | tid
             emap = self._emaps[slot]
             get = self._blocks.get
-            new_keys: list[int] = []
-            new_ehs: list[int] = []
+            new_keys: list[BlockKey] = []
+            new_ehs: list[EngineHash] = []
             skipped = 0
             for eh, ks in iter_groups(keys, engine_hashes):
                 target = emap.get(eh)
@@ -466,7 +289,7 @@ class InMemoryIndex:
                 self.add(pod, new_keys, None if engine_hashes is None else new_ehs, tier)
             return skipped
 
-    def add_tier(self, pod: str, engine_hashes: Sequence[int], tier: str | None) -> int:
+    def add_tier(self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None) -> int:
         with self._lock:
             slot = self._slot_of.get(pod)
             if slot is None:
@@ -486,7 +309,7 @@ class InMemoryIndex:
                 self._evict()
             return unknown
 
-    def remove(self, pod: str, engine_hashes: Sequence[int], tier: str | None = None) -> int:
+    def remove(self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None = None) -> int:
         with self._lock:
             slot = self._slot_of.get(pod)
             if slot is None:
@@ -530,7 +353,7 @@ class InMemoryIndex:
                 self._slot_entries[slot] -= gone
             return known
 
-    def resolve(self, pod: str, engine_hash: int) -> int | None:
+    def resolve(self, pod: str, engine_hash: EngineHash) -> BlockKey | None:
         with self._lock:
             slot = self._slot_of.get(pod)
             if slot is None:
@@ -552,7 +375,7 @@ class InMemoryIndex:
             self._emap_size -= len(emap)
             dropped = self._slot_entries.pop(slot, 0)
             self._entries -= dropped
-            self._drop_speculative_slot(slot)
+            self._speculative.drop_slot(slot)
         # NOTE: the slot is already invisible to lookups (not live); clear its bits in chunks so
         # that purging a large pod never holds the lock for long.
         targets = iter(list(emap.values()))
@@ -574,7 +397,7 @@ class InMemoryIndex:
         """Writes applied at once, with their results in ``results`` (see `KVBlockIndex`)."""
         return _DirectBatch(self, on_done)
 
-    def references(self, pod: str) -> dict[str, dict[int, int]]:
+    def references(self, pod: str) -> dict[str, dict[EngineHash, int]]:
         with self._lock:
             slot = self._slot_of.get(pod)
             if slot is None:
@@ -582,8 +405,8 @@ class InMemoryIndex:
             bit = 1 << slot
             get = self._blocks.get
             name = self.tiers.name
-            default: dict[int, int] = {}
-            out: dict[str, dict[int, int]] = {name(0): default}
+            default: dict[EngineHash, int] = {}
+            out: dict[str, dict[EngineHash, int]] = {name(0): default}
             for eh, target in self._emaps[slot].items():
                 v = get(target if target.__class__ is int else target[0])  # type: ignore[index]
                 if v is None:
@@ -604,37 +427,8 @@ class InMemoryIndex:
     # -- eviction ----------------------------------------------------------------------------
 
     def _evict(self) -> None:
-        """CLOCK sweep from the oldest block until entries are back at the bound (a bound of N
-        keeps N, as upstream's LRU)."""
-        target = self.size
-        blocks = self._blocks
-        live = self._live_mask
-        while self._entries > target and blocks:
-            n = min(1024, 2 * (self._entries - target) + 16)
-            batch = list(itertools.islice(blocks.items(), n))
-            for key, v in batch:
-                if self._entries <= target:
-                    break
-                if v.__class__ is int:
-                    iv: int = v
-                    if iv & 1:
-                        del blocks[key]
-                        blocks[key] = self._intern(iv & ~1)
-                        continue
-                    mask = iv
-                else:
-                    m: _Multi = v  # type: ignore[assignment]
-                    if m.mask & 1:
-                        del blocks[key]
-                        m.mask &= ~1
-                        blocks[key] = m
-                        continue
-                    mask = m.mask
-                del blocks[key]
-                self._evictions += 1
-                for s in _bits(mask & live):
-                    self._entries -= 1
-                    self._slot_entries[s] -= 1
+        """Evict down to ``size`` entries, then drop engine-hash mappings left stale."""
+        self._sweep(self.size)
         if self._emap_size > 2 * self._entries + 65536:
             self._gc_emaps()
 
@@ -656,64 +450,25 @@ class InMemoryIndex:
 
     # -- speculative entries -----------------------------------------------------------------
 
-    def add_speculative(self, pod: str, keys: Sequence[int], ttl: float) -> None:
+    def add_speculative(self, pod: str, keys: Sequence[BlockKey], ttl: float) -> None:
         if not keys or ttl <= 0:
             return
         with self._lock:
             now = self._clock()
-            self._expire_speculative(now)
-            slot = self._slot(pod)
-            bit = 1 << slot
-            deadline = now + ttl
-            spec = self._spec
-            sget = spec.get
-            dl = self._spec_deadline.get(slot)
-            if dl is None:
-                dl = self._spec_deadline[slot] = {}
-            for k in keys:
-                spec[k] = sget(k, 0) | bit
-                dl[k] = deadline
-            self._spec_queue.append((deadline, slot, tuple(keys)))
-
-    def _expire_speculative(self, now: float) -> None:
-        q = self._spec_queue
-        spec = self._spec
-        while q and q[0][0] <= now:
-            _, slot, keys = q.popleft()
-            dl = self._spec_deadline.get(slot)
-            if dl is None:
-                continue
-            bit = 1 << slot
-            for k in keys:
-                d = dl.get(k)
-                if d is None or d > now:
-                    continue  # gone already, or re-recorded with a later deadline
-                del dl[k]
-                rest = spec.get(k, 0) & ~bit
-                if rest:
-                    spec[k] = rest
-                else:
-                    spec.pop(k, None)
-            if not dl:
-                del self._spec_deadline[slot]
-
-    def _drop_speculative_slot(self, slot: int) -> None:
-        bit = 1 << slot
-        for k in self._spec_deadline.pop(slot, {}):
-            rest = self._spec.get(k, 0) & ~bit
-            if rest:
-                self._spec[k] = rest
-            else:
-                self._spec.pop(k, None)
+            spec = self._speculative
+            spec.expire(now)
+            spec.add(self._slot(pod), keys, now + ttl)
 
     # -- reads -------------------------------------------------------------------------------
 
     def lookup(
-        self, keys: Sequence[int], pods: Collection[str] | None = None
+        self, keys: Sequence[BlockKey], pods: Collection[str] | None = None
     ) -> dict[str, PodMatch]:
+        # Over 60 lines: the walk is the read path's hot loop, inlined once per speculative case.
         with self._lock:
-            if self._spec_queue:
-                self._expire_speculative(self._clock())
+            speculative = self._speculative
+            if speculative.queue:
+                speculative.expire(self._clock())
             if pods is None:
                 cand = self._live_mask
             else:
@@ -732,7 +487,7 @@ class InMemoryIndex:
             run = 0
             drops: list[tuple[int, int]] = []
             multis: list[tuple[int, _Multi, int]] = []
-            spec = self._spec
+            spec = speculative.masks
             if not spec:
                 for k in keys:
                     v = get(k)
@@ -852,7 +607,7 @@ class InMemoryIndex:
                 pods=len(self._slot_of),
                 capacity=self.size,
                 evictions=self._evictions,
-                speculative_entries=sum(len(d) for d in self._spec_deadline.values()),
+                speculative_entries=self._speculative.entries(),
                 engine_hashes=self._emap_size,
             )
 
