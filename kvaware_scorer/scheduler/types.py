@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from kvaware_scorer.events.sink import KVEventSink
+
 if TYPE_CHECKING:
     from kvaware_scorer.scheduler.pipeline import Scheduler
 
@@ -458,15 +460,6 @@ class EndpointsListener(Protocol):
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         """`added` joined the pool, `removed` left it."""
-        ...
-
-
-@runtime_checkable
-class KVEventSink(Protocol):
-    """Accepts vLLM KV-event payload frames delivered in process."""
-
-    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
-        """Apply one msgpack ``EventBatch`` payload from `pod`."""
         ...
 
 
