@@ -23,7 +23,7 @@ vLLM 0.26) until the ``ff*8`` end marker.
 One receiving thread owns the SUB sockets and hands frames to a small pool of applying threads
 (`PodLanes`): a pod's frames run in order, and a pod stuck in a slow replay never holds up the
 others. What may publish is decided by `access` (bind-mode pod admission, CURVE); replays are
-fetched by `replay.fetch_replay` and discovery answers read by `discovery`, all bounded. The
+fetched by `replay.ReplayClient` and discovery answers read by `discovery`, all bounded. The
 loops never die on a bad frame: they log it, count it and go on.
 """
 
@@ -47,7 +47,7 @@ from kvaware_scorer.events.access import CurveKeys, PodAdmission
 from kvaware_scorer.events.discovery import fetch_event_sources, parse_event_sources
 from kvaware_scorer.events.lanes import PodLanes
 from kvaware_scorer.events.publisher import offset_endpoint
-from kvaware_scorer.events.replay import fetch_replay
+from kvaware_scorer.events.replay import ReplayClient, replay_endpoint
 from kvaware_scorer.events.sink import ReplayResult, SinkProvider
 
 if TYPE_CHECKING:
@@ -135,9 +135,9 @@ class KVEventSubscriber:
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self._lanes: PodLanes | None = None
-        self._replay_slots = threading.BoundedSemaphore(config.max_concurrent_replays)
         self._admission = PodAdmission(config, sink.metrics.dropped, self._forget)
         self._curve = CurveKeys(config.curve)
+        self._replays = ReplayClient(config, self._curve, sink.metrics.dropped, self._stop_event)
         # receiving thread only: monitor socket -> dialed pod; pod -> when to redial it
         self._monitors: dict[zmq.Socket[Any], str] = {}
         self._redial: dict[str, tuple[float, set[bytes]]] = {}
@@ -583,23 +583,9 @@ class KVEventSubscriber:
     def replay_endpoint(self, pod: str, rank: int = 0) -> str | None:
         """The replay endpoint of `pod`'s rank `rank`, if one is known."""
         info = self._pods.get(pod)
-        if info is not None and info.replay_endpoints is not None:
-            return info.replay_endpoints.get(rank)
-        cfg = self.config
-        base = info.replay_base if info is not None else None
-        if base is None:
-            base = cfg.replay_endpoints.get(pod)
-        if base is None and cfg.replay_socket_port:
-            host, sep, _ = pod.rpartition(":")
-            if sep and host:
-                base = cfg.discovery_endpoints(host.strip("[]"))[1]
-        if base is None:
-            return None
-        try:
-            return offset_endpoint(base, rank)
-        except ValueError:
-            logger.warning("replay endpoint %s cannot serve rank %d", base, rank)
-            return None
+        if info is None:
+            return replay_endpoint(None, None, pod, rank, self.config)
+        return replay_endpoint(info.replay_endpoints, info.replay_base, pod, rank, self.config)
 
     def replay(self, pod: str, rank: int, start_seq: int, reason: str) -> ReplayResult | None:
         """Fetch `pod`'s buffered batches from `start_seq` on (vLLM's replay protocol).
@@ -618,34 +604,4 @@ class KVEventSubscriber:
         ctx = self._ctx
         if endpoint is None or ctx is None:
             return None
-        if not self._replay_slots.acquire(blocking=False):
-            self.sink.metrics.dropped.labels("replay_busy").inc()
-            logger.info("replay (%s) of %s rank %d refused: too many replays", reason, pod, rank)
-            return ReplayResult([], "busy")
-        lanes = self._lanes
-        if lanes is not None:
-            lanes.replaying(pod, True)
-        try:
-            frames, status = fetch_replay(
-                ctx,
-                endpoint,
-                start_seq,
-                self.config,
-                self._curve,
-                self.sink.metrics.dropped,
-                self._stop_event,
-            )
-        finally:
-            if lanes is not None:
-                lanes.replaying(pod, False)
-            self._replay_slots.release()
-        logger.info(
-            "replay (%s) of %s rank %d from seq %d: %d batches, %s",
-            reason,
-            pod,
-            rank,
-            start_seq,
-            len(frames),
-            status,
-        )
-        return ReplayResult(frames, status)
+        return self._replays.fetch(ctx, endpoint, pod, rank, start_seq, reason, self._lanes)
