@@ -333,13 +333,17 @@ class BatchApplier:
     ) -> list[int] | None:
         """The keys of `ev`'s blocks, chained from its parent's key over their tokens (and
         content extra keys); None when the store was dropped (and counted as such)."""
-        pkey = self._parent_key(st, ev, keyer, w)
+        parent = ev.parent_block_hash
+        # NOTE: the common case (a continuation of this stream's last store) inline
+        pkey = None if parent is None else st.recent.get(parent)
         if pkey is None:
-            return None
+            pkey = self._parent_key(st, ev, keyer, w)
+            if pkey is None:
+                return None
         toks = ev.token_ids
         extra = ev.extra_keys
         if extra and extra.count(None) != len(extra):
-            content = self._content(extra, ev.lora_name, ev.parent_block_hash is None)
+            content = self._content(extra, ev.lora_name, parent is None)
         else:
             content = None
         if content is None:
