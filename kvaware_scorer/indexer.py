@@ -1,9 +1,11 @@
-"""The read-path facade: ``Indexer.score(...)`` (and the write path's ``Indexer.ingest(...)``).
+"""The facade: ``Indexer.score(...)`` on the read path, ``Indexer.ingest(...)`` on the write path.
 
 An `Indexer` owns a keyer (tokens -> block keys), an index backend, the tier weights and the
-metrics; it optionally owns tokenization (text -> tokens) and event ingestion (vLLM KV events ->
-index). Scoring never raises into a scheduler for data or backend problems: a missing tokenizer
-or an unreachable backend yields zeros, a counted reason and a log line.
+metrics; it optionally owns tokenization (text -> tokens) and event ingestion (an
+`EventIngestor`, built on first use from the index, keyer, tiers and metrics, which applies KV
+events to the index). It wires these parts and delegates to them; none of them calls back into
+it. Scoring never raises into a scheduler for data or backend problems: a missing tokenizer or
+an unreachable backend yields zeros, a counted reason and a log line.
 """
 
 from __future__ import annotations
@@ -313,7 +315,8 @@ class Indexer:
 
     @property
     def ingestor(self) -> EventIngestor:
-        """Applies decoded vLLM KV events to the index (built on first use)."""
+        """Applies KV-event frames to the index (built on first use); the `EventSink` a
+        `KVEventSubscriber` hands frames to."""
         if self._ingestor is None:
             with self._lock:
                 if self._ingestor is None:

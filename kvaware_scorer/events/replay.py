@@ -152,6 +152,42 @@ class ReplayClient:
         return ReplayResult(frames, status)
 
 
+def _read_replies(
+    sock: zmq.Socket[Any],
+    frames: list[tuple[int, bytes]],
+    deadline: float,
+    config: KVEventsConfig,
+    dropped: Any,
+    stop: threading.Event,
+) -> str:
+    """Read reply messages into `frames` until the end marker or a bound; returns the status
+    (see `fetch_replay`). Frames read before an error stay in `frames`."""
+    limit, max_bytes = config.max_replay_batches, config.max_replay_bytes
+    size = 0
+    status = "timeout"
+    while True:
+        parts = _recv(sock, deadline, config.replay_timeout, stop)
+        if parts is None:
+            if time.monotonic() >= deadline:
+                status = "deadline"
+            break
+        reply = _parse_reply(parts)
+        if reply is None:
+            dropped.labels("bad_replay_frame").inc()
+            continue
+        seq8, payload = reply
+        if seq8 == END_SEQ:
+            status = "ok"
+            break
+        if len(frames) >= limit or size + len(payload) > max_bytes:
+            dropped.labels("replay_too_large").inc()
+            status = "truncated"
+            break
+        size += len(payload)
+        frames.append((int.from_bytes(seq8, "big"), payload))
+    return status
+
+
 def fetch_replay(
     ctx: zmq.Context[Any],
     endpoint: str,
@@ -177,10 +213,7 @@ def fetch_replay(
         ``timeout``, ``deadline``, ``truncated`` (a frame or byte bound) or ``error``.
     """
     deadline = time.monotonic() + config.replay_deadline
-    limit, max_bytes = config.max_replay_batches, config.max_replay_bytes
     frames: list[tuple[int, bytes]] = []
-    size = 0
-    status = "timeout"
     # NOTE: one socket per replay, closed after it: replays are rare (gaps, joins), a kept
     # socket per endpoint would outlive its pod (and keep reconnecting to it), and late
     # replies to an abandoned request die with their socket instead of being read as the
@@ -193,26 +226,7 @@ def fetch_replay(
         curve.client(sock)
         sock.connect(endpoint)
         sock.send_multipart((b"", start_seq.to_bytes(8, "big")))
-        while True:
-            parts = _recv(sock, deadline, config.replay_timeout, stop)
-            if parts is None:
-                if time.monotonic() >= deadline:
-                    status = "deadline"
-                break
-            reply = _parse_reply(parts)
-            if reply is None:
-                dropped.labels("bad_replay_frame").inc()
-                continue
-            seq8, payload = reply
-            if seq8 == END_SEQ:
-                status = "ok"
-                break
-            if len(frames) >= limit or size + len(payload) > max_bytes:
-                dropped.labels("replay_too_large").inc()
-                status = "truncated"
-                break
-            size += len(payload)
-            frames.append((int.from_bytes(seq8, "big"), payload))
+        status = _read_replies(sock, frames, deadline, config, dropped, stop)
     except zmq.ZMQError as exc:
         logger.warning("replay from %s failed: %s", endpoint, exc)
         status = "error"
