@@ -3,7 +3,7 @@
 The write path, one way (each module knows only the ones below it):
 
 * `sink`: the narrow interfaces between the parts (`KVEventSink`, `EventSink`,
-  `ReplaySource`, `BatchDecoder`); imports nothing of the others.
+  `ReplaySource`, `BatchDecoder`); it names only `decode`'s records (for types).
 * `decode` / `sglang`: the engines' wire formats (`BlockStored`, `BlockRemoved`,
   `AllBlocksCleared`, `KVEventBatch`) decoded into `DecodedBatch` records.
 * `state`: `StreamState`, what is kept per (pod, DP rank) stream.
