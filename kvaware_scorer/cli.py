@@ -1,34 +1,43 @@
 """The ``kvaware`` command line: one subcommand per feature, each defined next to its feature.
 
-Each entry of `_COMMANDS` names a module exposing ``register(subparsers) -> None``; the
-subparser it adds sets ``func(args) -> int``, and ``extras`` (names of `kvaware_scorer.extras`)
-when the command needs optional dependencies: a missing one is reported in one line before the
-command runs. Modules are imported only when the CLI starts.
+Each entry of `_COMMANDS` is a module exposing ``register(subparsers) -> None``; the subparser
+it adds sets ``func(args) -> int``, and ``extras`` (names of `kvaware_scorer.extras`) when the
+command needs optional dependencies: a missing one is reported in one line before the command
+runs. The modules are imported here, so the dependency graph shows every command; none of them
+imports an extra's package at import time (they do so inside ``func``), which keeps the CLI
+working on a base install.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 from kvaware_scorer import __version__
+from kvaware_scorer.epp import cli as epp_cli
+from kvaware_scorer.events import cli as events_cli
 from kvaware_scorer.extras import missing_extras, missing_extras_message
+from kvaware_scorer.gateway import serve
+from kvaware_scorer.scheduler import validate
+from kvaware_scorer.sim import cli as sim_cli
+from kvaware_scorer.tours import demo, quickstart
 
 __all__ = ["HelpFormatter", "build_parser", "main"]
 
-_COMMANDS: tuple[str, ...] = (
-    "kvaware_scorer.quickstart",
-    "kvaware_scorer.scheduler.validate",
-    "kvaware_scorer.sim.cli",
-    "kvaware_scorer.gateway.serve",
-    "kvaware_scorer.epp.cli",
-    "kvaware_scorer.events.cli",
-    "kvaware_scorer.demo",
+#: The subcommand modules, in the order ``kvaware --help`` lists them.
+_COMMANDS: tuple[ModuleType, ...] = (
+    quickstart,
+    validate,
+    sim_cli,
+    serve,
+    epp_cli,
+    events_cli,
+    demo,
 )
 
 #: Set (unless already set) before any command imports transformers: its import-time advice
@@ -73,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module in _COMMANDS:
-        importlib.import_module(module).register(sub)
+        module.register(sub)
     return parser
 
 

@@ -28,12 +28,23 @@ _LATENCY_BUCKETS = (
 
 
 class Metrics:
-    """Every kvaware metric, registered in `registry` (a new one when not given)."""
+    """Every kvaware metric, registered in `registry` (a new one when not given).
+
+    The metrics are created by part of the package (index, read path, write path, scheduling),
+    in the order the exposition lists them.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        # index
+        self._index_metrics(r)
+        self._read_path_metrics(r)
+        self._event_metrics(r)
+        self._stream_metrics(r)
+        self._scheduling_metrics(r)
+
+    def _index_metrics(self, r: CollectorRegistry) -> None:
+        """The index: its size and its capacity evictions."""
         self.index_entries = Gauge(
             "kvaware_index_entries", "(block, pod) entries in the index", registry=r
         )
@@ -46,7 +57,9 @@ class Metrics:
             "Blocks evicted by the index's capacity bound (cumulative)",
             registry=r,
         )
-        # read path
+
+    def _read_path_metrics(self, r: CollectorRegistry) -> None:
+        """The read path: lookups, scoring, tokenization and their errors."""
         self.lookups = Counter("kvaware_lookups", "Prompt lookups against the index", registry=r)
         self.lookup_blocks = Counter("kvaware_lookup_blocks", "Prompt blocks looked up", registry=r)
         self.hit_blocks = Counter(
@@ -98,7 +111,9 @@ class Metrics:
         self.backend_errors = Counter(
             "kvaware_backend_errors", "Index backend failures, by operation", ["op"], registry=r
         )
-        # write path
+
+    def _event_metrics(self, r: CollectorRegistry) -> None:
+        """The write path: KV events applied and what was dropped from them."""
         self.events = Counter("kvaware_events", "KV events applied, by type", ["type"], registry=r)
         self.blocks_stored = Counter(
             "kvaware_blocks_stored", "Blocks stored by KV events", registry=r
@@ -117,6 +132,9 @@ class Metrics:
             "Stored blocks whose parent was unknown (not indexed)",
             registry=r,
         )
+
+    def _stream_metrics(self, r: CollectorRegistry) -> None:
+        """The write path: per-pod streams (gaps, replays, purges) and event lag."""
         self.seq_gaps = Counter(
             "kvaware_seq_gaps", "Sequence gaps detected in pod streams", registry=r
         )
@@ -153,7 +171,9 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
             registry=r,
         )
-        # scheduling
+
+    def _scheduling_metrics(self, r: CollectorRegistry) -> None:
+        """Scheduling decisions."""
         self.decisions = Counter(
             "kvaware_decisions",
             "Scheduling decisions, by chosen endpoint",

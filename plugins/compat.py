@@ -14,6 +14,9 @@ EndpointPickerConfig files load: they are validated loosely and do nothing (a wa
   there is none here, so they cannot parse anything.
 * ``models-data-source``, ``models-data-extractor``: the gateway's model catalog polls each
   pod's ``/v1/models``.
+
+It also declares upstream's default prefix match-info producer (`DEFAULT_PRODUCER`): the
+plugin a consumer without ``prefixMatchInfoProducerName`` reads when it is configured.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from pydantic import BaseModel, ConfigDict
 
 from kvaware_scorer.scheduler import PluginContext, PluginRegistry
 
-__all__ = ["INERT_TYPES", "InertParams", "InertPlugin", "register"]
+__all__ = ["DEFAULT_PRODUCER", "INERT_TYPES", "InertParams", "InertPlugin", "register"]
+
+#: Name of the producer a consumer without ``prefixMatchInfoProducerName`` reads, when
+#: configured (upstream's auto-created default producer, an ``approx-prefix-cache-producer``).
+DEFAULT_PRODUCER = "approx-prefix-cache-producer"
 
 INERT_TYPES: Mapping[str, str] = MappingProxyType(
     {
@@ -59,7 +66,8 @@ class InertPlugin:
 
 
 def register(registry: PluginRegistry) -> None:
-    """Register the inert upstream types and the ``tokenizer`` alias."""
+    """Register the inert upstream types, the ``tokenizer`` alias and upstream's default
+    match-info producer."""
     for type_name, why in INERT_TYPES.items():
         registry.register(
             type_name,
@@ -69,3 +77,4 @@ def register(registry: PluginRegistry) -> None:
             description=f"accepted for upstream configs; no-op ({why})",
         )
     registry.register_alias("tokenizer", "token-producer")
+    registry.set_default_producer(DEFAULT_PRODUCER)

@@ -2,7 +2,7 @@
 
 For a request r and a candidate pod p the scorer predicts
 
-    TTFT(p) = base(p) + (queued(p) + uncached(r, p)) / rate(p) + memory_wait(r, p)
+    TTFT(p) = base(p) + max(queued(p) / rate(p), memory_wait(r, p)) + uncached(r, p) / rate(p)
 
 * ``queued(p)``: prompt tokens of the requests already sent to p that have not produced their
   first token yet (the scheduler's own ledger, `InFlightLedger`): vLLM serves its waiting queue
@@ -13,18 +13,22 @@ For a request r and a candidate pod p the scorer predicts
 * ``rate(p)``, ``base(p)``: p's prefill rate (tokens/s) and fixed latency, learned online from
   the TTFTs observed at first tokens: ``y = base + x / rate`` fitted by exponentially weighted
   sums (half-life ``learningHalfLife`` samples), starting from ``prefillTokensPerSecond`` and
-  ``baseLatency``, pooled over the fleet until a pod has samples of its own.
+  ``baseLatency``; each pod's fit is shrunk toward the fleet's.
 * ``memory_wait(r, p)``: when the KV tokens p's in-flight requests will hold (uncached prompt +
-  expected output; corrected upward by the scraped ``kv_cache_usage_perc`` when known) plus r's
-  exceed p's KV capacity, r waits for requests to finish: the excess over the tokens p frees
-  per second (in-flight KV tokens over the learned mean residence time).
+  expected output; at least the scraped ``kv_cache_usage_perc`` plus what was sent since that
+  scrape) plus r's exceed ``memoryHeadroom`` of p's KV capacity, r waits until the decoding
+  requests free the excess (they free their share of the held tokens per learned decode time).
+  It overlaps the prefill of the requests ahead, hence the ``max``.
 
-Moving a long session elsewhere costs its re-prefill (``uncached``), waiting behind short
-requests costs their prefill (``queued``): both are in seconds, so they compare directly.
+The pick is made on a cost: ``TTFT(p) + (workWeight + externality x waiting(p)) x
+uncached(r, p) / rate(p)``. Moving a long session costs its re-prefill in r's own TTFT, and
+again as work: the pod is busy longer for everyone (``waiting(p)``: requests waiting there for a
+first token) and holds a second copy of the context. Waiting behind short requests costs their
+prefill. All terms are seconds, so they compare directly.
 
-Score: ``(min_p TTFT + scale) / (TTFT(p) + scale)`` in (0, 1], 1 for the fastest pod;
-``scoreScale`` keeps differences far below it from deciding alone when composed with other
-scorers. Alone with ``max-score-picker`` it picks the lowest predicted TTFT.
+Score: ``(min_p cost + scale) / (cost(p) + scale)`` in (0, 1], 1 for the cheapest pod;
+``scoreScale`` sets how much a difference in seconds moves the score when composed with other
+scorers. Alone with ``max-score-picker`` it picks the lowest cost.
 """
 
 from __future__ import annotations
@@ -83,11 +87,14 @@ class PredictedTTFTParams(ConfigModel):
             ``vllm:cache_config_info`` (unknown: no memory term).
         memory_headroom: Fraction of the KV capacity in-flight requests may fill before new
             ones wait.
-        residence_seconds: Request duration (pick to end) assumed before any completed.
+        decode_seconds: Decode time (first token to end) assumed before any completed.
+        work_weight: Weight of the prefill seconds a pick adds to the pod beyond the request's
+            own TTFT: the pod is busy that much longer for everyone, and the tokens it
+            computes again are a second copy in the fleet's KV cache (0 = greedy on TTFT).
         externality: Weight of the delay a pick imposes on the requests that will queue
-            behind it: the request's own prefill seconds on the pod times the mean number of
-            requests waiting for their first token per candidate (0 at light load, where the
-            pick is greedy on TTFT; growing with load, where every re-prefill delays others).
+            behind it: the request's own prefill seconds on the pod times the requests waiting
+            there for their first token (none on an idle pod; growing with its queue, where
+            every re-prefill delays the others).
         score_scale: Seconds added to both sides of the score ratio.
         metrics_interval: Seconds between the pod-metrics scrapes this scorer asks for (KV
             usage and cache size correct its own accounting); 0 = needs no scraping.
@@ -105,7 +112,8 @@ class PredictedTTFTParams(ConfigModel):
     expected_output_tokens: int = Field(256, ge=0)
     kv_capacity_tokens: int = Field(0, ge=0)
     memory_headroom: float = Field(0.95, gt=0, le=1)
-    residence_seconds: float = Field(10.0, gt=0)
+    decode_seconds: float = Field(10.0, gt=0)
+    work_weight: float = Field(1.0, ge=0)
     externality: float = Field(1.0, ge=0)
     score_scale: float = Field(0.05, gt=0)
     metrics_interval: float = Field(1.0, ge=0)
@@ -113,7 +121,12 @@ class PredictedTTFTParams(ConfigModel):
     max_tracked_requests: int = Field(65536, ge=1)
 
     @field_validator(
-        "request_timeout", "base_latency", "residence_seconds", "metrics_interval", mode="before"
+        "request_timeout",
+        "base_latency",
+        "decode_seconds",
+        "metrics_interval",
+        "score_scale",
+        mode="before",
     )
     @classmethod
     def _duration(cls, value: object) -> float:
@@ -183,6 +196,12 @@ class PrefillModel:
             fit.add(work_tokens, ttft, self.decay)
             self._cache.clear()
 
+    def forget(self, pod: str) -> None:
+        """Drop `pod`'s own fit (it left the pool; the fleet's fit keeps what it taught)."""
+        with self._lock:
+            self._pods.pop(pod, None)
+            self._cache.clear()
+
     def observations(self) -> int:
         """Observations made so far (over the whole fleet)."""
         with self._lock:
@@ -242,7 +261,7 @@ class PredictedTTFTScorer:
         self._decay = decay
         self._out_w = 0.0
         self._out_sum = 0.0
-        self._res: dict[str, tuple[float, float]] = {}  # pod -> (weight, weighted seconds)
+        self._res: dict[str, tuple[float, float]] = {}  # pod -> (weight, weighted decode s)
         self._scrape_seen: dict[str, float] = {}
         self._source: MatchInfoProducer | None = None
         self._prior: MatchInfoProducer | None = None
@@ -278,11 +297,11 @@ class PredictedTTFTScorer:
                 return self.params.expected_output_tokens
             return round(self._out_sum / self._out_w)
 
-    def residence(self, pod: str) -> float:
-        """Mean seconds a request stays on `pod` (pick to end)."""
+    def decode_time(self, pod: str) -> float:
+        """Mean seconds a request decodes on `pod` (first token to end)."""
         with self._lock:
             w, s = self._res.get(pod, (0.0, 0.0))
-        return s / w if w > 0 else self.params.residence_seconds
+        return s / w if w > 0 else self.params.decode_seconds
 
     def capacity(self, ctx: SchedulingContext, endpoint: Endpoint) -> int | None:
         """KV-cache tokens of `endpoint` (configured, else scraped), or None when unknown."""
@@ -320,25 +339,30 @@ class PredictedTTFTScorer:
         out_tokens = self.expected_output()
         out: dict[str, tuple[float, int, int, float, float]] = {}
         loads = {e.id: self.ledger.load(e.id) for e in endpoints}
-        behind = p.externality * sum(v.prefilling for v in loads.values()) / max(1, len(loads))
         for e in endpoints:
             load = loads[e.id]
             own = uncached[e.id]
             work = load.prefill_tokens + own
             base, rate = self.model.params(e.id)
-            ttft = base + work / rate
+            queued = load.prefill_tokens / rate
             wait = 0.0
             cap = self.capacity(ctx, e)
             if cap:
                 held = self._kv_in_flight(ctx, e, load.kv_tokens)
                 excess = held + own + out_tokens - cap * p.memory_headroom
-                if excess > 0 and held > 0:
-                    # NOTE: a pod frees its in-flight KV tokens over one mean residence time;
-                    # the request waits until enough of them are free. Capped at one residence
-                    # (by then every current request has left).
-                    res = self.residence(e.id)
-                    wait = min(res, excess / held * res)
-            out[e.id] = (ttft + wait, own, work, wait, ttft + wait + behind * own / rate)
+                decoding = load.requests - load.prefilling
+                if excess > 0 and decoding > 0:
+                    # NOTE: a full pod admits the requests waiting for KV memory (this one
+                    # last) as its decoding requests leave and free their tokens: about
+                    # held x decoding / requests tokens per decode time. A request whose
+                    # prefix the pod holds needs less memory there, so it is admitted sooner.
+                    freed = max(1.0, held * decoding / load.requests) / self.decode_time(e.id)
+                    wait = excess / freed
+            # NOTE: the prefill of the requests ahead overlaps the wait for memory.
+            ttft = base + max(queued, wait) + own / rate
+            wait = max(0.0, wait - queued)
+            weight = p.work_weight + p.externality * load.prefilling
+            out[e.id] = (ttft, own, work, wait, ttft + weight * own / rate)
         return out
 
     # -- roles ----------------------------------------------------------------------------------
@@ -392,6 +416,7 @@ class PredictedTTFTScorer:
         entry = self.ledger.first_token(key)
         if entry is None:
             return
+        entry.first = now
         if entry.memory_wait <= 0:
             # NOTE: only waits the prefill model explains teach it; a wait for KV memory is
             # the memory term's, and would read as a slow prefill rate.
@@ -412,14 +437,17 @@ class PredictedTTFTScorer:
             if response.status == 200 and response.completion_tokens > 0:
                 self._out_w = self._out_w * d + 1.0
                 self._out_sum = self._out_sum * d + response.completion_tokens
-                w, s = self._res.get(entry.pod, (0.0, 0.0))
-                self._res[entry.pod] = (w * d + 1.0, s * d + max(0.0, now - entry.start))
+                if entry.first > 0:
+                    w, s = self._res.get(entry.pod, (0.0, 0.0))
+                    self._res[entry.pod] = (w * d + 1.0, s * d + max(0.0, now - entry.first))
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         """Forget pods that left the pool."""
         gone = [e.id for e in removed]
         if gone:
             self.ledger.forget_pods(gone)
+            for pod in gone:
+                self.model.forget(pod)
             with self._lock:
                 for pod in gone:
                     self._res.pop(pod, None)

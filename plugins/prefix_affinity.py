@@ -47,6 +47,7 @@ from kvaware_scorer.scheduler.matchinfo import (
     default_source,
     producer,
 )
+from kvaware_scorer.scheduler.registry import MATCH_INFO_PRODUCER
 
 __all__ = [
     "AffinityFilterParams",
@@ -71,6 +72,13 @@ class _Tracked:
     name: str
 
     def _setup(self, ctx: PluginContext, producer_name: str | None) -> None:
+        if producer_name and ctx.scheduler is not None:
+            pc = ctx.scheduler.config.plugins.get(producer_name)
+            if pc is None or MATCH_INFO_PRODUCER not in pc.capabilities:
+                raise ConfigError(
+                    f"{producer_name!r} is not a configured prefix match-info producer",
+                    "prefixMatchInfoProducerName",
+                )
         self.name = ctx.name
         self._scheduler = ctx.scheduler
         self._producer_name = producer_name
@@ -85,7 +93,16 @@ class _Tracked:
             with self._lock:
                 sched = ctx.scheduler or self._scheduler
                 if sched is not None:
-                    name = self._producer_name or default_source(sched.config, self.name)
+                    name = self._producer_name
+                    if name is None:
+                        try:
+                            name = default_source(sched.config, self.name)
+                        except ConfigError:
+                            logger.warning(
+                                "%s: several prefix producers; name one with "
+                                "prefixMatchInfoProducerName (counting every prompt token)",
+                                self.name,
+                            )
                     if name is not None:
                         self._source = producer(sched.plugins, name, self.name)
                 elif self._producer_name:
@@ -170,14 +187,16 @@ class TokenLoadParams(ConfigModel):
 
     queue_threshold_tokens: int = DEFAULT_QUEUE_THRESHOLD_TOKENS
     in_flight_load_producer_name: str | None = None
-    prefix_match_info_producer_name: str | None = None
+    # NOTE: not named prefix_match_info_producer_name: without a prefix plugin every prompt
+    # token counts, which is a load-only configuration's normal case, not a miss to warn of.
+    prefix_producer: str | None = Field(None, alias="prefixMatchInfoProducerName")
 
 
 class TokenLoadScorer(_Tracked):
     """``token-load-scorer`` (see the module docstring)."""
 
     def __init__(self, params: TokenLoadParams, ctx: PluginContext) -> None:
-        self._setup(ctx, params.prefix_match_info_producer_name)
+        self._setup(ctx, params.prefix_producer)
         t = params.queue_threshold_tokens
         self.threshold = float(t if t > 0 else DEFAULT_QUEUE_THRESHOLD_TOKENS)
 

@@ -207,6 +207,50 @@ def test_base_install_runs_what_needs_no_extra(
     assert "precise" in out.stdout and "random" in out.stdout
 
 
+def test_cli_imports_every_command_and_no_extra(tmp_path: Path) -> None:
+    """Importing the CLI imports each subcommand's module (a graph static tools can follow) and
+    no module of any extra, so a base install can build the parser."""
+    blocked = sorted({m for mods in EXTRAS.values() for m in mods})
+    code = (
+        "import sys, kvaware_scorer.cli as c\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {blocked!r}))\n"
+        "print(sorted(m.__name__ for m in c._COMMANDS))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=60, check=True,
+    )  # fmt: skip
+    extras_loaded, commands = out.stdout.splitlines()
+    assert extras_loaded == "[]"
+    assert commands == str(
+        sorted(
+            [
+                "kvaware_scorer.epp.cli",
+                "kvaware_scorer.events.cli",
+                "kvaware_scorer.gateway.serve",
+                "kvaware_scorer.scheduler.validate",
+                "kvaware_scorer.sim.cli",
+                "kvaware_scorer.tours.demo",
+                "kvaware_scorer.tours.quickstart",
+            ]
+        )
+    )
+
+
+def test_moved_tours_keep_their_old_import_paths() -> None:
+    """``kvaware_scorer.demo`` and ``kvaware_scorer.quickstart`` re-export the tours' names."""
+    from kvaware_scorer import demo, quickstart
+    from kvaware_scorer.tours import demo as tour_demo
+    from kvaware_scorer.tours import quickstart as tour_quickstart
+
+    for old, new in ((demo, tour_demo), (quickstart, tour_quickstart)):
+        assert old.__all__ and set(old.__all__) <= set(new.__all__)
+        for name in old.__all__:
+            assert getattr(old, name) is getattr(new, name), name
+
+
 def test_cli_has_no_third_party_noise(tmp_path: Path) -> None:
     """Loading a tokenizer on the CLI prints nothing from transformers (no PyTorch advice)."""
     out = run_cli("sim", "serve", "--pods", "1", "--duration", "0.5", cwd=tmp_path, timeout=120)
@@ -256,7 +300,7 @@ def test_demo_configs_resolve_from_any_directory(
 ) -> None:
     """``kvaware demo``'s default configs (shipped names) load from a directory that is not
     the checkout, with the demo's tokenizer root filled in."""
-    from kvaware_scorer.demo import DemoSettings, scheduler_config
+    from kvaware_scorer.tours.demo import DemoSettings, scheduler_config
 
     monkeypatch.chdir(tmp_path)
     for name in DemoSettings().configs:

@@ -40,6 +40,8 @@ def test_wheel_has_no_top_level_helper_packages(tmp_path: Path) -> None:
     tops = {n.split("/", 1)[0] for n in names}
     assert not tops & {"plugins", "config", "tests", "benchmarks"}
     assert any(n.startswith("kvaware_scorer/plugins/") for n in names)
+    for init in sorted((ROOT / "kvaware_scorer").rglob("__init__.py")):
+        assert init.relative_to(ROOT).as_posix() in names, f"package {init.parent} not in the wheel"
     assert "kvaware_scorer/py.typed" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheels[0]).read(entry_points).decode()

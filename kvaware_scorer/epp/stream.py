@@ -1,6 +1,7 @@
 """One ext_proc stream (one HTTP request through Envoy): the message flow of the Endpoint Picker
 Protocol under each body mode, routing through the shared `Scheduler`, and the response phase
-feeding the same per-request accounting as the gateway.
+feeding the same per-request accounting as the gateway (`kvaware_scorer.gateway.accounting`:
+the shielded decision, the usage schema and how usage lands on `ResponseInfo`).
 
 Names and message shapes of the protocol live in `kvaware_scorer.epp.wire`; this module is a
 little over the usual size because the request and response phases share one state machine.
@@ -27,9 +28,7 @@ once per routed request, whatever happened (a stream cut by Envoy counts as 499)
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import functools
 import logging
 import time
 import uuid
@@ -72,6 +71,7 @@ from kvaware_scorer.epp.wire import (
     streamed_response_body,
 )
 from kvaware_scorer.errors import NoEndpointError
+from kvaware_scorer.gateway.accounting import decide_shielded, record_usage
 from kvaware_scorer.gateway.protocol import APIError, ParsedRequest, RequestParser
 from kvaware_scorer.scheduler import (
     Endpoint,
@@ -327,15 +327,11 @@ class ProcessStream:
                 sreq.model = rewrite
                 body = self._rewrite_body(body, rewrite)
             # NOTE: shielded, as in the gateway: when Envoy drops the stream during the
-            # decision (which may run in a worker thread cancellation cannot stop), the
-            # pre-request hooks (in-flight count, speculative entries) of a decision that
-            # completes anyway are released by post_response.
-            decision = asyncio.ensure_future(self.ctx.scheduler.aschedule(sreq, candidates))
+            # decision, one that completes anyway is released by `_abandoned`.
             try:
-                result = await asyncio.shield(decision)
-            except asyncio.CancelledError:
-                decision.add_done_callback(functools.partial(self._abandoned, sreq))
-                raise
+                result = await decide_shielded(
+                    self.ctx.scheduler, sreq, candidates, self._abandoned
+                )
             except NoEndpointError as exc:
                 # NOTE: admission or flow control may shed a request with its own status (a
                 # `status` attribute, 429 for load); other failures have no endpoint left.
@@ -371,14 +367,11 @@ class ProcessStream:
         m.route_latency.observe(self._routed_at - t0)
         return self._routing_answer(msg, body, trailers=trailers)
 
-    def _abandoned(
-        self, sreq: SchedulingRequest, decision: asyncio.Future[SchedulingResult]
-    ) -> None:
-        if decision.cancelled() or decision.exception() is not None:
-            return
+    def _abandoned(self, sreq: SchedulingRequest, result: SchedulingResult) -> None:
+        """Release a decision whose stream ended while it was being made."""
         info = ResponseInfo(status=499, error="stream ended during the decision")
         self.ctx.metrics.streams.labels("aborted").inc()
-        self.ctx.scheduler.post_response(sreq, decision.result(), info)
+        self.ctx.scheduler.post_response(sreq, result, info)
 
     def _candidates(
         self, msg: ep.ProcessingRequest, parsed: ParsedRequest | None
@@ -613,15 +606,11 @@ class ProcessStream:
         mm = self._mm
         assert mm is not None
         if usage is not None:
+            record_usage(info, usage)
             if usage.prompt_tokens is not None:
-                info.prompt_tokens = usage.prompt_tokens
                 mm.input_tokens.observe(usage.prompt_tokens)
             if usage.completion_tokens is not None:
-                info.completion_tokens = usage.completion_tokens
                 mm.output_tokens.observe(usage.completion_tokens)
-            details = usage.prompt_tokens_details
-            if details is not None and details.cached_tokens is not None:
-                info.cached_tokens = details.cached_tokens
         if info.status >= 400 and not info.error:
             info.error = f"HTTP {info.status}"
         result = self.result

@@ -13,6 +13,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2 as pm
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 
+from kvaware_scorer.gateway.accounting import Usage, usage_of_events, usage_of_json
 from kvaware_scorer.gateway.protocol import error_body
 from kvaware_scorer.scheduler import Endpoint
 
@@ -83,25 +84,6 @@ EMPTY_RESPONSE_BODY = ep.ProcessingResponse(
 )
 REQUEST_TRAILERS = ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
 RESPONSE_TRAILERS = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
-
-
-class _Details(msgspec.Struct):
-    cached_tokens: int | None = None
-
-
-class Usage(msgspec.Struct):
-    """The ``usage`` object of an OpenAI answer (the fields routing accounts for)."""
-
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    prompt_tokens_details: _Details | None = None
-
-
-class _Envelope(msgspec.Struct):
-    usage: Usage | None = None
-
-
-_ENVELOPE = msgspec.json.Decoder(_Envelope)
 
 
 def headers_of(msg: ep.HttpHeaders) -> dict[str, str]:
@@ -224,14 +206,9 @@ class UsageReader:
             cut = chunk.rfind(b"\n")
             self._pending = chunk[cut + 1 :][-limit:]
             if cut >= 0 and b'"usage"' in chunk:
-                for line in chunk[:cut].split(b"\n"):
-                    if line.startswith(b"data:") and b'"usage"' in line:
-                        try:
-                            env = _ENVELOPE.decode(line[5:])
-                        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-                            continue
-                        if env.usage is not None:
-                            self.usage = env.usage
+                usage = usage_of_events(chunk[:cut])
+                if usage is not None:
+                    self.usage = usage
         else:
             tail = self._tail + data
             self._tail = tail[-limit:] if len(tail) > limit else tail
@@ -249,11 +226,8 @@ class UsageReader:
         at = tail.rfind(b'"usage"')
         candidates.append(b"{" + tail[at:])
         for raw in candidates:
-            try:
-                env = _ENVELOPE.decode(raw)
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-                continue
-            if env.usage is not None:
-                self.usage = env.usage
+            usage = usage_of_json(raw)
+            if usage is not None:
+                self.usage = usage
                 break
         return self.usage

@@ -1,4 +1,7 @@
-"""vLLM's KV-event wire format: typed records, decoding of both event forms, and encoding.
+"""vLLM's KV-event wire format, declared once: typed records, decoding of both forms, encoding.
+
+This is the one wire module: the decoder, `encode_batch` (tests, the publisher) and the
+emulator's pods (``sim/wire.py``) all use the records declared here.
 
 vLLM publishes one msgpack ``EventBatch`` per scheduler step: an array ``[ts, events,
 data_parallel_rank]``. Since vLLM 0.24 each event is a map keyed by ``"type"``; up to 0.23 it is a
@@ -29,6 +32,7 @@ from kvaware_scorer.keys import u64
 __all__ = [
     "DECODE_ERRORS",
     "KNOWN_EVENT_TYPES",
+    "LEGACY_FIELDS",
     "AllBlocksCleared",
     "BlockRemoved",
     "BlockStored",
@@ -36,6 +40,9 @@ __all__ = [
     "EventDecoder",
     "KVCacheEvent",
     "KVEventBatch",
+    "WireBlockRemoved",
+    "WireBlockStored",
+    "WireEvent",
     "encode_batch",
     "encode_event",
     "event_fields",
@@ -314,65 +321,38 @@ class EventDecoder:
 
 
 # -- encoding ---------------------------------------------------------------------------------
-# NOTE: mirrors of vLLM's own structs (same options, same field order, required fields without
-# defaults) so that msgspec lays the bytes out exactly as vLLM's publisher does (map16 headers
-# for omit_defaults structs, optional fields omitted when None).
+# NOTE: vLLM declares lora_id, medium and lora_name without defaults, so its omit_defaults
+# encoder always writes them (nil when None) while it omits the later fields when None. The
+# `Wire*` subclasses restate only that requiredness; every field is declared once, above. The
+# legacy (<= 0.23) positional form is the first `LEGACY_FIELDS` fields of the same records.
 
 
-class _WireBlockStored(msgspec.Struct, tag="BlockStored", omit_defaults=True, gc=False):
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
+class WireBlockStored(BlockStored, tag="BlockStored", omit_defaults=True):
+    """`BlockStored` laid out exactly as vLLM encodes it (what the emulator publishes)."""
+
     lora_id: int | None
     medium: str | None
     lora_name: str | None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-    session_id: str | None = None
-    lookahead_token_ids: list[Any] | None = None
 
 
-class _WireBlockRemoved(msgspec.Struct, tag="BlockRemoved", omit_defaults=True, gc=False):
-    block_hashes: list[int]
+class WireBlockRemoved(BlockRemoved, tag="BlockRemoved", omit_defaults=True):
+    """`BlockRemoved` laid out exactly as vLLM encodes it (what the emulator publishes)."""
+
     medium: str | None
-    group_idx: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
 
 
-class _WireAllBlocksCleared(msgspec.Struct, tag="AllBlocksCleared", omit_defaults=True, gc=False):
-    pass
+#: Events as vLLM's publisher writes them; `AllBlocksCleared` has no field to lay out.
+WireEvent: TypeAlias = WireBlockStored | WireBlockRemoved | AllBlocksCleared
 
+#: Fields of each event in vLLM 0.23.0, the last positional (array) form; later fields are dropped.
+LEGACY_FIELDS: Final = {"BlockStored": 11, "BlockRemoved": 3, "AllBlocksCleared": 0}
 
-class _WireLegacyBlockStored(msgspec.Struct, tag="BlockStored", array_like=True, gc=False):
-    block_hashes: list[int]
-    parent_block_hash: int | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-    extra_keys: list[Any] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-
-
-class _WireLegacyBlockRemoved(msgspec.Struct, tag="BlockRemoved", array_like=True, gc=False):
-    block_hashes: list[int]
-    medium: str | None
-    group_idx: int | None = None
-
-
-class _WireLegacyAllBlocksCleared(
-    msgspec.Struct, tag="AllBlocksCleared", array_like=True, gc=False
-):
-    pass
+_WIRE: Final[dict[type[msgspec.Struct], type[msgspec.Struct]]] = {
+    BlockStored: WireBlockStored,
+    BlockRemoved: WireBlockRemoved,
+    AllBlocksCleared: AllBlocksCleared,
+}
+_WIRE_TYPES: Final = frozenset(_WIRE.values())
 
 
 class _WireBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -381,28 +361,24 @@ class _WireBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     data_parallel_rank: int | None = None
 
 
-_WIRE: Final = {
-    (BlockStored, False): _WireBlockStored,
-    (BlockRemoved, False): _WireBlockRemoved,
-    (AllBlocksCleared, False): _WireAllBlocksCleared,
-    (BlockStored, True): _WireLegacyBlockStored,
-    (BlockRemoved, True): _WireLegacyBlockRemoved,
-    (AllBlocksCleared, True): _WireLegacyAllBlocksCleared,
-}
-
-
-def encode_event(event: KVCacheEvent, legacy: bool = False) -> msgspec.Struct:
-    """The wire struct of one event, laid out as vLLM's encoder does.
+def encode_event(event: KVCacheEvent, legacy: bool = False) -> msgspec.Struct | list[Any]:
+    """The wire form of one event, laid out as vLLM's encoder does.
 
     Map form (vLLM >= 0.24): ``"type"`` first, required fields always present (nil when None),
-    optional fields only when set. Legacy form (<= 0.23): a positional array with every field
-    of vLLM 0.23.0's struct (later fields are dropped).
+    optional fields only when set. Legacy form (<= 0.23): a positional array ``[tag, ...]``
+    with every field of vLLM 0.23.0's struct (later fields are dropped).
     """
-    for base in (BlockStored, BlockRemoved, AllBlocksCleared):
-        if isinstance(event, base):
-            wire = _WIRE[(base, legacy)]
-            return wire(**{f: getattr(event, f) for f in wire.__struct_fields__})  # type: ignore[no-any-return]
-    raise TypeError(f"not a KV-cache event: {type(event).__name__}")
+    base = next((b for b in _WIRE if isinstance(event, b)), None)
+    if base is None:
+        raise TypeError(f"not a KV-cache event: {type(event).__name__}")
+    if legacy:
+        tag = base.__struct_config__.tag
+        count = LEGACY_FIELDS[str(tag)]
+        return [tag, *(getattr(event, f) for f in base.__struct_fields__[:count])]
+    wire = _WIRE[base]
+    if type(event) is wire:
+        return event
+    return wire(**{f: getattr(event, f) for f in wire.__struct_fields__})
 
 
 def encode_batch(
@@ -416,14 +392,18 @@ def encode_batch(
     """Encode a batch byte for byte as vLLM's publisher does (``[ts, events, rank]``).
 
     Args:
-        events: The events, in order.
+        events: The events, in order (`Wire*` events are written as they are, others are
+            laid out first).
         ts: Timestamp; now when None.
         data_parallel_rank: DP rank (vLLM's publisher always sets one; None encodes nil).
         legacy: Positional-array events (vLLM <= 0.23) instead of maps.
-        encoder: A reusable msgpack encoder.
+        encoder: A reusable msgpack encoder (msgspec encoders are not thread-safe).
     """
     enc = encoder or msgspec.msgpack.Encoder()
-    body = [encode_event(e, legacy) for e in events]
+    body: list[Any] = list(events)
+    # NOTE: the emulator's events are already laid out (its hot path): encoded as they are.
+    if legacy or not _WIRE_TYPES.issuperset(map(type, body)):
+        body = [encode_event(e, legacy) for e in body]
     stamp = float(time.time() if ts is None else ts)
     return enc.encode(_WireBatch(stamp, body, data_parallel_rank))
 

@@ -8,6 +8,9 @@ itself fails and even ``/health`` cannot be answered). A connection whose first 
 not complete within ``headerTimeout`` gets ``408`` and is closed (later heads on a kept-alive
 connection are bounded by aiohttp's keep-alive timeout, ``keepaliveTimeout``).
 
+`GuardedSite` is the aiohttp TCP site that puts a `ConnectionGuard` in front of every accepted
+connection.
+
 `LogLimiter` lets the first occurrence of an error through with its traceback, then at most one
 line per ``errorLogInterval`` per kind of error, saying how many were suppressed.
 """
@@ -23,10 +26,11 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+from aiohttp import web
 
 from kvaware_scorer.gateway.protocol import error_body
 
-__all__ = ["ConnectionGuard", "LogLimiter", "fit_connection_cap"]
+__all__ = ["ConnectionGuard", "GuardedSite", "LogLimiter", "fit_connection_cap"]
 
 logger = logging.getLogger(__name__)
 
@@ -259,3 +263,25 @@ class ConnectionGuard:
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(self)
+
+
+class GuardedSite(web.TCPSite):
+    """A TCP site whose connections go through a `ConnectionGuard` first."""
+
+    __slots__ = ("_factory",)
+
+    def __init__(self, runner: web.AppRunner, factory: ConnectionGuard, **kw: Any) -> None:
+        super().__init__(runner, **kw)
+        self._factory = factory
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._factory,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+        )
+        self._bound_port = self._server.sockets[0].getsockname()[1]

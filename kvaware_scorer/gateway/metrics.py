@@ -37,6 +37,7 @@ class GatewayMetrics:
     """Request, retry, upstream-failure and token metrics of one gateway."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # Long by nature: one flat declaration per metric, read as a table.
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

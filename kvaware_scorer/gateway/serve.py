@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 def register(sub: Any) -> None:
     """Add the ``serve`` subcommand."""
+    # Long by nature: one flat declaration per command-line flag, read as a table.
     p = sub.add_parser(
         "serve",
         help="run the OpenAI-compatible routing gateway in front of the endpoints",

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from kvaware_scorer.configio import parse_duration
 from kvaware_scorer.errors import ConfigError, RequestRejectedError
 from kvaware_scorer.scheduler.types import Endpoint, SchedulingContext, SchedulingRequest
 
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from kvaware_scorer.scheduler.config import SchedulerConfig
+    from kvaware_scorer.scheduler.resolved import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -332,8 +333,6 @@ def build_flow_controller(
     ``saturationDetector``: a ``pluginRef`` or inline thresholds), else a default
     ``utilization-detector`` built with `make_default`.
     """
-    from kvaware_scorer.scheduler.config import parse_duration
-
     gates = config.ignored.get("featureGates") or []
     fc = config.ignored.get("flowControl")
     enabled = fc is not None or any(

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from kvaware_scorer.scheduler.config import SchedulerConfig
-    from kvaware_scorer.scheduler.pipeline import Scheduler
     from kvaware_scorer.scheduler.registry import PluginRegistry
-    from kvaware_scorer.scheduler.types import Endpoint
+    from kvaware_scorer.scheduler.resolved import SchedulerConfig
+    from kvaware_scorer.scheduler.types import Endpoint, SchedulerView
 
 __all__ = ["PROJECT", "hookimpl", "hookspec"]
 
@@ -70,7 +69,7 @@ def kvaware_config_resolved(config: SchedulerConfig) -> None:
 
 
 @hookspec
-def kvaware_scheduler_created(scheduler: Scheduler) -> None:
+def kvaware_scheduler_created(scheduler: SchedulerView) -> None:
     """A `Scheduler` has been built and its plugin objects exist.
 
     Fires once per scheduler, at the end of its construction, before any request. Use it to
@@ -83,7 +82,7 @@ def kvaware_scheduler_created(scheduler: Scheduler) -> None:
 
 
 @hookspec
-def kvaware_scheduler_started(scheduler: Scheduler) -> None:
+def kvaware_scheduler_started(scheduler: SchedulerView) -> None:
     """`Scheduler.start` has started the plugins' background work.
 
     Fires once per successful ``start()`` (not again while running). The result is ignored.
@@ -94,7 +93,7 @@ def kvaware_scheduler_started(scheduler: Scheduler) -> None:
 
 
 @hookspec
-def kvaware_scheduler_stopped(scheduler: Scheduler) -> None:
+def kvaware_scheduler_stopped(scheduler: SchedulerView) -> None:
     """`Scheduler.stop` has stopped the plugins' background work.
 
     Fires once per ``stop()`` of a running scheduler, after the plugins stopped. The result is
@@ -110,7 +109,7 @@ def kvaware_scheduler_stopped(scheduler: Scheduler) -> None:
 
 @hookspec
 def kvaware_endpoints_changed(
-    scheduler: Scheduler, added: Sequence[Endpoint], removed: Sequence[Endpoint]
+    scheduler: SchedulerView, added: Sequence[Endpoint], removed: Sequence[Endpoint]
 ) -> None:
     """The endpoint pool changed (`Scheduler.set_endpoints`, e.g. an endpoints-file reload).
 

@@ -52,8 +52,9 @@ class InFlight:
         ahead: Prefill tokens queued on the pod before it, plus its own (at the pick).
         predicted: TTFT predicted at the pick (seconds; 0 when nobody predicted).
         memory_wait: The part of `predicted` due to a full KV cache.
-        kv_after_scrape: Whether it was admitted after the pod's last metrics scrape.
+        epoch: The pod's scrape epoch at admission (set by the ledger).
         prefilling: True until its first token.
+        first: Scheduler time of its first token (0 before).
     """
 
     pod: str
@@ -64,8 +65,9 @@ class InFlight:
     ahead: int = 0
     predicted: float = 0.0
     memory_wait: float = 0.0
-    kv_after_scrape: bool = True
+    epoch: int = 0
     prefilling: bool = True
+    first: float = 0.0
 
 
 @dataclass(slots=True)
@@ -81,6 +83,8 @@ class PodLoad:
             prompt + expected output; a cached prefix shared with other requests is not
             counted again).
         prefilling: Requests before their first token.
+        epoch: Metrics scrapes of the pod seen (`InFlightLedger.mark_scraped`).
+        kv_since_scrape: `kv_tokens` of the requests admitted since the last scrape.
     """
 
     requests: int = 0
@@ -88,6 +92,8 @@ class PodLoad:
     tokens: int = 0
     kv_tokens: int = 0
     prefilling: int = 0
+    epoch: int = 0
+    kv_since_scrape: int = 0
 
 
 class InFlightLedger:
@@ -131,6 +137,8 @@ class InFlightLedger:
             load.prefill_tokens += entry.prefill
             load.tokens += entry.prefill + (entry.output if self.count_output else 0)
             load.kv_tokens += entry.prefill + entry.output
+            entry.epoch = load.epoch
+            load.kv_since_scrape += entry.prefill + entry.output
             while len(self._live) > self.max_tracked:
                 _, old = self._live.popitem(last=False)
                 self._uncount(old)
@@ -168,8 +176,12 @@ class InFlightLedger:
             load.prefill_tokens -= entry.prefill
         load.tokens -= entry.prefill + (entry.output if self.count_output else 0)
         load.kv_tokens -= entry.prefill + entry.output
+        if entry.epoch == load.epoch:
+            load.kv_since_scrape -= entry.prefill + entry.output
         if load.requests <= 0:
-            del self._pods[entry.pod]
+            # NOTE: kept (with its epoch) while scrapes are tracked for it; an empty pod costs
+            # one small record and pods leaving the pool are forgotten.
+            load.kv_since_scrape = 0
 
     def expire(self, now: float) -> int:
         """Forget requests older than the timeout; returns how many."""
@@ -191,11 +203,13 @@ class InFlightLedger:
         return n
 
     def mark_scraped(self, pod: str) -> None:
-        """The pod's metrics were just scraped: its current requests are in them."""
+        """The pod's metrics were just scraped: its current requests are in them (O(1))."""
         with self._lock:
-            for entry in self._live.values():
-                if entry.pod == pod:
-                    entry.kv_after_scrape = False
+            load = self._pods.get(pod)
+            if load is None:
+                load = self._pods[pod] = PodLoad()
+            load.epoch += 1
+            load.kv_since_scrape = 0
 
     def forget_pods(self, pods: Sequence[str]) -> None:
         """Drop every request of `pods` (they left the pool)."""
@@ -215,17 +229,20 @@ class InFlightLedger:
             if load is None:
                 return PodLoad()
             return PodLoad(
-                load.requests, load.prefill_tokens, load.tokens, load.kv_tokens, load.prefilling
+                load.requests,
+                load.prefill_tokens,
+                load.tokens,
+                load.kv_tokens,
+                load.prefilling,
+                load.epoch,
+                load.kv_since_scrape,
             )
 
     def kv_tokens_since_scrape(self, pod: str) -> int:
-        """KV tokens of the pod's requests admitted after its last scrape (O(in flight))."""
+        """KV tokens of the pod's requests admitted after its last scrape."""
         with self._lock:
-            return sum(
-                e.prefill + e.output
-                for e in self._live.values()
-                if e.pod == pod and e.kv_after_scrape
-            )
+            load = self._pods.get(pod)
+            return 0 if load is None else load.kv_since_scrape
 
     def __len__(self) -> int:
         with self._lock:

@@ -22,9 +22,9 @@ from kvaware_scorer.scheduler.hookspecs import PROJECT
 
 if TYPE_CHECKING:
     from kvaware_scorer.scheduler.config import SchedulerConfig
-    from kvaware_scorer.scheduler.pipeline import Scheduler
     from kvaware_scorer.scheduler.registry import PluginRegistry
     from kvaware_scorer.scheduler.types import Endpoint
+    from kvaware_scorer.scheduler.types import SchedulerView as Scheduler
 
 __all__ = [
     "BLOCK_ENV",

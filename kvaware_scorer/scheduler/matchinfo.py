@@ -4,28 +4,34 @@ and a per-call memo so a request's index lookup runs once per scheduling call.
 Upstream splits prefix affinity into producers (``precise-prefix-cache-producer``,
 ``approx-prefix-cache-producer``) that write ``PrefixCacheMatchInfo{matchBlocks, totalBlocks,
 blockSizeTokens}`` per endpoint and consumers that read it (``prefix-cache-scorer``,
-``no-hit-lru-scorer``). Here a *producer* is a plugin type whose objects have `match_info`
-(`MatchInfoProducer`); a *consumer* is a scorer whose parameters have
-``prefixMatchInfoProducerName`` (field ``prefix_match_info_producer_name``). A consumer without
-that name reads the producer named ``approx-prefix-cache-producer`` when one is configured (as
-upstream reads its default producer), a producer-consumer (``prefix-cache-scorer``) otherwise
-reads itself, and a pure consumer the one prefix plugin configured.
+``no-hit-lru-scorer``). Here a *producer* is a plugin type with the ``match-info-producer``
+capability (`kvaware_scorer.scheduler.registry.MATCH_INFO_PRODUCER`: declared at registration,
+or inferred when its objects have `match_info`, see `MatchInfoProducer`); a *consumer* is a
+scorer whose parameters have ``prefixMatchInfoProducerName`` (field
+``prefix_match_info_producer_name``). A consumer without that name reads the default producer
+when one is configured under its name (as upstream reads its auto-created default producer; the
+name is declared by a plugin distribution with `PluginRegistry.set_default_producer`), a
+producer-consumer (``prefix-cache-scorer``) otherwise reads itself, and a pure consumer the one
+prefix plugin configured. The core knows no concrete plugin type.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from kvaware_scorer.errors import ConfigError
-from kvaware_scorer.scheduler.types import Endpoint, SchedulingContext, SchedulingRequest
-
-if TYPE_CHECKING:
-    from kvaware_scorer.scheduler.config import PluginConfig, SchedulerConfig
+from kvaware_scorer.scheduler.registry import MATCH_INFO_PRODUCER
+from kvaware_scorer.scheduler.types import (
+    ConfiguredPlugin,
+    Endpoint,
+    ResolvedConfig,
+    SchedulingContext,
+    SchedulingRequest,
+)
 
 __all__ = [
-    "DEFAULT_PRODUCER",
     "PRODUCER_PARAM",
     "MatchInfo",
     "MatchInfoProducer",
@@ -43,9 +49,6 @@ logger = logging.getLogger(__name__)
 #: without a match are left out.
 MatchInfo = tuple[dict[str, float], int, int]
 
-#: Name of the producer a consumer without ``prefixMatchInfoProducerName`` reads, when
-#: configured (upstream's auto-created default producer).
-DEFAULT_PRODUCER = "approx-prefix-cache-producer"
 #: Parameter field naming the producer a consumer reads.
 PRODUCER_PARAM = "prefix_match_info_producer_name"
 
@@ -90,25 +93,43 @@ def per_call(
     return value
 
 
-def _is_producer(p: PluginConfig) -> bool:
-    return callable(getattr(p.spec.factory, "match_info", None))
+def __getattr__(name: str) -> Any:
+    # NOTE: `DEFAULT_PRODUCER` moved to the built-in plugins, which declare it through the
+    # registry; the old import path keeps working, with a warning.
+    if name == "DEFAULT_PRODUCER":
+        import importlib
+        import warnings
+
+        warnings.warn(
+            "kvaware_scorer.scheduler.matchinfo.DEFAULT_PRODUCER moved: read "
+            "SchedulerConfig.default_producer (or kvaware_scorer.plugins.compat.DEFAULT_PRODUCER)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return importlib.import_module("kvaware_scorer.plugins.compat").DEFAULT_PRODUCER
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _consumes(p: PluginConfig) -> bool:
+def _is_producer(p: ConfiguredPlugin) -> bool:
+    return MATCH_INFO_PRODUCER in p.capabilities
+
+
+def _consumes(p: ConfiguredPlugin) -> bool:
     return "scorer" in p.kinds and hasattr(p.params, PRODUCER_PARAM)
 
 
-def _named(p: PluginConfig) -> str | None:
+def _named(p: ConfiguredPlugin) -> str | None:
     value = getattr(p.params, PRODUCER_PARAM, None) if _consumes(p) else None
     return str(value) if value else None
 
 
-def _default(config: SchedulerConfig) -> str | None:
-    p = config.plugins.get(DEFAULT_PRODUCER)
-    return DEFAULT_PRODUCER if p is not None and _is_producer(p) else None
+def _default(config: ResolvedConfig) -> str | None:
+    name = config.default_producer
+    p = config.plugins.get(name) if name is not None else None
+    return name if p is not None and _is_producer(p) else None
 
 
-def match_sources(config: SchedulerConfig) -> dict[str, str]:
+def match_sources(config: ResolvedConfig) -> dict[str, str]:
     """Producer plugin name -> name of the plugin whose match info it scores from (itself, or
     the producer it reads)."""
     out: dict[str, str] = {}
@@ -123,7 +144,7 @@ def match_sources(config: SchedulerConfig) -> dict[str, str]:
     return out
 
 
-def default_source(config: SchedulerConfig, consumer: str) -> str | None:
+def default_source(config: ResolvedConfig, consumer: str) -> str | None:
     """The producer a pure consumer without ``prefixMatchInfoProducerName`` reads: the one
     source of every prefix plugin configured, or None when there is none.
 
@@ -140,7 +161,7 @@ def default_source(config: SchedulerConfig, consumer: str) -> str | None:
     return sources[0] if sources else None
 
 
-def check_references(config: SchedulerConfig) -> None:
+def check_references(config: ResolvedConfig) -> None:
     """Every ``prefixMatchInfoProducerName`` names a configured producer, and a pure consumer
     without one has an unambiguous default (without any, a warning says every request reads as
     a miss).
@@ -192,17 +213,19 @@ def producer(plugins: Mapping[str, object], name: str, consumer: str) -> MatchIn
 
 
 def find_prefix_source(
-    plugins: Mapping[str, object], config: SchedulerConfig, name: str | None, consumer: str
+    plugins: Mapping[str, object], config: ResolvedConfig, name: str | None, consumer: str
 ) -> MatchInfoProducer | None:
     """The prefix plugin a consumer that is no scorer (a decider, a latency predictor) reads:
-    `name`, else ``approx-prefix-cache-producer`` when configured (upstream's default
-    producer), else the one prefix plugin configured; None (with a warning) when none is.
+    `name`, else the default producer when configured (`ResolvedConfig.default_producer`,
+    upstream's default producer), else the one prefix plugin configured; None (with a warning)
+    when none is.
 
     Raises:
         ConfigError: `name` is no configured prefix match-info producer.
     """
-    if not name and DEFAULT_PRODUCER in plugins:
-        name = DEFAULT_PRODUCER
+    default = config.default_producer
+    if not name and default is not None and default in plugins:
+        name = default
     if not name:
         sources = sorted(set(match_sources(config).values()))
         name = sources[0] if len(sources) == 1 else None

@@ -1,10 +1,12 @@
-"""The `Scheduler`: builds plugin objects from a resolved config and runs the pipeline.
+"""The `Scheduler`: the host that builds plugin objects from a resolved config and runs them.
 
-Per request: the profile handler chooses profiles; each runs its filters in order (an empty
-result raises `NoEndpointError` naming the filter), every scorer's scores clamped to [0, 1]
-(endpoints a scorer leaves out score 0), the total ``sum(weight x score)`` (not divided by the
-weights' sum, as upstream), and its picker; then every pre-request hook runs. After the
-response, `post_response` runs the post-response hooks.
+It owns what lives beyond one request: the plugin objects (built with their `PluginContext`),
+the endpoint pool (set directly or from an endpoints file, with the metrics scraper), flow
+control (`kvaware_scorer.scheduler.flowcontrol`: a request may wait for its turn before
+scheduling), worker threads for blocking preparation, the plugins' lifecycle and the
+``kvaware_`` lifecycle hooks. One scheduling call through the profiles (admission, filter ->
+score -> pick, pre-request hooks) is `kvaware_scorer.scheduler.profiles.ProfileRunner`. After
+the response, `post_response` runs the post-response hooks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,35 +28,28 @@ from kvaware_scorer.errors import (
     ConfigError,
     KVAwareError,
     NoEndpointError,
-    RequestRejectedError,
     TokenizerNotFoundError,
 )
 from kvaware_scorer.metrics import Metrics
-from kvaware_scorer.scheduler.config import SchedulerConfig, load_config
+from kvaware_scorer.scheduler.config import PluginConfig, SchedulerConfig, load_config
 from kvaware_scorer.scheduler.flowcontrol import FlowController, build_flow_controller
 from kvaware_scorer.scheduler.manager import Hooks, make_plugin_manager
 from kvaware_scorer.scheduler.metrics import SchedulerMetrics
+from kvaware_scorer.scheduler.profiles import ProfileRunner, build_profiles
 from kvaware_scorer.scheduler.registry import KINDS, PluginContext, PluginRegistry
 from kvaware_scorer.scheduler.types import (
     Endpoint,
     EndpointsListener,
-    Filter,
     FirstTokenListener,
     KVEventSink,
     Lifecycle,
-    Picker,
     PostResponse,
-    PreRequest,
-    ProfileHandler,
-    ProfileResult,
     ProfileView,
     RequestPreparer,
     ResponseInfo,
     SchedulingContext,
     SchedulingRequest,
     SchedulingResult,
-    ScoredEndpoint,
-    Scorer,
 )
 
 if TYPE_CHECKING:
@@ -68,14 +62,6 @@ logger = logging.getLogger(__name__)
 
 #: Seconds after which scraped metrics count as unknown (upstream's staleness threshold).
 DEFAULT_METRICS_STALENESS = 2.0
-
-
-@dataclass
-class _Profile:
-    name: str
-    filters: list[tuple[str, Filter]]
-    scorers: list[tuple[str, float, Scorer]]
-    picker: Picker
 
 
 def _plugin_rng(seed: int | str | None, name: str) -> random.Random:
@@ -127,48 +113,18 @@ class Scheduler:
         self._executor: ThreadPoolExecutor | None = None
         self._plugins: dict[str, object] = {}
         for name, pc in config.plugins.items():
-            ctx = PluginContext(
-                name=name,
-                type=pc.type,
-                clock=clock,
-                rng=_plugin_rng(seed, name),
-                metrics=self.metrics,
-                scheduler=self,
-            )
-            try:
-                obj = pc.spec.factory(pc.params, ctx)
-            except ConfigError as exc:
-                where = f"{pc.path}.parameters" + (f".{exc.path}" if exc.path else "")
-                raise ConfigError(exc.message, where) from exc
-            for kind in pc.kinds:
-                if not callable(getattr(obj, KINDS[kind], None)):
-                    raise ConfigError(
-                        f"plugin type {pc.type!r} declares role {kind!r} but its object has no "
-                        f"{KINDS[kind]}() method",
-                        pc.path,
-                    )
-            self._plugins[name] = obj
-        self._profiles: dict[str, _Profile] = {}
-        for prof in config.profiles.values():
-            self._profiles[prof.name] = _Profile(
-                prof.name,
-                [(f, self._plugins[f]) for f in prof.filters],  # type: ignore[misc]
-                [(s.name, s.weight, self._plugins[s.name]) for s in prof.scorers],  # type: ignore[misc]
-                self._plugins[prof.picker],  # type: ignore[arg-type]
-            )
-        self._views: dict[str, ProfileView] = {
-            p.name: ProfileView(
-                p.name,
-                tuple(p.filters),
-                tuple((s.name, s.weight) for s in p.scorers),
-                p.picker,
-            )
-            for p in config.profiles.values()
-        }
-        self._handler: ProfileHandler = self._plugins[config.profile_handler]  # type: ignore[assignment]
-        self._pre_request: list[tuple[str, PreRequest]] = self._with_kind("pre-request")  # type: ignore[assignment]
+            # NOTE: filled in order: a factory may look up the plugins built before it.
+            self._plugins[name] = self._build_plugin(name, pc)
+        profiles, self._views = build_profiles(config, self._plugins)
+        self._runner = ProfileRunner(
+            profiles,
+            self._views,
+            self._plugins[config.profile_handler],  # type: ignore[arg-type]
+            self._with_kind("admitter"),
+            self._with_kind("pre-request"),  # type: ignore[arg-type]
+            self.sched_metrics,
+        )
         self._post_response: list[tuple[str, PostResponse]] = self._with_kind("post-response")  # type: ignore[assignment]
-        self._admitters: list[tuple[str, Any]] = self._with_kind("admitter")
         self.flow: FlowController | None = build_flow_controller(
             config, self._plugins, lambda: self._endpoints, self.context, self._make_default
         )
@@ -179,6 +135,30 @@ class Scheduler:
         self._first_token: list[FirstTokenListener] = self._capable(FirstTokenListener)
         self._blocking = any(getattr(obj, "blocking_io", False) for obj in self._plugins.values())
         hooks.scheduler_created(self)
+
+    def _build_plugin(self, name: str, pc: PluginConfig) -> object:
+        """The plugin object of configured plugin `name`, checked to play its declared roles."""
+        ctx = PluginContext(
+            name=name,
+            type=pc.type,
+            clock=self.clock,
+            rng=_plugin_rng(self.seed, name),
+            metrics=self.metrics,
+            scheduler=self,
+        )
+        try:
+            obj = pc.spec.factory(pc.params, ctx)
+        except ConfigError as exc:
+            where = f"{pc.path}.parameters" + (f".{exc.path}" if exc.path else "")
+            raise ConfigError(exc.message, where) from exc
+        for kind in pc.kinds:
+            if not callable(getattr(obj, KINDS[kind], None)):
+                raise ConfigError(
+                    f"plugin type {pc.type!r} declares role {kind!r} but its object has no "
+                    f"{KINDS[kind]}() method",
+                    pc.path,
+                )
+        return obj
 
     def _make_default(self, type_name: str, params: Mapping[str, Any]) -> object:
         """A plugin of `type_name` the configuration did not list (a default of a section)."""
@@ -339,119 +319,12 @@ class Scheduler:
             self.sched_metrics.no_endpoint.labels("input").inc()
             raise NoEndpointError("no endpoints to schedule on")
         ctx = SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
-        for name, admitter in self._admitters:
-            reason = admitter.admit(ctx, request, eps)
-            if reason:
-                # NOTE: upstream's admission plugins shed before scheduling (429).
-                self.sched_metrics.no_endpoint.labels("admission").inc()
-                raise RequestRejectedError(f"{name}: {reason}", 429)
-        results: dict[str, ProfileResult] = {}
-        errors: dict[str, str] = {}
-        failed: dict[str, NoEndpointError] = {}
-        handler = self._handler
-        for _ in range(len(self._profiles) + 1):
-            names = handler.pick_profiles(ctx, request, self._views, results)
-            if not names:
-                break
-            for name in names:
-                if name in results:
-                    raise ConfigError(f"profile handler ran profile {name!r} twice")
-                prof = self._profiles.get(name)
-                if prof is None:
-                    raise ConfigError(f"profile handler chose an unknown profile {name!r}")
-                try:
-                    results[name] = self._run_profile(prof, ctx, request, eps, errors)
-                except NoEndpointError as exc:
-                    # NOTE: as upstream, a profile that finds no endpoint leaves an empty result
-                    # and the handler decides (P/D goes on decode-only without prefill pods).
-                    failed[name] = exc
-                    results[name] = ProfileResult(name, [], [], {}, {}, {})
-        if not results:
-            self.sched_metrics.no_endpoint.labels("handler").inc()
-            raise NoEndpointError("the profile handler ran no profile")
-        primary = handler.process_results(ctx, request, results)
-        if primary in failed:
-            raise failed[primary]
-        if primary not in results:
-            raise ConfigError(
-                f"profile handler chose a primary profile that did not run: {primary!r}"
-            )
-        for name in failed:
-            del results[name]
-        pr = results[primary]
-        result = SchedulingResult(
-            targets=pr.targets,
-            profile=primary,
-            candidates=pr.candidates,
-            scores=pr.scores,
-            weights=pr.weights,
-            totals=pr.totals,
-            profile_results=results,
-            errors=errors,
-            dry_run=dry_run,
-            failed_profiles={name: str(exc) for name, exc in failed.items()},
-        )
+        result = self._runner.run(ctx, request, eps, dry_run)
         if dry_run:
             return result
-        for name, hook in self._pre_request:
-            try:
-                hook.pre_request(ctx, request, result)
-            except Exception:
-                logger.exception("pre-request hook of plugin %s failed", name)
-                self.sched_metrics.plugin_errors.labels(name, "pre_request").inc()
         self.metrics.decisions.labels(result.targets[0].id).inc()
         self.sched_metrics.schedule_latency.observe(time.perf_counter() - t0)
         return result
-
-    def _run_profile(
-        self,
-        prof: _Profile,
-        ctx: SchedulingContext,
-        request: SchedulingRequest,
-        endpoints: Sequence[Endpoint],
-        errors: dict[str, str],
-    ) -> ProfileResult:
-        cands: Sequence[Endpoint] = endpoints
-        for fname, flt in prof.filters:
-            before = len(cands)
-            cands = flt.filter(ctx, request, cands)
-            if not cands:
-                self.sched_metrics.no_endpoint.labels("filter").inc()
-                raise NoEndpointError(
-                    f"no endpoint left after filter {fname!r} of profile {prof.name!r} "
-                    f"({before} endpoint(s) before it)"
-                )
-        ids = [e.id for e in cands]
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"endpoints share an id: {sorted(i for i in ids if ids.count(i) > 1)}")
-        totals = dict.fromkeys(ids, 0.0)
-        scores: dict[str, dict[str, float]] = {}
-        weights: dict[str, float] = {}
-        for sname, weight, scorer in prof.scorers:
-            try:
-                raw = scorer.score(ctx, request, cands)
-            except Exception as exc:
-                logger.exception("scorer %s failed; scoring 0 for this request", sname)
-                self.sched_metrics.plugin_errors.labels(sname, "score").inc()
-                errors[sname] = f"{type(exc).__name__}: {exc}"
-                raw = {}
-            clamped: dict[str, float] = {}
-            get = raw.get
-            for eid in ids:
-                v = get(eid, 0.0)
-                # NOTE: NaN fails both comparisons and lands on 0.0, like a missing score.
-                if not 0.0 <= v <= 1.0:
-                    v = 1.0 if v > 1.0 else 0.0
-                clamped[eid] = v
-                totals[eid] += weight * v
-            scores[sname] = clamped
-            weights[sname] = weight
-        scored = [ScoredEndpoint(e, totals[e.id]) for e in cands]
-        targets = prof.picker.pick(ctx, request, scored)
-        if not targets:
-            self.sched_metrics.no_endpoint.labels("picker").inc()
-            raise NoEndpointError(f"the picker of profile {prof.name!r} chose no endpoint")
-        return ProfileResult(prof.name, list(targets), ids, scores, weights, totals)
 
     async def aschedule(
         self,

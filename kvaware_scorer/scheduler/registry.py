@@ -21,10 +21,12 @@ from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.metrics import Metrics
 
 if TYPE_CHECKING:
-    from kvaware_scorer.scheduler.pipeline import Scheduler
+    from kvaware_scorer.scheduler.types import SchedulerView
 
 __all__ = [
+    "CAPABILITIES",
     "KINDS",
+    "MATCH_INFO_PRODUCER",
     "NoParameters",
     "ParamTransform",
     "PluginContext",
@@ -55,6 +57,13 @@ KINDS: Mapping[str, str] = MappingProxyType(
     }
 )
 
+#: Capability a plugin type declares when its objects produce prefix match info for others.
+MATCH_INFO_PRODUCER = "match-info-producer"
+
+#: What plugin objects can provide to other plugins, and the method that marks each (inferred
+#: from the factory when a registration does not declare its capabilities).
+CAPABILITIES: Mapping[str, str] = MappingProxyType({MATCH_INFO_PRODUCER: "match_info"})
+
 #: Rewrites raw ``parameters`` before validation; returns the new mapping and warnings.
 ParamTransform = Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]]
 
@@ -83,7 +92,7 @@ class PluginContext:
     clock: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
     metrics: Metrics = field(default_factory=Metrics)
-    scheduler: Scheduler | None = None
+    scheduler: SchedulerView | None = None
 
 
 #: ``factory(params, ctx) -> plugin object``; `params` is an instance of the spec's model.
@@ -107,6 +116,7 @@ class PluginSpec:
         refs: Parameters naming other plugins: dotted field path in the parameter model
             (``deciders.prefill``) -> the role the named plugin must play (None: any). The
             loader checks them like ``pluginRef``s, with the YAML path.
+        capabilities: What the objects provide to other plugins (keys of `CAPABILITIES`).
     """
 
     type: str
@@ -119,6 +129,7 @@ class PluginSpec:
     override: bool = False
     source: str = ""
     refs: Mapping[str, str | None] = field(default_factory=dict)
+    capabilities: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -139,12 +150,53 @@ def _infer_kinds(factory: PluginFactory) -> frozenset[str]:
     return frozenset(k for k, method in KINDS.items() if callable(getattr(factory, method, None)))
 
 
+def _infer_capabilities(factory: PluginFactory) -> frozenset[str]:
+    return frozenset(
+        c for c, method in CAPABILITIES.items() if callable(getattr(factory, method, None))
+    )
+
+
+def _roles(
+    type_name: str,
+    factory: PluginFactory,
+    kinds: Iterable[str] | None,
+    capabilities: Iterable[str] | None,
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The kinds and capabilities of a registration (inferred from `factory` when None)."""
+    kind_set = frozenset(kinds) if kinds is not None else _infer_kinds(factory)
+    unknown = kind_set - set(KINDS)
+    if unknown:
+        raise ConfigError(
+            f"unknown plugin kinds {sorted(unknown)} for type {type_name!r}; valid: {sorted(KINDS)}"
+        )
+    caps = frozenset(capabilities) if capabilities is not None else _infer_capabilities(factory)
+    if caps - set(CAPABILITIES):
+        raise ConfigError(
+            f"unknown capabilities {sorted(caps - set(CAPABILITIES))} for type "
+            f"{type_name!r}; valid: {sorted(CAPABILITIES)}"
+        )
+    return kind_set, caps
+
+
 class PluginRegistry:
-    """YAML plugin types known to a scheduler (filled by `kvaware_register_plugins` hooks)."""
+    """YAML plugin types known to a scheduler (filled by `kvaware_register_plugins` hooks).
+
+    Attributes:
+        default_producer: Name of the match-info producer a consumer naming none reads when
+            it is configured (upstream's auto-created default producer), declared by the
+            distribution that provides it with `set_default_producer`; None: no such default.
+    """
 
     def __init__(self) -> None:
         self._specs: dict[str, PluginSpec] = {}
         self._aliases: dict[str, TypeAlias] = {}
+        self.default_producer: str | None = None
+
+    def set_default_producer(self, name: str) -> None:
+        """Declare the plugin name a match-info consumer that names no producer reads when a
+        plugin of that name is configured (and, when several producers make the choice
+        ambiguous, the name the loader adds a plugin of that type under)."""
+        self.default_producer = name
 
     def register(
         self,
@@ -158,6 +210,7 @@ class PluginRegistry:
         transform: ParamTransform | None = None,
         override: bool = False,
         refs: Mapping[str, str | None] | None = None,
+        capabilities: Iterable[str] | None = None,
     ) -> None:
         """Register a plugin type.
 
@@ -175,34 +228,36 @@ class PluginRegistry:
                 with ``override=True`` also wins over later plain ones.
             refs: Parameters naming other plugins (dotted field path -> required role or
                 None); checked by the configuration loader.
+            capabilities: What the objects provide to other plugins (``match-info-producer``);
+                inferred from the factory's methods (`CAPABILITIES`) when None.
 
         Raises:
-            ConfigError: The type is registered twice without ``override``, or a kind is
-                unknown.
+            ConfigError: The type is registered twice without ``override``, or a kind or a
+                capability is unknown.
         """
-        kind_set = frozenset(kinds) if kinds is not None else _infer_kinds(factory)
-        unknown = kind_set - set(KINDS)
-        if unknown:
-            raise ConfigError(
-                f"unknown plugin kinds {sorted(unknown)} for type {type_name!r}; "
-                f"valid: {sorted(KINDS)}"
+        kind_set, caps = _roles(type_name, factory, kinds, capabilities)
+        self._add(
+            PluginSpec(
+                type=type_name,
+                factory=factory,
+                params=params or NoParameters,
+                kinds=kind_set,
+                description=description,
+                param_aliases=dict(param_aliases or {}),
+                transform=transform,
+                override=override,
+                source=getattr(factory, "__module__", "") or "",
+                refs=dict(refs or {}),
+                capabilities=caps,
             )
-        source = getattr(factory, "__module__", "") or ""
-        spec = PluginSpec(
-            type=type_name,
-            factory=factory,
-            params=params or NoParameters,
-            kinds=kind_set,
-            description=description,
-            param_aliases=dict(param_aliases or {}),
-            transform=transform,
-            override=override,
-            source=source,
-            refs=dict(refs or {}),
         )
+
+    def _add(self, spec: PluginSpec) -> None:
+        """Store `spec`, unless a registration made with ``override=True`` holds its type."""
+        type_name, source = spec.type, spec.source
         existing = self._specs.get(type_name)
         if existing is not None:
-            if existing.override and not override:
+            if existing.override and not spec.override:
                 logger.info(
                     "plugin type %r from %s kept (overrides %s)",
                     type_name,
@@ -210,7 +265,7 @@ class PluginRegistry:
                     source,
                 )
                 return
-            if not override:
+            if not spec.override:
                 raise ConfigError(
                     f"plugin type {type_name!r} registered twice (by {existing.source} and "
                     f"{source}); pass override=True to replace it"

@@ -3,6 +3,11 @@
 The dataclasses are a contract shared with the gateway and the emulator: fields are only ever
 added, never renamed. The Protocols are what the scheduler calls on plugin objects; a plugin
 implements one or more roles (a scorer that is also a pre-request hook, for instance).
+
+This is the bottom of the scheduler package: it imports nothing from it. What plugins see of
+the running scheduler and of its resolved configuration is declared here as Protocols
+(`SchedulerView`, `ResolvedConfig`, `ConfiguredPlugin`), which `pipeline.Scheduler` and
+`config.SchedulerConfig` satisfy, so no module below the pipeline needs to know it.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from kvaware_scorer.events.sink import KVEventSink
 
 if TYPE_CHECKING:
-    from kvaware_scorer.scheduler.pipeline import Scheduler
+    from prometheus_client import CollectorRegistry
 
 __all__ = [
     "DATA_PARALLEL_HEADER",
     "ENCODER_HEADER",
     "PREFILL_HEADER",
     "ROUTING_HEADERS",
+    "ConfiguredPlugin",
     "Endpoint",
     "EndpointMetrics",
     "EndpointsListener",
@@ -37,7 +43,9 @@ __all__ = [
     "ProfileResult",
     "ProfileView",
     "RequestPreparer",
+    "ResolvedConfig",
     "ResponseInfo",
+    "SchedulerView",
     "SchedulingContext",
     "SchedulingRequest",
     "SchedulingResult",
@@ -323,7 +331,7 @@ class SchedulingContext:
         now: float,
         staleness: float | None = None,
         tracked: frozenset[str] | set[str] = frozenset(),
-        scheduler: Scheduler | None = None,
+        scheduler: SchedulerView | None = None,
     ) -> None:
         self.now = now
         self._stale_before = now - staleness if staleness is not None else -math.inf
@@ -484,3 +492,113 @@ def engine_of(endpoint: Endpoint) -> str | None:
         if value:
             return value.strip().lower()
     return None
+
+
+# -- what plugins see of the scheduler -------------------------------------------------------------
+
+
+class ConfiguredPlugin(Protocol):
+    """One plugin of the resolved configuration (`kvaware_scorer.scheduler.PluginConfig`).
+
+    Attributes:
+        name: Its configured name.
+        type: Its canonical YAML type.
+        path: YAML path of its entry (``plugins[3]``).
+        params: Its validated parameters (an instance of the type's parameter model).
+        kinds: The roles its objects play.
+        capabilities: What its objects provide to other plugins (``match-info-producer``).
+    """
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def params(self) -> Any: ...
+    @property
+    def kinds(self) -> frozenset[str]: ...
+    @property
+    def capabilities(self) -> frozenset[str]: ...
+
+
+class ResolvedConfig(Protocol):
+    """The resolved configuration as plugins see it (`kvaware_scorer.scheduler.SchedulerConfig`).
+
+    Attributes:
+        plugins: Plugins by name, in YAML order.
+        warnings: Warnings issued while loading (checks may add more).
+        default_producer: Name of the match-info producer a consumer naming none reads when it
+            is configured (declared by a plugin distribution through the registry), or None.
+    """
+
+    @property
+    def plugins(self) -> Mapping[str, ConfiguredPlugin]: ...
+    @property
+    def warnings(self) -> list[str]: ...
+    @property
+    def default_producer(self) -> str | None: ...
+
+
+class SchedulerView(Protocol):
+    """What plugins and hook implementations reach on the running scheduler
+    (`kvaware_scorer.scheduler.Scheduler` implements it)."""
+
+    @property
+    def config(self) -> ResolvedConfig:
+        """The resolved configuration."""
+        ...
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The scheduler's monotonic clock in seconds."""
+        ...
+
+    @property
+    def plugins(self) -> Mapping[str, object]:
+        """Plugin objects by configured name."""
+        ...
+
+    def plugin(self, name: str) -> Any:
+        """The plugin object configured under `name` (KeyError when there is none)."""
+        ...
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        """The current endpoint pool."""
+        ...
+
+    @property
+    def event_sinks(self) -> list[KVEventSink]:
+        """Plugins that accept KV-event payloads."""
+        ...
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """The Prometheus registry the scheduler exposes (extra collectors may be added)."""
+        ...
+
+    def set_endpoints(self, endpoints: Sequence[Endpoint]) -> None:
+        """Replace the endpoint pool."""
+        ...
+
+    async def aschedule(
+        self,
+        request: SchedulingRequest,
+        endpoints: Sequence[Endpoint] | None = None,
+        *,
+        dry_run: bool = False,
+    ) -> SchedulingResult:
+        """Choose endpoint(s) for `request` without blocking the event loop."""
+        ...
+
+    def post_response(
+        self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
+    ) -> None:
+        """Run the post-response hooks."""
+        ...
+
+    def first_token(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        """Tell first-token listeners that `request`'s first token arrived."""
+        ...

@@ -198,7 +198,7 @@ class BlockPool:
         n = num_full_blocks - num_cached_blocks
         self.events.append(
             BlockStored(
-                block_hashes=new_hashes,  # type: ignore[arg-type]
+                block_hashes=new_hashes,
                 parent_block_hash=parent,
                 token_ids=token_ids[num_cached_blocks * bs : num_full_blocks * bs].tolist(),
                 block_size=bs,

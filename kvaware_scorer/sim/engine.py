@@ -150,6 +150,45 @@ class EngineStats:
     generated_tokens: int = 0
 
 
+@dataclass(slots=True)
+class _StepPlan:
+    """The batch `Engine.begin_step` is building: what it scheduled and the step's cost terms.
+
+    Attributes:
+        budget: Tokens still schedulable in this step (``max_num_batched_tokens`` at first).
+        scheduled: (request, tokens scheduled) in scheduling order.
+        tokens: Tokens scheduled.
+        attention_pairs: Query-key pairs of the scheduled tokens (causal attention).
+        context_read_tokens: Already computed tokens the scheduled ones attend to.
+        sampled: Requests whose next token is sampled at the end of the step.
+    """
+
+    budget: int
+    scheduled: list[tuple[EngineRequest, int]] = field(default_factory=list)
+    tokens: int = 0
+    attention_pairs: float = 0.0
+    context_read_tokens: int = 0
+    sampled: int = 0
+
+    def add(self, budget: int, tokens: int, pairs: float, ctx: int, sampled: int) -> None:
+        """Record one scheduling phase: the budget it left and the terms it added."""
+        self.budget = budget
+        self.tokens += tokens
+        self.attention_pairs += pairs
+        self.context_read_tokens += ctx
+        self.sampled += sampled
+
+    def cost(self) -> StepCost:
+        """The step's cost terms for the profile's step-time model."""
+        cost = StepCost()
+        cost.tokens = self.tokens
+        cost.attention_pairs = self.attention_pairs
+        cost.context_read_tokens = self.context_read_tokens
+        cost.sampled = self.sampled
+        cost.sequences = len(self.scheduled)
+        return cost
+
+
 class Engine:
     """One vLLM pod's scheduler, KV-cache manager and step-time model.
 
@@ -296,17 +335,25 @@ class Engine:
         if self._in_step:
             raise RuntimeError("finish_step must be called before the next begin_step")
         self._in_step = True
+        plan = _StepPlan(self.max_num_batched_tokens)
+        preempted = self._schedule_running(plan)
+        if not preempted:
+            self._schedule_waiting(plan)
+        self._scheduled = plan.scheduled
+        duration = self.profile.step_time(plan.cost())
+        self.stats.steps += 1
+        self.stats.busy_time += duration
+        return duration
+
+    def _schedule_running(self, plan: _StepPlan) -> bool:
+        """Schedule the running requests in order; returns whether one had to be preempted."""
+        # NOTE: this loop runs for every running request of every step: the plan's counters
+        # live in locals here and are written back once.
         bs = self.block_size
         pool = self.pool
-        ref_cnt = pool.ref_cnt
-        budget = self.max_num_batched_tokens
-        scheduled: list[tuple[EngineRequest, int]] = []
-        append = scheduled.append
-        cost = StepCost()
-        tokens = 0
-        pairs = 0.0
-        ctx = 0
-        sampled = 0
+        budget = plan.budget
+        append = plan.scheduled.append
+        tokens, pairs, ctx, sampled = 0, 0.0, 0, 0
         preempted = False
         running = self.running
         i = 0
@@ -342,67 +389,82 @@ class Engine:
             if c + n == r.num_tokens:
                 sampled += 1
             i += 1
+        plan.add(budget, tokens, pairs, ctx, sampled)
+        return preempted
 
-        if not preempted:
-            waiting = self.waiting
-            stats = self.stats
-            while waiting and budget > 0 and len(running) < self.max_num_seqs:
-                r = waiting[0]
-                max_hits = (r.num_tokens - 1) // bs
-                # Fewest new blocks any hit could leave to allocate: when even that does not fit,
-                # skip the hit lookup (same outcome, and a blocked head retries every step).
-                c = max_hits * bs
-                if (c + min(r.num_tokens - c, budget) + bs - 1) // bs - max_hits > len(pool.free):
-                    break
-                hits = pool.longest_hit(r.block_hashes, max_hits)
-                c = len(hits) * bs
-                n = r.num_tokens - c
-                if n > budget:
-                    n = budget
-                new_blocks = (c + n + bs - 1) // bs - len(hits)
-                evictable = 0
-                for b in hits:
-                    if ref_cnt[b] == 0:
-                        evictable += 1
-                if new_blocks + evictable > len(pool.free):
-                    break
-                waiting.popleft()
-                pool.touch(hits)
-                hits.extend(pool.get_new_blocks(new_blocks))
-                r.blocks = hits
-                r.num_cached_blocks = c // bs
-                full = (c + n) // bs
-                if full > r.num_cached_blocks:
-                    self._cache_blocks(r, full)
-                if r.preemptions:
-                    stats.preempted_prefix_queries += r.num_tokens
-                    stats.preempted_prefix_hits += c
-                else:
-                    stats.prefix_queries += r.num_tokens
-                    stats.prefix_hits += c
-                if r.num_cached_tokens < 0:
-                    r.num_cached_tokens = c
-                r.status = RequestStatus.RUNNING
-                r.num_computed_tokens = c + n
-                running.append(r)
-                append((r, n))
-                budget -= n
-                tokens += n
-                ctx += c
-                pairs += n * c + n * (n + 1) / 2
-                if c + n == r.num_tokens:
-                    sampled += 1
+    def _schedule_waiting(self, plan: _StepPlan) -> None:
+        """Admit waiting requests FCFS, each from its longest prefix-cache hit, while the
+        budget, ``max_num_seqs`` and free blocks allow; a head that does not fit blocks."""
+        bs = self.block_size
+        pool = self.pool
+        budget = plan.budget
+        append = plan.scheduled.append
+        tokens, pairs, ctx, sampled = 0, 0.0, 0, 0
+        running = self.running
+        waiting = self.waiting
+        while waiting and budget > 0 and len(running) < self.max_num_seqs:
+            r = waiting[0]
+            hits = self._admissible_hit(r, budget)
+            if hits is None:
+                break
+            c = len(hits) * bs
+            n = min(r.num_tokens - c, budget)
+            waiting.popleft()
+            pool.touch(hits)
+            hits.extend(pool.get_new_blocks((c + n + bs - 1) // bs - len(hits)))
+            r.blocks = hits
+            r.num_cached_blocks = c // bs
+            full = (c + n) // bs
+            if full > r.num_cached_blocks:
+                self._cache_blocks(r, full)
+            self._count_prefix_lookup(r, c)
+            r.status = RequestStatus.RUNNING
+            r.num_computed_tokens = c + n
+            running.append(r)
+            append((r, n))
+            budget -= n
+            tokens += n
+            ctx += c
+            pairs += n * c + n * (n + 1) / 2
+            if c + n == r.num_tokens:
+                sampled += 1
+        plan.add(budget, tokens, pairs, ctx, sampled)
 
-        cost.tokens = tokens
-        cost.attention_pairs = pairs
-        cost.context_read_tokens = ctx
-        cost.sampled = sampled
-        cost.sequences = len(scheduled)
-        self._scheduled = scheduled
-        duration = self.profile.step_time(cost)
-        self.stats.steps += 1
-        self.stats.busy_time += duration
-        return duration
+    def _admissible_hit(self, r: EngineRequest, budget: int) -> list[int] | None:
+        """The blocks of `r`'s longest prefix-cache hit when `r` fits in the free blocks with
+        its chunk of `budget` tokens, else None (it stays at the head of the queue)."""
+        bs = self.block_size
+        pool = self.pool
+        max_hits = (r.num_tokens - 1) // bs
+        # Fewest new blocks any hit could leave to allocate: when even that does not fit,
+        # skip the hit lookup (same outcome, and a blocked head retries every step).
+        c = max_hits * bs
+        if (c + min(r.num_tokens - c, budget) + bs - 1) // bs - max_hits > len(pool.free):
+            return None
+        hits = pool.longest_hit(r.block_hashes, max_hits)
+        c = len(hits) * bs
+        n = min(r.num_tokens - c, budget)
+        new_blocks = (c + n + bs - 1) // bs - len(hits)
+        ref_cnt = pool.ref_cnt
+        evictable = 0
+        for b in hits:
+            if ref_cnt[b] == 0:
+                evictable += 1
+        if new_blocks + evictable > len(pool.free):
+            return None
+        return hits
+
+    def _count_prefix_lookup(self, r: EngineRequest, hit_tokens: int) -> None:
+        """vLLM's prefix-cache counters for an admission (resumes after preemption apart)."""
+        stats = self.stats
+        if r.preemptions:
+            stats.preempted_prefix_queries += r.num_tokens
+            stats.preempted_prefix_hits += hit_tokens
+        else:
+            stats.prefix_queries += r.num_tokens
+            stats.prefix_hits += hit_tokens
+        if r.num_cached_tokens < 0:
+            r.num_cached_tokens = hit_tokens
 
     def _cache_blocks(self, r: EngineRequest, full: int) -> None:
         """Cache (and announce) `r`'s blocks that are full once this step's tokens are in."""

@@ -1,12 +1,17 @@
-"""vLLM KV-event payloads as vLLM >= 0.24 puts them on the wire (msgpack ``KVEventBatch``).
+"""The emulator's KV-event output: vLLM's records and encoder, plus SGLang's form of them.
 
-A payload is the msgpack array ``[ts, [event, ...], data_parallel_rank]``; each event is a map
-whose first key is ``"type"``. The event types below declare vLLM's wire schema (field names,
-order, required vs optional, ``omit_defaults``) as msgspec structs, so the bytes are identical to
-what vLLM's ``ZmqEventPublisher`` sends (the tests re-encode captured frames byte for byte; note
-for instance that a struct with more than 15 fields gets a map16 header, which a plain dict would
-not). A GPU ``BlockStored`` from vLLM's block pool carries ``extra_keys`` (one entry per block,
-nil without LoRA or salt), ``group_idx`` and ``kv_cache_spec_kind``.
+The wire schema lives in one place, `kvaware_scorer.events.decode`; this module only names
+what the emulated engine emits. Its pods build `BlockStored` / `BlockRemoved` as vLLM lays them
+out (``events.decode.WireBlockStored`` / ``WireBlockRemoved``: lora_id, medium and lora_name
+always written) and encode them with the same `encode_batch` the tests use, so the bytes are
+identical to vLLM's ``ZmqEventPublisher`` (tests re-encode captured frames byte for byte).
+
+NOTE: the emulator has no encoder of its own on purpose. The independent oracle for both the
+decoder and the encoder is the set of frames captured from vLLM itself, not a second copy of
+the schema: a second copy only doubles the places a new vLLM field must be added.
+
+A GPU ``BlockStored`` from vLLM's block pool carries ``extra_keys`` (one entry per block, nil
+without LoRA or salt), ``group_idx`` and ``kv_cache_spec_kind``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+
+from kvaware_scorer.events.decode import AllBlocksCleared, encode_batch
+from kvaware_scorer.events.decode import WireBlockRemoved as BlockRemoved
+from kvaware_scorer.events.decode import WireBlockStored as BlockStored
+from kvaware_scorer.events.decode import WireEvent as KVEvent
 
 __all__ = [
     "MEDIUM_GPU",
@@ -28,49 +38,6 @@ __all__ = [
 ]
 
 MEDIUM_GPU = "GPU"
-
-
-class BlockStored(
-    msgspec.Struct, tag="BlockStored", tag_field="type", omit_defaults=True, gc=False
-):
-    """Newly full blocks of one request in one step, chained to `parent_block_hash`."""
-
-    block_hashes: list[int | bytes]
-    parent_block_hash: int | bytes | None
-    token_ids: list[int]
-    block_size: int
-    lora_id: int | None
-    medium: str | None
-    lora_name: str | None
-    extra_keys: list[list[Any] | None] | None = None
-    group_idx: int | None = None
-    kv_cache_spec_kind: str | None = None
-    kv_cache_spec_sliding_window: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-    session_id: str | None = None
-    lookahead_token_ids: list[list[int]] | None = None
-
-
-class BlockRemoved(
-    msgspec.Struct, tag="BlockRemoved", tag_field="type", omit_defaults=True, gc=False
-):
-    """A cached block was evicted (its physical block is being reused)."""
-
-    block_hashes: list[int | bytes]
-    medium: str | None
-    group_idx: int | None = None
-    locality: str | None = None
-    ownership: str | None = None
-
-
-class AllBlocksCleared(
-    msgspec.Struct, tag="AllBlocksCleared", tag_field="type", omit_defaults=True, gc=False
-):
-    """The pool's prefix cache was reset; no per-block removals follow."""
-
-
-KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
 def event_extra_keys(
@@ -89,7 +56,8 @@ def event_extra_keys(
 
 
 class EventEncoder:
-    """Encodes event batches to payload bytes (msgspec encoders are not thread-safe: one each)."""
+    """Encodes event batches to vLLM's payload bytes with `encode_batch` and an encoder of its
+    own (msgspec encoders are not thread-safe: one per publishing thread)."""
 
     def __init__(self) -> None:
         self._enc = msgspec.msgpack.Encoder()
@@ -105,8 +73,7 @@ class EventEncoder:
             events: The step's events in generation order.
             data_parallel_rank: The publisher's DP rank (vLLM always fills it: 0 without DP).
         """
-        payload: bytes = self._enc.encode([float(ts), list(events), data_parallel_rank])
-        return payload
+        return encode_batch(events, ts, data_parallel_rank, encoder=self._enc)
 
     def decode(self, payload: bytes) -> list[Any]:
         """Plain msgpack view of a payload (for tests and debugging)."""

@@ -207,23 +207,10 @@ def build_tokenizer(
     Raises:
         ValueError: `vocab_size` too small or an unknown `style`.
     """
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    # NOTE: imported first so that a missing extra fails here, before any argument check.
+    import tokenizers  # noqa: F401
 
-    if style not in ("bytelevel", "split"):
-        raise ValueError(f"unknown pre-tokenizer style {style!r} (choose bytelevel or split)")
-    specials = [EOS_TOKEN, BOS_TOKEN, *CHAT_MARKERS]
-    specials += [t for t in extra_special_tokens if t not in specials]
-    if vocab_size < 256 + len(specials):
-        raise ValueError(f"vocab_size must be at least {256 + len(specials)}, got {vocab_size}")
+    specials = _checked_specials(style, vocab_size, extra_special_tokens)
     lines = list(corpus) if corpus is not None else builtin_corpus()
     template = chat_template if chat_template is not None else chatml_template(add_bos_token)
     params = {
@@ -238,12 +225,66 @@ def build_tokenizer(
     }
     fingerprint = _fingerprint(params)
     out = Path(out_dir)
-    marker = out / _BUILD_MARKER
+    if _already_built(out, fingerprint):
+        return out
+    tok = _train(lines, vocab_size, specials, style, add_bos_token)
+    config, special_map = _hf_config(specials, template, add_bos_token, model_max_length)
+    _write_atomically(
+        out,
+        {
+            "tokenizer.json": tok.to_str(pretty=False),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+            "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False),
+            _BUILD_MARKER: json.dumps({"fingerprint": fingerprint, "params": params}, indent=2),
+        },
+    )
+    logger.debug("built tokenizer in %s (vocab %d)", out, tok.get_vocab_size())
+    return out
+
+
+def _checked_specials(style: str, vocab_size: int, extra: Sequence[str]) -> list[str]:
+    """The special tokens (eos, bos, the chat markers, then `extra` without repeats), once
+    `style` and `vocab_size` are checked.
+
+    Raises:
+        ValueError: `vocab_size` too small for the byte symbols and the specials, or an unknown
+            `style`.
+    """
+    if style not in ("bytelevel", "split"):
+        raise ValueError(f"unknown pre-tokenizer style {style!r} (choose bytelevel or split)")
+    specials = [EOS_TOKEN, BOS_TOKEN, *CHAT_MARKERS]
+    specials += [t for t in extra if t not in specials]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be at least {256 + len(specials)}, got {vocab_size}")
+    return specials
+
+
+def _already_built(out: Path, fingerprint: str) -> bool:
+    """Whether `out` holds the build `fingerprint` names (its marker file says so)."""
     try:
-        if json.loads(marker.read_text())["fingerprint"] == fingerprint:
-            return out
+        return bool(json.loads((out / _BUILD_MARKER).read_text())["fingerprint"] == fingerprint)
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        return False
+
+
+def _train(
+    lines: list[str],
+    vocab_size: int,
+    specials: list[str],
+    style: PreTokenizerStyle,
+    add_bos_token: bool,
+) -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `lines`."""
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
     if style == "bytelevel":
@@ -276,7 +317,13 @@ def build_tokenizer(
         tok.post_processor = processors.Sequence([byte_level, template_proc])
     else:
         tok.post_processor = byte_level
+    return tok
 
+
+def _hf_config(
+    specials: list[str], template: str, add_bos_token: bool, model_max_length: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``tokenizer_config.json`` and ``special_tokens_map.json`` of the build."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN,
@@ -296,22 +343,19 @@ def build_tokenizer(
         "pad_token": PAD_TOKEN,
         "additional_special_tokens": config["additional_special_tokens"],
     }
+    return config, special_map
+
+
+def _write_atomically(out: Path, files: dict[str, str]) -> None:
+    """Write each of `files` into `out` (created if missing) under a temporary name, then
+    rename: a concurrent reader (another process building the same directory) never sees a
+    half-written tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
-    # Write every file under a temporary name, then rename: a concurrent reader (another
-    # process building the same directory) never sees a half-written tokenizer.
-    files = {
-        "tokenizer.json": tok.to_str(pretty=False),
-        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
-        "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False),
-        _BUILD_MARKER: json.dumps({"fingerprint": fingerprint, "params": params}, indent=2),
-    }
     for name, text in files.items():
         fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, out / name)
-    logger.debug("built tokenizer in %s (vocab %d)", out, tok.get_vocab_size())
-    return out
 
 
 def install_local_tokenizer(root: str | os.PathLike[str], model: str, **options: Any) -> Path:

@@ -16,12 +16,12 @@ import aiohttp
 import pytest
 import yaml
 
-from kvaware_scorer.demo import scheduler_config
 from kvaware_scorer.gateway import Gateway, GatewayConfig
 from kvaware_scorer.scheduler import Scheduler
 from kvaware_scorer.sim.live import LiveFleet, LivePod, LivePodsConfig
 from kvaware_scorer.tokenization import TokenizationService, install_local_tokenizer
 from kvaware_scorer.tokenization.local import builtin_corpus
+from kvaware_scorer.tours.demo import scheduler_config
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -770,7 +770,8 @@ async def test_client_gone_during_a_decision_still_releases_it(tmp_path: Path) -
     )
     recorder = SlowDecisionRecorder(slow_on=up_id)
     config = scheduler_config()
-    config["plugins"].append({"type": "active-request-scorer"})
+    if not any(p["type"] == "active-request-scorer" for p in config["plugins"]):
+        config["plugins"].append({"type": "active-request-scorer"})
     scheduler = Scheduler.from_config(
         config,
         plugin_manager=make_plugin_manager(use_env=False, plugins=[RecorderPlugin(recorder)]),

@@ -558,7 +558,7 @@ def test_resolved_config_loads_back_unchanged(registry: PluginRegistry) -> None:
     assert not second.warnings
 
 
-@pytest.mark.parametrize("name", ["random", "load", "estimated", "precise"])
+@pytest.mark.parametrize("name", ["random", "load", "estimated", "precise", "kvaware"])
 def test_shipped_configs_build(name: str) -> None:
     """Every shipped config/*.yaml builds a scheduler without warnings."""
     sched = Scheduler.from_yaml(

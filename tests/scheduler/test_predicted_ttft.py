@@ -27,6 +27,7 @@ def _ttft(**params: Any) -> dict[str, Any]:
         "prefillTokensPerSecond": RATE,
         "baseLatency": 0,
         "learningHalfLife": 0,
+        "workWeight": 0,
         "externality": 0,
         "metricsInterval": 0,
     }
@@ -159,8 +160,8 @@ def test_full_kv_cache_sends_the_request_elsewhere(clock: FakeClock) -> None:
 
 
 def test_externality_prefers_cached_pods_under_load(clock: FakeClock) -> None:
-    """With requests waiting everywhere, a pick that re-prefills a long context also delays the
-    requests that will queue behind it: the cached pod wins although its own queue is longer."""
+    """A pick that re-prefills a long context also delays the requests waiting on that pod: the
+    cached pod wins although its own queue is longer."""
 
     def run(externality: float) -> Endpoint:
         s = _scheduler(clock, externality=externality)
@@ -175,8 +176,8 @@ def test_externality_prefers_cached_pods_under_load(clock: FakeClock) -> None:
         _, res = _send(s, "t2", [*session, *_tokens(50_000, 100)], [a, b])
         return res.target
 
-    # a: 4,000 queued + 100 = 4.1 s; b: 400 queued + 3,100 = 3.5 s; three requests wait per
-    # pod on average, so the re-prefill on b costs 3.1 s x 3 more
+    # a: 4,000 queued + 100 = 4.1 s; b: 400 queued + 3,100 = 3.5 s; with the externality the
+    # 100 tokens on a delay its 4 waiting requests (0.4 s), the 3,100 on b its 2 (6.2 s)
     assert run(0.0).name == "pod-1"
     assert run(1.0).name == "pod-0"
 
@@ -230,3 +231,54 @@ def test_scores_are_normalized_with_the_fastest_at_one(clock: FakeClock) -> None
     _, res = _send(s, "r", _tokens(50_000, 100), [a, b, c])
     sc = res.scores["predicted-ttft-scorer"]
     assert sc[a.id] == 1.0 and 0.0 < sc[c.id] < sc[b.id] < 1.0
+
+
+def test_work_weight_charges_a_re_prefill_beyond_the_own_ttft(clock: FakeClock) -> None:
+    """At light load, a pod that must compute a context again is charged that work once more
+    (the pod is busy longer and holds a second copy): a slightly faster TTFT elsewhere does not
+    move the session, unless workWeight is 0."""
+
+    def run(work_weight: float) -> str:
+        s = _scheduler(clock, workWeight=work_weight)
+        a, b = endpoints(2)
+        session = _tokens(0, 500)
+        req, res = _send(s, "t1", session, [a])
+        s.first_token(req, res)
+        s.post_response(req, res, ResponseInfo(200, 500, 0, 10))
+        _send(s, "q", _tokens(100_000, 600), [a])
+        _, res = _send(s, "t2", [*session, *_tokens(50_000, 100)], [a, b])
+        return res.target.name
+
+    # a: 0.6 s queued + ~0.1 s; b: 0.6 s of re-prefill (+ 0.6 s of extra work when charged)
+    assert run(0.0) == "pod-1"
+    assert run(1.0) == "pod-0"
+
+
+def test_ledger_counts_kv_sent_since_the_last_scrape() -> None:
+    """KV tokens of requests admitted after a pod's last scrape are counted apart (the scraped
+    usage already holds the earlier ones); releases of either kind keep the count right."""
+    led = InFlightLedger()
+    k1 = led.admit(InFlight("a", prefill=100, prompt=100, output=0, start=0.0))
+    led.mark_scraped("a")
+    assert led.kv_tokens_since_scrape("a") == 0
+    k2 = led.admit(InFlight("a", prefill=50, prompt=50, output=10, start=0.0))
+    assert led.kv_tokens_since_scrape("a") == 60
+    led.release(k1)
+    assert led.kv_tokens_since_scrape("a") == 60
+    led.release(k2)
+    assert led.kv_tokens_since_scrape("a") == 0 and led.load("a").kv_tokens == 0
+
+
+def test_pods_leaving_the_pool_are_forgotten(clock: FakeClock) -> None:
+    """A removed pod's in-flight requests and its own prefill fit are dropped."""
+    s = _scheduler(clock, learningHalfLife=8)
+    a, b = endpoints(2)
+    s.set_endpoints([a, b])
+    scorer = s.plugin("predicted-ttft-scorer")
+    req, res = _send(s, "r", _tokens(0, 1000), [a])
+    clock.advance(0.5)
+    s.first_token(req, res)
+    _send(s, "r2", _tokens(5000, 1000), [a])
+    assert a.id in scorer.model._pods and scorer.ledger.load(a.id).requests == 2
+    s.set_endpoints([b])
+    assert a.id not in scorer.model._pods and scorer.ledger.load(a.id).requests == 0

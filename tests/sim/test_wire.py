@@ -79,3 +79,27 @@ def test_batch_is_a_three_element_array(rank: int | None) -> None:
     payload = enc.encode(5, [AllBlocksCleared()], rank)
     assert payload[0] == 0x93 and payload[1] == 0xCB
     assert enc.decode(payload) == [5.0, [{"type": "AllBlocksCleared"}], rank]
+
+
+def test_emulator_events_are_the_wire_module_records() -> None:
+    """The emulator's events are the decoder's records in vLLM's layout, and its frames are
+    `encode_batch`'s, decoding back to the same events in both the map and legacy forms."""
+    from kvaware_scorer.events import decode
+
+    assert issubclass(BlockStored, decode.BlockStored)
+    assert issubclass(BlockRemoved, decode.BlockRemoved)
+    assert AllBlocksCleared is decode.AllBlocksCleared
+    events = [
+        BlockStored([7, 8], 6, list(range(32)), 16, None, "GPU", "sql-lora", [["sql-lora"]] * 2),
+        BlockRemoved([7], "GPU", 0),
+        AllBlocksCleared(),
+    ]
+    payload = EventEncoder().encode(2.0, events, 1)
+    assert payload == decode.encode_batch(events, 2.0, 1)
+    for legacy in (False, True):
+        frame = decode.encode_batch(events, 2.0, 1, legacy=legacy)
+        batch = decode.EventDecoder().decode(frame)
+        assert batch.legacy == legacy and batch.rejected == []
+        assert [decode.event_fields(e) for e in batch.events] == [
+            decode.event_fields(e) for e in events
+        ]

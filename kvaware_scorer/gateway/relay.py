@@ -1,0 +1,323 @@
+"""Relaying a pod's answer to the client: the headers passed on in each direction, non-streamed
+bodies, SSE streams event by event (stream-idle timeout, final error event and ``[DONE]`` when
+a stream breaks off, the first token reported to the scheduler) and the usage the answer
+reports, written onto the request's `ResponseInfo` and the gateway's token counters.
+
+Which pod answers, and retrying another one, is `kvaware_scorer.gateway.forward`'s job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from kvaware_scorer.gateway.accounting import Usage, record_usage, usage_of_json
+from kvaware_scorer.gateway.answers import JSON, json_response
+from kvaware_scorer.gateway.config import GatewayConfig
+from kvaware_scorer.gateway.guard import LogLimiter
+from kvaware_scorer.gateway.metrics import GatewayMetrics
+from kvaware_scorer.gateway.protocol import error_body
+from kvaware_scorer.gateway.sse import SSEFramer, sse_error
+from kvaware_scorer.scheduler import Endpoint, ResponseInfo, SchedulingRequest, SchedulingResult
+
+__all__ = ["Attempt", "Relay"]
+
+logger = logging.getLogger(__name__)
+
+#: Hop-by-hop headers (RFC 9110 §7.6.1) and framing: never passed on in either direction.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+#: Request headers never forwarded: hop-by-hop ones, those the client library sets itself,
+#: Accept-Encoding (pods answer uncompressed so usage can be read and SSE is never held back by
+#: a compressor), Content-Type (the body was parsed as JSON, so it is sent as
+#: application/json whatever the client declared, e.g. curl's form default) and
+#: Content-Encoding (the server decodes a compressed body before the gateway reads it, and the
+#: decoded body is what is forwarded).
+_DROP_REQUEST = _HOP_BY_HOP | {
+    "host",
+    "proxy-authorization",
+    "accept-encoding",
+    "content-type",
+    "content-encoding",
+    "expect",
+}
+#: Response headers never relayed: hop-by-hop ones, the encoding (the client session decodes)
+#: and those the gateway's server sets itself.
+_DROP_RESPONSE = _HOP_BY_HOP | {"content-encoding", "date", "server"}
+
+
+class Attempt:
+    """The current decision of a request (it changes when a retry schedules it again)."""
+
+    __slots__ = ("first_token", "request", "result", "started")
+
+    def __init__(self, result: SchedulingResult, request: SchedulingRequest) -> None:
+        self.result = result
+        self.request = request
+        self.started = False  # response headers sent to the client
+        self.first_token = False  # reported to the scheduler
+
+
+class Relay:
+    """Passes headers, bodies and SSE streams between the client and the pod that answers.
+
+    Args:
+        config: Gateway settings (``streamIdleTimeout``, ``endpointHeader``).
+        metrics: The gateway's metrics (upstream errors, disconnects, token counters).
+        log_limiter: Rate limit of repeated warnings.
+        first_token: Called once per attempt when its stream's first event went out
+            (`Scheduler.first_token`).
+        draining: Whether the gateway is shutting down.
+    """
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        metrics: GatewayMetrics,
+        log_limiter: LogLimiter,
+        first_token: Callable[[SchedulingRequest, SchedulingResult], None],
+        draining: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.log_limiter = log_limiter
+        self.first_token = first_token
+        self.draining = draining
+
+    # -- headers ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def forward_headers(request: web.Request, sreq: SchedulingRequest) -> dict[str, str]:
+        """The client's headers as sent on to the pod (hop-by-hop ones dropped)."""
+        src = sreq.headers
+        drop: frozenset[str] | set[str] = _DROP_REQUEST
+        conn = src.get("connection")
+        if conn:
+            # NOTE: headers named in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+            drop = _DROP_REQUEST | {t.strip().lower() for t in conn.split(",")}
+        out = {k: v for k, v in src.items() if k not in drop}
+        remote = request.remote
+        if remote:
+            prior = src.get("x-forwarded-for")
+            out["x-forwarded-for"] = f"{prior}, {remote}" if prior else remote
+        out["content-type"] = JSON
+        out.setdefault("x-request-id", sreq.request_id)
+        return out
+
+    def response_headers(
+        self,
+        resp: aiohttp.ClientResponse,
+        target: Endpoint,
+        extra: Mapping[str, str] | None = None,
+    ) -> CIMultiDict[str]:
+        """The pod's headers as relayed to the client, with the gateway's own added."""
+        out: CIMultiDict[str] = CIMultiDict()
+        drop: frozenset[str] | set[str] = _DROP_RESPONSE
+        conn = resp.headers.get("connection")
+        if conn:
+            drop = _DROP_RESPONSE | {t.strip().lower() for t in conn.split(",")}
+        for k, v in resp.headers.items():
+            if k.lower() not in drop:
+                out.add(k, v)
+        if self.config.endpoint_header:
+            out["x-kvaware-endpoint"] = target.id
+        # NOTE: headers the scheduler's plugins set for the client (a session token).
+        for k, v in (extra or {}).items():
+            out[k] = v
+        return out
+
+    # -- usage --------------------------------------------------------------------------------------
+
+    def record_usage(self, info: ResponseInfo, usage: Usage) -> None:
+        """Account `usage` on `info` and on the gateway's token counters."""
+        record_usage(info, usage)
+        m = self.metrics
+        if usage.prompt_tokens is not None:
+            m.prompt_tokens.inc(usage.prompt_tokens)
+        if usage.completion_tokens is not None:
+            m.completion_tokens.inc(usage.completion_tokens)
+        details = usage.prompt_tokens_details
+        if details is not None and details.cached_tokens is not None:
+            m.cached_tokens.inc(details.cached_tokens)
+
+    # -- bodies -----------------------------------------------------------------------------------
+
+    async def body(
+        self,
+        resp: aiohttp.ClientResponse,
+        target: Endpoint,
+        info: ResponseInfo,
+        extra: Mapping[str, str] | None = None,
+    ) -> web.StreamResponse:
+        """Relay a non-streamed answer whole (502 when it breaks off or stalls)."""
+        try:
+            async with asyncio.timeout(self.config.stream_idle_timeout):
+                data = await resp.read()
+        except asyncio.CancelledError:
+            resp.close()
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            resp.close()
+            kind = "timeout" if isinstance(exc, TimeoutError) else "disconnect"
+            self.metrics.upstream_errors.labels(target.id, kind).inc()
+            info.status, info.error = 502, f"{target.id}: {exc!r}"
+            logger.warning("answer from %s broke off: %r", target.id, exc)
+            return json_response(
+                error_body(
+                    "The endpoint failed while answering.",
+                    "server_error",
+                    None,
+                    "upstream_error",
+                ),
+                502,
+            )
+        finally:
+            resp.release()
+        if resp.status >= 400:
+            info.error = data[:512].decode("utf-8", errors="replace")
+        elif b'"usage"' in data:
+            usage = usage_of_json(data)
+            if usage is not None:
+                self.record_usage(info, usage)
+        return web.Response(
+            body=data, status=resp.status, headers=self.response_headers(resp, target, extra)
+        )
+
+    # -- streams ----------------------------------------------------------------------------------
+
+    async def stream(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        target: Endpoint,
+        info: ResponseInfo,
+        attempt: Attempt,
+    ) -> web.StreamResponse:
+        """Relay an SSE answer as its events arrive; a stream that breaks off (or stalls past
+        ``streamIdleTimeout``) ends with an SSE error event and ``[DONE]``."""
+        out = web.StreamResponse(
+            status=resp.status,
+            headers=self.response_headers(resp, target, attempt.result.response_headers),
+        )
+        framer = SSEFramer()
+        failure: str | None = None
+        try:
+            await out.prepare(request)
+            attempt.started = True
+            failure = await self._pump(resp, out, target, framer, attempt)
+            if failure is not None:
+                await self._broke_off(out, target, info, failure, framer.torn)
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            # The client went away: dropping the pod connection makes vLLM abort the request.
+            resp.close()
+            self.metrics.client_disconnects.inc()
+            info.status, info.error = 499, f"client disconnected: {exc}"
+            return out
+        except asyncio.CancelledError:
+            resp.close()
+            if self.draining() and out.prepared:
+                await self._cut_short(out, framer.torn)
+            raise
+        finally:
+            if framer.usage is not None:
+                self.record_usage(info, framer.usage)
+            if failure is not None:
+                resp.close()
+            else:
+                resp.release()
+        return out
+
+    async def _pump(
+        self,
+        resp: aiohttp.ClientResponse,
+        out: web.StreamResponse,
+        target: Endpoint,
+        framer: SSEFramer,
+        attempt: Attempt,
+    ) -> str | None:
+        """Relay complete events until the pod's stream ends; why it broke off, or None when
+        it ended with ``[DONE]``."""
+        content = resp.content
+        idle = self.config.stream_idle_timeout
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await content.readany()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                kind = "timeout" if isinstance(exc, TimeoutError) else "mid_stream"
+                self.metrics.upstream_errors.labels(target.id, kind).inc()
+                return repr(exc)
+            if not chunk:
+                last = framer.finish()
+                if last:
+                    await out.write(last)
+                if framer.done:
+                    return None
+                self.metrics.upstream_errors.labels(target.id, "mid_stream").inc()
+                return "the stream ended without [DONE]"
+            events = framer.feed(chunk)
+            if not events:
+                continue
+            await out.write(events)
+            if not attempt.first_token:
+                # NOTE: a stream's first event carries the first token: the prefill is over
+                # (predicted-ttft-scorer stops counting it as queued and learns from it).
+                attempt.first_token = True
+                self.first_token(attempt.request, attempt.result)
+
+    async def _broke_off(
+        self,
+        out: web.StreamResponse,
+        target: Endpoint,
+        info: ResponseInfo,
+        failure: str,
+        torn: bool,
+    ) -> None:
+        info.error = f"{target.id}: {failure}"
+        self.log_limiter.log(
+            logger,
+            logging.WARNING,
+            f"stream:{target.id}",
+            "stream from %s broke off: %s",
+            target.id,
+            failure,
+        )
+        await out.write(
+            sse_error(
+                "The endpoint failed during the stream; the response is incomplete.", 502, torn
+            )
+        )
+
+    @staticmethod
+    async def _cut_short(out: web.StreamResponse, torn: bool) -> None:
+        # NOTE: the drain timed out: a last error event tells the client the response is cut
+        # short (a bare broken connection looks like a network fault).
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                out.write(
+                    sse_error(
+                        "The gateway shut down during the stream; the response is incomplete.",
+                        503,
+                        torn,
+                    )
+                ),
+                0.5,
+            )
