@@ -1,9 +1,11 @@
-"""The read-path facade: ``Indexer.score(...)`` (and the write path's ``Indexer.ingest(...)``).
+"""The facade: ``Indexer.score(...)`` on the read path, ``Indexer.ingest(...)`` on the write path.
 
 An `Indexer` owns a keyer (tokens -> block keys), an index backend, the tier weights and the
-metrics; it optionally owns tokenization (text -> tokens) and event ingestion (vLLM KV events ->
-index). Scoring never raises into a scheduler for data or backend problems: a missing tokenizer
-or an unreachable backend yields zeros, a counted reason and a log line.
+metrics; it optionally owns tokenization (text -> tokens) and event ingestion (an
+`EventIngestor`, built on first use from the index, keyer, tiers and metrics, which applies KV
+events to the index). It wires these parts and delegates to them; none of them calls back into
+it. Scoring never raises into a scheduler for data or backend problems: a missing tokenizer or
+an unreachable backend yields zeros, a counted reason and a log line.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kvaware_scorer.errors import (
     KVAwareError,
     TokenizerNotFoundError,
 )
+from kvaware_scorer.events.apply import index_stats, purge_index
 from kvaware_scorer.index import KVBlockIndex, create_index, tier_table
 from kvaware_scorer.index.base import IndexStats
 from kvaware_scorer.keys import BlockKey, make_keyer
@@ -314,13 +317,21 @@ class Indexer:
 
     @property
     def ingestor(self) -> EventIngestor:
-        """Applies decoded vLLM KV events to the index (built on first use)."""
+        """Applies KV-event frames to the index (built on first use); the `EventSink` a
+        `KVEventSubscriber` hands frames to."""
         if self._ingestor is None:
             with self._lock:
                 if self._ingestor is None:
                     from kvaware_scorer.events.ingest import EventIngestor
 
-                    self._ingestor = EventIngestor(self)
+                    self._ingestor = EventIngestor(
+                        self.index,
+                        self.keyer,
+                        self.block_size,
+                        tier_names=self.tiers.names,
+                        default_tier=self.config.default_tier,
+                        metrics=self.metrics,
+                    )
         return self._ingestor
 
     def ingest(
@@ -351,26 +362,15 @@ class Indexer:
             logger.warning("speculative insert failed: %s", exc)
 
     def purge_pod(self, pod: str, reason: str = "manual") -> int:
-        """Forget everything indexed for `pod`. Returns the entries dropped."""
-        self.metrics.purges.labels(reason).inc()
+        """Forget everything indexed for `pod` (and the ingestor's streams of it). Returns the
+        entries dropped."""
         if self._ingestor is not None:
-            self._ingestor.forget_pod(pod)
-        try:
-            return self.index.purge(pod)
-        except (KVAwareError, OSError) as exc:
-            self.metrics.backend_errors.labels("purge").inc()
-            logger.warning("purge of %s failed: %s", pod, exc)
-            return 0
+            return self._ingestor.purge_pod(pod, reason)
+        return purge_index(self.index, self.metrics, pod, reason)
 
     def stats(self) -> IndexStats:
         """Index size and counters; also refreshes the size gauges."""
-        st = self.index.stats()
-        m = self.metrics
-        m.index_entries.set(st.entries)
-        m.index_blocks.set(st.blocks)
-        m.index_pods.set(st.pods)
-        m.index_evictions.set(st.evictions)
-        return st
+        return index_stats(self.index, self.metrics)
 
     def _warn_lookup(self, exc: BaseException) -> None:
         """Log a failed lookup at most once per `_LOOKUP_LOG_INTERVAL` seconds, with how many

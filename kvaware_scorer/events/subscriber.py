@@ -1,4 +1,4 @@
-"""The ZMQ subscriber: receives vLLM KV-event frames and applies them through `Indexer.ingest`.
+"""The ZMQ subscriber: receives KV-event frames and hands them to an `EventSink` (the ingestor).
 
 Two transport modes, usable together:
 
@@ -14,8 +14,8 @@ Two transport modes, usable together:
   (`fetch_event_sources`), the only way to find one bound at ``tcp://*:0`` (a random port per
   rank).
 
-Frames are ``[topic, seq (8-byte big-endian), payload]``; each is handed to ``indexer.ingest``
-with its seq, which detects restarts and gaps. This class is the ingestor's `ReplaySource`:
+Frames are ``[topic, seq (8-byte big-endian), payload]``; each is handed to ``sink.ingest``
+with its seq and engine, which detects restarts and gaps. This class is the sink's `ReplaySource`:
 gaps (and joins) are replayed from the pod's ROUTER with a DEALER socket, request
 ``[b"", start_seq]``, replies ``[b"", topic, seq, payload]`` (``[b"", seq, payload]`` before
 vLLM 0.26) until the ``ff*8`` end marker.
@@ -23,7 +23,7 @@ vLLM 0.26) until the ``ff*8`` end marker.
 One receiving thread owns the SUB sockets and hands frames to a small pool of applying threads
 (`PodLanes`): a pod's frames run in order, and a pod stuck in a slow replay never holds up the
 others. What may publish is decided by `access` (bind-mode pod admission, CURVE); replays are
-fetched by `replay.fetch_replay` and discovery answers read by `discovery`, all bounded. The
+fetched by `replay.ReplayClient` and discovery answers read by `discovery`, all bounded. The
 loops never die on a bad frame: they log it, count it and go on.
 """
 
@@ -45,13 +45,13 @@ from kvaware_scorer.config import KVEventsConfig, load_model
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.events.access import CurveKeys, PodAdmission
 from kvaware_scorer.events.discovery import fetch_event_sources, parse_event_sources
-from kvaware_scorer.events.ingest import ReplayResult
 from kvaware_scorer.events.lanes import PodLanes
 from kvaware_scorer.events.publisher import offset_endpoint
-from kvaware_scorer.events.replay import fetch_replay
+from kvaware_scorer.events.replay import ReplayClient, replay_endpoint
+from kvaware_scorer.events.sink import ReplayResult, SinkProvider
 
 if TYPE_CHECKING:
-    from kvaware_scorer.indexer import Indexer
+    from kvaware_scorer.events.sink import EventSink
 
 __all__ = ["KVEventSubscriber", "fetch_event_sources", "parse_event_sources", "parse_topic"]
 
@@ -89,12 +89,17 @@ class _PodEndpoint:
 
 
 class KVEventSubscriber:
-    """Receives vLLM KV events over ZMQ and applies them to `indexer`.
+    """Receives KV events over ZMQ and hands them to `sink`.
 
     Args:
-        indexer: Where events are applied (through ``indexer.ingest``).
+        sink: Where frames go (an `EventIngestor`), or an owner of one (an `Indexer`: its
+            ``ingestor`` is used).
         config: Transport settings (a `KVEventsConfig` or its camelCase dict form).
         context: ZMQ context to use (a private one otherwise, destroyed on `stop`).
+
+    Attributes:
+        sink: Where frames go.
+        indexer: The owner `sink` was taken from, when one was given (else None).
 
     Raises:
         ConfigError: Invalid config, or an indexer built with ``ingest=False``.
@@ -106,7 +111,7 @@ class KVEventSubscriber:
 
     def __init__(
         self,
-        indexer: Indexer,
+        sink: EventSink | SinkProvider,
         config: KVEventsConfig | dict[str, Any] | None = None,
         *,
         context: zmq.Context[Any] | None = None,
@@ -115,9 +120,13 @@ class KVEventSubscriber:
             config = KVEventsConfig()
         elif not isinstance(config, KVEventsConfig):
             config = load_model(KVEventsConfig, config, "kvEventsConfig")
-        if not indexer.ingest_enabled:
-            raise ConfigError("this indexer was built with ingest=False", "kvEventsConfig")
-        self.indexer = indexer
+        self.indexer: SinkProvider | None = None
+        if isinstance(sink, SinkProvider):
+            if not sink.ingest_enabled:
+                raise ConfigError("this indexer was built with ingest=False", "kvEventsConfig")
+            self.indexer = sink
+            sink = sink.ingestor
+        self.sink: EventSink = sink
         self.config = config
         self._ctx_given = context
         self._ctx: zmq.Context[Any] | None = None
@@ -126,9 +135,9 @@ class KVEventSubscriber:
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
         self._lanes: PodLanes | None = None
-        self._replay_slots = threading.BoundedSemaphore(config.max_concurrent_replays)
-        self._admission = PodAdmission(config, indexer.metrics.dropped, self._forget)
+        self._admission = PodAdmission(config, sink.metrics.dropped, self._forget)
         self._curve = CurveKeys(config.curve)
+        self._replays = ReplayClient(config, self._curve, sink.metrics.dropped, self._stop_event)
         # receiving thread only: monitor socket -> dialed pod; pod -> when to redial it
         self._monitors: dict[zmq.Socket[Any], str] = {}
         self._redial: dict[str, tuple[float, set[bytes]]] = {}
@@ -182,11 +191,11 @@ class KVEventSubscriber:
         self._start_error = None
         self._ctx = self._ctx_given or zmq.Context()
         cfg = self.config
-        ingestor = self.indexer.ingestor
-        ingestor.set_replay_source(self)
-        ingestor.max_event_tokens = cfg.max_event_tokens
-        ingestor.max_seq_jump = cfg.max_seq_jump
-        ingestor.max_payload_bytes = cfg.max_frame_bytes
+        sink = self.sink
+        sink.set_replay_source(self)
+        sink.max_event_tokens = cfg.max_event_tokens
+        sink.max_seq_jump = cfg.max_seq_jump
+        sink.max_payload_bytes = cfg.max_frame_bytes
         # NOTE: one thread per allowed concurrent replay on top of `concurrency`: a pod stuck
         # in a slow replay never holds up another pod's live events.
         self._lanes = PodLanes(
@@ -216,9 +225,8 @@ class KVEventSubscriber:
         if self._lanes is not None:
             self._lanes.stop(max(0.0, deadline - time.monotonic()))
         self._curve.stop()
-        ingestor = self.indexer.ingestor
-        if ingestor.replay_source is self:
-            ingestor.set_replay_source(None)
+        if self.sink.replay_source is self:
+            self.sink.set_replay_source(None)
         if self._ctx is not None and self._ctx_given is None:
             self._ctx.destroy(0)
         self._ctx = None
@@ -397,10 +405,10 @@ class KVEventSubscriber:
                         time.sleep(0)
                 if self.config.stats_interval and time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + self.config.stats_interval
-                    self.indexer.stats()
+                    self.sink.stats()
                     self._admission.reclaim()
             except Exception:
-                self.indexer.metrics.dropped.labels("internal_error").inc()
+                self.sink.metrics.dropped.labels("internal_error").inc()
                 logger.exception("KV-event receive loop error (continuing)")
                 time.sleep(0.01)
         self._close_all(sources)
@@ -445,7 +453,7 @@ class KVEventSubscriber:
         except (zmq.ZMQError, ConfigError) as exc:
             sub.close(0)
             logger.error("cannot dial %s for pod %s: %s", dialed, pod_id, exc)
-            self.indexer.metrics.dropped.labels("bad_endpoint").inc()
+            self.sink.metrics.dropped.labels("bad_endpoint").inc()
             return
         poller.register(sub, zmq.POLLIN)
         sources[sub] = (pod_id, info.model)
@@ -510,7 +518,7 @@ class KVEventSubscriber:
                 if at <= now:
                     del self._redial[pod]
                     if pod in self._pods:
-                        self.indexer.metrics.dropped.labels("protocol_error").inc()
+                        self.sink.metrics.dropped.labels("protocol_error").inc()
                         logger.info("ZMQ dropped the connection to %s for good; redialing", pod)
                         self._connect(pod, poller, sources, by_pod)
         while True:
@@ -527,10 +535,10 @@ class KVEventSubscriber:
                     self._dispatch(pod_id, functools.partial(self._purge, pod_id))
 
     def _purge(self, pod_id: str, reason: str = "endpoint_removed") -> None:
-        self.indexer.purge_pod(pod_id, reason=reason)
+        self.sink.purge_pod(pod_id, reason=reason)
 
     def _on_frames(self, frames: list[bytes], pod: str | None, model: str | None) -> None:
-        metrics = self.indexer.metrics
+        metrics = self.sink.metrics
         if len(frames) != 3 or len(frames[1]) != 8:
             metrics.dropped.labels("bad_frame").inc()
             logger.debug("dropped a KV-event message of %d frames", len(frames))
@@ -554,7 +562,7 @@ class KVEventSubscriber:
         info = self._pods.get(pod)
         engine = (info.engine if info is not None else None) or self.config.engine_type
         try:
-            self.indexer.ingest(pod, model, payload, seq, engine=engine)
+            self.sink.ingest(pod, model, payload, seq, engine=engine)
         finally:
             with self._handled_lock:
                 self.frames_handled += 1
@@ -565,33 +573,19 @@ class KVEventSubscriber:
             work()
             return
         if not lanes.submit(pod, work):
-            self.indexer.metrics.dropped.labels("replay_backlog").inc()
+            self.sink.metrics.dropped.labels("replay_backlog").inc()
 
     def _apply_error(self) -> None:
-        self.indexer.metrics.dropped.labels("internal_error").inc()
+        self.sink.metrics.dropped.labels("internal_error").inc()
 
-    # -- replay (the ingestor's ReplaySource) ------------------------------------------------
+    # -- replay (the sink's ReplaySource) ------------------------------------------------
 
     def replay_endpoint(self, pod: str, rank: int = 0) -> str | None:
         """The replay endpoint of `pod`'s rank `rank`, if one is known."""
         info = self._pods.get(pod)
-        if info is not None and info.replay_endpoints is not None:
-            return info.replay_endpoints.get(rank)
-        cfg = self.config
-        base = info.replay_base if info is not None else None
-        if base is None:
-            base = cfg.replay_endpoints.get(pod)
-        if base is None and cfg.replay_socket_port:
-            host, sep, _ = pod.rpartition(":")
-            if sep and host:
-                base = cfg.discovery_endpoints(host.strip("[]"))[1]
-        if base is None:
-            return None
-        try:
-            return offset_endpoint(base, rank)
-        except ValueError:
-            logger.warning("replay endpoint %s cannot serve rank %d", base, rank)
-            return None
+        if info is None:
+            return replay_endpoint(None, None, pod, rank, self.config)
+        return replay_endpoint(info.replay_endpoints, info.replay_base, pod, rank, self.config)
 
     def replay(self, pod: str, rank: int, start_seq: int, reason: str) -> ReplayResult | None:
         """Fetch `pod`'s buffered batches from `start_seq` on (vLLM's replay protocol).
@@ -610,34 +604,4 @@ class KVEventSubscriber:
         ctx = self._ctx
         if endpoint is None or ctx is None:
             return None
-        if not self._replay_slots.acquire(blocking=False):
-            self.indexer.metrics.dropped.labels("replay_busy").inc()
-            logger.info("replay (%s) of %s rank %d refused: too many replays", reason, pod, rank)
-            return ReplayResult([], "busy")
-        lanes = self._lanes
-        if lanes is not None:
-            lanes.replaying(pod, True)
-        try:
-            frames, status = fetch_replay(
-                ctx,
-                endpoint,
-                start_seq,
-                self.config,
-                self._curve,
-                self.indexer.metrics.dropped,
-                self._stop_event,
-            )
-        finally:
-            if lanes is not None:
-                lanes.replaying(pod, False)
-            self._replay_slots.release()
-        logger.info(
-            "replay (%s) of %s rank %d from seq %d: %d batches, %s",
-            reason,
-            pod,
-            rank,
-            start_seq,
-            len(frames),
-            status,
-        )
-        return ReplayResult(frames, status)
+        return self._replays.fetch(ctx, endpoint, pod, rank, start_seq, reason, self._lanes)

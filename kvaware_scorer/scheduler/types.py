@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from kvaware_scorer.events.sink import KVEventSink
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
@@ -466,15 +468,6 @@ class EndpointsListener(Protocol):
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         """`added` joined the pool, `removed` left it."""
-        ...
-
-
-@runtime_checkable
-class KVEventSink(Protocol):
-    """Accepts vLLM KV-event payload frames delivered in process."""
-
-    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
-        """Apply one msgpack ``EventBatch`` payload from `pod`."""
         ...
 
 
