@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kvaware_scorer.errors import ConfigError, NoEndpointError
+from kvaware_scorer.events.sink import KVEventSink
 from kvaware_scorer.sim.request import RequestOutcome, SimRequest
 
 if TYPE_CHECKING:
@@ -45,14 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class KVEventSink(Protocol):
-    """Where KV-event payloads go (the precise scorer's `Indexer` is one)."""
-
-    def ingest(self, pod: str, model: str | None, payload: bytes, seq: int | None = None) -> None:
-        """Apply one payload frame from `pod`."""
-        ...
 
 
 @dataclass(slots=True)
