@@ -18,9 +18,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+import kvaware_scorer.scheduler.upstream as upstream
 from kvaware_scorer.configio import errors_of, join_path, unknown_key, validation_errors
 from kvaware_scorer.errors import ConfigError, ConfigErrorGroup
-from kvaware_scorer.scheduler import upstream
 from kvaware_scorer.scheduler.matchinfo import PRODUCER_PARAM
 from kvaware_scorer.scheduler.registry import NoParameters, PluginRegistry
 from kvaware_scorer.scheduler.resolved import (

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
+import kvaware_scorer.scheduler.hookspecs as hookspecs
 from kvaware_scorer.errors import ConfigError
-from kvaware_scorer.scheduler import hookspecs
 from kvaware_scorer.scheduler.hookspecs import PROJECT
 
 if TYPE_CHECKING:
