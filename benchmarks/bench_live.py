@@ -438,10 +438,10 @@ def loadgen_config(
                 "num_groups": 8,
                 "num_prompts_per_group": 4,
                 "system_prompt_len": 600,
-                "question_len": 300,
+                "question_len": 150,
                 # NOTE: a session's turns run one after another; with long answers on the
                 # slowed pods the sessions cannot keep up with 5 req/s and the run never ends.
-                "output_len": 48,
+                "output_len": 32,
                 "enable_multi_turn_chat": True,
                 "seed": seed,
             },
@@ -782,6 +782,8 @@ def main() -> None:
                 )
                 results.append(res)
                 print(format_table([res]).splitlines()[1], flush=True)
+                if args.json is not None:  # after every run: an interrupted sweep keeps its part
+                    args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     results.sort(key=lambda r: (workloads.index(r.workload), r.router, r.repeat))
     print()
     print(format_table(results))
