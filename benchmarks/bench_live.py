@@ -718,7 +718,7 @@ def main() -> None:
     add("--report", type=Path, default=None, help="print the tables of a --json file and exit")
     args = parser.parse_args()
     if args.report is not None:
-        done = load_results(args.report)
+        done = sorted(load_results(args.report), key=lambda r: (r.workload, r.router, r.repeat))
         print(format_table(done))
         print()
         print(format_summary(done))
