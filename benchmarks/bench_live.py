@@ -438,8 +438,10 @@ def loadgen_config(
                 "num_groups": 8,
                 "num_prompts_per_group": 4,
                 "system_prompt_len": 600,
-                "question_len": 300,
-                "output_len": 100,
+                "question_len": 150,
+                # NOTE: a session's turns run one after another; with long answers on the
+                # slowed pods the sessions cannot keep up with 5 req/s and the run never ends.
+                "output_len": 32,
                 "enable_multi_turn_chat": True,
                 "seed": seed,
             },
@@ -568,6 +570,9 @@ def run_one(
             except subprocess.TimeoutExpired:
                 stop_process(gen)
                 raise RuntimeError("the load generator overran its time budget") from None
+            except BaseException:
+                stop_process(gen)
+                raise
         wall = time.monotonic() - t0
         cpu = cpu_seconds(router.pid) - cpu0
         after = pods.counters()
@@ -680,7 +685,14 @@ def load_results(path: Path) -> list[Result]:
 # -- main ---------------------------------------------------------------------------------------
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    # SIGTERM unwinds like Ctrl-C, so every run's finally stops its pods, router and load
+    # generator instead of orphaning them.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--routers", default=",".join(DEFAULT_ROUTERS), help="comma-separated router specs")
@@ -706,7 +718,7 @@ def main() -> None:
     add("--report", type=Path, default=None, help="print the tables of a --json file and exit")
     args = parser.parse_args()
     if args.report is not None:
-        done = load_results(args.report)
+        done = sorted(load_results(args.report), key=lambda r: (r.workload, r.router, r.repeat))
         print(format_table(done))
         print()
         print(format_summary(done))
@@ -770,6 +782,8 @@ def main() -> None:
                 )
                 results.append(res)
                 print(format_table([res]).splitlines()[1], flush=True)
+                if args.json is not None:  # after every run: an interrupted sweep keeps its part
+                    args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     results.sort(key=lambda r: (workloads.index(r.workload), r.router, r.repeat))
     print()
     print(format_table(results))
