@@ -268,7 +268,9 @@ class ConnectionGuard:
 class GuardedSite(web.TCPSite):
     """A TCP site whose connections go through a `ConnectionGuard` first."""
 
-    __slots__ = ("_factory",)
+    # NOTE: aiohttp >= 3.11 keeps the bound port in a `_bound_port` slot of TCPSite (read by
+    # its `port` property); older releases have no such slot, so this class adds it.
+    __slots__ = ("_factory",) + (() if "_bound_port" in web.TCPSite.__slots__ else ("_bound_port",))
 
     def __init__(self, runner: web.AppRunner, factory: ConnectionGuard, **kw: Any) -> None:
         super().__init__(runner, **kw)
