@@ -289,7 +289,23 @@ class _Stages:
         return obj
 
 
-class DisaggProfileHandler:
+class _DecodePrimary:
+    """Shared by the P/D profile handlers: the decode profile's result is the primary."""
+
+    decode: str
+
+    def process_results(
+        self,
+        ctx: SchedulingContext,
+        request: SchedulingRequest,
+        results: Mapping[str, ProfileResult],
+    ) -> str:
+        if self.decode not in results:
+            raise NoEndpointError("failed to find available decode workers")
+        return self.decode
+
+
+class DisaggProfileHandler(_DecodePrimary):
     """``disagg-profile-handler`` (see the module docstring)."""
 
     def __init__(self, params: DisaggProfileHandlerParams, ctx: PluginContext) -> None:
@@ -367,16 +383,6 @@ class DisaggProfileHandler:
             return [self.encode]
         return [self.decode] if self.decode in profiles else []
 
-    def process_results(
-        self,
-        ctx: SchedulingContext,
-        request: SchedulingRequest,
-        results: Mapping[str, ProfileResult],
-    ) -> str:
-        if self.decode not in results:
-            raise NoEndpointError("failed to find available decode workers")
-        return self.decode
-
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
     ) -> None:
@@ -415,7 +421,7 @@ class PdProfileHandlerParams(ConfigModel):
     prefix_match_info_producer_name: str | None = None
 
 
-class PdProfileHandler:
+class PdProfileHandler(_DecodePrimary):
     """``pd-profile-handler``: decode, then prefill when the decider approves."""
 
     def __init__(self, params: PdProfileHandlerParams, ctx: PluginContext) -> None:
@@ -459,16 +465,6 @@ class PdProfileHandler:
         if d is not None and d.disaggregate(ctx, request, decoded[0]):
             return [self.prefill]
         return []
-
-    def process_results(
-        self,
-        ctx: SchedulingContext,
-        request: SchedulingRequest,
-        results: Mapping[str, ProfileResult],
-    ) -> str:
-        if self.decode not in results:
-            raise NoEndpointError("failed to find available decode workers")
-        return self.decode
 
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
