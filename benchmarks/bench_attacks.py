@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from bench_gateway import free_port, wait_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-model"
@@ -75,30 +76,12 @@ async def metric(url: str, name: str) -> float:
     return 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def vm(pid: int, key: str) -> float:
     """A ``/proc/<pid>/status`` memory figure in MB (VmRSS, VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"process exited before printing {prefix!r}")
-        if line.startswith(prefix):
-            return line.strip()
-    raise RuntimeError(f"timed out waiting for {prefix!r}")
 
 
 class Bench:
