@@ -434,6 +434,7 @@ class PdProfileHandler(_DecodePrimary):
         self._stages = _Stages(ctx)
         self._scheduler = ctx.scheduler
         self._legacy: PrefixBasedPDDecider | None = None
+        self._always = AlwaysDisaggPDDecider(params, ctx)
 
     def _decider(self, ctx: SchedulingContext) -> Decider | None:
         name = self.decider_name
@@ -447,7 +448,7 @@ class PdProfileHandler(_DecodePrimary):
             params = PrefixBasedPDParams(non_cached_tokens=-(-self.threshold // 4))
             plugin_ctx = PluginContext(name=self.name, type="pd-profile-handler", scheduler=sched)
             self._legacy = PrefixBasedPDDecider(params, plugin_ctx)
-        return self._legacy if self.threshold else _ALWAYS
+        return self._legacy if self.threshold else self._always
 
     def pick_profiles(
         self,
@@ -472,16 +473,6 @@ class PdProfileHandler(_DecodePrimary):
         """The data-parallel header when ``primaryPort`` is set."""
         if self.primary_port and result.targets:
             result.headers[DATA_PARALLEL_HEADER] = _host_port(result.targets[0])
-
-
-class _Always:
-    def disaggregate(
-        self, ctx: SchedulingContext, request: SchedulingRequest, endpoint: Endpoint | None
-    ) -> bool:
-        return True
-
-
-_ALWAYS = _Always()
 
 
 def _pd_legacy(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
