@@ -239,6 +239,24 @@ async def post_status(s: aiohttp.ClientSession, url: str, **kw: Any) -> int:
         return 0
 
 
+def runaway_renders(s: aiohttp.ClientSession, url: str, tag: str) -> list[asyncio.Future[int]]:
+    """Six chat requests with the runaway template, started at once (distinct prompts)."""
+    return [
+        asyncio.ensure_future(
+            post_status(
+                s,
+                url + "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": f"{tag} {i}"}],
+                    "chat_template": RUNAWAY,
+                },
+            )
+        )
+        for i in range(6)
+    ]
+
+
 # -- the attacks ---------------------------------------------------------------------------------
 
 
@@ -271,20 +289,7 @@ async def template_trusted(b: Bench) -> None:
             )
             with Probe(url) as probe:
                 t0 = time.monotonic()
-                evil = [
-                    asyncio.ensure_future(
-                        post_status(
-                            s,
-                            url + "/v1/chat/completions",
-                            json={
-                                "model": MODEL,
-                                "messages": [{"role": "user", "content": f"attack {i}"}],
-                                "chat_template": RUNAWAY,
-                            },
-                        )
-                    )
-                    for i in range(6)
-                ]
+                evil = runaway_renders(s, url, "attack")
                 others: list[float] = []
                 while not all(t.done() for t in evil):
                     t1 = time.monotonic()
@@ -311,20 +316,7 @@ async def template_trusted(b: Bench) -> None:
                 f"max {max(others) * 1e3:.0f} ms, median {statistics.median(others) * 1e3:.0f} ms",
                 flush=True,
             )
-            again = [
-                asyncio.ensure_future(
-                    post_status(
-                        s,
-                        url + "/v1/chat/completions",
-                        json={
-                            "model": MODEL,
-                            "messages": [{"role": "user", "content": f"again {i}"}],
-                            "chat_template": RUNAWAY,
-                        },
-                    )
-                )
-                for i in range(6)
-            ]
+            again = runaway_renders(s, url, "again")
             await asyncio.sleep(0.5)
             t0 = time.monotonic()
             proc.terminate()
