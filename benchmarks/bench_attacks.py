@@ -34,7 +34,7 @@ from typing import Any
 
 import aiohttp
 import yaml
-from bench_gateway import free_port, wait_line
+from bench_gateway import free_port, serve_app, wait_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-model"
@@ -58,12 +58,7 @@ async def serve_pods(ports: list[int]) -> None:
     app.router.add_post("/v1/completions", answer)
     app.router.add_post("/v1/chat/completions", answer)
     app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    for port in ports:
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
+    await serve_app(app, ports)
 
 
 async def metric(url: str, name: str) -> float:
