@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from bench_gateway import free_port, serve_app, wait_line
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-model"
@@ -57,12 +58,7 @@ async def serve_pods(ports: list[int]) -> None:
     app.router.add_post("/v1/completions", answer)
     app.router.add_post("/v1/chat/completions", answer)
     app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    for port in ports:
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
-    print("ready", flush=True)
-    await asyncio.Event().wait()
+    await serve_app(app, ports)
 
 
 async def metric(url: str, name: str) -> float:
@@ -75,30 +71,12 @@ async def metric(url: str, name: str) -> float:
     return 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def vm(pid: int, key: str) -> float:
     """A ``/proc/<pid>/status`` memory figure in MB (VmRSS, VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"process exited before printing {prefix!r}")
-        if line.startswith(prefix):
-            return line.strip()
-    raise RuntimeError(f"timed out waiting for {prefix!r}")
 
 
 class Bench:
@@ -256,6 +234,24 @@ async def post_status(s: aiohttp.ClientSession, url: str, **kw: Any) -> int:
         return 0
 
 
+def runaway_renders(s: aiohttp.ClientSession, url: str, tag: str) -> list[asyncio.Future[int]]:
+    """Six chat requests with the runaway template, started at once (distinct prompts)."""
+    return [
+        asyncio.ensure_future(
+            post_status(
+                s,
+                url + "/v1/chat/completions",
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": f"{tag} {i}"}],
+                    "chat_template": RUNAWAY,
+                },
+            )
+        )
+        for i in range(6)
+    ]
+
+
 # -- the attacks ---------------------------------------------------------------------------------
 
 
@@ -288,20 +284,7 @@ async def template_trusted(b: Bench) -> None:
             )
             with Probe(url) as probe:
                 t0 = time.monotonic()
-                evil = [
-                    asyncio.ensure_future(
-                        post_status(
-                            s,
-                            url + "/v1/chat/completions",
-                            json={
-                                "model": MODEL,
-                                "messages": [{"role": "user", "content": f"attack {i}"}],
-                                "chat_template": RUNAWAY,
-                            },
-                        )
-                    )
-                    for i in range(6)
-                ]
+                evil = runaway_renders(s, url, "attack")
                 others: list[float] = []
                 while not all(t.done() for t in evil):
                     t1 = time.monotonic()
@@ -328,20 +311,7 @@ async def template_trusted(b: Bench) -> None:
                 f"max {max(others) * 1e3:.0f} ms, median {statistics.median(others) * 1e3:.0f} ms",
                 flush=True,
             )
-            again = [
-                asyncio.ensure_future(
-                    post_status(
-                        s,
-                        url + "/v1/chat/completions",
-                        json={
-                            "model": MODEL,
-                            "messages": [{"role": "user", "content": f"again {i}"}],
-                            "chat_template": RUNAWAY,
-                        },
-                    )
-                )
-                for i in range(6)
-            ]
+            again = runaway_renders(s, url, "again")
             await asyncio.sleep(0.5)
             t0 = time.monotonic()
             proc.terminate()

@@ -102,6 +102,13 @@ async def serve_pods(ports: list[int]) -> None:
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", prom)
+    await serve_app(app, ports)
+
+
+async def serve_app(app: aiohttp.web.Application, ports: list[int]) -> None:
+    """Serve `app` on every port of 127.0.0.1, print ``ready``, then run until killed."""
+    from aiohttp import web
+
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     for port in ports:

@@ -289,7 +289,23 @@ class _Stages:
         return obj
 
 
-class DisaggProfileHandler:
+class _DecodePrimary:
+    """Shared by the P/D profile handlers: the decode profile's result is the primary."""
+
+    decode: str
+
+    def process_results(
+        self,
+        ctx: SchedulingContext,
+        request: SchedulingRequest,
+        results: Mapping[str, ProfileResult],
+    ) -> str:
+        if self.decode not in results:
+            raise NoEndpointError("failed to find available decode workers")
+        return self.decode
+
+
+class DisaggProfileHandler(_DecodePrimary):
     """``disagg-profile-handler`` (see the module docstring)."""
 
     def __init__(self, params: DisaggProfileHandlerParams, ctx: PluginContext) -> None:
@@ -367,16 +383,6 @@ class DisaggProfileHandler:
             return [self.encode]
         return [self.decode] if self.decode in profiles else []
 
-    def process_results(
-        self,
-        ctx: SchedulingContext,
-        request: SchedulingRequest,
-        results: Mapping[str, ProfileResult],
-    ) -> str:
-        if self.decode not in results:
-            raise NoEndpointError("failed to find available decode workers")
-        return self.decode
-
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
     ) -> None:
@@ -415,7 +421,7 @@ class PdProfileHandlerParams(ConfigModel):
     prefix_match_info_producer_name: str | None = None
 
 
-class PdProfileHandler:
+class PdProfileHandler(_DecodePrimary):
     """``pd-profile-handler``: decode, then prefill when the decider approves."""
 
     def __init__(self, params: PdProfileHandlerParams, ctx: PluginContext) -> None:
@@ -428,6 +434,7 @@ class PdProfileHandler:
         self._stages = _Stages(ctx)
         self._scheduler = ctx.scheduler
         self._legacy: PrefixBasedPDDecider | None = None
+        self._always = AlwaysDisaggPDDecider(params, ctx)
 
     def _decider(self, ctx: SchedulingContext) -> Decider | None:
         name = self.decider_name
@@ -441,7 +448,7 @@ class PdProfileHandler:
             params = PrefixBasedPDParams(non_cached_tokens=-(-self.threshold // 4))
             plugin_ctx = PluginContext(name=self.name, type="pd-profile-handler", scheduler=sched)
             self._legacy = PrefixBasedPDDecider(params, plugin_ctx)
-        return self._legacy if self.threshold else _ALWAYS
+        return self._legacy if self.threshold else self._always
 
     def pick_profiles(
         self,
@@ -460,32 +467,12 @@ class PdProfileHandler:
             return [self.prefill]
         return []
 
-    def process_results(
-        self,
-        ctx: SchedulingContext,
-        request: SchedulingRequest,
-        results: Mapping[str, ProfileResult],
-    ) -> str:
-        if self.decode not in results:
-            raise NoEndpointError("failed to find available decode workers")
-        return self.decode
-
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
     ) -> None:
         """The data-parallel header when ``primaryPort`` is set."""
         if self.primary_port and result.targets:
             result.headers[DATA_PARALLEL_HEADER] = _host_port(result.targets[0])
-
-
-class _Always:
-    def disaggregate(
-        self, ctx: SchedulingContext, request: SchedulingRequest, endpoint: Endpoint | None
-    ) -> bool:
-        return True
-
-
-_ALWAYS = _Always()
 
 
 def _pd_legacy(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

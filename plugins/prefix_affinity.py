@@ -136,13 +136,17 @@ class _Tracked:
         request.state[self._key + ":uncached"] = uncached
         return uncached
 
+    def _release(self, request: SchedulingRequest) -> None:
+        """Stop counting the request (if it is counted)."""
+        key = request.state.pop(self._key, None)
+        if key is not None:
+            self.ledger.release(key)
+
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
     ) -> None:
         """Count the request's uncached prompt tokens against its target."""
-        old = request.state.pop(self._key, None)
-        if old is not None:
-            self.ledger.release(old)
+        self._release(request)  # a re-schedule moves the request
         target = result.targets[0]
         uncached = request.state.pop(self._key + ":uncached", None)
         if uncached is None or target.id not in uncached:
@@ -156,9 +160,7 @@ class _Tracked:
         self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
     ) -> None:
         """Release the request's tokens."""
-        key = request.state.pop(self._key, None)
-        if key is not None:
-            self.ledger.release(key)
+        self._release(request)
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         """Forget pods that left the pool."""

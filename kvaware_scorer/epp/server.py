@@ -34,7 +34,8 @@ from kvaware_scorer.epp.metrics import EppMetrics
 from kvaware_scorer.epp.stream import ProcessStream, StreamContext
 from kvaware_scorer.epp.tls import load_certificate, self_signed
 from kvaware_scorer.gateway.protocol import RequestParser
-from kvaware_scorer.scheduler import Endpoint, Scheduler, hookimpl
+from kvaware_scorer.scheduler import Scheduler
+from kvaware_scorer.scheduler.manager import PoolListener
 
 __all__ = ["EXT_PROC_SERVICE", "EndpointPicker"]
 
@@ -88,20 +89,6 @@ class _Processor(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         self.context = picker.context
 
 
-class _PoolListener:
-    """Hook implementation that keeps the pool-size gauge current."""
-
-    def __init__(self, picker: EndpointPicker) -> None:
-        self.picker = picker
-
-    @hookimpl
-    def kvaware_endpoints_changed(
-        self, scheduler: Scheduler, added: list[Endpoint], removed: list[Endpoint]
-    ) -> None:
-        if scheduler is self.picker.scheduler:
-            self.picker._pool_gauge()
-
-
 class EndpointPicker:
     """The ext_proc Endpoint Picker over a scheduler's endpoint pool.
 
@@ -142,7 +129,8 @@ class EndpointPicker:
         self._servers: list[Any] = []
         self._metrics_server: Any = None
         self._metrics_thread: threading.Thread | None = None
-        self._listener = _PoolListener(self)
+        # NOTE: keeps the pool-size gauge current.
+        self._listener = PoolListener(scheduler, lambda added, removed: self._pool_gauge())
         self._synced = synced
         self._running = False
         self._draining = False

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +66,8 @@ from kvaware_scorer.scheduler import (
     Scheduler,
     SchedulingRequest,
     SchedulingResult,
-    hookimpl,
 )
+from kvaware_scorer.scheduler.manager import PoolListener
 
 __all__ = ["Gateway"]
 
@@ -80,20 +80,6 @@ _DECISION_GRACE = 1.0
 
 def _shutting_down() -> APIError:
     return APIError(503, "The gateway is shutting down.", code="shutting_down")
-
-
-class _PoolListener:
-    """Hook implementation that tells the gateway (on its loop) when the pool changes."""
-
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-
-    @hookimpl
-    def kvaware_endpoints_changed(
-        self, scheduler: Scheduler, added: Sequence[Endpoint], removed: Sequence[Endpoint]
-    ) -> None:
-        if scheduler is self.gateway.scheduler:
-            self.gateway._pool_changed(list(added), list(removed))
 
 
 class Gateway:
@@ -148,7 +134,7 @@ class Gateway:
         self._catalog: ModelCatalog | None = None
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._listener = _PoolListener(self)
+        self._listener = PoolListener(scheduler, self._pool_changed)
         self._listener_registered = False
         self._scheduler_started = False
         self._forwarding: set[asyncio.Task[Any]] = set()  # handlers of scheduled requests

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import pluggy
 
 import kvaware_scorer.scheduler.hookspecs as hookspecs
 from kvaware_scorer.errors import ConfigError
-from kvaware_scorer.scheduler.hookspecs import PROJECT
+from kvaware_scorer.scheduler.hookspecs import PROJECT, hookimpl
 
 if TYPE_CHECKING:
     from kvaware_scorer.scheduler.config import SchedulerConfig
@@ -30,6 +30,7 @@ __all__ = [
     "BLOCK_ENV",
     "ENTRY_POINT_GROUP",
     "Hooks",
+    "PoolListener",
     "blocked_from_env",
     "make_plugin_manager",
 ]
@@ -40,6 +41,25 @@ logger = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "kvaware_scorer.plugins"
 #: Environment variable naming plugins (entry-point names) not to load, comma-separated.
 BLOCK_ENV = "KVAWARE_BLOCK_PLUGINS"
+
+
+class PoolListener:
+    """Hook implementation calling ``on_change(added, removed)`` when `scheduler`'s pool changes
+    (register it on the scheduler's plugin manager; changes of other schedulers are ignored).
+    """
+
+    def __init__(
+        self, scheduler: Scheduler, on_change: Callable[[list[Endpoint], list[Endpoint]], None]
+    ) -> None:
+        self.scheduler = scheduler
+        self.on_change = on_change
+
+    @hookimpl
+    def kvaware_endpoints_changed(
+        self, scheduler: Scheduler, added: Sequence[Endpoint], removed: Sequence[Endpoint]
+    ) -> None:
+        if scheduler is self.scheduler:
+            self.on_change(list(added), list(removed))
 
 
 def blocked_from_env(environ: os._Environ[str] | dict[str, str] | None = None) -> list[str]:
