@@ -48,7 +48,8 @@ from kvaware_scorer.tokenization.chat import CHAT_OPTIONS
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from kvaware_scorer.sim.live import Job, LivePod, LiveRequest
+    from kvaware_scorer.sim.live_pod import LivePod
+    from kvaware_scorer.sim.live_state import Job, LiveRequest
 
 __all__ = ["PodCollector", "make_app"]
 
