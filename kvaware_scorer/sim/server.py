@@ -40,14 +40,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvaware_scorer.errors import TokenizerNotFoundError
+from kvaware_scorer.sim.pod_metrics import PodCollector
 from kvaware_scorer.tokenization.chat import CHAT_OPTIONS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     from kvaware_scorer.sim.live_pod import LivePod
     from kvaware_scorer.sim.live_state import Job, LiveRequest
 
@@ -77,126 +75,6 @@ def _error_response(status: int, message: str, kind: str = "BadRequestError") ->
 
 def _json_response(data: Any) -> web.Response:
     return web.Response(body=_encode(data), content_type="application/json")
-
-
-class PodCollector:
-    """Prometheus collector of one pod's engine state under vLLM's metric names and labels.
-
-    Every family carries ``model_name`` and ``engine`` (``"0"``) like vLLM's
-    ``PrometheusStatLogger``, except ``vllm:cache_config_info``, which vLLM labels with the
-    cache config's fields and ``engine`` only.
-    """
-
-    def __init__(self, pod: LivePod) -> None:
-        self.pod = pod
-
-    def collect(self) -> Iterator[Metric]:
-        """The metric families of the pod's current engine (counters restart with the pod)."""
-        pod = self.pod
-        engine = pod.engine
-        if engine is None:
-            return
-        names = ["model_name", "engine"]
-        labels = [pod.model, "0"]
-        stats = engine.stats
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=names)
-            g.add_metric(labels, value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=names)
-            c.add_metric(labels, value)
-            return c
-
-        yield gauge(
-            "vllm:num_requests_running",
-            "Number of requests in model execution batches.",
-            engine.num_running,
-        )
-        yield gauge(
-            "vllm:num_requests_waiting",
-            "Number of requests waiting to be processed.",
-            engine.num_waiting,
-        )
-        yield gauge(
-            "vllm:kv_cache_usage_perc",
-            "KV-cache usage. 1 means 100 percent usage.",
-            engine.kv_usage(),
-        )
-        yield counter(
-            "vllm:prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-            stats.prefix_queries,
-        )
-        yield counter(
-            "vllm:prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens.",
-            stats.prefix_hits,
-        )
-        yield counter(
-            "vllm:num_preemptions",
-            "Cumulative number of preemption from the engine.",
-            stats.preemptions,
-        )
-        yield counter(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens
-        )
-        yield counter(
-            "vllm:prompt_tokens_cached",
-            "Number of cached prompt tokens (local + external).",
-            stats.prompt_tokens_cached,
-        )
-        yield counter(
-            "vllm:generation_tokens",
-            "Number of generation tokens processed.",
-            stats.generated_tokens,
-        )
-        cfg = pod.config
-        info_names = [
-            "block_size",
-            "cache_dtype",
-            "enable_prefix_caching",
-            "gpu_memory_utilization",
-            "num_cpu_blocks",
-            "num_gpu_blocks",
-            "prefix_caching_hash_algo",
-            "engine",
-        ]
-        info = GaugeMetricFamily(
-            "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", labels=info_names
-        )
-        algo = "sha256" if cfg.engine_hash == "sha256" else "kvaware-xxh3"
-        info.add_metric(
-            [
-                str(engine.block_size),
-                "auto",
-                "True",
-                str(pod.profile.gpu_memory_utilization),
-                "None",
-                str(engine.pool.num_gpu_blocks),
-                algo,
-                "0",
-            ],
-            1.0,
-        )
-        yield info
-        yield counter(
-            "kvaware_sim_kv_event_batches",
-            "KV-event batches this emulated pod published.",
-            pod.batches_published,
-        )
-        yield counter(
-            "kvaware_sim_kv_event_bytes",
-            "Bytes of KV-event payloads this emulated pod published.",
-            pod.bytes_published,
-        )
-        yield counter(
-            "kvaware_sim_requests_aborted",
-            "Requests aborted (client gone) on this emulated pod.",
-            pod.requests_aborted,
-        )
 
 
 def make_app(pod: LivePod) -> web.Application:
