@@ -177,6 +177,7 @@ class _Run:
         progress: bool,
         progress_desc: str | None,
     ) -> None:
+        # NOTE: long: a run's whole state, set up in the order it reads the router and workload.
         cfg = sim.config
         self.sim = sim
         self.cfg = cfg

@@ -448,6 +448,7 @@ class _PodAPI:
     async def _stream(
         self, request: web.Request, job: Job, ctx: Answer, include_usage: bool
     ) -> web.StreamResponse:
+        # NOTE: long: one SSE loop with vLLM's role, text, error and usage chunks in order.
         resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
         text = self.pod.text
