@@ -120,3 +120,11 @@ def test_write_path_runs_one_way() -> None:
     modules = _within(graph, "kvaware_scorer.events", "kvaware_scorer.indexer")
     assert "kvaware_scorer.indexer" in modules
     assert cycles(graph, modules) == []
+
+
+def test_sim_package_is_layered() -> None:
+    graph = import_graph()
+    # NOTE: the live pod hands the HTTP layer its state types; the server never imports back.
+    modules = _within(graph, "kvaware_scorer.sim")
+    assert "kvaware_scorer.sim.server" in modules
+    assert cycles(graph, modules) == []

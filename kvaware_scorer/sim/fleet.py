@@ -26,17 +26,17 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from kvaware_scorer.errors import ConfigError, NoEndpointError
-from kvaware_scorer.sim.engine import Engine, EngineRequest, EngineStats
+from kvaware_scorer.errors import NoEndpointError
+from kvaware_scorer.sim.engine import Engine, EngineRequest
+from kvaware_scorer.sim.fleet_types import FleetConfig, RequestRecord, RunResult
 from kvaware_scorer.sim.hashing import make_hasher
-from kvaware_scorer.sim.profiles import EngineProfile
 from kvaware_scorer.sim.request import RequestOutcome, SimRequest
 from kvaware_scorer.sim.routing import KVEventSink, PodMetrics, Router, SimEndpoint
 from kvaware_scorer.sim.wire import EventEncoder
-from kvaware_scorer.sim.workloads import StageWindow, Workload
+from kvaware_scorer.sim.workloads import Workload
 
 __all__ = [
     "CLOCK_BASE",
@@ -55,142 +55,6 @@ CLOCK_BASE = 1000.0
 EVENT_EPOCH = 1_764_000_000.0
 
 _ARRIVAL, _STEP_END, _DELIVER, _SCRAPE, _SAMPLE = 0, 1, 2, 3, 4
-
-
-@dataclass
-class FleetConfig:
-    """The emulated fleet.
-
-    Attributes:
-        profile: Every pod's profile.
-        num_pods: Pods in the fleet.
-        engine_hash: Block hash of the pods (``xxh3`` or vLLM's ``sha256``).
-        hash_seed: The pods' PYTHONHASHSEED analogue (empty = unset).
-        event_delay_s: Delay from publishing a KV-event payload to its delivery to the sinks.
-        metrics_interval_s: Metrics scrape period; 0 = after every step.
-        sample_interval_s: Period of the report's queue / KV-usage samples.
-        model: Served model name (default: the profile's model).
-        num_gpu_blocks: Override the profile's pool size (tests).
-        drain_timeout_s: Stop this long after the last stage ends even if requests remain
-            (they are reported as unfinished); None = run until every request finished.
-        event_loss: Probability that a published payload never reaches the sinks (its seq is
-            still consumed, so consumers see a gap, as with a ZMQ PUB dropping frames).
-        seed: Seed of the event-loss draws.
-        drain_between_stages: Start each stage only once every earlier request has finished
-            (independent stages; see the module docstring).
-    """
-
-    profile: EngineProfile
-    num_pods: int = 8
-    engine_hash: str = "xxh3"
-    hash_seed: str = ""
-    event_delay_s: float = 0.005
-    metrics_interval_s: float = 0.05
-    sample_interval_s: float = 0.5
-    model: str | None = None
-    num_gpu_blocks: int | None = None
-    drain_timeout_s: float | None = None
-    event_loss: float = 0.0
-    seed: int = 0
-    drain_between_stages: bool = False
-
-    def __post_init__(self) -> None:
-        if self.num_pods < 1:
-            raise ConfigError("must be >= 1", "numPods")
-        if self.event_delay_s < 0 or self.metrics_interval_s < 0:
-            raise ConfigError("delays and intervals must be >= 0")
-        if self.sample_interval_s <= 0:
-            raise ConfigError("must be > 0", "sampleInterval")
-        if not 0.0 <= self.event_loss < 1.0:
-            raise ConfigError("must be in [0, 1)", "eventLoss")
-
-    @property
-    def model_name(self) -> str:
-        """The served model name."""
-        return self.model or self.profile.model.name
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    """One request's life, for reports.
-
-    Attributes:
-        request_id: Id.
-        stage: Load stage it arrived in.
-        pod: Pod it was routed to ("" when routing failed).
-        status: 200 served, 400 rejected, 503 no endpoint, 0 unfinished at the end of the run.
-        arrival: Virtual arrival time.
-        first_token: Virtual time of the first token (None without one).
-        finish: Virtual completion time (None if unfinished).
-        prompt_tokens: Prompt length.
-        cached_tokens: Prefix-cache hit at its first admission.
-        ideal_cached_tokens: Hit an infinite cache that saw every earlier request would give.
-        output_tokens: Tokens generated.
-        preemptions: Times it was preempted.
-    """
-
-    request_id: str
-    stage: int
-    pod: str
-    status: int
-    arrival: float
-    first_token: float | None
-    finish: float | None
-    prompt_tokens: int
-    cached_tokens: int
-    ideal_cached_tokens: int
-    output_tokens: int
-    preemptions: int = 0
-
-    @property
-    def ttft(self) -> float | None:
-        """Time to first token."""
-        return None if self.first_token is None else self.first_token - self.arrival
-
-
-@dataclass
-class RunResult:
-    """Everything a run measured.
-
-    Attributes:
-        router: Router name.
-        stages: Load stages on the timeline.
-        records: One record per request.
-        stage_output_tokens: Output tokens generated inside each stage's time window.
-        samples: (virtual time, mean waiting, mean running, mean KV usage) over pods.
-        pods: Pod ids.
-        end_time: Virtual time of the last event.
-        wall_time_s: Real seconds the run took.
-        payloads: KV-event payloads published.
-        payload_bytes: Their total size.
-        payloads_lost: Payloads dropped on the way to the sinks (``event_loss``).
-        sink_errors: Payloads a sink raised on (logged and skipped).
-        engine_stats: Per-pod engine counters.
-        profile: The pods' profile figures (`EngineProfile.describe`).
-        workload: The workload's knobs (`Workload.describe`).
-        drain_between_stages: Stages ran independently (each after the previous drained).
-        measure_ends: End of each stage's measurement window (output and completion rates):
-            its arrival window's end; with ``drain_between_stages``, the next stage's start
-            (the last stage: the end of the run), so a stage's drain counts as its own.
-    """
-
-    router: str
-    stages: list[StageWindow]
-    records: list[RequestRecord] = field(default_factory=list)
-    stage_output_tokens: list[int] = field(default_factory=list)
-    samples: list[tuple[float, float, float, float]] = field(default_factory=list)
-    pods: list[str] = field(default_factory=list)
-    end_time: float = 0.0
-    wall_time_s: float = 0.0
-    payloads: int = 0
-    payload_bytes: int = 0
-    payloads_lost: int = 0
-    sink_errors: int = 0
-    engine_stats: dict[str, EngineStats] = field(default_factory=dict)
-    profile: dict[str, Any] = field(default_factory=dict)
-    workload: dict[str, Any] = field(default_factory=dict)
-    drain_between_stages: bool = False
-    measure_ends: list[float] = field(default_factory=list)
 
 
 class FleetSimulator:
@@ -280,16 +144,54 @@ class FleetSimulator:
             raise RuntimeError("a FleetSimulator runs once; build a new one")
         self._ran = True
         wall0 = time.perf_counter()
-        cfg = self.config
-        model = cfg.model_name
-        bs = cfg.profile.block_size
-        endpoints = self.endpoints
-        engines = self.engines
-        by_id = {e.id: i for i, e in enumerate(endpoints)}
-        planned = workload.stages()
-        stages = list(planned)  # moved later stage by stage with drain_between_stages
-        starts = [s.start for s in stages]
-        result = RunResult(
+        run = _Run(self, workload, router, progress, progress_desc)
+        handlers = (run.on_arrival, run.on_step_end, run.on_deliver, run.on_scrape, run.on_sample)
+        heap = run.heap
+        heappop = heapq.heappop
+        stopped_early = False
+        try:
+            while heap:
+                run.release_held()
+                t, _, kind, data = heappop(heap)
+                if run.deadline is not None and t > run.deadline:
+                    stopped_early = True
+                    break
+                self.now = t
+                handlers[kind](t, data)
+        finally:
+            run.bar.close()
+        return run.finish(stopped_early, wall0)
+
+
+class _Run:
+    """One run's state: the event heap, the stage timeline, in-flight requests, the result.
+
+    `FleetSimulator.run` pops the heap and calls the ``on_*`` method of each event's kind.
+    """
+
+    def __init__(
+        self,
+        sim: FleetSimulator,
+        workload: Workload,
+        router: Router,
+        progress: bool,
+        progress_desc: str | None,
+    ) -> None:
+        # NOTE: long: a run's whole state, set up in the order it reads the router and workload.
+        cfg = sim.config
+        self.sim = sim
+        self.cfg = cfg
+        self.workload = workload
+        self.router = router
+        self.model = cfg.model_name
+        self.bs = cfg.profile.block_size
+        self.endpoints = endpoints = sim.endpoints
+        self.engines = engines = sim.engines
+        self.by_id = {e.id: i for i, e in enumerate(endpoints)}
+        self.planned = workload.stages()
+        self.stages = stages = list(self.planned)  # moved later stage by stage while draining
+        self.starts = [s.start for s in stages]
+        self.result = RunResult(
             router=router.name,
             stages=stages,
             stage_output_tokens=[0] * len(stages),
@@ -299,261 +201,287 @@ class FleetSimulator:
             drain_between_stages=cfg.drain_between_stages,
             measure_ends=[w.end for w in stages],
         )
-        measure_ends = result.measure_ends
-        records = result.records
-        stage_tokens = result.stage_output_tokens
+        self.measure_ends = self.result.measure_ends
+        self.records = self.result.records
+        self.stage_tokens = self.result.stage_output_tokens
+        self.deadline = self._drain_deadline()
 
-        def drain_deadline() -> float | None:
-            load_end = stages[-1].end if stages else 0.0
-            return None if cfg.drain_timeout_s is None else load_end + cfg.drain_timeout_s
-
-        deadline = drain_deadline()
-
-        self._scrape()
+        sim._scrape()
         router.bind(endpoints)
-        sinks: list[KVEventSink] = list(router.event_sinks)
+        self.sinks: list[KVEventSink] = list(router.event_sinks)
         # NOTE: optional, so that routers written before first-token reports still run.
-        on_first: Callable[[SimRequest], None] | None = getattr(router, "first_token", None)
-        encoder = EventEncoder()
-        seqs = [0] * len(engines)
-        busy = [False] * len(engines)
-        delay = cfg.event_delay_s
-        interval = cfg.metrics_interval_s
-        loss = cfg.event_loss
-        loss_rng = random.Random(cfg.seed)
-        ideal_seen: set[int] = set()
-        live: dict[str, tuple[EngineRequest, int, int, str]] = {}
+        self.on_first: Callable[[SimRequest], None] | None = getattr(router, "first_token", None)
+        self.encoder = EventEncoder()
+        self.seqs = [0] * len(engines)
+        self.busy = [False] * len(engines)
+        self.delay = cfg.event_delay_s
+        self.interval = cfg.metrics_interval_s
+        self.loss = cfg.event_loss
+        self.loss_rng = random.Random(cfg.seed)
+        self.ideal_seen: set[int] = set()
+        self.live: dict[str, tuple[EngineRequest, int, int, str]] = {}
 
-        heap: list[tuple[float, int, int, Any]] = []
-        counter = 0
-        pending_arrivals = 0
-        pending_deliveries = 0
+        self.heap: list[tuple[float, int, int, Any]] = []
+        self.counter = 0
+        self.pending_arrivals = 0
+        self.pending_deliveries = 0
 
-        def push(t: float, kind: int, data: Any) -> None:
-            nonlocal counter
-            counter += 1
-            heapq.heappush(heap, (t, counter, kind, data))
+        self.source: Iterator[SimRequest] = iter(workload.requests())
+        self.source_done = False
+        self.drain = cfg.drain_between_stages
+        self.shift = 0.0  # how much later than planned the current stage runs (drain only)
+        self.current_stage = stages[0].index if stages else 0
+        self.held: SimRequest | None = None  # a next stage's first arrival, waiting to drain
 
-        source: Iterator[SimRequest] = iter(workload.requests())
-        source_done = False
-        drain = cfg.drain_between_stages
-        shift = 0.0  # how much later than planned the current stage runs (drain only)
-        current_stage = stages[0].index if stages else 0
-        held: SimRequest | None = None  # a next stage's first arrival, waiting for the drain
+        self.bar = _progress(progress, workload.expected_requests(), progress_desc or router.name)
+        self._next_from_source()
+        if self.interval > 0:
+            self._push(0.0, _SCRAPE, None)
+        self._push(0.0, _SAMPLE, None)
 
-        def next_from_source() -> None:
-            # Called while an arrival is being handled: that request is in flight too.
-            nonlocal source_done, held
-            req = next(source, None)
-            if req is None:
-                source_done = True
-                return
-            if drain and req.stage != current_stage:
-                held = req
-                return
-            release(req)
+    # -- helpers --------------------------------------------------------------------------------
 
-        def release(req: SimRequest) -> None:
-            nonlocal pending_arrivals, shift, current_stage, deadline
-            if drain and req.stage != current_stage:
-                shift = max(shift, self.now - planned[req.stage].start)
-                for k in range(req.stage, len(stages)):
-                    w = planned[k]
-                    stages[k] = replace(w, start=w.start + shift, end=w.end + shift)
-                    starts[k] = stages[k].start
-                    measure_ends[k] = stages[k].end
-                for k in range(current_stage, req.stage):
-                    measure_ends[k] = max(stages[k].end, stages[k + 1].start)
-                current_stage = req.stage
-                deadline = drain_deadline()
-            req.arrival_time += shift
-            pending_arrivals += 1
-            push(req.arrival_time, _ARRIVAL, (req, True))
+    def _drain_deadline(self) -> float | None:
+        load_end = self.stages[-1].end if self.stages else 0.0
+        timeout = self.cfg.drain_timeout_s
+        return None if timeout is None else load_end + timeout
 
-        def start_step(i: int) -> None:
-            busy[i] = True
-            push(self.now + engines[i].begin_step(self.now), _STEP_END, i)
+    def _push(self, t: float, kind: int, data: Any) -> None:
+        self.counter += 1
+        heapq.heappush(self.heap, (t, self.counter, kind, data))
 
-        def deliver(i: int, payload: bytes, seq: int) -> None:
-            pod = endpoints[i].id
-            for sink in sinks:
-                try:
-                    sink.ingest(pod=pod, model=model, payload=payload, seq=seq)
-                except Exception:
-                    result.sink_errors += 1
-                    logger.exception("KV-event sink %r failed on %s seq %d", sink, pod, seq)
+    def _next_from_source(self) -> None:
+        # Called while an arrival is being handled: that request is in flight too.
+        req = next(self.source, None)
+        if req is None:
+            self.source_done = True
+            return
+        if self.drain and req.stage != self.current_stage:
+            self.held = req
+            return
+        self._release(req)
 
-        def finish_request(er: EngineRequest, status: int, pod: str, error: str | None) -> None:
-            req = er.sim
-            outcome = RequestOutcome(
-                status=status,
-                pod=pod,
-                prompt_tokens=er.num_prompt_tokens,
-                cached_tokens=max(er.num_cached_tokens, 0),
-                completion_tokens=er.num_output_tokens,
-                arrival_time=req.arrival_time,
-                first_token_time=er.first_token_time,
-                finish_time=self.now,
-                preemptions=er.preemptions,
-                error=error,
+    def release_held(self) -> None:
+        """Release a held next-stage arrival once the fleet has drained."""
+        if self.held is not None and not self.live and not self.pending_arrivals:
+            req, self.held = self.held, None
+            self._release(req)
+
+    def _release(self, req: SimRequest) -> None:
+        if self.drain and req.stage != self.current_stage:
+            self._move_stages(req.stage)
+        req.arrival_time += self.shift
+        self.pending_arrivals += 1
+        self._push(req.arrival_time, _ARRIVAL, (req, True))
+
+    def _move_stages(self, stage: int) -> None:
+        """Start `stage` now: it and the stages after it move later by the drain's wait."""
+        stages, planned, measure_ends = self.stages, self.planned, self.measure_ends
+        self.shift = max(self.shift, self.sim.now - planned[stage].start)
+        shift = self.shift
+        for k in range(stage, len(stages)):
+            w = planned[k]
+            stages[k] = replace(w, start=w.start + shift, end=w.end + shift)
+            self.starts[k] = stages[k].start
+            measure_ends[k] = stages[k].end
+        for k in range(self.current_stage, stage):
+            measure_ends[k] = max(stages[k].end, stages[k + 1].start)
+        self.current_stage = stage
+        self.deadline = self._drain_deadline()
+
+    def _start_step(self, i: int) -> None:
+        self.busy[i] = True
+        now = self.sim.now
+        self._push(now + self.engines[i].begin_step(now), _STEP_END, i)
+
+    def _deliver(self, i: int, payload: bytes, seq: int) -> None:
+        pod = self.endpoints[i].id
+        for sink in self.sinks:
+            try:
+                sink.ingest(pod=pod, model=self.model, payload=payload, seq=seq)
+            except Exception:
+                self.result.sink_errors += 1
+                logger.exception("KV-event sink %r failed on %s seq %d", sink, pod, seq)
+
+    def _finish_request(self, er: EngineRequest, status: int, pod: str, error: str | None) -> None:
+        req = er.sim
+        now = self.sim.now
+        outcome = RequestOutcome(
+            status=status,
+            pod=pod,
+            prompt_tokens=er.num_prompt_tokens,
+            cached_tokens=max(er.num_cached_tokens, 0),
+            completion_tokens=er.num_output_tokens,
+            arrival_time=req.arrival_time,
+            first_token_time=er.first_token_time,
+            finish_time=now,
+            preemptions=er.preemptions,
+            error=error,
+        )
+        self.router.complete(req, outcome)
+        for follow in self.workload.on_complete(req, now):
+            self._push_arrival(follow)
+
+    def _push_arrival(self, req: SimRequest) -> None:
+        if self.drain:
+            # NOTE: the workload placed it on the planned timeline; while draining, every
+            # follow-up belongs to the stage being run.
+            req.stage = self.current_stage
+        if req.arrival_time < self.sim.now:
+            req.arrival_time = self.sim.now
+        self.pending_arrivals += 1
+        self._push(req.arrival_time, _ARRIVAL, (req, False))
+
+    def _ideal_hit(self, req: SimRequest) -> int:
+        bs = self.bs
+        hashes = req.block_hashes or []
+        limit = (req.num_prompt_tokens - 1) // bs
+        n = 0
+        for h in hashes[:limit]:
+            if h not in self.ideal_seen:
+                break
+            n += 1
+        self.ideal_seen.update(hashes)
+        return n * bs
+
+    def _in_flight(self) -> bool:
+        return bool(self.live or self.pending_arrivals or not self.source_done)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def on_step_end(self, t: float, i: int) -> None:
+        """A pod's step ended: apply it, publish its events, record finished requests."""
+        out = self.engines[i].finish_step(t)
+        if self.on_first is not None:
+            for er in out.first_tokens:
+                self.on_first(er.sim)
+        if out.sampled:
+            self._count_tokens(t, out.sampled)
+        if out.events:
+            self._publish(t, i, self.encoder.encode(EVENT_EPOCH + t, out.events))
+        pod = self.endpoints[i].id
+        for er in out.finished:
+            _, stage, ideal, _pod = self.live.pop(er.request_id)
+            self.records.append(
+                RequestRecord(
+                    er.request_id,
+                    stage,
+                    pod,
+                    200,
+                    er.sim.arrival_time,
+                    er.first_token_time,
+                    t,
+                    er.num_prompt_tokens,
+                    max(er.num_cached_tokens, 0),
+                    ideal,
+                    er.num_output_tokens,
+                    er.preemptions,
+                )
             )
-            router.complete(req, outcome)
-            for follow in workload.on_complete(req, self.now):
-                push_arrival(follow)
+            self.ideal_seen.update(er.block_hashes)
+            self._finish_request(er, 200, pod, None)
+            self.bar.done()
+        if self.interval == 0:
+            self.sim._scrape()
+            self.router.observe(self.endpoints, self.sim.clock())
+        if self.engines[i].has_work():
+            self._start_step(i)
+        else:
+            self.busy[i] = False
 
-        def push_arrival(req: SimRequest) -> None:
-            nonlocal pending_arrivals
-            if drain:
-                # NOTE: the workload placed it on the planned timeline; while draining, every
-                # follow-up belongs to the stage being run.
-                req.stage = current_stage
-            if req.arrival_time < self.now:
-                req.arrival_time = self.now
-            pending_arrivals += 1
-            push(req.arrival_time, _ARRIVAL, (req, False))
+    def _count_tokens(self, t: float, sampled: int) -> None:
+        if self.drain:
+            self.stage_tokens[self.current_stage] += sampled
+        else:
+            k = bisect.bisect_right(self.starts, t) - 1
+            if 0 <= k < len(self.stages) and t < self.stages[k].end:
+                self.stage_tokens[k] += sampled
 
-        def ideal_hit(req: SimRequest) -> int:
-            hashes = req.block_hashes or []
-            limit = (req.num_prompt_tokens - 1) // bs
-            n = 0
-            for h in hashes[:limit]:
-                if h not in ideal_seen:
-                    break
-                n += 1
-            ideal_seen.update(hashes)
-            return n * bs
+    def _publish(self, t: float, i: int, payload: bytes) -> None:
+        result = self.result
+        seq = self.seqs[i]
+        self.seqs[i] = seq + 1
+        result.payloads += 1
+        result.payload_bytes += len(payload)
+        if self.loss and self.loss_rng.random() < self.loss:
+            result.payloads_lost += 1
+        elif self.sinks:
+            if self.delay > 0:
+                self.pending_deliveries += 1
+                self._push(t + self.delay, _DELIVER, (i, payload, seq))
+            else:
+                self._deliver(i, payload, seq)
 
-        bar = _progress(progress, workload.expected_requests(), progress_desc or router.name)
-        next_from_source()
-        if interval > 0:
-            push(0.0, _SCRAPE, None)
-        push(0.0, _SAMPLE, None)
-        heappop = heapq.heappop
-        stopped_early = False
+    def on_arrival(self, t: float, data: tuple[SimRequest, bool]) -> None:
+        """A request arrives: route it and queue it on the chosen pod."""
+        req, from_source = data
+        self.pending_arrivals -= 1
+        self.bar.routed()
+        if from_source:
+            self._next_from_source()
+        self.sim._hash_prompt(req)
+        ideal = self._ideal_hit(req)
         try:
-            while heap:
-                if held is not None and not live and not pending_arrivals:
-                    next_req, held = held, None
-                    release(next_req)
-                t, _, kind, data = heappop(heap)
-                if deadline is not None and t > deadline:
-                    stopped_early = True
-                    break
-                self.now = t
-                if kind == _STEP_END:
-                    i = data
-                    out = engines[i].finish_step(t)
-                    if on_first is not None:
-                        for er in out.first_tokens:
-                            on_first(er.sim)
-                    if out.sampled:
-                        if drain:
-                            stage_tokens[current_stage] += out.sampled
-                        else:
-                            k = bisect.bisect_right(starts, t) - 1
-                            if 0 <= k < len(stages) and t < stages[k].end:
-                                stage_tokens[k] += out.sampled
-                    if out.events:
-                        payload = encoder.encode(EVENT_EPOCH + t, out.events)
-                        seq = seqs[i]
-                        seqs[i] = seq + 1
-                        result.payloads += 1
-                        result.payload_bytes += len(payload)
-                        if loss and loss_rng.random() < loss:
-                            result.payloads_lost += 1
-                        elif sinks:
-                            if delay > 0:
-                                pending_deliveries += 1
-                                push(t + delay, _DELIVER, (i, payload, seq))
-                            else:
-                                deliver(i, payload, seq)
-                    for er in out.finished:
-                        _, stage, ideal, _pod = live.pop(er.request_id)
-                        records.append(
-                            RequestRecord(
-                                er.request_id,
-                                stage,
-                                endpoints[i].id,
-                                200,
-                                er.sim.arrival_time,
-                                er.first_token_time,
-                                t,
-                                er.num_prompt_tokens,
-                                max(er.num_cached_tokens, 0),
-                                ideal,
-                                er.num_output_tokens,
-                                er.preemptions,
-                            )
-                        )
-                        ideal_seen.update(er.block_hashes)
-                        finish_request(er, 200, endpoints[i].id, None)
-                        bar.done()
-                    if interval == 0:
-                        self._scrape()
-                        router.observe(endpoints, self.clock())
-                    if engines[i].has_work():
-                        start_step(i)
-                    else:
-                        busy[i] = False
-                elif kind == _ARRIVAL:
-                    req, from_source = data
-                    pending_arrivals -= 1
-                    bar.routed()
-                    if from_source:
-                        next_from_source()
-                    self._hash_prompt(req)
-                    ideal = ideal_hit(req)
-                    try:
-                        pod_id = router.route(req, endpoints)
-                    except NoEndpointError as exc:
-                        logger.warning("no endpoint for %s: %s", req.request_id, exc)
-                        records.append(_failed(req, "", 503, ideal))
-                        bar.done()
-                        continue
-                    i = by_id.get(pod_id, -1)
-                    if i < 0:
-                        raise RuntimeError(f"router {router.name!r} chose unknown pod {pod_id!r}")
-                    engine = engines[i]
-                    reason = engine.validate(req)
-                    if reason is not None:
-                        records.append(_failed(req, pod_id, 400, ideal))
-                        router.complete(
-                            req,
-                            RequestOutcome(
-                                400, pod_id, req.num_prompt_tokens, 0, 0, t, None, t, 0, reason
-                            ),
-                        )
-                        bar.done()
-                        continue
-                    er = engine.add_request(req)
-                    live[er.request_id] = (er, req.stage, ideal, pod_id)
-                    if not busy[i]:
-                        start_step(i)
-                elif kind == _DELIVER:
-                    pending_deliveries -= 1
-                    deliver(*data)
-                elif kind == _SCRAPE:
-                    self._scrape()
-                    router.observe(endpoints, self.clock())
-                    if live or pending_arrivals or not source_done or pending_deliveries:
-                        push(t + interval, _SCRAPE, None)
-                else:
-                    n = len(engines)
-                    result.samples.append(
-                        (
-                            t,
-                            sum(len(e.waiting) for e in engines) / n,
-                            sum(len(e.running) for e in engines) / n,
-                            sum(e.pool.usage() for e in engines) / n,
-                        )
-                    )
-                    if live or pending_arrivals or not source_done:
-                        push(t + cfg.sample_interval_s, _SAMPLE, None)
-        finally:
-            bar.close()
+            pod_id = self.router.route(req, self.endpoints)
+        except NoEndpointError as exc:
+            logger.warning("no endpoint for %s: %s", req.request_id, exc)
+            self.records.append(_failed(req, "", 503, ideal))
+            self.bar.done()
+            return
+        i = self.by_id.get(pod_id, -1)
+        if i < 0:
+            raise RuntimeError(f"router {self.router.name!r} chose unknown pod {pod_id!r}")
+        engine = self.engines[i]
+        reason = engine.validate(req)
+        if reason is not None:
+            self.records.append(_failed(req, pod_id, 400, ideal))
+            self.router.complete(
+                req,
+                RequestOutcome(400, pod_id, req.num_prompt_tokens, 0, 0, t, None, t, 0, reason),
+            )
+            self.bar.done()
+            return
+        er = engine.add_request(req)
+        self.live[er.request_id] = (er, req.stage, ideal, pod_id)
+        if not self.busy[i]:
+            self._start_step(i)
+
+    def on_deliver(self, t: float, data: tuple[int, bytes, int]) -> None:
+        """A delayed KV-event payload reaches the sinks."""
+        self.pending_deliveries -= 1
+        self._deliver(*data)
+
+    def on_scrape(self, t: float, data: None) -> None:
+        """The periodic metrics scrape."""
+        self.sim._scrape()
+        self.router.observe(self.endpoints, self.sim.clock())
+        if self._in_flight() or self.pending_deliveries:
+            self._push(t + self.interval, _SCRAPE, None)
+
+    def on_sample(self, t: float, data: None) -> None:
+        """The periodic fleet-average sample (queue lengths, KV usage)."""
+        engines = self.engines
+        n = len(engines)
+        self.result.samples.append(
+            (
+                t,
+                sum(len(e.waiting) for e in engines) / n,
+                sum(len(e.running) for e in engines) / n,
+                sum(e.pool.usage() for e in engines) / n,
+            )
+        )
+        if self._in_flight():
+            self._push(t + self.cfg.sample_interval_s, _SAMPLE, None)
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def finish(self, stopped_early: bool, wall0: float) -> RunResult:
+        """The result: requests cut off by the drain timeout recorded, windows closed."""
+        result = self.result
+        now = self.sim.now
         if stopped_early:
-            for er, stage, ideal, pod_id in live.values():
-                records.append(
+            for er, stage, ideal, pod_id in self.live.values():
+                self.records.append(
                     RequestRecord(
                         er.request_id,
                         stage,
@@ -569,10 +497,11 @@ class FleetSimulator:
                         er.preemptions,
                     )
                 )
-        result.end_time = self.now
-        if drain and stages:
-            measure_ends[current_stage] = max(stages[current_stage].end, self.now)
-        result.engine_stats = {e.id: e.engine.stats for e in endpoints}
+        result.end_time = now
+        if self.drain and self.stages:
+            current = self.current_stage
+            self.measure_ends[current] = max(self.stages[current].end, now)
+        result.engine_stats = {e.id: e.engine.stats for e in self.endpoints}
         result.wall_time_s = time.perf_counter() - wall0
         return result
 

@@ -40,162 +40,32 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvaware_scorer.errors import TokenizerNotFoundError
+from kvaware_scorer.sim.openai_wire import (
+    DONE,
+    SAMPLING_FIELDS,
+    SSE_HEADERS,
+    Answer,
+    HTTPError,
+    cache_salt,
+    encode,
+    error_response,
+    int_field,
+    json_response,
+    token_list,
+    too_long,
+)
+from kvaware_scorer.sim.pod_metrics import PodCollector
 from kvaware_scorer.tokenization.chat import CHAT_OPTIONS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
-    from kvaware_scorer.sim.live import Job, LivePod, LiveRequest
+    from kvaware_scorer.sim.live_pod import LivePod
+    from kvaware_scorer.sim.live_state import Job, LiveRequest
 
 __all__ = ["PodCollector", "make_app"]
 
 logger = logging.getLogger(__name__)
-
-_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-_DONE = b"data: [DONE]\n\n"
-_encode = msgspec.json.encode
-
-
-class _HTTPError(Exception):
-    """An error answered in vLLM's shape."""
-
-    def __init__(self, status: int, message: str, kind: str = "BadRequestError") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-
-
-def _error_response(status: int, message: str, kind: str = "BadRequestError") -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    return web.Response(body=_encode(body), status=status, content_type="application/json")
-
-
-def _json_response(data: Any) -> web.Response:
-    return web.Response(body=_encode(data), content_type="application/json")
-
-
-class PodCollector:
-    """Prometheus collector of one pod's engine state under vLLM's metric names and labels.
-
-    Every family carries ``model_name`` and ``engine`` (``"0"``) like vLLM's
-    ``PrometheusStatLogger``, except ``vllm:cache_config_info``, which vLLM labels with the
-    cache config's fields and ``engine`` only.
-    """
-
-    def __init__(self, pod: LivePod) -> None:
-        self.pod = pod
-
-    def collect(self) -> Iterator[Metric]:
-        """The metric families of the pod's current engine (counters restart with the pod)."""
-        pod = self.pod
-        engine = pod.engine
-        if engine is None:
-            return
-        names = ["model_name", "engine"]
-        labels = [pod.model, "0"]
-        stats = engine.stats
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=names)
-            g.add_metric(labels, value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=names)
-            c.add_metric(labels, value)
-            return c
-
-        yield gauge(
-            "vllm:num_requests_running",
-            "Number of requests in model execution batches.",
-            engine.num_running,
-        )
-        yield gauge(
-            "vllm:num_requests_waiting",
-            "Number of requests waiting to be processed.",
-            engine.num_waiting,
-        )
-        yield gauge(
-            "vllm:kv_cache_usage_perc",
-            "KV-cache usage. 1 means 100 percent usage.",
-            engine.kv_usage(),
-        )
-        yield counter(
-            "vllm:prefix_cache_queries",
-            "Prefix cache queries, in terms of number of queried tokens.",
-            stats.prefix_queries,
-        )
-        yield counter(
-            "vllm:prefix_cache_hits",
-            "Prefix cache hits, in terms of number of cached tokens.",
-            stats.prefix_hits,
-        )
-        yield counter(
-            "vllm:num_preemptions",
-            "Cumulative number of preemption from the engine.",
-            stats.preemptions,
-        )
-        yield counter(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", stats.prompt_tokens
-        )
-        yield counter(
-            "vllm:prompt_tokens_cached",
-            "Number of cached prompt tokens (local + external).",
-            stats.prompt_tokens_cached,
-        )
-        yield counter(
-            "vllm:generation_tokens",
-            "Number of generation tokens processed.",
-            stats.generated_tokens,
-        )
-        cfg = pod.config
-        info_names = [
-            "block_size",
-            "cache_dtype",
-            "enable_prefix_caching",
-            "gpu_memory_utilization",
-            "num_cpu_blocks",
-            "num_gpu_blocks",
-            "prefix_caching_hash_algo",
-            "engine",
-        ]
-        info = GaugeMetricFamily(
-            "vllm:cache_config_info", "Information of the LLMEngine CacheConfig", labels=info_names
-        )
-        algo = "sha256" if cfg.engine_hash == "sha256" else "kvaware-xxh3"
-        info.add_metric(
-            [
-                str(engine.block_size),
-                "auto",
-                "True",
-                str(pod.profile.gpu_memory_utilization),
-                "None",
-                str(engine.pool.num_gpu_blocks),
-                algo,
-                "0",
-            ],
-            1.0,
-        )
-        yield info
-        yield counter(
-            "kvaware_sim_kv_event_batches",
-            "KV-event batches this emulated pod published.",
-            pod.batches_published,
-        )
-        yield counter(
-            "kvaware_sim_kv_event_bytes",
-            "Bytes of KV-event payloads this emulated pod published.",
-            pod.bytes_published,
-        )
-        yield counter(
-            "kvaware_sim_requests_aborted",
-            "Requests aborted (client gone) on this emulated pod.",
-            pod.requests_aborted,
-        )
 
 
 def make_app(pod: LivePod) -> web.Application:
@@ -220,70 +90,6 @@ def make_app(pod: LivePod) -> web.Application:
     return app
 
 
-def _int_field(body: Mapping[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _HTTPError(400, f"{name} must be an integer, got {value!r}")
-    return value
-
-
-def _token_list(value: Any, vocab: int | None, name: str) -> list[int] | None:
-    if not isinstance(value, list) or not value:
-        return None
-    for t in value:
-        if not isinstance(t, int) or isinstance(t, bool):
-            return None
-    lo, hi = min(value), max(value)
-    if lo < 0:
-        raise _HTTPError(400, f"{name}: token ids must be non-negative, got {lo}")
-    limit = vocab if vocab is not None else 1 << 31
-    if hi >= limit:
-        raise _HTTPError(400, f"Token id {hi} is out of vocabulary")
-    return list(value)
-
-
-def _too_long(limit: int, max_tokens: int, prompt: int | None) -> str:
-    """vLLM's context-length refusal (prompt None: checked before tokenizing)."""
-    if max_tokens == 0:
-        return (
-            f"This model's maximum context length is {limit} tokens. However, your request "
-            f"has {prompt} input tokens. Please reduce the length of the input."
-        )
-    has = "at least 1 input token" if prompt is None else f"{prompt} input tokens"
-    shown = 1 if prompt is None else prompt
-    return (
-        f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
-        f"maximum context length is {limit} tokens and your request has {has} "
-        f"({max_tokens} > {limit} - {shown})."
-    )
-
-
-def _cache_salt(body: Mapping[str, Any]) -> str | None:
-    salt = body.get("cache_salt")
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise _HTTPError(400, "cache_salt must be a non-empty string")
-    return salt
-
-
-# Sampling fields a render answer carries over into its ``sampling_params`` (vLLM's names).
-_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-    "min_tokens",
-    "skip_special_tokens",
-)
-
 # Above this many ids, decoding runs in a worker thread (the event loop drives every pod).
 _DECODE_OFF_LOOP_TOKENS = 2048
 
@@ -300,11 +106,11 @@ class _PodAPI:
 
     async def health(self, request: web.Request) -> web.Response:
         if self.pod.failed is not None:
-            return _error_response(503, self.pod.failed, "EngineDeadError")
+            return error_response(503, self.pod.failed, "EngineDeadError")
         return web.Response()
 
     async def version(self, request: web.Request) -> web.Response:
-        return _json_response({"version": "kvaware-sim"})
+        return json_response({"version": "kvaware-sim"})
 
     async def models(self, request: web.Request) -> web.Response:
         pod = self.pod
@@ -319,26 +125,26 @@ class _PodAPI:
             "max_model_len": max_len,
             "permission": [],
         }
-        return _json_response({"object": "list", "data": [card]})
+        return json_response({"object": "list", "data": [card]})
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def event_sources(self, request: web.Request) -> web.Response:
-        return _json_response(self.pod.event_sources())
+        return json_response(self.pod.event_sources())
 
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
         try:
             ok = await self.pod.reset_prefix_cache()
         except ConnectionError as exc:
-            return _error_response(503, str(exc), "ServiceUnavailableError")
+            return error_response(503, str(exc), "ServiceUnavailableError")
         if not ok:
             # NOTE: vLLM only logs this failure; a status tells a caller (tests) it did nothing.
-            return _error_response(
+            return error_response(
                 409, "Failed to reset prefix cache: some blocks are still in use", "ConflictError"
             )
-        return _json_response({"success": True})
+        return json_response({"success": True})
 
     # -- tokenizer routes (vLLM's /tokenize, /detokenize and the render routes) -----------------
 
@@ -348,17 +154,17 @@ class _PodAPI:
             self._check_model(body)
             chat = body.get("messages") is not None
             if not chat and not isinstance(body.get("prompt"), str):
-                raise _HTTPError(400, "prompt must be a string (or give messages)")
+                raise HTTPError(400, "prompt must be a string (or give messages)")
             if chat and body.get("add_generation_prompt") is None:
                 # NOTE: vLLM's TokenizeChatRequest defaults add_generation_prompt to true.
                 body = {**body, "add_generation_prompt": True}
             ids = (await self._prompts(body, chat))[0]
             strs = body.get("return_token_strs")
             if strs is not None and not isinstance(strs, bool):
-                raise _HTTPError(400, "return_token_strs must be a boolean")
-        except _HTTPError as exc:
-            return _error_response(exc.status, exc.message, exc.kind)
-        return _json_response(
+                raise HTTPError(400, "return_token_strs must be a boolean")
+        except HTTPError as exc:
+            return error_response(exc.status, exc.message, exc.kind)
+        return json_response(
             {
                 "count": len(ids),
                 "max_model_len": self._max_model_len(),
@@ -373,18 +179,18 @@ class _PodAPI:
             self._check_model(body)
             tokens = body.get("tokens")
             if tokens == []:
-                return _json_response({"prompt": ""})
-            ids = _token_list(tokens, self.pod.text.vocab_size, "tokens")
+                return json_response({"prompt": ""})
+            ids = token_list(tokens, self.pod.text.vocab_size, "tokens")
             if ids is None:
-                raise _HTTPError(400, "tokens must be a list of token ids")
-        except _HTTPError as exc:
-            return _error_response(exc.status, exc.message, exc.kind)
+                raise HTTPError(400, "tokens must be a list of token ids")
+        except HTTPError as exc:
+            return error_response(exc.status, exc.message, exc.kind)
         text = self.pod.text
         if len(ids) >= _DECODE_OFF_LOOP_TOKENS:
             prompt = await asyncio.to_thread(text.decode, ids)
         else:
             prompt = text.decode(ids)
-        return _json_response({"prompt": prompt})
+        return json_response({"prompt": prompt})
 
     async def render_completions(self, request: web.Request) -> web.Response:
         return await self._render(request, chat=False)
@@ -399,15 +205,15 @@ class _PodAPI:
             body = await self._read(request)
             self._check_model(body)
             max_tokens = self._max_tokens(body, chat)
-            salt = _cache_salt(body)
+            salt = cache_salt(body)
             prompts = await self._prompts(body, chat)
             if max_tokens is not None:
                 self._check_context(prompts, max_tokens)
             else:
                 self._check_context(prompts, 0)
-        except _HTTPError as exc:
-            return _error_response(exc.status, exc.message, exc.kind)
-        sampling = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+        except HTTPError as exc:
+            return error_response(exc.status, exc.message, exc.kind)
+        sampling = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
         sampling["max_tokens"] = max_tokens
         stream = body.get("stream") is True
         prefix = "chatcmpl-" if chat else "cmpl-"
@@ -426,7 +232,7 @@ class _PodAPI:
             }
             for ids in prompts
         ]
-        return _json_response(rendered[0] if chat else rendered)
+        return json_response(rendered[0] if chat else rendered)
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -440,15 +246,15 @@ class _PodAPI:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
-            raise _HTTPError(413, str(exc)) from None
+            raise HTTPError(413, str(exc)) from None
         try:
             body = msgspec.json.decode(raw)
         except (msgspec.DecodeError, UnicodeError, RecursionError) as exc:
             # NOTE: strings that are not UTF-8 are a DecodeError from msgspec 0.23, a
             # UnicodeDecodeError before; nesting deeper than it recurses a RecursionError.
-            raise _HTTPError(400, f"Invalid JSON body: {exc}") from None
+            raise HTTPError(400, f"Invalid JSON body: {exc}") from None
         if not isinstance(body, dict):
-            raise _HTTPError(400, "The request body must be a JSON object")
+            raise HTTPError(400, "The request body must be a JSON object")
         return body
 
     async def _prompts(self, body: dict[str, Any], chat: bool) -> list[list[int]]:
@@ -457,23 +263,23 @@ class _PodAPI:
         vocab = pod.text.vocab_size
         add_special = body.get("add_special_tokens")
         if add_special is not None and not isinstance(add_special, bool):
-            raise _HTTPError(400, "add_special_tokens must be a boolean")
+            raise HTTPError(400, "add_special_tokens must be a boolean")
         try:
             if chat:
                 messages = body.get("messages")
                 if not isinstance(messages, list) or not messages:
-                    raise _HTTPError(400, "messages must be a non-empty list")
+                    raise HTTPError(400, "messages must be a non-empty list")
                 options = {k: body[k] for k in CHAT_OPTIONS if body.get(k) is not None}
                 return [await pod.tokenize(messages=messages, **options)]
             if body.get("prompt_embeds") is not None:
-                raise _HTTPError(400, "prompt_embeds are not supported by the emulated pod")
+                raise HTTPError(400, "prompt_embeds are not supported by the emulated pod")
             prompt = body.get("prompt")
             if prompt is None:
-                raise _HTTPError(400, "prompt is required")
+                raise HTTPError(400, "prompt is required")
             opts: dict[str, Any] = (
                 {} if add_special is None else {"add_special_tokens": add_special}
             )
-            ids = _token_list(prompt, vocab, "prompt")
+            ids = token_list(prompt, vocab, "prompt")
             if ids is not None:
                 return [ids]
             if isinstance(prompt, str):
@@ -481,26 +287,26 @@ class _PodAPI:
             if isinstance(prompt, list) and prompt:
                 out: list[list[int]] = []
                 for i, p in enumerate(prompt):
-                    one = _token_list(p, vocab, f"prompt[{i}]")
+                    one = token_list(p, vocab, f"prompt[{i}]")
                     if one is not None:
                         out.append(one)
                     elif isinstance(p, str):
                         out.append(await pod.tokenize(prompt=p, **opts))
                     else:
-                        raise _HTTPError(400, f"prompt[{i}] must be text or token ids")
+                        raise HTTPError(400, f"prompt[{i}] must be text or token ids")
                 return out
-            raise _HTTPError(400, "prompt must be text, token ids, or a list of either")
+            raise HTTPError(400, "prompt must be text, token ids, or a list of either")
         except LookupError as exc:
             if isinstance(exc, TokenizerNotFoundError):
-                raise _HTTPError(500, str(exc), "InternalServerError") from None
-            raise _HTTPError(400, str(exc)) from None
+                raise HTTPError(500, str(exc), "InternalServerError") from None
+            raise HTTPError(400, str(exc)) from None
         except ValueError as exc:
-            raise _HTTPError(400, str(exc)) from None
+            raise HTTPError(400, str(exc)) from None
 
     def _check_model(self, body: Mapping[str, Any]) -> None:
         model = body.get("model")
         if model is not None and model != self.pod.model:
-            raise _HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
+            raise HTTPError(404, f"The model `{model}` does not exist.", "NotFoundError")
 
     def _max_model_len(self) -> int | None:
         engine = self.pod.engine
@@ -509,18 +315,18 @@ class _PodAPI:
     def _max_tokens(self, body: Mapping[str, Any], chat: bool) -> int | None:
         """The request's ``max_completion_tokens`` / ``max_tokens``, checked against the
         context length before anything is sized by it (None = not given)."""
-        max_tokens = _int_field(body, "max_completion_tokens") if chat else None
+        max_tokens = int_field(body, "max_completion_tokens") if chat else None
         if max_tokens is None:
-            max_tokens = _int_field(body, "max_tokens")
+            max_tokens = int_field(body, "max_tokens")
         if max_tokens is None:
             return None
         if max_tokens < 1:
-            raise _HTTPError(400, f"max_tokens must be at least 1, got {max_tokens}.")
+            raise HTTPError(400, f"max_tokens must be at least 1, got {max_tokens}.")
         limit = self._max_model_len()
         # NOTE: a prompt has at least one token, so this bound holds before tokenizing; the
         # output buffer is sized by max_tokens, which must never reach the allocator unchecked.
         if limit is not None and max_tokens >= limit:
-            raise _HTTPError(400, _too_long(limit, max_tokens, None))
+            raise HTTPError(400, too_long(limit, max_tokens, None))
         return max_tokens
 
     def _check_context(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> None:
@@ -530,44 +336,44 @@ class _PodAPI:
             return
         for ids in prompts:
             if len(ids) + max_tokens > limit:
-                raise _HTTPError(400, _too_long(limit, max_tokens, len(ids)))
+                raise HTTPError(400, too_long(limit, max_tokens, len(ids)))
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         pod = self.pod
         try:
             body = await self._read(request)
             self._check_model(body)
-            n = _int_field(body, "n")
+            n = int_field(body, "n")
             if n is not None and n != 1:
-                raise _HTTPError(400, "the emulated pod supports n=1 only")
+                raise HTTPError(400, "the emulated pod supports n=1 only")
             max_tokens = self._max_tokens(body, chat)
             if max_tokens is None:
                 max_tokens = pod.config.default_max_tokens
             stream = body.get("stream") or False
             if not isinstance(stream, bool):
-                raise _HTTPError(400, "stream must be a boolean")
+                raise HTTPError(400, "stream must be a boolean")
             options = body.get("stream_options")
             if options is not None and not stream:
-                raise _HTTPError(400, "Stream options can only be defined when `stream=True`.")
+                raise HTTPError(400, "Stream options can only be defined when `stream=True`.")
             include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-            salt = _cache_salt(body)
+            salt = cache_salt(body)
             prompts = await self._prompts(body, chat)
             self._check_context(prompts, max_tokens)
             sims = [pod.new_request(ids, max_tokens, salt) for ids in prompts]
             reasons = [r for r in map(pod.validate, sims) if r is not None]
             if reasons:
-                raise _HTTPError(400, reasons[0])
+                raise HTTPError(400, reasons[0])
             await pod.hash_prompts(sims)
             try:
                 job = pod.submit(sims)
             except ValueError as exc:
-                raise _HTTPError(400, str(exc)) from None
+                raise HTTPError(400, str(exc)) from None
             except ConnectionError as exc:
-                raise _HTTPError(503, str(exc), "ServiceUnavailableError") from None
-        except _HTTPError as exc:
-            return _error_response(exc.status, exc.message, exc.kind)
+                raise HTTPError(503, str(exc), "ServiceUnavailableError") from None
+        except HTTPError as exc:
+            return error_response(exc.status, exc.message, exc.kind)
         prefix = "chatcmpl-" if chat else "cmpl-"
-        ctx = _Answer(f"{prefix}{uuid.uuid4().hex}", pod.model, int(time.time()), chat)
+        ctx = Answer(f"{prefix}{uuid.uuid4().hex}", pod.model, int(time.time()), chat)
         try:
             if stream:
                 return await self._stream(request, job, ctx, include_usage)
@@ -579,12 +385,12 @@ class _PodAPI:
                 pod.abort(job)
 
     async def _complete(
-        self, job: Job, ctx: _Answer, token_ids: bool, prompts: list[list[int]]
+        self, job: Job, ctx: Answer, token_ids: bool, prompts: list[list[int]]
     ) -> web.Response:
         while not job.done:
             update = await job.queue.get()
             if not isinstance(update, tuple):
-                return _error_response(500, update.message, "InternalServerError")
+                return error_response(500, update.message, "InternalServerError")
         text = self.pod.text
         choices: list[dict[str, Any]] = []
         for lr in job.requests:
@@ -623,7 +429,7 @@ class _PodAPI:
         }
         if ctx.chat and token_ids:
             answer["prompt_token_ids"] = prompts[0]
-        return _json_response(answer)
+        return json_response(answer)
 
     def _usage(self, job: Job) -> dict[str, Any]:
         prompt = sum(lr.prompt_tokens for lr in job.requests)
@@ -640,9 +446,10 @@ class _PodAPI:
         return usage
 
     async def _stream(
-        self, request: web.Request, job: Job, ctx: _Answer, include_usage: bool
+        self, request: web.Request, job: Job, ctx: Answer, include_usage: bool
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers=_SSE_HEADERS)
+        # NOTE: long: one SSE loop with vLLM's role, text, error and usage chunks in order.
+        resp = web.StreamResponse(headers=SSE_HEADERS)
         await resp.prepare(request)
         text = self.pod.text
         # NOTE: like vLLM, the chat role chunk goes out with the first token, not before (a
@@ -675,7 +482,7 @@ class _PodAPI:
                             "code": 500,
                         }
                     }
-                    await resp.write(b"data: " + _encode(error) + b"\n\n" + _DONE)
+                    await resp.write(b"data: " + encode(error) + b"\n\n" + DONE)
                     return resp
                 index, n, done = update
                 lr: LiveRequest = job.requests[index]
@@ -699,31 +506,5 @@ class _PodAPI:
         tail = b""
         if include_usage:
             tail = ctx.chunk(None, usage=self._usage(job))
-        await resp.write(tail + _DONE)
+        await resp.write(tail + DONE)
         return resp
-
-
-class _Answer:
-    """Identity of one response and its SSE chunk encoder."""
-
-    __slots__ = ("chat", "created", "id", "model", "object")
-
-    def __init__(self, answer_id: str, model: str, created: int, chat: bool) -> None:
-        self.id = answer_id
-        self.model = model
-        self.created = created
-        self.chat = chat
-        self.object = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(self, choice: dict[str, Any] | None, usage: dict[str, Any] | None = None) -> bytes:
-        """One ``data:`` event (a choice, or the final usage chunk with no choices)."""
-        data: dict[str, Any] = {
-            "id": self.id,
-            "object": self.object,
-            "created": self.created,
-            "model": self.model,
-            "choices": [] if choice is None else [choice],
-        }
-        if usage is not None:
-            data["usage"] = usage
-        return b"data: " + _encode(data) + b"\n\n"
