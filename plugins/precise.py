@@ -84,6 +84,7 @@ def precise_transform(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     Raises:
         ConfigError: A key given both at the top level and under ``indexerConfig``.
     """
+    # NOTE: long on purpose: a sequence of independent upstream-compatibility rules, one block each.
     warnings: list[str] = []
     out = dict(params)
     nested = out.pop("indexerConfig", None)

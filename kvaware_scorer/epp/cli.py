@@ -70,6 +70,7 @@ def _go_bool(p: Any, flag: str, default: bool, help: str) -> None:
 
 def register(sub: Any) -> None:
     """Add the ``epp`` subcommand."""
+    # NOTE: long on purpose: the Go EPP's flags and kvaware's, a flat list of argparse flags.
     p = sub.add_parser(
         "epp",
         help="run the Envoy ext_proc Endpoint Picker (drop-in for the Go EPP)",

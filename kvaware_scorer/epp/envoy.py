@@ -107,6 +107,7 @@ def bootstrap(
             ``envoy.lb.subset_hint`` metadata by a ``set_metadata`` filter (as a gateway does
             for a pool split; tests and demos).
     """
+    # NOTE: long on purpose: one Envoy bootstrap document written out as data, read top to bottom.
     if lb not in ("override_host", "original_dst"):
         raise ValueError(f"lb must be override_host or original_dst, not {lb!r}")
     duplex = request_body_mode == "FULL_DUPLEX_STREAMED"

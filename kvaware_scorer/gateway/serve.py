@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 def register(sub: Any) -> None:
     """Add the ``serve`` subcommand."""
+    # NOTE: long on purpose: a flat list of argparse flags, one per setting.
     # Long by nature: one flat declaration per command-line flag, read as a table.
     p = sub.add_parser(
         "serve",

@@ -75,6 +75,7 @@ TRACE_QUICK_REQUESTS = 600
 
 def register(sub: Any) -> None:
     """Add the ``bench`` subcommand and the ``sim`` command group."""
+    # NOTE: long on purpose: a flat list of argparse flags, one per setting.
     _register_sim(sub)
     p = sub.add_parser(
         "bench",
@@ -363,6 +364,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _register_sim(sub: Any) -> None:
+    # NOTE: long on purpose: a flat list of argparse flags, one per setting.
     sim = sub.add_parser(
         "sim",
         help="live emulated vLLM pods (HTTP + ZMQ KV events)",
