@@ -231,12 +231,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace, picker_cls: Any) -> tuple[Any, Any]:
-    from kvaware_scorer.epp.config import EppConfig
-    from kvaware_scorer.scheduler import Scheduler, parse_duration
+    from kvaware_scorer.scheduler import Scheduler
 
     if args.config_file is None and args.config_text is None:
         raise ConfigError("give the EndpointPickerConfig: --config-file PATH or --config-text YAML")
-    config = EppConfig(
+    config = _epp_config(args)
+    source: Any = args.config_file if args.config_file is not None else args.config_text
+    scheduler = Scheduler.from_config(source, seed=args.seed)
+    try:
+        discovery, synced = _attach_endpoints(scheduler, args)
+        picker = picker_cls(
+            scheduler,
+            config,
+            own_scheduler=True,
+            pool_name=args.pool_name or "kvaware",
+            synced=synced,
+        )
+    except BaseException:
+        scheduler.close()
+        raise
+    return picker, discovery
+
+
+def _epp_config(args: argparse.Namespace) -> Any:
+    from kvaware_scorer.epp.config import EppConfig
+
+    return EppConfig(
         host=args.host,
         grpc_port=args.grpc_port,
         grpc_health_port=args.grpc_health_port,
@@ -250,54 +270,46 @@ def _build(args: argparse.Namespace, picker_cls: Any) -> tuple[Any, Any]:
         endpoint_header=args.endpoint_header,
         test_hooks=args.test_hooks,
     )
-    source: Any = args.config_file if args.config_file is not None else args.config_text
-    scheduler = Scheduler.from_config(source, seed=args.seed)
-    discovery: Any = None
-    try:
-        scrape_interval = (
-            parse_duration(args.refresh_metrics_interval)
-            if args.refresh_metrics_interval is not None
-            else None
-        )
-        file_discovery = any(
-            pc.type == "file-discovery" for pc in scheduler.config.plugins.values()
-        )
-        synced = True
-        if args.endpoints is not None:
-            scheduler.use_endpoints_file(
-                args.endpoints, scrape=not args.no_scrape, scrape_interval=scrape_interval
-            )
-        elif file_discovery:
-            pass  # the plugin attached its file when the scheduler was built
-        elif args.pool_name or args.endpoint_selector:
-            from kvaware_scorer.epp.discovery import KubernetesDiscovery, PoolSpec
 
-            spec = PoolSpec.from_flags(
-                pool_name=args.pool_name,
-                namespace=args.pool_namespace,
-                selector=args.endpoint_selector,
-                target_ports=args.endpoint_target_ports,
-            )
-            discovery = KubernetesDiscovery.from_kubeconfig(
-                scheduler, spec, kubeconfig=args.kubeconfig, scrape=not args.no_scrape
-            )
-            synced = False
-        else:
-            raise ConfigError(
-                "no endpoints: give --endpoints FILE, a file-discovery plugin in the config, "
-                "or --pool-name (Kubernetes)"
-            )
-        picker = picker_cls(
-            scheduler,
-            config,
-            own_scheduler=True,
-            pool_name=args.pool_name or "kvaware",
-            synced=synced,
+
+def _attach_endpoints(scheduler: Any, args: argparse.Namespace) -> tuple[Any, bool]:
+    """Give the scheduler its endpoints: an endpoints file, a file-discovery plugin, or a
+    Kubernetes pool. Returns the Kubernetes discovery (or None) and whether the pool is synced."""
+    from kvaware_scorer.scheduler import parse_duration
+
+    scrape_interval = (
+        parse_duration(args.refresh_metrics_interval)
+        if args.refresh_metrics_interval is not None
+        else None
+    )
+    file_discovery = any(pc.type == "file-discovery" for pc in scheduler.config.plugins.values())
+    if args.endpoints is not None:
+        scheduler.use_endpoints_file(
+            args.endpoints, scrape=not args.no_scrape, scrape_interval=scrape_interval
         )
-    except BaseException:
-        scheduler.close()
-        raise
-    return picker, discovery
+        return None, True
+    if file_discovery:
+        return None, True  # the plugin attached its file when the scheduler was built
+    if args.pool_name or args.endpoint_selector:
+        return _kubernetes_discovery(scheduler, args), False
+    raise ConfigError(
+        "no endpoints: give --endpoints FILE, a file-discovery plugin in the config, "
+        "or --pool-name (Kubernetes)"
+    )
+
+
+def _kubernetes_discovery(scheduler: Any, args: argparse.Namespace) -> Any:
+    from kvaware_scorer.epp.discovery import KubernetesDiscovery, PoolSpec
+
+    spec = PoolSpec.from_flags(
+        pool_name=args.pool_name,
+        namespace=args.pool_namespace,
+        selector=args.endpoint_selector,
+        target_ports=args.endpoint_target_ports,
+    )
+    return KubernetesDiscovery.from_kubeconfig(
+        scheduler, spec, kubeconfig=args.kubeconfig, scrape=not args.no_scrape
+    )
 
 
 async def _serve(picker: Any, discovery: Any, args: argparse.Namespace) -> None:
