@@ -185,8 +185,25 @@ class EndpointPicker:
         """
         if self._running:
             raise RuntimeError("the endpoint picker is already running")
-        cfg = self.config
         self.scheduler.hooks.pm.register(self._listener)
+        await self._start_scheduler()
+        self._pool_gauge()
+        try:
+            self.grpc_port = self._bind_ext_proc()
+            self.health_port = self._bind_health()
+            for server in self._servers:
+                await server.start()
+            self._start_metrics()
+        except BaseException:
+            await self._close()
+            raise
+        self._running = True
+        self._draining = False
+        self._health.set(live=True, ready=self._synced)
+        self._log_serving()
+
+    async def _start_scheduler(self) -> None:
+        """Start the scheduler's background work; serve anyway if it fails."""
         try:
             await asyncio.to_thread(self.scheduler.start)
             self._scheduler_started = True
@@ -195,47 +212,53 @@ class EndpointPicker:
                 "the scheduler's background work did not start (KV events, endpoint watching or "
                 "metrics scraping may be off); serving anyway"
             )
-        self._pool_gauge()
+
+    def _bind_ext_proc(self) -> int:
+        """Create the ext_proc gRPC server (with health) and bind it; return the bound port."""
+        cfg = self.config
         options = [
             ("grpc.max_receive_message_length", cfg.grpc_max_recv_msg_size),
             ("grpc.so_reuseport", 0),
         ]
-        try:
-            main = grpc.aio.server(options=options)
-            ep_grpc.add_ExternalProcessorServicer_to_server(_Processor(self), main)
-            health_pb2_grpc.add_HealthServicer_to_server(self._health, main)
-            addr = f"{_host(cfg.host)}:{cfg.grpc_port}"
-            if cfg.secure_serving:
-                port = main.add_secure_port(addr, self._credentials())
-            else:
-                port = main.add_insecure_port(addr)
-            if port == 0:
-                raise OSError(f"cannot listen on {addr}")
-            self._servers.append(main)
-            self.grpc_port = port
-            health = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-            health_pb2_grpc.add_HealthServicer_to_server(self._health, health)
-            haddr = f"{_host(cfg.host)}:{cfg.grpc_health_port}"
-            hport = health.add_insecure_port(haddr)
-            if hport == 0:
-                raise OSError(f"cannot listen on {haddr}")
-            self._servers.append(health)
-            self.health_port = hport
-            for server in self._servers:
-                await server.start()
-            if cfg.metrics_port is not None:
-                from prometheus_client import start_http_server
+        main = grpc.aio.server(options=options)
+        ep_grpc.add_ExternalProcessorServicer_to_server(_Processor(self), main)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, main)
+        addr = f"{_host(cfg.host)}:{cfg.grpc_port}"
+        if cfg.secure_serving:
+            port = main.add_secure_port(addr, self._credentials())
+        else:
+            port = main.add_insecure_port(addr)
+        if port == 0:
+            raise OSError(f"cannot listen on {addr}")
+        self._servers.append(main)
+        return int(port)
 
-                self._metrics_server, self._metrics_thread = start_http_server(
-                    cfg.metrics_port, cfg.host, registry=self.scheduler.metrics_registry
-                )
-                self.metrics_port = int(self._metrics_server.server_port)
-        except BaseException:
-            await self._close()
-            raise
-        self._running = True
-        self._draining = False
-        self._health.set(live=True, ready=self._synced)
+    def _bind_health(self) -> int:
+        """Create the plaintext gRPC health server and bind it; return the bound port."""
+        cfg = self.config
+        health = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, health)
+        haddr = f"{_host(cfg.host)}:{cfg.grpc_health_port}"
+        hport = health.add_insecure_port(haddr)
+        if hport == 0:
+            raise OSError(f"cannot listen on {haddr}")
+        self._servers.append(health)
+        return int(hport)
+
+    def _start_metrics(self) -> None:
+        """Serve the Prometheus registry over HTTP when a metrics port is configured."""
+        cfg = self.config
+        if cfg.metrics_port is None:
+            return
+        from prometheus_client import start_http_server
+
+        self._metrics_server, self._metrics_thread = start_http_server(
+            cfg.metrics_port, cfg.host, registry=self.scheduler.metrics_registry
+        )
+        self.metrics_port = int(self._metrics_server.server_port)
+
+    def _log_serving(self) -> None:
+        cfg = self.config
         logger.info(
             "endpoint picker serving ext_proc on %s:%d (%s), health on %d, %d endpoint(s)",
             cfg.host,
