@@ -90,6 +90,33 @@ __all__ = ["ProcessStream", "StreamContext"]
 logger = logging.getLogger(__name__)
 
 
+def _routing_headers(result: SchedulingResult) -> dict[str, str]:
+    """Routing headers for the target pod.
+
+    Those the pre-request hooks put on the result (``headers``, where the scheduler has it) go
+    as they are; otherwise a ``prefill`` profile's pick is named for the decode pod's sidecar,
+    as upstream's P/D handlers do.
+    """
+    routing: dict[str, str] = dict(getattr(result, "headers", None) or {})
+    prefill = result.profile_results.get(PREFILL_PROFILE)
+    if (
+        PREFILL_HEADER not in routing
+        and prefill is not None
+        and result.profile != PREFILL_PROFILE
+        and prefill.targets
+    ):
+        routing[PREFILL_HEADER] = format_endpoint(prefill.targets[0])
+    return routing
+
+
+def _headers_answer(mutation: ep.HeaderMutation, md: struct_pb2.Struct) -> ep.ProcessingResponse:
+    """A request-headers answer carrying the routing mutation and the ``envoy.lb`` metadata."""
+    common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+    return ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md
+    )
+
+
 class _Reject(Exception):
     """A request the EPP answers itself (an `ImmediateResponse`)."""
 
@@ -310,42 +337,11 @@ class ProcessStream:
         body = b"".join(self._body)
         self._body = []
         try:
-            try:
-                parsed = self._parse(body)
-            except APIError as err:
-                raise _Reject(err.status, "bad-request", err.message, err.code) from None
-            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-                # NOTE: some msgspec versions raise these past the parser's own handling.
-                raise _Reject(
-                    400, "bad-request", f"Unreadable request body: {exc}", "invalid_json"
-                ) from None
+            parsed = self._parse_or_reject(body)
             candidates = self._candidates(msg, parsed)
             sreq = self._scheduling_request(parsed)
-            rewrite = self._rewrite_target()
-            if parsed is not None and rewrite and rewrite != parsed.model:
-                self._rewrite = (parsed.model, rewrite)
-                sreq.model = rewrite
-                body = self._rewrite_body(body, rewrite)
-            # NOTE: shielded, as in the gateway: when Envoy drops the stream during the
-            # decision, one that completes anyway is released by `_abandoned`.
-            try:
-                result = await decide_shielded(
-                    self.ctx.scheduler, sreq, candidates, self._abandoned
-                )
-            except NoEndpointError as exc:
-                # NOTE: admission or flow control may shed a request with its own status (a
-                # `status` attribute, 429 for load); other failures have no endpoint left.
-                status = int(getattr(exc, "status", 503))
-                if status == 429:
-                    raise _Reject(
-                        429, "rejected-saturated", f"Request rejected: {exc}", "rejected"
-                    ) from None
-                raise _Reject(
-                    status,
-                    "rejected-no-endpoints",
-                    f"No endpoint can serve this request: {exc}",
-                    "no_endpoint",
-                ) from None
+            body = self._apply_rewrite(parsed, sreq, body)
+            result = await self._decide(sreq, candidates)
         except _Reject as rej:
             return [self._immediate(rej)]
         except Exception:
@@ -355,6 +351,62 @@ class ProcessStream:
                     _Reject(500, "internal-error", "Scheduling failed.", "internal_error")
                 )
             ]
+        self._record_routed(parsed, sreq, result, t0)
+        return self._routing_answer(msg, body, trailers=trailers)
+
+    def _parse_or_reject(self, body: bytes) -> ParsedRequest | None:
+        """`_parse`, with an unreadable body turned into a 400 rejection."""
+        try:
+            return self._parse(body)
+        except APIError as err:
+            raise _Reject(err.status, "bad-request", err.message, err.code) from None
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+            # NOTE: some msgspec versions raise these past the parser's own handling.
+            raise _Reject(
+                400, "bad-request", f"Unreadable request body: {exc}", "invalid_json"
+            ) from None
+
+    def _apply_rewrite(
+        self, parsed: ParsedRequest | None, sreq: SchedulingRequest, body: bytes
+    ) -> bytes:
+        """Apply a model rewrite header to the request and its body (returned)."""
+        rewrite = self._rewrite_target()
+        if parsed is not None and rewrite and rewrite != parsed.model:
+            self._rewrite = (parsed.model, rewrite)
+            sreq.model = rewrite
+            body = self._rewrite_body(body, rewrite)
+        return body
+
+    async def _decide(
+        self, sreq: SchedulingRequest, candidates: list[Endpoint]
+    ) -> SchedulingResult:
+        # NOTE: shielded, as in the gateway: when Envoy drops the stream during the
+        # decision, one that completes anyway is released by `_abandoned`.
+        try:
+            return await decide_shielded(self.ctx.scheduler, sreq, candidates, self._abandoned)
+        except NoEndpointError as exc:
+            # NOTE: admission or flow control may shed a request with its own status (a
+            # `status` attribute, 429 for load); other failures have no endpoint left.
+            status = int(getattr(exc, "status", 503))
+            if status == 429:
+                raise _Reject(
+                    429, "rejected-saturated", f"Request rejected: {exc}", "rejected"
+                ) from None
+            raise _Reject(
+                status,
+                "rejected-no-endpoints",
+                f"No endpoint can serve this request: {exc}",
+                "no_endpoint",
+            ) from None
+
+    def _record_routed(
+        self,
+        parsed: ParsedRequest | None,
+        sreq: SchedulingRequest,
+        result: SchedulingResult,
+        t0: float,
+    ) -> None:
+        """Keep the decision for the response phase and count the routed request."""
         self.request = sreq
         self.result = result
         self._routed_at = time.perf_counter()
@@ -365,7 +417,6 @@ class ProcessStream:
         mm.requests.inc()
         mm.running.inc()
         m.route_latency.observe(self._routed_at - t0)
-        return self._routing_answer(msg, body, trailers=trailers)
 
     def _abandoned(self, sreq: SchedulingRequest, result: SchedulingResult) -> None:
         """Release a decision whose stream ended while it was being made."""
@@ -458,44 +509,11 @@ class ProcessStream:
         result = self.result
         assert result is not None
         value = ",".join(format_endpoint(e) for e in result.targets)
-        cfg = self.ctx.config
-        mutation = ep.HeaderMutation(set_headers=[set_header(DESTINATION, value)])
-        # NOTE: routing headers the pre-request hooks put on the result (``headers``, where the
-        # scheduler has it) go to the target as they are; otherwise a ``prefill`` profile's
-        # pick is named for the decode pod's sidecar, as upstream's P/D handlers do.
-        routing: dict[str, str] = dict(getattr(result, "headers", None) or {})
-        prefill = result.profile_results.get(PREFILL_PROFILE)
-        if (
-            PREFILL_HEADER not in routing
-            and prefill is not None
-            and result.profile != PREFILL_PROFILE
-            and prefill.targets
-        ):
-            routing[PREFILL_HEADER] = format_endpoint(prefill.targets[0])
-        for key, val in routing.items():
-            mutation.set_headers.append(set_header(key, val))
-        # A client's copies of the system headers go (those set above are overwritten).
-        mutation.remove_headers.extend(
-            h for h in SYSTEM_HEADERS[1:] if h in self.headers and h not in routing
-        )
-        if not self._envoy_id:
-            self._envoy_id = str(uuid.uuid4())
-            mutation.set_headers.append(set_header("x-request-id", self._envoy_id))
-        md = struct_pb2.Struct()
-        lb = md.fields["envoy.lb"].struct_value.fields
-        lb[DESTINATION].string_value = value
-        if cfg.emit_endpoint_scores:
-            lb[SCORES].string_value = ",".join(
-                f"{k}:{v:.4f}" for k, v in sorted(result.totals.items())
-            )
+        mutation = self._routing_mutation(result, value)
+        md = self._routing_metadata(result, value)
         kind = msg.WhichOneof("request")
         if kind == "request_headers" and msg.request_headers.end_of_stream:
-            common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
-            return [
-                ep.ProcessingResponse(
-                    request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md
-                )
-            ]
+            return [_headers_answer(mutation, md)]
         if self.req_mode in BUFFERED:
             common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
             if self._rewrite is not None:
@@ -506,31 +524,47 @@ class ProcessStream:
                 )
             ]
         if self.req_mode != FULL_DUPLEX:
-            common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
-            return [
-                ep.ProcessingResponse(
-                    request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md
-                )
-            ]
+            return [_headers_answer(mutation, md)]
         if self._rewrite is not None:
             mutation.remove_headers.append("content-length")
-        common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
-        out: list[Any] = [
-            ep.ProcessingResponse(
-                request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md
+        return [_headers_answer(mutation, md), *self._streamed_body(body, eos=not trailers)]
+
+    def _routing_mutation(self, result: SchedulingResult, value: str) -> ep.HeaderMutation:
+        """The destination and routing headers, minus a client's copies of the system headers."""
+        mutation = ep.HeaderMutation(set_headers=[set_header(DESTINATION, value)])
+        routing = _routing_headers(result)
+        for key, val in routing.items():
+            mutation.set_headers.append(set_header(key, val))
+        # A client's copies of the system headers go (those set above are overwritten).
+        mutation.remove_headers.extend(
+            h for h in SYSTEM_HEADERS[1:] if h in self.headers and h not in routing
+        )
+        if not self._envoy_id:
+            self._envoy_id = str(uuid.uuid4())
+            mutation.set_headers.append(set_header("x-request-id", self._envoy_id))
+        return mutation
+
+    def _routing_metadata(self, result: SchedulingResult, value: str) -> struct_pb2.Struct:
+        """The ``envoy.lb`` dynamic metadata: the destination and, if enabled, the scores."""
+        md = struct_pb2.Struct()
+        lb = md.fields["envoy.lb"].struct_value.fields
+        lb[DESTINATION].string_value = value
+        if self.ctx.config.emit_endpoint_scores:
+            lb[SCORES].string_value = ",".join(
+                f"{k}:{v:.4f}" for k, v in sorted(result.totals.items())
             )
-        ]
-        step = cfg.body_chunk_bytes
-        eos = not trailers
+        return md
+
+    def _streamed_body(self, body: bytes, *, eos: bool) -> list[Any]:
+        """The body sent back as ``streamed_response`` chunks of `EppConfig.body_chunk_bytes`."""
+        step = self.ctx.config.body_chunk_bytes
         if len(body) <= step:
-            out.append(streamed_request_body(body, eos))
-        else:
-            last = (len(body) - 1) // step
-            for i in range(last + 1):
-                out.append(
-                    streamed_request_body(body[i * step : (i + 1) * step], eos and i == last)
-                )
-        return out
+            return [streamed_request_body(body, eos)]
+        last = (len(body) - 1) // step
+        return [
+            streamed_request_body(body[i * step : (i + 1) * step], eos and i == last)
+            for i in range(last + 1)
+        ]
 
     def _immediate(self, rej: _Reject) -> ep.ProcessingResponse:
         self._done = True
