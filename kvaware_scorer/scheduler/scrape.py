@@ -75,6 +75,18 @@ def _int_label(value: str | None) -> int | None:
         return None
 
 
+def _kv_usage(usage: dict[str, float], blocks: dict[str, int]) -> float:
+    """The engines' KV usage, weighted by each engine's block count when every engine reports
+    one, else the plain mean (0 when no engine reports usage)."""
+    if not usage:
+        return 0.0
+    weights = {e: float(blocks.get(e, 0)) for e in usage}
+    total_w = sum(weights.values())
+    if total_w > 0 and all(w > 0 for w in weights.values()):
+        return sum(usage[e] * weights[e] for e in usage) / total_w
+    return sum(usage.values()) / len(usage)
+
+
 def parse_vllm_metrics(text: str) -> EndpointMetrics:
     """`EndpointMetrics` from a vLLM (or SGLang) Prometheus exposition text.
 
@@ -120,15 +132,7 @@ def parse_vllm_metrics(text: str) -> EndpointMetrics:
                 lora = (sample.value, dict(sample.labels))
     if not (waiting or running or usage):
         raise ValueError("no vLLM load metrics (num_requests_waiting/running, kv_cache_usage_perc)")
-    if usage:
-        weights = {e: float(blocks.get(e, 0)) for e in usage}
-        total_w = sum(weights.values())
-        if total_w > 0 and all(w > 0 for w in weights.values()):
-            kv = sum(usage[e] * weights[e] for e in usage) / total_w
-        else:
-            kv = sum(usage.values()) / len(usage)
-    else:
-        kv = 0.0
+    kv = _kv_usage(usage, blocks)
     return EndpointMetrics(
         waiting_queue_size=round(sum(waiting.values())),
         running_requests_size=round(sum(running.values())),

@@ -175,6 +175,7 @@ class BlockPool:
             cache_salt: The request's cache salt (block 0's extra key).
             session_id: The request's session id (vLLM >= 0.30 sends it when set).
         """
+        # NOTE: long on purpose: emulator hot path (once per request step); kept inline, no calls.
         if num_cached_blocks >= num_full_blocks:
             return
         cached, bh = self.cached, self.block_hash

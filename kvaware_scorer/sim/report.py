@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -331,7 +331,6 @@ def _compare(
 
 
 def _headline(summaries: Sequence[dict[str, Any]], base: dict[str, Any], width: int) -> list[str]:
-    base_name = base["config"]
     notes: list[str] = []
     note_ids: dict[str, int] = {}
 
@@ -346,9 +345,14 @@ def _headline(summaries: Sequence[dict[str, Any]], base: dict[str, Any], width: 
             ids.append(str(note_ids[r]))
         return " [" + ",".join(ids) + "]"
 
-    def cell(value: float | None, spec: str, w: int, factor: str) -> str:
-        return (_f(value, spec, w) + factor).ljust(w + 16)
+    lines = _headline_header(base["config"], width)
+    lines += [_headline_row(s, base, width, mark) for s in summaries]
+    for i, note in enumerate(notes, 1):
+        lines.extend(_wrap(f"[{i}] {note}"))
+    return lines + _backlog_notes(summaries)
 
+
+def _headline_header(base_name: str, width: int) -> list[str]:
     lines = _wrap(
         f"headline vs {base_name}: each factor says how many times better than {base_name} "
         "(TTFT: its time / the config's; output: the config's / its)"
@@ -361,38 +365,57 @@ def _headline(summaries: Sequence[dict[str, Any]], base: dict[str, Any], width: 
         + "output (tok/s)".ljust(23)
         + "hit rate (%)",
     ]
-    for s in summaries:
-        name = s["config"]
-        is_base = s is base
-        parts = [name.ljust(width)]
-        for key, stat in (("ttft_mean_s", "mean"), ("ttft_p90_s", "p90")):
-            factor = ""
-            if not is_base:
-                value, why = _compare(s.get(key), base.get(key), lower_is_better=True)
-                if why is not None:
-                    factor = "  n/a" + mark([f"{name}: TTFT {stat}: {why}"])
-                else:
-                    reasons = _ttft_caveats(s, stat) + _ttft_caveats(base, stat)
-                    factor = f"  x{_factor(value)}" + mark(reasons)
-            parts.append(cell(s.get(key), ".3f", 9, factor))
-        factor = ""
-        if not is_base:
-            value, why = _compare(
-                s.get("output_tokens_per_s"), base.get("output_tokens_per_s"), False
-            )
-            factor = "  n/a" + mark([f"{name}: output: {why}"]) if why else f"  x{_factor(value)}"
-        parts.append(cell(s.get("output_tokens_per_s"), ".0f", 7, factor))
-        hit, ideal = s.get("prefix_hit_rate"), s.get("ideal_hit_rate")
-        hit_txt = "-" if hit is None else f"{100 * hit:.1f}"
-        if ideal:
-            hit_txt += f" of {100 * ideal:.1f} ideal"
-        base_hit = base.get("prefix_hit_rate")
-        if not is_base and hit is not None and base_hit is not None:
-            hit_txt += f" ({100 * (hit - base_hit):+.1f} points)"
-        parts.append(hit_txt)
-        lines.append(" ".join(parts).rstrip())
-    for i, note in enumerate(notes, 1):
-        lines.extend(_wrap(f"[{i}] {note}"))
+    return lines
+
+
+def _headline_cell(value: float | None, spec: str, w: int, factor: str) -> str:
+    return (_f(value, spec, w) + factor).ljust(w + 16)
+
+
+def _headline_row(
+    s: dict[str, Any], base: dict[str, Any], width: int, mark: Callable[[list[str]], str]
+) -> str:
+    is_base = s is base
+    parts = [s["config"].ljust(width)]
+    for key, stat in (("ttft_mean_s", "mean"), ("ttft_p90_s", "p90")):
+        factor = "" if is_base else _ttft_factor(s, base, key, stat, mark)
+        parts.append(_headline_cell(s.get(key), ".3f", 9, factor))
+    factor = "" if is_base else _output_factor(s, base, mark)
+    parts.append(_headline_cell(s.get("output_tokens_per_s"), ".0f", 7, factor))
+    parts.append(_hit_text(s, base, is_base))
+    return " ".join(parts).rstrip()
+
+
+def _ttft_factor(
+    s: dict[str, Any], base: dict[str, Any], key: str, stat: str, mark: Callable[[list[str]], str]
+) -> str:
+    value, why = _compare(s.get(key), base.get(key), lower_is_better=True)
+    if why is not None:
+        return "  n/a" + mark([f"{s['config']}: TTFT {stat}: {why}"])
+    reasons = _ttft_caveats(s, stat) + _ttft_caveats(base, stat)
+    return f"  x{_factor(value)}" + mark(reasons)
+
+
+def _output_factor(
+    s: dict[str, Any], base: dict[str, Any], mark: Callable[[list[str]], str]
+) -> str:
+    value, why = _compare(s.get("output_tokens_per_s"), base.get("output_tokens_per_s"), False)
+    return "  n/a" + mark([f"{s['config']}: output: {why}"]) if why else f"  x{_factor(value)}"
+
+
+def _hit_text(s: dict[str, Any], base: dict[str, Any], is_base: bool) -> str:
+    hit, ideal = s.get("prefix_hit_rate"), s.get("ideal_hit_rate")
+    hit_txt = "-" if hit is None else f"{100 * hit:.1f}"
+    if ideal:
+        hit_txt += f" of {100 * ideal:.1f} ideal"
+    base_hit = base.get("prefix_hit_rate")
+    if not is_base and hit is not None and base_hit is not None:
+        hit_txt += f" ({100 * (hit - base_hit):+.1f} points)"
+    return hit_txt
+
+
+def _backlog_notes(summaries: Sequence[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
     for s in summaries:
         n, total = s.get("stages_with_backlog", 0), s.get("main_stages", 0)
         if n:

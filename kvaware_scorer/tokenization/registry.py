@@ -498,62 +498,82 @@ class TokenizerRegistry:
             what = f"no tokenizer for model {model!r}: loading one"
             raise TokenizerNotFoundError(missing_extras_message(what, ["tokenizers"]))
         searched: list[str] = []
-        local = self.config.local
-        mapped = local.model_tokenizer_map.get(model)
-        if mapped is None:
-            searched.append("modelTokenizerMap: no entry")
-        else:
-            path = Path(mapped).expanduser()
-            if path.exists():
-                try:
-                    return self._from_path(model, path)
-                except Exception as exc:  # any loader failure is reported, never raised raw
-                    searched.append(f"modelTokenizerMap: {path} failed to load ({exc})")
-                    logger.warning("tokenizer of %s at %s failed to load: %s", model, path, exc)
-            else:
-                searched.append(f"modelTokenizerMap: {path} does not exist")
-        if local.auto_discovery_dir:
-            root = Path(local.auto_discovery_dir).expanduser()
-            fname = local.auto_discovery_tokenizer_file_name
-            found = self.discovered()
-            if model not in found:
-                found = self.discovered(refresh=True)
-            if model in found:
-                try:
-                    return self._from_path(model, found[model])
-                except Exception as exc:
-                    searched.append(f"autoDiscoveryDir: {found[model]} failed to load ({exc})")
-                    logger.warning("tokenizer of %s failed to load: %s", model, exc)
-            elif not root.is_dir():
-                searched.append(f"autoDiscoveryDir: {root} is not a directory")
-            else:
-                searched.append(
-                    f"autoDiscoveryDir: no {fname} in {root}/{model}/ or "
-                    f"{root}/**/models--{model.replace('/', '--')}/snapshots/<rev>/ "
-                    f"({len(found)} other model(s) found)"
-                )
-        else:
-            searched.append("autoDiscoveryDir: not set")
+        tok = self._load_mapped(model, searched)
+        if tok is None:
+            tok = self._load_discovered(model, searched)
+        if tok is not None:
+            return tok
         if model == BUILTIN_TOKENIZER_MODEL:
             return self._from_path(model, builtin_tokenizer())
-        hf = self.config.hf
-        if not hf.enabled:
-            searched.append("Hugging Face hub: disabled (tokenizersPoolConfig.hf.enabled=false)")
-        else:
-            offline = hub_offline()
-            cache = hf.tokenizers_cache_dir or "the default Hugging Face cache"
-            try:
-                return self._from_hub(model, offline)
-            except Exception as exc:
-                where = (
-                    f"Hugging Face cache {cache} only (HF_HUB_OFFLINE is set)"
-                    if offline
-                    else (f"Hugging Face hub (cache {cache})")
-                )
-                searched.append(f"{where}: {type(exc).__name__}: {exc}")
+        tok = self._load_from_hub(model, searched)
+        if tok is not None:
+            return tok
         raise TokenizerNotFoundError(
             f"no tokenizer for model {model!r}; searched: " + "; ".join(searched)
         )
+
+    def _load_mapped(self, model: str, searched: list[str]) -> TokenizerBackend | None:
+        """The tokenizer `modelTokenizerMap` names for `model`, or None (why appended)."""
+        mapped = self.config.local.model_tokenizer_map.get(model)
+        if mapped is None:
+            searched.append("modelTokenizerMap: no entry")
+            return None
+        path = Path(mapped).expanduser()
+        if not path.exists():
+            searched.append(f"modelTokenizerMap: {path} does not exist")
+            return None
+        try:
+            return self._from_path(model, path)
+        except Exception as exc:  # any loader failure is reported, never raised raw
+            searched.append(f"modelTokenizerMap: {path} failed to load ({exc})")
+            logger.warning("tokenizer of %s at %s failed to load: %s", model, path, exc)
+            return None
+
+    def _load_discovered(self, model: str, searched: list[str]) -> TokenizerBackend | None:
+        """The tokenizer found for `model` under `autoDiscoveryDir`, or None (why appended)."""
+        local = self.config.local
+        if not local.auto_discovery_dir:
+            searched.append("autoDiscoveryDir: not set")
+            return None
+        root = Path(local.auto_discovery_dir).expanduser()
+        found = self.discovered()
+        if model not in found:
+            found = self.discovered(refresh=True)
+        if model in found:
+            try:
+                return self._from_path(model, found[model])
+            except Exception as exc:
+                searched.append(f"autoDiscoveryDir: {found[model]} failed to load ({exc})")
+                logger.warning("tokenizer of %s failed to load: %s", model, exc)
+        elif not root.is_dir():
+            searched.append(f"autoDiscoveryDir: {root} is not a directory")
+        else:
+            searched.append(
+                f"autoDiscoveryDir: no {local.auto_discovery_tokenizer_file_name} in "
+                f"{root}/{model}/ or "
+                f"{root}/**/models--{model.replace('/', '--')}/snapshots/<rev>/ "
+                f"({len(found)} other model(s) found)"
+            )
+        return None
+
+    def _load_from_hub(self, model: str, searched: list[str]) -> TokenizerBackend | None:
+        """The tokenizer from the Hugging Face hub (or its cache), or None (why appended)."""
+        hf = self.config.hf
+        if not hf.enabled:
+            searched.append("Hugging Face hub: disabled (tokenizersPoolConfig.hf.enabled=false)")
+            return None
+        offline = hub_offline()
+        cache = hf.tokenizers_cache_dir or "the default Hugging Face cache"
+        try:
+            return self._from_hub(model, offline)
+        except Exception as exc:
+            where = (
+                f"Hugging Face cache {cache} only (HF_HUB_OFFLINE is set)"
+                if offline
+                else (f"Hugging Face hub (cache {cache})")
+            )
+            searched.append(f"{where}: {type(exc).__name__}: {exc}")
+            return None
 
     def _from_path(self, model: str, path: Path) -> TokenizerBackend:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
