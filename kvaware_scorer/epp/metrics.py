@@ -39,6 +39,7 @@ class EppMetrics:
     """Metrics of one Endpoint Picker, in their own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # Long by nature: one flat declaration per metric (upstream's names), read as a table.
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter(
