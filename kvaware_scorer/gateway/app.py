@@ -73,6 +73,9 @@ __all__ = ["Gateway"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds the gateway waits at start for its tokenizers to load before it listens anyway.
+WARM_UP_TIMEOUT = 10.0
+
 #: Seconds the drain waits for decisions being made before answering their requests 503 (a
 #: decision takes milliseconds; one still running is stuck, e.g. on a cold render worker).
 _DECISION_GRACE = 1.0
@@ -155,6 +158,7 @@ class Gateway:
         *,
         scrape: bool = True,
         poll_interval: float = 1.0,
+        scrape_interval: float | None = None,
         **scheduler_kw: Any,
     ) -> Gateway:
         """A gateway over a scheduler built from an EndpointPickerConfig file, with its pool
@@ -166,6 +170,8 @@ class Gateway:
             gateway_config: Gateway settings.
             scrape: Scrape every pod's ``/metrics``.
             poll_interval: Seconds between checks of the endpoints file.
+            scrape_interval: Seconds between pod-metrics scrapes (default: the shortest
+                interval a configured plugin asks for).
             scheduler_kw: Passed to `Scheduler.from_yaml` (``seed``, ``clock``...).
 
         Raises:
@@ -174,7 +180,12 @@ class Gateway:
         """
         scheduler = Scheduler.from_yaml(config, **scheduler_kw)
         try:
-            scheduler.use_endpoints_file(endpoints, poll_interval=poll_interval, scrape=scrape)
+            scheduler.use_endpoints_file(
+                endpoints,
+                poll_interval=poll_interval,
+                scrape=scrape,
+                scrape_interval=scrape_interval,
+            )
             return cls(scheduler, gateway_config, own_scheduler=True)
         except BaseException:
             scheduler.close()
@@ -253,6 +264,7 @@ class Gateway:
         await self._start_scheduler()
         try:
             await self.catalog.refresh(self.scheduler.endpoints)
+            await self._warm_up()
             self.resolver.start(self.catalog)
             await self._listen(host, port)
         except BaseException:
@@ -267,6 +279,26 @@ class Gateway:
         logger.info(
             "gateway listening on %s (%d endpoint(s))", self.url, len(self.scheduler.endpoints)
         )
+
+    async def _warm_up(self) -> None:
+        """Load the tokenizers of the pool's models before listening, so the first requests do
+        not pay for it (at most `WARM_UP_TIMEOUT` seconds; the load goes on in the background
+        past it, and a model without a tokenizer is only logged)."""
+        models = [
+            card["id"]
+            for card in self.catalog.models(self.scheduler.endpoints)
+            if not card.get("parent")  # a LoRA adapter shares its base model's tokenizer
+        ]
+        if not models:
+            return
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.scheduler.warm, models), WARM_UP_TIMEOUT)
+        except TimeoutError:
+            logger.warning(
+                "warming the tokenizers of %s took over %.0fs; listening anyway",
+                ", ".join(models),
+                WARM_UP_TIMEOUT,
+            )
 
     def _open_session(self) -> None:
         """The pooled client session toward the pods, and the model catalog polled over it."""

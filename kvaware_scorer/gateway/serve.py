@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kvaware_scorer.configio import parse_duration
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.resources import resolve_config
 
@@ -113,9 +114,32 @@ def register(sub: Any) -> None:
         "--no-scrape", action="store_true", help="do not scrape the pods' /metrics for load"
     )
     p.add_argument(
+        "--refresh-metrics-interval",
+        default=None,
+        help="time between pod-metrics scrapes, e.g. 250ms (default: the shortest interval a "
+        "configured plugin reads them at; nothing is scraped when no plugin reads them)",
+    )
+    p.add_argument(
         "--seed", default=None, help="seed of the pickers' random choices (default: random)"
     )
     p.set_defaults(func=run, extras=("gateway",))
+
+
+def _interval(value: str | None) -> float | None:
+    """``--refresh-metrics-interval`` in seconds (None: not given).
+
+    Raises:
+        ConfigError: Not a positive duration.
+    """
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), "--refresh-metrics-interval") from None
+    if seconds <= 0:
+        raise ConfigError("must be > 0", "--refresh-metrics-interval")
+    return seconds
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
             args.endpoints,
             config,
             scrape=not args.no_scrape,
+            scrape_interval=_interval(args.refresh_metrics_interval),
             seed=args.seed,
         )
     except ConfigError as exc:

@@ -375,6 +375,13 @@ class Scheduler:
                 # preparation failure must not fail the request.
                 logger.exception("request preparation by %r failed", p)
 
+    def warm(self, models: Sequence[str]) -> None:
+        """Load what preparing a request of each of `models` needs (tokenizers) now, so the
+        first real request does not pay for it; failures are logged by the preparers' own
+        paths, never raised (blocking: call it off the event loop)."""
+        for model in models:
+            self._prepare(SchedulingRequest(request_id=f"warm-up:{model}", model=model, prompt="."))
+
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._executor is None:

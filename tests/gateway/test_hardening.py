@@ -1,5 +1,5 @@
 """Hostile clients and hung pods, on real sockets: template trust and render budget, connection
-cap and head timeout, compressed bodies, prompt bounds, pod timeouts, readiness, credentials."""
+cap and head timeout, compressed bodies, prompt bounds, pod timeouts, readiness, credentials; the tokenizers loaded at start and the scrape interval flag."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import asyncio
 import gzip
 import logging
 import socket
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
@@ -670,3 +672,47 @@ async def test_score_without_admin_key_is_loopback_only(tmp_path: Path, pod: Fak
     empty.write_text("# nothing\n")
     with pytest.raises(ConfigError, match="holds no key"):
         Credentials.load(empty, None, None, None)
+
+
+# -- warm-up and the scrape interval flag -------------------------------------------------------
+
+
+def _tokenizers_loaded(scheduler: Scheduler) -> list[str]:
+    scorer = scheduler.plugins["precise-prefix-cache-scorer"]
+    return scorer.indexer.tokenization.registry.cached_models()
+
+
+async def test_start_loads_the_pools_tokenizers(
+    tmp_path: Path, pod: FakePod, tokenizer_root: Path
+) -> None:
+    gateway = await start_precise(tmp_path, [pod], tokenizer_root, {})
+    try:
+        assert _tokenizers_loaded(gateway.scheduler) == [MODEL]
+        assert pod.requests == []  # loaded without any request
+    finally:
+        await gateway.stop()
+
+
+def test_warm_skips_a_model_without_tokenizer(tmp_path: Path, tokenizer_root: Path) -> None:
+    scheduler = Scheduler.from_config(
+        precise_config(tokenizer_root, hf={"enabled": False}),
+        plugin_manager=make_plugin_manager(use_env=False),
+    )
+    try:
+        scheduler.warm(["no-such-model", MODEL])  # the missing one is only logged
+        assert _tokenizers_loaded(scheduler) == [MODEL]
+    finally:
+        scheduler.close()
+
+
+def test_serve_refuses_a_bad_refresh_metrics_interval(tmp_path: Path) -> None:
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints: [{address: 127.0.0.1, port: 9}]\n")
+    for bad, why in (("soon", "not a duration"), ("0s", "must be > 0")):
+        out = subprocess.run(
+            [sys.executable, "-m", "kvaware_scorer.cli", "serve", "--config", "random",
+             "--endpoints", str(endpoints), "--refresh-metrics-interval", bad],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 1, out
+        assert "--refresh-metrics-interval" in out.stderr and why in out.stderr, out.stderr
