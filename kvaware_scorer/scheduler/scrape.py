@@ -10,9 +10,9 @@ one ``engine`` per data-parallel rank):
 * ``vllm:cache_config_info`` labels ``block_size`` -> ``cache_block_size`` and
   ``num_gpu_blocks`` -> ``cache_num_blocks`` (summed over engines)
 
-The exposition text is parsed with prometheus-client's text parser, after dropping the lines of
-every other family (a vLLM page is mostly histogram buckets, and parsing them would dominate
-the cost of a scrape). A failed scrape leaves the previous metrics in place; they go stale after
+Only the sample lines of these families are read, by one anchored regular expression over the
+page (a vLLM page is mostly histogram buckets; a general exposition parser spent ~0.3 ms even on
+a 40-line page, and the scraper runs it for every pod every round). A failed scrape leaves the previous metrics in place; they go stale after
 the scheduler's staleness threshold and are then treated as unknown by the scorers.
 """
 
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import http.client
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvaware_scorer.scheduler.types import Endpoint, EndpointMetrics
 
@@ -54,16 +53,37 @@ def _adapters(value: str | None) -> frozenset[str]:
     return frozenset(a.strip() for a in (value or "").split(",") if a.strip())
 
 
-def _keep(line: str) -> bool:
-    if line.startswith("#"):
-        parts = line.split(None, 3)
-        return len(parts) >= 3 and parts[1] in ("HELP", "TYPE") and parts[2] in _WANTED
-    end = len(line)
-    for sep in ("{", " "):
-        i = line.find(sep)
-        if 0 <= i < end:
-            end = i
-    return line[:end] in _WANTED
+#: One sample line of a wanted family: name, optional ``{labels}`` (quoted values may hold any
+#: character, escaped), value. Anchored at a line start, so comments and the lines of every
+#: other family (a vLLM page is mostly histogram buckets) are skipped by the regex engine.
+_SAMPLE = re.compile(
+    r"^(" + "|".join(re.escape(n) for n in sorted(_WANTED)) + r")"
+    r"(?:\{((?:[^\"}]|\"(?:[^\"\\]|\\.)*\")*)\})?[ \t]+(\S+)",
+    re.MULTILINE,
+)
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+_ESCAPE = re.compile(r"\\.")
+
+
+def _labels(text: str | None) -> dict[str, str]:
+    """The label set of a sample (``k="v",...``); raises ValueError when malformed."""
+    if not text:
+        return {}
+    out: dict[str, str] = {}
+    pos, end = 0, len(text)
+    while pos < end:
+        m = _LABEL.match(text, pos)
+        if m is None:
+            if text[pos:].strip():
+                raise ValueError(f"malformed labels {{{text}}}")
+            break
+        value = m.group(2)
+        if "\\" in value:
+            value = _ESCAPE.sub(lambda e: _UNESCAPE.get(e.group(0), e.group(0)[1]), value)
+        out[m.group(1)] = value
+        pos = m.end()
+    return out
 
 
 def _int_label(value: str | None) -> int | None:
@@ -99,37 +119,36 @@ def parse_vllm_metrics(text: str) -> EndpointMetrics:
     Raises:
         ValueError: The text is not valid exposition format, or has none of the load metrics.
     """
-    filtered = "\n".join(line for line in text.splitlines() if _keep(line)) + "\n"
     waiting: dict[str, float] = {}
     running: dict[str, float] = {}
     usage: dict[str, float] = {}
     blocks: dict[str, int] = {}
     block_size: int | None = None
     lora: tuple[float, dict[str, str]] | None = None  # the newest sample (value = its time)
-    for family in text_string_to_metric_families(filtered):
-        name = family.name
-        for sample in family.samples:
-            # NOTE: one sample per engine (DP rank); engines add up, and an engine's KV usage is
-            # weighted by its own num_gpu_blocks (cache_config_info has no model_name label).
-            # SGLang labels its schedulers by dp_rank (and tp_rank; only attention-TP rank 0
-            # reports, so TP ranks never double count).
-            engine = sample.labels.get("engine") or sample.labels.get("dp_rank", "")
-            if name in WAITING:
-                waiting[engine] = waiting.get(engine, 0.0) + sample.value
-            elif name in RUNNING:
-                running[engine] = running.get(engine, 0.0) + sample.value
-            elif name in USAGE:
-                usage.setdefault(engine, sample.value)
-            elif name in CACHE_INFO:
-                labels = sample.labels
-                bs = _int_label(labels.get("block_size") or labels.get("page_size"))
-                if bs and block_size is None:
-                    block_size = bs
-                nb = _int_label(labels.get("num_gpu_blocks") or labels.get("num_pages"))
-                if nb is not None:
-                    blocks[engine] = nb
-            elif name in LORA_INFO and (lora is None or sample.value > lora[0]):
-                lora = (sample.value, dict(sample.labels))
+    for m in _SAMPLE.finditer(text):
+        name = m.group(1)
+        labels = _labels(m.group(2))
+        value = float(m.group(3))  # ValueError on a malformed value, as the page is then
+        # NOTE: one sample per engine (DP rank); engines add up, and an engine's KV usage is
+        # weighted by its own num_gpu_blocks (cache_config_info has no model_name label).
+        # SGLang labels its schedulers by dp_rank (and tp_rank; only attention-TP rank 0
+        # reports, so TP ranks never double count).
+        engine = labels.get("engine") or labels.get("dp_rank", "")
+        if name in WAITING:
+            waiting[engine] = waiting.get(engine, 0.0) + value
+        elif name in RUNNING:
+            running[engine] = running.get(engine, 0.0) + value
+        elif name in USAGE:
+            usage.setdefault(engine, value)
+        elif name in CACHE_INFO:
+            bs = _int_label(labels.get("block_size") or labels.get("page_size"))
+            if bs and block_size is None:
+                block_size = bs
+            nb = _int_label(labels.get("num_gpu_blocks") or labels.get("num_pages"))
+            if nb is not None:
+                blocks[engine] = nb
+        elif name in LORA_INFO and (lora is None or value > lora[0]):
+            lora = (value, labels)
     if not (waiting or running or usage):
         raise ValueError("no vLLM load metrics (num_requests_waiting/running, kv_cache_usage_perc)")
     kv = _kv_usage(usage, blocks)
