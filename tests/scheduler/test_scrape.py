@@ -334,3 +334,20 @@ def test_scrape_interval_is_what_the_configured_plugins_need(pods: list[_Pod], t
     off = config([{"type": "predicted-ttft-scorer", "parameters": {"metricsInterval": 0}}])
     hits, s = _hits_after(pods, tmp_path, off, 0.3)
     assert s.scrape_interval is None and hits == 0
+
+
+def test_parse_reads_escaped_label_values_and_skips_lookalike_families() -> None:
+    """Quoted label values may hold braces, quotes and backslashes (escaped); a family whose
+    name only starts like a wanted one is not read; a malformed value of a wanted one is an
+    error."""
+    page = (
+        'vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 9\n'
+        'vllm:num_requests_waiting{model_name="a\\"b}\\\\",engine="0"} 3\n'
+        'vllm:cache_config_info{block_size="16",num_gpu_blocks="800",engine="0"} 1.0\n'
+        'vllm:kv_cache_usage_perc{engine="0"} 0.25\n'
+    )
+    m = parse_vllm_metrics(page)
+    assert (m.waiting_queue_size, m.kv_cache_usage_percent) == (3, 0.25)
+    assert (m.cache_block_size, m.cache_num_blocks) == (16, 800)
+    with pytest.raises(ValueError):
+        parse_vllm_metrics('vllm:num_requests_waiting{engine="0"} three\n')
