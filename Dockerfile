@@ -7,7 +7,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY kvaware_scorer ./kvaware_scorer
 COPY plugins ./plugins
-RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[epp,tokenizers,redis]'
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[epp,tokenizers,redis,fast]'
 
 FROM python:3.11-slim
 RUN useradd --uid 65532 --create-home kvaware

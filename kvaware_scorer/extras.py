@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "redis": ("redis",),
     "gateway": ("aiohttp",),
     "plot": ("matplotlib",),
+    "fast": ("uvloop",),
     "epp": ("grpc", "grpc_health", "envoy", "kubernetes", "cryptography"),
 }
 

@@ -23,7 +23,7 @@ import resource
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 from aiohttp import web
@@ -171,8 +171,9 @@ class _Guarded(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self._guard
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # NOTE: a stream transport (uvloop's is not an asyncio.Transport subclass).
+        self._transport = cast(asyncio.Transport, transport)
+        transport = self._transport
         if len(guard.open) >= guard.cap:
             self._refused = True
             guard.count("limit")

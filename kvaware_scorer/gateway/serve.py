@@ -11,11 +11,13 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from kvaware_scorer.configio import parse_duration
 from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.extras import missing_extras_message
 from kvaware_scorer.resources import resolve_config
 
 __all__ = ["register", "run"]
@@ -120,6 +122,13 @@ def register(sub: Any) -> None:
         "configured plugin reads them at; nothing is scraped when no plugin reads them)",
     )
     p.add_argument(
+        "--event-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop: uvloop (the 'fast' extra; about a fifth less CPU per streamed "
+        "request), asyncio, or auto = uvloop when installed (default: auto)",
+    )
+    p.add_argument(
         "--seed", default=None, help="seed of the pickers' random choices (default: random)"
     )
     p.set_defaults(func=run, extras=("gateway",))
@@ -171,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
             admin_key_file=args.admin_key_file,
             admin_key_env=args.admin_key_env,
         )
+        run_loop = _loop_runner(args.event_loop)
         gateway = Gateway.from_files(
             resolve_config(args.config),
             args.endpoints,
@@ -183,11 +193,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvaware serve: {exc}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(_serve(gateway))
+        run_loop(_serve(gateway))
     except OSError as exc:
         print(f"kvaware serve: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _loop_runner(choice: str) -> Callable[[Coroutine[Any, Any, None]], None]:
+    """What runs the gateway's event loop: uvloop's or asyncio's (``auto``: uvloop when it is
+    installed).
+
+    Raises:
+        ConfigError: ``uvloop`` was asked for and is not installed.
+    """
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ModuleNotFoundError:
+            if choice == "uvloop":
+                raise ConfigError(
+                    missing_extras_message("--event-loop uvloop", ["fast"]), "--event-loop"
+                ) from None
+        else:
+            return uvloop.run
+    return asyncio.run
 
 
 async def _serve(gateway: Any) -> None:

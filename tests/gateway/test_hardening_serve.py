@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 import zlib
@@ -271,3 +273,43 @@ async def test_serve_key_flags(
     assert proc.returncode == 1
     assert str(missing) in err.decode()
     assert b"sk-serve-secret" not in out + err
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_serve_streams_on_either_event_loop(tmp_path: Path, pod: FakePod, loop: str) -> None:
+    """The guarded listener, streaming and SIGTERM work on asyncio's loop and on uvloop's."""
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text(endpoints_yaml([pod]))
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 4, "stream": True}
+    async with (
+        serve(ROOT / "config" / "random.yaml", endpoints, "--event-loop", loop) as served,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.post(served.url + "/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            assert b"data: [DONE]" in await resp.read()
+        served.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(served.proc.wait(), 20) == 0
+
+
+def test_serve_says_which_extra_uvloop_needs(tmp_path: Path) -> None:
+    """``--event-loop uvloop`` without uvloop installed: one line naming the extra, exit 1."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _NoUvloop:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'uvloop':\n"
+        "            raise ModuleNotFoundError(name, name=name)\n"
+        "sys.meta_path.insert(0, _NoUvloop())\n"
+    )
+    endpoints = tmp_path / "endpoints.yaml"
+    endpoints.write_text("endpoints: [{address: 127.0.0.1, port: 9}]\n")
+    cmd = [sys.executable, "-m", "kvaware_scorer.cli", "serve", "--config", "random",
+           "--endpoints", str(endpoints), "--event-loop", "uvloop"]  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(site)}
+    )
+    assert out.returncode == 1
+    assert "pip install 'kvaware-scorer[fast]'" in out.stderr, out.stderr
