@@ -29,6 +29,10 @@ prefill. All terms are seconds, so they compare directly.
 Score: ``(min_p cost + scale) / (cost(p) + scale)`` in (0, 1], 1 for the cheapest pod;
 ``scoreScale`` sets how much a difference in seconds moves the score when composed with other
 scorers. Alone with ``max-score-picker`` it picks the lowest cost.
+
+As flow control's saturation detector it reports the fill of the emptiest pod (in-flight KV
+over capacity, at least 1.0 while vLLM queues requests there): the gateway holds a request only
+while every pod would make it wait in its own queue, and routes it when the first has room.
 """
 
 from __future__ import annotations
@@ -367,6 +371,27 @@ class PredictedTTFTScorer:
 
     # -- roles ----------------------------------------------------------------------------------
 
+    def saturated(self, ctx: SchedulingContext, endpoints: Sequence[Endpoint]) -> float:
+        """Flow control's gate (role ``saturation-detector``): the fill of the emptiest pod,
+        ``>= 1.0`` when every pod would make a new request wait in its own queue.
+
+        A pod's fill is the KV tokens its in-flight requests will hold at their end (as the
+        memory term counts them) over its KV capacity, and at least 1.0 while vLLM reports
+        requests waiting there. A pod whose metrics or capacity are unknown counts as empty:
+        without them the gate never holds a request.
+        """
+        best = 1.0
+        for e in endpoints:
+            m = ctx.metrics(e)
+            cap = self.capacity(ctx, e) if m is not None and m.update_time > 0 else None
+            if m is None or not cap:
+                return 0.0
+            fill = self._kv_in_flight(ctx, e, self.ledger.load(e.id).kv_tokens) / cap
+            if m.waiting_queue_size > 0:
+                fill = max(fill, 1.0)
+            best = min(best, fill)
+        return best
+
     def score(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Mapping[str, float]:
@@ -460,6 +485,6 @@ def register(registry: PluginRegistry) -> None:
         "predicted-ttft-scorer",
         PredictedTTFTScorer,
         params=PredictedTTFTParams,
-        kinds=("scorer", "pre-request", "post-response"),
+        kinds=("scorer", "pre-request", "post-response", "saturation-detector"),
         description="lowest predicted time to first token (queue + uncached prefill + KV wait)",
     )

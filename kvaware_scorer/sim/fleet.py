@@ -34,7 +34,7 @@ from kvaware_scorer.sim.engine import Engine, EngineRequest
 from kvaware_scorer.sim.fleet_types import FleetConfig, RequestRecord, RunResult
 from kvaware_scorer.sim.hashing import make_hasher
 from kvaware_scorer.sim.request import RequestOutcome, SimRequest
-from kvaware_scorer.sim.routing import KVEventSink, PodMetrics, Router, SimEndpoint
+from kvaware_scorer.sim.routing import Dispatcher, KVEventSink, PodMetrics, Router, SimEndpoint
 from kvaware_scorer.sim.wire import EventEncoder
 from kvaware_scorer.sim.workloads import Workload
 
@@ -220,6 +220,11 @@ class _Run:
         self.loss_rng = random.Random(cfg.seed)
         self.ideal_seen: set[int] = set()
         self.live: dict[str, tuple[EngineRequest, int, int, str]] = {}
+        # NOTE: requests the router holds (flow control), with their ideal hit.
+        self.gated: dict[str, tuple[SimRequest, int]] = {}
+        self.dispatcher: Dispatcher | None = (
+            router if callable(getattr(router, "dispatch", None)) else None  # type: ignore[assignment]
+        )
 
         self.heap: list[tuple[float, int, int, Any]] = []
         self.counter = 0
@@ -263,7 +268,7 @@ class _Run:
 
     def release_held(self) -> None:
         """Release a held next-stage arrival once the fleet has drained."""
-        if self.held is not None and not self.live and not self.pending_arrivals:
+        if self.held is not None and not (self.live or self.gated or self.pending_arrivals):
             req, self.held = self.held, None
             self._release(req)
 
@@ -345,7 +350,7 @@ class _Run:
         return n * bs
 
     def _in_flight(self) -> bool:
-        return bool(self.live or self.pending_arrivals or not self.source_done)
+        return bool(self.live or self.gated or self.pending_arrivals or not self.source_done)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -388,6 +393,7 @@ class _Run:
             self._start_step(i)
         else:
             self.busy[i] = False
+        self._dispatch_held()
 
     def _count_tokens(self, t: float, sampled: int) -> None:
         if self.drain:
@@ -413,7 +419,7 @@ class _Run:
                 self._deliver(i, payload, seq)
 
     def on_arrival(self, t: float, data: tuple[SimRequest, bool]) -> None:
-        """A request arrives: route it and queue it on the chosen pod."""
+        """A request arrives: route it and queue it on the chosen pod (or the router holds it)."""
         req, from_source = data
         self.pending_arrivals -= 1
         self.bar.routed()
@@ -428,6 +434,13 @@ class _Run:
             self.records.append(_failed(req, "", 503, ideal))
             self.bar.done()
             return
+        if pod_id is None:
+            self.gated[req.request_id] = (req, ideal)
+            return
+        self._send(t, req, pod_id, ideal)
+
+    def _send(self, t: float, req: SimRequest, pod_id: str, ideal: int) -> None:
+        """Queue a routed request on its pod."""
         i = self.by_id.get(pod_id, -1)
         if i < 0:
             raise RuntimeError(f"router {self.router.name!r} chose unknown pod {pod_id!r}")
@@ -446,6 +459,18 @@ class _Run:
         if not self.busy[i]:
             self._start_step(i)
 
+    def _dispatch_held(self) -> None:
+        """Send the requests the router's flow control releases now; record those it shed."""
+        if self.dispatcher is None or not self.gated:
+            return
+        routed, shed = self.dispatcher.dispatch()
+        t = self.sim.now
+        for req in shed:
+            self.records.append(_failed(req, "", 429, self.gated.pop(req.request_id)[1]))
+            self.bar.done()
+        for req, pod_id in routed:
+            self._send(t, req, pod_id, self.gated.pop(req.request_id)[1])
+
     def on_deliver(self, t: float, data: tuple[int, bytes, int]) -> None:
         """A delayed KV-event payload reaches the sinks."""
         self.pending_deliveries -= 1
@@ -455,6 +480,7 @@ class _Run:
         """The periodic metrics scrape."""
         self.sim._scrape()
         self.router.observe(self.endpoints, self.sim.clock())
+        self._dispatch_held()
         if self._in_flight() or self.pending_deliveries:
             self._push(t + self.interval, _SCRAPE, None)
 
@@ -497,6 +523,8 @@ class _Run:
                         er.preemptions,
                     )
                 )
+            for req, ideal in self.gated.values():
+                self.records.append(_failed(req, "", 0, ideal))
         result.end_time = now
         if self.drain and self.stages:
             current = self.current_stage

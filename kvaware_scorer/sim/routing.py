@@ -8,7 +8,7 @@ first token (`first_token`) and completion (`complete`), and delivers every pod'
 
 * `SchedulerRouter`: a scheduler YAML (``config/precise.yaml``, ...) through the real
   `Scheduler`, exactly as ``scheduler_api.md`` describes (no ``start()``: events arrive in
-  process; clock and seed injected). This is what ``kvaware bench --configs *.yaml`` runs.
+  process; clock and seed injected; flow control held in virtual time, `Dispatcher`). This is what ``kvaware bench --configs *.yaml`` runs.
 * `RandomRouter` (``builtin:random``): uniform random pod, the cache-blind baseline.
 * `RoundRobinRouter` (``builtin:round-robin``): Kubernetes-Service-like rotation.
 * `PrefixOracleRouter` (``builtin:oracle``): reads every pod's block pool directly (perfect,
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BUILTIN_ROUTERS",
+    "Dispatcher",
     "KVEventSink",
     "PodMetrics",
     "PrefixOracleRouter",
@@ -113,8 +115,9 @@ class Router(Protocol):
         """A metrics scrape happened at router-clock time `now`."""
         ...
 
-    def route(self, request: SimRequest, endpoints: Sequence[SimEndpoint]) -> str:
-        """The id of the pod that serves `request`."""
+    def route(self, request: SimRequest, endpoints: Sequence[SimEndpoint]) -> str | None:
+        """The id of the pod that serves `request`, or None when the router holds it (flow
+        control: `Dispatcher.dispatch` hands it out later)."""
         ...
 
     def first_token(self, request: SimRequest) -> None:
@@ -241,6 +244,10 @@ class SchedulerRouter:
     entries) and its own copy of the pods' metrics, and every replica's event sinks receive
     every pod's KV events (each replica ingests all events, as upstream's do).
 
+    A config with flow control (a ``flowControl`` section) has its arrivals held while its
+    saturation detector reports the pool saturated, in virtual time (`dispatch`), as
+    ``Scheduler.aschedule`` holds them live; requests held beyond the TTL are shed with 429.
+
     Args:
         path: The scheduler YAML.
         clock: The simulator's virtual clock (seconds, never 0).
@@ -291,6 +298,15 @@ class SchedulerRouter:
         self._by_id: list[dict[str, Any]] = []
         self._inflight: dict[str, tuple[int, Any, Any]] = {}
         self._next = 0
+        # NOTE: flow control in virtual time: a replica whose config has a ``flowControl``
+        # section holds arrivals while its saturation detector reports the pool saturated
+        # (or others wait before them), as `Scheduler.aschedule` does live; the simulator calls
+        # `dispatch` after every event that can change saturation (a step's first tokens and
+        # completions, a scrape), where the live dispatcher polls every few milliseconds.
+        # Emulated requests all have priority 0 and no fairness id: one band, one flow, so the
+        # default policies serve them first come, first served.
+        self._held: list[deque[tuple[SimRequest, float]]] = [deque() for _ in self.schedulers]
+        self.holds = 0  # arrivals flow control held (over the run)
 
     @property
     def event_sinks(self) -> Sequence[KVEventSink]:
@@ -329,9 +345,37 @@ class SchedulerRouter:
                 m.cache_num_blocks = s.num_blocks
                 m.update_time = s.update_time
 
-    def route(self, request: SimRequest, endpoints: Sequence[SimEndpoint]) -> str:
+    def route(self, request: SimRequest, endpoints: Sequence[SimEndpoint]) -> str | None:
         i = self._next
         self._next = (i + 1) % len(self.schedulers)
+        flow = self.schedulers[i].flow
+        if flow is not None and (self._held[i] or flow.saturation() >= 1.0):
+            self._held[i].append((request, self._clock()))
+            self.holds += 1
+            return None
+        return self._schedule(i, request)
+
+    def held(self) -> int:
+        return sum(len(q) for q in self._held)
+
+    def dispatch(self) -> tuple[list[tuple[SimRequest, str]], list[SimRequest]]:
+        routed: list[tuple[SimRequest, str]] = []
+        shed: list[SimRequest] = []
+        now = self._clock()
+        for i, queue in enumerate(self._held):
+            flow = self.schedulers[i].flow
+            if not queue or flow is None:
+                continue
+            ttl = flow.request_ttl
+            while queue and ttl > 0 and now - queue[0][1] > ttl:
+                shed.append(queue.popleft()[0])
+                flow.shed += 1
+            while queue and flow.saturation() < 1.0:
+                request = queue.popleft()[0]
+                routed.append((request, self._schedule(i, request)))
+        return routed, shed
+
+    def _schedule(self, i: int, request: SimRequest) -> str:
         req = self._mod.SchedulingRequest(
             request_id=request.request_id,
             model=self.model,
@@ -369,6 +413,18 @@ class SchedulerRouter:
             stop = getattr(sched, "stop", None)
             if stop is not None:
                 stop()
+
+
+class Dispatcher(Protocol):
+    """A router that holds requests (flow control) and hands them out later."""
+
+    def dispatch(self) -> tuple[list[tuple[SimRequest, str]], list[SimRequest]]:
+        """(held requests now routed, with their pod; held requests shed with 429)."""
+        ...
+
+    def held(self) -> int:
+        """Requests held now."""
+        ...
 
 
 #: ``builtin:<name>`` router factories: (seed) -> Router.

@@ -16,7 +16,7 @@ from kvaware_scorer.scheduler import (
 )
 from kvaware_scorer.scheduler.inflight import InFlight, InFlightLedger
 
-from .conftest import FakeClock, build, config, endpoints
+from .conftest import FakeClock, build, config, endpoints, with_metrics
 
 RATE = 1000.0  # prefill tokens per second assumed (learning off unless a test turns it on)
 
@@ -282,3 +282,75 @@ def test_pods_leaving_the_pool_are_forgotten(clock: FakeClock) -> None:
     assert a.id in scorer.model._pods and scorer.ledger.load(a.id).requests == 2
     s.set_endpoints([b])
     assert a.id not in scorer.model._pods and scorer.ledger.load(a.id).requests == 0
+
+
+def _scraped(clock: FakeClock, eps: list[Endpoint], *fill: tuple[int, float]) -> None:
+    """Scrape each pod now: (requests waiting, KV usage) of a 10,000-token KV cache."""
+    for e, (waiting, usage) in zip(eps, fill, strict=True):
+        with_metrics(
+            e,
+            clock.now,
+            waiting_queue_size=waiting,
+            kv_cache_usage_percent=usage,
+            cache_block_size=16,
+            cache_num_blocks=625,
+        )
+
+
+def test_saturated_only_when_every_pod_would_queue(clock: FakeClock) -> None:
+    """As a saturation detector the scorer reports the emptiest pod's fill: below 1.0 while
+    one pod has neither a vLLM queue nor a full KV cache, 1.0 or more once none has."""
+    s = _scheduler(clock)
+    scorer = s.plugin("predicted-ttft-scorer")
+    a, b = endpoints(2)
+    _scraped(clock, [a, b], (3, 0.9), (0, 0.5))
+    assert scorer.saturated(s.context(), [a, b]) == pytest.approx(0.5)
+    _scraped(clock, [a, b], (3, 0.9), (1, 0.5))
+    assert scorer.saturated(s.context(), [a, b]) >= 1.0
+    _scraped(clock, [a, b], (0, 1.0), (0, 1.0))
+    assert scorer.saturated(s.context(), [a, b]) >= 1.0
+
+
+def test_saturation_counts_requests_sent_since_the_scrape(clock: FakeClock) -> None:
+    """A request routed after the last scrape fills its pod at once (prompt the pod must
+    compute plus expected output), so a gate releasing one request at a time sees it."""
+    s = _scheduler(clock, expectedOutputTokens=1000)
+    scorer = s.plugin("predicted-ttft-scorer")
+    (a,) = endpoints(1)
+    _scraped(clock, [a], (0, 0.5))
+    assert scorer.saturated(s.context(), [a]) == pytest.approx(0.5)
+    _send(s, "r", _tokens(0, 4000), [a])
+    assert scorer.saturated(s.context(), [a]) == pytest.approx(1.0)
+
+
+def test_unknown_metrics_never_saturate(clock: FakeClock) -> None:
+    """A pod never scraped, or one whose KV capacity is unknown, counts as having room: the
+    gate holds nothing it cannot judge."""
+    s = _scheduler(clock)
+    scorer = s.plugin("predicted-ttft-scorer")
+    a, b = endpoints(2)
+    _scraped(clock, [a], (5, 1.0))
+    assert scorer.saturated(s.context(), [a, b]) == 0.0
+    with_metrics(b, clock.now, waiting_queue_size=5, kv_cache_usage_percent=1.0)
+    assert scorer.saturated(s.context(), [a, b]) == 0.0
+
+
+def test_flow_control_uses_the_scorer_as_its_detector(clock: FakeClock) -> None:
+    """With ``flowControl.saturationDetector.pluginRef`` naming the scorer, the scheduler's
+    flow controller gates on the scorer's reading."""
+    data = config(
+        [
+            {"type": "prefix-cache-scorer", "parameters": {"blockSizeTokens": 16}},
+            _ttft(),
+        ],
+        [{"name": "default", "plugins": [{"pluginRef": "predicted-ttft-scorer"}]}],
+    )
+    data["flowControl"] = {"saturationDetector": {"pluginRef": "predicted-ttft-scorer"}}
+    s = build(data, clock=clock, seed=0)
+    a, b = endpoints(2)
+    s.set_endpoints([a, b])
+    assert s.flow is not None
+    _scraped(clock, [a, b], (2, 1.0), (0, 0.25))
+    assert s.flow.saturation() == pytest.approx(0.25)
+    _scraped(clock, [a, b], (2, 1.0), (2, 1.0))
+    assert s.flow.saturation() >= 1.0
