@@ -203,7 +203,7 @@ class BatchApplier:
                 n_removed += 1
                 g = rm.group_idx
                 medium = rm.medium
-                if (g is None or g == main) and medium == last_medium and not shared:
+                if (g == main or g is None) and medium == last_medium and not shared:
                     gone += rm.block_hashes  # the hot path: one more eviction of the run
                     continue
                 if g is not None and g != main:
