@@ -275,9 +275,10 @@ class BatchApplier:
     def _store(self, st: StreamState, ev: BlockStored, w: BatchWriter) -> bool:
         """Apply one store; False when it was dropped (and counted as such).
 
-        NOTE: called once per BlockStored, the second most frequent event: the checks share
-        locals, and in ``derived`` mode the keys are chained here (a continuation of this
-        stream's last store finds its parent's key in ``recent``); only the rare cases
+        NOTE: kept in one piece, over the usual function length: it runs once per BlockStored,
+        the second most frequent event, and a call per store costs more than its checks. The
+        checks share locals, and in ``derived`` mode the keys are chained here (a continuation
+        of this stream's last store finds its parent's key in ``recent``); only the rare cases
         (a root, a parent resolved through the index, content extra keys) call out.
         """
         hashes = ev.block_hashes
