@@ -183,7 +183,7 @@ class BatchApplier:
         for reason in batch.rejected:
             self.dropped[reason].inc()
             logger.debug("dropped an event from %s: %s", st.pod, reason)
-        w = self.writer(st.pod)
+        w = BatchWriter(self.index, st.pod, self._count)
         n_removed = n_stored = unknown = 0
         # NOTE: removals are the most frequent events (one hash each, as vLLM evicts); the
         # loop keeps them on locals and hands them to the writer once per run. A pod's only
