@@ -183,7 +183,7 @@ class BatchApplier:
         for reason in batch.rejected:
             self.dropped[reason].inc()
             logger.debug("dropped an event from %s: %s", st.pod, reason)
-        w = self.writer(st.pod)
+        w = BatchWriter(self.index, st.pod, self._count)
         n_removed = n_stored = unknown = 0
         # NOTE: removals are the most frequent events (one hash each, as vLLM evicts); the
         # loop keeps them on locals and hands them to the writer once per run. A pod's only
@@ -203,7 +203,7 @@ class BatchApplier:
                 n_removed += 1
                 g = rm.group_idx
                 medium = rm.medium
-                if (g is None or g == main) and medium == last_medium and not shared:
+                if (g == main or g is None) and medium == last_medium and not shared:
                     gone += rm.block_hashes  # the hot path: one more eviction of the run
                     continue
                 if g is not None and g != main:
@@ -273,10 +273,16 @@ class BatchApplier:
         return group == (0 if st.main_group is None else st.main_group)
 
     def _store(self, st: StreamState, ev: BlockStored, w: BatchWriter) -> bool:
-        """Apply one store; False when it was dropped (and counted as such)."""
+        """Apply one store; False when it was dropped (and counted as such).
+
+        NOTE: kept in one piece, over the usual function length: it runs once per BlockStored,
+        the second most frequent event, and a call per store costs more than its checks. The
+        checks share locals, and in ``derived`` mode the keys are chained here (a continuation
+        of this stream's last store finds its parent's key in ``recent``); only the rare cases
+        (a root, a parent resolved through the index, content extra keys) call out.
+        """
         hashes = ev.block_hashes
         n = len(hashes)
-        pod = st.pod
         group = ev.group_idx
         kind = ev.kv_cache_spec_kind
         if (
@@ -287,75 +293,65 @@ class BatchApplier:
         medium = ev.medium
         tier = self._tiers.get(medium) or self.tier(medium)
         if tier is None:
-            self._drop("bad_tier", pod, ev)
+            self._drop("bad_tier", st.pod, ev)
             return False
         toks = ev.token_ids
         if not toks:
             return self._placeholder(st, hashes, tier, w)
         bs = ev.block_size
-        if len(toks) > self.max_event_tokens:
-            self._drop("too_many_tokens", pod, ev)
-            return False
-        if bs <= 0 or len(toks) != n * bs:
-            self._drop("token_count_mismatch", pod, ev)
+        n_toks = len(toks)
+        if n_toks > self.max_event_tokens or bs <= 0 or n_toks != n * bs:
+            too_many = n_toks > self.max_event_tokens
+            self._drop("too_many_tokens" if too_many else "token_count_mismatch", st.pod, ev)
             return False
         bsz = self.block_size
         keyer = self._keyer
+        parent = ev.parent_block_hash
         ehs: list[int] | None
         if keyer is None:
             if bs != bsz:
-                self._drop("block_size_mismatch", pod, ev)
+                self._drop("block_size_mismatch", st.pod, ev)
                 return False
             keys = hashes
             ehs = None
             per = 1
         else:
-            if bs % bsz:
-                self._drop("block_size_mismatch", pod, ev)
+            if bs == bsz:
+                per = 1
+            elif bs % bsz:
+                self._drop("block_size_mismatch", st.pod, ev)
                 return False
-            per = bs // bsz
-            derived = self._derive(st, ev, keyer, w)
-            if derived is None:
-                return False
-            keys = derived
+            else:
+                per = bs // bsz
+            pkey = None if parent is None else st.recent.get(parent)
+            if pkey is None:
+                pkey = self._parent_key(st, ev, keyer, w)
+                if pkey is None:
+                    return False
+            extra = ev.extra_keys
+            content = (
+                self._content(extra, ev.lora_name, parent is None)
+                if extra and extra.count(None) != len(extra)
+                else None
+            )
+            if content is None:
+                keys = keyer.chain(pkey, toks, bsz)
+            else:
+                keys = self._chain_mixed(keyer, pkey, toks, bs, content)
+            recent = st.recent
+            recent[hashes[-1]] = keys[-1]
+            if len(recent) >= RECENT:
+                st.recent_old = recent
+                st.recent = {}
             ehs = hashes if per == 1 else [h for h in hashes for _ in range(per)]
         if st.held is None:
-            if ev.parent_block_hash is None or st.merging:
+            if parent is None or st.merging:
                 w.add_new(tier, keys, ehs, n)
             else:
                 w.add(tier, keys, ehs, n, per)
             return True
-        self._store_held(st, tier, hashes, keys, ehs, per, ev.parent_block_hash is None, w)
+        self._store_held(st, tier, hashes, keys, ehs, per, parent is None, w)
         return True
-
-    def _derive(
-        self, st: StreamState, ev: BlockStored, keyer: DerivedKeyer, w: BatchWriter
-    ) -> list[int] | None:
-        """The keys of `ev`'s blocks, chained from its parent's key over their tokens (and
-        content extra keys); None when the store was dropped (and counted as such)."""
-        parent = ev.parent_block_hash
-        # NOTE: the common case (a continuation of this stream's last store) inline
-        pkey = None if parent is None else st.recent.get(parent)
-        if pkey is None:
-            pkey = self._parent_key(st, ev, keyer, w)
-            if pkey is None:
-                return None
-        toks = ev.token_ids
-        extra = ev.extra_keys
-        if extra and extra.count(None) != len(extra):
-            content = self._content(extra, ev.lora_name, parent is None)
-        else:
-            content = None
-        if content is None:
-            keys = keyer.chain(pkey, toks, self.block_size)
-        else:
-            keys = self._chain_mixed(keyer, pkey, toks, ev.block_size, content)
-        recent = st.recent
-        recent[ev.block_hashes[-1]] = keys[-1]
-        if len(recent) >= RECENT:
-            st.recent_old = recent
-            st.recent = {}
-        return keys
 
     def _parent_key(
         self, st: StreamState, ev: BlockStored, keyer: DerivedKeyer, w: BatchWriter

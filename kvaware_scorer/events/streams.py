@@ -20,12 +20,13 @@ places the frame in the stream's sequence before the `BatchApplier` applies it:
   index that lost writes names the pods to *heal* (purge and rebuild from their events).
 
 A pod's frames apply under its lock (striped over `_LOCK_STRIPES` locks), in order; a replay is
-fetched without holding it. Nothing here raises for bad data.
+fetched without holding it. This module decides when a stream replays and what the replay means
+for it; `recovery.StreamReplays` fetches replays and applies their frames. Nothing here raises
+for bad data.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import threading
@@ -33,11 +34,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-import xxhash
-
 from kvaware_scorer.errors import EventDecodeError
 from kvaware_scorer.events.apply import purge_index
 from kvaware_scorer.events.decode import DECODE_ERRORS
+from kvaware_scorer.events.recovery import StreamReplays, payload_digest
 from kvaware_scorer.events.sink import ReplayResult, ReplaySource
 from kvaware_scorer.events.state import FailedSeqs, StreamState
 from kvaware_scorer.events.writer import BACKEND_ERRORS
@@ -65,12 +65,6 @@ _HEAL_INTERVAL: Final = 1.0
 
 #: Locks pods are spread over (a pod's frames apply under its lock, in order).
 _LOCK_STRIPES: Final = 64
-
-
-def _digest(payload: bytes) -> int:
-    """A payload's identity (whether a replayed batch is the one applied under its seq)."""
-    digest: int = xxhash.xxh3_64_intdigest(payload)
-    return digest
 
 
 class StreamTracker:
@@ -113,6 +107,7 @@ class StreamTracker:
         self._decoder = decoder
         self._on_purge = on_purge
         self._dropped = applier.dropped
+        self._replays = StreamReplays(applier, metrics, self._decode, self.lock_for)
         self._streams: dict[str, dict[int, StreamState]] = {}
         self._locks = [threading.RLock() for _ in range(_LOCK_STRIPES)]
         self._last_sweep = time.monotonic()
@@ -152,7 +147,7 @@ class StreamTracker:
             st = self._sequence(st, seq, batch)
             st = self._applier.apply(st, batch, "live")
             st.last_seq = seq
-            st.last_digest = _digest(payload)
+            st.last_digest = payload_digest(payload)
 
     def _sequence(self, st: StreamState, seq: int, batch: DecodedBatch) -> StreamState:
         """Place live frame `seq` in `st`'s sequence before it applies: a restart resets the
@@ -369,27 +364,7 @@ class StreamTracker:
         source = self.replay_source
         if source is None:
             return None
-        try:
-            return self._unlocked(source, st, start, reason)
-        except Exception:
-            logger.exception("replay for %s rank %d failed", st.pod, st.rank)
-            return ReplayResult([], "error")
-
-    def _unlocked(
-        self, source: ReplaySource, st: StreamState, start: int, reason: str
-    ) -> ReplayResult | None:
-        """Ask `source` for a replay without holding `st`'s lock (held once by `_ingest`).
-
-        NOTE: locks are striped: other pods share this one, and a replay may take up to its
-        deadline. The subscriber runs a pod's frames one at a time, so nothing else applies to
-        this stream meanwhile (the sweep leaves it alone: it was just seen).
-        """
-        lock = self.lock_for(st.pod)
-        lock.release()
-        try:
-            return source.replay(st.pod, st.rank, start, reason)
-        finally:
-            lock.acquire()
+        return self._replays.fetch(source, st, start, reason)
 
     def _recover_gap(self, st: StreamState, last: int, seq: int) -> StreamState:
         """Fill the gap ``(last, seq)``; first check that the publisher is the one whose batch
@@ -407,7 +382,7 @@ class StreamTracker:
         if result is None:
             return self._replay(st, last + 1, seq, "gap")
         frames = result.frames
-        if frames and frames[0][0] == last and _digest(frames[0][1]) != st.last_digest:
+        if frames and frames[0][0] == last and payload_digest(frames[0][1]) != st.last_digest:
             logger.info(
                 "pod %s rank %d: the batch under seq %d changed: publisher restarted",
                 st.pod,
@@ -418,7 +393,7 @@ class StreamTracker:
             st.live_seq = seq
             st.first_seq = seq
             return self._replay(st, 0, seq, "join")
-        return self._apply_replay(st, result, last + 1, seq, "gap")
+        return self._replays.apply(st, result, last + 1, seq, "gap")
 
     def _join(self, st: StreamState, seq: int) -> StreamState:
         """First frame of a stream at `seq` > 0: replay the publisher's buffer ``[0, seq)``.
@@ -444,7 +419,7 @@ class StreamTracker:
             else:
                 logger.info("pod %s rank %d: merging the publisher's buffer", st.pod, st.rank)
                 st.merging = True
-        st = self._apply_replay(st, result, 0, seq, "join")
+        st = self._replays.apply(st, result, 0, seq, "join")
         st.merging = False
         return st
 
@@ -469,54 +444,7 @@ class StreamTracker:
                     until - start,
                 )
             return st
-        return self._apply_replay(st, result, start, until, reason)
-
-    def _apply_replay(
-        self, st: StreamState, result: ReplayResult, start: int, until: int, reason: str
-    ) -> StreamState:
-        """Apply the frames of `result` within ``[start, until)``, counting what is missing."""
-        m = self.metrics
-        expected = start
-        lost = 0
-        applied = 0
-        for seq, payload in result.frames:
-            if seq < expected:
-                continue
-            if seq >= until:
-                break
-            if seq > expected and reason == "gap":
-                lost += seq - expected
-            batch = self._decode(payload, st.decoder)
-            if batch is not None:
-                if (batch.data_parallel_rank or 0) != st.rank:
-                    self._dropped["rank_mismatch"].inc()
-                else:
-                    st = self._applier.apply(st, batch, "replay")
-                    applied += 1
-            st.last_seq = seq
-            st.last_digest = _digest(payload)
-            expected = seq + 1
-        status = result.status
-        if status != "ok":
-            st.incomplete = True
-        if reason == "gap":
-            lost += until - expected
-            if lost:
-                st.incomplete = True
-                m.lost_batches.inc(lost)
-                logger.warning(
-                    "pod %s rank %d: replay recovered %d of %d batches (%s)",
-                    st.pod,
-                    st.rank,
-                    until - start - lost,
-                    until - start,
-                    status,
-                )
-                if status == "ok":
-                    status = "incomplete"
-        m.replays.labels(status).inc()
-        m.replayed_batches.labels(reason).inc(applied)
-        return st
+        return self._replays.apply(st, result, start, until, reason)
 
     def _resync(self, st: StreamState, until: int) -> StreamState:
         """Rebuild `st` from the publisher's whole buffer when its history is incomplete.
@@ -528,14 +456,10 @@ class StreamTracker:
         source = self.replay_source
         assert source is not None
         st.next_resync = time.monotonic() + _RESYNC_INTERVAL
-        try:
-            result = self._unlocked(source, st, 0, "resync")
-        except Exception:
-            logger.exception("resync replay for %s rank %d failed", st.pod, st.rank)
-            result = ReplayResult([], "error")
+        result = self._replays.fetch(source, st, 0, "resync")
         if result is None:
             return st
-        frames = self._covering(st, result, until)
+        frames = StreamReplays.covering(st, result, until)
         if frames is None:
             self.metrics.replays.labels("unusable").inc()
             logger.info(
@@ -555,34 +479,7 @@ class StreamTracker:
         st = self._reset(st, "resync", keep_seq=False)
         st.live_seq, st.next_resync = saved
         st.first_seq = frames[0][0]
-        applied = 0
-        for q, payload in frames:
-            batch = self._decode(payload, st.decoder)
-            if batch is not None and (batch.data_parallel_rank or 0) == st.rank:
-                st = self._applier.apply(st, batch, "replay")
-                applied += 1
-            st.last_seq = q
-            st.last_digest = _digest(payload)
-        # NOTE: as complete as the buffer allows; blocks stored before it stay unknown, and
-        # retrying would only rebuild the same state.
-        st.incomplete = False
-        self.metrics.replays.labels("ok").inc()
-        self.metrics.replayed_batches.labels("resync").inc(applied)
-        return st
-
-    @staticmethod
-    def _covering(
-        st: StreamState, result: ReplayResult, until: int
-    ) -> list[tuple[int, bytes]] | None:
-        """The frames of `result` before `until` when they are every batch since `st` started,
-        without a hole; else None."""
-        frames = [(q, p) for q, p in result.frames if q < until]
-        if not frames or result.status != "ok" or st.first_seq is None:
-            return None
-        contiguous = all(b[0] == a[0] + 1 for a, b in itertools.pairwise(frames))
-        if frames[0][0] <= st.first_seq and contiguous and frames[-1][0] == until - 1:
-            return frames
-        return None
+        return self._replays.rebuild(st, frames)
 
     # -- resets ------------------------------------------------------------------------------
 

@@ -22,9 +22,10 @@ vLLM 0.26) until the ``ff*8`` end marker.
 
 One receiving thread owns the SUB sockets and hands frames to a small pool of applying threads
 (`PodLanes`): a pod's frames run in order, and a pod stuck in a slow replay never holds up the
-others. What may publish is decided by `access` (bind-mode pod admission, CURVE); replays are
-fetched by `replay.ReplayClient` and discovery answers read by `discovery`, all bounded. The
-loops never die on a bad frame: they log it, count it and go on.
+others. What may publish is decided by `access` (bind-mode pod admission, CURVE); connect
+mode's sockets are dialed, watched and redialed by `dialer.PodDialer`; replays are fetched by
+`replay.ReplayClient` and discovery answers read by `discovery`, all bounded. The loops never
+die on a bad frame: they log it, count it and go on.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from kvaware_scorer.config import KVEventsConfig, load_model
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.events.access import CurveKeys, PodAdmission
+from kvaware_scorer.events.dialer import PodDialer, Sources
 from kvaware_scorer.events.discovery import fetch_event_sources, parse_event_sources
 from kvaware_scorer.events.lanes import PodLanes
 from kvaware_scorer.events.publisher import offset_endpoint
@@ -58,8 +59,6 @@ __all__ = ["KVEventSubscriber", "fetch_event_sources", "parse_event_sources", "p
 logger = logging.getLogger(__name__)
 
 _POLL_MS: Final = 100
-#: Seconds after a disconnect without ZMQ's own retry before the pod is dialed again.
-_REDIAL_DELAY: Final = 0.5
 _DRAIN: Final = 512
 
 
@@ -138,9 +137,6 @@ class KVEventSubscriber:
         self._admission = PodAdmission(config, sink.metrics.dropped, self._forget)
         self._curve = CurveKeys(config.curve)
         self._replays = ReplayClient(config, self._curve, sink.metrics.dropped, self._stop_event)
-        # receiving thread only: monitor socket -> dialed pod; pod -> when to redial it
-        self._monitors: dict[zmq.Socket[Any], str] = {}
-        self._redial: dict[str, tuple[float, set[bytes]]] = {}
         self._handled_lock = threading.Lock()
         self._bound: str | None = None
         self._ready = threading.Event()
@@ -359,9 +355,8 @@ class KVEventSubscriber:
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        # socket -> (pod id for connect mode or None for bind mode, model override)
-        sources: dict[zmq.Socket[Any], tuple[str | None, str | None]] = {}
-        by_pod: dict[str, zmq.Socket[Any]] = {}
+        sources: Sources = {}
+        dialer = PodDialer(poller, sources, self._new_sub, self._curve, self.sink.metrics.dropped)
         try:
             if self.config.zmq_endpoint:
                 sub = self._new_sub()
@@ -375,21 +370,21 @@ class KVEventSubscriber:
                     logger.info("KV-event subscriber bound at %s", bound)
                 poller.register(sub, zmq.POLLIN)
             for pod_id in list(self._pods):
-                self._connect(pod_id, poller, sources, by_pod)
+                self._connect(dialer, pod_id)
         except (zmq.ZMQError, ConfigError, ValueError) as exc:
             self._start_error = exc
             self._ready.set()
-            self._close_all(sources)
+            dialer.close_all()
             return
         self._ready.set()
         next_stats = time.monotonic() + self.config.stats_interval
         while not self._stop_event.is_set():
             try:
-                self._commands_due(poller, sources, by_pod)
+                self._commands_due(dialer)
                 events = dict(poller.poll(_POLL_MS))
                 for sock in events:
-                    if sock in self._monitors:
-                        self._on_monitor(sock)
+                    if sock in dialer.monitors:
+                        dialer.on_monitor(sock)
                         continue
                     pod, model = sources.get(sock, (None, None))
                     for _ in range(_DRAIN):
@@ -411,7 +406,7 @@ class KVEventSubscriber:
                 self.sink.metrics.dropped.labels("internal_error").inc()
                 logger.exception("KV-event receive loop error (continuing)")
                 time.sleep(0.01)
-        self._close_all(sources)
+        dialer.close_all()
 
     def _bind_endpoints(self) -> list[str]:
         """Where bind mode listens: `zmq_endpoint` for rank 0, offset for the other ranks.
@@ -425,112 +420,29 @@ class KVEventSubscriber:
         # NOTE: port 0 is not offset (as in vLLM): one random port serves every rank.
         return list(dict.fromkeys(offset_endpoint(base, r) for r in ranks))
 
-    def _close_all(self, sources: dict[zmq.Socket[Any], Any]) -> None:
-        for mon in self._monitors:
-            mon.close(0)
-        self._monitors.clear()
-        for sock in sources:
-            sock.close(0)
-        sources.clear()
-
-    def _connect(
-        self,
-        pod_id: str,
-        poller: zmq.Poller,
-        sources: dict[zmq.Socket[Any], tuple[str | None, str | None]],
-        by_pod: dict[str, zmq.Socket[Any]],
-    ) -> None:
-        self._disconnect(pod_id, poller, sources, by_pod)
+    def _connect(self, dialer: PodDialer, pod_id: str) -> None:
         info = self._pods.get(pod_id)
         if info is None:
+            dialer.disconnect(pod_id)
             return
-        sub = self._new_sub()
-        dialed = sorted(set(info.endpoints.values()))
-        try:
-            self._curve.client(sub)
-            for endpoint in dialed:
-                sub.connect(endpoint)
-        except (zmq.ZMQError, ConfigError) as exc:
-            sub.close(0)
-            logger.error("cannot dial %s for pod %s: %s", dialed, pod_id, exc)
-            self.sink.metrics.dropped.labels("bad_endpoint").inc()
-            return
-        poller.register(sub, zmq.POLLIN)
-        sources[sub] = (pod_id, info.model)
-        by_pod[pod_id] = sub
-        mon = sub.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CONNECTED
-        )
-        self._monitors[mon] = pod_id
-        poller.register(mon, zmq.POLLIN)
-        logger.info("dialing KV events of %s at %s", pod_id, ", ".join(dialed))
+        dialer.connect(pod_id, info.endpoints.values(), info.model)
 
-    def _disconnect(
-        self,
-        pod_id: str,
-        poller: zmq.Poller,
-        sources: dict[zmq.Socket[Any], tuple[str | None, str | None]],
-        by_pod: dict[str, zmq.Socket[Any]],
-    ) -> None:
-        old = by_pod.pop(pod_id, None)
-        if old is not None:
-            poller.unregister(old)
-            sources.pop(old, None)
-            for mon, owner in list(self._monitors.items()):
-                if owner == pod_id:
-                    poller.unregister(mon)
-                    del self._monitors[mon]
-                    mon.close(0)
-            old.disable_monitor()
-            old.close(0)
-
-    def _on_monitor(self, mon: zmq.Socket[Any]) -> None:
-        """Watch a dialed pod's connections. NOTE: ZMQ redials a dropped connection by itself
-        (a disconnect is followed by a retry at once), except after a protocol error: a frame
-        above ``maxFrameBytes`` is one. Such a connection is redialed here; what was lost
-        meanwhile shows as a seq gap."""
-        pod = self._monitors.get(mon)
-        while mon.poll(0):
-            event = recv_monitor_message(mon)
-            if pod is None:
-                continue
-            endpoint = event["endpoint"]
-            kind = event["event"]
-            due = self._redial.get(pod)
-            if kind == zmq.EVENT_DISCONNECTED:
-                if due is None:
-                    due = self._redial[pod] = (time.monotonic() + _REDIAL_DELAY, set())
-                due[1].add(endpoint)
-            elif due is not None:  # ZMQ is retrying this endpoint itself
-                due[1].discard(endpoint)
-                if not due[1]:
-                    del self._redial[pod]
-
-    def _commands_due(
-        self,
-        poller: zmq.Poller,
-        sources: dict[zmq.Socket[Any], tuple[str | None, str | None]],
-        by_pod: dict[str, zmq.Socket[Any]],
-    ) -> None:
-        if self._redial:
-            now = time.monotonic()
-            for pod, (at, _endpoints) in list(self._redial.items()):
-                if at <= now:
-                    del self._redial[pod]
-                    if pod in self._pods:
-                        self.sink.metrics.dropped.labels("protocol_error").inc()
-                        logger.info("ZMQ dropped the connection to %s for good; redialing", pod)
-                        self._connect(pod, poller, sources, by_pod)
+    def _commands_due(self, dialer: PodDialer) -> None:
+        for pod in dialer.due():
+            if pod in self._pods:
+                self.sink.metrics.dropped.labels("protocol_error").inc()
+                logger.info("ZMQ dropped the connection to %s for good; redialing", pod)
+                self._connect(dialer, pod)
         while True:
             try:
                 op, arg = self._commands.get_nowait()
             except queue.Empty:
                 return
             if op == "add":
-                self._connect(arg, poller, sources, by_pod)
+                self._connect(dialer, arg)
             elif op == "remove":
                 pod_id, purge = arg
-                self._disconnect(pod_id, poller, sources, by_pod)
+                dialer.disconnect(pod_id)
                 if purge:
                     self._dispatch(pod_id, functools.partial(self._purge, pod_id))
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final
 
 from kvaware_scorer.errors import KVAwareError
-from kvaware_scorer.keys import BlockKey, EngineHash
+from kvaware_scorer.keys import EngineHash
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -32,7 +32,10 @@ BACKEND_ERRORS: Final = (KVAwareError, OSError, ValueError)
 # write operations queued by a BatchWriter: (kind, tier, keys or engine hashes, engine hashes, n)
 _ADD, _ADD_NEW, _REMOVE, _REMOVE_HELD, _ADD_TIER = range(5)
 
-_Op = tuple[int, str, list[int], list[int] | None, int]
+# NOTE: keys and engine hashes travel as plain ints on the hot path (`BlockKey` and
+# `EngineHash` are NewTypes over int); the queued lists are typed Any so that handing them to
+# the index protocol needs no per-call `cast`, a function call at run time.
+_Op = tuple[int, str, list[Any], list[Any] | None, int]
 
 
 class Counters:
@@ -216,26 +219,14 @@ class BatchWriter:
         try:
             with self._index.batch(functools.partial(count, pod, ops)) as b:
                 for kind, tier, a, ehs, _n in ops:
-                    # NOTE: keys and engine hashes travel as plain ints on the hot path;
-                    # the casts only name their types for the index protocol.
                     if kind == _ADD:
-                        b.add(
-                            pod,
-                            cast("list[BlockKey]", a),
-                            cast("list[EngineHash] | None", ehs),
-                            tier,
-                        )
+                        b.add(pod, a, ehs, tier)
                     elif kind in (_REMOVE, _REMOVE_HELD):
-                        b.remove(pod, cast("list[EngineHash]", a), tier)
+                        b.remove(pod, a, tier)
                     elif kind == _ADD_NEW:
-                        b.add_new(
-                            pod,
-                            cast("list[BlockKey]", a),
-                            cast("list[EngineHash] | None", ehs),
-                            tier,
-                        )
+                        b.add_new(pod, a, ehs, tier)
                     else:
-                        b.add_tier(pod, cast("list[EngineHash]", a), tier)
+                        b.add_tier(pod, a, tier)
         except BACKEND_ERRORS as exc:
             # NOTE: the in-memory index applied the writes before the failing one
             done = [] if b is None else b.results
