@@ -18,7 +18,6 @@ the scheduler's staleness threshold and are then treated as unknown by the score
 
 from __future__ import annotations
 
-import http.client
 import logging
 import re
 import threading
@@ -27,6 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
+from kvaware_scorer.scheduler.pagefetch import PageConnection
 from kvaware_scorer.scheduler.types import Endpoint, EndpointMetrics
 
 if TYPE_CHECKING:
@@ -201,36 +201,31 @@ class MetricsScraper:
         self.metrics = metrics
         self.staleness = staleness
         self.max_workers = max_workers
-        self._conns: dict[str, http.client.HTTPConnection] = {}
+        self._conns: dict[str, PageConnection] = {}
         self._conns_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def fetch(self, endpoint: Endpoint) -> str:
-        """GET the endpoint's metrics page (one keep-alive connection per endpoint).
+        """GET the endpoint's metrics page (one keep-alive connection per endpoint; the page is
+        bounded: `pagefetch.MAX_PAGE` bytes).
 
         Raises:
-            OSError: Connection failure or an HTTP status other than 200.
+            OSError: Connection failure, an HTTP status other than 200, or a malformed or
+                oversized answer.
         """
         key = endpoint.id
         with self._conns_lock:
             conn = self._conns.pop(key, None)
         if conn is None:
-            conn = http.client.HTTPConnection(
+            conn = PageConnection(
                 endpoint.address, endpoint.metrics_port or endpoint.port, timeout=self.timeout
             )
-        try:
-            conn.request("GET", endpoint.metrics_path, headers={"Accept": "text/plain"})
-            resp = conn.getresponse()
-            body = resp.read()
-            if resp.status != 200:
-                raise OSError(f"HTTP {resp.status} from {endpoint.id}{endpoint.metrics_path}")
-        except (OSError, http.client.HTTPException) as exc:
+        status, body = conn.get(endpoint.metrics_path)
+        if status != 200:
             conn.close()
-            if isinstance(exc, OSError):
-                raise
-            raise OSError(str(exc)) from exc
+            raise OSError(f"HTTP {status} from {endpoint.id}{endpoint.metrics_path}")
         with self._conns_lock:
             self._conns[key] = conn
         return body.decode("utf-8", errors="replace")
