@@ -5,21 +5,19 @@ in upstream llm-d YAML (``tokenProcessorConfig.blockSize``) and the Python snake
 defaults every field. Building a model (``IndexerConfig(...)``, ``model_validate``) or `load_model`
 raises a `ConfigError` listing every problem in the shared form of `kvaware_scorer.configio`
 (``tokenProcessorConfig.blockSiz: unknown key; did you mean 'blockSize'? (valid: ...)``), never
-pydantic's raw ``ValidationError``.
+pydantic's raw ``ValidationError``. That base (`ConfigModel`, `load_model`,
+`format_validation_error`) lives in `kvaware_scorer.configmodel` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from collections.abc import Mapping
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import Field, field_validator, model_validator
 
-from kvaware_scorer.configio import config_error, errors_of, validation_errors
-from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.configmodel import ConfigModel, format_validation_error, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -54,54 +52,6 @@ EngineType = Literal["vllm", "sglang"]
 
 #: Tier weights used when `kvCacheBackendConfigs` is not given (upstream: gpu 1.0, cpu 0.8).
 DEFAULT_TIER_WEIGHTS: dict[str, float] = {"gpu": 1.0, "cpu": 0.8, "storage": 0.5}
-
-
-#: How many config-model validations are running in this context: pydantic builds nested models
-#: through their ``__init__`` too, and only the outermost one turns errors into a `ConfigError`
-#: (inner ones must stay ``ValidationError`` so pydantic can place them under their field).
-_VALIDATING: contextvars.ContextVar[int] = contextvars.ContextVar("kvaware_validating", default=0)
-
-
-class ConfigModel(BaseModel):
-    """Base for every config model: camelCase aliases, snake_case accepted, unknown keys refused.
-
-    Raises:
-        ConfigError: From the constructor and `model_validate`: every problem, each with its
-            path (a `ConfigErrorGroup` when there are several).
-    """
-
-    model_config = ConfigDict(
-        extra="forbid",
-        populate_by_name=True,
-        alias_generator=to_camel,
-        validate_default=True,
-    )
-
-    def __init__(self, /, **data: Any) -> None:
-        depth = _VALIDATING.get()
-        token = _VALIDATING.set(depth + 1)
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            if depth:
-                raise
-            raise config_error(validation_errors(exc, type(self))) from None
-        finally:
-            _VALIDATING.reset(token)
-
-    @classmethod
-    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
-        """Pydantic's `model_validate`, raising `ConfigError` instead of ``ValidationError``."""
-        depth = _VALIDATING.get()
-        token = _VALIDATING.set(depth + 1)
-        try:
-            return super().model_validate(obj, *args, **kwargs)
-        except ValidationError as exc:
-            if depth:
-                raise
-            raise config_error(validation_errors(exc, cls)) from None
-        finally:
-            _VALIDATING.reset(token)
 
 
 class TokenProcessorConfig(ConfigModel):
@@ -610,33 +560,3 @@ class IndexerConfig(ConfigModel):
     def from_dict(cls, data: Mapping[str, Any] | None, path: str = "") -> IndexerConfig:
         """Load from the upstream camelCase dict form; errors name the offending key."""
         return load_model(cls, data or {}, path)
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def format_validation_error(
-    exc: ValidationError, path: str = "", model: type[BaseModel] | None = None
-) -> ConfigError:
-    """Turn a pydantic error into a `ConfigError` listing every problem with its path.
-
-    Args:
-        exc: The pydantic error.
-        path: Path of the validated mapping (prefixed to every error's path).
-        model: The validated model (lets unknown keys list the valid ones).
-    """
-    return config_error(validation_errors(exc, model, path))
-
-
-def load_model(model: type[M], data: Any, path: str = "") -> M:
-    """Validate `data` into `model`, raising `ConfigError` (every problem, each with its path)."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise format_validation_error(exc, path, model) from None
-    except ConfigError as exc:
-        if not path:
-            raise
-        raise config_error(
-            [ConfigError(e.message, f"{path}.{e.path}" if e.path else path) for e in errors_of(exc)]
-        ) from None

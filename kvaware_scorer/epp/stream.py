@@ -3,8 +3,9 @@ Protocol under each body mode, routing through the shared `Scheduler`, and the r
 feeding the same per-request accounting as the gateway (`kvaware_scorer.gateway.accounting`:
 the shielded decision, the usage schema and how usage lands on `ResponseInfo`).
 
-Names and message shapes of the protocol live in `kvaware_scorer.epp.wire`; this module is a
-little over the usual size because the request and response phases share one state machine.
+Names and message shapes of the protocol live in `kvaware_scorer.epp.wire`; the answer that
+carries a decision (destination, routing headers, metadata, body per mode) is built by
+`kvaware_scorer.epp.answer`.
 
 Request phase:
 
@@ -37,32 +38,26 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
-from google.protobuf import struct_pb2
 
+from kvaware_scorer.epp.answer import routing_answer
 from kvaware_scorer.epp.wire import (
     BUFFERED,
     CONTINUE,
-    DESTINATION,
     DROP_LENGTH,
     EMPTY_REQUEST_BODY,
     EMPTY_RESPONSE_BODY,
     ENDPOINT_HEADER,
     FULL_DUPLEX,
-    PREFILL_HEADER,
-    PREFILL_PROFILE,
     REQUEST_TRAILERS,
     RESPONSE_TRAILERS,
     REWRITE_HEADERS,
-    SCORES,
     SERVED,
     SUBSET_HINT,
     SUBSET_KEY,
-    SYSTEM_HEADERS,
     TEST_SELECTION,
     TEST_SERVED,
     UsageReader,
     endpoint_id,
-    format_endpoint,
     headers_of,
     immediate_response,
     metadata_value,
@@ -88,33 +83,6 @@ if TYPE_CHECKING:
 __all__ = ["ProcessStream", "StreamContext"]
 
 logger = logging.getLogger(__name__)
-
-
-def _routing_headers(result: SchedulingResult) -> dict[str, str]:
-    """Routing headers for the target pod.
-
-    Those the pre-request hooks put on the result (``headers``, where the scheduler has it) go
-    as they are; otherwise a ``prefill`` profile's pick is named for the decode pod's sidecar,
-    as upstream's P/D handlers do.
-    """
-    routing: dict[str, str] = dict(getattr(result, "headers", None) or {})
-    prefill = result.profile_results.get(PREFILL_PROFILE)
-    if (
-        PREFILL_HEADER not in routing
-        and prefill is not None
-        and result.profile != PREFILL_PROFILE
-        and prefill.targets
-    ):
-        routing[PREFILL_HEADER] = format_endpoint(prefill.targets[0])
-    return routing
-
-
-def _headers_answer(mutation: ep.HeaderMutation, md: struct_pb2.Struct) -> ep.ProcessingResponse:
-    """A request-headers answer carrying the routing mutation and the ``envoy.lb`` metadata."""
-    common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
-    return ep.ProcessingResponse(
-        request_headers=ep.HeadersResponse(response=common), dynamic_metadata=md
-    )
 
 
 class _Reject(Exception):
@@ -506,65 +474,21 @@ class ProcessStream:
     def _routing_answer(
         self, msg: ep.ProcessingRequest, body: bytes, *, trailers: bool
     ) -> list[Any]:
-        result = self.result
-        assert result is not None
-        value = ",".join(format_endpoint(e) for e in result.targets)
-        mutation = self._routing_mutation(result, value)
-        md = self._routing_metadata(result, value)
-        kind = msg.WhichOneof("request")
-        if kind == "request_headers" and msg.request_headers.end_of_stream:
-            return [_headers_answer(mutation, md)]
-        if self.req_mode in BUFFERED:
-            common = ep.CommonResponse(header_mutation=mutation, clear_route_cache=True)
-            if self._rewrite is not None:
-                common.body_mutation.body = body
-            return [
-                ep.ProcessingResponse(
-                    request_body=ep.BodyResponse(response=common), dynamic_metadata=md
-                )
-            ]
-        if self.req_mode != FULL_DUPLEX:
-            return [_headers_answer(mutation, md)]
-        if self._rewrite is not None:
-            mutation.remove_headers.append("content-length")
-        return [_headers_answer(mutation, md), *self._streamed_body(body, eos=not trailers)]
-
-    def _routing_mutation(self, result: SchedulingResult, value: str) -> ep.HeaderMutation:
-        """The destination and routing headers, minus a client's copies of the system headers."""
-        mutation = ep.HeaderMutation(set_headers=[set_header(DESTINATION, value)])
-        routing = _routing_headers(result)
-        for key, val in routing.items():
-            mutation.set_headers.append(set_header(key, val))
-        # A client's copies of the system headers go (those set above are overwritten).
-        mutation.remove_headers.extend(
-            h for h in SYSTEM_HEADERS[1:] if h in self.headers and h not in routing
-        )
+        assert self.result is not None
+        request_id = None
         if not self._envoy_id:
-            self._envoy_id = str(uuid.uuid4())
-            mutation.set_headers.append(set_header("x-request-id", self._envoy_id))
-        return mutation
-
-    def _routing_metadata(self, result: SchedulingResult, value: str) -> struct_pb2.Struct:
-        """The ``envoy.lb`` dynamic metadata: the destination and, if enabled, the scores."""
-        md = struct_pb2.Struct()
-        lb = md.fields["envoy.lb"].struct_value.fields
-        lb[DESTINATION].string_value = value
-        if self.ctx.config.emit_endpoint_scores:
-            lb[SCORES].string_value = ",".join(
-                f"{k}:{v:.4f}" for k, v in sorted(result.totals.items())
-            )
-        return md
-
-    def _streamed_body(self, body: bytes, *, eos: bool) -> list[Any]:
-        """The body sent back as ``streamed_response`` chunks of `EppConfig.body_chunk_bytes`."""
-        step = self.ctx.config.body_chunk_bytes
-        if len(body) <= step:
-            return [streamed_request_body(body, eos)]
-        last = (len(body) - 1) // step
-        return [
-            streamed_request_body(body[i * step : (i + 1) * step], eos and i == last)
-            for i in range(last + 1)
-        ]
+            self._envoy_id = request_id = str(uuid.uuid4())
+        return routing_answer(
+            msg,
+            self.result,
+            body,
+            req_mode=self.req_mode,
+            trailers=trailers,
+            client_headers=self.headers,
+            request_id=request_id,
+            rewritten=self._rewrite is not None,
+            config=self.ctx.config,
+        )
 
     def _immediate(self, rej: _Reject) -> ep.ProcessingResponse:
         self._done = True

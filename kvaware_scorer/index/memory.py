@@ -10,6 +10,7 @@ Layout (chosen for memory and for a fast walk over a prompt's keys):
   are bits, so 16 or 1,000 candidates cost the same per block.
 * Speculative holdings (routing decisions not yet confirmed by events) live apart, with
   their deadlines, in `SpeculativeHolds` (``speculative.py``); a lookup ORs them in.
+* `batch` applies each write at once (`DirectBatch`, ``direct.py``): no round trip to save.
 
 NOTE: A lookup sets the referenced bit of every block it walks; eviction gives referenced blocks
 a second chance. A shared system prompt that is hit by every request but never re-stored (vLLM
@@ -22,10 +23,10 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from types import TracebackType
 from typing import cast
 
 from kvaware_scorer.index.base import IndexStats, PodMatch, TierTable, iter_groups
+from kvaware_scorer.index.direct import DirectBatch
 from kvaware_scorer.index.holders import HolderTable, _bits, _Multi
 from kvaware_scorer.index.speculative import SpeculativeHolds
 from kvaware_scorer.keys import BlockKey, EngineHash
@@ -36,63 +37,6 @@ _PURGE_CHUNK = 4096
 
 #: What an engine hash maps to on a pod: its block key, or the keys of a re-chunked block.
 _Target = BlockKey | tuple[BlockKey, ...]
-
-
-class _DirectBatch:
-    """`InMemoryIndex.batch`: each call is applied at once (there is no round trip to save)."""
-
-    __slots__ = ("_index", "_on_done", "results")
-
-    def __init__(
-        self,
-        index: InMemoryIndex,
-        on_done: Callable[[list[int | None] | Exception], None] | None = None,
-    ) -> None:
-        self._index = index
-        self._on_done = on_done
-        self.results: list[int | None] = []
-
-    def __enter__(self) -> _DirectBatch:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc is None and self._on_done is not None:
-            self._on_done(self.results)
-
-    def add(
-        self,
-        pod: str,
-        keys: Sequence[BlockKey],
-        engine_hashes: Sequence[EngineHash] | None = None,
-        tier: str | None = None,
-    ) -> None:
-        self._index.add(pod, keys, engine_hashes, tier)
-        self.results.append(None)
-
-    def add_new(
-        self,
-        pod: str,
-        keys: Sequence[BlockKey],
-        engine_hashes: Sequence[EngineHash] | None = None,
-        tier: str | None = None,
-    ) -> None:
-        self.results.append(self._index.add_new(pod, keys, engine_hashes, tier))
-
-    def add_tier(self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None) -> None:
-        self.results.append(self._index.add_tier(pod, engine_hashes, tier))
-
-    def remove(
-        self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None = None
-    ) -> None:
-        self.results.append(self._index.remove(pod, engine_hashes, tier))
-
-    def purge(self, pod: str) -> None:
-        self.results.append(self._index.purge(pod))
 
 
 class InMemoryIndex(HolderTable):
@@ -393,9 +337,9 @@ class InMemoryIndex(HolderTable):
 
     def batch(
         self, on_done: Callable[[list[int | None] | Exception], None] | None = None
-    ) -> _DirectBatch:
+    ) -> DirectBatch:
         """Writes applied at once, with their results in ``results`` (see `KVBlockIndex`)."""
-        return _DirectBatch(self, on_done)
+        return DirectBatch(self, on_done)
 
     def references(self, pod: str) -> dict[str, dict[EngineHash, int]]:
         with self._lock:
