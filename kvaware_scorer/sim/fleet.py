@@ -23,7 +23,6 @@ import bisect
 import heapq
 import logging
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -33,6 +32,7 @@ from kvaware_scorer.errors import NoEndpointError
 from kvaware_scorer.sim.engine import Engine, EngineRequest
 from kvaware_scorer.sim.fleet_types import FleetConfig, RequestRecord, RunResult
 from kvaware_scorer.sim.hashing import make_hasher
+from kvaware_scorer.sim.progress import progress_bar
 from kvaware_scorer.sim.request import RequestOutcome, SimRequest
 from kvaware_scorer.sim.routing import Dispatcher, KVEventSink, PodMetrics, Router, SimEndpoint
 from kvaware_scorer.sim.wire import EventEncoder
@@ -238,7 +238,9 @@ class _Run:
         self.current_stage = stages[0].index if stages else 0
         self.held: SimRequest | None = None  # a next stage's first arrival, waiting to drain
 
-        self.bar = _progress(progress, workload.expected_requests(), progress_desc or router.name)
+        self.bar = progress_bar(
+            progress, workload.expected_requests(), progress_desc or router.name
+        )
         self._next_from_source()
         if self.interval > 0:
             self._push(0.0, _SCRAPE, None)
@@ -548,68 +550,3 @@ def _failed(req: SimRequest, pod: str, status: int, ideal: int) -> RequestRecord
         ideal,
         0,
     )
-
-
-class _NoBar:
-    def routed(self) -> None:
-        return None
-
-    def done(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-#: Seconds between progress-bar refreshes.
-PROGRESS_INTERVAL_S = 1.0
-
-
-class _Progress:
-    """A progress bar on stderr where each request counts half when routed and half when done.
-
-    Counting completions alone gives no rate (and an ETA of hours) until the first request has
-    generated its whole output, tens of virtual seconds into the run; arrivals advance the bar
-    from the first request on. The rate is averaged over the whole run so far (tqdm's
-    ``smoothing=0``): the simulator's speed varies with the load, and a short-term rate swings.
-    """
-
-    def __init__(self, total: int | None, desc: str) -> None:
-        from tqdm import tqdm
-
-        self.total = total
-        self._routed = 0
-        self._done = 0
-        self.bar = tqdm(
-            total=None if total is None else 2 * total,
-            desc=desc,
-            file=sys.stderr,
-            mininterval=PROGRESS_INTERVAL_S,
-            smoothing=0.0,
-            leave=True,
-            bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
-        )
-
-    def _postfix(self) -> str:
-        of = f"/{self.total}" if self.total is not None else ""
-        return f"{self._routed}{of} routed, {self._done} done"
-
-    def routed(self) -> None:
-        self._routed += 1
-        self.bar.set_postfix_str(self._postfix(), refresh=False)
-        self.bar.update(1)
-
-    def done(self) -> None:
-        self._done += 1
-        self.bar.set_postfix_str(self._postfix(), refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.set_postfix_str(self._postfix(), refresh=False)
-        self.bar.close()
-
-
-def _progress(enabled: bool, total: int | None, desc: str) -> _Progress | _NoBar:
-    if not enabled:
-        return _NoBar()
-    return _Progress(total, desc)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from kvaware_scorer.cli import main
-from kvaware_scorer.sim import fleet as fleet_module
+from kvaware_scorer.sim import progress as progress_module
 from kvaware_scorer.sim.fleet import FleetConfig, FleetSimulator, RunResult
 from kvaware_scorer.sim.report import format_run, format_summary, summarize
 from kvaware_scorer.sim.routing import RandomRouter
@@ -196,7 +196,7 @@ def test_progress_eta_is_sane_from_the_first_request(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The bar's first time estimate is of the order of the run's real length, not hours."""
-    monkeypatch.setattr(fleet_module, "PROGRESS_INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress_module, "PROGRESS_INTERVAL_S", 0.0)
     t0 = time.perf_counter()
     _run(drain=False, progress=True, output_len=2000)
     wall = time.perf_counter() - t0
