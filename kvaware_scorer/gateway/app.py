@@ -281,14 +281,9 @@ class Gateway:
         )
 
     async def _warm_up(self) -> None:
-        """Load the tokenizers of the pool's models before listening, so the first requests do
-        not pay for it (at most `WARM_UP_TIMEOUT` seconds; the load goes on in the background
-        past it, and a model without a tokenizer is only logged)."""
-        models = [
-            card["id"]
-            for card in self.catalog.models(self.scheduler.endpoints)
-            if not card.get("parent")  # a LoRA adapter shares its base model's tokenizer
-        ]
+        """Load the pool's tokenizers before listening (at most `WARM_UP_TIMEOUT` seconds; a
+        slower load goes on in the background), so the first requests do not pay for it."""
+        models = self.catalog.base_models(self.scheduler.endpoints)
         if not models:
             return
         try:

@@ -136,6 +136,11 @@ class ModelCatalog:
             return Resolution(endpoints, base, model)
         return Resolution(endpoints, model, None)
 
+    def base_models(self, pool: Sequence[Endpoint]) -> list[str]:
+        """The ids of the models `pool` serves, LoRA adapters left out (an adapter shares its
+        base model's tokenizer; vLLM's card names the base as its ``parent``)."""
+        return [card["id"] for card in self.models(pool) if not card.get("parent")]
+
     def models(self, pool: Sequence[Endpoint]) -> list[dict[str, Any]]:
         """The union of the models served by `pool`, as OpenAI model cards (first card of
         each id wins; a configured model no pod listed gets a minimal card)."""
