@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,21 @@ class FailingStartRecorder(Recorder):
         pass
 
 
+def serve_command(config: Path, endpoints: Path, *args: str) -> list[str]:
+    """The ``kvaware serve`` command line of `config` over `endpoints`, then `args`."""
+    return [
+        sys.executable,
+        "-m",
+        "kvaware_scorer.cli",
+        "serve",
+        "--config",
+        str(config),
+        "--endpoints",
+        str(endpoints),
+        *args,
+    ]
+
+
 async def start_gateway(
     tmp_path: Path,
     pods: Sequence[FakePod],
@@ -60,6 +76,15 @@ async def pods() -> AsyncIterator[list[FakePod]]:
     """Three running pods serving ``test-model``."""
     async with running_pods() as started:
         yield started
+
+
+@pytest.fixture
+async def pod() -> AsyncIterator[FakePod]:
+    """One running pod serving ``test-model``."""
+    p = FakePod("pod-0", MODEL)
+    await p.start()
+    yield p
+    await p.stop()
 
 
 @pytest.fixture

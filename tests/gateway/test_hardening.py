@@ -9,7 +9,7 @@ import logging
 import socket
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from kvaware_scorer.gateway import Gateway, GatewayConfig
-from kvaware_scorer.scheduler import Scheduler, make_plugin_manager
 from kvaware_scorer.tokenization import install_local_tokenizer
+from tests.harness import pool_scheduler
 
-from .conftest import MODEL, ROOT, endpoints_yaml, start_gateway
+from .conftest import MODEL, ROOT, start_gateway
 from .pods import FakePod
 
 #: Nested loops of 10^10 iterations: a render that never ends on its own.
@@ -60,28 +60,12 @@ def precise_config(tokenizer_root: Path, **pool: Any) -> dict[str, Any]:
 async def start_precise(
     tmp_path: Path, pods: list[FakePod], tokenizer_root: Path, pool: dict[str, Any], **settings: Any
 ) -> Gateway:
-    endpoints = tmp_path / "endpoints.yaml"
-    endpoints.write_text(endpoints_yaml(pods))
-    scheduler = Scheduler.from_config(
-        precise_config(tokenizer_root, **pool),
-        plugin_manager=make_plugin_manager(use_env=False),
-        seed=0,
-    )
-    scheduler.use_endpoints_file(endpoints, poll_interval=0.05, scrape_interval=0.1)
+    scheduler = pool_scheduler(tmp_path, pods, precise_config(tokenizer_root, **pool), [])
     settings.setdefault("endpoint_header", True)
     settings.setdefault("drain_timeout", 2.0)
     gateway = Gateway(scheduler, GatewayConfig(port=0, **settings), own_scheduler=True)
     await gateway.start()
     return gateway
-
-
-@pytest.fixture
-async def pod() -> AsyncIterator[FakePod]:
-    """One running pod serving ``test-model``."""
-    p = FakePod("pod-0", MODEL)
-    await p.start()
-    yield p
-    await p.stop()
 
 
 # -- 1. chat templates from the request -----------------------------------------------------------

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import resource
 import signal
-import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +19,7 @@ import yaml
 
 from kvaware_scorer.tokenization import install_local_tokenizer
 
-from .conftest import MODEL, ROOT, endpoints_yaml
+from .conftest import MODEL, ROOT, endpoints_yaml, serve_command
 from .pods import FakePod
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,18 +48,7 @@ async def serve(
 ) -> AsyncIterator[Served]:
     """Run ``kvaware serve`` on a free port until the block ends (then SIGKILL if needed)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kvaware_scorer.cli",
-        "serve",
-        "--config",
-        str(config),
-        "--endpoints",
-        str(endpoints),
-        "--port",
-        "0",
-        "--no-scrape",
-        *flags,
+        *serve_command(config, endpoints, "--port", "0", "--no-scrape", *flags),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         preexec_fn=preexec,
@@ -74,14 +62,6 @@ async def serve(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-
-
-@pytest.fixture
-async def pod() -> AsyncIterator[FakePod]:
-    p = FakePod("pod-0", MODEL)
-    await p.start()
-    yield p
-    await p.stop()
 
 
 async def test_sigterm_stops_serve_during_runaway_renders(tmp_path: Path, pod: FakePod) -> None:
@@ -252,18 +232,14 @@ async def test_serve_key_flags(
             assert resp.status == 200
     missing = tmp_path / "no-such-keys.txt"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kvaware_scorer.cli",
-        "serve",
-        "--config",
-        str(ROOT / "config" / "load.yaml"),
-        "--endpoints",
-        str(endpoints),
-        "--admin-key-file",
-        str(missing),
-        "--api-key-env",
-        "KV_SERVE_TEST_KEY",
+        *serve_command(
+            ROOT / "config" / "load.yaml",
+            endpoints,
+            "--admin-key-file",
+            str(missing),
+            "--api-key-env",
+            "KV_SERVE_TEST_KEY",
+        ),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
