@@ -106,17 +106,22 @@ local function ids_by_liveness(live)
 end
 
 
-local IDS = {}
-local function live_id(name)
-  local id = IDS[name]
-  if id then return id end
-  id = call('HGET', K_R, name)
-  if id then
-    id = tonumber(id)
-    IDS[name] = id
-    return id
+-- the number at field `name` of hash `key` (nil when absent), remembered in `cache`
+local function cached_num(cache, key, name)
+  local v = cache[name]
+  if v then return v end
+  v = call('HGET', key, name)
+  if v then
+    v = tonumber(v)
+    cache[name] = v
+    return v
   end
   return nil
+end
+
+local IDS = {}
+local function live_id(name)
+  return cached_num(IDS, K_R, name)
 end
 
 local LIVE = {}
@@ -223,14 +228,8 @@ end
 
 local TIDS = {}
 local function tier_id(name, create)
-  local t = TIDS[name]
+  local t = cached_num(TIDS, K_T, name)
   if t then return t end
-  t = call('HGET', K_T, name)
-  if t then
-    t = tonumber(t)
-    TIDS[name] = t
-    return t
-  end
   if not create then return nil end
   local n = call('HLEN', K_T)
   if n >= 16 then
