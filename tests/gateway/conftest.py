@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from kvaware_scorer.gateway import Gateway, GatewayConfig
@@ -49,6 +50,15 @@ def serve_command(config: Path, endpoints: Path, *args: str) -> list[str]:
         str(endpoints),
         *args,
     ]
+
+
+async def post(
+    session: aiohttp.ClientSession, url: str, body: Any, **kw: Any
+) -> tuple[int, Any, aiohttp.ClientResponse]:
+    """POST `body` as JSON: the status, the decoded answer and the response."""
+    async with session.post(url, json=body, **kw) as resp:
+        data = await resp.json(content_type=None)
+        return resp.status, data, resp
 
 
 async def start_gateway(

@@ -21,20 +21,12 @@ from kvaware_scorer.gateway import Gateway, GatewayConfig
 from kvaware_scorer.tokenization import install_local_tokenizer
 from tests.harness import pool_scheduler
 
-from .conftest import MODEL, ROOT, start_gateway
+from .conftest import MODEL, ROOT, post, start_gateway
 from .pods import FakePod
 
 #: Nested loops of 10^10 iterations: a render that never ends on its own.
 RUNAWAY = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 CHAT = [{"role": "user", "content": "Which pod should serve this request?"}]
-
-
-async def post(
-    session: aiohttp.ClientSession, url: str, body: Any, **kw: Any
-) -> tuple[int, Any, aiohttp.ClientResponse]:
-    async with session.post(url, json=body, **kw) as resp:
-        data = await resp.json(content_type=None)
-        return resp.status, data, resp
 
 
 @pytest.fixture(scope="module")
