@@ -18,7 +18,7 @@ import pytest
 
 from kvaware_scorer.epp import EndpointPicker, EnvoyProcess, EppConfig, bootstrap, write_bootstrap
 from kvaware_scorer.scheduler import Endpoint, hookimpl
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 from tests.gateway.pods import FakePod
 from tests.harness import (
     MODEL,
@@ -199,15 +199,9 @@ class Command:
             self.proc.send_signal(sig)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            self.proc.stdin.close()
+        stop_process(self.proc, 10)
         self._err.close()
 
 
