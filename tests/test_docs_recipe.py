@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process
 from tests.test_docs import BLOCKS, RECIPE_SECTION, Block, commands
 
 pytestmark = pytest.mark.slow
@@ -70,13 +69,7 @@ class Proc:
         raise AssertionError(f"no {text!r} within {timeout} s; output:\n" + "\n".join(self.lines))
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 15, 5)
         self._reader.join(5)
 
 

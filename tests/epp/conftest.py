@@ -15,57 +15,37 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from kvaware_scorer.epp import EndpointPicker, EnvoyProcess, EppConfig, bootstrap, write_bootstrap
-from kvaware_scorer.scheduler import (
-    Endpoint,
-    ResponseInfo,
-    Scheduler,
-    SchedulingRequest,
-    SchedulingResult,
-    hookimpl,
-    make_plugin_manager,
-)
-from tests.conftest import free_port
+from kvaware_scorer.scheduler import Endpoint, hookimpl
+from tests.conftest import free_port, stop_process
 from tests.gateway.pods import FakePod
+from tests.harness import (
+    MODEL,
+    ROOT,
+    Recorder,
+    RecorderPlugin,
+    pool_scheduler,
+    running_pods,
+    scheduler_config,
+)
+from tests.harness import (
+    endpoints_yaml as pool_endpoints_yaml,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL = "test-model"
-
-
-class Recorder:
-    """Records the request hooks (registered through the real plugin mechanism)."""
-
-    def __init__(self) -> None:
-        self.scheduled: list[tuple[str, str]] = []
-        self.calls: list[tuple[SchedulingRequest, str, ResponseInfo]] = []
-
-    def pre_request(self, ctx: Any, request: SchedulingRequest, result: SchedulingResult) -> None:
-        self.scheduled.append((request.request_id, result.targets[0].id))
-
-    def post_response(
-        self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
-    ) -> None:
-        self.calls.append((request, result.targets[0].id, response))
+__all__ = ["MODEL", "Recorder"]
 
 
-class EppTestPlugins:
-    """Hook implementation registering the test plugin types."""
+class EppTestPlugins(RecorderPlugin):
+    """Hook implementation registering the test plugin types (the recorder and a slow scorer)."""
 
     def __init__(self, recorder: Recorder, delay: float = 0.0) -> None:
-        self.recorder = recorder
+        super().__init__(recorder)
         self.delay = delay
 
     @hookimpl
     def kvaware_register_plugins(self, registry: Any) -> None:
-        recorder = self.recorder
-        registry.register(
-            "test-recorder",
-            lambda params, ctx: recorder,
-            kinds=("pre-request", "post-response"),
-            description="records request hooks (tests)",
-        )
+        super().kvaware_register_plugins(registry)
         delay = self.delay
 
         class Slow:
@@ -84,19 +64,12 @@ class EppTestPlugins:
 
 
 def endpoints_yaml(pods: Sequence[FakePod]) -> str:
-    return yaml.safe_dump(
-        {
-            "endpoints": [
-                {"name": p.name, "address": "127.0.0.1", "port": p.port, "model": p.model}
-                for p in pods
-            ]
-        }
-    )
+    """An endpoints file for `pods`, with each pod's model."""
+    return pool_endpoints_yaml(pods, with_model=True)
 
 
 def load_config(*, slow: float = 0.0) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((ROOT / "config" / "load.yaml").read_text())
-    data["plugins"].append({"type": "test-recorder"})
+    data = scheduler_config("load.yaml")
     if slow:
         data["plugins"].append({"type": "test-slow-scorer"})
         data["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "test-slow-scorer"})
@@ -113,14 +86,10 @@ async def start_picker(
     **settings: Any,
 ) -> EndpointPicker:
     """A running in-process EPP (plaintext unless told) over `pods`."""
-    endpoints = tmp_path / "endpoints.yaml"
-    endpoints.write_text(endpoints_yaml(pods))
-    scheduler = Scheduler.from_config(
-        config or load_config(slow=slow),
-        plugin_manager=make_plugin_manager(use_env=False, plugins=[EppTestPlugins(recorder, slow)]),
-        seed=0,
+    plugins = [EppTestPlugins(recorder, slow)]
+    scheduler = pool_scheduler(
+        tmp_path, pods, config or load_config(slow=slow), plugins, with_model=True
     )
-    scheduler.use_endpoints_file(endpoints, poll_interval=0.05, scrape_interval=0.1)
     settings.setdefault("secure_serving", False)
     settings.setdefault("endpoint_header", True)
     settings.setdefault("drain_timeout", 5.0)
@@ -187,12 +156,8 @@ async def envoys(tmp_path: Path) -> AsyncIterator[Any]:
 @pytest.fixture
 async def pods() -> AsyncIterator[list[FakePod]]:
     """Three running OpenAI-like pods serving ``test-model``."""
-    started = [FakePod(f"pod-{i}", MODEL, cached_tokens=16 * i) for i in range(3)]
-    for pod in started:
-        await pod.start()
-    yield started
-    for pod in started:
-        await pod.stop()
+    async with running_pods() as started:
+        yield started
 
 
 @pytest.fixture
@@ -234,15 +199,9 @@ class Command:
             self.proc.send_signal(sig)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            self.proc.stdin.close()
+        stop_process(self.proc, 10)
         self._err.close()
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,67 @@ def _immediate(resp: ep.ProcessingResponse) -> tuple[int, dict[str, str], dict[s
     return int(ir.status.code), hdrs, json.loads(ir.body)
 
 
+@asynccontextmanager
+async def _serving(picker: EndpointPicker) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a started `picker`, which stops when the block exits."""
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
+            yield ch
+    finally:
+        await picker.stop(0)
+
+
+class _OnePlugin:
+    """Hook implementation registering one test plugin type, made by `make`."""
+
+    def __init__(
+        self, type_name: str, make: Callable[[], object], kind: str, description: str
+    ) -> None:
+        self.type_name, self.make, self.kind, self.description = type_name, make, kind, description
+
+    @hookimpl
+    def kvaware_register_plugins(self, registry: Any) -> None:
+        make = self.make
+        registry.register(
+            self.type_name,
+            lambda params, ctx: make(),
+            kinds=(self.kind,),
+            description=self.description,
+        )
+
+
+async def _custom_picker(
+    tmp_path: Path,
+    pods: Sequence[FakePod],
+    recorder: Recorder,
+    config: dict[str, Any],
+    plugin: _OnePlugin,
+    **settings: Any,
+) -> EndpointPicker:
+    """A started plaintext EPP of `config` (with the test plugins and `plugin`) over `pods`,
+    its pool from an endpoints file, not scraped."""
+    from kvaware_scorer.epp import EppConfig
+    from kvaware_scorer.scheduler import Scheduler, make_plugin_manager
+
+    from .conftest import EppTestPlugins, endpoints_yaml
+
+    (tmp_path / "ep.yaml").write_text(endpoints_yaml(pods))
+    pm_ = make_plugin_manager(use_env=False, plugins=[EppTestPlugins(recorder), plugin])
+    scheduler = Scheduler.from_config(config, plugin_manager=pm_, seed=0)
+    scheduler.use_endpoints_file(tmp_path / "ep.yaml", scrape=False)
+    cfg = EppConfig(
+        host="127.0.0.1",
+        grpc_port=0,
+        grpc_health_port=0,
+        metrics_port=None,
+        secure_serving=False,
+        **settings,
+    )
+    picker = EndpointPicker(scheduler, cfg, own_scheduler=True)
+    await picker.start()
+    return picker
+
+
 async def test_full_duplex_answers_after_the_body_in_order(
     channel: grpc.aio.Channel, pods: list[FakePod]
 ) -> None:
@@ -189,15 +251,11 @@ async def test_subset_filter_can_be_disabled(
     tmp_path: Path, pods: list[FakePod], recorder: Recorder
 ) -> None:
     """With the subset filter off, a hint matching nothing does not stop routing."""
-    picker = await start_picker(tmp_path, pods, recorder, subset_filter=False)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
-            c = Client(ch)
-            await c.send(_request(body={"model": MODEL, "prompt": "x"}, subset=["127.0.0.1:1"]))
-            headers, _ = await c.read(2)
-            assert headers.HasField("request_headers")
-    finally:
-        await picker.stop(0)
+    async with _serving(await start_picker(tmp_path, pods, recorder, subset_filter=False)) as ch:
+        c = Client(ch)
+        await c.send(_request(body={"model": MODEL, "prompt": "x"}, subset=["127.0.0.1:1"]))
+        headers, _ = await c.read(2)
+        assert headers.HasField("request_headers")
 
 
 async def test_bad_and_oversized_bodies_are_answered_by_the_epp(
@@ -205,42 +263,34 @@ async def test_bad_and_oversized_bodies_are_answered_by_the_epp(
 ) -> None:
     """An unreadable completion is a 400 in the OpenAI error shape; a body over the limit is a
     413 before the rest arrives."""
-    picker = await start_picker(tmp_path, pods, recorder, max_body_bytes=2048)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
-            c = Client(ch)
-            msgs = _request(body={"model": MODEL, "prompt": "x"})
-            msgs[1] = ep.ProcessingRequest(request_body=ep.HttpBody(body=b"{not json"))
-            await c.send(msgs)
-            (resp,) = await c.read(1)
-            status, _, body = _immediate(resp)
-            assert status == 400 and body["error"]["code"] == "invalid_json"
-            c = Client(ch)
-            await c.send(_request(body={"model": MODEL, "prompt": "x" * 4000})[:3])
-            (resp,) = await c.read(1)
-            assert _immediate(resp)[0] == 413
-    finally:
-        await picker.stop(0)
+    async with _serving(await start_picker(tmp_path, pods, recorder, max_body_bytes=2048)) as ch:
+        c = Client(ch)
+        msgs = _request(body={"model": MODEL, "prompt": "x"})
+        msgs[1] = ep.ProcessingRequest(request_body=ep.HttpBody(body=b"{not json"))
+        await c.send(msgs)
+        (resp,) = await c.read(1)
+        status, _, body = _immediate(resp)
+        assert status == 400 and body["error"]["code"] == "invalid_json"
+        c = Client(ch)
+        await c.send(_request(body={"model": MODEL, "prompt": "x" * 4000})[:3])
+        (resp,) = await c.read(1)
+        assert _immediate(resp)[0] == 413
 
 
 async def test_over_max_streams_is_429_rejected_saturated(
     tmp_path: Path, pods: list[FakePod], recorder: Recorder
 ) -> None:
     """A request over the stream limit is shed with 429 and upstream's dropped reason."""
-    picker = await start_picker(tmp_path, pods, recorder, max_streams=1)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
-            held = Client(ch)
-            await held.send(_request(body={"model": MODEL, "prompt": "x"})[:1])
-            await asyncio.sleep(0.2)
-            c = Client(ch)
-            await c.send(_request(body={"model": MODEL, "prompt": "x"})[:1])
-            (resp,) = await c.read(1)
-            status, hdrs, _ = _immediate(resp)
-            assert status == 429
-            assert hdrs["x-llm-d-request-dropped-reason"] == "rejected-saturated"
-    finally:
-        await picker.stop(0)
+    async with _serving(await start_picker(tmp_path, pods, recorder, max_streams=1)) as ch:
+        held = Client(ch)
+        await held.send(_request(body={"model": MODEL, "prompt": "x"})[:1])
+        await asyncio.sleep(0.2)
+        c = Client(ch)
+        await c.send(_request(body={"model": MODEL, "prompt": "x"})[:1])
+        (resp,) = await c.read(1)
+        status, hdrs, _ = _immediate(resp)
+        assert status == 429
+        assert hdrs["x-llm-d-request-dropped-reason"] == "rejected-saturated"
 
 
 async def test_response_phase_feeds_the_accounting(
@@ -323,26 +373,11 @@ class _TwoProfiles:
         return "decode"
 
 
-class _PDPlugins:
-    @hookimpl
-    def kvaware_register_plugins(self, registry: Any) -> None:
-        registry.register(
-            "test-pd-handler",
-            lambda params, ctx: _TwoProfiles(),
-            kinds=("profile-handler",),
-            description="decode + prefill (tests)",
-        )
-
-
 async def test_prefill_pick_sets_the_prefiller_header(
     tmp_path: Path, pods: list[FakePod], recorder: Recorder
 ) -> None:
     """When the result carries a ``prefill`` profile pick, its endpoint goes in
     ``x-prefiller-host-port`` for the decode pod's sidecar; scores are emitted on request."""
-    from kvaware_scorer.scheduler import make_plugin_manager
-
-    from .conftest import EppTestPlugins
-
     config = load_config()
     config["plugins"] += [
         {"type": "test-pd-handler"},
@@ -356,41 +391,22 @@ async def test_prefill_pick_sets_the_prefiller_header(
         {"name": "decode", "plugins": [{"pluginRef": "queue-scorer"}, {"pluginRef": "max-score-picker"}]},
         {"name": "prefill", "plugins": [{"pluginRef": "prefill-pods"}, {"pluginRef": "max-score-picker"}]},
     ]  # fmt: skip
-    from kvaware_scorer.epp import EppConfig
-    from kvaware_scorer.scheduler import Scheduler
-
-    from .conftest import endpoints_yaml
-
-    sched_pm = make_plugin_manager(use_env=False, plugins=[EppTestPlugins(recorder), _PDPlugins()])
-    (tmp_path / "ep.yaml").write_text(endpoints_yaml(pods))
-    scheduler = Scheduler.from_config(config, plugin_manager=sched_pm, seed=0)
-    scheduler.use_endpoints_file(tmp_path / "ep.yaml", scrape=False)
-    picker = EndpointPicker(
-        scheduler,
-        EppConfig(
-            host="127.0.0.1",
-            grpc_port=0,
-            grpc_health_port=0,
-            metrics_port=None,
-            secure_serving=False,
-            emit_endpoint_scores=True,
-        ),
-        own_scheduler=True,
+    plugin = _OnePlugin(
+        "test-pd-handler", _TwoProfiles, "profile-handler", "decode + prefill (tests)"
     )
-    await picker.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
-            c = Client(ch)
-            await c.send(_request(body={"model": MODEL, "prompt": "x"}))
-            headers, _ = await c.read(2)
-            hdrs = _set_headers(headers.request_headers.response)
-            ids = {f"127.0.0.1:{p.port}" for p in pods}
-            assert hdrs["x-prefiller-host-port"] in ids
-            lb = headers.dynamic_metadata.fields["envoy.lb"].struct_value.fields
-            scores = lb["x-gateway-destination-endpoint-scores"].string_value
-            assert {s.rsplit(":", 1)[0] for s in scores.split(",")} == ids
-    finally:
-        await picker.stop(0)
+    picker = await _custom_picker(
+        tmp_path, pods, recorder, config, plugin, emit_endpoint_scores=True
+    )
+    async with _serving(picker) as ch:
+        c = Client(ch)
+        await c.send(_request(body={"model": MODEL, "prompt": "x"}))
+        headers, _ = await c.read(2)
+        hdrs = _set_headers(headers.request_headers.response)
+        ids = {f"127.0.0.1:{p.port}" for p in pods}
+        assert hdrs["x-prefiller-host-port"] in ids
+        lb = headers.dynamic_metadata.fields["envoy.lb"].struct_value.fields
+        scores = lb["x-gateway-destination-endpoint-scores"].string_value
+        assert {s.rsplit(":", 1)[0] for s in scores.split(",")} == ids
 
 
 async def test_a_decision_abandoned_by_envoy_is_released(
@@ -418,24 +434,20 @@ async def test_a_decision_abandoned_by_envoy_is_released(
 async def test_conformance_hooks(tmp_path: Path, pods: list[FakePod], recorder: Recorder) -> None:
     """With --test-hooks, ``test-epp-endpoint-selection`` restricts the pick (by IP or
     ``ip:port``) and the served endpoint is echoed in ``x-conformance-test-served-endpoint``."""
-    picker = await start_picker(tmp_path, pods, recorder, test_hooks=True)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
-            only = f"127.0.0.1:{pods[2].port}"
-            for _ in range(4):
-                c = Client(ch)
-                extra = {"test-epp-endpoint-selection": f"{only},10.9.9.9"}
-                await c.send(_request(body={"model": MODEL, "prompt": "x"}, extra=extra))
-                headers, _ = await c.read(2)
-                hdrs = _set_headers(headers.request_headers.response)
-                assert hdrs["x-gateway-destination-endpoint"] == only
-                await c.send([ep.ProcessingRequest(response_headers=_headers({":status": "200"}))])
-                (rh,) = await c.read(1)
-                served = _set_headers(rh.response_headers.response)
-                assert served["x-conformance-test-served-endpoint"] == only
-                await c.call.done_writing()
-    finally:
-        await picker.stop(0)
+    async with _serving(await start_picker(tmp_path, pods, recorder, test_hooks=True)) as ch:
+        only = f"127.0.0.1:{pods[2].port}"
+        for _ in range(4):
+            c = Client(ch)
+            extra = {"test-epp-endpoint-selection": f"{only},10.9.9.9"}
+            await c.send(_request(body={"model": MODEL, "prompt": "x"}, extra=extra))
+            headers, _ = await c.read(2)
+            hdrs = _set_headers(headers.request_headers.response)
+            assert hdrs["x-gateway-destination-endpoint"] == only
+            await c.send([ep.ProcessingRequest(response_headers=_headers({":status": "200"}))])
+            (rh,) = await c.read(1)
+            served = _set_headers(rh.response_headers.response)
+            assert served["x-conformance-test-served-endpoint"] == only
+            await c.call.done_writing()
 
 
 async def test_a_batch_prompt_that_is_not_utf8_is_a_400(channel: grpc.aio.Channel) -> None:
@@ -460,55 +472,30 @@ class _HeaderHook:
         result.response_headers = {"x-session-token": "tok-1"}
 
 
-class _HeaderPlugins:
-    @hookimpl
-    def kvaware_register_plugins(self, registry: Any) -> None:
-        registry.register(
-            "test-header-hook",
-            lambda params, ctx: _HeaderHook(),
-            kinds=("pre-request",),
-            description="sets result headers (tests)",
-        )
-
-
 async def test_routing_and_response_headers_of_the_result(
     tmp_path: Path, pods: list[FakePod], recorder: Recorder
 ) -> None:
     """Routing headers the pre-request hooks put on the result go to the target (a client's own
     copies removed), and the result's response headers go back to the client."""
-    from kvaware_scorer.epp import EppConfig
-    from kvaware_scorer.scheduler import Scheduler, make_plugin_manager
-
-    from .conftest import EppTestPlugins, endpoints_yaml
-
     config = load_config()
     config["plugins"].append({"type": "test-header-hook"})
-    (tmp_path / "ep.yaml").write_text(endpoints_yaml(pods))
-    pm_ = make_plugin_manager(use_env=False, plugins=[EppTestPlugins(recorder), _HeaderPlugins()])
-    scheduler = Scheduler.from_config(config, plugin_manager=pm_, seed=0)
-    scheduler.use_endpoints_file(tmp_path / "ep.yaml", scrape=False)
-    cfg = EppConfig(
-        host="127.0.0.1", grpc_port=0, grpc_health_port=0, metrics_port=None, secure_serving=False
+    plugin = _OnePlugin(
+        "test-header-hook", _HeaderHook, "pre-request", "sets result headers (tests)"
     )
-    picker = EndpointPicker(scheduler, cfg, own_scheduler=True)
-    await picker.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
-            c = Client(ch)
-            extra = {"x-encoder-hosts-ports": "6.6.6.6:1", "x-prefiller-host-port": "6.6.6.6:2"}
-            await c.send(_request(body={"model": MODEL, "prompt": "x"}, extra=extra))
-            headers, _ = await c.read(2)
-            common = headers.request_headers.response
-            hdrs = _set_headers(common)
-            assert hdrs["x-prefiller-host-port"] == "127.0.0.9:8000"
-            assert hdrs["x-data-parallel-host-port"] == "127.0.0.1:8001"
-            assert "x-encoder-hosts-ports" in common.header_mutation.remove_headers
-            assert "x-prefiller-host-port" not in common.header_mutation.remove_headers
-            await c.send([ep.ProcessingRequest(response_headers=_headers({":status": "200"}))])
-            (rh,) = await c.read(1)
-            assert _set_headers(rh.response_headers.response)["x-session-token"] == "tok-1"
-    finally:
-        await picker.stop(0)
+    async with _serving(await _custom_picker(tmp_path, pods, recorder, config, plugin)) as ch:
+        c = Client(ch)
+        extra = {"x-encoder-hosts-ports": "6.6.6.6:1", "x-prefiller-host-port": "6.6.6.6:2"}
+        await c.send(_request(body={"model": MODEL, "prompt": "x"}, extra=extra))
+        headers, _ = await c.read(2)
+        common = headers.request_headers.response
+        hdrs = _set_headers(common)
+        assert hdrs["x-prefiller-host-port"] == "127.0.0.9:8000"
+        assert hdrs["x-data-parallel-host-port"] == "127.0.0.1:8001"
+        assert "x-encoder-hosts-ports" in common.header_mutation.remove_headers
+        assert "x-prefiller-host-port" not in common.header_mutation.remove_headers
+        await c.send([ep.ProcessingRequest(response_headers=_headers({":status": "200"}))])
+        (rh,) = await c.read(1)
+        assert _set_headers(rh.response_headers.response)["x-session-token"] == "tok-1"
 
 
 class _Shed(NoEndpointError):
@@ -522,44 +509,20 @@ class _Shedder:
         raise _Shed("over the queue limit")
 
 
-class _ShedPlugins:
-    @hookimpl
-    def kvaware_register_plugins(self, registry: Any) -> None:
-        registry.register(
-            "test-shedder", lambda params, ctx: _Shedder(), kinds=("filter",), description="sheds"
-        )
-
-
 async def test_a_shed_request_is_429_rejected_saturated(
     tmp_path: Path, pods: list[FakePod], recorder: Recorder
 ) -> None:
     """A scheduling error carrying status 429 (admission or flow control shedding) becomes a
     429 with ``rejected-saturated``; nothing is scheduled."""
-    from kvaware_scorer.epp import EppConfig
-    from kvaware_scorer.scheduler import Scheduler, make_plugin_manager
-
-    from .conftest import EppTestPlugins, endpoints_yaml
-
     config = load_config()
     config["plugins"].append({"type": "test-shedder"})
     config["schedulingProfiles"][0]["plugins"].insert(0, {"pluginRef": "test-shedder"})
-    (tmp_path / "ep.yaml").write_text(endpoints_yaml(pods))
-    pm_ = make_plugin_manager(use_env=False, plugins=[EppTestPlugins(recorder), _ShedPlugins()])
-    scheduler = Scheduler.from_config(config, plugin_manager=pm_, seed=0)
-    scheduler.use_endpoints_file(tmp_path / "ep.yaml", scrape=False)
-    cfg = EppConfig(
-        host="127.0.0.1", grpc_port=0, grpc_health_port=0, metrics_port=None, secure_serving=False
-    )
-    picker = EndpointPicker(scheduler, cfg, own_scheduler=True)
-    await picker.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
-            c = Client(ch)
-            await c.send(_request(body={"model": MODEL, "prompt": "x"}))
-            (resp,) = await c.read(1)
-            status, hdrs, body = _immediate(resp)
-            assert status == 429 and hdrs["x-llm-d-request-dropped-reason"] == "rejected-saturated"
-            assert body["error"]["code"] == "rejected"
+    plugin = _OnePlugin("test-shedder", _Shedder, "filter", "sheds")
+    async with _serving(await _custom_picker(tmp_path, pods, recorder, config, plugin)) as ch:
+        c = Client(ch)
+        await c.send(_request(body={"model": MODEL, "prompt": "x"}))
+        (resp,) = await c.read(1)
+        status, hdrs, body = _immediate(resp)
+        assert status == 429 and hdrs["x-llm-d-request-dropped-reason"] == "rejected-saturated"
+        assert body["error"]["code"] == "rejected"
         assert not recorder.scheduled
-    finally:
-        await picker.stop(0)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kvaware_scorer.indexer import Indexer
 from tests.conftest import FIXTURES
 
 EVENTS_DIR = FIXTURES / "vllm-kv-events"
@@ -40,3 +42,11 @@ def manifest() -> dict[str, Any]:
 def legacy_manifest() -> dict[str, Any]:
     """The vLLM 0.23.0 (array form) fixture manifest."""
     return load_manifest(LEGACY_DIR)
+
+
+@pytest.fixture
+def indexer() -> Iterator[Indexer]:
+    """An empty in-memory indexer, closed after the test."""
+    ix = Indexer()
+    yield ix
+    ix.close()

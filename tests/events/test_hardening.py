@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,8 @@ import zmq
 import zmq.auth
 
 from kvaware_scorer import Indexer
-from kvaware_scorer.config import KVEventsConfig
 from kvaware_scorer.errors import EventDecodeError
-from kvaware_scorer.events import KVEventSubscriber, VllmEventPublisher
+from kvaware_scorer.events import VllmEventPublisher
 from kvaware_scorer.events.decode import (
     AllBlocksCleared,
     BlockStored,
@@ -25,7 +23,7 @@ from kvaware_scorer.events.decode import (
     encode_batch,
 )
 from tests.conftest import free_port
-from tests.events.test_subscriber import MODEL, POD, counter, store, tcp, wait_until
+from tests.events.test_subscriber import MODEL, POD, counter, make_sub, store, tcp, wait_until
 
 OTHER = "10.0.0.2:8000"
 
@@ -51,19 +49,6 @@ def poison(depth: int = 996) -> bytes:
         ]
     )
     return b"\x93" + enc(1.0) + b"\x91" + ev + enc(0)
-
-
-@pytest.fixture
-def indexer() -> Iterator[Indexer]:
-    ix = Indexer()
-    yield ix
-    ix.close()
-
-
-def make_sub(ix: Indexer, **cfg: Any) -> KVEventSubscriber:
-    base: dict[str, Any] = {"default_model": MODEL, "replay_timeout": 1.0, "stats_interval": 0.2}
-    base.update(cfg)
-    return KVEventSubscriber(ix, KVEventsConfig(**base))
 
 
 # -- poison frames --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import http.server
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -62,13 +62,6 @@ def store(hashes: list[int], toks: list[int], parent: int | None = None) -> Bloc
     return BlockStored(
         hashes, parent, toks, 16, medium="GPU", extra_keys=[None] * len(hashes), group_idx=0
     )
-
-
-@pytest.fixture
-def indexer() -> Iterator[Indexer]:
-    ix = Indexer()
-    yield ix
-    ix.close()
 
 
 def make_sub(ix: Indexer, **cfg: Any) -> KVEventSubscriber:

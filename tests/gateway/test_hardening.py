@@ -8,10 +8,9 @@ import gzip
 import logging
 import socket
 import subprocess
-import sys
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,14 @@ import yaml
 from kvaware_scorer.gateway import Gateway, GatewayConfig
 from kvaware_scorer.scheduler import Scheduler, make_plugin_manager
 from kvaware_scorer.tokenization import install_local_tokenizer
+from tests.harness import pool_scheduler
 
-from .conftest import MODEL, ROOT, endpoints_yaml, start_gateway
+from .conftest import MODEL, ROOT, post, serve_command, start_gateway
 from .pods import FakePod
 
 #: Nested loops of 10^10 iterations: a render that never ends on its own.
 RUNAWAY = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
 CHAT = [{"role": "user", "content": "Which pod should serve this request?"}]
-
-
-async def post(
-    session: aiohttp.ClientSession, url: str, body: Any, **kw: Any
-) -> tuple[int, Any, aiohttp.ClientResponse]:
-    async with session.post(url, json=body, **kw) as resp:
-        data = await resp.json(content_type=None)
-        return resp.status, data, resp
 
 
 @pytest.fixture(scope="module")
@@ -62,28 +54,12 @@ def precise_config(tokenizer_root: Path, **pool: Any) -> dict[str, Any]:
 async def start_precise(
     tmp_path: Path, pods: list[FakePod], tokenizer_root: Path, pool: dict[str, Any], **settings: Any
 ) -> Gateway:
-    endpoints = tmp_path / "endpoints.yaml"
-    endpoints.write_text(endpoints_yaml(pods))
-    scheduler = Scheduler.from_config(
-        precise_config(tokenizer_root, **pool),
-        plugin_manager=make_plugin_manager(use_env=False),
-        seed=0,
-    )
-    scheduler.use_endpoints_file(endpoints, poll_interval=0.05, scrape_interval=0.1)
+    scheduler = pool_scheduler(tmp_path, pods, precise_config(tokenizer_root, **pool), [])
     settings.setdefault("endpoint_header", True)
     settings.setdefault("drain_timeout", 2.0)
     gateway = Gateway(scheduler, GatewayConfig(port=0, **settings), own_scheduler=True)
     await gateway.start()
     return gateway
-
-
-@pytest.fixture
-async def pod() -> AsyncIterator[FakePod]:
-    """One running pod serving ``test-model``."""
-    p = FakePod("pod-0", MODEL)
-    await p.start()
-    yield p
-    await p.stop()
 
 
 # -- 1. chat templates from the request -----------------------------------------------------------
@@ -709,10 +685,7 @@ def test_serve_refuses_a_bad_refresh_metrics_interval(tmp_path: Path) -> None:
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text("endpoints: [{address: 127.0.0.1, port: 9}]\n")
     for bad, why in (("soon", "not a duration"), ("0s", "must be > 0")):
-        out = subprocess.run(
-            [sys.executable, "-m", "kvaware_scorer.cli", "serve", "--config", "random",
-             "--endpoints", str(endpoints), "--refresh-metrics-interval", bad],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        cmd = serve_command(Path("random"), endpoints, "--refresh-metrics-interval", bad)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         assert out.returncode == 1, out
         assert "--refresh-metrics-interval" in out.stderr and why in out.stderr, out.stderr

@@ -9,7 +9,6 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +21,7 @@ import yaml
 
 from kvaware_scorer.tokenization import install_local_tokenizer
 
-from .conftest import MODEL, ROOT, endpoints_yaml
+from .conftest import MODEL, ROOT, endpoints_yaml, serve_command
 from .pods import FakePod
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,18 +50,7 @@ async def serve(
 ) -> AsyncIterator[Served]:
     """Run ``kvaware serve`` on a free port until the block ends (then SIGKILL if needed)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kvaware_scorer.cli",
-        "serve",
-        "--config",
-        str(config),
-        "--endpoints",
-        str(endpoints),
-        "--port",
-        "0",
-        "--no-scrape",
-        *flags,
+        *serve_command(config, endpoints, "--port", "0", "--no-scrape", *flags),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         preexec_fn=preexec,
@@ -76,14 +64,6 @@ async def serve(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-
-
-@pytest.fixture
-async def pod() -> AsyncIterator[FakePod]:
-    p = FakePod("pod-0", MODEL)
-    await p.start()
-    yield p
-    await p.stop()
 
 
 async def test_sigterm_stops_serve_during_runaway_renders(tmp_path: Path, pod: FakePod) -> None:
@@ -254,18 +234,14 @@ async def test_serve_key_flags(
             assert resp.status == 200
     missing = tmp_path / "no-such-keys.txt"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kvaware_scorer.cli",
-        "serve",
-        "--config",
-        str(ROOT / "config" / "load.yaml"),
-        "--endpoints",
-        str(endpoints),
-        "--admin-key-file",
-        str(missing),
-        "--api-key-env",
-        "KV_SERVE_TEST_KEY",
+        *serve_command(
+            ROOT / "config" / "load.yaml",
+            endpoints,
+            "--admin-key-file",
+            str(missing),
+            "--api-key-env",
+            "KV_SERVE_TEST_KEY",
+        ),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -306,8 +282,7 @@ def test_serve_says_which_extra_uvloop_needs(tmp_path: Path) -> None:
     )
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text("endpoints: [{address: 127.0.0.1, port: 9}]\n")
-    cmd = [sys.executable, "-m", "kvaware_scorer.cli", "serve", "--config", "random",
-           "--endpoints", str(endpoints), "--event-loop", "uvloop"]  # fmt: skip
+    cmd = serve_command(Path("random"), endpoints, "--event-loop", "uvloop")
     out = subprocess.run(
         cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(site)}
     )

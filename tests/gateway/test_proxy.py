@@ -33,20 +33,13 @@ from .conftest import (
     Recorder,
     RecorderPlugin,
     endpoints_yaml,
+    post,
     scheduler_config,
     start_gateway,
 )
 from .pods import FakePod
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def post(
-    session: aiohttp.ClientSession, url: str, body: Any, **kw: Any
-) -> tuple[int, Any, aiohttp.ClientResponse]:
-    async with session.post(url, json=body, **kw) as resp:
-        data = await resp.json(content_type=None)
-        return resp.status, data, resp
 
 
 def served_by(pods: list[FakePod]) -> dict[str, int]:

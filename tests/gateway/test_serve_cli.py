@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from .conftest import MODEL, ROOT, endpoints_yaml
+from .conftest import MODEL, ROOT, endpoints_yaml, serve_command
 from .pods import FakePod
 
 pytestmark = pytest.mark.timeout(60)
@@ -23,18 +22,9 @@ async def test_serve_and_drain_on_sigterm(tmp_path: Path, pods: list[FakePod]) -
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text(endpoints_yaml(pods[:1]))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kvaware_scorer.cli",
-        "serve",
-        "--config",
-        str(ROOT / "config" / "precise.yaml"),
-        "--endpoints",
-        str(endpoints),
-        "--port",
-        "0",
-        "--drain-timeout",
-        "10s",
+        *serve_command(
+            ROOT / "config" / "precise.yaml", endpoints, "--port", "0", "--drain-timeout", "10s"
+        ),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -76,16 +66,7 @@ def test_serve_config_error(tmp_path: Path) -> None:
     bad = tmp_path / "endpoints.yaml"
     bad.write_text("endpoints:\n  - address: 127.0.0.1\n    port: 99999\n")
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvaware_scorer.cli",
-            "serve",
-            "--config",
-            str(ROOT / "config" / "load.yaml"),
-            "--endpoints",
-            str(bad),
-        ],
+        serve_command(ROOT / "config" / "load.yaml", bad),
         capture_output=True,
         text=True,
         timeout=30,

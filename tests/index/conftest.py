@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,17 @@ import pytest
 import redis
 
 from tests.conftest import RedisProcess, free_port
+
+
+@pytest.fixture
+def own_redis(redis_binary: str, tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test alone (stopped, restarted or paused by the test)."""
+    server = RedisProcess(redis_binary, free_port(), tmp_path / "redis")
+    server.start()
+    yield server
+    if server.proc is not None:
+        server.proc.send_signal(signal.SIGCONT)
+    server.stop()
 
 
 class RedisClusterProcesses:

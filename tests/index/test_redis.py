@@ -115,17 +115,6 @@ def self_signed_certificate(cert: Path, key: Path) -> None:
     )
 
 
-@pytest.fixture
-def own_redis(redis_binary: str, tmp_path: Path) -> Iterator[RedisProcess]:
-    """A redis-server of this test alone (stopped, restarted or paused by the test)."""
-    server = RedisProcess(redis_binary, free_port(), tmp_path / "redis")
-    server.start()
-    yield server
-    if server.proc is not None:
-        server.proc.send_signal(signal.SIGCONT)
-    server.stop()
-
-
 def command_calls(url: str) -> dict[str, int]:
     info = redis.Redis.from_url(url).info("commandstats")
     return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}

@@ -102,16 +102,6 @@ class Rig:
 
 
 @pytest.fixture
-def own_redis(redis_binary: str, tmp_path: Path) -> Iterator[RedisProcess]:
-    server = RedisProcess(redis_binary, free_port(), tmp_path / "redis")
-    server.start()
-    yield server
-    if server.proc is not None:
-        server.proc.send_signal(signal.SIGCONT)
-    server.stop()
-
-
-@pytest.fixture
 def aof_redis(redis_binary: str, tmp_path: Path) -> Iterator[RedisProcess]:
     server = RedisProcess(
         redis_binary,

@@ -58,6 +58,13 @@ def _send(
     return req, s.schedule(req, eps)
 
 
+def _served(s: Scheduler, rid: str, tokens: list[int], eps: list[Endpoint]) -> None:
+    """Schedule a request and run it to its end (first token, then a 200 response)."""
+    req, res = _send(s, rid, tokens, eps)
+    s.first_token(req, res)
+    s.post_response(req, res, ResponseInfo(200, len(tokens), 0, 10))
+
+
 def test_ledger_counts_prefill_until_first_token_and_tokens_until_release() -> None:
     """A request's uncached prompt is queued prefill until its first token, and held KV until
     its release."""
@@ -110,12 +117,10 @@ def test_waits_behind_short_requests_but_leaves_a_long_backlog(clock: FakeClock)
     s = _scheduler(clock)
     a, b = endpoints(2)
     session = _tokens(0, 8000)
-    req, res = _send(s, "t1", session, [a])
-    s.first_token(req, res)
-    s.post_response(req, res, ResponseInfo(200, 8000, 0, 10))
+    _served(s, "t1", session, [a])
     _send(s, "short1", _tokens(100_000, 500), [a])
     _send(s, "short2", _tokens(200_000, 500), [a])
-    req, res = _send(s, "t2", [*session, *_tokens(50_000, 400)], [a, b])
+    _, res = _send(s, "t2", [*session, *_tokens(50_000, 400)], [a, b])
     assert res.target is a
     # a: 1,000 queued + ~400 new tokens; b: the whole 8,400-token re-prefill
     assert res.scores["predicted-ttft-scorer"][b.id] < 1.0
@@ -242,9 +247,7 @@ def test_work_weight_charges_a_re_prefill_beyond_the_own_ttft(clock: FakeClock) 
         s = _scheduler(clock, workWeight=work_weight)
         a, b = endpoints(2)
         session = _tokens(0, 500)
-        req, res = _send(s, "t1", session, [a])
-        s.first_token(req, res)
-        s.post_response(req, res, ResponseInfo(200, 500, 0, 10))
+        _served(s, "t1", session, [a])
         _send(s, "q", _tokens(100_000, 600), [a])
         _, res = _send(s, "t2", [*session, *_tokens(50_000, 100)], [a, b])
         return res.target.name

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import yaml
 import zmq
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvaware_scorer.events.decode import AllBlocksCleared, BlockStored, EventDecoder
 from kvaware_scorer.events.publisher import END_SEQ
 from kvaware_scorer.sim.live import LiveFleet, LivePod, LivePodsConfig, OutputText
 from kvaware_scorer.tokenization import install_local_tokenizer
+
+from .live_pods import FleetFactory, live_fleets, metric_samples, post
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,42 +36,12 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return install_local_tokenizer(tmp_path_factory.mktemp("tok"), MODEL)
 
 
-FleetFactory = Callable[..., Awaitable[LiveFleet]]
-
-
 @pytest.fixture
 async def make_fleet(tokenizer_dir: Path) -> AsyncIterator[FleetFactory]:
-    fleets: list[LiveFleet] = []
-
-    async def make(**options: Any) -> LiveFleet:
-        base: dict[str, Any] = {
-            "num_pods": 1,
-            "speedup": 20.0,
-            "model": MODEL,
-            "tokenizer": str(tokenizer_dir),
-        }
-        base.update(options)
-        fleet = LiveFleet(LivePodsConfig(**base))
-        await fleet.start()
-        fleets.append(fleet)
-        return fleet
-
-    yield make
-    for fleet in fleets:
-        await fleet.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
-
-
-async def post(
-    session: aiohttp.ClientSession, pod: LivePod, path: str, body: Any
-) -> tuple[int, Any]:
-    async with session.post(pod.url + path, json=body) as resp:
-        return resp.status, await resp.json(content_type=None)
+    async with live_fleets(
+        num_pods=1, speedup=20.0, model=MODEL, tokenizer=str(tokenizer_dir)
+    ) as make:
+        yield make
 
 
 async def stream(
@@ -337,11 +308,7 @@ async def test_models_health_and_metrics_use_vllm_names(
     await asyncio.sleep(0.05)  # mid-generation (30 decode steps of ~7.6 ms)
 
     async def scrape() -> dict[str, Any]:
-        async with session.get(pod.url + "/metrics") as resp:
-            text = await resp.text()
-        return {
-            s.name: s for family in text_string_to_metric_families(text) for s in family.samples
-        }
+        return await metric_samples(session, pod)
 
     during = await scrape()
     assert during["vllm:num_requests_running"].value == 1

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from kvaware_scorer.sim.live import LiveFleet, LivePod, LivePodsConfig
+from kvaware_scorer.sim.live import LivePod
 from kvaware_scorer.tokenization import install_local_tokenizer
+
+from .live_pods import FleetFactory, live_fleets, metric_samples, post
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,54 +30,17 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return install_local_tokenizer(tmp_path_factory.mktemp("tok"), MODEL)
 
 
-FleetFactory = Callable[..., Awaitable[LiveFleet]]
-
-
 @pytest.fixture
 async def make_fleet(tokenizer_dir: Path) -> AsyncIterator[FleetFactory]:
-    fleets: list[LiveFleet] = []
-
-    async def make(**options: Any) -> LiveFleet:
-        base: dict[str, Any] = {
-            "num_pods": 1,
-            "speedup": 50.0,
-            "model": MODEL,
-            "tokenizer": str(tokenizer_dir),
-            "num_gpu_blocks": 64,
-        }
-        base.update(options)
-        fleet = LiveFleet(LivePodsConfig(**base))
-        await fleet.start()
-        fleets.append(fleet)
-        return fleet
-
-    yield make
-    for fleet in fleets:
-        await fleet.stop()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
-
-
-async def post(
-    session: aiohttp.ClientSession, pod: LivePod, path: str, body: Any
-) -> tuple[int, Any]:
-    async with session.post(pod.url + path, json=body) as resp:
-        return resp.status, await resp.json(content_type=None)
+    async with live_fleets(
+        num_pods=1, speedup=50.0, model=MODEL, tokenizer=str(tokenizer_dir), num_gpu_blocks=64
+    ) as make:
+        yield make
 
 
 async def counters(session: aiohttp.ClientSession, pod: LivePod) -> dict[str, float]:
-    async with session.get(pod.url + "/metrics") as resp:
-        text = await resp.text()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.endswith("_total"):
-                out[sample.name] = sample.value
-    return out
+    samples = await metric_samples(session, pod)
+    return {name: s.value for name, s in samples.items() if name.endswith("_total")}
 
 
 def assert_error(status: int, data: Any, want: int) -> None:

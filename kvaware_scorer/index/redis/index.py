@@ -26,7 +26,7 @@ from kvaware_scorer.errors import BackendUnavailableError, ConfigError
 from kvaware_scorer.index.base import IndexStats, PodMatch, TierTable
 from kvaware_scorer.index.redis.client import UNAVAILABLE, ScriptClient
 from kvaware_scorer.index.redis.health import Health
-from kvaware_scorer.index.redis.plan import key_names, pack
+from kvaware_scorer.index.redis.plan import Write, key_names, pack
 from kvaware_scorer.index.redis.writer import RedisWriter, WriteBatch
 from kvaware_scorer.keys import BlockKey, EngineHash
 
@@ -115,6 +115,11 @@ class RedisIndex:
 
     # -- writes -------------------------------------------------------------------------------
 
+    def _apply(self, op: Write) -> int:
+        """Send one write once queued batches are applied; its result (0 when not known)."""
+        self._writer.quiesce()
+        return self._writer.submit([op])[0] or 0
+
     def flush(self) -> bool:
         """Apply queued batches and replay buffered writes now. Returns whether none are left."""
         self._writer.quiesce()
@@ -129,8 +134,7 @@ class RedisIndex:
     ) -> None:
         op = self._writer.add_op("add", pod, keys, engine_hashes, tier)
         if op is not None:
-            self._writer.quiesce()
-            self._writer.submit([op])
+            self._apply(op)
 
     def add_new(
         self,
@@ -140,28 +144,20 @@ class RedisIndex:
         tier: str | None = None,
     ) -> int:
         op = self._writer.add_op("add_new", pod, keys, engine_hashes, tier)
-        if op is None:
-            return 0
-        self._writer.quiesce()
-        return self._writer.submit([op])[0] or 0
+        return 0 if op is None else self._apply(op)
 
     def add_tier(self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None) -> int:
         if not engine_hashes:
             return 0
-        op = self._writer.tier_op("add_tier", pod, engine_hashes, tier)
-        self._writer.quiesce()
-        return self._writer.submit([op])[0] or 0
+        return self._apply(self._writer.tier_op("add_tier", pod, engine_hashes, tier))
 
     def remove(self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None = None) -> int:
         if not engine_hashes:
             return 0
-        op = self._writer.tier_op("remove", pod, engine_hashes, tier)
-        self._writer.quiesce()
-        return self._writer.submit([op])[0] or 0
+        return self._apply(self._writer.tier_op("remove", pod, engine_hashes, tier))
 
     def purge(self, pod: str) -> int:
-        self._writer.quiesce()
-        return self._writer.submit([self._writer.purge_op(pod)])[0] or 0
+        return self._apply(self._writer.purge_op(pod))
 
     @contextmanager
     def batch(

@@ -53,6 +53,19 @@ local PED = {}
 local function ped(id, d) PED[id] = (PED[id] or 0) + d end
 local QBUF = {}
 
+-- pod `id` holds one block less
+local function drop_entry(id)
+  cinc('entries', -1)
+  ped(id, -1)
+end
+
+-- blocks `db` and entries `de` of pod `id` added
+local function count_added(id, db, de)
+  cinc('blocks', db)
+  cinc('entries', de)
+  ped(id, de)
+end
+
 local function flush_counts()
   for f, d in pairs(DC) do
     if d ~= 0 then call('HINCRBY', K_C, f, d) end
@@ -82,18 +95,33 @@ local function alive(last)
   return TTL == 0 or (last and NOW - tonumber(last) <= TTL)
 end
 
+-- ids (as strings) of the registered pods that wrote within the TTL (`live`), or not
+local function ids_by_liveness(live)
+  local l = call('HGETALL', K_L)
+  local ids = {}
+  for i = 1, #l, 2 do
+    if (alive(l[i + 1]) and true or false) == live then ids[#ids + 1] = l[i] end
+  end
+  return ids
+end
+
+
+-- the number at field `name` of hash `key` (nil when absent), remembered in `cache`
+local function cached_num(cache, key, name)
+  local v = cache[name]
+  if v then return v end
+  v = call('HGET', key, name)
+  if v then
+    v = tonumber(v)
+    cache[name] = v
+    return v
+  end
+  return nil
+end
 
 local IDS = {}
 local function live_id(name)
-  local id = IDS[name]
-  if id then return id end
-  id = call('HGET', K_R, name)
-  if id then
-    id = tonumber(id)
-    IDS[name] = id
-    return id
-  end
-  return nil
+  return cached_num(IDS, K_R, name)
 end
 
 local LIVE = {}
@@ -200,14 +228,8 @@ end
 
 local TIDS = {}
 local function tier_id(name, create)
-  local t = TIDS[name]
+  local t = cached_num(TIDS, K_T, name)
   if t then return t end
-  t = call('HGET', K_T, name)
-  if t then
-    t = tonumber(t)
-    TIDS[name] = t
-    return t
-  end
   if not create then return nil end
   local n = call('HLEN', K_T)
   if n >= 16 then
@@ -216,6 +238,14 @@ local function tier_id(name, create)
   call('HSET', K_T, name, n)
   TIDS[name] = n
   return n
+end
+
+-- tier names by tier id + 1
+local function tier_names()
+  local tiers = {}
+  local tl = call('HGETALL', K_T)
+  for i = 1, #tl, 2 do tiers[tonumber(tl[i + 1]) + 1] = tl[i] end
+  return tiers
 end
 
 -- bulk reads and writes ------------------------------------------------------------------
@@ -290,6 +320,15 @@ local function enc(id, tier, cnt)
   return s
 end
 
+-- the id of the multi-byte record at byte `i` of `v` (header byte `b`), and its id width
+local function rec_id(v, i, b)
+  local w = floor((b - 128) / 32) + 1
+  local id = byte(v, i + 1)
+  if w > 1 then id = id * 256 + byte(v, i + 2) end
+  if w > 2 then id = id * 256 + byte(v, i + 3) end
+  return id, w
+end
+
 -- records of a value from byte `i`: list of {id, tier, count}
 local function parse(v, i)
   local recs = {}
@@ -300,11 +339,8 @@ local function parse(v, i)
       recs[#recs + 1] = { b, 0, 1 }
       i = i + 1
     else
-      local w = floor((b - 128) / 32) + 1
+      local id, w = rec_id(v, i, b)
       local c = floor(b / 16) % 2
-      local id = byte(v, i + 1)
-      if w > 1 then id = id * 256 + byte(v, i + 2) end
-      if w > 2 then id = id * 256 + byte(v, i + 3) end
       local cnt = 1
       if c == 1 then cnt = byte(v, i + w + 1) end
       recs[#recs + 1] = { id, b % 16, cnt }
@@ -333,10 +369,7 @@ local function holders(hv)
       t[b] = bor(t[b] or 0, 1)
       i = i + 1
     else
-      local w = floor((b - 128) / 32) + 1
-      local id = byte(hv, i + 1)
-      if w > 1 then id = id * 256 + byte(hv, i + 2) end
-      if w > 2 then id = id * 256 + byte(hv, i + 3) end
+      local id, w = rec_id(hv, i, b)
       t[id] = bor(t[id] or 0, lshift(1, b % 16))
       i = i + 1 + w + floor(b / 16) % 2
     end
@@ -353,6 +386,16 @@ local function without(recs, ids)
   return out
 end
 
+-- block `bk` (value `v`) keeps records `recs`: its header and them, or nothing when none
+local function block_keep(bk, v, recs)
+  if #recs == 0 then
+    block_put(bk, false)
+    cinc('blocks', -1)
+  else
+    block_put(bk, sub(v, 1, 3) .. serialize(recs))
+  end
+end
+
 -- drop the records of `ids` (a set) at block `bk` (loaded in the block cache); returns whether
 -- any went
 local function block_drop(bk, ids)
@@ -361,12 +404,7 @@ local function block_drop(bk, ids)
   local recs = parse(v, 4)
   local kept = without(recs, ids)
   if #kept == #recs then return false end
-  if #kept == 0 then
-    block_put(bk, false)
-    cinc('blocks', -1)
-  else
-    block_put(bk, sub(v, 1, 3) .. serialize(kept))
-  end
+  block_keep(bk, v, kept)
   return true
 end
 
@@ -389,8 +427,7 @@ local function limit_holders(recs, keep, pcs)
     if id ~= keep then
       victims[id] = true
       excess = excess - 1
-      cinc('entries', -1)
-      ped(id, -1)
+      drop_entry(id)
     end
   end
   return without(recs, victims)
@@ -443,8 +480,7 @@ local function block_dec(bk, id, tid)
     -- one-byte records only: the pod's is its single default-tier reference
     local p = find(v, char(id), 4, true)
     if not p then return false end
-    cinc('entries', -1)
-    ped(id, -1)
+    drop_entry(id)
     if #v == 4 then
       block_put(bk, false)
       cinc('blocks', -1)
@@ -470,15 +506,9 @@ local function block_dec(bk, id, tid)
     table.remove(recs, idx)
   end
   if not held then
-    cinc('entries', -1)
-    ped(id, -1)
+    drop_entry(id)
   end
-  if #recs == 0 then
-    block_put(bk, false)
-    cinc('blocks', -1)
-  else
-    block_put(bk, sub(v, 1, 3) .. serialize(recs))
-  end
+  block_keep(bk, v, recs)
   return held
 end
 
@@ -503,13 +533,23 @@ local function evict_block(bk, v)
     if not seen[id] then
       seen[id] = true
       if is_live(id) then
-        cinc('entries', -1)
-        ped(id, -1)
+        drop_entry(id)
       end
     end
   end
   call('DEL', bk)
   cinc('blocks', -1)
+end
+
+-- the next entry of the block queue (nil once empty), its block's name and value (false when
+-- the block is gone or the entry is stale: the block was created again since)
+local function queue_pop()
+  local e = call('LPOP', K_Q)
+  if not e then return nil end
+  local bk = PB .. sub(e, 1, 8)
+  local v = call('GET', bk)
+  if v and sub(v, 2, 3) ~= sub(e, 9, 10) then v = false end
+  return e, bk, v
 end
 
 local function counter(f)
@@ -526,11 +566,9 @@ local function evict_to(size)
   local guard = 2 * call('LLEN', K_Q) + 16
   while entries > target and guard > 0 do
     guard = guard - 1
-    local e = call('LPOP', K_Q)
+    local e, bk, v = queue_pop()
     if not e then break end
-    local bk = PB .. sub(e, 1, 8)
-    local v = call('GET', bk)
-    if v and sub(v, 2, 3) == sub(e, 9, 10) then
+    if v then
       local h = byte(v, 1)
       if h >= 128 then
         call('SET', bk, char(h - 128) .. sub(v, 2))
@@ -581,8 +619,7 @@ local function move_old(id, cur, new, keys_of)
   local ids = { [id] = true }
   for i = 1, #olds do
     if block_drop(olds[i], ids) then
-      cinc('entries', -1)
-      ped(id, -1)
+      drop_entry(id)
     end
   end
 end
@@ -629,11 +666,7 @@ end
 
 -- names of the pods that wrote within the TTL
 local function live_names()
-  local l = call('HGETALL', K_L)
-  local ids = {}
-  for i = 1, #l, 2 do
-    if alive(l[i + 1]) then ids[#ids + 1] = l[i] end
-  end
+  local ids = ids_by_liveness(true)
   local out = {}
   for c0 = 1, #ids, CHUNK do
     local names = call('HMGET', K_N, unpack(ids, c0, min(#ids, c0 + CHUNK - 1)))
@@ -676,12 +709,17 @@ local function emap_set(E, kv)
   return added
 end
 
+-- the value of a block created now with one reference of (id, tier), and its stamp (2 bytes)
+local function fresh_value(id, tid)
+  local st = stamp()
+  local s2 = char(floor(st / 256), st % 256)
+  return char(EPOCH) .. s2 .. enc(id, tid, 1), s2
+end
+
 -- one reference of (id, tier) at each block `names[i]` (key `keys[i]`, 8 bytes)
 local function add_refs(names, keys, id, tid)
   blocks_load(names)
-  local st = stamp()
-  local s2 = char(floor(st / 256), st % 256)
-  local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
+  local fresh, s2 = fresh_value(id, tid)
   local db, de = 0, 0
   for i = 1, #names do
     local bk = names[i]
@@ -698,9 +736,7 @@ local function add_refs(names, keys, id, tid)
     end
     DIRTY[bk] = true
   end
-  cinc('blocks', db)
-  cinc('entries', de)
-  ped(id, de)
+  count_added(id, db, de)
 end
 
 -- A store of `kb` (keys, 8 bytes each) with engine hashes `eb` ('' = the keys) at tier
@@ -919,9 +955,7 @@ local function w_add_tier(name, tname, eb)
   end
   local names = value_blocks(vals, n, {})
   blocks_load(names)
-  local st = stamp()
-  local s2 = char(floor(st / 256), st % 256)
-  local fresh = char(EPOCH) .. s2 .. enc(id, tid, 1)
+  local fresh, s2 = fresh_value(id, tid)
   local db, de = 0, 0
   for i = 1, #names do
     local bk = names[i]
@@ -930,9 +964,7 @@ local function w_add_tier(name, tname, eb)
     db = db + b1
     de = de + e1
   end
-  cinc('blocks', db)
-  cinc('entries', de)
-  ped(id, de)
+  count_added(id, db, de)
   return concat(bits)
 end
 
@@ -946,11 +978,7 @@ if op == 'lookup' then
   local n = #kb / KL
   local active, nact = {}, 0
   if all then
-    local l = call('HGETALL', K_L)
-    local ids = {}
-    for i = 1, #l, 2 do
-      if alive(l[i + 1]) then ids[#ids + 1] = l[i] end
-    end
+    local ids = ids_by_liveness(true)
     if #ids > 0 then
       local names = call('HMGET', K_N, unpack(ids))
       for i = 1, #ids do
@@ -1090,9 +1118,7 @@ if op == 'lookup' then
     for i = 1, #sets, 2000 do call('MSET', unpack(sets, i, min(#sets, i + 1999))) end
   end
 
-  local tiers = {}
-  local tl = call('HGETALL', K_T)
-  for i = 1, #tl, 2 do tiers[tonumber(tl[i + 1]) + 1] = tl[i] end
+  local tiers = tier_names()
   local out = { tiers }
   for i = 1, #done do
     local st = done[i]
@@ -1163,9 +1189,7 @@ elseif op == 'refs' then
   local id = current_id(ARGV[4], false)
   if not id then return {} end
   local all = call('HGETALL', emap_key(id))
-  local tiers = {}
-  local tl = call('HGETALL', K_T)
-  for i = 1, #tl, 2 do tiers[tonumber(tl[i + 1]) + 1] = tl[i] end
+  local tiers = tier_names()
   local names = {}
   for i = 2, #all, 2 do names[#names + 1] = PB .. sub(all[i], 1, 8) end
   blocks_load(names)
@@ -1322,11 +1346,9 @@ elseif op == 'maint' then
   budget = min(budget, qlen, 20000)
   local expired = 0
   for _ = 1, budget do
-    local e = call('LPOP', K_Q)
+    local e, bk, v = queue_pop()
     if not e then break end
-    local bk = PB .. sub(e, 1, 8)
-    local v = call('GET', bk)
-    if v and sub(v, 2, 3) == sub(e, 9, 10) then
+    if v then
       if TTL > 0 and (EPOCH - byte(v, 1) % 128) % 128 >= EXPIRE_PERIODS then
         evict_block(bk, v)
         expired = expired + 1
@@ -1340,10 +1362,8 @@ elseif op == 'maint' then
   evict_to(size)
   local quiet = {}
   if TTL > 0 then
-    local l = call('HGETALL', K_L)
-    for i = 1, #l, 2 do
-      if not alive(l[i + 1]) then quiet[#quiet + 1] = tonumber(l[i]) end
-    end
+    local ids = ids_by_liveness(false)
+    for i = 1, #ids do quiet[i] = tonumber(ids[i]) end
   end
   local pending = {}
   local z = call('HKEYS', K_Z)

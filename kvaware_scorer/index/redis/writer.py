@@ -77,6 +77,13 @@ class WriteBatch:
             results.insert(pos + k, value)
         self.results = results
 
+    def _queue(self, op: Write | None, empty: int | None) -> None:
+        """Queue `op`, or the result `empty` of an add of no keys at its place."""
+        if op is not None:
+            self._ops.append(op)
+        else:
+            self._empty.append((len(self._ops), empty))
+
     def add(
         self,
         pod: str,
@@ -85,11 +92,7 @@ class WriteBatch:
         tier: str | None = None,
     ) -> None:
         """Queue `RedisIndex.add`."""
-        op = self._writer.add_op("add", pod, keys, engine_hashes, tier)
-        if op is not None:
-            self._ops.append(op)
-        else:
-            self._empty.append((len(self._ops), None))
+        self._queue(self._writer.add_op("add", pod, keys, engine_hashes, tier), None)
 
     def add_new(
         self,
@@ -99,11 +102,7 @@ class WriteBatch:
         tier: str | None = None,
     ) -> None:
         """Queue `RedisIndex.add_new`."""
-        op = self._writer.add_op("add_new", pod, keys, engine_hashes, tier)
-        if op is not None:
-            self._ops.append(op)
-        else:
-            self._empty.append((len(self._ops), 0))
+        self._queue(self._writer.add_op("add_new", pod, keys, engine_hashes, tier), 0)
 
     def add_tier(self, pod: str, engine_hashes: Sequence[EngineHash], tier: str | None) -> None:
         """Queue `RedisIndex.add_tier`."""
