@@ -1,12 +1,11 @@
 """The tokenizer registry: find, load (transformers ``AutoTokenizer``) and cache model tokenizers.
 
-Sources, in order: the explicit ``modelTokenizerMap``; the ``autoDiscoveryDir`` (Hugging Face
-cache layout ``models--org--name/snapshots/<rev>/`` and nested ``org/name/`` folders); the
-built-in tokenizer shipped with kvaware (model ``kvaware/sim``, the emulator's default); the
-hub, only when ``hf.enabled`` - and then from its local cache only when ``HF_HUB_OFFLINE`` is
-set. A model found nowhere is logged once as a warning naming the settings to fix. Loaded tokenizers are kept in a bounded LRU; the registry is thread-safe (the scoring
-worker pool calls it concurrently), loads a model at most once at a time, and remembers a
-missing model for ``autoDiscoveryRefreshSeconds`` so a flood of requests does not rescan.
+Sources, in order: ``modelTokenizerMap``; ``autoDiscoveryDir`` (Hugging Face cache layout
+``models--org--name/snapshots/<rev>/`` and nested ``org/name/`` folders); the built-in
+``kvaware/sim`` tokenizer; the hub, only when ``hf.enabled`` (its local cache only when
+``HF_HUB_OFFLINE`` is set). A model found nowhere is warned about once, naming the settings to
+fix. Loaded tokenizers are kept in a bounded LRU; the registry is thread-safe, loads a model at
+most once at a time, and remembers a missing model for ``autoDiscoveryRefreshSeconds``.
 
 `HFTokenizer` wraps a loaded tokenizer for the service: chat rendering goes through
 transformers (as in vLLM), encoding goes straight to a private copy of the Rust tokenizer
