@@ -7,11 +7,10 @@ Sources, in order: ``modelTokenizerMap``; ``autoDiscoveryDir`` (Hugging Face cac
 fix. Loaded tokenizers are kept in a bounded LRU; the registry is thread-safe, loads a model at
 most once at a time, and remembers a missing model for ``autoDiscoveryRefreshSeconds``.
 
-`HFTokenizer` wraps a loaded tokenizer for the service: chat rendering goes through
-transformers (as in vLLM), encoding goes straight to a private copy of the Rust tokenizer
-(``encode_batch`` releases the GIL, and the copy is never reconfigured, so concurrent calls
-are safe), with the special tokens the tokenizer's post-processor adds checked against
-transformers at load time.
+`HFTokenizer` wraps a loaded tokenizer: chat renders through transformers (as in vLLM),
+encoding goes to a private copy of the Rust tokenizer (``encode_batch`` releases the GIL; the
+copy is never reconfigured, so concurrent calls are safe), its post-processor's special tokens
+checked against transformers at load time.
 """
 
 from __future__ import annotations
