@@ -35,6 +35,7 @@ __all__ = [
     "closest",
     "config_error",
     "errors_of",
+    "flag_interval",
     "join_path",
     "load_yaml",
     "parse_duration",
@@ -74,6 +75,23 @@ def parse_duration(value: Any) -> float:
         raise ValueError(f"not a duration: {value!r}")
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"duration must be finite and >= 0, got {value!r}")
+    return seconds
+
+
+def flag_interval(value: str | None, flag: str) -> float | None:
+    """A command-line interval in seconds (None when the flag was not given).
+
+    Raises:
+        ConfigError: Not a positive duration (the error names `flag`).
+    """
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc), flag) from None
+    if seconds <= 0:
+        raise ConfigError("must be > 0", flag)
     return seconds
 
 

@@ -275,13 +275,9 @@ def _epp_config(args: argparse.Namespace) -> Any:
 def _attach_endpoints(scheduler: Any, args: argparse.Namespace) -> tuple[Any, bool]:
     """Give the scheduler its endpoints: an endpoints file, a file-discovery plugin, or a
     Kubernetes pool. Returns the Kubernetes discovery (or None) and whether the pool is synced."""
-    from kvaware_scorer.scheduler import parse_duration
+    from kvaware_scorer.configio import flag_interval
 
-    scrape_interval = (
-        parse_duration(args.refresh_metrics_interval)
-        if args.refresh_metrics_interval is not None
-        else None
-    )
+    scrape_interval = flag_interval(args.refresh_metrics_interval, "--refresh-metrics-interval")
     file_discovery = any(pc.type == "file-discovery" for pc in scheduler.config.plugins.values())
     if args.endpoints is not None:
         scheduler.use_endpoints_file(

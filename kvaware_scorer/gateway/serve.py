@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from kvaware_scorer.configio import parse_duration
+from kvaware_scorer.configio import flag_interval
 from kvaware_scorer.errors import ConfigError
 from kvaware_scorer.extras import missing_extras_message
 from kvaware_scorer.resources import resolve_config
@@ -134,23 +134,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run, extras=("gateway",))
 
 
-def _interval(value: str | None) -> float | None:
-    """``--refresh-metrics-interval`` in seconds (None: not given).
-
-    Raises:
-        ConfigError: Not a positive duration.
-    """
-    if value is None:
-        return None
-    try:
-        seconds = parse_duration(value)
-    except ValueError as exc:
-        raise ConfigError(str(exc), "--refresh-metrics-interval") from None
-    if seconds <= 0:
-        raise ConfigError("must be > 0", "--refresh-metrics-interval")
-    return seconds
-
-
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; returns 0, or 1 on a configuration error."""
     try:
@@ -186,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
             args.endpoints,
             config,
             scrape=not args.no_scrape,
-            scrape_interval=_interval(args.refresh_metrics_interval),
+            scrape_interval=flag_interval(
+                args.refresh_metrics_interval, "--refresh-metrics-interval"
+            ),
             seed=args.seed,
         )
     except ConfigError as exc:
