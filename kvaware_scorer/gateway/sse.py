@@ -24,6 +24,8 @@ def ends_stream(events: bytes) -> bool:
     NOTE: a line of its own, not the bytes anywhere: generated text may contain "[DONE]" (even
     "data: [DONE]"), and JSON escapes its newlines, so only a real line starts with it.
     """
+    if b"[DONE]" not in events:  # the common case, one scan (every relayed chunk)
+        return False
     for sentinel in (b"data: [DONE]", b"data:[DONE]"):
         if events.startswith(sentinel) or b"\n" + sentinel in events:
             return True

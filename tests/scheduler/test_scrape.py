@@ -351,3 +351,28 @@ def test_parse_reads_escaped_label_values_and_skips_lookalike_families() -> None
     assert (m.cache_block_size, m.cache_num_blocks) == (16, 800)
     with pytest.raises(ValueError):
         parse_vllm_metrics('vllm:num_requests_waiting{engine="0"} three\n')
+
+
+def test_parse_bounds_label_cache_and_hostile_lines() -> None:
+    """Label parses are cached only for short label sets (the cache's size is bounded); a long
+    label set is still read correctly, an unterminated one on a huge line is an error found in
+    one pass, and vLLM's current KV usage name wins over the older one on the same page."""
+    from kvaware_scorer.scheduler import scrape
+
+    long_value = "x" * (scrape.MAX_CACHED_LABELS + 10)
+    page = (
+        f'vllm:num_requests_running{{engine="0",note="{long_value}"}} 5\n'
+        'vllm:gpu_cache_usage_perc{engine="0"} 0.9\n'
+        'vllm:kv_cache_usage_perc{engine="0"} 0.3\n'
+    )
+    before = scrape._cached_labels.cache_info().currsize
+    m = parse_vllm_metrics(page)
+    assert (m.running_requests_size, m.kv_cache_usage_percent) == (5, 0.3)
+    assert scrape._cached_labels.cache_info().maxsize == scrape.LABEL_CACHE
+    assert scrape._cached_labels.cache_info().currsize <= before + 1  # engine="0" at most
+    hostile = 'vllm:num_requests_waiting{engine="' + "a" * 2_000_000 + "\n"
+    with pytest.raises(ValueError):
+        parse_vllm_metrics(hostile)
+    # the broken line does not hide the good lines after it
+    m = parse_vllm_metrics(hostile + 'vllm:num_requests_waiting{engine="0"} 4\n')
+    assert m.waiting_queue_size == 4
