@@ -49,10 +49,11 @@ DEFAULT_SCRAPE_INTERVAL = 0.1
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage")
-_LEGACY_USAGE = "vllm:gpu_cache_usage_perc"
 CACHE_INFO = ("vllm:cache_config_info", "sglang:cache_config_info")
 LORA_INFO = ("vllm:lora_requests_info",)
-_WANTED_ORDER = WAITING + RUNNING + USAGE + CACHE_INFO + LORA_INFO
+_WANTED = WAITING + RUNNING + USAGE + CACHE_INFO + LORA_INFO
+#: Read only where the current name is absent (vLLM versions in between export both).
+_LEGACY_USAGE = "vllm:gpu_cache_usage_perc"
 
 
 def _adapters(value: str | None) -> frozenset[str]:
@@ -65,7 +66,7 @@ def _adapters(value: str | None) -> frozenset[str]:
 #: speed, so the lines of every other family (mostly histogram buckets) cost one failed
 #: comparison each (``re.MULTILINE``'s ``^`` was ~10x slower: it tries every position).
 _SAMPLE = re.compile(
-    r"\n(" + "|".join(re.escape(n) for n in _WANTED_ORDER) + r")"
+    r"\n(" + "|".join(re.escape(n) for n in _WANTED) + r")"
     r"(?:\{((?:[^\"}]++|\"(?:[^\"\\]++|\\.)*+\")*+)\})?[ \t]+(\S+)"
 )
 #: Label sets whose parse is kept (a pod's label sets are the same every scrape; a fleet of a
@@ -165,8 +166,6 @@ def parse_vllm_metrics(text: str) -> EndpointMetrics:
         elif name in RUNNING:
             running[engine] = running.get(engine, 0.0) + value
         elif name in USAGE:
-            # NOTE: the older name only where the current one is absent (vLLM versions in
-            # between export both).
             if name != _LEGACY_USAGE or engine not in usage:
                 usage[engine] = value
         elif name in CACHE_INFO:
