@@ -381,6 +381,19 @@ class Scheduler:
         paths, never raised (blocking: call it off the event loop)."""
         for model in models:
             self._prepare(SchedulingRequest(request_id=f"warm-up:{model}", model=model, prompt="."))
+            # NOTE: and the chat path: the first render compiles the model's chat template
+            # (tens of ms, on the first chat request's time to first token otherwise). A model
+            # without a template fails here as its chat requests will; that is no warm-up error.
+            chat = SchedulingRequest(
+                request_id=f"warm-up-chat:{model}",
+                model=model,
+                messages=[{"role": "user", "content": "."}],
+            )
+            for p in self._preparers:
+                try:
+                    p.prepare(chat)
+                except Exception as exc:
+                    logger.debug("warming the chat path of %s by %r: %s", model, p, exc)
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:

@@ -681,6 +681,22 @@ def test_warm_skips_a_model_without_tokenizer(tmp_path: Path, tokenizer_root: Pa
         scheduler.close()
 
 
+def test_warm_renders_the_chat_template_once(tokenizer_root: Path) -> None:
+    """The first chat request does not pay for compiling the model's chat template."""
+    scheduler = Scheduler.from_config(
+        precise_config(tokenizer_root, hf={"enabled": False}),
+        plugin_manager=make_plugin_manager(use_env=False),
+    )
+    try:
+        scorer = scheduler.plugins["precise-prefix-cache-scorer"]
+        tok = scorer.indexer.tokenization.registry.get(MODEL)
+        assert len(tok.templates._facts) == 0
+        scheduler.warm([MODEL])
+        assert len(tok.templates._facts) == 1
+    finally:
+        scheduler.close()
+
+
 def test_serve_refuses_a_bad_refresh_metrics_interval(tmp_path: Path) -> None:
     endpoints = tmp_path / "endpoints.yaml"
     endpoints.write_text("endpoints: [{address: 127.0.0.1, port: 9}]\n")
