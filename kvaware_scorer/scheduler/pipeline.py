@@ -363,17 +363,20 @@ class Scheduler:
         self._prepare(request)
         return self.schedule(request, endpoints, dry_run=dry_run)
 
-    def _prepare(self, request: SchedulingRequest) -> None:
+    def _prepare(self, request: SchedulingRequest, expected_failure: bool = False) -> None:
         for p in self._preparers:
             try:
                 p.prepare(request)
             except TokenizerNotFoundError as exc:
                 # NOTE: warned once per model by the tokenizer registry; scoring says it again.
                 logger.debug("request preparation by %r: %s", p, exc)
-            except Exception:
+            except Exception as exc:
                 # NOTE: scoring degrades on its own (e.g. a missing tokenizer scores 0); a
                 # preparation failure must not fail the request.
-                logger.exception("request preparation by %r failed", p)
+                if expected_failure:
+                    logger.debug("request preparation by %r: %s", p, exc)
+                else:
+                    logger.exception("request preparation by %r failed", p)
 
     def warm(self, models: Sequence[str]) -> None:
         """Load what preparing a request of each of `models` needs (tokenizers) now, so the
@@ -384,16 +387,11 @@ class Scheduler:
             # NOTE: and the chat path: the first render compiles the model's chat template
             # (tens of ms, on the first chat request's time to first token otherwise). A model
             # without a template fails here as its chat requests will; that is no warm-up error.
-            chat = SchedulingRequest(
-                request_id=f"warm-up-chat:{model}",
-                model=model,
-                messages=[{"role": "user", "content": "."}],
+            chat = [{"role": "user", "content": "."}]
+            self._prepare(
+                SchedulingRequest(request_id=f"warm-up-chat:{model}", model=model, messages=chat),
+                expected_failure=True,
             )
-            for p in self._preparers:
-                try:
-                    p.prepare(chat)
-                except Exception as exc:
-                    logger.debug("warming the chat path of %s by %r: %s", model, p, exc)
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:
