@@ -4,8 +4,9 @@ For every workload and repeat, each router in turn gets FRESH ``kvaware sim serv
 caches, counters at zero), then a real load generator (inference-perf, run from its own venv)
 drives it; the table gives what the client measured (TTFT, ITL, throughput) next to what the
 pods measured (prefix-cache hit rate from ``vllm:prompt_tokens_cached_total`` /
-``vllm:prompt_tokens_total``, preemptions, the spread of prompt tokens over the pods) and the
-router's CPU seconds per request (``/proc/<pid>/stat`` of the router and its children).
+``vllm:prompt_tokens_total``, overall and per pod, preemptions, the spread of prompt tokens
+over the pods) and the router's CPU seconds per request (``/proc/<pid>/stat`` of the router
+and its children).
 
 Routers (``--routers``, comma separated):
 
@@ -19,7 +20,7 @@ Routers (``--routers``, comma separated):
 Workloads (``--workloads``): ``shared-prefix`` (inference-perf ``shared_prefix``: 16 groups x 6
 prompts of 2,000-token system prompts, Poisson 2 -> 5 -> 8 req/s, streamed completions: the
 working set does not fit one pod), ``multi-turn`` (8 groups x 4 chat sessions whose context
-grows each turn, 600-token system prompts, 5 req/s: contexts outgrow the fleet) and ``trace``
+grows each turn, 600-token system prompts, 3 req/s: contexts outgrow the fleet) and ``trace``
 (inference-perf ``otel_trace_replay`` of the agentic session traces in
 ``benchmarks/traces/inference-perf-otel``).
 
@@ -594,6 +595,11 @@ def run_one(
         m["hit"] = cached / prompt if prompt else None
         m["preempt"] = sum(d["preemptions"] for d in deltas)
         m["spread"] = max(shares) / mean_share if mean_share else None
+        # Per pod: a router that packs sessions unevenly lets the lightly loaded pods keep
+        # their histories (their hit rate rises) while the busy ones thrash.
+        pod_hits = [d["cached"] / d["prompt"] for d in deltas if d["prompt"]]
+        m["hit_min"] = min(pod_hits) if pod_hits else None
+        m["hit_max"] = max(pod_hits) if pod_hits else None
         m["cpu_s"] = cpu
         reqs = m.get("requests") or 0
         m["cpu_ms_req"] = 1000 * cpu / reqs if reqs else None
@@ -626,6 +632,8 @@ COLUMNS = [
     ("req", "requests", "{:.0f}"),
     ("fail", "failures", "{:.0f}"),
     ("pod hit", "hit", "{:.3f}"),
+    ("hit min", "hit_min", "{:.3f}"),
+    ("hit max", "hit_max", "{:.3f}"),
     ("spread", "spread", "{:.2f}"),
     ("preempt", "preempt", "{:.0f}"),
     ("CPU s", "cpu_s", "{:.1f}"),
