@@ -363,7 +363,7 @@ class Scheduler:
         self._prepare(request)
         return self.schedule(request, endpoints, dry_run=dry_run)
 
-    def _prepare(self, request: SchedulingRequest, expected_failure: bool = False) -> None:
+    def _prepare(self, request: SchedulingRequest, *, expected_failure: bool = False) -> None:
         for p in self._preparers:
             try:
                 p.prepare(request)
