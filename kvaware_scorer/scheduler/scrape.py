@@ -28,10 +28,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
-from kvaware_scorer.scheduler.pagefetch import PageConnection
+from kvaware_scorer.scheduler.pagefetch import PageConnection, fetch_pages
 from kvaware_scorer.scheduler.types import Endpoint, EndpointMetrics
 
 if TYPE_CHECKING:
@@ -195,18 +194,22 @@ def parse_vllm_metrics(text: str) -> EndpointMetrics:
 class MetricsScraper:
     """Scrapes every endpoint's metrics on an interval, in a background thread.
 
-    Each round fetches all endpoints in parallel (keep-alive connections, a small thread
-    pool); a successful scrape replaces ``endpoint.metrics`` with fresh values stamped with the
-    scheduler's clock, a failed one leaves the old values to go stale.
+    Each round fetches all endpoints at once from that one thread (`pagefetch.fetch_pages`:
+    keep-alive connections, one wait on all the sockets; a pod that does not answer within
+    ``timeout`` costs the others nothing); a successful scrape replaces ``endpoint.metrics``
+    with fresh values stamped with the scheduler's clock, a failed one leaves the old values to
+    go stale.
+
+    Bounded: one connection per endpoint of the current pool (those of endpoints that left are
+    closed at the next round), one page of at most `pagefetch.MAX_PAGE` bytes each.
 
     Args:
         endpoints: Returns the current pool (called every round).
         interval: Seconds between the starts of two rounds.
-        timeout: HTTP timeout per request in seconds.
+        timeout: HTTP timeout of one round in seconds (connect, send and the whole page).
         clock: Clock used for ``update_time`` (the scheduler's).
         metrics: Counts scrapes by result and reports stale endpoints.
         staleness: Seconds after which metrics count as stale (for the gauge).
-        max_workers: Parallel fetches.
     """
 
     def __init__(
@@ -218,7 +221,6 @@ class MetricsScraper:
         clock: Callable[[], float] = time.monotonic,
         metrics: SchedulerMetrics | None = None,
         staleness: float | None = 2.0,
-        max_workers: int = 8,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError("interval and timeout must be > 0")
@@ -228,12 +230,30 @@ class MetricsScraper:
         self.clock = clock
         self.metrics = metrics
         self.staleness = staleness
-        self.max_workers = max_workers
         self._conns: dict[str, PageConnection] = {}
         self._conns_lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _take(self, endpoint: Endpoint) -> PageConnection:
+        """The endpoint's kept-alive connection, taken out of the pool for one request (a new
+        one when there is none, or the endpoint's address changed)."""
+        port = endpoint.metrics_port or endpoint.port
+        with self._conns_lock:
+            conn = self._conns.pop(endpoint.id, None)
+        if conn is not None and (conn.host, conn.port) != (endpoint.address, port):
+            conn.close()
+            conn = None
+        if conn is None:
+            conn = PageConnection(endpoint.address, port, timeout=self.timeout)
+        return conn
+
+    def _give_back(self, endpoint: Endpoint, conn: PageConnection) -> None:
+        with self._conns_lock:
+            old = self._conns.pop(endpoint.id, None)
+            self._conns[endpoint.id] = conn
+        if old is not None and old is not conn:
+            old.close()
 
     def fetch(self, endpoint: Endpoint) -> str:
         """GET the endpoint's metrics page (one keep-alive connection per endpoint; the page is
@@ -243,54 +263,65 @@ class MetricsScraper:
             OSError: Connection failure, an HTTP status other than 200, or a malformed or
                 oversized answer.
         """
-        key = endpoint.id
-        with self._conns_lock:
-            conn = self._conns.pop(key, None)
-        if conn is None:
-            conn = PageConnection(
-                endpoint.address, endpoint.metrics_port or endpoint.port, timeout=self.timeout
-            )
-        status, body = conn.get(endpoint.metrics_path)
-        if status != 200:
-            conn.close()
-            raise OSError(f"HTTP {status} from {endpoint.id}{endpoint.metrics_path}")
-        with self._conns_lock:
-            self._conns[key] = conn
-        return body.decode("utf-8", errors="replace")
+        ((page, _),) = self._fetch_all([endpoint])
+        if isinstance(page, OSError):
+            raise page
+        return page
+
+    def _fetch_all(self, endpoints: Sequence[Endpoint]) -> list[tuple[str | OSError, float]]:
+        """Per endpoint: its page (or why there is none) and the seconds it took."""
+        conns = [self._take(e) for e in endpoints]
+        answers = fetch_pages(
+            [(c, e.metrics_path) for c, e in zip(conns, endpoints, strict=True)], self.timeout
+        )
+        pages: list[tuple[str | OSError, float]] = []
+        for e, conn, answer in zip(endpoints, conns, answers, strict=True):
+            if isinstance(answer, OSError):
+                pages.append((answer, 0.0))
+            elif answer[0] != 200:
+                conn.close()
+                pages.append((OSError(f"HTTP {answer[0]} from {e.id}{e.metrics_path}"), 0.0))
+            else:
+                pages.append((answer[1].decode("utf-8", errors="replace"), conn.elapsed))
+            self._give_back(e, conn)
+        return pages
 
     def scrape(self, endpoint: Endpoint) -> bool:
         """Scrape one endpoint now; returns whether its metrics were updated."""
-        t0 = time.perf_counter()
-        try:
-            fresh = parse_vllm_metrics(self.fetch(endpoint))
-        except (OSError, ValueError) as exc:
-            logger.debug("scrape of %s failed: %s", endpoint.id, exc)
+        return self._scrape([endpoint]) == 1
+
+    def _scrape(self, eps: Sequence[Endpoint]) -> int:
+        ok = 0
+        for e, (page, fetched) in zip(eps, self._fetch_all(eps), strict=True):
+            t0 = time.perf_counter()
+            try:
+                if isinstance(page, OSError):
+                    raise page
+                fresh = parse_vllm_metrics(page)
+            except (OSError, ValueError) as exc:
+                logger.debug("scrape of %s failed: %s", e.id, exc)
+                if self.metrics is not None:
+                    self.metrics.scrapes.labels("error").inc()
+                continue
+            fresh.update_time = self.clock()
+            e.metrics = fresh
+            ok += 1
             if self.metrics is not None:
-                self.metrics.scrapes.labels("error").inc()
-            return False
-        fresh.update_time = self.clock()
-        endpoint.metrics = fresh
-        if self.metrics is not None:
-            self.metrics.scrapes.labels("ok").inc()
-            self.metrics.scrape_latency.observe(time.perf_counter() - t0)
-        return True
+                self.metrics.scrapes.labels("ok").inc()
+                self.metrics.scrape_latency.observe(fetched + time.perf_counter() - t0)
+        return ok
 
     def scrape_all(self) -> int:
         """One round over the current pool; returns how many endpoints were updated."""
         eps = list(self._endpoints())
         live = {e.id for e in eps}
         with self._conns_lock:
-            for key in [k for k in self._conns if k not in live]:
-                self._conns.pop(key).close()
+            gone = [self._conns.pop(k) for k in [k for k in self._conns if k not in live]]
+        for conn in gone:
+            conn.close()
         if not eps:
             return 0
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                max_workers=self.max_workers, thread_name_prefix="kvaware-scrape"
-            )
-        futures = [self._pool.submit(self.scrape, e) for e in eps]
-        done, _ = wait(futures, timeout=self.timeout * 2 + 1.0)
-        ok = sum(1 for f in done if not f.exception() and f.result())
+        ok = self._scrape(eps)
         if self.metrics is not None:
             now = self.clock()
             stale = sum(
@@ -325,9 +356,6 @@ class MetricsScraper:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
         with self._conns_lock:
             for conn in self._conns.values():
                 conn.close()

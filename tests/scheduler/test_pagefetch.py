@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvaware_scorer.scheduler.pagefetch import MAX_HEAD, PageConnection
+from kvaware_scorer.scheduler.pagefetch import MAX_HEAD, PageConnection, fetch_pages
 
 
 class Scripted:
@@ -163,3 +163,101 @@ def test_a_closed_port_is_an_error() -> None:
     free.close()
     with pytest.raises(OSError):
         PageConnection("127.0.0.1", port, timeout=1.0).get("/metrics")
+
+
+def test_a_kept_alive_connection_the_pod_dropped_is_retried_once(server: list[Scripted]) -> None:
+    # The pod closes the connection after its answer without saying so (its keep-alive timeout
+    # ran out between two scrapes): the next request finds the socket closed and goes out again
+    # on a fresh connection, instead of failing one scrape in two.
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(PAGE), PAGE)
+    s = start(server, ok + CLOSE, ok + CLOSE, ok)
+    conn = PageConnection("127.0.0.1", s.port, timeout=2.0)
+    assert conn.get("/metrics") == (200, PAGE)
+    time.sleep(0.05)  # the close reaches this side
+    assert conn.get("/metrics") == (200, PAGE)
+    assert conn.get("/metrics") == (200, PAGE)
+    assert s.accepted == 3
+    conn.close()
+
+
+def test_a_fresh_connection_closed_before_answering_is_not_retried(server: list[Scripted]) -> None:
+    s = start(server, CLOSE, CLOSE)  # reads the request, closes without a byte
+    conn = PageConnection("127.0.0.1", s.port, timeout=2.0)
+    with pytest.raises(OSError, match="closed before a response"):
+        conn.get("/metrics")
+    assert s.accepted == 1
+
+
+class Slow:
+    """Answers each request on its own thread after `delay` seconds (0 = never answers)."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            conn.recv(4096)
+            if not self.delay:
+                return
+            time.sleep(self.delay)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(PAGE), PAGE))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_one_round_waits_for_all_pods_at_once_and_a_silent_one_stalls_nobody() -> None:
+    slow = [Slow(0.4) for _ in range(4)]
+    silent = Slow(0)
+    try:
+        conns = [PageConnection("127.0.0.1", s.port, timeout=5.0) for s in [*slow, silent]]
+        t0 = time.monotonic()
+        results = fetch_pages([(c, "/metrics") for c in conns], timeout=1.0)
+        took = time.monotonic() - t0
+        assert results[:4] == [(200, PAGE)] * 4
+        assert isinstance(results[4], TimeoutError)
+        assert conns[4]._sock is None  # the silent pod's connection is dropped
+        # One after the other, the four answers alone would take 1.6 s; the round ends at its
+        # timeout, however long the silent pod stays silent.
+        assert 0.9 <= took < 1.5
+    finally:
+        for s in [*slow, silent]:
+            s.close()
+
+
+def test_each_connection_gets_its_own_answer_or_its_own_error(server: list[Scripted]) -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(PAGE), PAGE)
+    good = start(server, ok, ok)
+    bad = start(server, b"SSH-2.0-OpenSSH\r\n\r\n")
+    free = socket.create_server(("127.0.0.1", 0))
+    closed_port = free.getsockname()[1]
+    free.close()
+    conns = [
+        PageConnection("127.0.0.1", good.port, timeout=2.0),
+        PageConnection("127.0.0.1", bad.port, timeout=2.0),
+        PageConnection("127.0.0.1", closed_port, timeout=2.0),
+    ]
+    results = fetch_pages([(c, "/metrics") for c in conns], timeout=2.0)
+    assert results[0] == (200, PAGE)
+    assert isinstance(results[1], OSError) and "not an HTTP/1.x response" in str(results[1])
+    assert isinstance(results[2], OSError)
+    assert conns[0]._sock is not None and conns[1]._sock is None and conns[2]._sock is None
+    assert conns[0].get("/metrics") == (200, PAGE)  # kept alive
+    assert good.accepted == 1
