@@ -10,7 +10,9 @@ times a second); this reads the head with a few byte operations.
 and parses each answer as its bytes arrive. One thread scrapes the whole pool this way: a thread
 per pod cost a wake-up, a hand-off and a lock per pod per round, which was most of an idle
 gateway's CPU. A slow or silent pod costs the others nothing: every answer that completes is
-used, and the round ends at its timeout whatever the slow one does.
+used, and the round ends at its timeout whatever the slow one does. Host names (IP addresses
+need none) are resolved once per connection, all at once, by `RESOLVER_THREADS` threads and
+within the round's timeout, so a resolver that hangs on one name stalls no other pod either.
 
 Bounded: the head at `MAX_HEAD` bytes, the body at the connection's ``max_bytes`` (a page over
 it is an error, and the connection is dropped), each request (connect, send, answer) at
@@ -22,13 +24,17 @@ once on a fresh connection.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
-__all__ = ["MAX_HEAD", "MAX_PAGE", "PageConnection", "fetch_pages"]
+__all__ = ["MAX_HEAD", "MAX_PAGE", "RESOLVER_THREADS", "PageConnection", "fetch_pages"]
 
 #: Largest response head (status line and headers) read, in bytes.
 MAX_HEAD = 64 * 1024
@@ -58,6 +64,7 @@ class PageConnection:
         self._out = b""  # the request's bytes not sent yet
         self._connecting = False
         self._reused = False  # the request went out on a connection an earlier one used
+        self._addr: tuple[socket.AddressFamily, tuple[Any, ...]] | None = None  # resolved
         #: Seconds the last answer took to arrive (from the start of its `fetch_pages` round).
         self.elapsed = 0.0
 
@@ -84,7 +91,8 @@ class PageConnection:
     # -- one request, driven by `fetch_pages` ------------------------------------------------------
 
     def _begin(self, path: str, accept: str) -> None:
-        """Queue the request; opens a non-blocking connection when there is none."""
+        """Queue the request; opens a non-blocking connection when there is none (the address
+        resolved already: `_resolve_all`)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         self._out = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{self.port}\r\nAccept: {accept}\r\n"
@@ -96,25 +104,33 @@ class PageConnection:
             self._connect()
 
     def _connect(self) -> None:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        try:
-            infos = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
-            family, _, _, _, addr = infos[0]
-        except socket.gaierror as exc:
-            raise OSError(f"cannot resolve {self.host}: {exc}") from None
+        assert self._addr is not None
+        family, addr = self._addr
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            if family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(addr)
             if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
                 raise OSError(err, f"connect to {self.host}:{self.port}: {os.strerror(err)}")
         except BaseException:
             sock.close()
+            self._addr = None  # resolve the name again next time
             raise
         self._sock = sock
         self._connecting = err != 0
+
+    def _literal(self) -> bool:
+        """Whether the host is an IP address (no name to resolve); sets the address."""
+        try:
+            ip = ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        if ip.version == 4:
+            self._addr = (socket.AF_INET, (self.host, self.port))
+        else:
+            self._addr = (socket.AF_INET6, (self.host, self.port, 0, 0))
+        return True
 
     def _writable(self) -> bool:
         """Send what is left of the request; True once all of it is out."""
@@ -122,6 +138,7 @@ class PageConnection:
         if self._connecting:
             err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
+                self._addr = None
                 raise OSError(err, f"connect to {self.host}:{self.port}: {os.strerror(err)}")
             self._connecting = False
         sent = self._sock.send(self._out)
@@ -262,6 +279,49 @@ def _head(head: bytes) -> tuple[int, int | None, bool, bool]:
     return status, length, chunked, close
 
 
+#: Threads resolving pod host names (IP addresses need none): a resolver that hangs on one name
+#: holds one of them, and a round waits for names at most its own timeout.
+RESOLVER_THREADS = 4
+#: Seconds between two looks at the names being resolved during a round.
+RESOLVE_POLL = 0.005
+_resolver: ThreadPoolExecutor | None = None
+_resolver_lock = threading.Lock()
+
+
+def _start_resolving(conns: Sequence[PageConnection]) -> dict[int, Future[Any]]:
+    """Start resolving the host names of the connections that need a new socket and have no
+    address; per position, the resolution under way."""
+    global _resolver
+    names = [
+        i for i, c in enumerate(conns) if c._sock is None and c._addr is None and not c._literal()
+    ]
+    if not names:
+        return {}
+    with _resolver_lock:
+        if _resolver is None:
+            _resolver = ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="kvaware-resolve")
+        pool = _resolver
+    return {
+        i: pool.submit(socket.getaddrinfo, conns[i].host, conns[i].port, 0, socket.SOCK_STREAM)
+        for i in names
+    }
+
+
+def _resolved(conn: PageConnection, fut: Future[Any]) -> OSError | None:
+    """Set the connection's address from a finished resolution; the error when it failed."""
+    exc = fut.exception()
+    if exc is not None:
+        return OSError(f"cannot resolve {conn.host}: {exc}")
+    infos = fut.result()
+    if not infos:
+        return OSError(f"cannot resolve {conn.host}: no address")
+    # NOTE: IPv4 first when a name has both (vLLM and SGLang listen on 0.0.0.0 by default,
+    # and "localhost" often resolves to ::1 first).
+    family, _, _, _, addr = min(infos, key=lambda info: info[0] != socket.AF_INET)
+    conn._addr = (family, addr)
+    return None
+
+
 def fetch_pages(
     requests: Sequence[tuple[PageConnection, str]], timeout: float, accept: str = "text/plain"
 ) -> list[tuple[int, bytes] | OSError]:
@@ -295,15 +355,32 @@ def fetch_pages(
                 conn.close()
                 results[i] = exc
 
-        for i, (conn, path) in enumerate(requests):
-            begin(i, conn, path)
         start = time.monotonic()
         deadline = start + timeout
+        resolving = _start_resolving([c for c, _ in requests])
+        for i, (conn, path) in enumerate(requests):
+            if i not in resolving:
+                begin(i, conn, path)
         pending = sum(r is None for r in results)
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            if resolving:
+                # NOTE: names being resolved (a new connection's first round): look at them
+                # every few ms while the sockets of the others are served.
+                for i in [i for i, f in resolving.items() if f.done()]:
+                    conn, path = requests[i]
+                    error = _resolved(conn, resolving.pop(i))
+                    if error is None:
+                        begin(i, conn, path)
+                    else:
+                        results[i] = error
+                    if results[i] is not None:
+                        pending -= 1
+                if not pending:
+                    break
+                remaining = min(remaining, RESOLVE_POLL)
             for key, events in sel.select(remaining):
                 i = key.data
                 conn, path = requests[i]
@@ -316,7 +393,7 @@ def fetch_pages(
                 except OSError as exc:
                     stale = conn._stale() and i not in retried
                     fail(i, conn, exc)
-                    if stale:
+                    if stale and conn._addr is not None:
                         retried.add(i)
                         results[i] = None
                         begin(i, conn, path)
@@ -332,6 +409,9 @@ def fetch_pages(
                     results[i] = (status, body)
                     conn.elapsed = time.monotonic() - start
                     pending -= 1
+        for i, fut in resolving.items():
+            fut.cancel()
+            results[i] = TimeoutError(f"resolving {requests[i][0].host} took over {timeout:g} s")
         for i, (conn, _) in enumerate(requests):
             if results[i] is None:
                 fail(i, conn, TimeoutError(f"no complete answer within {timeout:g} s"))

@@ -261,3 +261,34 @@ def test_each_connection_gets_its_own_answer_or_its_own_error(server: list[Scrip
     assert conns[0]._sock is not None and conns[1]._sock is None and conns[2]._sock is None
     assert conns[0].get("/metrics") == (200, PAGE)  # kept alive
     assert good.accepted == 1
+
+
+def test_host_names_resolve_and_a_hung_resolver_stalls_no_other_pod(
+    server: list[Scripted], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(PAGE), PAGE)
+    by_name = start(server, ok)
+    by_ip = start(server, ok)
+    real = socket.getaddrinfo
+
+    def resolver(host: str, *args: object, **kw: object) -> object:
+        if host == "hangs.example":
+            time.sleep(3.0)
+        if host == "missing.example":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    conns = [
+        PageConnection("localhost", by_name.port, timeout=5.0),
+        PageConnection("127.0.0.1", by_ip.port, timeout=5.0),
+        PageConnection("hangs.example", 80, timeout=5.0),
+        PageConnection("missing.example", 80, timeout=5.0),
+    ]
+    t0 = time.monotonic()
+    results = fetch_pages([(c, "/metrics") for c in conns], timeout=0.5)
+    took = time.monotonic() - t0
+    assert results[0] == (200, PAGE) and results[1] == (200, PAGE)
+    assert isinstance(results[2], TimeoutError) and "resolving hangs.example" in str(results[2])
+    assert isinstance(results[3], OSError) and "cannot resolve missing.example" in str(results[3])
+    assert took < 2.0  # the round's timeout, not the hung resolver's 3 s
