@@ -212,6 +212,7 @@ class KubernetesDiscovery:
                 clock=scheduler.clock,
                 metrics=scheduler.sched_metrics,
                 staleness=scheduler.metrics_staleness,
+                activity=scheduler.activity,
             )
 
     @classmethod

@@ -106,6 +106,9 @@ class Scheduler:
         self.sched_metrics = SchedulerMetrics(self.metrics.registry)
         self._lock = threading.RLock()
         self._running = False
+        #: Set on every decision and every look at the pool's load (flow control): the
+        #: metrics scraper slows down while it stays clear (`MetricsScraper` idle backoff).
+        self.activity = threading.Event()
         self._endpoints: list[Endpoint] = []
         self._tracked: frozenset[str] = frozenset()
         self._watcher: EndpointsWatcher | None = None
@@ -289,6 +292,8 @@ class Scheduler:
 
     def context(self) -> SchedulingContext:
         """A scheduling context for now (what plugins get on each call)."""
+        if not self.activity.is_set():
+            self.activity.set()
         return SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
 
     def schedule(
@@ -318,6 +323,8 @@ class Scheduler:
         if not eps:
             self.sched_metrics.no_endpoint.labels("input").inc()
             raise NoEndpointError("no endpoints to schedule on")
+        if not self.activity.is_set():
+            self.activity.set()
         ctx = SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
         result = self._runner.run(ctx, request, eps, dry_run)
         if dry_run:
@@ -501,6 +508,7 @@ class Scheduler:
                 clock=self.clock,
                 metrics=self.sched_metrics,
                 staleness=self.metrics_staleness,
+                activity=self.activity,
             )
         self._watcher = watcher
         watcher.load()

@@ -36,7 +36,13 @@ from kvaware_scorer.scheduler.types import Endpoint, EndpointMetrics
 if TYPE_CHECKING:
     from kvaware_scorer.scheduler.metrics import SchedulerMetrics
 
-__all__ = ["DEFAULT_SCRAPE_INTERVAL", "MetricsScraper", "parse_vllm_metrics"]
+__all__ = [
+    "DEFAULT_SCRAPE_INTERVAL",
+    "IDLE_AFTER",
+    "IDLE_INTERVAL",
+    "MetricsScraper",
+    "parse_vllm_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,11 @@ logger = logging.getLogger(__name__)
 #: a 16-pod fleet around a few percent of a core, and the scheduler's own in-flight counts
 #: (``active-request-scorer``) are exact between scrapes anyway.
 DEFAULT_SCRAPE_INTERVAL = 0.1
+#: Seconds without a scheduling decision after which the scraper slows to its idle interval.
+IDLE_AFTER = 10.0
+#: Seconds between rounds while idle (at most; never faster than the configured interval),
+#: below the default 2 s staleness so the first request after a quiet spell still has metrics.
+IDLE_INTERVAL = 1.0
 
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
@@ -203,6 +214,12 @@ class MetricsScraper:
     Bounded: one connection per endpoint of the current pool (those of endpoints that left are
     closed at the next round), one page of at most `pagefetch.MAX_PAGE` bytes each.
 
+    Idle backoff (with ``activity``): metrics are read only when requests are scheduled, so
+    after ``idle_after`` seconds in which ``activity`` was never set the scraper goes round
+    every ``idle_interval`` seconds instead, and the next time it is set starts a round at once
+    and the configured interval again. A quiet gateway then costs neither itself nor the pods'
+    metrics endpoints ten pages a second per pod, and metrics never go stale.
+
     Args:
         endpoints: Returns the current pool (called every round).
         interval: Seconds between the starts of two rounds.
@@ -210,6 +227,11 @@ class MetricsScraper:
         clock: Clock used for ``update_time`` (the scheduler's).
         metrics: Counts scrapes by result and reports stale endpoints.
         staleness: Seconds after which metrics count as stale (for the gauge).
+        activity: Set by the scheduler whenever it schedules or looks at the pool's load
+            (`Scheduler.activity`); None scrapes at ``interval`` always.
+        idle_after: Seconds without activity before the idle interval applies.
+        idle_interval: Seconds between rounds while idle (default `IDLE_INTERVAL`, at most
+            half of ``staleness``; never below ``interval``).
     """
 
     def __init__(
@@ -221,9 +243,19 @@ class MetricsScraper:
         clock: Callable[[], float] = time.monotonic,
         metrics: SchedulerMetrics | None = None,
         staleness: float | None = 2.0,
+        activity: threading.Event | None = None,
+        idle_after: float = IDLE_AFTER,
+        idle_interval: float | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError("interval and timeout must be > 0")
+        if idle_interval is None:
+            idle_interval = (
+                IDLE_INTERVAL if staleness is None else min(IDLE_INTERVAL, staleness / 2)
+            )
+        self.activity = activity
+        self.idle_after = idle_after
+        self.idle_interval = max(interval, idle_interval)
         self._endpoints = endpoints
         self.interval = interval
         self.timeout = timeout
@@ -334,13 +366,23 @@ class MetricsScraper:
         return ok
 
     def _run(self) -> None:
+        active = time.monotonic()  # the last round that saw activity
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
                 self.scrape_all()
             except Exception:
                 logger.exception("metrics scrape round failed")
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
+            wake = self.activity
+            if wake is not None and wake.is_set():
+                wake.clear()
+                active = t0
+            if wake is None or t0 - active < self.idle_after:
+                self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
+            elif wake.wait(max(0.0, self.idle_interval - (time.monotonic() - t0))):
+                # NOTE: a request after a quiet spell: scrape now; the set flag keeps the
+                # scraper at its configured interval from the next round on.
+                active = time.monotonic()
 
     def start(self) -> None:
         """Start scraping in a daemon thread; idempotent."""
@@ -353,6 +395,8 @@ class MetricsScraper:
     def stop(self, timeout: float = 3.0) -> None:
         """Stop scraping (waiting at most `timeout` seconds) and close connections."""
         self._stop.set()
+        if self.activity is not None:
+            self.activity.set()  # wakes an idle wait (a spurious activity costs one round)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None

@@ -376,3 +376,49 @@ def test_parse_bounds_label_cache_and_hostile_lines() -> None:
     # the broken line does not hide the good lines after it
     m = parse_vllm_metrics(hostile + 'vllm:num_requests_waiting{engine="0"} 4\n')
     assert m.waiting_queue_size == 4
+
+
+def test_idle_scraper_slows_down_and_a_request_brings_it_back(pods: list[_Pod]) -> None:
+    """Without scheduling activity the scraper goes round at its idle interval; the next
+    activity starts a round at once and the configured interval again."""
+    import time
+
+    eps = [Endpoint("p0", "127.0.0.1", pods[0].port)]
+    activity = threading.Event()
+    scraper = MetricsScraper(
+        lambda: eps, interval=0.02, activity=activity, idle_after=0.3, idle_interval=5.0
+    )
+
+    def hits_during(seconds: float) -> int:
+        before = pods[0].hits
+        time.sleep(seconds)
+        return pods[0].hits - before
+
+    scraper.start()
+    try:
+        busy = hits_during(0.25)  # within idle_after of the start: the configured interval
+        time.sleep(0.3)
+        idle = hits_during(0.6)  # no activity for over idle_after: one round per 5 s at most
+        activity.set()
+        woke = hits_during(0.15)  # a round at once, then the configured interval
+        assert busy >= 4, busy
+        assert idle <= 1, idle
+        assert woke >= 2, woke
+        assert not activity.is_set()  # the scraper took note of it
+    finally:
+        scraper.stop()
+
+
+def test_scheduling_marks_activity_for_the_scraper(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = Scheduler.from_config(
+        config([{"type": "queue-scorer"}]),
+        plugin_manager=make_plugin_manager(use_env=False),
+        seed=0,
+    )
+    s.set_endpoints([Endpoint("a", "127.0.0.1", 1)])
+    assert not s.activity.is_set()
+    s.schedule(SchedulingRequest("r0", "m", token_ids=[1]))
+    assert s.activity.is_set()
+    s.activity.clear()
+    s.context()  # flow control's look at the pool's load
+    assert s.activity.is_set()
