@@ -6,7 +6,8 @@ drives it; the table gives what the client measured (TTFT, ITL, throughput) next
 pods measured (prefix-cache hit rate from ``vllm:prompt_tokens_cached_total`` /
 ``vllm:prompt_tokens_total``, overall and per pod, preemptions, the spread of prompt tokens
 over the pods) and the router's CPU seconds per request (``/proc/<pid>/stat`` of the router
-and its children).
+and its children); with ``--idle S``, also its CPU per second over S seconds without traffic
+before the load starts (``idle ms/s``).
 
 Routers (``--routers``, comma separated):
 
@@ -29,6 +30,7 @@ Usage::
     python benchmarks/bench_live.py                                   # all routers, shared-prefix
     python benchmarks/bench_live.py --workloads all --repeats 2 --duration 90
     python benchmarks/bench_live.py --routers kvaware:config/precise.yaml,sglang-router:cache_aware
+    python benchmarks/bench_live.py --routers kvaware:config/kvaware.yaml,sglang-router:cache_aware --idle 30
 
 Everything listens on 127.0.0.1. Default runs are short (60 s of load per router and workload);
 on a shared machine absolute times are noisy, so routers run back to back per repeat and the
@@ -554,6 +556,11 @@ def run_one(
             cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=run_dir
         )
         wait_http(f"http://127.0.0.1:{port}/health", router, 60)
+        if args.idle > 0:
+            # The router with no traffic: what it costs between bursts (scrapes, pollers).
+            idle0 = cpu_seconds(router.pid)
+            time.sleep(args.idle)
+            res.metrics["idle_ms_s"] = 1000 * (cpu_seconds(router.pid) - idle0) / args.idle
         before = pods.counters()
         cpu0 = cpu_seconds(router.pid)
         out = run_dir / "loadgen"
@@ -587,6 +594,7 @@ def run_one(
             tail = (run_dir / "loadgen.log").read_text().strip().splitlines()[-3:]
             raise RuntimeError(f"no inference-perf summary ({' | '.join(tail)})")
         m = parse_summary(summary)
+        m.update(res.metrics)
         deltas = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before, strict=True)]
         prompt = sum(d["prompt"] for d in deltas)
         cached = sum(d["cached"] for d in deltas)
@@ -638,6 +646,7 @@ COLUMNS = [
     ("preempt", "preempt", "{:.0f}"),
     ("CPU s", "cpu_s", "{:.1f}"),
     ("CPU ms/req", "cpu_ms_req", "{:.1f}"),
+    ("idle ms/s", "idle_ms_s", "{:.1f}"),
     ("rtr errs", "router_errors", "{:.0f}"),
 ]
 
@@ -715,6 +724,13 @@ def main() -> None:
     add("--num-gpu-blocks", type=int, default=800, help="KV blocks per pod (default 800)")
     add("--block-size", type=int, default=16, help="the pods' block size (default 16)")
     add("--seed", type=int, default=0, help="load generator seed (default 0)")
+    add(
+        "--idle",
+        type=float,
+        default=0.0,
+        help="seconds the router runs without traffic before each run, its CPU over them "
+        "reported as 'idle ms/s' (default 0: skipped)",
+    )
     add("--venv-dir", type=Path, default=default_venv_dir(), help="peer venvs (user cache)")
     add("--python", default=sys.executable, help="Python for the peers' venvs (default: this)")
     add("--loadgen-python", default=None, help="Python 3.12 for inference-perf (default: found)")
