@@ -92,7 +92,7 @@ class PageConnection:
 
     def _begin(self, path: str, accept: str) -> None:
         """Queue the request; opens a non-blocking connection when there is none (the address
-        resolved already: `_resolve_all`)."""
+        resolved already: `fetch_pages` resolves names first)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         self._out = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{self.port}\r\nAccept: {accept}\r\n"

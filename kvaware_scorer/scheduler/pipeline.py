@@ -37,6 +37,7 @@ from kvaware_scorer.scheduler.manager import Hooks, make_plugin_manager
 from kvaware_scorer.scheduler.metrics import SchedulerMetrics
 from kvaware_scorer.scheduler.profiles import ProfileRunner, build_profiles
 from kvaware_scorer.scheduler.registry import KINDS, PluginContext, PluginRegistry
+from kvaware_scorer.scheduler.scrape import Activity
 from kvaware_scorer.scheduler.types import (
     Endpoint,
     EndpointsListener,
@@ -106,9 +107,9 @@ class Scheduler:
         self.sched_metrics = SchedulerMetrics(self.metrics.registry)
         self._lock = threading.RLock()
         self._running = False
-        #: Set on every decision and every look at the pool's load (flow control): the
-        #: metrics scraper slows down while it stays clear (`MetricsScraper` idle backoff).
-        self.activity = threading.Event()
+        #: Marked on every decision and every look at the pool's load (flow control): the
+        #: metrics scraper slows down when it has not been for a while (idle backoff).
+        self.activity = Activity()
         self._endpoints: list[Endpoint] = []
         self._tracked: frozenset[str] = frozenset()
         self._watcher: EndpointsWatcher | None = None
@@ -292,8 +293,7 @@ class Scheduler:
 
     def context(self) -> SchedulingContext:
         """A scheduling context for now (what plugins get on each call)."""
-        if not self.activity.is_set():
-            self.activity.set()
+        self.activity.mark()
         return SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
 
     def schedule(
@@ -323,8 +323,7 @@ class Scheduler:
         if not eps:
             self.sched_metrics.no_endpoint.labels("input").inc()
             raise NoEndpointError("no endpoints to schedule on")
-        if not self.activity.is_set():
-            self.activity.set()
+        self.activity.mark()
         ctx = SchedulingContext(self.clock(), self.metrics_staleness, self._tracked, self)
         result = self._runner.run(ctx, request, eps, dry_run)
         if dry_run:

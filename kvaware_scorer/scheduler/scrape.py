@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_SCRAPE_INTERVAL",
     "IDLE_AFTER",
     "IDLE_INTERVAL",
+    "Activity",
     "MetricsScraper",
     "parse_vllm_metrics",
 ]
@@ -202,6 +203,40 @@ def parse_vllm_metrics(text: str) -> EndpointMetrics:
     )
 
 
+class Activity:
+    """When the scheduler last scheduled a request or looked at the pool's load (flow control),
+    and a wake-up for scrapers waiting out a quiet spell (`MetricsScraper` idle backoff).
+
+    Any number of scrapers may share one: each decides on its own whether it is idle from
+    `last`, and a mark wakes every waiting one.
+    """
+
+    __slots__ = ("_wake", "last")
+
+    def __init__(self) -> None:
+        #: `time.monotonic` of the last mark (creation counts as one).
+        self.last = time.monotonic()
+        self._wake = threading.Event()
+
+    def mark(self) -> None:
+        """Record activity now (every scheduling decision: a float store and a flag test)."""
+        self.last = time.monotonic()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait at most `timeout` seconds for the next mark; whether one came."""
+        seen = self.last
+        self._wake.clear()
+        if self.last != seen:  # marked between the read and the clear
+            return True
+        return self._wake.wait(timeout)
+
+    def wake(self) -> None:
+        """Wake every waiting scraper without recording activity (shutdown)."""
+        self._wake.set()
+
+
 class MetricsScraper:
     """Scrapes every endpoint's metrics on an interval, in a background thread.
 
@@ -215,9 +250,9 @@ class MetricsScraper:
     closed at the next round), one page of at most `pagefetch.MAX_PAGE` bytes each.
 
     Idle backoff (with ``activity``): metrics are read only when requests are scheduled, so
-    after ``idle_after`` seconds in which ``activity`` was never set the scraper goes round
-    every ``idle_interval`` seconds instead, and the next time it is set starts a round at once
-    and the configured interval again. A quiet gateway then costs neither itself nor the pods'
+    after ``idle_after`` seconds in which ``activity`` was never marked the scraper goes round
+    every ``idle_interval`` seconds instead, and the next mark starts a round at once and the
+    configured interval again. A quiet gateway then costs neither itself nor the pods'
     metrics endpoints ten pages a second per pod, and metrics never go stale.
 
     Args:
@@ -227,7 +262,7 @@ class MetricsScraper:
         clock: Clock used for ``update_time`` (the scheduler's).
         metrics: Counts scrapes by result and reports stale endpoints.
         staleness: Seconds after which metrics count as stale (for the gauge).
-        activity: Set by the scheduler whenever it schedules or looks at the pool's load
+        activity: Marked by the scheduler whenever it schedules or looks at the pool's load
             (`Scheduler.activity`); None scrapes at ``interval`` always.
         idle_after: Seconds without activity before the idle interval applies.
         idle_interval: Seconds between rounds while idle (default `IDLE_INTERVAL`, at most
@@ -243,7 +278,7 @@ class MetricsScraper:
         clock: Callable[[], float] = time.monotonic,
         metrics: SchedulerMetrics | None = None,
         staleness: float | None = 2.0,
-        activity: threading.Event | None = None,
+        activity: Activity | None = None,
         idle_after: float = IDLE_AFTER,
         idle_interval: float | None = None,
     ) -> None:
@@ -366,23 +401,18 @@ class MetricsScraper:
         return ok
 
     def _run(self) -> None:
-        active = time.monotonic()  # the last round that saw activity
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
                 self.scrape_all()
             except Exception:
                 logger.exception("metrics scrape round failed")
-            wake = self.activity
-            if wake is not None and wake.is_set():
-                wake.clear()
-                active = t0
-            if wake is None or t0 - active < self.idle_after:
+            act = self.activity
+            if act is None or t0 - act.last < self.idle_after:
                 self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
-            elif wake.wait(max(0.0, self.idle_interval - (time.monotonic() - t0))):
-                # NOTE: a request after a quiet spell: scrape now; the set flag keeps the
-                # scraper at its configured interval from the next round on.
-                active = time.monotonic()
+            else:
+                # NOTE: quiet: the next request (a mark) starts a round at once.
+                act.wait(max(0.0, self.idle_interval - (time.monotonic() - t0)))
 
     def start(self) -> None:
         """Start scraping in a daemon thread; idempotent."""
@@ -396,7 +426,7 @@ class MetricsScraper:
         """Stop scraping (waiting at most `timeout` seconds) and close connections."""
         self._stop.set()
         if self.activity is not None:
-            self.activity.set()  # wakes an idle wait (a spurious activity costs one round)
+            self.activity.wake()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None

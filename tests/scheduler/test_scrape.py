@@ -20,6 +20,7 @@ from kvaware_scorer.scheduler import (
     parse_vllm_metrics,
 )
 from kvaware_scorer.scheduler.metrics import SchedulerMetrics
+from kvaware_scorer.scheduler.scrape import Activity
 
 from .conftest import FakeClock, config
 
@@ -384,7 +385,7 @@ def test_idle_scraper_slows_down_and_a_request_brings_it_back(pods: list[_Pod]) 
     import time
 
     eps = [Endpoint("p0", "127.0.0.1", pods[0].port)]
-    activity = threading.Event()
+    activity = Activity()
     scraper = MetricsScraper(
         lambda: eps, interval=0.02, activity=activity, idle_after=0.3, idle_interval=5.0
     )
@@ -399,12 +400,11 @@ def test_idle_scraper_slows_down_and_a_request_brings_it_back(pods: list[_Pod]) 
         busy = hits_during(0.25)  # within idle_after of the start: the configured interval
         time.sleep(0.3)
         idle = hits_during(0.6)  # no activity for over idle_after: one round per 5 s at most
-        activity.set()
+        activity.mark()
         woke = hits_during(0.15)  # a round at once, then the configured interval
         assert busy >= 4, busy
         assert idle <= 1, idle
         assert woke >= 2, woke
-        assert not activity.is_set()  # the scraper took note of it
     finally:
         scraper.stop()
 
@@ -416,9 +416,27 @@ def test_scheduling_marks_activity_for_the_scraper(tmp_path) -> None:  # type: i
         seed=0,
     )
     s.set_endpoints([Endpoint("a", "127.0.0.1", 1)])
-    assert not s.activity.is_set()
+    s.activity.last = before = 0.0
     s.schedule(SchedulingRequest("r0", "m", token_ids=[1]))
-    assert s.activity.is_set()
-    s.activity.clear()
+    assert s.activity.last > before
+    s.activity.last = 0.0
     s.context()  # flow control's look at the pool's load
-    assert s.activity.is_set()
+    assert s.activity.last > before
+
+
+def test_scrapers_sharing_one_activity_each_see_it() -> None:
+    """A mark wakes every idle scraper of the same scheduler; none swallows it for another."""
+    import time
+
+    act = Activity()
+    act.last = time.monotonic() - 60  # quiet for a minute
+    woken: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woken.append(act.wait(5.0))) for _ in range(3)]
+    for t in waiters:
+        t.start()
+    time.sleep(0.1)
+    act.mark()
+    for t in waiters:
+        t.join(2.0)
+    assert woken == [True, True, True]
+    assert not act.wait(0.05)  # no new mark: a waiter times out
