@@ -203,16 +203,23 @@ class PageConnection:
         del buf[:pos]
         return status, body, close
 
+    def _line_end(self, pos: int, eof: bool, what: str) -> int | None:
+        """Where the line starting at `pos` ends (its CRLF); None while it is incomplete."""
+        line_end = self._buf.find(b"\r\n", pos)
+        if line_end >= 0:
+            return line_end
+        if len(self._buf) - pos > MAX_HEAD:
+            raise OSError(f"{what} too long")
+        _ended(eof, "connection closed inside the body")
+        return None
+
     def _chunked(self, pos: int, eof: bool) -> tuple[bytes, int] | None:
         buf = self._buf
         parts: list[bytes] = []
         total = 0
         while True:
-            line_end = buf.find(b"\r\n", pos)
-            if line_end < 0:
-                if len(buf) - pos > MAX_HEAD:
-                    raise OSError("chunk header line too long")
-                _ended(eof, "connection closed inside the body")
+            line_end = self._line_end(pos, eof, "chunk header line")
+            if line_end is None:
                 return None
             size_text = bytes(buf[pos:line_end]).split(b";", 1)[0].strip()
             try:
@@ -222,11 +229,8 @@ class PageConnection:
             pos = line_end + 2
             if size == 0:
                 while True:  # trailers, up to the blank line
-                    line_end = buf.find(b"\r\n", pos)
-                    if line_end < 0:
-                        if len(buf) - pos > MAX_HEAD:
-                            raise OSError("chunk trailer too long")
-                        _ended(eof, "connection closed inside the body")
+                    line_end = self._line_end(pos, eof, "chunk trailer")
+                    if line_end is None:
                         return None
                     blank = line_end == pos
                     pos = line_end + 2
