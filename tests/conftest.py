@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -17,8 +18,36 @@ import pytest
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(v) for v in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+_EPHEMERAL = _ephemeral_range()
+_ports = random.Random()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
+    """A TCP port free on 127.0.0.1 right now, below the kernel's ephemeral range.
+
+    NOTE: a port the kernel handed out for ``bind(0)`` is one it also hands out as the source
+    port of outgoing connections; between picking it and the test's own bind, any connection
+    (a scrape, a ZMQ reconnect) could take it and the bind fails with "address in use". Ports
+    below the ephemeral range are only ever taken by explicit binds.
+    """
+    lo = _EPHEMERAL[0]
+    for _ in range(200) if lo > 12000 else ():
+        port = _ports.randrange(10000, lo)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
