@@ -42,6 +42,7 @@ from kvaware_scorer.scheduler import (
     per_call,
 )
 from kvaware_scorer.scheduler.matchinfo import MatchInfoProducer, find_prefix_source
+from kvaware_scorer.scheduler.registry import MATCH_INFO_CONSUMER
 
 __all__ = [
     "LatencyInfo",
@@ -567,6 +568,7 @@ def register(registry: PluginRegistry) -> None:
         params=LatencyScorerParams,
         description="ranks candidates by predicted SLO headroom",
         refs={"latencyPredictionInfoProducerName": "pre-request"},
+        capabilities=(MATCH_INFO_CONSUMER,),
     )
     registry.register(
         "slo-headroom-tier-filter",

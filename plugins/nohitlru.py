@@ -34,6 +34,7 @@ from kvaware_scorer.scheduler import (
     SchedulingResult,
 )
 from kvaware_scorer.scheduler.matchinfo import MatchInfoProducer, default_source, producer
+from kvaware_scorer.scheduler.registry import MATCH_INFO_CONSUMER
 
 __all__ = ["NEUTRAL", "NoHitLRUParams", "NoHitLRUScorer", "register"]
 
@@ -177,4 +178,5 @@ def register(registry: PluginRegistry) -> None:
         description="spreads cache-missing requests over the least recently used pods",
         param_aliases={"prefixPluginName": "prefixMatchInfoProducerName"},
         transform=_legacy,
+        capabilities=(MATCH_INFO_CONSUMER,),
     )

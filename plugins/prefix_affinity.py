@@ -47,7 +47,7 @@ from kvaware_scorer.scheduler.matchinfo import (
     default_source,
     producer,
 )
-from kvaware_scorer.scheduler.registry import MATCH_INFO_PRODUCER
+from kvaware_scorer.scheduler.registry import MATCH_INFO_CONSUMER, MATCH_INFO_PRODUCER
 
 __all__ = [
     "AffinityFilterParams",
@@ -382,4 +382,5 @@ def register(registry: PluginRegistry) -> None:
         description="keep pods holding the prefix unless they are too loaded (sticky until "
         "saturated)",
         transform=_affinity_transform,
+        capabilities=(MATCH_INFO_CONSUMER,),
     )

@@ -79,14 +79,18 @@ class Loader:
         upstream.bind_default_producer(self.diag, plugins, default_producer, self.inject)
         self.check_producer_loops(plugins)
         self.check_param_refs(plugins)
-        ignored = upstream.ignored_sections(
-            self.diag, data, lambda ref, role, where: self.check_ref(ref, role, where, plugins)
-        )
+        referenced: set[str] = set()  # plugins the upstream sections use (a detector, ...)
+
+        def check_section_ref(ref: str, role: str | None, where: str) -> None:
+            referenced.add(ref)
+            self.check_ref(ref, role, where, plugins)
+
+        ignored = upstream.ignored_sections(self.diag, data, check_section_ref)
         profiles = self.profiles(raw_profiles, plugins)
         handler = self.profile_handler(plugins, profiles)
         if not self.diag.errors:
             self.inject_pickers(plugins, profiles)
-            self.warn_unused(plugins, profiles, handler)
+            self.warn_unused(plugins, profiles, {handler, *referenced})
         if self.diag.errors:
             raise ConfigErrorGroup(self.diag.errors)
         return SchedulerConfig(
@@ -504,9 +508,15 @@ class Loader:
             )
 
     def warn_unused(
-        self, plugins: dict[str, PluginConfig], profiles: dict[str, ProfileConfig], handler: str
+        self,
+        plugins: dict[str, PluginConfig],
+        profiles: dict[str, ProfileConfig],
+        referenced: set[str],
     ) -> None:
-        used = {handler}
+        """Warn about plugins no profile uses and nothing else references (`referenced`: the
+        profile handler and the plugins the upstream sections name, such as the saturation
+        detector of ``flowControl``)."""
+        used = set(referenced)
         for prof in profiles.values():
             used.update(prof.filters)
             used.update(s.name for s in prof.scorers)

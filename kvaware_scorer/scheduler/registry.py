@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CAPABILITIES",
     "KINDS",
+    "MATCH_INFO_CONSUMER",
     "MATCH_INFO_PRODUCER",
     "NoParameters",
     "ParamTransform",
@@ -59,10 +60,17 @@ KINDS: Mapping[str, str] = MappingProxyType(
 
 #: Capability a plugin type declares when its objects produce prefix match info for others.
 MATCH_INFO_PRODUCER = "match-info-producer"
+#: Capability a plugin type declares when its objects cannot work without prefix match info
+#: (upstream declares the data Required): with no producer configured, the loader adds the
+#: default producer, as upstream auto-creates it.
+MATCH_INFO_CONSUMER = "match-info-consumer"
 
-#: What plugin objects can provide to other plugins, and the method that marks each (inferred
-#: from the factory when a registration does not declare its capabilities).
-CAPABILITIES: Mapping[str, str] = MappingProxyType({MATCH_INFO_PRODUCER: "match_info"})
+#: What plugin objects can provide to (or need from) other plugins, and the method that marks
+#: each (inferred from the factory when a registration does not declare its capabilities;
+#: None: only declared).
+CAPABILITIES: Mapping[str, str | None] = MappingProxyType(
+    {MATCH_INFO_PRODUCER: "match_info", MATCH_INFO_CONSUMER: None}
+)
 
 #: Rewrites raw ``parameters`` before validation; returns the new mapping and warnings.
 ParamTransform = Callable[[dict[str, Any]], tuple[dict[str, Any], list[str]]]
@@ -116,7 +124,8 @@ class PluginSpec:
         refs: Parameters naming other plugins: dotted field path in the parameter model
             (``deciders.prefill``) -> the role the named plugin must play (None: any). The
             loader checks them like ``pluginRef``s, with the YAML path.
-        capabilities: What the objects provide to other plugins (keys of `CAPABILITIES`).
+        capabilities: What the objects provide to (or need from) other plugins (keys of
+            `CAPABILITIES`).
     """
 
     type: str
@@ -152,7 +161,9 @@ def _infer_kinds(factory: PluginFactory) -> frozenset[str]:
 
 def _infer_capabilities(factory: PluginFactory) -> frozenset[str]:
     return frozenset(
-        c for c, method in CAPABILITIES.items() if callable(getattr(factory, method, None))
+        c
+        for c, method in CAPABILITIES.items()
+        if method is not None and callable(getattr(factory, method, None))
     )
 
 
@@ -228,8 +239,9 @@ class PluginRegistry:
                 with ``override=True`` also wins over later plain ones.
             refs: Parameters naming other plugins (dotted field path -> required role or
                 None); checked by the configuration loader.
-            capabilities: What the objects provide to other plugins (``match-info-producer``);
-                inferred from the factory's methods (`CAPABILITIES`) when None.
+            capabilities: What the objects provide to or need from other plugins
+                (``match-info-producer``, ``match-info-consumer``); inferred from the
+                factory's methods (`CAPABILITIES`) when None.
 
         Raises:
             ConfigError: The type is registered twice without ``override``, or a kind or a

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from kvaware_scorer.configio import validation_errors
 from kvaware_scorer.scheduler.matchinfo import PRODUCER_PARAM
-from kvaware_scorer.scheduler.registry import MATCH_INFO_PRODUCER
+from kvaware_scorer.scheduler.registry import MATCH_INFO_CONSUMER, MATCH_INFO_PRODUCER
 from kvaware_scorer.scheduler.resolved import (
     API_VERSION,
     DEPRECATED_API_VERSION,
@@ -134,7 +134,8 @@ class _Parser(_Shape):
 
 
 class _SaturationRef(_Shape):
-    pluginRef: str
+    # NOTE: optional upstream (``omitempty``): without it, the default utilization-detector.
+    pluginRef: str | None = None
 
 
 class _LegacySaturation(_Shape):
@@ -214,7 +215,7 @@ def section_refs(key: str, parsed: BaseModel) -> list[tuple[str, str | None, str
     """(plugin name, required role or None, YAML path) of every reference in a section."""
     if isinstance(parsed, _FlowControl):
         out: list[tuple[str, str | None, str]] = []
-        if parsed.saturationDetector is not None:
+        if parsed.saturationDetector is not None and parsed.saturationDetector.pluginRef:
             out.append(
                 (
                     parsed.saturationDetector.pluginRef,
@@ -239,6 +240,8 @@ def section_refs(key: str, parsed: BaseModel) -> list[tuple[str, str | None, str
                     out.append((ref, _REF_ROLES[field_name], f"{where}.{field_name}"))
         return out
     if isinstance(parsed, _SaturationRef):
+        if not parsed.pluginRef:
+            return []
         return [(parsed.pluginRef, _REF_ROLES["saturationDetector"], f"{key}.pluginRef")]
     if isinstance(parsed, _RequestHandler):
         return [
@@ -370,12 +373,36 @@ def _produces(p: PluginConfig) -> bool:
     return MATCH_INFO_PRODUCER in p.capabilities
 
 
+def _add_missing_producer(
+    diag: Diagnostics, plugins: dict[str, PluginConfig], default: str | None, inject: Inject
+) -> None:
+    if default is None or any(_produces(p) for p in plugins.values()):
+        return
+    needy = [
+        p
+        for p in plugins.values()
+        if MATCH_INFO_CONSUMER in p.capabilities and not getattr(p.params, PRODUCER_PARAM, None)
+    ]
+    if not needy or inject(plugins, default, "pre-request") is None:
+        return
+    names = ", ".join(repr(p.name) for p in needy)
+    diag.warn(
+        f"{names} {'needs' if len(needy) == 1 else 'need'} prefix match info and no prefix "
+        f"producer is configured: added {default!r}, as upstream auto-creates its default "
+        "producer",
+        needy[0].path,
+    )
+
+
 def bind_default_producer(
     diag: Diagnostics, plugins: dict[str, PluginConfig], default: str | None, inject: Inject
 ) -> None:
     """Bind prefix match-info consumers that name no producer, when several producers make
     the choice ambiguous, to the `default` producer (added when missing), as upstream binds
-    them to its auto-created default producer."""
+    them to its auto-created default producer. With no producer at all, the `default` one is
+    added when a plugin cannot work without match info (`MATCH_INFO_CONSUMER`), as upstream
+    auto-creates the default producer of a Required data key."""
+    _add_missing_producer(diag, plugins, default, inject)
     unbound = [
         p
         for p in plugins.values()
@@ -383,8 +410,11 @@ def bind_default_producer(
     ]
     if not unbound:
         return
+    # NOTE: a producer that also reads match info and names none reads the default producer
+    # when that is configured (`matchinfo.match_sources`): one source, not two.
     sources = {
-        (getattr(p.params, PRODUCER_PARAM, None) if _consumes(p) else None) or p.name
+        (getattr(p.params, PRODUCER_PARAM, None) if _consumes(p) else None)
+        or (default if _consumes(p) and default in plugins and default != p.name else p.name)
         for p in plugins.values()
         if _produces(p)
     }

@@ -246,3 +246,36 @@ def test_without_flow_control_nothing_queues() -> None:
     """No flowControl section and no gate: no controller."""
     s = build(config([{"type": "queue-scorer"}]), seed=0, clock=FakeClock())
     assert s.flow is None
+
+
+@pytest.mark.parametrize("section", [{}, {"saturationDetector": {}}])
+def test_saturation_detector_reference_is_optional(section: dict[str, Any]) -> None:
+    """Upstream's ``saturationDetector.pluginRef`` is optional (``omitempty``): without one
+    flow control uses a default utilization-detector, as upstream's loader defaults it."""
+    from kvaware_scorer.plugins.flowcontrol import UtilizationDetector
+
+    data = config([{"type": "queue-scorer"}])
+    data["flowControl"] = section
+    s = build(data, seed=0, clock=FakeClock())
+    assert s.flow is not None
+    assert isinstance(s.flow.detector, UtilizationDetector)
+    assert not [w for w in s.config.warnings if "saturationDetector" in w]
+
+
+def test_detector_named_by_flow_control_is_not_unused() -> None:
+    """A detector that only ``flowControl.saturationDetector`` references is in use: no
+    "used by no profile" warning (it is also a filter, so it could be in a profile)."""
+    data = config(
+        [
+            {"type": "queue-scorer"},
+            {"type": "utilization-detector", "name": "gate"},
+            {"type": "concurrency-detector", "name": "spare"},
+        ],
+        [{"name": "default", "plugins": [{"pluginRef": "queue-scorer"}]}],
+    )
+    data["flowControl"] = {"saturationDetector": {"pluginRef": "gate"}}
+    s = build(data, seed=0, clock=FakeClock())
+    assert s.flow is not None and s.flow.detector is s.plugin("gate")
+    warned = " ".join(s.config.warnings)
+    assert "'gate'" not in warned
+    assert "'spare' is in no profile" in warned  # an unreferenced one still warns

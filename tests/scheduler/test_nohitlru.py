@@ -144,10 +144,34 @@ def test_default_producer_is_the_one_prefix_plugin() -> None:
     assert second.target is first.target
 
 
-def test_no_prefix_plugin_means_every_request_is_cold_with_a_warning() -> None:
-    """Without any prefix plugin the configuration warns that every request counts as a miss."""
+def test_no_prefix_plugin_adds_upstreams_default_producer() -> None:
+    """Without any prefix plugin, upstream auto-creates its default producer for a consumer
+    that requires match info: approx-prefix-cache-producer is added (with a warning) and the
+    scorer reads its routing history, so a repeated long prompt is no longer cold."""
     s = lru_only()
-    assert any("every request counts as a miss" in w for w in s.config.warnings)
+    cfg = s.config
+    added = cfg.plugins["approx-prefix-cache-producer"]
+    assert added.injected
+    assert any(
+        "no prefix producer is configured: added 'approx-prefix-cache-producer'" in w
+        for w in cfg.warnings
+    )
+    assert not any("every request counts as a miss" in w for w in cfg.warnings)
+    eps = endpoints(3)
+    prompt = list(range(64 * 4))
+    first = s.schedule(SchedulingRequest("a", "m", token_ids=prompt), eps)
+    assert first.scores["no-hit-lru-scorer"][eps[0].id] == 1.0  # cold
+    second = s.schedule(SchedulingRequest("b", "m", token_ids=prompt), eps)
+    assert set(second.scores["no-hit-lru-scorer"].values()) == {0.5}  # the history hits
+
+
+def test_no_producer_is_added_for_a_consumer_naming_one() -> None:
+    """A consumer that names its producer gets no default added: the name is checked instead."""
+    with pytest.raises(ConfigError, match="names no plugin"):
+        build(
+            [{"type": "no-hit-lru-scorer", "parameters": {"prefixMatchInfoProducerName": "x"}}],
+            [{"pluginRef": "no-hit-lru-scorer"}],
+        )
 
 
 def test_several_prefix_producers_bind_to_the_default_producer() -> None:
