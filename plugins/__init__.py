@@ -38,6 +38,11 @@ BUILTIN_MODULES = (
     "predicted_ttft",
     "prefix_affinity",
     "discovery",
+    "dataparallel",
+    "headerprofile",
+    "session_filter",
+    "fairness_program",
+    "usagelimit",
 )
 
 

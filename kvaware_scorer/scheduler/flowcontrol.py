@@ -14,6 +14,12 @@ The saturation detector, fairness and ordering policies are plugins (roles
 ``saturation-detector``, ``fairness-policy``, ``ordering-policy``); without them the defaults
 are upstream's: ``utilization-detector``, ``global-strict-fairness-policy`` and
 ``fcfs-ordering-policy`` semantics.
+
+A usage limit policy (``flowControl.usageLimitPolicyPluginRef``, role ``usage-limit-policy``)
+gives each priority band a ceiling: a band is served only while the saturation is below its
+ceiling, and the bands are looked at from the highest priority down, stopping at the first one
+that is gated (lower bands never overtake a held higher one), as upstream's dispatch cycle.
+Without one every ceiling is 1.0 (upstream's ``static-usage-limit-policy`` default).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ __all__ = [
     "OrderingPolicy",
     "QueuedRequest",
     "SaturationDetector",
+    "UsageLimitPolicy",
     "build_flow_controller",
 ]
 
@@ -60,6 +67,10 @@ DEFAULT_REQUEST_TTL = 60.0
 DEFAULT_BAND_MAX_REQUESTS = 5000
 #: Seconds between two looks at the pool's saturation while requests wait.
 POLL_INTERVAL = 0.01
+#: Seconds the dispatcher waits, after handing out a turn, for that request to be scheduled
+#: (its pre-request hooks count it, e.g. in ``concurrency-detector``) before it looks at the
+#: saturation again; a request slower than that no longer holds the queue up.
+ADMISSION_WAIT = 0.5
 
 
 @runtime_checkable
@@ -68,6 +79,16 @@ class SaturationDetector(Protocol):
 
     def saturated(self, ctx: SchedulingContext, endpoints: Sequence[Endpoint]) -> float:
         """Pool saturation of `endpoints` (unweighted or aggregate, per detector)."""
+        ...
+
+
+@runtime_checkable
+class UsageLimitPolicy(Protocol):
+    """Per priority band, the saturation at and above which the band is not served."""
+
+    def compute_limit(self, saturation: float, priorities: Sequence[int]) -> Sequence[float]:
+        """One ceiling per entry of `priorities` (the active bands, highest first); an entry
+        left out counts as 1.0 (no gating)."""
         ...
 
 
@@ -134,6 +155,7 @@ class FlowController:
         fairness: Default fairness policy.
         ordering: Default ordering policy.
         identity: Resolves a request's fairness id when no header gives one.
+        usage_limit: Per-band ceilings on the saturation (None: 1.0 for every band).
         clock: Monotonic clock.
     """
 
@@ -149,6 +171,7 @@ class FlowController:
         fairness: Any = None,
         ordering: Any = None,
         identity: Callable[[SchedulingRequest], str | None] | None = None,
+        usage_limit: UsageLimitPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.detector = detector
@@ -160,10 +183,13 @@ class FlowController:
         self.fairness = fairness or _GlobalStrict()
         self.ordering = ordering or _Fcfs()
         self._identity = identity
+        self.usage_limit = usage_limit
         self._clock = clock
         self._bands: dict[int, _Band] = {}
         self._seq = itertools.count()
         self._dispatcher: asyncio.Task[None] | None = None
+        # NOTE: the request whose turn was handed out last and is being scheduled now.
+        self._admission: tuple[SchedulingRequest, asyncio.Future[None]] | None = None
         self.shed = 0  # requests turned away (capacity, TTL, empty pool)
 
     # -- identity ----------------------------------------------------------------------------------
@@ -200,7 +226,7 @@ class FlowController:
         if not self._endpoints():
             self.shed += 1
             raise RequestRejectedError("no endpoints available", 503)
-        if not self._bands and self.saturation() < 1.0:
+        if not self._bands and self._open_for(request.priority, self.saturation()):
             return
         band = self._band(request.priority)
         if band.size >= band.max_requests:
@@ -235,6 +261,14 @@ class FlowController:
             self._remove(band, item)
             raise
 
+    def admitted(self, request: SchedulingRequest) -> None:
+        """`request`, which had its turn, is scheduled (or failed): its pre-request hooks have
+        counted it, so the dispatcher may look at the saturation again (`Scheduler.aschedule`
+        calls this)."""
+        admission = self._admission
+        if admission is not None and admission[0] is request and not admission[1].done():
+            admission[1].set_result(None)
+
     def _band(self, priority: int) -> _Band:
         band = self._bands.get(priority)
         if band is None:
@@ -264,11 +298,59 @@ class FlowController:
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
 
-    def next_item(self) -> QueuedRequest | None:
+    # -- usage limits ------------------------------------------------------------------------------
+
+    def _priorities(self, extra: int | None = None) -> list[int]:
+        """The active bands, highest first: the configured ones, those with waiting requests
+        and `extra` (a request about to be served at once)."""
+        levels = set(self._band_cfg) | set(self._bands)
+        if extra is not None:
+            levels.add(extra)
+        return sorted(levels, reverse=True)
+
+    def _ceilings(self, saturation: float, priorities: Sequence[int]) -> list[float]:
+        out = [1.0] * len(priorities)
+        if self.usage_limit is None:
+            return out
+        try:
+            given = list(self.usage_limit.compute_limit(saturation, priorities))
+        except Exception:
+            logger.exception("usage limit policy failed; no band gated by it")
+            return out
+        for i, c in enumerate(given[: len(out)]):
+            # NOTE: a NaN or out-of-range ceiling from a plugin is read as the nearest sane one.
+            out[i] = min(1.0, max(0.0, float(c))) if c == c else 1.0
+        return out
+
+    def _open_for(self, priority: int, saturation: float) -> bool:
+        """Whether a request of `priority` may go now with nobody waiting: no band from the
+        highest down to its own is gated."""
+        levels = self._priorities(priority)
+        ceilings = self._ceilings(saturation, levels)
+        for level, ceiling in zip(levels, ceilings, strict=True):
+            if saturation >= ceiling:
+                return False
+            if level == priority:
+                return True
+        return False
+
+    def next_item(self, saturation: float | None = None) -> QueuedRequest | None:
         """Take the next request: highest band, the fairness policy's flow, the ordering
-        policy's first request of that flow."""
-        for priority in sorted(self._bands, reverse=True):
-            band = self._bands[priority]
+        policy's first request of that flow. With `saturation`, bands are looked at from the
+        highest down and none is served from the first one whose ceiling the saturation
+        reaches (None: no gating)."""
+        if saturation is None:
+            gate: dict[int, float] = {}
+            levels = sorted(self._bands, reverse=True)
+        else:
+            levels = self._priorities()
+            gate = dict(zip(levels, self._ceilings(saturation, levels), strict=True))
+        for priority in levels:
+            if saturation is not None and saturation >= gate[priority]:
+                return None
+            band = self._bands.get(priority)
+            if band is None:
+                continue
             flows = {f: q for f, q in band.flows.items() if q}
             if not flows:
                 continue
@@ -296,13 +378,31 @@ class FlowController:
             except Exception:
                 logger.exception("saturation detector failed; treating the pool as saturated")
                 sat = math.inf
-            if sat < 1.0:
-                item = self.next_item()
-                if item is not None and not item.turn.done():
+            item = self.next_item(sat) if sat < 1.0 else None
+            if item is not None:
+                if not item.turn.done():
                     item.turn.set_result(None)
+                    await self._await_admission(item.request)
                 await asyncio.sleep(0)
                 continue
             await asyncio.sleep(POLL_INTERVAL)
+
+    async def _await_admission(self, request: SchedulingRequest) -> None:
+        # NOTE: the request is counted by its pre-request hooks only once scheduled (after its
+        # tokenization, in a worker thread): looking at the saturation before that would hand
+        # out more turns than the pool has room for (a concurrency-detector at its limit).
+        done = asyncio.get_running_loop().create_future()
+        self._admission = (request, done)
+        try:
+            await asyncio.wait_for(done, ADMISSION_WAIT)
+        except TimeoutError:
+            logger.debug(
+                "request %s not scheduled within %ss of its turn",
+                request.request_id,
+                ADMISSION_WAIT,
+            )
+        finally:
+            self._admission = None
 
 
 def _quantity(value: Any) -> int | None:
@@ -359,6 +459,15 @@ def build_flow_controller(
             plugins.get(band.get("orderingPolicyRef") or ""),
         )
     default_band = fc.get("defaultPriorityBand") or {}
+    usage_ref = fc.get("usageLimitPolicyPluginRef")
+    usage_limit: UsageLimitPolicy | None = None
+    if usage_ref:
+        found = plugins.get(usage_ref)
+        if not isinstance(found, UsageLimitPolicy):
+            raise ConfigError(
+                f"{usage_ref!r} is no usage limit policy", "flowControl.usageLimitPolicyPluginRef"
+            )
+        usage_limit = found
     identity: Callable[[SchedulingRequest], str | None] | None = None
     for plugin in plugins.values():
         fn = getattr(plugin, "identity", None)
@@ -378,4 +487,5 @@ def build_flow_controller(
         fairness=plugins.get(default_band.get("fairnessPolicyRef") or ""),
         ordering=plugins.get(default_band.get("orderingPolicyRef") or ""),
         identity=identity,
+        usage_limit=usage_limit,
     )

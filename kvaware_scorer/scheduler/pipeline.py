@@ -351,10 +351,20 @@ class Scheduler:
             endpoints: Candidates; None = the current pool.
             dry_run: As in `schedule`.
         """
-        loop = asyncio.get_running_loop()
-        if self.flow is not None and not dry_run:
+        flow = self.flow if not dry_run else None
+        if flow is not None:
             # NOTE: flow control: wait for a turn while the pool is saturated, or be shed.
-            await self.flow.wait_turn(request)
+            await flow.wait_turn(request)
+        try:
+            return await self._aschedule(request, endpoints, dry_run)
+        finally:
+            if flow is not None:
+                flow.admitted(request)
+
+    async def _aschedule(
+        self, request: SchedulingRequest, endpoints: Sequence[Endpoint] | None, dry_run: bool
+    ) -> SchedulingResult:
+        loop = asyncio.get_running_loop()
         if self._blocking:
             return await loop.run_in_executor(
                 self._pool(), self._prepare_and_schedule, request, endpoints, dry_run

@@ -54,6 +54,7 @@ KINDS: Mapping[str, str] = MappingProxyType(
         "saturation-detector": "saturated",
         "fairness-policy": "pick_flow",
         "ordering-policy": "order_key",
+        "usage-limit-policy": "compute_limit",
         "admitter": "admit",
     }
 )

@@ -186,6 +186,7 @@ _REF_ROLES = {
     "saturationDetector": "saturation-detector",
     "fairnessPolicyRef": "fairness-policy",
     "orderingPolicyRef": "ordering-policy",
+    "usageLimitPolicyPluginRef": "usage-limit-policy",
     "parser": "parser",
 }
 
@@ -224,7 +225,13 @@ def section_refs(key: str, parsed: BaseModel) -> list[tuple[str, str | None, str
                 )
             )
         if parsed.usageLimitPolicyPluginRef:
-            out.append((parsed.usageLimitPolicyPluginRef, None, f"{key}.usageLimitPolicyPluginRef"))
+            out.append(
+                (
+                    parsed.usageLimitPolicyPluginRef,
+                    _REF_ROLES["usageLimitPolicyPluginRef"],
+                    f"{key}.usageLimitPolicyPluginRef",
+                )
+            )
         bands = [(f"{key}.priorityBands[{i}]", b) for i, b in enumerate(parsed.priorityBands)] + [
             (f"{key}.{n}", b)
             for n, b in (
@@ -315,7 +322,17 @@ def ignored_sections(
         for ref, role, where in refs:
             check_ref(ref, role, where)
         ignored[key] = value
-        if key not in FLOW_SECTIONS:
+        if key == "featureGates":
+            # NOTE: the flowControl gate is honoured (it turns flow control on); name only the
+            # gates that change nothing here.
+            inert = [g for g in value if g.split("=", 1)[0] != "flowControl"]
+            if inert:
+                diag.warn(
+                    f"feature gates {', '.join(inert)} are accepted for compatibility and "
+                    "ignored here",
+                    key,
+                )
+        elif key not in FLOW_SECTIONS:
             diag.warn(f"section {key!r} is accepted for compatibility and ignored here", key)
     return ignored
 

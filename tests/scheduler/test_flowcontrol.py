@@ -279,3 +279,62 @@ def test_detector_named_by_flow_control_is_not_unused() -> None:
     warned = " ".join(s.config.warnings)
     assert "'gate'" not in warned
     assert "'spare' is in no profile" in warned  # an unreferenced one still warns
+
+
+def test_feature_gate_warning_names_only_the_ignored_gates() -> None:
+    """The flowControl gate is honoured, so only the other gates are reported as ignored."""
+    data = config([{"type": "queue-scorer"}])
+    data["featureGates"] = ["flowControl"]
+    s = build(data, seed=0, clock=FakeClock())
+    assert s.flow is not None
+    assert not [w for w in s.config.warnings if "featureGates" in w]
+    data["featureGates"] = ["flowControl", "dataLayer=true"]
+    s = build(data, seed=0, clock=FakeClock())
+    (warning,) = [w for w in s.config.warnings if "featureGates" in w]
+    assert "dataLayer=true" in warning and "flowControl" not in warning
+
+
+async def test_dispatcher_waits_for_each_turn_to_be_counted() -> None:
+    """A turn handed out is counted by the detector only once that request is scheduled (its
+    pre-request hook): the dispatcher waits for it before looking again, so a pool with room
+    for one more request lets exactly one queued request through, not all of them."""
+    data = config(
+        [
+            {"type": "concurrency-detector", "parameters": {"maxConcurrency": 1}},
+            {"type": "queue-scorer"},
+        ]
+    )
+    data["flowControl"] = {"saturationDetector": {"pluginRef": "concurrency-detector"}}
+    s = build(data, seed=0)
+    eps = endpoints(1)
+    s.set_endpoints(eps)
+    assert s.flow is not None
+    r1 = await s.aschedule(req("1"))
+    queued = [asyncio.create_task(s.aschedule(req(str(i)))) for i in (2, 3, 4)]
+    await asyncio.sleep(0.05)
+    assert s.flow.waiting() == 3
+    s.post_response(req("1"), r1, ResponseInfo(200))
+    await asyncio.sleep(0.2)
+    done = [t for t in queued if t.done()]
+    assert len(done) == 1 and done[0].exception() is None
+    assert s.flow.waiting() == 2
+    for t in queued:
+        t.cancel()
+    await asyncio.gather(*queued, return_exceptions=True)
+
+
+async def test_a_slow_admission_does_not_hold_the_queue_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request that never reports being scheduled holds the dispatcher for ADMISSION_WAIT
+    at most."""
+    from kvaware_scorer.scheduler import flowcontrol
+
+    monkeypatch.setattr(flowcontrol, "ADMISSION_WAIT", 0.05)
+    fc, gate = controller()
+    gate.value = 1.0
+    first = asyncio.create_task(fc.wait_turn(req("a")))
+    second = asyncio.create_task(fc.wait_turn(req("b")))
+    await asyncio.sleep(0.03)
+    gate.value = 0.0  # room; "a" never calls admitted()
+    await asyncio.wait_for(asyncio.gather(first, second), 1)
