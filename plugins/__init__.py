@@ -43,6 +43,8 @@ BUILTIN_MODULES = (
     "session_filter",
     "fairness_program",
     "usagelimit",
+    "topology",
+    "mmcache",
 )
 
 

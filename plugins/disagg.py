@@ -27,6 +27,7 @@ from kvaware_scorer.errors import ConfigError, KVAwareError, NoEndpointError
 from kvaware_scorer.scheduler import (
     DATA_PARALLEL_HEADER,
     ENCODER_HEADER,
+    PEER_ENDPOINT_KEY,
     PREFILL_HEADER,
     Endpoint,
     PluginContext,
@@ -353,6 +354,8 @@ class DisaggProfileHandler(_DecodePrimary):
         results: Mapping[str, ProfileResult],
     ) -> list[str]:
         self._skipped(request, results)
+        if not results:
+            request.state.pop(PEER_ENDPOINT_KEY, None)
         if self.stage_order == "prefill-first":
             return self._prefill_first(ctx, request, profiles, results)
         if self.decode not in results:
@@ -365,6 +368,9 @@ class DisaggProfileHandler(_DecodePrimary):
             (self.prefill, self.prefill_decider),
         ):
             if self._maybe(ctx, request, profiles, results, stage, decider, decoded[0]):
+                if stage == self.prefill:
+                    # upstream: the prefill profile sees the decode pick (topology affinity)
+                    request.state[PEER_ENDPOINT_KEY] = decoded[0]
                 return [stage]
         return []
 
@@ -381,6 +387,10 @@ class DisaggProfileHandler(_DecodePrimary):
             return [self.prefill]
         if self._maybe(ctx, request, profiles, results, self.encode, self.encode_decider, None):
             return [self.encode]
+        prefilled = results.get(self.prefill)
+        if prefilled is not None and prefilled.targets:
+            # upstream: the decode profile sees the prefill pick (topology affinity)
+            request.state[PEER_ENDPOINT_KEY] = prefilled.targets[0]
         return [self.decode] if self.decode in profiles else []
 
     def pre_request(

@@ -46,6 +46,7 @@ from kvaware_scorer.scheduler.scrape import (
 from kvaware_scorer.scheduler.types import (
     DATA_PARALLEL_HEADER,
     ENCODER_HEADER,
+    PEER_ENDPOINT_KEY,
     PREFILL_HEADER,
     ROUTING_HEADERS,
     ConfiguredPlugin,
@@ -83,6 +84,7 @@ __all__ = [
     "ENCODER_HEADER",
     "ENTRY_POINT_GROUP",
     "KINDS",
+    "PEER_ENDPOINT_KEY",
     "PREFILL_HEADER",
     "ROUTING_HEADERS",
     "ConfigErrorGroup",

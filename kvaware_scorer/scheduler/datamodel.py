@@ -17,6 +17,7 @@ __all__ = [
     "DATA_PARALLEL_HEADER",
     "ENCODER_HEADER",
     "ENGINE_LABELS",
+    "PEER_ENDPOINT_KEY",
     "PREFILL_HEADER",
     "ROUTING_HEADERS",
     "Endpoint",
@@ -40,6 +41,10 @@ PREFILL_HEADER = "x-prefiller-host-port"
 ENCODER_HEADER = "x-encoder-hosts-ports"
 #: Header naming the decode target when ``pd-profile-handler``'s ``primaryPort`` is set.
 DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
+#: `SchedulingRequest.state` key of the endpoint the earlier stage of a disaggregated request
+#: picked (upstream's ``peer-endpoint`` request attribute): the P/D profile handler sets it
+#: before the later stage runs, topology-aware plugins read it.
+PEER_ENDPOINT_KEY = "peer-endpoint"
 #: Routing headers only the scheduler sets (`SchedulingResult.headers`); a client's own values
 #: are never passed on, or a client could point a sidecar at any host.
 ROUTING_HEADERS = frozenset({PREFILL_HEADER, ENCODER_HEADER, DATA_PARALLEL_HEADER})

@@ -226,7 +226,13 @@ class FlowController:
         if not self._endpoints():
             self.shed += 1
             raise RequestRejectedError("no endpoints available", 503)
-        if not self._bands and self._open_for(request.priority, self.saturation()):
+        # NOTE: while a dispatched request is still being scheduled (not yet counted), a
+        # newcomer queues behind it instead of slipping past the queue on a stale reading.
+        if (
+            not self._bands
+            and self._admission is None
+            and self._open_for(request.priority, self.saturation())
+        ):
             return
         band = self._band(request.priority)
         if band.size >= band.max_requests:

@@ -55,6 +55,7 @@ KINDS: Mapping[str, str] = MappingProxyType(
         "fairness-policy": "pick_flow",
         "ordering-policy": "order_key",
         "usage-limit-policy": "compute_limit",
+        "topology-extractor": "topology",
         "admitter": "admit",
     }
 )

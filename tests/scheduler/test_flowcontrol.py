@@ -338,3 +338,24 @@ async def test_a_slow_admission_does_not_hold_the_queue_forever(
     await asyncio.sleep(0.03)
     gate.value = 0.0  # room; "a" never calls admitted()
     await asyncio.wait_for(asyncio.gather(first, second), 1)
+
+
+async def test_newcomer_queues_while_a_turn_is_being_scheduled() -> None:
+    """While the request just dispatched is not yet scheduled, a newcomer does not go at once
+    on the stale reading (the queue looks empty then): it waits until that request reports
+    being scheduled, then gets the next turn."""
+    fc, gate = controller()
+    gate.value = 1.0
+    a = req("a")
+    first = asyncio.create_task(fc.wait_turn(a))
+    await asyncio.sleep(0.02)
+    gate.value = 0.0
+    await asyncio.wait_for(first, 1)  # dispatched; "a" has not reported admitted() yet
+    second = asyncio.create_task(fc.wait_turn(req("b")))
+    await asyncio.sleep(0.02)
+    assert not second.done() and fc.waiting() == 1
+    fc.admitted(req("other"))  # another request's report changes nothing
+    await asyncio.sleep(0.02)
+    assert not second.done()
+    fc.admitted(a)
+    await asyncio.wait_for(second, 1)
