@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
@@ -22,6 +20,12 @@ from kvaware_scorer.scheduler import (
     SchedulingContext,
     SchedulingRequest,
     SchedulingResult,
+)
+from kvaware_scorer.scheduler.sessions import (
+    SESSION_ID_HEADER,
+    SESSION_TOKEN_HEADER,
+    SessionBindings,
+    session_id_of,
 )
 
 __all__ = [
@@ -37,10 +41,6 @@ __all__ = [
 
 #: Default label of ``context-length-aware``: ``"<min>-<max>"`` tokens a pod is meant for.
 CONTEXT_LENGTH_LABEL = "llm-d.ai/context-length-range"
-#: Header carrying the base64 endpoint id (``encoded_endpoint_header`` strategy).
-SESSION_TOKEN_HEADER = "x-session-token"
-#: Header carrying a session id (``session_id`` strategy).
-SESSION_ID_HEADER = "x-session-id"
 
 #: Endpoint attributes read from `EndpointMetrics` fields (upstream's core metric names).
 _METRIC_ATTRIBUTES = {
@@ -185,35 +185,16 @@ class SessionAffinityScorer:
         self.header = params.encoded_endpoint_header_config.header.strip().lower()
         self.header = self.header or SESSION_TOKEN_HEADER
         sid = params.session_id_config
-        self.sources = sid.sources
-        self.ttl = sid.eviction_ttl_seconds
-        self.max_sessions = sid.max_sessions
+        self.sources = [
+            (s.header.strip().lower(), "") if s.header else ("", s.attribute or "")
+            for s in sid.sources
+        ]
         self.profile = params.profile_name
-        self._clock = ctx.clock
-        self._lock = threading.Lock()
-        self._bindings: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.bindings = SessionBindings(sid.eviction_ttl_seconds, sid.max_sessions, ctx.clock)
 
     def session_id(self, request: SchedulingRequest) -> str:
         """The request's session id from the first source that has one."""
-        for src in self.sources:
-            if src.header:
-                value = request.headers.get(src.header.strip().lower(), "")
-            else:
-                raw = request.state.get(f"attribute:{src.attribute}")
-                value = raw if isinstance(raw, str) else ""
-            if value.strip():
-                return value.strip()
-        return ""
-
-    def _bound(self, sid: str) -> str | None:
-        with self._lock:
-            entry = self._bindings.get(sid)
-            if entry is None:
-                return None
-            if self._clock() - entry[1] > self.ttl:
-                del self._bindings[sid]
-                return None
-            return entry[0]
+        return session_id_of(request, self.sources)
 
     def score(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
@@ -229,23 +210,18 @@ class SessionAffinityScorer:
                 out[pod] = 1.0
             return out
         sid = self.session_id(request)
-        bound = self._bound(sid) if sid else None
+        bound = self.bindings.bound(sid) if sid else None
         if bound is not None:
             request.state[self.name] = bound in out  # whether the bound pod was a candidate
             if bound in out:
                 out[bound] = 1.0
         return out
 
-    def _pick(self, result: SchedulingResult) -> Endpoint | None:
-        if self.profile:
-            return result.profile_target(self.profile)
-        return result.targets[0] if result.targets else None
-
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
     ) -> None:
         """Return the session token (header strategy) or bind the session to the pick."""
-        pick = self._pick(result)
+        pick = result.pick_of(self.profile)
         if pick is None:
             return
         if self.strategy == "encoded_endpoint_header":
@@ -255,25 +231,11 @@ class SessionAffinityScorer:
         if not sid:
             return
         present = request.state.pop(self.name, None)
-        now = self._clock()
-        with self._lock:
-            entry = self._bindings.get(sid)
-            live = entry is not None and now - entry[1] <= self.ttl
-            if live and entry is not None and entry[0] != pick.id and present is not False:
-                return  # the bound pod was a candidate and lost: keep the binding
-            self._bindings[sid] = (pick.id, now)
-            self._bindings.move_to_end(sid)
-            while len(self._bindings) > self.max_sessions:
-                self._bindings.popitem(last=False)
+        self.bindings.bind(sid, pick.id, present)
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         """Forget sessions bound to pods that left the pool."""
-        gone = {e.id for e in removed}
-        if not gone:
-            return
-        with self._lock:
-            for sid in [s for s, (pod, _) in self._bindings.items() if pod in gone]:
-                del self._bindings[sid]
+        self.bindings.forget_endpoints(e.id for e in removed)
 
 
 # -- context-length-aware ------------------------------------------------------------------------

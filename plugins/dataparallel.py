@@ -29,6 +29,7 @@ from kvaware_scorer.scheduler import (
     SchedulingRequest,
     SchedulingResult,
 )
+from kvaware_scorer.scheduler.profiles import single_result
 
 __all__ = [
     "DATA_PARALLEL_HEADER",
@@ -139,17 +140,8 @@ class DataParallelProfileHandler:
         request: SchedulingRequest,
         results: Mapping[str, ProfileResult],
     ) -> str:
-        """The single profile that ran is primary.
-
-        Raises:
-            NoEndpointError: More than one profile ran.
-        """
-        if len(results) != 1:
-            raise NoEndpointError(
-                f"{self.name}: data-parallel-profile-handler runs a single profile, "
-                f"{len(results)} ran"
-            )
-        return next(iter(results))
+        """The single profile that ran is primary (`NoEndpointError` when more ran)."""
+        return single_result(self.name, results)
 
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult

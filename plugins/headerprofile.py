@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pydantic import StrictStr, field_validator
 
 from kvaware_scorer.config import ConfigModel
-from kvaware_scorer.errors import NoEndpointError, RequestRejectedError
+from kvaware_scorer.errors import RequestRejectedError
 from kvaware_scorer.scheduler import (
     PluginContext,
     PluginRegistry,
@@ -24,6 +24,7 @@ from kvaware_scorer.scheduler import (
     SchedulingContext,
     SchedulingRequest,
 )
+from kvaware_scorer.scheduler.profiles import single_result
 
 __all__ = [
     "DEFAULT_HEADER_NAME",
@@ -154,17 +155,8 @@ class HeaderProfileHandler:
         request: SchedulingRequest,
         results: Mapping[str, ProfileResult],
     ) -> str:
-        """The single profile that ran is primary.
-
-        Raises:
-            NoEndpointError: More than one profile ran.
-        """
-        if len(results) != 1:
-            raise NoEndpointError(
-                f"{self.name}: header-profile-handler runs a single profile per request, "
-                f"{len(results)} ran"
-            )
-        return next(iter(results))
+        """The single profile that ran is primary (`NoEndpointError` when more ran)."""
+        return single_result(self.name, results)
 
 
 def register(registry: PluginRegistry) -> None:

@@ -26,11 +26,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
@@ -44,6 +41,13 @@ from kvaware_scorer.scheduler import (
     SchedulingContext,
     SchedulingRequest,
     SchedulingResult,
+)
+from kvaware_scorer.scheduler.sessions import (
+    MAX_SESSION_KEY_CHARS,
+    SESSION_ID_HEADER,
+    SESSION_TOKEN_HEADER,
+    SessionBindings,
+    session_id_of,
 )
 
 __all__ = [
@@ -62,20 +66,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# NOTE: the same names as ``session-affinity-scorer`` (affinity.py), which built-in modules cannot
-# import from one another under the type checker's layout.
-#: Header carrying the base64 endpoint id (``encoded_endpoint_header``).
-SESSION_TOKEN_HEADER = "x-session-token"
-#: Header the session id is read from when no source is configured (``session_id``).
-SESSION_ID_HEADER = "x-session-id"
 #: ``evictionTtlSeconds`` when unset or 0 (upstream).
 DEFAULT_EVICTION_TTL_SECONDS = 300.0
 #: ``evictionSweepSeconds`` when unset or 0 (upstream).
 DEFAULT_EVICTION_SWEEP_SECONDS = 10.0
 #: Longest session token decoded; longer ones are no session (an endpoint id is far shorter).
 MAX_TOKEN_CHARS = 1024
-#: Longest session id stored as given; longer ones are stored as ``sha256:<hex digest>``.
-MAX_SESSION_KEY_CHARS = 128
 
 
 def normalize_header(name: str) -> str:
@@ -189,14 +185,6 @@ class SessionAffinityFilterParams(ConfigModel):
         return value
 
 
-def session_key(session_id: str) -> str:
-    """The binding key of `session_id`: itself, or its digest when longer than
-    `MAX_SESSION_KEY_CHARS` (so a huge id costs no more memory than a short one)."""
-    if len(session_id) <= MAX_SESSION_KEY_CHARS:
-        return session_id
-    return "sha256:" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 class SessionAffinityFilter:
     """``session-affinity-filter``: keeps only the pod the request's session is pinned to when it
     is a candidate, else every candidate (see the module documentation)."""
@@ -210,44 +198,22 @@ class SessionAffinityFilter:
         self.sources = [
             (normalize_header(s.header), "") if s.header else ("", s.attribute) for s in sid.sources
         ]
-        self.ttl = sid.eviction_ttl_seconds
-        self.max_sessions = sid.max_sessions
-        self._clock = ctx.clock
-        self._lock = threading.Lock()
-        # session key -> (endpoint id, last use); ordered by last use, oldest first
-        self._bindings: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.bindings = SessionBindings(sid.eviction_ttl_seconds, sid.max_sessions, ctx.clock)
 
     # -- session lookup -----------------------------------------------------------------------
 
     def session_id(self, request: SchedulingRequest) -> str:
         """The request's session id (trimmed) from the first source that has one, else ""."""
-        for header, attribute in self.sources:
-            if header:
-                value = request.headers.get(header, "")
-            else:
-                raw = request.state.get(f"attribute:{attribute}")
-                value = raw if isinstance(raw, str) else ""
-            value = value.strip() if isinstance(value, str) else ""
-            if value:
-                return value
-        return ""
+        return session_id_of(request, self.sources)
 
     def bound(self, session_id: str) -> str | None:
         """The endpoint id `session_id` is bound to, None when unbound or expired."""
-        key = session_key(session_id)
-        with self._lock:
-            entry = self._bindings.get(key)
-            if entry is None:
-                return None
-            if self._clock() - entry[1] > self.ttl:
-                del self._bindings[key]
-                return None
-            return entry[0]
+        return self.bindings.bound(session_id)
 
     @property
     def sessions(self) -> int:
         """Bindings held (expired ones not yet dropped included)."""
-        return len(self._bindings)
+        return len(self.bindings)
 
     # -- filter ---------------------------------------------------------------------------------
 
@@ -275,17 +241,12 @@ class SessionAffinityFilter:
 
     # -- after the decision ---------------------------------------------------------------------
 
-    def _pick(self, result: SchedulingResult) -> Endpoint | None:
-        if self.profile:
-            return result.profile_target(self.profile)
-        return result.targets[0] if result.targets else None
-
     def pre_request(
         self, ctx: SchedulingContext, request: SchedulingRequest, result: SchedulingResult
     ) -> None:
         """Return the pick's token (header strategy) or bind the session to the pick."""
         present = request.state.pop(self.name, None)
-        pick = self._pick(result)
+        pick = result.pick_of(self.profile)
         if pick is None:
             return  # e.g. profileName: prefill on a decode-only request: nothing to pin
         if self.strategy == "encoded_endpoint_header":
@@ -293,35 +254,12 @@ class SessionAffinityFilter:
             return
         sid = self.session_id(request)
         if sid:
-            self._bind(session_key(sid), pick.id, present)
-
-    def _bind(self, key: str, endpoint_id: str, present: bool | None) -> None:
-        now = self._clock()
-        with self._lock:
-            entry = self._bindings.get(key)
-            live = entry is not None and now - entry[1] <= self.ttl
-            if live and entry is not None and entry[0] != endpoint_id and present is not False:
-                # Only a bound pod seen missing from the candidates moves the session (a
-                # concurrent first bind, or a later filter, leaves it where it is).
-                return
-            self._bindings[key] = (endpoint_id, now)
-            self._bindings.move_to_end(key)
-            while self._bindings:  # drop expired bindings, oldest first
-                oldest = next(iter(self._bindings.values()))
-                if now - oldest[1] <= self.ttl:
-                    break
-                self._bindings.popitem(last=False)
-            while len(self._bindings) > self.max_sessions:
-                self._bindings.popitem(last=False)
+            self.bindings.bind(sid, pick.id, present)
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         """Forget sessions bound to pods that left the pool (their next request re-binds)."""
-        gone = {e.id for e in removed}
-        if not gone or self.strategy != "session_id":
-            return
-        with self._lock:
-            for key in [k for k, (pod, _) in self._bindings.items() if pod in gone]:
-                del self._bindings[key]
+        if self.strategy == "session_id":
+            self.bindings.forget_endpoints(e.id for e in removed)
 
 
 def register(registry: PluginRegistry) -> None:

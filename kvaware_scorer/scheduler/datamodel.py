@@ -271,6 +271,13 @@ class SchedulingResult:
         pr = self.profile_results.get(profile)
         return pr.targets[0] if pr is not None and pr.targets else None
 
+    def pick_of(self, profile: str | None) -> Endpoint | None:
+        """`profile_target` of `profile`, or the primary pick when `profile` is empty (a
+        plugin's ``profileName`` parameter)."""
+        if profile:
+            return self.profile_target(profile)
+        return self.targets[0] if self.targets else None
+
 
 @dataclass
 class ResponseInfo:

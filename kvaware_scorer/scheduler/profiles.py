@@ -34,7 +34,7 @@ from kvaware_scorer.scheduler.types import (
     Scorer,
 )
 
-__all__ = ["Profile", "ProfileRunner", "build_profiles"]
+__all__ = ["Profile", "ProfileRunner", "build_profiles", "single_result"]
 
 logger = logging.getLogger("kvaware_scorer.scheduler.pipeline")
 
@@ -241,3 +241,14 @@ class ProfileRunner:
             except Exception:
                 logger.exception("pre-request hook of plugin %s failed", name)
                 self.metrics.plugin_errors.labels(name, "pre_request").inc()
+
+
+def single_result(handler: str, results: Mapping[str, ProfileResult]) -> str:
+    """The primary profile of a handler that runs one profile per request: the one that ran.
+
+    Raises:
+        NoEndpointError: Not exactly one profile ran (naming `handler`).
+    """
+    if len(results) != 1:
+        raise NoEndpointError(f"{handler}: runs a single profile per request, {len(results)} ran")
+    return next(iter(results))

@@ -110,7 +110,7 @@ def test_session_bindings_are_bounded() -> None:
     eps = endpoints(2)
     for sid in ("a", "b", "c"):
         s.schedule(SchedulingRequest(sid, "m", token_ids=[1], headers={"x-session-id": sid}), eps)
-    assert len(p._bindings) == 2 and "a" not in p._bindings
+    assert len(p.bindings) == 2 and p.bindings.bound("a") is None
 
 
 def test_session_source_needs_exactly_one_of_header_or_attribute() -> None:

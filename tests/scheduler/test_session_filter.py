@@ -289,7 +289,7 @@ def test_session_id_bindings_are_bounded() -> None:
     assert p.bound("keep") is not None and p.bound("sess-0") is None
     assert p.bound("sess-499") is not None
     _, default = plugin(SESSION_ID)
-    assert default.max_sessions == 100_000
+    assert default.bindings.max_sessions == 100_000
 
 
 def test_huge_session_ids_are_stored_as_digests() -> None:
@@ -299,7 +299,7 @@ def test_huge_session_ids_are_stored_as_digests() -> None:
     huge = "x" * 1_000_000
     first = s.schedule(req("a", **{"x-session-id": huge}), eps)
     assert list(p.filter(s.context(), req("b", **{"x-session-id": huge}), eps)) == [first.target]
-    assert max(len(k) for k in p._bindings) <= 160
+    assert max(len(k) for k in p.bindings._bindings) <= 160
     assert p.bound(huge[:-1] + "y") is None
 
 
@@ -417,7 +417,7 @@ def test_rejected_parameters(params: dict[str, Any], message: str) -> None:
 def test_defaults_filled_as_upstream() -> None:
     """Unset or zero fields take upstream's defaults."""
     _, p = plugin({"strategy": "session_id", "sessionIdConfig": {"evictionTtlSeconds": 0}})
-    assert p.ttl == 300.0 and p.sources == [("x-session-id", "")]
+    assert p.bindings.ttl == 300.0 and p.sources == [("x-session-id", "")]
     _, q = plugin()
     assert q.strategy == "encoded_endpoint_header" and q.header == "x-session-token"
     assert q.profile == ""
