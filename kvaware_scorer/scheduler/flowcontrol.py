@@ -228,11 +228,7 @@ class FlowController:
             raise RequestRejectedError("no endpoints available", 503)
         # NOTE: while a dispatched request is still being scheduled (not yet counted), a
         # newcomer queues behind it instead of slipping past the queue on a stale reading.
-        if (
-            not self._bands
-            and self._admission is None
-            and self._open_for(request.priority, self.saturation())
-        ):
+        if not self._bands and self._admission is None and self.open_for(request.priority):
             return
         band = self._band(request.priority)
         if band.size >= band.max_requests:
@@ -328,9 +324,12 @@ class FlowController:
             out[i] = min(1.0, max(0.0, float(c))) if c == c else 1.0
         return out
 
-    def _open_for(self, priority: int, saturation: float) -> bool:
-        """Whether a request of `priority` may go now with nobody waiting: no band from the
-        highest down to its own is gated."""
+    def open_for(self, priority: int, saturation: float | None = None) -> bool:
+        """Whether a request of `priority` may go now with nobody waiting: the pool is below
+        saturation and no band from the highest down to its own is gated (`saturation`: the
+        reading to use; None reads the detector now)."""
+        if saturation is None:
+            saturation = self.saturation()
         levels = self._priorities(priority)
         ceilings = self._ceilings(saturation, levels)
         for level, ceiling in zip(levels, ceilings, strict=True):

@@ -349,7 +349,7 @@ class SchedulerRouter:
         i = self._next
         self._next = (i + 1) % len(self.schedulers)
         flow = self.schedulers[i].flow
-        if flow is not None and (self._held[i] or flow.saturation() >= 1.0):
+        if flow is not None and (self._held[i] or not flow.open_for(0)):
             self._held[i].append((request, self._clock()))
             self.holds += 1
             return None
@@ -370,7 +370,7 @@ class SchedulerRouter:
             while queue and ttl > 0 and now - queue[0][1] > ttl:
                 shed.append(queue.popleft()[0])
                 flow.shed += 1
-            while queue and flow.saturation() < 1.0:
+            while queue and flow.open_for(0):
                 request = queue.popleft()[0]
                 routed.append((request, self._schedule(i, request)))
         return routed, shed
