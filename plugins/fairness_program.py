@@ -161,6 +161,7 @@ class ProgramAwareFairness:
         self._programs: OrderedDict[str, _Program] = OrderedDict()
         self._last_sweep = self._clock()
         self._flow_key = f"{ctx.name}:program"
+        self._counted_key = f"{ctx.name}:counted"
         self._enqueued_key = f"{ctx.name}:enqueued"
 
     # -- the table ---------------------------------------------------------------------------------
@@ -280,6 +281,9 @@ class ProgramAwareFairness:
     ) -> None:
         """Count the dispatch, and the queue wait of a request flow control held."""
         now = self._clock()
+        if request.state.get(self._counted_key):
+            return  # a retry rescheduling the same request: counted at its first pick
+        request.state[self._counted_key] = True
         program = self._program_of(request)
         request.state[self._flow_key] = program
         enqueued = request.state.get(self._enqueued_key)

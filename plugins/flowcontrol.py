@@ -141,6 +141,10 @@ class ConcurrencyDetector:
     (``requests`` or ``tokens``), or in ``hybrid`` the average over endpoints of the larger
     ratio. As a filter it drops endpoints at ``capacity x (1 + headroom)``."""
 
+    #: Its reading moves when a dispatched request is scheduled (pre-request), so flow
+    #: control waits for that before the next look (`flowcontrol.ADMISSION_WAIT`).
+    counts_scheduled = True
+
     def __init__(self, params: ConcurrencyParams, ctx: PluginContext) -> None:
         self.name = ctx.name
         self.params = params

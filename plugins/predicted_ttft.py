@@ -249,6 +249,10 @@ class PrefillModel:
 class PredictedTTFTScorer:
     """``predicted-ttft-scorer`` (see the module docstring)."""
 
+    #: As a saturation detector its ledger counts a request once it is scheduled
+    #: (pre-request), so flow control waits for that before the next look.
+    counts_scheduled = True
+
     def __init__(self, params: PredictedTTFTParams, ctx: PluginContext) -> None:
         self.name = ctx.name
         self.params = params

@@ -326,9 +326,13 @@ class Forwarder:
                 self.catalog.mark(target.id, reachable=False)
             self.cooldowns.start(target.id)
         failed.add(target.id)
+        # NOTE: attempts are counted, not the distinct pods in `failed`: a pick a plugin sends
+        # elsewhere (data-parallel's primaryPort) fails under an id that is no candidate's, and
+        # would otherwise be retried without end.
+        attempt.failures += 1
         info.error = f"{target.id}: {failure.error!r}"
         remaining = [e for e in candidates if e.id not in failed]
-        if len(failed) < self.config.max_attempts and remaining:
+        if attempt.failures < self.config.max_attempts and remaining:
             try:
                 await self._reschedule(sreq, remaining, attempt)
             except NoEndpointError:
@@ -341,7 +345,7 @@ class Forwarder:
         return json_response(
             error_body(
                 f"Could not reach an endpoint for model `{sreq.lora_name or sreq.model}` "
-                f"after {len(failed)} attempt(s).",
+                f"after {attempt.failures} attempt(s).",
                 "server_error",
                 None,
                 "upstream_unavailable",

@@ -66,13 +66,14 @@ _DROP_RESPONSE = _HOP_BY_HOP | {"content-encoding", "date", "server"}
 class Attempt:
     """The current decision of a request (it changes when a retry schedules it again)."""
 
-    __slots__ = ("first_token", "request", "result", "started")
+    __slots__ = ("failures", "first_token", "request", "result", "started")
 
     def __init__(self, result: SchedulingResult, request: SchedulingRequest) -> None:
         self.result = result
         self.request = request
         self.started = False  # response headers sent to the client
         self.first_token = False  # reported to the scheduler
+        self.failures = 0  # targets that failed so far (bounded by maxAttempts)
 
 
 class _IdleWatch:

@@ -68,8 +68,11 @@ DEFAULT_BAND_MAX_REQUESTS = 5000
 #: Seconds between two looks at the pool's saturation while requests wait.
 POLL_INTERVAL = 0.01
 #: Seconds the dispatcher waits, after handing out a turn, for that request to be scheduled
-#: (its pre-request hooks count it, e.g. in ``concurrency-detector``) before it looks at the
-#: saturation again; a request slower than that no longer holds the queue up.
+#: before it looks at the saturation again, when the detector counts scheduled requests itself
+#: (``counts_scheduled``: ``concurrency-detector``, ``predicted-ttft-scorer``, whose reading
+#: moves only once the request's pre-request hooks ran); a request slower than that no longer
+#: holds the queue up. Detectors reading scraped metrics get no wait (it would not change their
+#: reading, only slow the queue's drain).
 ADMISSION_WAIT = 0.5
 
 
@@ -226,9 +229,7 @@ class FlowController:
         if not self._endpoints():
             self.shed += 1
             raise RequestRejectedError("no endpoints available", 503)
-        # NOTE: while a dispatched request is still being scheduled (not yet counted), a
-        # newcomer queues behind it instead of slipping past the queue on a stale reading.
-        if not self._bands and self._admission is None and self.open_for(request.priority):
+        if not self._bands and self.open_for(request.priority):
             return
         band = self._band(request.priority)
         if band.size >= band.max_requests:
@@ -253,6 +254,7 @@ class FlowController:
                 await item.turn
         except TimeoutError:
             self._remove(band, item)
+            self.admitted(request)  # a turn granted as the wait ran out is given back
             self.shed += 1
             empty = not self._endpoints()
             raise RequestRejectedError(
@@ -261,6 +263,7 @@ class FlowController:
             ) from None
         except asyncio.CancelledError:
             self._remove(band, item)
+            self.admitted(request)  # cancelled (client gone) after its turn was granted
             raise
 
     def admitted(self, request: SchedulingRequest) -> None:
@@ -315,13 +318,13 @@ class FlowController:
         if self.usage_limit is None:
             return out
         try:
-            given = list(self.usage_limit.compute_limit(saturation, priorities))
+            given = [float(c) for c in self.usage_limit.compute_limit(saturation, priorities)]
         except Exception:
             logger.exception("usage limit policy failed; no band gated by it")
             return out
         for i, c in enumerate(given[: len(out)]):
             # NOTE: a NaN or out-of-range ceiling from a plugin is read as the nearest sane one.
-            out[i] = min(1.0, max(0.0, float(c))) if c == c else 1.0
+            out[i] = min(1.0, max(0.0, c)) if c == c else 1.0
         return out
 
     def open_for(self, priority: int, saturation: float | None = None) -> bool:
@@ -387,7 +390,8 @@ class FlowController:
             if item is not None:
                 if not item.turn.done():
                     item.turn.set_result(None)
-                    await self._await_admission(item.request)
+                    if getattr(self.detector, "counts_scheduled", False):
+                        await self._await_admission(item.request)
                 await asyncio.sleep(0)
                 continue
             await asyncio.sleep(POLL_INTERVAL)

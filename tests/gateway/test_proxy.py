@@ -1149,3 +1149,37 @@ async def test_scheduler_start_failure_is_not_fatal(tmp_path: Path, pods: list[F
     assert status == 200
     assert failures == 1
     assert len(recorder.calls) == 1
+
+
+async def test_retries_end_when_a_plugin_sends_the_pick_elsewhere(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder
+) -> None:
+    """data-parallel-profile-handler sends every rank pick to the pod's primaryPort: when that
+    port refuses, the failed target is no candidate, yet the attempts still end at maxAttempts
+    (they are counted, not the distinct pods that failed) with a 502."""
+    from tests.harness import pool_scheduler
+
+    dead_port = free_port()
+    config = {
+        "apiVersion": "llm-d.ai/v1alpha1",
+        "kind": "EndpointPickerConfig",
+        "plugins": [
+            {"type": "data-parallel-profile-handler", "parameters": {"primaryPort": dead_port}},
+            {"type": "queue-scorer"},
+            {"type": "test-recorder"},
+        ],
+        "schedulingProfiles": [{"name": "default", "plugins": [{"pluginRef": "queue-scorer"}]}],
+    }
+    scheduler = pool_scheduler(tmp_path, pods, config, [RecorderPlugin(recorder)], with_model=True)
+    gw = Gateway(scheduler, GatewayConfig(port=0, max_attempts=3), own_scheduler=True)
+    await gw.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, data, _ = await asyncio.wait_for(
+                post(s, gw.url + "/v1/completions", {"model": MODEL, "prompt": "x"}), 10
+            )
+    finally:
+        await gw.stop()
+    assert status == 502
+    assert data["error"]["code"] == "upstream_unavailable"
+    assert len(recorder.scheduled) == 3

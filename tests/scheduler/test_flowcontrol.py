@@ -5,6 +5,7 @@ upstream's detector, policy and admitter tables)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -323,6 +324,21 @@ async def test_dispatcher_waits_for_each_turn_to_be_counted() -> None:
     await asyncio.gather(*queued, return_exceptions=True)
 
 
+class CountingGate(Gate):
+    """A detector whose reading moves when requests are scheduled (like concurrency-detector)."""
+
+    counts_scheduled = True
+
+
+def counting_controller(**kw: Any) -> tuple[Any, CountingGate]:
+    from kvaware_scorer.scheduler.flowcontrol import FlowController
+
+    s = build(config([{"type": "queue-scorer"}]), seed=0)
+    eps = endpoints(2)
+    gate = CountingGate()
+    return FlowController(gate, lambda: eps, s.context, **kw), gate
+
+
 async def test_a_slow_admission_does_not_hold_the_queue_forever(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -331,8 +347,7 @@ async def test_a_slow_admission_does_not_hold_the_queue_forever(
     from kvaware_scorer.scheduler import flowcontrol
 
     monkeypatch.setattr(flowcontrol, "ADMISSION_WAIT", 0.05)
-    fc, gate = controller()
-    gate.value = 1.0
+    fc, gate = counting_controller()
     first = asyncio.create_task(fc.wait_turn(req("a")))
     second = asyncio.create_task(fc.wait_turn(req("b")))
     await asyncio.sleep(0.03)
@@ -340,22 +355,35 @@ async def test_a_slow_admission_does_not_hold_the_queue_forever(
     await asyncio.wait_for(asyncio.gather(first, second), 1)
 
 
-async def test_newcomer_queues_while_a_turn_is_being_scheduled() -> None:
-    """While the request just dispatched is not yet scheduled, a newcomer does not go at once
-    on the stale reading (the queue looks empty then): it waits until that request reports
-    being scheduled, then gets the next turn."""
-    fc, gate = controller()
-    gate.value = 1.0
-    a = req("a")
+async def test_a_turn_given_back_by_a_cancelled_waiter_holds_nobody() -> None:
+    """A waiter cancelled (client gone) just as its turn is granted reports itself, so the
+    next request does not wait out ADMISSION_WAIT behind it."""
+    # NOTE: without a TTL the waiter awaits its turn directly, so a cancellation that lands
+    # after the turn was granted still raises in it (asyncio.wait_for would swallow it and
+    # return, and the caller's own report then covers it).
+    fc, gate = counting_controller(request_ttl=0)
+    a, b = req("a"), req("b")
     first = asyncio.create_task(fc.wait_turn(a))
+    second = asyncio.create_task(fc.wait_turn(b))
     await asyncio.sleep(0.02)
     gate.value = 0.0
-    await asyncio.wait_for(first, 1)  # dispatched; "a" has not reported admitted() yet
-    second = asyncio.create_task(fc.wait_turn(req("b")))
-    await asyncio.sleep(0.02)
-    assert not second.done() and fc.waiting() == 1
-    fc.admitted(req("other"))  # another request's report changes nothing
-    await asyncio.sleep(0.02)
-    assert not second.done()
-    fc.admitted(a)
+    while fc.waiting() == 2:  # the dispatcher grants "a" its turn ...
+        await asyncio.sleep(0)
+    first.cancel()  # ... and "a" is cancelled before it resumes
+    t0 = asyncio.get_running_loop().time()
     await asyncio.wait_for(second, 1)
+    assert asyncio.get_running_loop().time() - t0 < 0.2
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
+
+
+async def test_detector_reading_scraped_metrics_drains_the_queue_at_once() -> None:
+    """Without counts_scheduled (a detector reading scraped metrics, which a scheduled request
+    does not move) the dispatcher does not wait for each request: a queue built up while the
+    pool was saturated drains as soon as it has room, though none of them reports back."""
+    fc, gate = controller()
+    waiters = [asyncio.create_task(fc.wait_turn(req(str(i)))) for i in range(50)]
+    await asyncio.sleep(0.02)
+    assert fc.waiting() == 50
+    gate.value = 0.0
+    await asyncio.wait_for(asyncio.gather(*waiters), 0.5)
