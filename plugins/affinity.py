@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
@@ -24,7 +22,10 @@ from kvaware_scorer.scheduler import (
 from kvaware_scorer.scheduler.sessions import (
     SESSION_ID_HEADER,
     SESSION_TOKEN_HEADER,
+    EncodedEndpointHeaderConfig,
     SessionBindings,
+    decode_token,
+    encode_token,
     session_id_of,
 )
 
@@ -103,12 +104,6 @@ class LoraAffinityScorer:
 
 
 # -- session-affinity-scorer ---------------------------------------------------------------------
-
-
-class EncodedEndpointHeaderConfig(ConfigModel):
-    """``encodedEndpointHeaderConfig``: the header carrying the base64 endpoint id."""
-
-    header: str = SESSION_TOKEN_HEADER
 
 
 class SessionIDSource(ConfigModel):
@@ -202,10 +197,7 @@ class SessionAffinityScorer:
         out = {e.id: 0.0 for e in endpoints}
         if self.strategy == "encoded_endpoint_header":
             token = request.headers.get(self.header, "")
-            try:
-                pod = base64.b64decode(token, validate=True).decode() if token else ""
-            except (binascii.Error, UnicodeDecodeError):
-                pod = ""
+            pod = decode_token(token) if isinstance(token, str) else ""
             if pod in out:
                 out[pod] = 1.0
             return out
@@ -225,7 +217,7 @@ class SessionAffinityScorer:
         if pick is None:
             return
         if self.strategy == "encoded_endpoint_header":
-            result.response_headers[self.header] = base64.b64encode(pick.id.encode()).decode()
+            result.response_headers[self.header] = encode_token(pick.id)
             return
         sid = self.session_id(request)
         if not sid:

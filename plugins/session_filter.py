@@ -24,8 +24,6 @@ bindings. Memory is thus at most ``maxSessions`` x (160 + endpoint id) character
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import math
 from collections.abc import Sequence
@@ -44,9 +42,13 @@ from kvaware_scorer.scheduler import (
 )
 from kvaware_scorer.scheduler.sessions import (
     MAX_SESSION_KEY_CHARS,
+    MAX_TOKEN_CHARS,
     SESSION_ID_HEADER,
     SESSION_TOKEN_HEADER,
+    EncodedEndpointHeaderConfig,
     SessionBindings,
+    decode_token,
+    encode_token,
     session_id_of,
 )
 
@@ -70,36 +72,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_EVICTION_TTL_SECONDS = 300.0
 #: ``evictionSweepSeconds`` when unset or 0 (upstream).
 DEFAULT_EVICTION_SWEEP_SECONDS = 10.0
-#: Longest session token decoded; longer ones are no session (an endpoint id is far shorter).
-MAX_TOKEN_CHARS = 1024
 
 
 def normalize_header(name: str) -> str:
     """A configured header name as request headers are keyed: trimmed, lowercased, and the
     default token header when empty (as upstream)."""
     return name.strip().lower() or SESSION_TOKEN_HEADER
-
-
-def decode_token(token: str) -> str:
-    """The endpoint id in a session token; "" when it is empty, too long, not standard padded
-    base64, or not UTF-8 text."""
-    if not token or len(token) > MAX_TOKEN_CHARS:
-        return ""
-    try:
-        return base64.b64decode(token, validate=True).decode()
-    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
-        return ""
-
-
-def encode_token(endpoint_id: str) -> str:
-    """The session token of `endpoint_id` (standard base64)."""
-    return base64.b64encode(endpoint_id.encode()).decode()
-
-
-class EncodedEndpointHeaderConfig(ConfigModel):
-    """``encodedEndpointHeaderConfig``: the request and response header carrying the token."""
-
-    header: str = SESSION_TOKEN_HEADER
 
 
 class SessionFilterIDSource(ConfigModel):

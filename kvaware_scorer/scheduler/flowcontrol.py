@@ -333,6 +333,8 @@ class FlowController:
         reading to use; None reads the detector now)."""
         if saturation is None:
             saturation = self.saturation()
+        if self.usage_limit is None:
+            return saturation < 1.0  # every ceiling 1.0: the common case, no allocation
         levels = self._priorities(priority)
         ceilings = self._ceilings(saturation, levels)
         for level, ceiling in zip(levels, ceilings, strict=True):
@@ -347,14 +349,14 @@ class FlowController:
         policy's first request of that flow. With `saturation`, bands are looked at from the
         highest down and none is served from the first one whose ceiling the saturation
         reaches (None: no gating)."""
-        if saturation is None:
-            gate: dict[int, float] = {}
+        gate: dict[int, float] = {}
+        if saturation is None or self.usage_limit is None:
             levels = sorted(self._bands, reverse=True)
         else:
             levels = self._priorities()
             gate = dict(zip(levels, self._ceilings(saturation, levels), strict=True))
         for priority in levels:
-            if saturation is not None and saturation >= gate[priority]:
+            if saturation is not None and saturation >= gate.get(priority, 1.0):
                 return None
             band = self._bands.get(priority)
             if band is None:

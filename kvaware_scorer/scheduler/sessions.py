@@ -5,18 +5,25 @@ map of sessions to the pods they are bound to (upstream's ``session_id`` strateg
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
+from kvaware_scorer.config import ConfigModel
 from kvaware_scorer.scheduler.datamodel import SchedulingRequest
 
 __all__ = [
     "MAX_SESSION_KEY_CHARS",
+    "MAX_TOKEN_CHARS",
     "SESSION_ID_HEADER",
     "SESSION_TOKEN_HEADER",
+    "EncodedEndpointHeaderConfig",
     "SessionBindings",
+    "decode_token",
+    "encode_token",
     "session_id_of",
     "session_key",
 ]
@@ -27,6 +34,30 @@ SESSION_TOKEN_HEADER = "x-session-token"
 SESSION_ID_HEADER = "x-session-id"
 #: Longest session id kept as it is; a longer one is kept as its SHA-256 digest.
 MAX_SESSION_KEY_CHARS = 128
+#: Longest session token decoded; longer ones are no session (an endpoint id is far shorter).
+MAX_TOKEN_CHARS = 1024
+
+
+class EncodedEndpointHeaderConfig(ConfigModel):
+    """``encodedEndpointHeaderConfig``: the request and response header carrying the token."""
+
+    header: str = SESSION_TOKEN_HEADER
+
+
+def decode_token(token: str) -> str:
+    """The endpoint id in a session token; "" when it is empty, too long, not standard padded
+    base64, or not UTF-8 text."""
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        return ""
+    try:
+        return base64.b64decode(token, validate=True).decode()
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        return ""
+
+
+def encode_token(endpoint_id: str) -> str:
+    """The session token of `endpoint_id` (standard base64)."""
+    return base64.b64encode(endpoint_id.encode()).decode()
 
 
 def session_key(session_id: str) -> str:

@@ -156,13 +156,14 @@ def test_hostile_tokens_keep_every_candidate_and_schedule(bad: str) -> None:
 def test_oversized_tokens_are_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A token longer than MAX_TOKEN_CHARS is no session without being decoded at all."""
     from kvaware_scorer.plugins import session_filter
+    from kvaware_scorer.scheduler import sessions
 
     ok = token("10.0.0.1:8000")
     assert session_filter.decode_token(ok) == "10.0.0.1:8000"
     calls: list[int] = []
     real = base64.b64decode
     monkeypatch.setattr(
-        session_filter.base64, "b64decode", lambda t, **kw: calls.append(len(t)) or real(t, **kw)
+        sessions.base64, "b64decode", lambda t, **kw: calls.append(len(t)) or real(t, **kw)
     )
     big = "A" * (session_filter.MAX_TOKEN_CHARS + 4)
     assert session_filter.decode_token(big) == "" and calls == []
