@@ -45,6 +45,7 @@ BUILTIN_MODULES = (
     "usagelimit",
     "topology",
     "mmcache",
+    "attributes",
 )
 
 

@@ -528,9 +528,11 @@ class ProcessStream:
                 common.header_mutation.set_headers.append(set_header(ENDPOINT_HEADER, served_id))
             if cfg.test_hooks:
                 common.header_mutation.set_headers.append(set_header(TEST_SERVED, served_id))
+        answer = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
         if msg.response_headers.end_of_stream:
             self._finish()
-        return ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
+            self._add_metadata(answer)
+        return answer
 
     def _on_response_body(self, rb: ep.HttpBody) -> ep.ProcessingResponse:
         data = rb.body
@@ -539,17 +541,31 @@ class ProcessStream:
             if self._model_bytes:
                 for new, orig in self._model_bytes:
                     data = data.replace(new, orig)
-        if rb.end_of_stream:
-            self._finish()
         if self.resp_mode == FULL_DUPLEX:
-            return streamed_response_body(data, rb.end_of_stream)
-        if data is not rb.body:
-            return ep.ProcessingResponse(
+            answer = streamed_response_body(data, rb.end_of_stream)
+        elif data is not rb.body:
+            answer = ep.ProcessingResponse(
                 response_body=ep.BodyResponse(
                     response=ep.CommonResponse(body_mutation=ep.BodyMutation(body=data))
                 )
             )
-        return EMPTY_RESPONSE_BODY
+        elif rb.end_of_stream:
+            answer = ep.ProcessingResponse(
+                response_body=ep.BodyResponse(response=ep.CommonResponse())
+            )
+        else:
+            return EMPTY_RESPONSE_BODY
+        if rb.end_of_stream:
+            self._finish()
+            self._add_metadata(answer)
+        return answer
+
+    def _add_metadata(self, answer: ep.ProcessingResponse) -> None:
+        """Attach what the post-response hooks want the proxy told (``dynamic_metadata``: e.g.
+        ``request-attribute-reporter``'s value) to the answer ending the response."""
+        metadata = self._info.dynamic_metadata
+        if metadata:
+            answer.dynamic_metadata.update(metadata)
 
     # -- accounting -----------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ class Usage(msgspec.Struct):
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    total_tokens: int | None = None
     prompt_tokens_details: UsageDetails | None = None
 
 
@@ -83,6 +84,8 @@ def record_usage(info: ResponseInfo, usage: Usage) -> None:
         info.prompt_tokens = usage.prompt_tokens
     if usage.completion_tokens is not None:
         info.completion_tokens = usage.completion_tokens
+    if usage.total_tokens is not None:
+        info.total_tokens = usage.total_tokens
     details = usage.prompt_tokens_details
     if details is not None and details.cached_tokens is not None:
         info.cached_tokens = details.cached_tokens

@@ -289,6 +289,10 @@ class ResponseInfo:
         cached_tokens: Prompt tokens served from the prefix cache, when reported.
         completion_tokens: Generated tokens.
         error: Error text when the request failed.
+        total_tokens: The total the server reported, when it did.
+        dynamic_metadata: What post-response hooks want the proxy told (``ext_proc`` dynamic
+            metadata: namespace -> key -> value, e.g. ``request-attribute-reporter``'s cost);
+            the Endpoint Picker sends it with its answer to the response's end.
     """
 
     status: int = 200
@@ -296,6 +300,8 @@ class ResponseInfo:
     cached_tokens: int | None = None
     completion_tokens: int = 0
     error: str | None = None
+    total_tokens: int | None = None
+    dynamic_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

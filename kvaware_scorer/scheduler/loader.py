@@ -424,9 +424,11 @@ class Loader:
             # NOTE: upstream profiles may list plugins that are no filter, scorer or picker
             # here (e.g. IS's tokenizer, given a weight in its examples); skipping them
             # keeps such files loading.
+            hooks = plugin.kinds & {"pre-request", "post-response"}
             self.diag.warn(
                 f"plugin {plugin.name!r} (type {plugin.type}) is not a filter, scorer or "
-                "picker; ignored in this profile",
+                "picker; ignored in this profile"
+                + ("; its request hooks run for every request" if hooks else ""),
                 f"{rpath}.pluginRef",
             )
         return slots

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -309,5 +310,51 @@ async def test_estimated_prefix_routing_history_through_the_epp(
                 pod = headers["x-kvaware-endpoint"]
                 first = first or pod
                 assert pod == first, f"group {group} question {q} left its pod"
+    finally:
+        await picker.stop()
+
+
+async def test_request_cost_reaches_envoy_as_dynamic_metadata(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder, envoys: Any
+) -> None:
+    """``request-attribute-reporter``'s token cost of each response, streamed or not, is in
+    Envoy's ``envoy.lb`` dynamic metadata when the request ends (its access log shows it)."""
+    from .conftest import load_config
+
+    config = load_config()
+    config["plugins"].append(
+        {
+            "type": "request-attribute-reporter",
+            "parameters": {
+                "attributes": [
+                    {
+                        "key": {"name": "x-gateway-inference-request-cost"},
+                        "expression": "usage.prompt_tokens + usage.completion_tokens",
+                    }
+                ]
+            },
+        }
+    )
+    picker = await start_picker(tmp_path, pods, recorder, config=config)
+    try:
+        envoy = await envoys(picker.grpc_port, picker.scheduler.endpoints)
+        prompts = ["one two three", "one two three four five six seven"]
+        for prompt, stream in zip(prompts, (False, True), strict=True):
+            body: dict[str, Any] = {"model": MODEL, "prompt": prompt}
+            if stream:
+                body |= {"stream": True, "stream_options": {"include_usage": True}}
+            status, _, text = await _post(envoy.url, "/v1/completions", body)
+            assert status == 200, text
+        await wait_for(lambda: len(recorder.calls) == 2, what="2 post_response calls")
+        costs = [info.prompt_tokens + info.completion_tokens for _, _, info in recorder.calls]
+        assert len(set(costs)) == 2 and all(c > 0 for c in costs)
+        log = envoy.process.log_path
+        assert log is not None
+
+        def logged() -> list[int]:
+            found = re.findall(r'"x-gateway-inference-request-cost":(\d+)', log.read_text())
+            return [int(v) for v in found]
+
+        await wait_for(lambda: sorted(logged()) == sorted(costs), what="the costs in the log")
     finally:
         await picker.stop()

@@ -347,6 +347,70 @@ async def test_response_phase_feeds_the_accounting(
     )
 
 
+def _reporter_config() -> dict[str, Any]:
+    data = load_config()
+    data["plugins"].append(
+        {
+            "type": "request-attribute-reporter",
+            "parameters": {
+                "attributes": [
+                    {
+                        "key": {"name": "x-gateway-inference-request-cost"},
+                        "expression": "usage.prompt_tokens + usage.completion_tokens",
+                        "condition": "usage.completion_tokens > 0",
+                    }
+                ]
+            },
+        }
+    )
+    return data
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_reported_attribute_rides_on_the_answer_ending_the_response(
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder, stream: bool
+) -> None:
+    """``request-attribute-reporter``'s value is ``envoy.lb`` dynamic metadata on the answer to
+    the response's last body message, and on no earlier answer."""
+    picker = await start_picker(tmp_path, pods, recorder, config=_reporter_config())
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
+            c = Client(ch)
+            await c.send(_request(body={"model": MODEL, "prompt": "x", "stream": stream}))
+            await c.read(2)
+            ctype = "text/event-stream" if stream else "application/json"
+            await c.send(
+                [
+                    ep.ProcessingRequest(
+                        response_headers=_headers({":status": "200", "content-type": ctype})
+                    )
+                ]
+            )
+            (rh,) = await c.read(1)
+            assert not rh.HasField("dynamic_metadata")
+            usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+            if stream:
+                chunks = [
+                    b'data: {"choices": [{"text": "a"}]}\n\n',
+                    b'data: {"choices": [], "usage": ' + json.dumps(usage).encode() + b"}\n\n",
+                    b"data: [DONE]\n\n",
+                ]
+            else:
+                chunks = [json.dumps({"choices": [{"text": "ab"}], "usage": usage}).encode()]
+            for chunk in chunks:
+                await c.send([ep.ProcessingRequest(response_body=ep.HttpBody(body=chunk))])
+                (echo,) = await c.read(1)
+                assert not echo.HasField("dynamic_metadata")
+            await c.send([ep.ProcessingRequest(response_body=ep.HttpBody(end_of_stream=True))])
+            (last,) = await c.read(1)
+            assert last.response_body.response.body_mutation.streamed_response.end_of_stream
+            lb = last.dynamic_metadata.fields["envoy.lb"].struct_value.fields
+            assert lb["x-gateway-inference-request-cost"].number_value == 9.0
+            await c.call.done_writing()
+    finally:
+        await picker.stop(0)
+
+
 async def test_a_stream_cut_before_the_response_ends_is_accounted_once(
     channel: grpc.aio.Channel, recorder: Recorder, picker: EndpointPicker
 ) -> None:
