@@ -1,5 +1,6 @@
-"""Upstream's threshold-style routing tools: ``prefix-cache-affinity-filter`` and
-``token-load-scorer`` (llm-d's "sticky until saturated" optimized baseline).
+"""Upstream's prefix-and-load routing tools: ``prefix-cache-affinity-filter`` and
+``token-load-scorer`` (llm-d's "sticky until saturated" optimized baseline), and
+``lmetric-scorer`` (llm-d's precise-routing cost).
 
 * ``prefix-cache-affinity-filter`` keeps only the *sticky* candidates, those holding at least
   ``affinityThreshold`` of the prompt's blocks (a prefix producer's match info), unless the best
@@ -9,6 +10,12 @@
   prediction (``ttftSource: latencyPredictor``: a configured ``predicted-ttft-scorer``).
 * ``token-load-scorer``: ``1 - min(1, (in-flight tokens + this request's uncached tokens) /
   queueThresholdTokens)``; 1.0 when the sum is 0.
+* ``lmetric-scorer``: the cost ``uncached prompt tokens x (requests in flight + 1)`` (the
+  prefill this request needs there, times the batch it would join), with uncached tokens at
+  block granularity as upstream (``(total blocks - matched blocks) x block size``); scores are
+  ``(max cost - cost) / (max cost - min cost)`` over the candidates, 1.0 for every candidate
+  when the costs are equal, 0 for every candidate when there is no match info (no producer,
+  an untokenizable or empty prompt).
 
 In-flight tokens are the uncached prompt tokens of the requests each plugin saw scheduled and
 not yet answered (its own `InFlightLedger`: upstream's ``inflight-load-producer`` is accepted
@@ -51,6 +58,8 @@ from kvaware_scorer.scheduler.registry import MATCH_INFO_CONSUMER, MATCH_INFO_PR
 
 __all__ = [
     "AffinityFilterParams",
+    "LMetricParams",
+    "LMetricScorer",
     "PrefixCacheAffinityFilter",
     "TokenLoadParams",
     "TokenLoadScorer",
@@ -215,6 +224,61 @@ class TokenLoadScorer(_Tracked):
         return out
 
 
+# -- lmetric-scorer -------------------------------------------------------------------------------
+
+
+class LMetricParams(ConfigModel):
+    """Parameters of ``lmetric-scorer``.
+
+    Attributes:
+        prefix_match_info_producer_name: The prefix plugin whose match info gives the uncached
+            tokens; empty = the one configured (the default producer when there is none).
+        in_flight_load_producer_name: Upstream's ``inflight-load-producer`` reference; accepted
+            (this scorer keeps its own account of the requests in flight).
+    """
+
+    prefix_match_info_producer_name: str | None = None
+    in_flight_load_producer_name: str | None = None
+
+
+class LMetricScorer(_Tracked):
+    """``lmetric-scorer`` (see the module docstring)."""
+
+    def __init__(self, params: LMetricParams, ctx: PluginContext) -> None:
+        self._setup(ctx, params.prefix_match_info_producer_name)
+
+    def costs(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> dict[str, float]:
+        """Endpoint id -> LMetric cost; empty when there is no match info."""
+        if self.ledger.timeout > 0:
+            self.ledger.expire(ctx.now)
+        info = self._match(ctx, request, endpoints)
+        self._uncached(ctx, request, endpoints, info)  # for pre_request's in-flight account
+        if info is None:
+            return {}
+        matched, total, block_size = info
+        if total <= 0:
+            return {}
+        bs = block_size if block_size > 0 else 1
+        out: dict[str, float] = {}
+        for e in endpoints:
+            hit = min(max(int(matched.get(e.id, 0.0)), 0), total)
+            out[e.id] = float((total - hit) * bs) * (self.ledger.load(e.id).requests + 1)
+        return out
+
+    def score(
+        self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
+    ) -> Mapping[str, float]:
+        costs = self.costs(ctx, request, endpoints)
+        if not costs:
+            return {e.id: 0.0 for e in endpoints}
+        lo, hi = min(costs.values()), max(costs.values())
+        if hi <= lo:
+            return {eid: 1.0 for eid in costs}
+        return {eid: (hi - c) / (hi - lo) for eid, c in costs.items()}
+
+
 # -- prefix-cache-affinity-filter -----------------------------------------------------------------
 
 
@@ -366,13 +430,22 @@ class PrefixCacheAffinityFilter(_Tracked):
 
 
 def register(registry: PluginRegistry) -> None:
-    """Register ``token-load-scorer`` and ``prefix-cache-affinity-filter``."""
+    """Register ``token-load-scorer``, ``lmetric-scorer`` and ``prefix-cache-affinity-filter``."""
     registry.register(
         "token-load-scorer",
         TokenLoadScorer,
         params=TokenLoadParams,
         kinds=("scorer", "pre-request", "post-response"),
         description="fewer in-flight uncached prompt tokens is better (upstream token load)",
+    )
+    registry.register(
+        "lmetric-scorer",
+        LMetricScorer,
+        params=LMetricParams,
+        kinds=("scorer", "pre-request", "post-response"),
+        description="lower uncached prompt tokens x (requests in flight + 1) is better "
+        "(upstream LMetric)",
+        capabilities=(MATCH_INFO_CONSUMER,),
     )
     registry.register(
         "prefix-cache-affinity-filter",

@@ -221,3 +221,96 @@ def test_token_load_scorer_discounts_cached_tokens_and_defaults(clock: FakeClock
     sc = res.scores["token-load-scorer"]
     assert sc[a.id] > sc[b.id]
     assert 1 - sc[b.id] == pytest.approx(len(PROMPT) / 4_194_304)
+
+
+# -- lmetric-scorer (upstream's LMetric cost: uncached tokens x (in-flight requests + 1)) ---------
+
+
+def _lmetric_scheduler(clock: FakeClock) -> Scheduler:
+    return build(
+        config(
+            [
+                {"type": "approx-prefix-cache-producer", "parameters": {"blockSizeTokens": BS}},
+                {"type": "lmetric-scorer"},
+                {"type": "max-score-picker"},
+            ],
+            [{"name": "d", "plugins": [{"pluginRef": "lmetric-scorer"}]}],
+        ),
+        clock=clock,
+        seed=0,
+    )
+
+
+def _busy(s: Scheduler, ep: Endpoint, n: int, rid: str) -> None:
+    """Keep `n` requests (sharing nothing with PROMPT) in flight on `ep`."""
+    for i in range(n):
+        base = 10**7 * (i + 1) + 10**5 * ep.port
+        s.schedule(
+            SchedulingRequest(f"{rid}-{i}", "m", token_ids=list(range(base, base + BS))), [ep]
+        )
+
+
+@pytest.mark.parametrize(
+    ("matches", "busy", "want"),
+    [
+        # costs (100 - match) x 16 x (busy + 1): 1600, 800, 160 -> normalized
+        ([0, 50, 90], [0, 0, 0], [0.0, 800 / 1440, 1.0]),
+        # the pod holding 90 % serves 9 requests: cost 160 x 10 = 1600, the empty pod 1600
+        ([0, 90], [0, 9], [1.0, 1.0]),
+        # load breaks the tie in favour of the idle pod
+        ([50, 50], [3, 0], [0.0, 1.0]),
+        # equal costs: every candidate scores 1
+        ([20, 20, 20], [1, 1, 1], [1.0, 1.0, 1.0]),
+    ],
+)
+def test_lmetric_scorer_table(
+    clock: FakeClock, matches: list[int], busy: list[int], want: list[float]
+) -> None:
+    s = _lmetric_scheduler(clock)
+    eps = endpoints(len(matches))
+    for i, ep in enumerate(eps):
+        _place(s, ep, matches[i], f"m{i}")
+        _busy(s, ep, busy[i], f"b{i}")
+    res = s.schedule(SchedulingRequest("probe", "m", token_ids=PROMPT), eps, dry_run=True)
+    got = [res.scores["lmetric-scorer"][e.id] for e in eps]
+    assert got == pytest.approx(want)
+    s.close()
+
+
+def test_lmetric_scorer_counts_requests_until_they_end(clock: FakeClock) -> None:
+    """Its in-flight count is the scheduler's: a request counts from its pick to its end."""
+    s = _lmetric_scheduler(clock)
+    eps = endpoints(2)
+    req = SchedulingRequest("a", "m", token_ids=PROMPT)
+    first = s.schedule(req, [eps[0]])
+    probe = SchedulingRequest("probe", "m", token_ids=list(range(5 * 10**8, 5 * 10**8 + 64)))
+    res = s.schedule(probe, eps, dry_run=True)
+    assert res.scores["lmetric-scorer"] == {eps[0].id: 0.0, eps[1].id: 1.0}
+    s.post_response(req, first, ResponseInfo())
+    res = s.schedule(probe, eps, dry_run=True)
+    assert res.scores["lmetric-scorer"] == {eps[0].id: 1.0, eps[1].id: 1.0}
+    s.close()
+
+
+def test_lmetric_scorer_without_match_info_scores_zero(clock: FakeClock) -> None:
+    """No match info (an empty prompt here): every candidate scores 0, as upstream."""
+    s = _lmetric_scheduler(clock)
+    eps = endpoints(2)
+    res = s.schedule(SchedulingRequest("e", "m", token_ids=[]), eps, dry_run=True)
+    assert res.scores["lmetric-scorer"] == {eps[0].id: 0.0, eps[1].id: 0.0}
+    s.close()
+
+
+def test_lmetric_guide_config_loads() -> None:
+    """llm-d's precise-prefix-cache-routing LMetric guide config (the producer named, upstream's
+    in-flight producer accepted) builds and scores."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "upstream_corpus" / "lmetric.yaml"
+    s = build(path.read_text())
+    prof = s.config.profiles["default"]
+    assert [(r.name, r.weight) for r in prof.scorers] == [("lmetric-scorer", 1.0)]
+    eps = endpoints(2)
+    res = s.schedule(SchedulingRequest("r", "m", token_ids=list(range(256))), eps)
+    assert res.scores["lmetric-scorer"] == {eps[0].id: 1.0, eps[1].id: 1.0}
+    s.close()
