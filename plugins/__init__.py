@@ -46,6 +46,7 @@ BUILTIN_MODULES = (
     "topology",
     "mmcache",
     "attributes",
+    "dcgm",
 )
 
 

@@ -54,6 +54,30 @@ _METRIC_ATTRIBUTES = {
 }
 
 
+class _AttributeSource:
+    """Where an endpoint-attribute plugin reads its attribute: the configured ``producer``'s
+    plugin object when it publishes attributes (``endpoint_attribute(endpoint, name)``, e.g.
+    ``dcgm-extractor``), else the endpoints' metrics (`endpoint_attribute`)."""
+
+    def __init__(self, producer: str | None, ctx: PluginContext) -> None:
+        self.producer = producer
+        self._scheduler = ctx.scheduler
+        self._resolved = False
+        self._read: Callable[[Endpoint, str], float | None] | None = None
+
+    def value(self, ctx: SchedulingContext, endpoint: Endpoint, name: str) -> float | None:
+        if not self._resolved:
+            sched = ctx.scheduler or self._scheduler
+            if self.producer and sched is not None:
+                obj = sched.plugins.get(self.producer)
+                self._read = getattr(obj, "endpoint_attribute", None)
+            self._resolved = True
+        if self._read is not None:
+            v = self._read(endpoint, name)
+            return v if v is not None and math.isfinite(v) else None
+        return endpoint_attribute(ctx, endpoint, name)
+
+
 def endpoint_attribute(ctx: SchedulingContext, endpoint: Endpoint, name: str) -> float | None:
     """A scalar attribute of `endpoint`: its metrics' ``attributes[name]``, else the core metric
     of that name (``WaitingQueueSize``, ``KVCacheUsagePercent``...); None when unknown or stale."""
@@ -382,7 +406,9 @@ class EndpointAttributeFilterParams(ConfigModel):
 
     Attributes:
         attribute: The endpoint attribute (see `endpoint_attribute`).
-        producer: Upstream's producer of the attribute (accepted; attributes are by name here).
+        producer: The plugin producing the attribute: a configured plugin that publishes
+            attributes (``dcgm-extractor``) is read; otherwise attributes are read by name from
+            the endpoints' metrics (upstream's core metrics extractor).
         on_missing: ``Pass`` (default) or ``Fail`` for endpoints without the attribute.
         fallback_on_empty: Keep every endpoint when none passes.
         algorithm: ``{type: threshold, threshold: {operator, value}}``.
@@ -410,13 +436,14 @@ class EndpointAttributeFilter:
         self.fallback = params.fallback_on_empty
         self.op = _OPS[params.algorithm.threshold.operator]
         self.value = params.algorithm.threshold.value
+        self.source = _AttributeSource(params.producer, ctx)
 
     def filter(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Sequence[Endpoint]:
         out: list[Endpoint] = []
         for e in endpoints:
-            v = endpoint_attribute(ctx, e, self.attribute)
+            v = self.source.value(ctx, e, self.attribute)
             if (v is None and self.pass_missing) or (v is not None and self.op(v, self.value)):
                 out.append(e)
         return endpoints if not out and self.fallback else out
@@ -464,7 +491,7 @@ class EndpointAttributeScorerParams(ConfigModel):
 
     Attributes:
         attribute_key: The endpoint attribute (see `endpoint_attribute`).
-        producer: Upstream's producer of the attribute (accepted; attributes are by name here).
+        producer: The plugin producing the attribute (as for ``endpoint-attribute-filter``).
         algorithm: ``linear_lower_is_better`` / ``linear_higher_is_better`` and normalization.
     """
 
@@ -487,11 +514,12 @@ class EndpointAttributeScorer:
         self.attribute = params.attribute_key
         self.lower_is_better = params.algorithm.type == "linear_lower_is_better"
         self.fixed = params.algorithm.normalization.fixed_range
+        self.source = _AttributeSource(params.producer, ctx)
 
     def score(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Mapping[str, float]:
-        values = {e.id: endpoint_attribute(ctx, e, self.attribute) for e in endpoints}
+        values = {e.id: self.source.value(ctx, e, self.attribute) for e in endpoints}
         known = [v for v in values.values() if v is not None]
         out: dict[str, float] = {}
         if self.fixed is not None:

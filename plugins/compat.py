@@ -75,6 +75,7 @@ def register(registry: PluginRegistry) -> None:
             params=InertParams,
             kinds=(),
             description=f"accepted for upstream configs; no-op ({why})",
+            inert=True,
         )
     registry.register_alias("tokenizer", "token-producer")
     registry.set_default_producer(DEFAULT_PRODUCER)

@@ -446,6 +446,7 @@ class KubernetesDiscovery:
                     ep = self._endpoints.get(eid)
                     name = f"{meta['name']}-rank-{rank}"
                     labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+                    node = pod["status"].get("hostIP") or None
                     if ep is None:
                         ep = Endpoint(
                             name=name,
@@ -453,9 +454,12 @@ class KubernetesDiscovery:
                             port=port,
                             labels=labels,
                             namespace=meta.get("namespace") or self.spec.namespace,
+                            pod=meta["name"],
+                            node_address=node,
                         )
                     else:
                         ep.name, ep.labels = name, labels
+                        ep.pod, ep.node_address = meta["name"], node
                     fresh[eid] = ep
             self._endpoints = fresh
             endpoints = list(fresh.values())

@@ -99,6 +99,10 @@ class Endpoint:
         engine: The serving engine (``vllm``, ``sglang``): the wire format of its KV events
             and the names of its metrics. None: read from the pod label
             ``llm-d.ai/engine-type`` (as upstream), else the scorer's ``engineType``.
+        pod: The Kubernetes pod serving the endpoint, when known (a pod's data-parallel ranks
+            are several endpoints of one pod; per-pod data such as GPU metrics name it).
+        node_address: The address of the node running the pod, when known (node-level
+            exporters, e.g. a DCGM exporter DaemonSet).
     """
 
     name: str
@@ -113,6 +117,8 @@ class Endpoint:
     metrics_path: str = "/metrics"
     metrics_port: int | None = None
     engine: str | None = None
+    pod: str | None = None
+    node_address: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_id", f"{self.address}:{self.port}")

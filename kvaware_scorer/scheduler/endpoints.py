@@ -12,6 +12,8 @@ The file names every serving endpoint the scheduler may route to::
         kvEventsReplay: tcp://10.0.0.1:5558  # optional: its replay endpoint
         metricsPath: /metrics           # optional
         metricsPort: 8000               # optional (default: port)
+        pod: vllm-0-7d9f                # optional: the Kubernetes pod (per-pod GPU metrics)
+        nodeAddress: 10.0.1.5           # optional: its node (node-level exporters)
 
 `EndpointsWatcher` polls the file's modification time and reloads it when it changes; a bad
 file (invalid YAML or values, not UTF-8, nested too deeply) is reported with its YAML path and
@@ -60,6 +62,10 @@ class EndpointSpec(ConfigModel):
         metrics_port: Port of the metrics endpoint (default: `port`).
         engine: The serving engine, ``vllm`` or ``sglang`` (default: the pod label
             ``llm-d.ai/engine-type``, else the scorer's ``engineType``).
+        pod: The Kubernetes pod serving the endpoint (``dcgm-extractor`` matches the GPU
+            samples of a node exporter by it; default: none, every sample counts).
+        node_address: The address of the pod's node (``dcgm-data-source`` with
+            ``useNodeAddress``).
     """
 
     name: str | None = None
@@ -73,6 +79,8 @@ class EndpointSpec(ConfigModel):
     metrics_path: str = "/metrics"
     metrics_port: int | None = Field(None, ge=1, le=65535)
     engine: EngineType | None = None
+    pod: str | None = None
+    node_address: str | None = None
 
     @field_validator("port", mode="before")
     @classmethod
@@ -112,6 +120,8 @@ class EndpointSpec(ConfigModel):
             metrics_path=self.metrics_path,
             metrics_port=self.metrics_port,
             engine=self.engine,
+            pod=self.pod,
+            node_address=self.node_address,
         )
 
 
@@ -170,6 +180,8 @@ def _update(old: Endpoint, new: Endpoint) -> None:
     old.namespace = new.namespace
     old.metrics_path = new.metrics_path
     old.metrics_port = new.metrics_port
+    old.pod = new.pod
+    old.node_address = new.node_address
 
 
 class EndpointsWatcher:

@@ -196,7 +196,7 @@ class Loader:
                     err.message, join_path(params_path, err.path) if err.path else params_path
                 )
             return None
-        if not spec.kinds:
+        if spec.inert:
             self.diag.warn(
                 f"plugin type {spec.type!r} is accepted for compatibility with upstream "
                 "configs and does nothing here",

@@ -128,6 +128,9 @@ class PluginSpec:
             loader checks them like ``pluginRef``s, with the YAML path.
         capabilities: What the objects provide to (or need from) other plugins (keys of
             `CAPABILITIES`).
+        inert: The type is accepted for upstream configurations and does nothing here (the
+            loader says so); a type without roles that works in the background (a discovery,
+            a data source) is not inert.
     """
 
     type: str
@@ -141,6 +144,7 @@ class PluginSpec:
     source: str = ""
     refs: Mapping[str, str | None] = field(default_factory=dict)
     capabilities: frozenset[str] = frozenset()
+    inert: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,7 @@ class PluginRegistry:
         override: bool = False,
         refs: Mapping[str, str | None] | None = None,
         capabilities: Iterable[str] | None = None,
+        inert: bool = False,
     ) -> None:
         """Register a plugin type.
 
@@ -244,6 +249,7 @@ class PluginRegistry:
             capabilities: What the objects provide to or need from other plugins
                 (``match-info-producer``, ``match-info-consumer``); inferred from the
                 factory's methods (`CAPABILITIES`) when None.
+            inert: Accepted for upstream configurations, does nothing here (warned about).
 
         Raises:
             ConfigError: The type is registered twice without ``override``, or a kind or a
@@ -263,6 +269,7 @@ class PluginRegistry:
                 source=getattr(factory, "__module__", "") or "",
                 refs=dict(refs or {}),
                 capabilities=caps,
+                inert=inert,
             )
         )
 

@@ -184,7 +184,7 @@ class SchedulerConfig:
         lines.append("plugins:")
         for p in self.plugins.values():
             alias = f", written as {p.written_type}" if p.written_type != p.type else ""
-            roles = ", ".join(sorted(p.kinds)) or "inert"
+            roles = ", ".join(sorted(p.kinds)) or ("inert" if p.spec.inert else "background")
             lines.append(f"  {p.name} (type {p.type}{alias}; {roles})")
             params = p.parameters()
             if params:

@@ -31,6 +31,7 @@ def _pod(
         "metadata": {"name": name, "namespace": NS, "labels": labels or {"app": "vllm"}},
         "status": {
             "podIP": ip,
+            "hostIP": "192.168.7.7",
             "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
         },
     }
@@ -206,6 +207,8 @@ async def test_inference_pool_and_ready_pods_become_the_pool(
         assert synced == [True]
         assert {e.name for e in scheduler.endpoints} == {"a-rank-0", "a-rank-1"}
         assert all(e.namespace == NS and e.labels == {"app": "vllm"} for e in scheduler.endpoints)
+        # the pod and its node, for per-pod data read from a node exporter (dcgm-data-source)
+        assert {(e.pod, e.node_address) for e in scheduler.endpoints} == {("a", "192.168.7.7")}
         await wait_for(lambda: kube.watches >= 2, 10, "the watches")
         await kube.put("Pod", _pod("b", "127.0.1.2"))  # becomes Ready
         await wait_for(lambda: "127.0.1.2:8000" in _ids(scheduler), 10, "pod b ready")

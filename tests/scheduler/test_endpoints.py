@@ -88,11 +88,14 @@ def test_watcher_reloads_and_keeps_endpoint_objects(tmp_path: Path) -> None:
     assert not w.check()  # unchanged
     write(
         f,
-        "endpoints:\n  - {address: 10.0.0.1, port: 8000, labels: {zone: b}}\n  - {address: 10.0.0.3, port: 8000}\n",
+        "endpoints:\n  - {address: 10.0.0.1, port: 8000, labels: {zone: b}, pod: vllm-0, "
+        "nodeAddress: 10.1.0.9}\n  - {address: 10.0.0.3, port: 8000}\n",
     )
     assert w.check()
     second = w.endpoints
     assert second[0] is first[0] and second[0].labels == {"zone": "b"}
+    assert (second[0].pod, second[0].node_address) == ("vllm-0", "10.1.0.9")
+    assert (second[1].pod, second[1].node_address) == (None, None)
     assert seen == [["10.0.0.1:8000", "10.0.0.2:8000"], ["10.0.0.1:8000", "10.0.0.3:8000"]]
 
 
