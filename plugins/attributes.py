@@ -4,8 +4,8 @@ request's token cost for Envoy's rate limiting by cost).
 
 When a response ends (whatever its status), the ``usage`` object it reported is bound as the CEL
 variable ``usage``, shaped as upstream's: ``prompt_tokens``, ``completion_tokens`` and
-``total_tokens`` always present (0 when the response reported none; ``total_tokens`` is
-prompt + completion when the response left it out), ``prompt_tokens_details.cached_tokens``
+``total_tokens`` always present (0 when the response did not report them, as upstream's parser
+leaves them), ``prompt_tokens_details.cached_tokens``
 present when the response reported it, every number a double (upstream converts the usage to
 a ``google.protobuf.Struct``, whose numbers are doubles: add ``usage.x + 1.0``, not ``+ 1``).
 If ``condition`` is set and does not evaluate to ``true``, nothing is reported. Otherwise
@@ -41,7 +41,14 @@ from kvaware_scorer.scheduler import (
     SchedulingRequest,
     SchedulingResult,
 )
-from kvaware_scorer.scheduler.cel import CelError, CelProgram, CelSyntaxError, UInt, compile_cel
+from kvaware_scorer.scheduler.cel import (
+    CelError,
+    CelProgram,
+    CelSyntaxError,
+    UInt,
+    compile_cel,
+    short,
+)
 
 __all__ = [
     "DEFAULT_NAMESPACE",
@@ -106,13 +113,10 @@ class RequestAttributeReporterParams(ConfigModel):
 
 def usage_struct(response: ResponseInfo) -> dict[str, Any]:
     """The CEL ``usage`` variable of `response` (see the module documentation)."""
-    total = response.total_tokens
-    if total is None:
-        total = response.prompt_tokens + response.completion_tokens
     usage: dict[str, Any] = {
         "prompt_tokens": float(response.prompt_tokens),
         "completion_tokens": float(response.completion_tokens),
-        "total_tokens": float(total),
+        "total_tokens": float(response.total_tokens or 0),
     }
     if response.cached_tokens is not None:
         usage["prompt_tokens_details"] = {"cached_tokens": float(response.cached_tokens)}
@@ -137,7 +141,11 @@ class RequestAttributeReporter:
 
     def value(self, response: ResponseInfo) -> int | None:
         """What would be reported for `response`: an integer, or None for nothing."""
-        variables = {"usage": usage_struct(response)}
+        try:
+            variables = {"usage": usage_struct(response)}
+        except (OverflowError, TypeError, ValueError) as exc:
+            self._failed("unreadable usage: %s", exc)
+            return None
         try:
             if self.condition is not None and self.condition.evaluate(variables) is not True:
                 return None
@@ -147,10 +155,10 @@ class RequestAttributeReporter:
             return None
         if isinstance(raw, bool | UInt) or not isinstance(raw, int | float):
             # NOTE: upstream takes an int64 or a float64 only (a uint is a type error there).
-            self._failed("the expression gave %r, not an int or a double", raw)
+            self._failed("the expression gave %s, not an int or a double", short(raw))
             return None
         if isinstance(raw, float) and not (math.isfinite(raw) and abs(raw) < 2.0**63):
-            self._failed("the expression gave %r, out of the int64 range", raw)
+            self._failed("the expression gave %s, out of the int64 range", short(raw))
             return None
         number = int(raw)  # truncated toward zero, as Go's int64(float64)
         if number in (0, -1):

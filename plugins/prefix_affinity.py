@@ -263,8 +263,10 @@ class LMetricScorer(_Tracked):
         bs = block_size if block_size > 0 else 1
         out: dict[str, float] = {}
         for e in endpoints:
-            hit = min(max(int(matched.get(e.id, 0.0)), 0), total)
-            out[e.id] = float((total - hit) * bs) * (self.ledger.load(e.id).requests + 1)
+            # NOTE: matched blocks may be fractional here (a precise producer weighs blocks
+            # held in slower tiers less); upstream's are whole blocks.
+            hit = min(max(float(matched.get(e.id, 0.0)), 0.0), float(total))
+            out[e.id] = (total - hit) * bs * (self.ledger.load(e.id).requests + 1)
         return out
 
     def score(

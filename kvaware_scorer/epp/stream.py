@@ -208,8 +208,10 @@ class ProcessStream:
                 elif kind == "response_body":
                     yield self._on_response_body(msg.response_body)
                 elif kind == "response_trailers":
-                    yield RESPONSE_TRAILERS
                     self._finish()
+                    answer = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+                    self._add_metadata(answer)
+                    yield answer if answer.HasField("dynamic_metadata") else RESPONSE_TRAILERS
                 if self._done:
                     return
         finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import msgspec
 
@@ -35,18 +36,23 @@ __all__ = [
 ]
 
 
+#: A token count as read from a pod's answer: a usage object with a negative count or one
+#: beyond 2**53 (a float's exact range; metrics and hooks take it as a float) is unreadable.
+TokenCount = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+
+
 class UsageDetails(msgspec.Struct):
     """``usage.prompt_tokens_details`` (prefix-cache hits reported by vLLM)."""
 
-    cached_tokens: int | None = None
+    cached_tokens: TokenCount | None = None
 
 
 class Usage(msgspec.Struct):
     """The ``usage`` object of an OpenAI answer (the fields routing accounts for)."""
 
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
+    prompt_tokens: TokenCount | None = None
+    completion_tokens: TokenCount | None = None
+    total_tokens: TokenCount | None = None
     prompt_tokens_details: UsageDetails | None = None
 
 

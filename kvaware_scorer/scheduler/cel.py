@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -45,6 +46,7 @@ __all__ = [
     "CelType",
     "UInt",
     "compile_cel",
+    "short",
 ]
 
 #: Longest expression accepted, in characters.
@@ -140,12 +142,12 @@ _RESERVED: Final = frozenset(
 _TOKEN: Final = re.compile(
     r"""
     (?P<ws>\s+|//[^\n]*)
-  | (?P<num>0[xX][0-9a-fA-F]+[uU]?|\d+[uU]|(?:\d+\.\d+|\.\d+|\d+)(?:[eE][+-]?\d+)?)
+  | (?P<num>0x[0-9a-fA-F]+[uU]?|\d+[uU]|(?:\d+\.\d+|\.\d+|\d+)(?:[eE][+-]?\d+)?)
   | (?P<str>[rRbB]{0,2}(?:'''|\"\"\"|'|\"))
   | (?P<id>[_a-zA-Z][_a-zA-Z0-9]*)
   | (?P<op>\|\||&&|==|!=|<=|>=|[-+*/%!<>?:.,()\[\]{}])
     """,
-    re.VERBOSE,
+    re.VERBOSE | re.ASCII,
 )
 _SIMPLE_ESCAPES: Final = {
     "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
@@ -211,16 +213,25 @@ def _string_literal(src: str, start: int, prefix: str, quote: str) -> tuple[Any,
     if not is_bytes:
         return "".join(str(x) for x in out), i
     data = bytearray()
-    for x in out:
-        if isinstance(x, int):
-            data.append(x)
-        else:
-            data.extend(x.encode("utf-8"))
+    try:
+        for x in out:
+            if isinstance(x, int):
+                data.append(x)
+            else:
+                data.extend(x.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise CelSyntaxError(f"bytes literal with an unpaired surrogate at {start}") from None
     return bytes(data), i
+
+
+#: Longest integer literal read (digits; 2**64 has 20).
+_MAX_DIGITS: Final = 24
 
 
 def _number(text: str, pos: int) -> Any:
     t = text.lower()
+    if len(t) > _MAX_DIGITS + 3 and not any(c in t for c in ".e"):
+        raise CelSyntaxError(f"int literal out of range at {pos}")
     if t.startswith("0x"):
         unsigned = t.endswith("u")
         value = int(t[2:].rstrip("u"), 16)
@@ -228,7 +239,10 @@ def _number(text: str, pos: int) -> Any:
         unsigned = True
         value = int(t[:-1])
     elif any(c in t for c in ".e"):
-        return float(t)
+        value_f = float(t)
+        if math.isinf(value_f):
+            raise CelSyntaxError(f"invalid double literal at {pos}")
+        return value_f
     else:
         unsigned = False
         value = int(t)
@@ -268,8 +282,6 @@ def _lex(src: str) -> list[_Tok]:
             toks.append(_Tok("num", text, i, _number(text, i)))
             i = end
         else:
-            if kind == "id" and text in _RESERVED:
-                raise CelSyntaxError(f"reserved word {text!r} at {i}")
             toks.append(_Tok(kind, text, i))
             i = m.end()
     toks.append(_Tok("end", "", n))
@@ -448,6 +460,8 @@ class _Parser:
             return ("lit", t.value)
         if t.kind == "id":
             self.i += 1
+            if t.text in _RESERVED:
+                raise CelSyntaxError(f"reserved word {t.text!r} at {t.pos}")
             if t.text in ("true", "false"):
                 return ("lit", t.text == "true")
             if t.text == "null":
@@ -572,6 +586,8 @@ def _static_type(node: Node, scope: frozenset[str], variables: frozenset[str]) -
             raise CelSyntaxError(f"'?:' condition is {c}, not bool")
         a = _static_type(node[2], scope, variables)
         b = _static_type(node[3], scope, variables)
+        if "dyn" not in (a, b) and a != b:
+            raise CelSyntaxError(f"'?:' branches of different types ({a}, {b})")
         return a if a == b else "dyn"
     if kind == "op":
         sym = node[1]
@@ -586,6 +602,8 @@ def _static_type(node: Node, scope: frozenset[str], variables: frozenset[str]) -
             ok = (a in _NUMERIC and b in _NUMERIC) or (a == b and a in _ORDERED)
             if known and not ok:
                 raise CelSyntaxError(f"no overload of '{sym}' for ({a}, {b})")
+        if sym in ("==", "!=") and known and a != b:
+            raise CelSyntaxError(f"no overload of '{sym}' for ({a}, {b})")
         if sym == "in" and b not in ("list", "map", "dyn"):
             raise CelSyntaxError(f"'in' needs a list or map, not {b}")
         return "bool"
@@ -624,6 +642,15 @@ def _static_type(node: Node, scope: frozenset[str], variables: frozenset[str]) -
 # -- evaluation ---------------------------------------------------------------------------------
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 40, 40
+
+
+def short(v: Any) -> str:
+    """A value for a message: bounded in length whatever its size or nesting."""
+    return _SHORT.repr(v)
+
+
 def _int(v: int) -> int:
     if not _INT_MIN <= v <= _INT_MAX:
         raise CelError("int overflow")
@@ -650,7 +677,10 @@ def _numeric_kind(v: Any) -> str | None:
     return None
 
 
-def _equal(a: Any, b: Any) -> bool:
+def _equal(a: Any, b: Any, charge: Callable[[int], None]) -> bool:
+    """CEL equality (numbers compare by value across types; lists and maps element-wise),
+    charging a step per element compared."""
+    charge(1)
     ka, kb = _numeric_kind(a), _numeric_kind(b)
     if ka and kb:
         return bool(a == b)  # Python compares int and float by exact value, as CEL
@@ -658,33 +688,47 @@ def _equal(a: Any, b: Any) -> bool:
     if ta != tb:
         return False
     if ta == "list":
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(_equal(x, y, charge) for x, y in zip(a, b, strict=True))
     if ta == "map":
         if len(a) != len(b):
             return False
         for k, v in a.items():
-            other = _lookup(b, k)
-            if other is _MISSING or not _equal(v, other):
+            other = b.get(k, _MISSING)
+            if other is _MISSING or not _equal(v, other, charge):
                 return False
         return True
+    if ta in ("string", "bytes"):
+        charge(len(a) // 64)
     return bool(a == b)
 
 
 _MISSING: Final = object()
 
 
+@dataclass(frozen=True)
+class _BoolKey:
+    """A bool map key (Python's True == 1 would otherwise collide with the int key 1)."""
+
+    value: bool
+
+
+def _key(key: Any) -> Any:
+    """`key` as a Python dict key: numeric keys match across int, uint and double by value (as
+    Python's dicts do), bools never match numbers."""
+    if isinstance(key, bool):
+        return _BoolKey(key)
+    if isinstance(key, str | int | float | _BoolKey):
+        return key
+    raise CelError(f"unsupported map key type {_type_name(key)}")
+
+
+def _unkey(key: Any) -> Any:
+    return key.value if isinstance(key, _BoolKey) else key
+
+
 def _lookup(m: Mapping[Any, Any], key: Any) -> Any:
-    """`m`'s value at `key` (numeric keys match across int, uint and double), or _MISSING."""
-    if isinstance(key, str):
-        return m.get(key, _MISSING)
-    if isinstance(key, float) and key.is_integer():
-        key = int(key)
-    for k, v in m.items():
-        if _type_name(k) == _type_name(key) and k == key:
-            return v
-        if _numeric_kind(k) and _numeric_kind(key) and k == key:
-            return v
-    return _MISSING
+    """`m`'s value at `key`, or _MISSING."""
+    return m.get(_key(key), _MISSING)
 
 
 def _compare(a: Any, b: Any, sym: str) -> bool:
@@ -733,10 +777,21 @@ def _arith(sym: str, a: Any, b: Any) -> Any:
         q = abs(int(a)) // abs(int(b))
         if (a < 0) != (b < 0):
             q = -q  # truncated toward zero
-        return wrap(q) if sym == "/" else wrap(int(a) - int(b) * q)
+        if sym == "%":
+            wrap(q)  # MIN % -1 overflows as MIN / -1 does
+            return wrap(int(a) - int(b) * q)
+        return wrap(q)
     if ta == "list":
         return _sized([*a, *b])
     return _sized(a + b)
+
+
+_INT_TEXT: Final = re.compile(r"[+-]?[0-9]{1,24}", re.ASCII)
+_UINT_TEXT: Final = re.compile(r"\+?[0-9]{1,24}", re.ASCII)
+_DOUBLE_TEXT: Final = re.compile(
+    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)",
+    re.ASCII | re.IGNORECASE,
+)
 
 
 def _convert(name: str, v: Any) -> Any:
@@ -746,25 +801,35 @@ def _convert(name: str, v: Any) -> Any:
             if t in ("int", "uint"):
                 return _int(int(v))
             if t == "double":
-                if math.isnan(v) or math.isinf(v):
-                    raise CelError("int() of a non-finite double")
+                # NOTE: the open interval (min int, max int), as CEL's range check.
+                if not -(2.0**63) < v < 2.0**63:
+                    raise CelError("int overflow" if math.isfinite(v) else "int() of non-finite")
                 return _int(int(v))
             if t == "string":
+                if not _INT_TEXT.fullmatch(v):
+                    raise CelError(f"int() cannot read {short(v)}")
                 return _int(int(v, 10))
         elif name == "uint":
             if t in ("int", "uint"):
                 return _uint(int(v))
             if t == "double":
-                if math.isnan(v) or math.isinf(v):
-                    raise CelError("uint() of a non-finite double")
+                if not 0.0 <= v < 2.0**64:
+                    raise CelError("uint overflow" if math.isfinite(v) else "uint() of non-finite")
                 return _uint(int(v))
             if t == "string":
+                if not _UINT_TEXT.fullmatch(v):
+                    raise CelError(f"uint() cannot read {short(v)}")
                 return _uint(int(v, 10))
         elif name == "double":
             if t in ("int", "uint", "double"):
                 return float(v)
             if t == "string":
-                return float(v)
+                if not _DOUBLE_TEXT.fullmatch(v):
+                    raise CelError(f"double() cannot read {short(v)}")
+                out = float(v)
+                if math.isinf(out) and "inf" not in v.lower():
+                    raise CelError("double() out of range")
+                return out
         elif name == "string":
             if t == "string":
                 return v
@@ -791,11 +856,11 @@ def _convert(name: str, v: Any) -> Any:
                     return True
                 if v in ("false", "False", "FALSE", "f", "0"):
                     return False
-                raise CelError(f"bool() cannot read {v!r}")
+                raise CelError(f"bool() cannot read {short(v)}")
     except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         if isinstance(exc, CelError):
             raise
-        raise CelError(f"{name}() cannot convert {t}: {exc}") from None
+        raise CelError(f"{name}() cannot convert this {t}") from None
     raise CelError(f"no such overload: {name}({t})")
 
 
@@ -838,11 +903,9 @@ class _Eval:
         if kind == "idx":
             obj, index = self.run(node[1]), self.run(node[2])
             if isinstance(obj, Mapping):
-                if not isinstance(index, str):
-                    self.charge(len(obj))
                 value = _lookup(obj, index)
                 if value is _MISSING:
-                    raise CelError(f"no such key: {index!r}")
+                    raise CelError(f"no such key: {short(index)}")
                 return value
             if isinstance(obj, list | tuple):
                 if _numeric_kind(index) is None or (
@@ -862,10 +925,9 @@ class _Eval:
                 k = self.run(k_node)
                 if _type_name(k) not in ("int", "uint", "bool", "string"):
                     raise CelError(f"map key of type {_type_name(k)}")
-                self.charge(len(out))
                 if _lookup(out, k) is not _MISSING:
-                    raise CelError(f"repeated map key {k!r}")
-                out[k] = self.run(v_node)
+                    raise CelError(f"repeated map key {short(k)}")
+                out[_key(k)] = self.run(v_node)
             return _sized(out)
         if kind in ("and", "or"):
             decisive = kind == "or"  # the value that decides alone
@@ -912,14 +974,14 @@ class _Eval:
             if isinstance(v, list | tuple | Mapping | str | bytes):
                 self.charge(len(v) // (64 if isinstance(v, str | bytes) else 1))
         if sym == "==":
-            return _equal(a, b)
+            return _equal(a, b, self.charge)
         if sym == "!=":
-            return not _equal(a, b)
+            return not _equal(a, b, self.charge)
         if sym == "in":
             if isinstance(b, Mapping):
                 return _lookup(b, a) is not _MISSING
             if isinstance(b, list | tuple):
-                return any(_equal(a, x) for x in b)
+                return any(_equal(a, x, self.charge) for x in b)
             raise CelError(f"no such overload: {_type_name(a)} in {_type_name(b)}")
         if sym in _ARITH:
             out = _arith(sym, a, b)
@@ -934,7 +996,7 @@ class _Eval:
         _, macro, rng_node, var, pred, body = node
         rng = self.run(rng_node)
         if isinstance(rng, Mapping):
-            items = list(rng.keys())
+            items = [_unkey(k) for k in rng]
         elif isinstance(rng, list | tuple):
             items = list(rng)
         else:
@@ -995,7 +1057,11 @@ class _Eval:
                 return len(v)
             raise CelError(f"no such overload: size({_type_name(v)})")
         if name in ("int", "uint", "double", "string", "bytes", "bool"):
-            return _convert(name, args[0])
+            out = _convert(name, args[0])
+            if isinstance(out, str | bytes):
+                self.charge(len(out) // 16)  # a conversion's copy is paid for as + is
+                _sized(out)
+            return out
         s, arg = args
         if not isinstance(s, str) or not isinstance(arg, str):
             raise CelError(f"no such overload: {name}({_type_name(s)}, {_type_name(arg)})")
@@ -1041,18 +1107,26 @@ def _depth(ast: Node) -> int:
     """How deep `ast` nests (counted without recursion: a long chain such as ``a + a + ...``
     is as deep as it is long)."""
     deepest = 0
-    todo: list[tuple[Any, int]] = [(ast, 1)]
+    todo: list[tuple[Node, int]] = [(ast, 1)]
     while todo:
         node, d = todo.pop()
-        if isinstance(node, tuple):
-            if node and node[0] == "lit":
-                deepest = max(deepest, d)
-                continue
-            deepest = max(deepest, d)
-            todo.extend((child, d + 1) for child in node[1:] if isinstance(child, tuple | list))
-        elif isinstance(node, list):
-            todo.extend((child, d) for child in node)
+        deepest = max(deepest, d)
+        if node[0] == "lit":
+            continue
+        for part in node[1:]:
+            if _is_node(part):
+                todo.append((part, d + 1))
+            elif isinstance(part, list):  # list items, call arguments, map (key, value) pairs
+                for item in part:
+                    if _is_node(item):
+                        todo.append((item, d + 1))
+                    elif isinstance(item, tuple):
+                        todo.extend((sub, d + 1) for sub in item if _is_node(sub))
     return deepest
+
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, tuple) and bool(x) and isinstance(x[0], str)
 
 
 def compile_cel(source: str, variables: frozenset[str] | set[str]) -> CelProgram:

@@ -366,17 +366,24 @@ def _reporter_config() -> dict[str, Any]:
     return data
 
 
-@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(
+    ("stream", "ending"),
+    [(True, "body"), (False, "body"), (True, "trailers"), (False, "buffered")],
+)
 async def test_reported_attribute_rides_on_the_answer_ending_the_response(
-    tmp_path: Path, pods: list[FakePod], recorder: Recorder, stream: bool
+    tmp_path: Path, pods: list[FakePod], recorder: Recorder, stream: bool, ending: str
 ) -> None:
     """``request-attribute-reporter``'s value is ``envoy.lb`` dynamic metadata on the answer to
-    the response's last body message, and on no earlier answer."""
+    the message ending the response (its last body message, or its trailers), on no earlier
+    answer; with a buffered response too."""
     picker = await start_picker(tmp_path, pods, recorder, config=_reporter_config())
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
             c = Client(ch)
-            await c.send(_request(body={"model": MODEL, "prompt": "x", "stream": stream}))
+            msgs = _request(body={"model": MODEL, "prompt": "x", "stream": stream})
+            if ending == "buffered":
+                msgs[0].protocol_config.response_body_mode = BUFFERED
+            await c.send(msgs)
             await c.read(2)
             ctype = "text/event-stream" if stream else "application/json"
             await c.send(
@@ -397,13 +404,24 @@ async def test_reported_attribute_rides_on_the_answer_ending_the_response(
                 ]
             else:
                 chunks = [json.dumps({"choices": [{"text": "ab"}], "usage": usage}).encode()]
-            for chunk in chunks:
-                await c.send([ep.ProcessingRequest(response_body=ep.HttpBody(body=chunk))])
-                (echo,) = await c.read(1)
-                assert not echo.HasField("dynamic_metadata")
-            await c.send([ep.ProcessingRequest(response_body=ep.HttpBody(end_of_stream=True))])
-            (last,) = await c.read(1)
-            assert last.response_body.response.body_mutation.streamed_response.end_of_stream
+            if ending != "buffered":
+                for chunk in chunks:
+                    await c.send([ep.ProcessingRequest(response_body=ep.HttpBody(body=chunk))])
+                    (echo,) = await c.read(1)
+                    assert not echo.HasField("dynamic_metadata")
+            if ending == "trailers":
+                await c.send([ep.ProcessingRequest(response_trailers=ep.HttpTrailers())])
+                (last,) = await c.read(1)
+                assert last.HasField("response_trailers")
+            else:
+                body = b"".join(chunks) if ending == "buffered" else b""
+                await c.send(
+                    [ep.ProcessingRequest(response_body=ep.HttpBody(body=body, end_of_stream=True))]
+                )
+                (last,) = await c.read(1)
+                assert last.HasField("response_body")
+                if ending == "body":
+                    assert last.response_body.response.body_mutation.streamed_response.end_of_stream
             lb = last.dynamic_metadata.fields["envoy.lb"].struct_value.fields
             assert lb["x-gateway-inference-request-cost"].number_value == 9.0
             await c.call.done_writing()

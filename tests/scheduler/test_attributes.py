@@ -53,7 +53,7 @@ def test_total_tokens_reported_as_a_number_in_envoy_lb() -> None:
 
 def test_usage_is_upstreams_struct() -> None:
     """Counts are doubles (an int literal does not add to them), the three counts are always
-    there, total defaults to prompt + completion, details only when reported."""
+    there (0 when not reported, as upstream), details only when reported."""
     from kvaware_scorer.plugins.attributes import usage_struct
 
     assert usage_struct(ResponseInfo()) == {
@@ -80,8 +80,9 @@ def test_usage_is_upstreams_struct() -> None:
     ("expression", "condition", "info", "want"),
     [
         ("usage.completion_tokens", "has(usage.completion_tokens)", {"completion_tokens": 9}, 9),
-        ("usage.total_tokens * 0.75", "", {"prompt_tokens": 9, "completion_tokens": 1}, 7),
-        ("-usage.total_tokens", "", {"prompt_tokens": 5}, -5),
+        ("usage.total_tokens * 0.75", "", {"total_tokens": 10}, 7),
+        ("-usage.total_tokens", "", {"total_tokens": 5}, -5),
+        ("usage.total_tokens", "", {"prompt_tokens": 5, "completion_tokens": 3}, None),
         ("int(usage.prompt_tokens) * 2", "", {"prompt_tokens": 21}, 42),
         # upstream skips 0 and -1
         ("usage.completion_tokens", "", {"prompt_tokens": 5}, None),

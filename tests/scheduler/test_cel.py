@@ -46,7 +46,7 @@ def ev(expr: str, usage: dict[str, Any] | None = None) -> Any:
         ("b'\\xff' + b'\\000'", b"\xff\x00"),
         ('"""two\nlines"""', "two\nlines"),
         ("size('héllo') + size([1, 2]) + size({'a': 1}) + 'ab'.size()", 10),
-        ("1 == 1.0 && 1u == 1 && 'a' != 1 && [1, 2] == [1.0, 2u]", True),
+        ("dyn(1) == 1.0 && dyn(1u) == 1 && dyn('a') != 1 && [1, 2] == [1.0, 2u]", True),
         ("{'a': 1} == {'a': 1.0} && 2 in [1, 2] && 'a' in {'a': 1}", True),
         ("{1: 'x'}[1.0] + {true: 'y'}[true]", "xy"),
         ("[1, 2, 3].all(x, x > 0) && [1, 2, 3].exists(x, x == 2)", True),
@@ -65,7 +65,7 @@ def ev(expr: str, usage: dict[str, Any] | None = None) -> Any:
         ("uint(3.0)", UInt(3)),
         ("bool('false') || bytes('a') == b'a'", True),
         ("'abc'.startsWith('a') && 'abc'.endsWith('c') && 'abc'.contains('b')", True),
-        ("true ? 1 : 'a'", 1),
+        ("true ? dyn(1) : 'a'", 1),
         ("dyn(1) + 1", 2),
         ("1.0 / 0.0 > 1e308 && -1.0 / 0.0 < -1e308", True),
         ("[1, 2][1]", 2),
@@ -97,7 +97,15 @@ def test_nan() -> None:
         ("int(1e30)", "int overflow"),
         ("int(0.0 / 0.0)", "non-finite"),
         ("uint(-1)", "uint overflow"),
-        ("int('x')", "cannot convert"),
+        ("int('x')", "cannot read"),
+        ("int(' 12')", "cannot read"),
+        ("int('1_000')", "cannot read"),
+        ("int('\u0663')", "cannot read"),  # a non-ASCII digit
+        ("double('1_0')", "cannot read"),
+        ("double('1e999')", "out of range"),
+        ("int(-9223372036854775808.0)", "int overflow"),  # CEL's open interval
+        ("uint(-0.5)", "uint overflow"),
+        ("-9223372036854775808 % -1", "int overflow"),
         ("[1][1]", "out of range"),
         ("{'a': 1, 'a': 2}", "repeated map key"),
         ("[0, 1].all(x, 1 / x > 0)", "division by zero"),  # no false to decide it
@@ -135,6 +143,14 @@ def test_errors(expr: str, message: str) -> None:
         ("'a'.matches('a')", "unknown method matches"),  # backtracking regexes: not offered
         ("[1].all(1, true)", "variable name"),
         ("if", "reserved word"),
+        ("1 == 1.0", "no overload of '=='"),
+        ("true ? 1 : 'a'", "different types"),
+        ("1e999", "invalid double literal"),
+        ("1" * 5000, "out of range"),
+        ("-" + "9" * 30, "out of range"),
+        ("b'\ud800'", "surrogate"),
+        ("0X1F", "bad number"),
+        ("\u0661 + \u0663", "unexpected character"),  # non-ASCII digits
         ("'abc", "unterminated"),
         ("'\\q'", "unknown escape"),
         ("b'\\u0041'", "bad"),
@@ -160,6 +176,60 @@ def test_work_and_size_are_bounded() -> None:
     text = "'" + "a" * 1200 + "'"
     with pytest.raises(CelError, match="steps"):
         ev(f"{items}.map(x, {text} + {text} + {text})")  # 3.6 MB of strings otherwise
+
+
+def test_reserved_words_are_field_and_method_names() -> None:
+    """Only an identifier in primary position is checked against the reserved words."""
+    assert (
+        compile_cel("{'if': 1}.if + usage.package", {"usage"}).evaluate({"usage": {"package": 2}})
+        == 3
+    )
+
+
+def test_nested_equality_lookups_and_conversions_are_paid_for() -> None:
+    """Comparing self-similar nested lists, int-keyed maps and copying by conversions count
+    against the step budget: each fails fast instead of running for seconds or gigabytes."""
+    import time
+
+    e = "[0]"
+    for i in range(7):
+        e = f"[{e}].map(v{i}, [{', '.join([f'v{i}'] * 8)}])[0]"
+    big_map = "{" + ",".join(f"{i}:0" for i in range(300)) + "}"
+    s = "'" + "ab" * 1000 + "'"
+    items = "[" + ",".join("0" * 1 for _ in range(2000)) + "]"
+    for expr, fails in (
+        (f"{e} == {e}", True),  # 8**7 leaves compared: over the budget
+        (f"[{big_map}].map(m, [" + ",".join(["0"] * 80) + "].map(z, m == m))[0][0]", False),
+        (f"{items}.map(x, bytes({s}))", True),  # 8 MB of copies: over the budget
+    ):
+        t0 = time.perf_counter()
+        if fails:
+            with pytest.raises(CelError, match="steps"):
+                ev(expr)
+        else:
+            assert ev(expr) is True  # int-keyed map lookups are hashed, not scanned
+        assert time.perf_counter() - t0 < 2.0, expr[:60]
+
+
+def test_messages_about_values_are_short() -> None:
+    """A huge value in an error message is abbreviated (the message stays small)."""
+    e = "[0]"
+    for i in range(6):
+        e = f"[{e}].map(v{i}, [{', '.join([f'v{i}'] * 8)}])[0]"
+    with pytest.raises(CelError) as err:
+        ev(f"{{'a': 1}}[{e}]")
+    assert len(str(err.value)) < 300
+
+
+def test_map_key_depth_is_checked_and_bool_keys_stay_apart() -> None:
+    """A long chain inside a map key counts toward the nesting bound; true and 1 are distinct
+    keys, while numeric keys match across int, uint and double."""
+    with pytest.raises(CelSyntaxError, match="nests deeper"):
+        compile_cel("{" + " + ".join(["1"] * 200) + ": 1}", {"usage"})
+    assert ev("{true: 'b', 1: 'i'}[true] + {true: 'b', 1: 'i'}[1u] + {1: 'x'}[1.0]") == "bix"
+    assert ev("{true: 1, false: 2}.map(k, k)") == [True, False]
+    with pytest.raises(CelError, match="repeated map key"):
+        ev("{1: 'a', 1u: 'b'}")
 
 
 def test_comprehension_variable_is_scoped() -> None:
