@@ -55,9 +55,10 @@ _METRIC_ATTRIBUTES = {
 
 
 class _AttributeSource:
-    """Where an endpoint-attribute plugin reads its attribute: the configured ``producer``'s
-    plugin object when it publishes attributes (``endpoint_attribute(endpoint, name)``, e.g.
-    ``dcgm-extractor``), else the endpoints' metrics (`endpoint_attribute`)."""
+    """Where an endpoint-attribute plugin reads its attribute: the plugin the ``producer``
+    names (by name, else the one configured plugin of that type, as upstream keys attributes
+    by producer type) when it publishes attributes (``endpoint_attribute(endpoint, name)``,
+    e.g. ``dcgm-extractor``), else the endpoints' metrics (`endpoint_attribute`)."""
 
     def __init__(self, producer: str | None, ctx: PluginContext) -> None:
         self.producer = producer
@@ -69,7 +70,14 @@ class _AttributeSource:
         if not self._resolved:
             sched = ctx.scheduler or self._scheduler
             if self.producer and sched is not None:
+                # NOTE: upstream keys attributes by the producer's type; a plugin of that name
+                # is taken first, else the one configured plugin of that type.
                 obj = sched.plugins.get(self.producer)
+                if getattr(obj, "endpoint_attribute", None) is None:
+                    named = [
+                        n for n, pc in sched.config.plugins.items() if pc.type == self.producer
+                    ]
+                    obj = sched.plugins.get(named[0]) if len(named) == 1 else None
                 self._read = getattr(obj, "endpoint_attribute", None)
             self._resolved = True
         if self._read is not None:

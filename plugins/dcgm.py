@@ -2,31 +2,34 @@
 (upstream llm-d's GPU-utilization-aware routing).
 
 * ``dcgm-data-source`` polls each endpoint's DCGM exporter (``http://<host>:<port><path>``, the
-  pod's address for a sidecar exporter, its node's with ``useNodeAddress`` for a DaemonSet) every
-  ``interval``, from one background thread, all endpoints at once (keep-alive connections, one
-  wait on every socket: an exporter that does not answer within the round costs the others
-  nothing), and hands each page to every ``dcgm-extractor`` configured (upstream wires them with
-  ``dataLayer.sources``; that section is not read here, and one source feeding every extractor
-  is what its published configurations describe).
-* ``dcgm-extractor`` reads the ``DCGM_FI_DEV_GPU_UTIL`` samples of a page, keeps those of the
-  endpoint's pod (a sample labelled ``pod`` counts only for the endpoint of that pod, when the
-  endpoint names its pod; an unlabelled sample counts for every endpoint the page was fetched
-  for), takes the busiest GPU (max) and publishes it, divided by 100, as the endpoint attribute
+  pod's address for a sidecar exporter, its node's with ``useNodeAddress`` for a DaemonSet, the
+  pod's when no node address is known, as upstream) every ``interval`` (rounded to a multiple of
+  upstream's 50 ms base tick), from one background thread, all endpoints at once (keep-alive
+  connections, one wait on every socket, 1 s for a round: an exporter that does not answer
+  costs the others nothing), and hands each page to every ``dcgm-extractor`` configured
+  (upstream wires them with ``dataLayer.sources``; that section is not read here, and one
+  source feeding every extractor is what its published configurations describe).
+* ``dcgm-extractor`` reads the ``DCGM_FI_DEV_GPU_UTIL`` samples of a page as upstream does: the
+  family must be declared a gauge; a sample labelled ``pod`` counts only for the endpoint of
+  that pod (the endpoint's ``pod``, else its name, as upstream matches the endpoint's name); an
+  unlabelled sample counts for every endpoint the page was fetched for; the maximum starts at
+  0 (a negative or NaN sample reads as 0); divided by 100 it becomes the endpoint attribute
   ``GPUUtilization``, read by ``endpoint-attribute-filter`` / ``-scorer`` whose ``producer``
-  names the extractor. A page without such samples, or with a malformed one, leaves the
-  attribute as it was; a value older than three intervals (at least 3 s) is no longer
-  published (the endpoint then counts as missing the attribute, as the filter's ``onMissing``
-  says).
+  names the extractor (by name, or by type as upstream). A page without a sample for the pod,
+  or with a malformed one, leaves the attribute as it was; a value older than three intervals
+  (at least 3 s) is no longer published (the endpoint then counts as missing the attribute, as
+  the filter's ``onMissing`` says), and the values of endpoints that left the pool are dropped
+  after each round.
 
 Bounds: one connection per endpoint of the current pool, one page of at most
 `pagefetch.MAX_PAGE` bytes each, one value per endpoint (forgotten when it leaves the pool).
-Only ``http`` is served: ``scheme: https`` is refused at load time (naming the parameter).
+Only ``http`` is served: ``scheme: https`` is refused at load time (naming the parameter), as is
+a ``path`` that is not printable ASCII without spaces.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 import time
@@ -64,42 +67,71 @@ GPU_UTILIZATION: Final = "GPUUtilization"
 #: Seconds a published value stays valid, at least (three intervals when longer).
 MIN_VALIDITY: Final = 3.0
 
+# NOTE: label text never spans a line break, so a malformed line costs one pass over itself
+# (a page of unclosed "{" lines took quadratic time, holding the GIL, when it could).
 _SAMPLE = re.compile(
-    r"^" + GPU_UTIL_METRIC + r"(?:\{((?:[^\"}]++|\"(?:[^\"\\]++|\\.)*+\")*+)\})?[ \t]+(\S+)",
+    r"^" + GPU_UTIL_METRIC + r"(?:\{((?:[^\"}\n]++|\"(?:[^\"\\\n]++|\\.)*+\")*+)\})?[ \t]+(\S+)",
     re.MULTILINE,
 )
 _TYPE = re.compile(r"^#[ \t]+TYPE[ \t]+" + GPU_UTIL_METRIC + r"[ \t]+(\S+)", re.MULTILINE)
-_POD_LABEL = re.compile(r'(?:^|,)\s*pod\s*=\s*"((?:[^"\\]|\\.)*)"')
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\\n]|\\.)*)"\s*,?')
+#: Paths sent to the exporter: printable ASCII without spaces (nothing to escape in a request line).
+_PATH = re.compile(r"/[\x21-\x7e]*")
+#: Upstream's base tick: intervals are rounded to a multiple of it.
+BASE_TICK: Final = 0.05
+
+
+def _pod_label(text: str | None) -> str | None:
+    """The ``pod`` label's value in a sample's label text, None when it has none.
+
+    Raises:
+        ValueError: The label text is malformed.
+    """
+    found: str | None = None
+    pos, end = 0, len(text or "")
+    while pos < end:
+        assert text is not None
+        m = _LABEL.match(text, pos)
+        if m is None:
+            if text[pos:].strip():
+                raise ValueError(f"malformed labels of a {GPU_UTIL_METRIC} sample")
+            break
+        if m.group(1) == "pod" and found is None:
+            found = m.group(2)
+        pos = m.end()
+    return found
 
 
 def gpu_utilization(page: str, pod: str | None) -> float:
     """The busiest GPU's ``DCGM_FI_DEV_GPU_UTIL`` of `pod` on a DCGM exporter `page`, as a
-    fraction (percent / 100). Samples labelled with another pod are skipped; unlabelled ones
-    count (a sidecar exporter serves one pod); with `pod` None every sample counts.
+    fraction (percent / 100), as upstream computes it: samples labelled with another pod are
+    skipped, unlabelled ones count (a sidecar exporter serves one pod), with `pod` None every
+    sample counts; the maximum starts at 0 (a negative or NaN sample reads as 0).
 
     Raises:
-        ValueError: The metric is missing, declared other than a gauge, has no sample for the
-            pod, or a sample value is not a number.
+        ValueError: The metric is missing or not declared a gauge, has no sample for the pod,
+            or a sample is malformed.
     """
     declared = _TYPE.search(page)
-    if declared is not None and declared.group(1) not in ("gauge", "untyped"):
+    if declared is None:
+        if _SAMPLE.search(page) is None:
+            raise ValueError(f"{GPU_UTIL_METRIC} not found in the DCGM exporter's page")
+        raise ValueError(f"{GPU_UTIL_METRIC} is not declared a gauge (no TYPE line)")
+    if declared.group(1) != "gauge":
         raise ValueError(f"{GPU_UTIL_METRIC} is a {declared.group(1)}, expected a gauge")
-    best: float | None = None
-    seen = False
+    best = 0.0
+    found = False
     for m in _SAMPLE.finditer(page):
-        seen = True
         if pod:
-            label = _POD_LABEL.search(m.group(1) or "")
-            if label is not None and label.group(1) != pod:
+            label = _pod_label(m.group(1))
+            if label is not None and label != pod:
                 continue
-        value = float(m.group(2))
-        if not math.isfinite(value):
-            raise ValueError(f"{GPU_UTIL_METRIC} sample {m.group(2)!r} is not finite")
-        best = value if best is None else max(best, value)
-    if best is None:
-        if seen:
-            raise ValueError(f"{GPU_UTIL_METRIC} has no sample for pod {pod!r}")
-        raise ValueError(f"{GPU_UTIL_METRIC} not found in the DCGM exporter's page")
+        value = float(m.group(2))  # ValueError when not a number
+        if value > best:
+            best = value
+        found = True
+    if not found:
+        raise ValueError(f"{GPU_UTIL_METRIC} has no sample for pod {pod!r}")
     return best / 100.0
 
 
@@ -121,7 +153,7 @@ class DCGMExtractor:
     def extract(self, endpoint: Endpoint, page: str) -> bool:
         """Read `endpoint`'s value from `page`; whether one was published."""
         try:
-            value = gpu_utilization(page, endpoint.pod)
+            value = gpu_utilization(page, endpoint.pod or endpoint.name)
         except ValueError as exc:
             self.failures += 1
             logger.debug("%s: %s: %s", self.name, endpoint.id, exc)
@@ -146,6 +178,13 @@ class DCGMExtractor:
             with self._lock:
                 for e in removed:
                     self._values.pop(e.id, None)
+
+    def retain(self, ids: set[str]) -> None:
+        """Keep only the values of endpoints in `ids` (the pool after a poll round: a page
+        fetched for an endpoint that left meanwhile must not leave its value behind)."""
+        with self._lock:
+            for eid in [k for k in self._values if k not in ids]:
+                del self._values[eid]
 
 
 class DCGMSourceParams(ConfigModel):
@@ -185,7 +224,10 @@ class DCGMSourceParams(ConfigModel):
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
-        return value if value.startswith("/") else "/" + value
+        value = value if value.startswith("/") else "/" + value
+        if not _PATH.fullmatch(value):
+            raise ValueError("path must be printable ASCII without spaces")
+        return value
 
 
 class DCGMDataSource:
@@ -195,14 +237,16 @@ class DCGMDataSource:
     def __init__(self, params: DCGMSourceParams, ctx: PluginContext) -> None:
         self.name = ctx.name
         self.params = params
-        self.interval = params.interval or DEFAULT_SCRAPE_INTERVAL
-        self.timeout = min(1.0, max(0.1, self.interval))
+        # NOTE: as upstream, the interval is a multiple of the base tick (at least one tick),
+        # and an exporter gets 1 s to answer.
+        wanted = params.interval or DEFAULT_SCRAPE_INTERVAL
+        self.interval = max(BASE_TICK, round(wanted / BASE_TICK) * BASE_TICK)
+        self.timeout = 1.0
         self._scheduler = ctx.scheduler
         self._extractors: list[DCGMExtractor] | None = None
         self._conns: dict[str, PageConnection] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._warned_no_node: set[str] = set()
         #: Rounds run and pages fetched (diagnostics).
         self.rounds = 0
         self.pages = 0
@@ -219,25 +263,17 @@ class DCGMDataSource:
                 ext.validity = max(ext.validity, validity)
         return self._extractors
 
-    def _host(self, endpoint: Endpoint) -> str | None:
-        if not self.params.use_node_address:
-            return endpoint.address
-        if endpoint.node_address:
+    def _host(self, endpoint: Endpoint) -> str:
+        """The exporter's host: the pod's address, or its node's with ``useNodeAddress`` (the
+        pod's when no node address is known, as upstream)."""
+        if self.params.use_node_address and endpoint.node_address:
             return endpoint.node_address
-        if endpoint.id not in self._warned_no_node and len(self._warned_no_node) < 1024:
-            self._warned_no_node.add(endpoint.id)
-            logger.warning(
-                "%s: useNodeAddress is set but endpoint %s names no node address "
-                "(nodeAddress in the endpoints file); its GPU metrics are not read",
-                self.name,
-                endpoint.id,
-            )
-        return None
+        return endpoint.address
 
     def poll(self, endpoints: Sequence[Endpoint]) -> int:
         """One round over `endpoints`; returns how many pages were fetched."""
         extractors = self.extractors()
-        targets = [(e, h) for e in endpoints if (h := self._host(e)) is not None]
+        targets = [(e, self._host(e)) for e in endpoints]
         live = {e.id for e, _ in targets}
         for eid in [k for k in self._conns if k not in live]:
             self._conns.pop(eid).close()
@@ -265,6 +301,9 @@ class DCGMDataSource:
             page = answer[1].decode("utf-8", errors="replace")
             for ext in extractors:
                 ext.extract(e, page)
+        live_now = {e.id for e in self._endpoints()} if self._scheduler is not None else live
+        for ext in extractors:
+            ext.retain(live_now)
         self.rounds += 1
         self.pages += fetched
         return fetched

@@ -72,13 +72,15 @@ def _adapters(value: str | None) -> frozenset[str]:
 
 
 #: One sample line of a wanted family: a line break, the name, optional ``{labels}`` (quoted
-#: values may hold any character, escaped; possessive, so a malformed line costs one pass),
+#: values may hold any character but a line break, escaped; possessive, and never past the
+#: line's end, so a malformed line costs one pass over itself: a page of unclosed ``{`` lines
+#: once took quadratic time),
 #: then the value. The leading line break is a literal the regex engine scans for at memory
 #: speed, so the lines of every other family (mostly histogram buckets) cost one failed
 #: comparison each (``re.MULTILINE``'s ``^`` was ~10x slower: it tries every position).
 _SAMPLE = re.compile(
     r"\n(" + "|".join(re.escape(n) for n in _WANTED) + r")"
-    r"(?:\{((?:[^\"}]++|\"(?:[^\"\\]++|\\.)*+\")*+)\})?[ \t]+(\S+)"
+    r"(?:\{((?:[^\"}\n]++|\"(?:[^\"\\\n]++|\\.)*+\")*+)\})?[ \t]+(\S+)"
 )
 #: Label sets whose parse is kept (a pod's label sets are the same every scrape; a fleet of a
 #: few hundred pods x a handful of wanted series fits, and a page of ever-new label sets only

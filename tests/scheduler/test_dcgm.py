@@ -20,6 +20,7 @@ from kvaware_scorer.scheduler import Endpoint, Scheduler, SchedulingRequest
 from .conftest import FakeClock, build
 
 CORPUS = Path(__file__).parent / "upstream_corpus" / "dcgm-gpu-utilization.yaml"
+GAUGE = "# TYPE DCGM_FI_DEV_GPU_UTIL gauge\n"
 
 
 def page(utils: dict[str | None, list[float]]) -> str:
@@ -48,6 +49,7 @@ class Exporter:
     def __init__(self) -> None:
         self.text = page({None: [0.0]})
         self.hits = 0
+        self.delay = 0.0
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -55,6 +57,8 @@ class Exporter:
 
             def do_GET(self) -> None:
                 owner.hits += 1
+                if owner.delay:
+                    time.sleep(owner.delay)
                 body = owner.text.encode() if self.path == "/metrics" else b"no"
                 self.send_response(200 if self.path == "/metrics" else 404)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
@@ -178,31 +182,90 @@ def test_values_expire_and_missing_pods_pass(exporter: Exporter) -> None:
     assert kept(s, eps) == {"pod-a", "pod-b"}
     s.set_endpoints(eps[1:])
     assert eps[0].id not in ext._values
+    source.stop()
     s.close()
 
 
 def test_unreachable_exporter_costs_one_round_timeout(exporter: Exporter) -> None:
-    """An exporter that never answers does not hold up the others beyond the round's timeout."""
+    """An exporter that never answers costs one round's timeout (1 s), and the endpoint whose
+    exporter answers in the same round is read."""
     import socket
 
     silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
+    silent.bind(("127.0.0.2", exporter.port))  # same port, another loopback address
     silent.listen(1)  # accepts connections, never answers
     try:
         exporter.text = page({"a": [50.0]})
         s = build(gpu_config(exporter.port, useNodeAddress=True, interval="200ms"))
         good = Endpoint("a", "10.255.255.1", 8000, pod="a", node_address="127.0.0.1")
-        s.set_endpoints([good])
+        mute = Endpoint("b", "10.255.255.1", 8001, pod="b", node_address="127.0.0.2")
+        s.set_endpoints([good, mute])
         source = s.plugins["dcgm-source"]
-        source.params.port = silent.getsockname()[1]
+        ext = s.plugins["dcgm-extractor"]
         t0 = time.monotonic()
-        assert source.poll([good]) == 0
+        assert source.poll([good, mute]) == 1
         assert time.monotonic() - t0 < 1.5
-        source.params.port = exporter.port
-        assert source.poll([good]) == 1
+        assert ext.endpoint_attribute(good, "GPUUtilization") == pytest.approx(0.5)
+        assert ext.endpoint_attribute(mute, "GPUUtilization") is None
+        source.stop()
         s.close()
     finally:
         silent.close()
+
+
+def test_a_value_fetched_for_an_endpoint_that_left_is_dropped(exporter: Exporter) -> None:
+    """The pool changes while a round waits for pages: the departed endpoint's value does not
+    stay behind (values are bounded by the pool)."""
+    exporter.text = page({None: [50.0]})
+    exporter.delay = 0.3
+    s = build(gpu_config(exporter.port))
+    ep = Endpoint("vllm-0", "127.0.0.1", 8000)
+    s.set_endpoints([ep])
+    ext = s.plugins["dcgm-extractor"]
+    s.start()
+    try:
+        wait_for(lambda: exporter.hits >= 1)
+        s.set_endpoints([])
+        time.sleep(0.6)
+        assert ext._values == {}
+    finally:
+        s.close()
+
+
+def test_producer_is_matched_by_type_too(exporter: Exporter) -> None:
+    """Upstream keys attributes by the producer's type: an extractor named otherwise is still
+    the one ``producer: dcgm-extractor`` reads."""
+    exporter.text = page({"pod-a": [99.0], "pod-b": [10.0]})
+    data = gpu_config(exporter.port, useNodeAddress=True)
+    data["plugins"][1]["name"] = "gpu-ext"
+    data["dataLayer"]["sources"][0]["extractors"][0]["pluginRef"] = "gpu-ext"
+    s = build(data)
+    eps = [
+        Endpoint(n, "10.255.255.1", p, pod=n, node_address="127.0.0.1")
+        for n, p in (("pod-a", 8000), ("pod-b", 8001))
+    ]
+    s.set_endpoints(eps)
+    source = s.plugins["dcgm-source"]
+    assert source.poll(eps) == 2
+    assert kept(s, eps) == {"pod-b"}
+    source.stop()
+    s.close()
+
+
+def test_node_address_falls_back_to_the_pod_and_names_match_pods(exporter: Exporter) -> None:
+    """``useNodeAddress`` with no node address known reads the pod's own address (upstream);
+    an endpoint naming no pod is matched by its name."""
+    exporter.text = page({"vllm-0": [33.0], "vllm-1": [90.0]})
+    s = build(gpu_config(exporter.port, useNodeAddress=True))
+    ep = Endpoint("vllm-0", "127.0.0.1", 8000)
+    s.set_endpoints([ep])
+    source = s.plugins["dcgm-source"]
+    assert source.poll([ep]) == 1
+    assert s.plugins["dcgm-extractor"].endpoint_attribute(ep, "GPUUtilization") == pytest.approx(
+        0.33
+    )
+    source.stop()
+    s.close()
 
 
 @pytest.mark.parametrize(
@@ -211,12 +274,21 @@ def test_unreachable_exporter_costs_one_round_timeout(exporter: Exporter) -> Non
         (page({"p": [10.0, 30.0, 20.0]}), 0.3, None),
         (page({None: [55.5]}), 0.555, None),
         (page({"q": [80.0], None: [5.0]}), 0.05, None),  # another pod's sample skipped
-        ("DCGM_FI_DEV_GPU_UTIL 42\n", 0.42, None),
+        (GAUGE + "DCGM_FI_DEV_GPU_UTIL 42\n", 0.42, None),
         (page({"q": [80.0]}), None, "no sample for pod 'p'"),
         ("DCGM_FI_DEV_FB_USED 1\n", None, "not found"),
         ("# TYPE DCGM_FI_DEV_GPU_UTIL counter\nDCGM_FI_DEV_GPU_UTIL 3\n", None, "expected a gauge"),
-        ("DCGM_FI_DEV_GPU_UTIL NaN\n", None, "not finite"),
-        ("DCGM_FI_DEV_GPU_UTIL abc\n", None, "could not convert"),
+        ("DCGM_FI_DEV_GPU_UTIL 3\n", None, "no TYPE line"),
+        (GAUGE + "DCGM_FI_DEV_GPU_UTIL NaN\n", 0.0, None),  # upstream's max starts at 0
+        (
+            GAUGE + 'DCGM_FI_DEV_GPU_UTIL{gpu="0"} -50\nDCGM_FI_DEV_GPU_UTIL{gpu="1"} NaN\n',
+            0.0,
+            None,
+        ),
+        (GAUGE + "DCGM_FI_DEV_GPU_UTIL abc\n", None, "could not convert"),
+        # a "pod=" inside another label's value is not the pod label
+        (GAUGE + 'DCGM_FI_DEV_GPU_UTIL{modelName="x,pod=",pod="p"} 70\n', 0.7, None),
+        (GAUGE + 'DCGM_FI_DEV_GPU_UTIL{pod="p" junk} 70\n', None, "malformed labels"),
     ],
 )
 def test_page_parsing(text: str, want: float | None, error: str | None) -> None:
@@ -238,6 +310,13 @@ def test_huge_page_is_bounded() -> None:
     t0 = time.perf_counter()
     assert gpu_utilization(big, "p7") == pytest.approx(0.07)
     assert time.perf_counter() - t0 < 5.0
+    # lines that open a label set and never close it (quadratic before: 176 KB took 3 s)
+    for line in ("DCGM_FI_DEV_GPU_UTIL{\n", 'DCGM_FI_DEV_GPU_UTIL{a="\n'):
+        hostile = GAUGE + line * 64_000
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError):
+            gpu_utilization(hostile, "p")
+        assert time.perf_counter() - t0 < 1.0
 
 
 @pytest.mark.parametrize(
@@ -247,6 +326,8 @@ def test_huge_page_is_bounded() -> None:
         ({"scheme": "ftp"}, "scheme"),
         ({"port": 0}, "port"),
         ({"interval": "soon"}, "interval"),
+        ({"path": "/m etrics"}, "printable ASCII"),
+        ({"path": "/m\u20actrics"}, "printable ASCII"),
         ({"bogus": 1}, "bogus"),
     ],
 )
@@ -265,5 +346,5 @@ def test_upstream_gpu_config_loads_without_no_op_warnings(
     s = build(CORPUS.read_text())
     assert not [r for r in caplog.records if "does nothing" in r.getMessage()]
     assert s.plugins["dcgm-source"].params.port == 9400
-    assert s.plugins["dcgm-source"].interval == 1.0
+    assert s.plugins["dcgm-source"].interval == pytest.approx(1.0)
     s.close()

@@ -440,3 +440,15 @@ def test_scrapers_sharing_one_activity_each_see_it() -> None:
         t.join(2.0)
     assert woken == [True, True, True]
     assert not act.wait(0.05)  # no new mark: a waiter times out
+
+
+def test_unclosed_label_sets_parse_in_linear_time() -> None:
+    """A hostile page of lines that open a label set and never close it costs one pass (it was
+    quadratic, holding the GIL: 176 KB took ~5 s)."""
+    import time
+
+    for line in ("vllm:num_requests_waiting{\n", 'vllm:num_requests_waiting{a="x\n'):
+        text = "vllm:num_requests_running 1\n" + line * 64_000
+        t0 = time.perf_counter()
+        assert parse_vllm_metrics(text).running_requests_size == 1
+        assert time.perf_counter() - t0 < 1.0
