@@ -145,6 +145,11 @@ class _Tracked:
         request.state[self._key + ":uncached"] = uncached
         return uncached
 
+    def _expire(self, ctx: SchedulingContext) -> None:
+        """Stop counting requests whose end was never reported (the ledger's timeout)."""
+        if self.ledger.timeout > 0:
+            self.ledger.expire(ctx.now)
+
     def _release(self, request: SchedulingRequest) -> None:
         """Stop counting the request (if it is counted)."""
         key = request.state.pop(self._key, None)
@@ -214,8 +219,7 @@ class TokenLoadScorer(_Tracked):
     def score(
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> Mapping[str, float]:
-        if self.ledger.timeout > 0:
-            self.ledger.expire(ctx.now)
+        self._expire(ctx)
         uncached = self._uncached(ctx, request, endpoints)
         out: dict[str, float] = {}
         for e in endpoints:
@@ -251,8 +255,7 @@ class LMetricScorer(_Tracked):
         self, ctx: SchedulingContext, request: SchedulingRequest, endpoints: Sequence[Endpoint]
     ) -> dict[str, float]:
         """Endpoint id -> LMetric cost; empty when there is no match info."""
-        if self.ledger.timeout > 0:
-            self.ledger.expire(ctx.now)
+        self._expire(ctx)
         info = self._match(ctx, request, endpoints)
         self._uncached(ctx, request, endpoints, info)  # for pre_request's in-flight account
         if info is None:
@@ -410,8 +413,7 @@ class PrefixCacheAffinityFilter(_Tracked):
         if p.exploration_probability > 0 and self._rng.random() < p.exploration_probability:
             self._count("exploration")
             return endpoints
-        if self.ledger.timeout > 0:
-            self.ledger.expire(ctx.now)
+        self._expire(ctx)
         matched, total = (info[0], info[1]) if info is not None else ({}, 0)
         sticky: list[Endpoint] = []
         others: list[Endpoint] = []

@@ -76,6 +76,21 @@ def load_config(*, slow: float = 0.0) -> dict[str, Any]:
     return data
 
 
+def reporter_config(condition: str = "") -> dict[str, Any]:
+    """`load_config` plus a ``request-attribute-reporter`` of prompt + completion tokens."""
+    attr: dict[str, Any] = {
+        "key": {"name": "x-gateway-inference-request-cost"},
+        "expression": "usage.prompt_tokens + usage.completion_tokens",
+    }
+    if condition:
+        attr["condition"] = condition
+    data = load_config()
+    data["plugins"].append(
+        {"type": "request-attribute-reporter", "parameters": {"attributes": [attr]}}
+    )
+    return data
+
+
 async def start_picker(
     tmp_path: Path,
     pods: Sequence[FakePod],

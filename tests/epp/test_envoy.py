@@ -319,22 +319,9 @@ async def test_request_cost_reaches_envoy_as_dynamic_metadata(
 ) -> None:
     """``request-attribute-reporter``'s token cost of each response, streamed or not, is in
     Envoy's ``envoy.lb`` dynamic metadata when the request ends (its access log shows it)."""
-    from .conftest import load_config
+    from .conftest import reporter_config
 
-    config = load_config()
-    config["plugins"].append(
-        {
-            "type": "request-attribute-reporter",
-            "parameters": {
-                "attributes": [
-                    {
-                        "key": {"name": "x-gateway-inference-request-cost"},
-                        "expression": "usage.prompt_tokens + usage.completion_tokens",
-                    }
-                ]
-            },
-        }
-    )
+    config = reporter_config()
     picker = await start_picker(tmp_path, pods, recorder, config=config)
     try:
         envoy = await envoys(picker.grpc_port, picker.scheduler.endpoints)

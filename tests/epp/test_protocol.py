@@ -23,7 +23,7 @@ from kvaware_scorer.errors import NoEndpointError
 from kvaware_scorer.scheduler import hookimpl
 from tests.gateway.pods import FakePod
 
-from .conftest import MODEL, Recorder, load_config, start_picker
+from .conftest import MODEL, Recorder, load_config, reporter_config, start_picker
 
 FULL = pm.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = pm.ProcessingMode.BUFFERED
@@ -347,25 +347,6 @@ async def test_response_phase_feeds_the_accounting(
     )
 
 
-def _reporter_config() -> dict[str, Any]:
-    data = load_config()
-    data["plugins"].append(
-        {
-            "type": "request-attribute-reporter",
-            "parameters": {
-                "attributes": [
-                    {
-                        "key": {"name": "x-gateway-inference-request-cost"},
-                        "expression": "usage.prompt_tokens + usage.completion_tokens",
-                        "condition": "usage.completion_tokens > 0",
-                    }
-                ]
-            },
-        }
-    )
-    return data
-
-
 @pytest.mark.parametrize(
     ("stream", "ending"),
     [(True, "body"), (False, "body"), (True, "trailers"), (False, "buffered")],
@@ -376,7 +357,9 @@ async def test_reported_attribute_rides_on_the_answer_ending_the_response(
     """``request-attribute-reporter``'s value is ``envoy.lb`` dynamic metadata on the answer to
     the message ending the response (its last body message, or its trailers), on no earlier
     answer; with a buffered response too."""
-    picker = await start_picker(tmp_path, pods, recorder, config=_reporter_config())
+    picker = await start_picker(
+        tmp_path, pods, recorder, config=reporter_config("usage.completion_tokens > 0")
+    )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{picker.grpc_port}") as ch:
             c = Client(ch)

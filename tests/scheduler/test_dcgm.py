@@ -138,14 +138,19 @@ def test_node_exporter_pods_are_told_apart_and_the_hot_one_filtered(exporter: Ex
         s.close()
 
 
-def test_sidecar_exporter_and_unlabelled_samples(exporter: Exporter) -> None:
-    """A sidecar exporter (the pod's own address) without pod labels: every sample counts."""
-    exporter.text = page({None: [12.0, 97.0]})
+def sidecar(exporter: Exporter) -> tuple[Scheduler, Endpoint, Any]:
+    """A started scheduler with one endpoint whose sidecar exporter is `exporter`."""
     s = build(gpu_config(exporter.port))
     ep = Endpoint("vllm-0", "127.0.0.1", 8000)
     s.set_endpoints([ep])
-    ext = s.plugins["dcgm-extractor"]
     s.start()
+    return s, ep, s.plugins["dcgm-extractor"]
+
+
+def test_sidecar_exporter_and_unlabelled_samples(exporter: Exporter) -> None:
+    """A sidecar exporter (the pod's own address) without pod labels: every sample counts."""
+    exporter.text = page({None: [12.0, 97.0]})
+    s, ep, ext = sidecar(exporter)
     try:
         wait_for(lambda: ext.endpoint_attribute(ep, "GPUUtilization") is not None)
         assert ext.endpoint_attribute(ep, "GPUUtilization") == pytest.approx(0.97)
@@ -218,11 +223,7 @@ def test_a_value_fetched_for_an_endpoint_that_left_is_dropped(exporter: Exporter
     stay behind (values are bounded by the pool)."""
     exporter.text = page({None: [50.0]})
     exporter.delay = 0.3
-    s = build(gpu_config(exporter.port))
-    ep = Endpoint("vllm-0", "127.0.0.1", 8000)
-    s.set_endpoints([ep])
-    ext = s.plugins["dcgm-extractor"]
-    s.start()
+    s, _, ext = sidecar(exporter)
     try:
         wait_for(lambda: exporter.hits >= 1)
         s.set_endpoints([])
