@@ -107,27 +107,26 @@ _TYPES: Final = {
 }
 
 
+#: Python type -> CEL type name, in the order to test (bool before int, uint before int).
+_TYPE_OF: Final[tuple[tuple[Any, str], ...]] = (
+    (bool, "bool"),
+    (UInt, "uint"),
+    (int, "int"),
+    (float, "double"),
+    (str, "string"),
+    (bytes, "bytes"),
+    (list | tuple, "list"),
+    (Mapping, "map"),
+    (CelType, "type"),
+)
+
+
 def _type_name(v: Any) -> str:
     if v is None:
         return "null_type"
-    if isinstance(v, bool):
-        return "bool"
-    if isinstance(v, UInt):
-        return "uint"
-    if isinstance(v, int):
-        return "int"
-    if isinstance(v, float):
-        return "double"
-    if isinstance(v, str):
-        return "string"
-    if isinstance(v, bytes):
-        return "bytes"
-    if isinstance(v, list | tuple):
-        return "list"
-    if isinstance(v, Mapping):
-        return "map"
-    if isinstance(v, CelType):
-        return "type"
+    for python_type, name in _TYPE_OF:
+        if isinstance(v, python_type):
+            return name
     raise CelError(f"unsupported value of Python type {type(v).__name__}")
 
 
@@ -341,43 +340,32 @@ class _Parser:
         finally:
             self.depth -= 1
 
-    def or_(self) -> Node:
-        node = self.and_()
-        while self.peek("||"):
+    def _chain(self, operand: Callable[[], Node], ops: tuple[str, ...], kind: str) -> Node:
+        """A left-associative run of `operand`s joined by `ops`: ``(kind, a, b)`` nodes for the
+        logical operators, ``("op", symbol, a, b)`` for the others."""
+        node = operand()
+        while True:
+            t = self.toks[self.i]
+            if t.kind not in ("op", "id") or t.text not in ops:
+                return node
             self.i += 1
-            node = ("or", node, self.and_())
-        return node
+            rhs = operand()
+            node = (kind, node, rhs) if kind != "op" else ("op", t.text, node, rhs)
+
+    def or_(self) -> Node:
+        return self._chain(self.and_, ("||",), "or")
 
     def and_(self) -> Node:
-        node = self.relation()
-        while self.peek("&&"):
-            self.i += 1
-            node = ("and", node, self.relation())
-        return node
+        return self._chain(self.relation, ("&&",), "and")
 
     def relation(self) -> Node:
-        node = self.addition()
-        while any(self.peek(r) for r in _RELATIONS):
-            sym = self.toks[self.i].text
-            self.i += 1
-            node = ("op", sym, node, self.addition())
-        return node
+        return self._chain(self.addition, _RELATIONS, "op")
 
     def addition(self) -> Node:
-        node = self.multiplication()
-        while self.peek("+") or self.peek("-"):
-            sym = self.toks[self.i].text
-            self.i += 1
-            node = ("op", sym, node, self.multiplication())
-        return node
+        return self._chain(self.multiplication, ("+", "-"), "op")
 
     def multiplication(self) -> Node:
-        node = self.unary()
-        while self.peek("*") or self.peek("/") or self.peek("%"):
-            sym = self.toks[self.i].text
-            self.i += 1
-            node = ("op", sym, node, self.unary())
-        return node
+        return self._chain(self.unary, ("*", "/", "%"), "op")
 
     def unary(self) -> Node:
         if self.peek("!"):
