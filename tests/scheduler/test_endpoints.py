@@ -45,6 +45,7 @@ def test_example_file_loads() -> None:
     assert eps[0].model == "Qwen/Qwen3-32B"
     assert eps[2].port == 8000 and eps[2].kv_events is None
     assert [e.engine for e in eps] == [None, None, None, "sglang"]
+    assert (eps[1].node_address, eps[1].pod) == ("10.0.1.5", "vllm-1-6b8f9c")
 
 
 @pytest.mark.parametrize(
