@@ -45,7 +45,7 @@ from kvaware_scorer.scheduler import (
     PluginRegistry,
     parse_duration,
 )
-from kvaware_scorer.scheduler.pagefetch import PageConnection, fetch_pages
+from kvaware_scorer.scheduler.pagefetch import PagePool
 from kvaware_scorer.scheduler.scrape import DEFAULT_SCRAPE_INTERVAL
 
 __all__ = [
@@ -147,7 +147,7 @@ class DCGMExtractor:
         self.validity = MIN_VALIDITY
         self._lock = threading.Lock()
         self._values: dict[str, tuple[float, float]] = {}  # endpoint id -> (value, clock time)
-        #: Pages that yielded no value, by endpoint id of the last failure (for diagnostics).
+        #: Pages that yielded no value (diagnostics).
         self.failures = 0
 
     def extract(self, endpoint: Endpoint, page: str) -> bool:
@@ -244,12 +244,9 @@ class DCGMDataSource:
         self.timeout = 1.0
         self._scheduler = ctx.scheduler
         self._extractors: list[DCGMExtractor] | None = None
-        self._conns: dict[str, PageConnection] = {}
+        self._pages = PagePool()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: Rounds run and pages fetched (diagnostics).
-        self.rounds = 0
-        self.pages = 0
 
     def extractors(self) -> list[DCGMExtractor]:
         """The configured ``dcgm-extractor`` plugins this source feeds."""
@@ -273,39 +270,26 @@ class DCGMDataSource:
     def poll(self, endpoints: Sequence[Endpoint]) -> int:
         """One round over `endpoints`; returns how many pages were fetched."""
         extractors = self.extractors()
-        targets = [(e, self._host(e)) for e in endpoints]
-        live = {e.id for e, _ in targets}
-        for eid in [k for k in self._conns if k not in live]:
-            self._conns.pop(eid).close()
-        if not targets or not extractors:
+        live = {e.id for e in endpoints}
+        self._pages.keep_only(live)
+        if not endpoints or not extractors:
             return 0
-        conns: list[PageConnection] = []
-        for e, host in targets:
-            conn = self._conns.get(e.id)
-            if conn is None or (conn.host, conn.port) != (host, self.params.port):
-                if conn is not None:
-                    conn.close()
-                conn = self._conns[e.id] = PageConnection(host, self.params.port, self.timeout)
-            conns.append(conn)
-        answers = fetch_pages([(c, self.params.path) for c in conns], self.timeout)
+        p = self.params
+        answers = self._pages.get(
+            [(e.id, self._host(e), p.port, p.path) for e in endpoints], self.timeout
+        )
         fetched = 0
-        for (e, _), conn, answer in zip(targets, conns, answers, strict=True):
-            if isinstance(answer, OSError):
-                logger.debug("%s: %s: %s", self.name, e.id, answer)
-                continue
-            if answer[0] != 200:
-                conn.close()
-                logger.debug("%s: %s: HTTP %d", self.name, e.id, answer[0])
+        for e, (body, _) in zip(endpoints, answers, strict=True):
+            if isinstance(body, OSError):
+                logger.debug("%s: %s: %s", self.name, e.id, body)
                 continue
             fetched += 1
-            page = answer[1].decode("utf-8", errors="replace")
+            page = body.decode("utf-8", errors="replace")
             for ext in extractors:
                 ext.extract(e, page)
         live_now = {e.id for e in self._endpoints()} if self._scheduler is not None else live
         for ext in extractors:
             ext.retain(live_now)
-        self.rounds += 1
-        self.pages += fetched
         return fetched
 
     def _endpoints(self) -> list[Endpoint]:
@@ -334,9 +318,7 @@ class DCGMDataSource:
         if self._thread is not None:
             self._thread.join(self.timeout + 1.0)
             self._thread = None
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
+        self._pages.close()
 
 
 def register(registry: PluginRegistry) -> None:

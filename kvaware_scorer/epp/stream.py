@@ -209,9 +209,7 @@ class ProcessStream:
                     yield self._on_response_body(msg.response_body)
                 elif kind == "response_trailers":
                     self._finish()
-                    answer = ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
-                    self._add_metadata(answer)
-                    yield answer if answer.HasField("dynamic_metadata") else RESPONSE_TRAILERS
+                    yield self._with_metadata(RESPONSE_TRAILERS)
                 if self._done:
                     return
         finally:
@@ -533,7 +531,7 @@ class ProcessStream:
         answer = ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
         if msg.response_headers.end_of_stream:
             self._finish()
-            self._add_metadata(answer)
+            return self._with_metadata(answer)
         return answer
 
     def _on_response_body(self, rb: ep.HttpBody) -> ep.ProcessingResponse:
@@ -551,23 +549,24 @@ class ProcessStream:
                     response=ep.CommonResponse(body_mutation=ep.BodyMutation(body=data))
                 )
             )
-        elif rb.end_of_stream:
-            answer = ep.ProcessingResponse(
-                response_body=ep.BodyResponse(response=ep.CommonResponse())
-            )
         else:
-            return EMPTY_RESPONSE_BODY
+            answer = EMPTY_RESPONSE_BODY
         if rb.end_of_stream:
             self._finish()
-            self._add_metadata(answer)
+            return self._with_metadata(answer)
         return answer
 
-    def _add_metadata(self, answer: ep.ProcessingResponse) -> None:
-        """Attach what the post-response hooks want the proxy told (``dynamic_metadata``: e.g.
-        ``request-attribute-reporter``'s value) to the answer ending the response."""
+    def _with_metadata(self, answer: ep.ProcessingResponse) -> ep.ProcessingResponse:
+        """`answer` (the one ending the response), with what the post-response hooks want the
+        proxy told (``dynamic_metadata``: e.g. ``request-attribute-reporter``'s value) on a
+        copy when there is any (`answer` may be a shared constant)."""
         metadata = self._info.dynamic_metadata
-        if metadata:
-            answer.dynamic_metadata.update(metadata)
+        if not metadata:
+            return answer
+        out = ep.ProcessingResponse()
+        out.CopyFrom(answer)
+        out.dynamic_metadata.update(metadata)
+        return out
 
     # -- accounting -----------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["MAX_HEAD", "MAX_PAGE", "RESOLVER_THREADS", "PageConnection", "fetch_pages"]
+__all__ = ["MAX_HEAD", "MAX_PAGE", "RESOLVER_THREADS", "PageConnection", "PagePool", "fetch_pages"]
 
 #: Largest response head (status line and headers) read, in bytes.
 MAX_HEAD = 64 * 1024
@@ -420,3 +420,63 @@ def fetch_pages(
             if results[i] is None:
                 fail(i, conn, TimeoutError(f"no complete answer within {timeout:g} s"))
     return [r if r is not None else TimeoutError() for r in results]
+
+
+class PagePool:
+    """Kept-alive connections by key (an endpoint id), for rounds of `fetch_pages`.
+
+    A connection serves one request at a time: it is taken out of the pool for a round and put
+    back after (two rounds over one key at once open a second connection, and the one given
+    back last is kept). A key whose address changed gets a new connection. Bounded by the keys
+    the caller keeps (`keep_only`).
+    """
+
+    def __init__(self) -> None:
+        self._conns: dict[str, PageConnection] = {}
+        self._lock = threading.Lock()
+
+    def _take(self, key: str, host: str, port: int, timeout: float) -> PageConnection:
+        with self._lock:
+            conn = self._conns.pop(key, None)
+        if conn is not None and (conn.host, conn.port) != (host, port):
+            conn.close()
+            conn = None
+        return conn if conn is not None else PageConnection(host, port, timeout=timeout)
+
+    def _give_back(self, key: str, conn: PageConnection) -> None:
+        with self._lock:
+            old = self._conns.pop(key, None)
+            self._conns[key] = conn
+        if old is not None and old is not conn:
+            old.close()
+
+    def get(
+        self, targets: Sequence[tuple[str, str, int, str]], timeout: float
+    ) -> list[tuple[bytes | OSError, float]]:
+        """``GET`` each ``(key, host, port, path)`` at once, within `timeout` seconds; per
+        target, in order, the body of its 200 answer and the seconds it took, or the `OSError`
+        that ended it (an answer of another status is one, and drops the connection)."""
+        conns = [self._take(key, host, port, timeout) for key, host, port, _ in targets]
+        answers = fetch_pages([(c, t[3]) for c, t in zip(conns, targets, strict=True)], timeout)
+        out: list[tuple[bytes | OSError, float]] = []
+        for (key, _, _, path), conn, answer in zip(targets, conns, answers, strict=True):
+            if isinstance(answer, OSError):
+                out.append((answer, 0.0))
+            elif answer[0] != 200:
+                conn.close()
+                out.append((OSError(f"HTTP {answer[0]} from {key}{path}"), 0.0))
+            else:
+                out.append((answer[1], conn.elapsed))
+            self._give_back(key, conn)
+        return out
+
+    def keep_only(self, keys: set[str]) -> None:
+        """Close the connections of every key not in `keys`."""
+        with self._lock:
+            gone = [self._conns.pop(k) for k in [k for k in self._conns if k not in keys]]
+        for conn in gone:
+            conn.close()
+
+    def close(self) -> None:
+        """Close every connection."""
+        self.keep_only(set())

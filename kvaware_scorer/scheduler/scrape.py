@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from kvaware_scorer.scheduler.pagefetch import PageConnection, fetch_pages
+from kvaware_scorer.scheduler.pagefetch import PagePool
 from kvaware_scorer.scheduler.types import Endpoint, EndpointMetrics
 
 if TYPE_CHECKING:
@@ -299,30 +299,9 @@ class MetricsScraper:
         self.clock = clock
         self.metrics = metrics
         self.staleness = staleness
-        self._conns: dict[str, PageConnection] = {}
-        self._conns_lock = threading.Lock()
+        self._pages = PagePool()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def _take(self, endpoint: Endpoint) -> PageConnection:
-        """The endpoint's kept-alive connection, taken out of the pool for one request (a new
-        one when there is none, or the endpoint's address changed)."""
-        port = endpoint.metrics_port or endpoint.port
-        with self._conns_lock:
-            conn = self._conns.pop(endpoint.id, None)
-        if conn is not None and (conn.host, conn.port) != (endpoint.address, port):
-            conn.close()
-            conn = None
-        if conn is None:
-            conn = PageConnection(endpoint.address, port, timeout=self.timeout)
-        return conn
-
-    def _give_back(self, endpoint: Endpoint, conn: PageConnection) -> None:
-        with self._conns_lock:
-            old = self._conns.pop(endpoint.id, None)
-            self._conns[endpoint.id] = conn
-        if old is not None and old is not conn:
-            old.close()
 
     def fetch(self, endpoint: Endpoint) -> str:
         """GET the endpoint's metrics page (one keep-alive connection per endpoint; the page is
@@ -339,21 +318,14 @@ class MetricsScraper:
 
     def _fetch_all(self, endpoints: Sequence[Endpoint]) -> list[tuple[str | OSError, float]]:
         """Per endpoint: its page (or why there is none) and the seconds it took."""
-        conns = [self._take(e) for e in endpoints]
-        answers = fetch_pages(
-            [(c, e.metrics_path) for c, e in zip(conns, endpoints, strict=True)], self.timeout
+        answers = self._pages.get(
+            [(e.id, e.address, e.metrics_port or e.port, e.metrics_path) for e in endpoints],
+            self.timeout,
         )
-        pages: list[tuple[str | OSError, float]] = []
-        for e, conn, answer in zip(endpoints, conns, answers, strict=True):
-            if isinstance(answer, OSError):
-                pages.append((answer, 0.0))
-            elif answer[0] != 200:
-                conn.close()
-                pages.append((OSError(f"HTTP {answer[0]} from {e.id}{e.metrics_path}"), 0.0))
-            else:
-                pages.append((answer[1].decode("utf-8", errors="replace"), conn.elapsed))
-            self._give_back(e, conn)
-        return pages
+        return [
+            (page if isinstance(page, OSError) else page.decode("utf-8", errors="replace"), took)
+            for page, took in answers
+        ]
 
     def scrape(self, endpoint: Endpoint) -> bool:
         """Scrape one endpoint now; returns whether its metrics were updated."""
@@ -384,10 +356,7 @@ class MetricsScraper:
         """One round over the current pool; returns how many endpoints were updated."""
         eps = list(self._endpoints())
         live = {e.id for e in eps}
-        with self._conns_lock:
-            gone = [self._conns.pop(k) for k in [k for k in self._conns if k not in live]]
-        for conn in gone:
-            conn.close()
+        self._pages.keep_only(live)
         if not eps:
             return 0
         ok = self._scrape(eps)
@@ -432,7 +401,4 @@ class MetricsScraper:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        with self._conns_lock:
-            for conn in self._conns.values():
-                conn.close()
-            self._conns.clear()
+        self._pages.close()
