@@ -21,10 +21,24 @@ For a request r and a candidate pod p the scorer predicts
   It overlaps the prefill of the requests ahead, hence the ``max``.
 
 The pick is made on a cost: ``TTFT(p) + (workWeight + externality x waiting(p)) x
-uncached(r, p) / rate(p)``. Moving a long session costs its re-prefill in r's own TTFT, and
-again as work: the pod is busy longer for everyone (``waiting(p)``: requests waiting there for a
-first token) and holds a second copy of the context. Waiting behind short requests costs their
-prefill. All terms are seconds, so they compare directly.
+uncached(r, p) / rate(p) + evict(r, p)``. Moving a long session costs its re-prefill in r's own
+TTFT, and again as work: the pod is busy longer for everyone (``waiting(p)``: requests waiting
+there for a first token) and holds a second copy of the context. Waiting behind short requests
+costs their prefill. ``evict(r, p)`` is what r's context will cost later if p evicts it before
+it is read again (the next turn of a conversation):
+
+    evict(r, p) = reuseWeight x exp(-retention(p) / reuseInterval) x (prompt + output) / rate(p)
+    retention(p) = (capacity(p) - held(p)) / churn(p)
+
+vLLM evicts the least recently used free blocks, so a block written now survives about
+``retention(p)`` seconds: the KV memory its in-flight requests leave free (``held(p)`` as in the
+memory term) over the KV tokens it writes per second (``churn(p)``: uncached prompt + expected
+output of the requests sent to it, averaged over ``churnWindow``). With reuse after an
+exponential time of mean ``reuseInterval``, ``exp(-retention / reuseInterval)`` is the chance
+the context is gone by then; ``reuseWeight`` later requests would then compute it again. On a
+pod with room to spare the term vanishes; when the fleet's cache cannot hold every live context,
+it steers new contexts to the pods that keep theirs longest. All terms are seconds, so they
+compare directly.
 
 Score: ``(min_p cost + scale) / (cost(p) + scale)`` in (0, 1], 1 for the cheapest pod;
 ``scoreScale`` sets how much a difference in seconds moves the score when composed with other
@@ -105,6 +119,11 @@ class PredictedTTFTParams(ConfigModel):
         request_timeout: Seconds after which a request whose end was never reported stops
             counting (0 = never).
         max_tracked_requests: Bound on the requests the ledger tracks.
+        reuse_interval: Mean seconds until a request's context is read again (a conversation's
+            next turn: the user's think time plus the answer); 0 = no eviction term.
+        reuse_weight: Later requests expected to compute a context again when its pod evicts it
+            before that (0 = no eviction term).
+        churn_window: Seconds over which each pod's rate of newly written KV tokens is averaged.
     """
 
     prefix_match_info_producer_name: str | None = None
@@ -123,6 +142,9 @@ class PredictedTTFTParams(ConfigModel):
     metrics_interval: float = Field(1.0, ge=0)
     request_timeout: float = 300.0
     max_tracked_requests: int = Field(65536, ge=1)
+    reuse_interval: float = Field(20.0, ge=0)
+    reuse_weight: float = Field(4.0, ge=0)
+    churn_window: float = Field(30.0, gt=0)
 
     @field_validator(
         "request_timeout",
@@ -130,6 +152,8 @@ class PredictedTTFTParams(ConfigModel):
         "decode_seconds",
         "metrics_interval",
         "score_scale",
+        "reuse_interval",
+        "churn_window",
         mode="before",
     )
     @classmethod
@@ -275,6 +299,34 @@ class PredictedTTFTScorer:
         self._prior: MatchInfoProducer | None = None
         self._resolved = False
         self._key = ctx.name + ":ttft"
+        self._churn: dict[str, tuple[float, float]] = {}  # pod -> (decayed tokens, at when)
+
+    # -- KV churn -------------------------------------------------------------------------------
+
+    def _wrote(self, pod: str, now: float, tokens: float) -> None:
+        """Count `tokens` new KV tokens written on `pod` at `now`."""
+        window = self.params.churn_window
+        with self._lock:
+            total, at = self._churn.get(pod, (0.0, now))
+            self._churn[pod] = (total * math.exp(-max(0.0, now - at) / window) + tokens, now)
+
+    def churn(self, pod: str, now: float) -> float:
+        """New KV tokens per second written on `pod` lately (uncached prompts + output)."""
+        window = self.params.churn_window
+        with self._lock:
+            total, at = self._churn.get(pod, (0.0, now))
+        return total * math.exp(-max(0.0, now - at) / window) / window
+
+    def _evict_cost(self, pod: str, now: float, room: float, context: int, rate: float) -> float:
+        """Seconds `context` tokens left on `pod` will cost later if it evicts them first."""
+        p = self.params
+        if p.reuse_interval <= 0 or p.reuse_weight <= 0:
+            return 0.0
+        churn = self.churn(pod, now)
+        if churn <= 0:
+            return 0.0
+        retention = max(0.0, room) / churn
+        return p.reuse_weight * math.exp(-retention / p.reuse_interval) * context / rate
 
     # -- sources --------------------------------------------------------------------------------
 
@@ -346,6 +398,8 @@ class PredictedTTFTScorer:
         )
         out_tokens = self.expected_output()
         out: dict[str, tuple[float, int, int, float, float]] = {}
+        ids = request.token_ids
+        n = len(ids) if ids is not None else max(uncached.values(), default=0)
         loads = {e.id: self.ledger.load(e.id) for e in endpoints}
         for e in endpoints:
             load = loads[e.id]
@@ -354,9 +408,11 @@ class PredictedTTFTScorer:
             base, rate = self.model.params(e.id)
             queued = load.prefill_tokens / rate
             wait = 0.0
+            evict = 0.0
             cap = self.capacity(ctx, e)
             if cap:
                 held = self._kv_in_flight(ctx, e, load.kv_tokens)
+                evict = self._evict_cost(e.id, ctx.now, cap - held, n + out_tokens, rate)
                 excess = held + own + out_tokens - cap * p.memory_headroom
                 decoding = load.requests - load.prefilling
                 if excess > 0 and decoding > 0:
@@ -370,7 +426,7 @@ class PredictedTTFTScorer:
             ttft = base + max(queued, wait) + own / rate
             wait = max(0.0, wait - queued)
             weight = p.work_weight + p.externality * load.prefilling
-            out[e.id] = (ttft, own, work, wait, ttft + weight * own / rate)
+            out[e.id] = (ttft, own, work, wait, ttft + weight * own / rate + evict)
         return out
 
     # -- roles ----------------------------------------------------------------------------------
@@ -424,6 +480,7 @@ class PredictedTTFTScorer:
             entry = self.predict(ctx, request, [target])[target.id]
         ttft, own, work, wait, _ = entry
         n = len(request.token_ids) if request.token_ids is not None else own
+        self._wrote(target.id, ctx.now, own + self.expected_output())
         request.state[self._key] = self.ledger.admit(
             InFlight(
                 pod=target.id,
@@ -481,6 +538,7 @@ class PredictedTTFTScorer:
                 for pod in gone:
                     self._res.pop(pod, None)
                     self._scrape_seen.pop(pod, None)
+                    self._churn.pop(pod, None)
 
 
 def register(registry: PluginRegistry) -> None:

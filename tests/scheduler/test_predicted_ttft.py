@@ -30,6 +30,7 @@ def _ttft(**params: Any) -> dict[str, Any]:
         "workWeight": 0,
         "externality": 0,
         "metricsInterval": 0,
+        "reuseWeight": 0,
     }
     base.update(params)
     return {"type": "predicted-ttft-scorer", "parameters": base}
@@ -185,6 +186,82 @@ def test_externality_prefers_cached_pods_under_load(clock: FakeClock) -> None:
     # 100 tokens on a delay its 4 waiting requests (0.4 s), the 3,100 on b its 2 (6.2 s)
     assert run(0.0).name == "pod-1"
     assert run(1.0).name == "pod-0"
+
+
+def _churned(s: Scheduler, clock: FakeClock, pod: Endpoint, n: int, size: int, at: int) -> None:
+    """Send `n` requests of `size` new tokens to `pod` and run them to their end, 1 s apart."""
+    for i in range(n):
+        _served(s, f"churn-{pod.name}-{at + i}", _tokens(at + i * size, size), [pod])
+        clock.advance(1.0)
+
+
+def test_eviction_risk_steers_a_new_context_to_the_pod_that_keeps_it(clock: FakeClock) -> None:
+    """A pod that writes its KV memory over quickly evicts a new context before its next turn:
+    the eviction term sends the context to a quieter pod although it queues a little there."""
+
+    def run(weight: float) -> tuple[Endpoint, float, float]:
+        s = _scheduler(
+            clock,
+            kvCapacityTokens=10_000,
+            expectedOutputTokens=10,
+            reuseInterval="20s",
+            reuseWeight=weight,
+        )
+        a, b = endpoints(2)
+        _churned(s, clock, a, 4, 2000, 1_000_000)  # a wrote 8,040 tokens in the last 4 s
+        _send(s, "queued", _tokens(2_000_000, 300), [b])  # b: 0.3 s of queued prefill
+        scorer = s.plugin("predicted-ttft-scorer")
+        churn = scorer.churn(a.id, clock.now), scorer.churn(b.id, clock.now)
+        _, res = _send(s, "new", _tokens(3_000_000, 1000), [a, b])
+        return res.target, *churn
+
+    target, churn_a, churn_b = run(0.0)
+    assert target.name == "pod-0"  # without the term: no queue on a, 1.0 s against 1.3 s
+    # a: ~8,000 tokens over the 30 s window (decayed by the 4 s since): 10,000 free tokens
+    # last ~40 s there, so a context read again in ~20 s is gone with probability ~0.14
+    assert 230 < churn_a < 270 and 0 < churn_b < 11
+    # 4 x 0.14 x 1,010 tokens / 1,000 tokens/s = 0.57 s on a; b keeps it (~1,000 s)
+    assert run(4.0)[0].name == "pod-1"
+
+
+def test_a_session_stays_where_its_context_is_despite_the_risk(clock: FakeClock) -> None:
+    """Moving a session costs its re-prefill now; the eviction term is only a chance of that
+    later, so a pod holding the context keeps its session on a busier cache."""
+    s = _scheduler(clock, kvCapacityTokens=10_000, expectedOutputTokens=10, reuseWeight=4)
+    a, b = endpoints(2)
+    session = _tokens(0, 3000)
+    _served(s, "t1", session, [a])
+    _churned(s, clock, a, 4, 2000, 1_000_000)
+    _, res = _send(s, "t2", [*session, *_tokens(50_000, 100)], [a, b])
+    # a: 0.1 s + 4 x ~0.2 x 3,110 / 1,000 (~2.5 s); b: 3.1 s, nothing at risk
+    assert res.target is a
+
+
+def test_churn_decays_over_its_window_and_leaves_with_the_pod(clock: FakeClock) -> None:
+    s = _scheduler(clock, kvCapacityTokens=10_000, expectedOutputTokens=0, churnWindow="10s")
+    a, b = endpoints(2)
+    s.set_endpoints([a, b])
+    scorer = s.plugin("predicted-ttft-scorer")
+    _send(s, "r", _tokens(0, 1000), [a])
+    assert scorer.churn(a.id, clock.now) == pytest.approx(100.0)  # 1,000 tokens / 10 s
+    clock.advance(10.0)
+    assert scorer.churn(a.id, clock.now) == pytest.approx(100.0 / 2.718281828, rel=1e-6)
+    assert scorer.churn(b.id, clock.now) == 0.0
+    s.set_endpoints([b])
+    assert scorer.churn(a.id, clock.now) == 0.0 and a.id not in scorer._churn
+
+
+def test_no_eviction_term_without_a_known_capacity_or_when_turned_off(clock: FakeClock) -> None:
+    for params in (
+        {"reuseWeight": 4},
+        {"kvCapacityTokens": 10_000, "reuseInterval": 0, "reuseWeight": 4},
+    ):
+        s = _scheduler(clock, expectedOutputTokens=10, **params)
+        a, b = endpoints(2)
+        _churned(s, clock, a, 4, 2000, 1_000_000)
+        _send(s, "queued", _tokens(2_000_000, 300), [b])
+        _, res = _send(s, "new", _tokens(3_000_000, 1000), [a, b])
+        assert res.target is a
 
 
 def test_routing_history_prior_keeps_sessions_sticky(clock: FakeClock) -> None:
