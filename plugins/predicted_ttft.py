@@ -33,7 +33,8 @@ it is read again (the next turn of a conversation):
 vLLM evicts the least recently used free blocks, so a block written now survives about
 ``retention(p)`` seconds: the KV memory its in-flight requests leave free (``held(p)`` as in the
 memory term) over the KV tokens it writes per second (``churn(p)``: uncached prompt + expected
-output of the requests sent to it, averaged over ``churnWindow``). With reuse after an
+output of the requests sent to it, decayed exponentially with time constant ``churnWindow``;
+a pod with no free memory has a retention of 0). With reuse after an
 exponential time of mean ``reuseInterval``, ``exp(-retention / reuseInterval)`` is the chance
 the context is gone by then; ``reuseWeight`` later requests would then compute it again. On a
 pod with room to spare the term vanishes; when the fleet's cache cannot hold every live context,
@@ -83,6 +84,9 @@ __all__ = ["PredictedTTFTParams", "PredictedTTFTScorer", "PrefillModel", "regist
 
 logger = logging.getLogger(__name__)
 
+#: Pods whose KV churn is tracked at most (the pool's pods; see `PredictedTTFTScorer._wrote`).
+MAX_CHURN_PODS = 4096
+
 
 class PredictedTTFTParams(ConfigModel):
     """Parameters of ``predicted-ttft-scorer``.
@@ -123,7 +127,8 @@ class PredictedTTFTParams(ConfigModel):
             next turn: the user's think time plus the answer); 0 = no eviction term.
         reuse_weight: Later requests expected to compute a context again when its pod evicts it
             before that (0 = no eviction term).
-        churn_window: Seconds over which each pod's rate of newly written KV tokens is averaged.
+        churn_window: Time constant (seconds) of the exponential decay that averages each pod's
+            rate of newly written KV tokens.
     """
 
     prefix_match_info_producer_name: str | None = None
@@ -142,9 +147,9 @@ class PredictedTTFTParams(ConfigModel):
     metrics_interval: float = Field(1.0, ge=0)
     request_timeout: float = 300.0
     max_tracked_requests: int = Field(65536, ge=1)
-    reuse_interval: float = Field(20.0, ge=0)
-    reuse_weight: float = Field(4.0, ge=0)
-    churn_window: float = Field(30.0, gt=0)
+    reuse_interval: float = Field(20.0, ge=0, allow_inf_nan=False)
+    reuse_weight: float = Field(4.0, ge=0, allow_inf_nan=False)
+    churn_window: float = Field(30.0, gt=0, allow_inf_nan=False)
 
     @field_validator(
         "request_timeout",
@@ -308,7 +313,13 @@ class PredictedTTFTScorer:
         window = self.params.churn_window
         with self._lock:
             total, at = self._churn.get(pod, (0.0, now))
-            self._churn[pod] = (total * math.exp(-max(0.0, now - at) / window) + tokens, now)
+            if pod not in self._churn and len(self._churn) >= MAX_CHURN_PODS:
+                # NOTE: pods leave through endpoints_changed; this bounds picks of endpoints
+                # outside the pool (a caller's own list) by dropping the longest-quiet one.
+                del self._churn[min(self._churn, key=lambda k: self._churn[k][1])]
+            # NOTE: a late write (an older clock reading) is added without moving time back.
+            decayed = total * math.exp(-max(0.0, now - at) / window)
+            self._churn[pod] = (decayed + tokens, max(at, now))
 
     def churn(self, pod: str, now: float) -> float:
         """New KV tokens per second written on `pod` lately (uncached prompts + output)."""
@@ -322,11 +333,14 @@ class PredictedTTFTScorer:
         p = self.params
         if p.reuse_interval <= 0 or p.reuse_weight <= 0:
             return 0.0
-        churn = self.churn(pod, now)
-        if churn <= 0:
-            return 0.0
-        retention = max(0.0, room) / churn
-        return p.reuse_weight * math.exp(-retention / p.reuse_interval) * context / rate
+        if room <= 0:
+            risk = 1.0  # no free memory: the context goes first (whoever filled the pod)
+        else:
+            churn = self.churn(pod, now)
+            if churn <= 0:
+                return 0.0
+            risk = math.exp(-room / churn / p.reuse_interval)
+        return p.reuse_weight * risk * context / rate
 
     # -- sources --------------------------------------------------------------------------------
 
@@ -393,13 +407,12 @@ class PredictedTTFTScorer:
         p = self.params
         info = read_match_info(self._source, ctx, request, endpoints)
         prior = read_match_info(self._prior, ctx, request, endpoints) if self._prior else None
-        _, uncached = uncached_tokens(
+        n, uncached = uncached_tokens(
             request, info, endpoints, prior=prior, prior_weight=p.prior_weight
         )
         out_tokens = self.expected_output()
         out: dict[str, tuple[float, int, int, float, float]] = {}
-        ids = request.token_ids
-        n = len(ids) if ids is not None else max(uncached.values(), default=0)
+        n = n or max(uncached.values(), default=0)
         loads = {e.id: self.ledger.load(e.id) for e in endpoints}
         for e in endpoints:
             load = loads[e.id]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 
+from kvaware_scorer.errors import ConfigError
+from kvaware_scorer.plugins import predicted_ttft
 from kvaware_scorer.plugins.predicted_ttft import PrefillModel
 from kvaware_scorer.scheduler import (
     Endpoint,
@@ -249,6 +252,66 @@ def test_churn_decays_over_its_window_and_leaves_with_the_pod(clock: FakeClock) 
     assert scorer.churn(b.id, clock.now) == 0.0
     s.set_endpoints([b])
     assert scorer.churn(a.id, clock.now) == 0.0 and a.id not in scorer._churn
+
+
+def test_eviction_term_prices_the_whole_context_by_the_free_memory_and_the_churn(
+    clock: FakeClock,
+) -> None:
+    """The term's value: reuseWeight x exp(-(capacity - held) / churn / reuseInterval) x
+    (prompt + expected output) / rate, with the prompt's cached part counted too."""
+    s = _scheduler(clock, kvCapacityTokens=10_000, expectedOutputTokens=50, reuseWeight=4)
+    a, b = endpoints(2)
+    first = _tokens(0, 4000)
+    _send(s, "r1", first, [a])  # in flight on a: 4,000 + 50 tokens held and written
+    clock.advance(2.0)
+    scorer = s.plugin("predicted-ttft-scorer")
+    req = SchedulingRequest("q", "m", token_ids=[*first[:1000], *_tokens(90_000, 500)])
+    pred = scorer.predict(s.context(), req, [a, b])
+    assert pred[a.id][1] == 1500 - 992  # 62 blocks of 16 tokens held by a
+    churn = 4050 * math.exp(-2 / 30) / 30
+    risk = math.exp(-(10_000 - 4050) / churn / 20)
+    assert pred[a.id][4] - pred[a.id][0] == pytest.approx(4 * risk * 1550 / RATE)
+    assert pred[b.id][4] == pred[b.id][0]  # b writes nothing: no risk
+
+
+def test_a_full_pod_risks_the_context_even_without_writes_seen(clock: FakeClock) -> None:
+    """No free KV memory (scraped full, filled by traffic this scheduler did not send): the
+    context is the first to go, whatever the churn account says."""
+    s = _scheduler(clock, kvCapacityTokens=10_000, expectedOutputTokens=50, reuseWeight=4)
+    a, b = endpoints(2)
+    for e, usage in ((a, 1.0), (b, 0.0)):
+        with_metrics(
+            e, clock.now, kv_cache_usage_percent=usage, cache_block_size=16, cache_num_blocks=625
+        )
+    scorer = s.plugin("predicted-ttft-scorer")
+    req = SchedulingRequest("q", "m", token_ids=_tokens(0, 1000))
+    pred = scorer.predict(s.context(), req, [a, b])
+    assert pred[a.id][4] - pred[a.id][0] == pytest.approx(4 * 1050 / RATE)
+    assert pred[b.id][4] == pred[b.id][0]
+
+
+def test_churn_account_is_bounded_and_never_moves_back_in_time(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(predicted_ttft, "MAX_CHURN_PODS", 3)
+    s = _scheduler(clock, kvCapacityTokens=10_000, expectedOutputTokens=0, churnWindow="10s")
+    scorer = s.plugin("predicted-ttft-scorer")
+    pods = endpoints(5)
+    for e in pods:
+        _send(s, f"r-{e.name}", _tokens(0, 100), [e])
+        clock.advance(1.0)
+    assert sorted(scorer._churn) == sorted(e.id for e in pods[2:])  # the quietest went first
+    e = pods[4]
+    before = scorer.churn(e.id, clock.now)
+    # a late write (5 s before the last, 1 s ago) is counted as of the last one: time kept
+    scorer._wrote(e.id, clock.now - 5.0, 100)
+    assert scorer.churn(e.id, clock.now) == pytest.approx(before + 10.0 * math.exp(-0.1))
+
+
+def test_eviction_parameters_reject_infinities() -> None:
+    for key in ("reuseWeight", "reuseInterval", "churnWindow"):
+        with pytest.raises(ConfigError):
+            build(config([_ttft(**{key: "inf" if key == "reuseWeight" else "infs"})], []))
 
 
 def test_no_eviction_term_without_a_known_capacity_or_when_turned_off(clock: FakeClock) -> None:

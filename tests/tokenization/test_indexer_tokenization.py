@@ -106,9 +106,20 @@ async def test_ascore_keeps_the_event_loop_responsive(
     rng = random.Random(7)
     words = " ".join(_prose(3, 200).split())
     parts = words.split(" ")
-    prompt = " ".join(rng.choice(parts) for _ in range(50_000))
     # Warm the tokenizer load so that only tokenization is measured.
     await indexer.ascore(CHATML_MODEL, pods=[A], prompt="warm up")
+    # A prompt that takes long enough to tokenize on this machine (a fast one needs more words):
+    # a sizing prompt is doubled until it takes 0.3 s on the calling thread (at most 16x the
+    # first size), then a fresh prompt of that size is measured (the tokenizer caches prefixes).
+    n = 50_000
+    while True:
+        sizing = " ".join(rng.choice(parts) for _ in range(n))
+        t0 = time.perf_counter()
+        indexer.tokenization.tokenize(CHATML_MODEL, prompt=sizing)
+        if time.perf_counter() - t0 >= 0.3 or n >= 800_000:
+            break
+        n *= 2
+    prompt = " ".join(rng.choice(parts) for _ in range(n))
     lags: list[float] = []
     done = asyncio.Event()
 
