@@ -31,6 +31,7 @@ Usage::
     python benchmarks/bench_live.py --workloads all --repeats 2 --duration 90
     python benchmarks/bench_live.py --routers kvaware:config/precise.yaml,sglang-router:cache_aware
     python benchmarks/bench_live.py --routers kvaware:config/kvaware.yaml,sglang-router:cache_aware --idle 30
+    python benchmarks/bench_live.py --routers kvaware:config/kvaware.yaml --no-stream   # whole-body answers
 
 Everything listens on 127.0.0.1. Default runs are short (60 s of load per router and workload);
 on a shared machine absolute times are noisy, so routers run back to back per repeat and the
@@ -91,14 +92,29 @@ def free_port() -> int:
         return port
 
 
+def _is_python312(exe: str) -> bool:
+    """Whether `exe` runs and is a Python 3.12 (a pyenv shim on PATH may refuse to run when
+    3.12 is not among pyenv's selected versions)."""
+    try:
+        done = subprocess.run(
+            [exe, "-c", "import sys; print(sys.version_info[:2] == (3, 12))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and done.stdout.strip() == "True"
+
+
 def find_python312() -> str | None:
-    """A Python 3.12 for inference-perf (PATH first, then pyenv's versions)."""
-    found = shutil.which("python3.12")
-    if found:
-        return found
+    """A Python 3.12 for inference-perf that runs (PATH first, then pyenv's versions)."""
     pattern = os.path.join(os.path.expanduser("~"), ".pyenv", "versions", "3.12*", "bin", "python")
-    hits = sorted(glob.glob(pattern))
-    return hits[-1] if hits else None
+    candidates = [shutil.which("python3.12"), *sorted(glob.glob(pattern), reverse=True)]
+    for exe in candidates:
+        if exe and _is_python312(exe):
+            return exe
+    return None
 
 
 # -- venvs --------------------------------------------------------------------------------------
@@ -400,11 +416,18 @@ def loadgen_tokenizer(pod_tokenizer: Path, out: Path) -> Path:
 
 
 def loadgen_config(
-    workload: str, port: int, duration: float, tokenizer: Path, out: Path, seed: int
+    workload: str,
+    port: int,
+    duration: float,
+    tokenizer: Path,
+    out: Path,
+    seed: int,
+    stream: bool = True,
 ) -> dict[str, Any]:
-    """inference-perf's config for `workload` against the router on `port`."""
+    """inference-perf's config for `workload` against the router on `port` (`stream`: SSE
+    answers, else whole-body answers)."""
     cfg: dict[str, Any] = {
-        "api": {"type": "completion", "streaming": True},
+        "api": {"type": "completion", "streaming": stream},
         "server": {
             "type": "vllm",
             "model_name": MODEL,
@@ -459,7 +482,7 @@ def loadgen_config(
             "base_seed": seed,
         }
     elif workload == "trace":
-        cfg["api"] = {"type": "chat", "streaming": True}
+        cfg["api"] = {"type": "chat", "streaming": stream}
         cfg["data"] = {
             "type": "otel_trace_replay",
             "otel_trace_replay": {
@@ -510,6 +533,8 @@ def parse_summary(summary: dict[str, Any]) -> dict[str, float | None]:
         "ttft_p50": _pick(lat, "time_to_first_token", "median")
         or _pick(lat, "time_to_first_token", "p50"),
         "ttft_p90": _pick(lat, "time_to_first_token", "p90"),
+        "lat_mean": _pick(lat, "request_latency", "mean"),
+        "lat_p90": _pick(lat, "request_latency", "p90"),
         "itl_mean": _pick(lat, "inter_token_latency", "mean"),
         "out_tok_s": _pick(ok, "throughput", "output_tokens_per_sec"),
         "req_s": _pick(ok, "throughput", "requests_per_sec"),
@@ -564,7 +589,15 @@ def run_one(
         before = pods.counters()
         cpu0 = cpu_seconds(router.pid)
         out = run_dir / "loadgen"
-        cfg = loadgen_config(workload, port, args.duration, args.loadgen_tokenizer, out, args.seed)
+        cfg = loadgen_config(
+            workload,
+            port,
+            args.duration,
+            args.loadgen_tokenizer,
+            out,
+            args.seed,
+            stream=not args.no_stream,
+        )
         cfg_path = run_dir / "loadgen.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
         t0 = time.monotonic()
@@ -636,6 +669,8 @@ COLUMNS = [
     ("p50", "ttft_p50", "{:.3f}"),
     ("p90", "ttft_p90", "{:.3f}"),
     ("ITL ms", "itl_mean", "{:.1f}"),
+    ("lat mean", "lat_mean", "{:.3f}"),
+    ("lat p90", "lat_p90", "{:.3f}"),
     ("out tok/s", "out_tok_s", "{:.0f}"),
     ("req", "requests", "{:.0f}"),
     ("fail", "failures", "{:.0f}"),
@@ -672,7 +707,12 @@ def format_table(results: list[Result]) -> str:
 def format_summary(results: list[Result]) -> str:
     """Per workload and router over the repeats: the mean and the [min, max] range (the
     run-to-run noise) of the figures the comparison rests on."""
-    keys = [("TTFT mean", "ttft_mean", 3), ("TTFT p90", "ttft_p90", 3), ("pod hit", "hit", 3)]
+    keys = [
+        ("TTFT mean", "ttft_mean", 3),
+        ("TTFT p90", "ttft_p90", 3),
+        ("latency", "lat_mean", 3),
+        ("pod hit", "hit", 3),
+    ]
     head = f"{'workload':<14} {'router':<26} {'runs':>4} " + " ".join(
         f"{k[0] + ' [min, max]':>26}" for k in keys
     )
@@ -724,6 +764,12 @@ def main() -> None:
     add("--num-gpu-blocks", type=int, default=800, help="KV blocks per pod (default 800)")
     add("--block-size", type=int, default=16, help="the pods' block size (default 16)")
     add("--seed", type=int, default=0, help="load generator seed (default 0)")
+    add(
+        "--no-stream",
+        action="store_true",
+        help="whole-body answers instead of SSE streams (the client then sees no first token: "
+        "compare the 'latency' columns, the request latency)",
+    )
     add(
         "--idle",
         type=float,

@@ -86,6 +86,9 @@ logger = logging.getLogger(__name__)
 
 #: Pods whose KV churn is tracked at most (the pool's pods; see `PredictedTTFTScorer._wrote`).
 MAX_CHURN_PODS = 4096
+#: First tokens observed (over the fleet) before a predicted TTFT is taken as the end of a
+#: prefill nobody sees (a whole-body answer's; `PrefillModel.calibrated`).
+CALIBRATED_AFTER = 16
 
 
 class PredictedTTFTParams(ConfigModel):
@@ -239,6 +242,11 @@ class PrefillModel:
         """Observations made so far (over the whole fleet)."""
         with self._lock:
             return self._count
+
+    def calibrated(self) -> bool:
+        """Whether its predictions rest on the pods' own TTFTs: `CALIBRATED_AFTER` first
+        tokens observed over the fleet, or learning off (the configured rate is trusted)."""
+        return not self.learning or self.observations() >= CALIBRATED_AFTER
 
     def params(self, pod: str) -> tuple[float, float]:
         """(base seconds, rate tokens/s) for `pod`."""
@@ -504,6 +512,14 @@ class PredictedTTFTScorer:
                 ahead=work,
                 predicted=ttft,
                 memory_wait=wait,
+                # NOTE: a whole-body answer reports no first token; once observed first
+                # tokens calibrate the model, its prefill counts as done when this prediction
+                # says it is. Before that (e.g. only non-streaming clients), it counts as
+                # queued until its end: an uncalibrated prior can be 10x off, and ending the
+                # prefill that early hides the pod's backlog.
+                due=ctx.now + ttft
+                if request.streaming is False and self.model.calibrated()
+                else 0.0,
             )
         )
 

@@ -31,9 +31,15 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[SchedulingRequest, str, ResponseInfo]] = []
         self.scheduled: list[tuple[str, str]] = []
+        self.streaming: dict[str, bool | None] = {}  # request id -> SchedulingRequest.streaming
+        self.first_tokens: list[str] = []  # request ids, one per first_token call
 
     def pre_request(self, ctx: Any, request: SchedulingRequest, result: SchedulingResult) -> None:
         self.scheduled.append((request.request_id, result.targets[0].id))
+        self.streaming[request.request_id] = request.streaming
+
+    def first_token(self, now: float, request: SchedulingRequest, result: SchedulingResult) -> None:
+        self.first_tokens.append(request.request_id)
 
     def post_response(
         self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo

@@ -24,7 +24,9 @@ nothing, every endpoint filtered out), each with upstream's ``x-llm-d-request-dr
 Response phase: the served endpoint (``envoy.lb`` ``x-gateway-destination-endpoint-served`` when
 the load balancer reports it, else the primary pick), the status, the usage (the JSON body or
 the SSE chunk carrying it) and the end of the stream; `Scheduler.post_response` runs exactly
-once per routed request, whatever happened (a stream cut by Envoy counts as 499).
+once per routed request, whatever happened (a stream cut by Envoy counts as 499). The first
+chunk of a 200 SSE answer is its first token (`Scheduler.first_token`, as the gateway reports
+it), when Envoy passes the body on as it comes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from kvaware_scorer.epp.answer import routing_answer
 from kvaware_scorer.epp.wire import (
+    AS_IT_COMES,
     BUFFERED,
     CONTINUE,
     DROP_LENGTH,
@@ -129,6 +132,7 @@ class ProcessStream:
         "_envoy_id",
         "_finished",
         "_first_byte",
+        "_first_token",
         "_info",
         "_mm",
         "_model_bytes",
@@ -161,6 +165,7 @@ class ProcessStream:
         self.started = time.perf_counter()
         self._routed_at = 0.0
         self._first_byte = 0.0  # when the response headers arrived
+        self._first_token = False  # reported to the scheduler
         self._rewrite: tuple[str, str] | None = None  # (original model, rewritten model)
         self._model_bytes: list[tuple[bytes, bytes]] = []
         self._subset: Any = None  # the subset hint sent with the request headers
@@ -446,6 +451,9 @@ class ProcessStream:
             cache_salt=parsed.cache_salt,
             headers=self.headers,
             chat=parsed.chat,
+            # NOTE: the first token is seen only when Envoy passes the body on as it comes
+            # (not in a BUFFERED or NONE response body mode).
+            streaming=parsed.stream and self.resp_mode in AS_IT_COMES,
         )
 
     def _rewrite_target(self) -> str | None:
@@ -537,6 +545,8 @@ class ProcessStream:
     def _on_response_body(self, rb: ep.HttpBody) -> ep.ProcessingResponse:
         data = rb.body
         if self.result is not None and data:
+            if not self._first_token and self.status == 200 and self._reader.sse:
+                self._report_first_token()
             self._reader.feed(data)
             if self._model_bytes:
                 for new, orig in self._model_bytes:
@@ -569,6 +579,14 @@ class ProcessStream:
         return out
 
     # -- accounting -----------------------------------------------------------------------------
+
+    def _report_first_token(self) -> None:
+        """The first chunk of an SSE answer carries its first token: the prefill is over
+        (``predicted-ttft-scorer`` stops counting it as queued and learns from it)."""
+        self._first_token = True
+        request, result = self.request, self.result
+        if request is not None and result is not None and request.streaming:
+            self.ctx.scheduler.first_token(request, result)
 
     def _finish(self, *, aborted: bool = False) -> None:
         """Close the request's accounting (once): usage, metrics, post-response hooks."""

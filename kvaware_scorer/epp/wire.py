@@ -18,6 +18,7 @@ from kvaware_scorer.gateway.protocol import error_body
 from kvaware_scorer.scheduler import Endpoint
 
 __all__ = [
+    "AS_IT_COMES",
     "DESTINATION",
     "DROPPED_REASON",
     "PREFILL_HEADER",
@@ -67,6 +68,8 @@ PREFILL_PROFILE = "prefill"
 
 FULL_DUPLEX = pm.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = (pm.ProcessingMode.BUFFERED, pm.ProcessingMode.BUFFERED_PARTIAL)
+#: Response body modes in which the EPP sees an answer's chunks as the pod sends them.
+AS_IT_COMES = (pm.ProcessingMode.STREAMED, pm.ProcessingMode.FULL_DUPLEX_STREAMED)
 OVERWRITE = core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 CONTINUE = ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=ep.CommonResponse()))
 DROP_LENGTH = ep.ProcessingResponse(

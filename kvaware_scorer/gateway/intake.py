@@ -200,4 +200,5 @@ class RequestIntake:
             cache_salt=parsed.cache_salt,
             headers=headers,
             chat=parsed.chat,
+            streaming=parsed.stream,
         )

@@ -161,6 +161,11 @@ class SchedulingRequest:
             (keyed by plugin name by convention).
         priority: Upstream's objective priority: < 0 is sheddable (admission may turn it away),
             higher is served first by flow control.
+        streaming: Whether the answer's first token will be reported
+            (`Scheduler.first_token`): True for an SSE answer the gateway or the Endpoint
+            Picker relays as it comes; False for a whole-body answer (no first token is ever
+            seen, so in-flight accounting estimates when its prefill ended); None when the
+            caller does not say (treated as True).
     """
 
     request_id: str
@@ -174,6 +179,7 @@ class SchedulingRequest:
     chat: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict, repr=False)
     priority: int = 0
+    streaming: bool | None = None
     _tokens: list[int] | None = field(default=None, init=False, repr=False)
     _tokens_lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False

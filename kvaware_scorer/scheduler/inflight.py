@@ -4,7 +4,9 @@
 and ``predicted-ttft-scorer`` read: every scheduled request is *admitted* against its target
 with the prompt tokens the target must still compute (uncached at the pick) and its expected
 output; its prefill is *done* at its first token (`FirstTokenListener`), and it is *released*
-after the response (`PostResponse`). A request never released expires after a timeout, and the
+after the response (`PostResponse`). An answer that is not streamed reports no first token: its
+entry carries a *due* time (the pick plus the TTFT predicted for it) at which its prefill counts
+as done (`InFlightLedger.settle`). A request never released expires after a timeout, and the
 number of tracked requests is bounded (the oldest are dropped first, counted).
 
 The helpers at the end read a prefix producer's match info (`MatchInfo`) as token counts.
@@ -12,6 +14,7 @@ The helpers at the end read a prefix producer's match info (`MatchInfo`) as toke
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import threading
@@ -55,6 +58,8 @@ class InFlight:
         epoch: The pod's scrape epoch at admission (set by the ledger).
         prefilling: True until its first token.
         first: Scheduler time of its first token (0 before).
+        due: Scheduler time at which its prefill counts as done although no first token was
+            reported (an answer that is not streamed); 0 = only at its first token.
     """
 
     pod: str
@@ -68,6 +73,7 @@ class InFlight:
     epoch: int = 0
     prefilling: bool = True
     first: float = 0.0
+    due: float = 0.0
 
 
 @dataclass(slots=True)
@@ -121,6 +127,10 @@ class InFlightLedger:
         self._live: OrderedDict[int, InFlight] = OrderedDict()  # admission order = age
         self._pods: dict[str, PodLoad] = {}
         self._ids = itertools.count(1)
+        # (due, key) of entries whose prefill ends at a due time; released entries leave
+        # lazily, and the heap is rebuilt from the live ones when it outgrows them
+        # (at most 2 x max_tracked + 64 items).
+        self._due: list[tuple[float, int]] = []
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -143,6 +153,14 @@ class InFlightLedger:
                 _, old = self._live.popitem(last=False)
                 self._uncount(old)
                 self.dropped += 1
+            if entry.due > 0:
+                if len(self._due) < 2 * self.max_tracked + 64:
+                    heapq.heappush(self._due, (entry.due, key))
+                else:  # mostly released entries: keep the live ones (this one included)
+                    self._due = [
+                        (e.due, k) for k, e in self._live.items() if e.due > 0 and e.prefilling
+                    ]
+                    heapq.heapify(self._due)
             return key
 
     def first_token(self, key: int) -> InFlight | None:
@@ -151,12 +169,29 @@ class InFlightLedger:
             entry = self._live.get(key)
             if entry is None or not entry.prefilling:
                 return None
-            entry.prefilling = False
-            load = self._pods.get(entry.pod)
-            if load is not None:
-                load.prefilling -= 1
-                load.prefill_tokens -= entry.prefill
+            self._prefilled(entry)
             return entry
+
+    def _prefilled(self, entry: InFlight) -> None:
+        entry.prefilling = False
+        load = self._pods.get(entry.pod)
+        if load is not None:
+            load.prefilling -= 1
+            load.prefill_tokens -= entry.prefill
+
+    def settle(self, now: float) -> int:
+        """Count the prefill of requests past their due time as done (answers that are not
+        streamed report no first token); returns how many."""
+        n = 0
+        with self._lock:
+            due = self._due
+            while due and due[0][0] <= now:
+                _, key = heapq.heappop(due)
+                entry = self._live.get(key)
+                if entry is not None and entry.prefilling:
+                    self._prefilled(entry)
+                    n += 1
+        return n
 
     def release(self, key: int) -> InFlight | None:
         """The request ended; returns its entry (None when not tracked)."""
@@ -184,7 +219,10 @@ class InFlightLedger:
             load.kv_since_scrape = 0
 
     def expire(self, now: float) -> int:
-        """Forget requests older than the timeout; returns how many."""
+        """Forget requests older than the timeout, and `settle` the prefills due by `now`;
+        returns how many requests were forgotten."""
+        if self._due:
+            self.settle(now)
         if self.timeout <= 0:
             return 0
         n = 0
@@ -217,6 +255,9 @@ class InFlightLedger:
         with self._lock:
             for key in [k for k, e in self._live.items() if e.pod in gone]:
                 del self._live[key]
+            if self._due:
+                self._due = [(d, k) for d, k in self._due if k in self._live]
+                heapq.heapify(self._due)
             for pod in gone:
                 self._pods.pop(pod, None)
 

@@ -349,14 +349,16 @@ async def test_response_phase_feeds_the_accounting(
 
 @pytest.mark.parametrize(
     ("stream", "ending"),
-    [(True, "body"), (False, "body"), (True, "trailers"), (False, "buffered")],
+    [(True, "body"), (False, "body"), (True, "trailers"), (False, "buffered"), (True, "buffered")],
 )
 async def test_reported_attribute_rides_on_the_answer_ending_the_response(
     tmp_path: Path, pods: list[FakePod], recorder: Recorder, stream: bool, ending: str
 ) -> None:
     """``request-attribute-reporter``'s value is ``envoy.lb`` dynamic metadata on the answer to
     the message ending the response (its last body message, or its trailers), on no earlier
-    answer; with a buffered response too."""
+    answer; with a buffered response too. The first chunk of an SSE answer passed on as it
+    comes is reported as the first token, once; a JSON answer, or any answer Envoy buffers,
+    is scheduled as not streamed and reports none."""
     picker = await start_picker(
         tmp_path, pods, recorder, config=reporter_config("usage.completion_tokens > 0")
     )
@@ -408,6 +410,10 @@ async def test_reported_attribute_rides_on_the_answer_ending_the_response(
             lb = last.dynamic_metadata.fields["envoy.lb"].struct_value.fields
             assert lb["x-gateway-inference-request-cost"].number_value == 9.0
             await c.call.done_writing()
+        ((rid, _),) = recorder.scheduled
+        as_it_comes = stream and ending != "buffered"
+        assert recorder.streaming[rid] is as_it_comes
+        assert recorder.first_tokens == ([rid] if as_it_comes else [])
     finally:
         await picker.stop(0)
 

@@ -42,7 +42,8 @@ async def test_stream_first_chunk_reports_first_token_once(
     tmp_path: Path, pods: list[FakePod]
 ) -> None:
     """A streamed response reports its first token once, when its first event is relayed
-    (well before the end); a non-streamed response reports none (post_response ends it)."""
+    (well before the end); a non-streamed response reports none (post_response ends it), and
+    is scheduled as not streamed."""
     rec = FirstTokenRecorder()
     gw = await start_gateway(tmp_path, pods, recorder=rec)
     try:
@@ -61,5 +62,7 @@ async def test_stream_first_chunk_reports_first_token_once(
         status = await _post(gw.url + "/v1/completions", {"model": MODEL, "prompt": "hi"})
         assert status == 200
         assert len(rec.first) == 1 and len(rec.ends) == 2
+        # NOTE: the scheduler is told which answers will report a first token.
+        assert list(rec.streaming.values()) == [True, False]
     finally:
         await gw.stop()

@@ -100,6 +100,94 @@ def test_ledger_is_bounded_and_expires() -> None:
     assert led.load("a").requests == 0
 
 
+def test_ledger_settles_unstreamed_prefills_at_their_due_time() -> None:
+    """An entry with a due time leaves the prefill queue then (no first token will come), once;
+    one without stays until its first token; a release before the due time is not undone."""
+    led = InFlightLedger(timeout=0)
+    whole = led.admit(InFlight("a", prefill=800, prompt=800, output=10, start=0.0, due=2.0))
+    sse = led.admit(InFlight("a", prefill=300, prompt=300, output=10, start=0.0))
+    early = led.admit(InFlight("a", prefill=50, prompt=50, output=10, start=0.0, due=1.0))
+    assert led.release(early) is not None
+    assert led.expire(1.5) == 0 and led.load("a").prefill_tokens == 1100
+    assert led.settle(2.0) == 1
+    load = led.load("a")
+    assert (load.prefill_tokens, load.prefilling, load.requests) == (300, 1, 2)
+    assert led.settle(100.0) == 0 and led.first_token(whole) is None
+    assert led.first_token(sse) is not None and led.load("a").prefill_tokens == 0
+    assert led.release(whole) is not None and led.release(sse) is not None
+    assert led.load("a").requests == 0 and led.load("a").prefilling == 0
+
+
+def test_ledger_due_times_stay_bounded() -> None:
+    """Released entries waiting for a far due time do not pile up: the heap is rebuilt from
+    the live ones past twice the tracking bound."""
+    led = InFlightLedger(timeout=0, max_tracked=8)
+    for i in range(1000):
+        key = led.admit(InFlight("a", prefill=1, prompt=1, output=0, start=0.0, due=1e9 + i))
+        led.release(key)
+    assert len(led._due) <= 2 * 8 + 64
+    led.admit(InFlight("a", prefill=5, prompt=5, output=0, start=0.0, due=1.0))
+    assert led.settle(1.0) == 1 and led.load("a").prefill_tokens == 0
+
+
+def test_an_unstreamed_answer_stops_queueing_when_its_prefill_is_predicted_done(
+    clock: FakeClock,
+) -> None:
+    """A whole-body answer reports no first token: with the configured rate trusted (learning
+    off) its prefill counts as queued until the TTFT predicted for it, then the pod counts it
+    as decoding; a streamed one waits for its token."""
+    s = _scheduler(clock)
+    (a,) = endpoints(1)
+    scorer = s.plugin("predicted-ttft-scorer")
+    whole = SchedulingRequest("w", "m", token_ids=_tokens(0, 2000), streaming=False)
+    s.schedule(whole, [a])
+    sse = SchedulingRequest("s", "m", token_ids=_tokens(10_000, 1000), streaming=True)
+    s.schedule(sse, [a])
+    assert scorer.ledger.load(a.id).prefill_tokens == 3000
+    clock.advance(1.9)  # predicted: 2,000 tokens at 1,000 tokens/s
+    _send(s, "probe1", _tokens(50_000, 16), [a])
+    assert scorer.ledger.load(a.id).prefill_tokens == 3016
+    clock.advance(0.2)
+    _send(s, "probe2", _tokens(60_000, 16), [a])
+    load = scorer.ledger.load(a.id)
+    assert load.prefill_tokens == 1000 + 16 + 16 and load.requests - load.prefilling == 1
+
+
+def test_an_unstreamed_prefill_ends_early_only_once_first_tokens_calibrate_the_rate(
+    clock: FakeClock,
+) -> None:
+    """With learning on and no first token seen yet, a whole-body answer counts as queued
+    until its end (the prior rate may be far off); after `CALIBRATED_AFTER` observed first
+    tokens it leaves the queue at its predicted TTFT, and is never learned from itself."""
+    s = _scheduler(clock, learningHalfLife=8)
+    a, b = endpoints(2)
+    scorer = s.plugin("predicted-ttft-scorer")
+    whole = SchedulingRequest("w0", "m", token_ids=_tokens(0, 2000), streaming=False)
+    res = s.schedule(whole, [a])
+    clock.advance(30.0)
+    _send(s, "probe0", _tokens(90_000, 16), [b])
+    assert scorer.ledger.load(a.id).prefill_tokens == 2000  # still queued: not calibrated
+    s.post_response(whole, res, ResponseInfo(200, 2000, 0, 10))
+    assert scorer.ledger.load(a.id).requests == 0
+    for i in range(predicted_ttft.CALIBRATED_AFTER):
+        size = 500 + 100 * i
+        req, r = _send(s, f"c{i}", _tokens(100_000 * (i + 1), size), [b])
+        clock.advance(size / 500.0)  # pod b prefills at 500 tokens/s
+        s.first_token(req, r)
+        s.post_response(req, r, ResponseInfo(200, size, 0, 10))
+    learned = scorer.model.observations()
+    assert learned == predicted_ttft.CALIBRATED_AFTER and scorer.model.calibrated()
+    whole = SchedulingRequest("w1", "m", token_ids=_tokens(5_000_000, 2000), streaming=False)
+    s.schedule(whole, [a])
+    (entry,) = [e for e in scorer.ledger._live.values() if e.pod == a.id]
+    # the learned 500 tokens/s, not the 1,000 assumed: ~4 s for 2,000 tokens
+    assert entry.due == pytest.approx(clock.now + entry.predicted) and entry.predicted > 3.0
+    clock.advance(entry.predicted + 0.01)
+    _send(s, "probe1", _tokens(7_000_000, 16), [b])
+    assert scorer.ledger.load(a.id).prefill_tokens == 0
+    assert scorer.model.observations() == learned
+
+
 def test_prefill_model_learns_rate_and_base() -> None:
     """TTFTs that follow base + work / rate teach the model that base and rate; a pod with a few
     odd observations stays close to its fleet."""
