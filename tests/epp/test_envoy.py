@@ -33,7 +33,8 @@ async def test_full_duplex_routes_streams_and_accounts(
     tmp_path: Path, pods: list[FakePod], recorder: Recorder, envoys: Any
 ) -> None:
     """Completions and chat, streamed and not, reach the pod the EPP named; usage and the end
-    of each response reach the post-response hooks exactly once."""
+    of each response reach the post-response hooks exactly once, and each streamed answer's
+    first token the first-token listeners."""
     picker = await start_picker(tmp_path, pods, recorder)
     try:
         envoy = await envoys(picker.grpc_port, picker.scheduler.endpoints)
@@ -64,6 +65,11 @@ async def test_full_duplex_routes_streams_and_accounts(
             assert info.status == 200 and info.error is None
             assert info.completion_tokens == 3  # the pods' default, from the body or SSE usage
             assert info.cached_tokens == 16 * int(ids[target].name[-1])
+        # NOTE: the two SSE answers report their first token through Envoy, once each; the
+        # whole-body ones are scheduled as not streamed.
+        streamed = sorted(rid for rid, flag in recorder.streaming.items() if flag)
+        assert sorted(recorder.first_tokens) == streamed and len(streamed) == 2
+        assert sorted(recorder.streaming.values()) == [False, False, True, True]
         await wait_for(lambda: picker.inflight == 0, what="the streams to close")
     finally:
         await picker.stop()
