@@ -6,8 +6,8 @@ updated in closed form after every response). Its features are upstream's: the p
 and the part of them the pod does not hold (prefix match info), the pod's waiting and running
 requests, KV-cache usage, and the requests this scheduler dispatched to it and has not seen
 finish. It predicts TTFT per candidate (in the default, non-streaming mode the request's
-end-to-end latency, as upstream) and leaves TPOT neutral (no per-token timing reaches the
-scheduler). Headroom is ``SLO x sloBufferFactor - predicted`` with the SLOs from the request
+end-to-end latency, as upstream; with ``streamingMode`` the time to the first token the front
+door reports) and leaves TPOT neutral (no per-token timing reaches the scheduler). Headroom is ``SLO x sloBufferFactor - predicted`` with the SLOs from the request
 headers ``x-llm-d-slo-ttft-ms`` / ``x-llm-d-slo-tpot-ms`` (or ``x-slo-ttft-ms`` /
 ``x-slo-tpot-ms``); without an SLO it is ``-predicted``.
 
@@ -140,7 +140,8 @@ class PredictedLatencyParams(ConfigModel):
         max_decode_token_samples_for_prediction: Accepted (as above).
         slo_buffer_factor: SLOs are multiplied by this before the headroom is computed.
         context_ttl: A dispatched request never seen finishing stops counting after this.
-        streaming_mode: Accepted; TTFT is learned from the whole request either way here.
+        streaming_mode: True: TTFT is learned at each streamed answer's first token (whole-body
+            answers teach nothing); False: from the whole request (end-to-end latency).
         endpoint_role_label: Pods whose label says ``prefill`` get a neutral TPOT.
         predict_in_produce: False: learn only, never predict (training-only mode).
         prefix_match_info_producer_name: The prefix plugin giving each pod's cached prefix.
@@ -179,7 +180,9 @@ class PredictedLatencyProducer:
         self._clock = ctx.clock
         self._lock = threading.Lock()
         self._model = OnlineRidge(_N_FEATURES)
-        self._inflight: dict[str, tuple[str, float, list[float]]] = {}  # id -> (pod, t0, x)
+        # id -> (pod, t0, x); x is None once the request was learned from (streamingMode:
+        # at its first token), while it still counts as in flight until its end.
+        self._inflight: dict[str, tuple[str, float, list[float] | None]] = {}
         self._source: MatchInfoProducer | None = None
         self._resolved = False
 
@@ -300,16 +303,34 @@ class PredictedLatencyProducer:
             while len(self._inflight) > self.params.max_in_flight:
                 del self._inflight[next(iter(self._inflight))]
 
+    def first_token(self, now: float, request: SchedulingRequest, result: SchedulingResult) -> None:
+        """``streamingMode``: learn the request's TTFT at its first token (as upstream trains on
+        streamed first chunks)."""
+        if not self.params.streaming_mode:
+            return
+        with self._lock:
+            entry = self._inflight.get(request.request_id)
+            if entry is None:
+                return
+            pod, t0, x = entry
+            if x is None:
+                return
+            self._model.add(x, (now - t0) * 1000.0)
+            self._inflight[request.request_id] = (pod, t0, None)
+
     def post_response(
         self, request: SchedulingRequest, result: SchedulingResult, response: ResponseInfo
     ) -> None:
-        """Learn the request's latency (successful responses only)."""
+        """Learn the request's end-to-end latency (successful responses only; with
+        ``streamingMode`` nothing here: its TTFT was learned at its first token, and an
+        answer that never reported one teaches nothing)."""
         with self._lock:
             entry = self._inflight.pop(request.request_id, None)
             if entry is None or response.error or not 200 <= response.status < 300:
                 return
             _, t0, x = entry
-            self._model.add(x, (self._clock() - t0) * 1000.0)
+            if x is not None and not self.params.streaming_mode:
+                self._model.add(x, (self._clock() - t0) * 1000.0)
 
     def _expire(self) -> None:
         ttl = self.params.context_ttl

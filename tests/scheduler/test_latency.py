@@ -61,6 +61,36 @@ def test_predictions_follow_what_was_learned() -> None:
     assert infos[eps[0].id].valid and not infos[eps[2].id].valid
 
 
+def test_streaming_mode_learns_the_time_to_the_first_token() -> None:
+    """``streamingMode: true``: the target is the time to the first token (learned once, when
+    it is reported), not the end-to-end latency; a request stays in flight until its end, and
+    an answer that reports no first token teaches nothing."""
+    clock = FakeClock()
+    plugins = [{"type": "predicted-latency-producer", "parameters": {"streamingMode": True}}]
+    s = build(config(plugins, [{"name": "default", "plugins": []}]), seed=0, clock=clock)
+    eps = endpoints(3)
+    for i, e in enumerate(eps):
+        e.metrics = EndpointMetrics(waiting_queue_size=2 * i, kv_cache_usage_percent=0.5)
+    prod = s.plugin("predicted-latency-producer")
+    for k in range(30):
+        target = eps[k % 3]
+        req = SchedulingRequest(f"t{k}", "m", token_ids=list(range(64)))
+        r = s.schedule(req, [target])
+        clock.advance((100 + 50 * target.metrics.waiting_queue_size) / 1000)
+        s.first_token(req, r)
+        s.first_token(req, r)  # a second report changes nothing
+        assert prod.dispatched(target.id) == 1
+        clock.advance(5.0)  # a long decode: not part of the target
+        s.post_response(req, r, ResponseInfo(200))
+    whole = SchedulingRequest("w", "m", token_ids=list(range(64)), streaming=False)
+    r = s.schedule(whole, [eps[0]])
+    clock.advance(60.0)
+    s.post_response(whole, r, ResponseInfo(200))
+    req = SchedulingRequest("q", "m", token_ids=list(range(64)), headers=SLO)
+    infos = prod.predictions(s.context(), req, eps)
+    assert [infos[e.id].ttft_ms for e in eps] == pytest.approx([100, 200, 300], abs=10)
+
+
 def test_no_predictions_before_training_falls_back_to_composite() -> None:
     """Without enough samples the scorer uses upstream's composite of KV, queue and prefix."""
     s = build(
