@@ -429,6 +429,11 @@ def test_precise_scorer_in_bind_mode_follows_the_schedulers_pods() -> None:
         pubs[b.id].publish([store([2], toks)])
         pubs[a.id].publish([store([1], toks)])
         wait_until(lambda: ix.score(MODEL, toks, [a.id]) == {a.id: 1.0})
+        # NOTE: the two publishers' messages are fair-queued, so a's can be applied before b's
+        # is looked at: wait for b's to be dropped before b joins the pool.
+        wait_until(
+            lambda: counter(ix, "kvaware_dropped_messages_total", {"reason": "unknown_pod"}) == 1
+        )
         assert ix.score(MODEL, toks, [b.id]) == {b.id: 0.0}
         s.set_endpoints([a, b])
         pubs[b.id].publish([store([3], toks)])
