@@ -7,9 +7,10 @@ and the part of them the pod does not hold (prefix match info), the pod's waitin
 requests, KV-cache usage, and the requests this scheduler dispatched to it and has not seen
 finish. It predicts TTFT per candidate (in the default, non-streaming mode the request's
 end-to-end latency, as upstream; with ``streamingMode`` the time to the first token the front
-door reports) and leaves TPOT neutral (no per-token timing reaches the scheduler). Headroom is ``SLO x sloBufferFactor - predicted`` with the SLOs from the request
-headers ``x-llm-d-slo-ttft-ms`` / ``x-llm-d-slo-tpot-ms`` (or ``x-slo-ttft-ms`` /
-``x-slo-tpot-ms``); without an SLO it is ``-predicted``.
+door reports) and leaves TPOT neutral (no per-token timing reaches the scheduler). Headroom is
+``SLO x sloBufferFactor - predicted`` with the SLOs from the request headers
+``x-llm-d-slo-ttft-ms`` / ``x-llm-d-slo-tpot-ms`` (or ``x-slo-ttft-ms`` / ``x-slo-tpot-ms``);
+without an SLO it is ``-predicted``.
 
 ``latency-scorer`` ranks candidates by headroom (upstream's buckets, strategies and composite
 fallback), ``slo-headroom-tier-filter`` keeps the tier that meets the SLOs (exploring the other
