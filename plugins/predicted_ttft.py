@@ -501,13 +501,14 @@ class PredictedTTFTScorer:
             entry = self.predict(ctx, request, [target])[target.id]
         ttft, own, work, wait, _ = entry
         n = len(request.token_ids) if request.token_ids is not None else own
-        self._wrote(target.id, ctx.now, own + self.expected_output())
+        output = self.expected_output()
+        self._wrote(target.id, ctx.now, own + output)
         request.state[self._key] = self.ledger.admit(
             InFlight(
                 pod=target.id,
                 prefill=own,
                 prompt=max(n, own),
-                output=self.expected_output(),
+                output=output,
                 start=ctx.now,
                 ahead=work,
                 predicted=ttft,
