@@ -16,10 +16,23 @@ Prompts are token-id lists of the llm-d shared-prefix shape (groups x a system p
 unique question), so the precise scorer derives and looks up every block of every request.
 All three processes share the machine's cores: figures are noisy on a busy machine.
 
+3. Streamed answers (``--stream-tokens N``): the pods answer every request as an SSE stream of
+   N token events ``--token-interval`` ms apart (then the usage event and ``[DONE]``), as a
+   decoding engine does, and the rate phase reports the CPU the gateway spends per streamed
+   request: relaying N events is most of it.
+4. A peer router in front of the same pods (``--peer sglang-router:cache_aware``, installed
+   from PyPI into its own venv under the user's cache, as `bench_live` does): the same rate
+   phase through it, its CPU per request, and kvaware's CPU as a ratio of it. Prompts are then
+   words (``w123 w456 ...``) instead of token ids, which the Rust routers need; with no
+   tokenizer configured kvaware's precise scorer scores them 0, so the comparison is of the
+   HTTP and relay path plus scheduling, without tokenization, KV events or scrapes of a real
+   pool (`bench_live` measures those). The latency phase is skipped.
+
 Usage::
 
     python benchmarks/bench_gateway.py [--requests 1000] [--concurrency 32] [--duration 10]
         [--pods 4] [--tokens 1024] [--config config/precise.yaml]
+        [--stream-tokens 32 --token-interval 10] [--peer sglang-router:cache_aware]
 """
 
 from __future__ import annotations
@@ -60,10 +73,17 @@ def percentile(values: list[float], q: float) -> float:
 # -- the pod process ---------------------------------------------------------------------------
 
 
-async def serve_pods(ports: list[int]) -> None:
-    """Minimal OpenAI-like pods: answer every completion at once with a fixed body."""
+async def serve_pods(ports: list[int], stream_tokens: int, token_interval: float) -> None:
+    """Minimal OpenAI-like pods: answer every completion at once with a fixed body, or (a
+    request with ``"stream": true`` when `stream_tokens` > 0) with `stream_tokens` SSE events
+    `token_interval` seconds apart, the usage event and ``[DONE]``."""
+    import logging
+
     from aiohttp import web
 
+    # NOTE: a peer router may probe the pods with other protocols (gRPC); those failures are
+    # not the benchmark's business.
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     answer = msgspec.json.encode(
         {
             "id": "cmpl-bench",
@@ -88,9 +108,33 @@ async def serve_pods(ports: list[int]) -> None:
         f'vllm:kv_cache_usage_perc{{model_name="{MODEL}",engine="0"}} 0.2\n'
     )
 
-    async def completions(request: web.Request) -> web.Response:
-        await request.read()
-        return web.Response(body=answer, content_type="application/json")
+    chunk = {
+        "id": "cmpl-bench",
+        "object": "text_completion",
+        "created": 0,
+        "model": MODEL,
+        "choices": [{"index": 0, "text": " ok", "logprobs": None, "finish_reason": None}],
+    }
+    event = b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+    last = {
+        **chunk,
+        "choices": [],
+        "usage": {"prompt_tokens": 1024, "completion_tokens": stream_tokens},
+    }
+    tail = b"data: " + msgspec.json.encode(last) + b"\n\ndata: [DONE]\n\n"
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if stream_tokens <= 0 or b'"stream":true' not in body:
+            return web.Response(body=answer, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for _ in range(stream_tokens):
+            await asyncio.sleep(token_interval)
+            await resp.write(event)
+        await resp.write(tail)
+        await resp.write_eof()
+        return resp
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
@@ -98,10 +142,21 @@ async def serve_pods(ports: list[int]) -> None:
     async def prom(request: web.Request) -> web.Response:
         return web.Response(text=metrics, content_type="text/plain")
 
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def info(request: web.Request) -> web.Response:
+        # What a peer router asks a worker for when it registers it (SGLang's routes).
+        return web.json_response({"model_path": MODEL, "served_model_name": MODEL})
+
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/metrics", prom)
+    for path in ("/health", "/health_generate"):
+        app.router.add_get(path, ok)
+    for path in ("/get_model_info", "/get_server_info"):
+        app.router.add_get(path, info)
     await serve_app(app, ports)
 
 
@@ -120,16 +175,24 @@ async def serve_app(app: aiohttp.web.Application, ports: list[int]) -> None:
 # -- load generation ------------------------------------------------------------------------------
 
 
-def make_bodies(n: int, tokens: int, groups: int, seed: int) -> list[bytes]:
-    """Completion bodies: `groups` system prefixes (3/4 of the prompt) + unique questions."""
+def make_bodies(
+    n: int, tokens: int, groups: int, seed: int, stream_tokens: int = 0, words: bool = False
+) -> list[bytes]:
+    """Completion bodies: `groups` system prefixes (3/4 of the prompt) + unique questions;
+    streamed with `stream_tokens` output tokens when > 0; the prompt as words (``w<id>``)
+    instead of token ids when `words`."""
     rng = random.Random(seed)
     prefix_len = tokens * 3 // 4
     prefixes = [[rng.randrange(150_000) for _ in range(prefix_len)] for _ in range(groups)]
     bodies = []
     for i in range(n):
         question = [rng.randrange(150_000) for _ in range(tokens - prefix_len)]
-        prompt = prefixes[i % groups] + question
-        bodies.append(msgspec.json.encode({"model": MODEL, "prompt": prompt, "max_tokens": 1}))
+        ids = prefixes[i % groups] + question
+        prompt: str | list[int] = " ".join(f"w{t}" for t in ids) if words else ids
+        body: dict[str, object] = {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+        if stream_tokens > 0:
+            body.update(max_tokens=stream_tokens, stream=True)
+        bodies.append(msgspec.json.encode(body))
     return bodies
 
 
@@ -216,6 +279,79 @@ def wait_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 60) -> 
     raise RuntimeError(f"timed out waiting for {prefix!r}")
 
 
+async def rate_and_cpu(
+    url: str, pid: int, bodies: list[bytes], args: argparse.Namespace
+) -> tuple[int, int, float, float]:
+    """One rate phase through `url`: (requests done, errors, seconds, CPU seconds of `pid` and
+    its descendants meanwhile)."""
+    from bench_live import cpu_seconds as tree_cpu_seconds
+
+    await rate_phase([url], bodies, args.concurrency, min(args.duration, 3.0))  # warm-up
+    cpu0 = tree_cpu_seconds(pid)
+    done, errors, elapsed, _ = await rate_phase([url], bodies, args.concurrency, args.duration)
+    return done, errors, elapsed, tree_cpu_seconds(pid) - cpu0
+
+
+async def peer_comparison(
+    args: argparse.Namespace, gateway: str, gw_pid: int, pod_urls: list[str], bodies: list[bytes]
+) -> None:
+    """The rate phase through kvaware, then through each peer in front of the same pods; CPU
+    per request of each and kvaware's as a ratio of the peer's."""
+    import bench_live
+
+    rows = [(f"kvaware {args.config.name}", *await rate_and_cpu(gateway, gw_pid, bodies, args))]
+    for spec in args.peer:
+        kind, _, policy = spec.partition(":")
+        if kind not in bench_live.PEERS:
+            raise SystemExit(f"unknown peer {kind!r} (one of {', '.join(bench_live.PEERS)})")
+        package, exe, pre = bench_live.PEERS[kind]
+        try:
+            binary = bench_live.ensure_venv(args.venv_dir, kind, package, exe, sys.executable)
+        except RuntimeError as exc:
+            print(f"skipping {spec}: {exc}")
+            continue
+        port = free_port()
+        cmd = [str(binary), *pre, "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--worker-urls", *pod_urls, "--policy", policy or "cache_aware"]
+        cmd += ["--prometheus-port", str(free_port()), "--log-level", "warn"]
+        if kind == "vllm-router":
+            cmd[cmd.index("warn")] = "warning"
+        peer = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            bench_live.wait_http(url + "/health", peer, 60)
+            rows.append(
+                (
+                    f"{kind} {policy or 'cache_aware'}",
+                    *await rate_and_cpu(url, peer.pid, bodies, args),
+                )
+            )
+        except RuntimeError as exc:
+            print(f"skipping {spec}: {exc}")
+        finally:
+            bench_live.stop_process(peer)
+    shape = (
+        f"{args.stream_tokens} streamed tokens {args.token_interval:g} ms apart"
+        if args.stream_tokens > 0
+        else "whole-body answers"
+    )
+    print(
+        f"CPU per request at concurrency {args.concurrency} for {args.duration:.0f}s "
+        f"({args.pods} endpoints, {args.tokens}-word prompts, {shape})"
+    )
+    base = rows[0][4] / max(rows[0][1], 1)
+    print(f"{'router':<32} {'req/s':>8} {'errors':>7} {'CPU ms/req':>11} {'kvaware / it':>13}")
+    for label, done, errors, elapsed, cpu in rows:
+        per = cpu / max(done, 1)
+        print(
+            f"{label:<32} {done / elapsed:>8.0f} {errors:>7} {per * 1e3:>11.3f} "
+            f"{base / per if per else float('nan'):>13.2f}"
+        )
+    print(f"machine: {os.cpu_count()} cores shared by pods, routers and load generator")
+
+
 async def run(args: argparse.Namespace) -> None:
     ports = [free_port() for _ in range(args.pods)]
     pod_urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -231,7 +367,16 @@ async def run(args: argparse.Namespace) -> None:
         )
         try:
             pod = subprocess.Popen(
-                [sys.executable, __file__, "--serve-pods", ",".join(map(str, ports))],
+                [
+                    sys.executable,
+                    __file__,
+                    "--serve-pods",
+                    ",".join(map(str, ports)),
+                    "--stream-tokens",
+                    str(args.stream_tokens),
+                    "--token-interval",
+                    str(args.token_interval),
+                ],
                 stdout=subprocess.PIPE,
                 text=True,
             )
@@ -256,8 +401,16 @@ async def run(args: argparse.Namespace) -> None:
             procs.append(gw)
             gateway = wait_line(gw, "kvaware gateway listening on").rsplit(" ", 1)[1]
             bodies = make_bodies(
-                max(args.requests + args.warmup, 512), args.tokens, args.groups, args.seed
+                max(args.requests + args.warmup, 512),
+                args.tokens,
+                args.groups,
+                args.seed,
+                args.stream_tokens,
+                words=bool(args.peer),
             )
+            if args.peer:
+                await peer_comparison(args, gateway, gw.pid, pod_urls, bodies)
+                return
 
             direct, through = await latency_phase(
                 gateway, pod_urls, bodies[: args.requests + args.warmup], args.warmup
@@ -342,11 +495,33 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=8, help="shared system prefixes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "precise.yaml")
+    parser.add_argument(
+        "--stream-tokens",
+        type=int,
+        default=0,
+        help="pods stream this many token events per request (0: whole-body answers)",
+    )
+    parser.add_argument(
+        "--token-interval", type=float, default=10.0, help="ms between streamed token events"
+    )
+    parser.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        help="a peer router in front of the same pods, e.g. sglang-router:cache_aware "
+        "(repeatable; skips the latency phase)",
+    )
+    parser.add_argument("--venv-dir", type=Path, default=None, help="peer venvs (user cache)")
     parser.add_argument("--serve-pods", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_pods:
-        asyncio.run(serve_pods([int(p) for p in args.serve_pods.split(",")]))
+        ports = [int(p) for p in args.serve_pods.split(",")]
+        asyncio.run(serve_pods(ports, args.stream_tokens, args.token_interval / 1000))
         return
+    if args.venv_dir is None:
+        from bench_live import default_venv_dir
+
+        args.venv_dir = default_venv_dir()
     asyncio.run(run(args))
 
 

@@ -554,6 +554,36 @@ class Result:
     metrics: dict[str, float | None] = field(default_factory=dict)
 
 
+#: kvaware's own histograms read after a run: column key -> metric family (means in ms).
+GATEWAY_MEANS = {
+    "gw_overhead_ms": "kvaware_gateway_overhead_seconds",
+    "sched_ms": "kvaware_schedule_latency_seconds",
+    "tok_ms": "kvaware_tokenization_latency_seconds",
+}
+
+
+def gateway_means(port: int) -> dict[str, float | None]:
+    """Means (ms) of kvaware's arrival-to-forwarded, scheduling and tokenization histograms
+    over the run (the router is fresh for each run; the Rust peers have no equivalent)."""
+    out: dict[str, float | None] = dict.fromkeys(GATEWAY_MEANS)
+    try:
+        status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    except OSError:
+        return out
+    if status != 200:
+        return out
+    sums: dict[str, float] = {}
+    for line in body.decode(errors="replace").splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name.endswith(("_sum", "_count")):
+            sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    for key, family in GATEWAY_MEANS.items():
+        n = sums.get(family + "_count", 0.0)
+        if n:
+            out[key] = 1000 * sums.get(family + "_sum", 0.0) / n
+    return out
+
+
 def run_one(
     args: argparse.Namespace,
     spec: RouterSpec,
@@ -645,6 +675,8 @@ def run_one(
         reqs = m.get("requests") or 0
         m["cpu_ms_req"] = 1000 * cpu / reqs if reqs else None
         m["wall_s"] = wall
+        if spec.kind == "kvaware":
+            m.update(gateway_means(port))
         log.flush()
         text = (run_dir / "router.log").read_text(errors="replace")
         m["router_errors"] = sum(
@@ -682,6 +714,9 @@ COLUMNS = [
     ("CPU s", "cpu_s", "{:.1f}"),
     ("CPU ms/req", "cpu_ms_req", "{:.1f}"),
     ("idle ms/s", "idle_ms_s", "{:.1f}"),
+    ("gw ovh ms", "gw_overhead_ms", "{:.2f}"),
+    ("sched ms", "sched_ms", "{:.2f}"),
+    ("tok ms", "tok_ms", "{:.2f}"),
     ("rtr errs", "router_errors", "{:.0f}"),
 ]
 
