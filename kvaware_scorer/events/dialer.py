@@ -138,6 +138,12 @@ class PodDialer:
             del self._redial[pod]
         return pods
 
+    def next_due(self) -> float | None:
+        """When the next redial is due (`time.monotonic`), or None when none is pending."""
+        if not self._redial:
+            return None
+        return min(at for at, _endpoints in self._redial.values())
+
     def close_all(self) -> None:
         """Close every monitor and every socket of `sources` (the bind-mode one too)."""
         for mon in self.monitors:

@@ -352,6 +352,59 @@ def test_endpoints_added_and_removed_at_run_time(indexer: Indexer) -> None:
     assert counter(indexer, "kvaware_purges_total", {"reason": "endpoint_removed"}) == 1
 
 
+def test_commands_and_stop_wake_the_idle_loop(
+    indexer: Indexer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing to receive the loop waits long (one poll of every socket per wait), yet a
+    pod added or removed meanwhile, and `stop`, take effect at once: they wake it."""
+    import kvaware_scorer.events.subscriber as subscriber_mod
+
+    monkeypatch.setattr(subscriber_mod, "_POLL_MS", 60_000)  # a wait the test would notice
+    toks = list(range(16))
+    port = free_port()
+    with VllmEventPublisher(tcp(port), bind=True) as pub:
+        # NOTE: no gauge refreshes either (they would end the wait every stats_interval).
+        sub = KVEventSubscriber(indexer, KVEventsConfig(default_model=MODEL, stats_interval=0))
+        sub.start()
+        try:
+            time.sleep(0.3)  # the loop is in its wait now
+            sub.add_endpoint(POD, tcp(port), model="model-x")
+            assert pub.wait_for_subscriber(10)
+            pub.publish([store([1], toks)])
+            wait_until(lambda: indexer.score("model-x", toks, [POD]) == {POD: 1.0})
+            time.sleep(0.3)
+            sub.remove_endpoint(POD)
+            wait_until(lambda: indexer.index.stats().entries == 0)
+        finally:
+            t0 = time.monotonic()
+            sub.stop()
+        assert not sub.running and time.monotonic() - t0 < 10.0
+    assert sub._wake_pipe is None  # closed with the loop
+
+
+def test_loop_wait_ends_when_housekeeping_is_due(indexer: Indexer) -> None:
+    """The receiving loop's wait: the idle bound, shortened to the next redial or the next
+    refresh of the index-size gauges."""
+    from kvaware_scorer.events.subscriber import _POLL_MS
+
+    class Dialer:
+        due: float | None = None
+
+        def next_due(self) -> float | None:
+            return self.due
+
+    sub = make_sub(indexer)
+    dialer = Dialer()
+    far = time.monotonic() + 3600
+    assert sub._poll_ms(dialer, far) == _POLL_MS  # type: ignore[arg-type]
+    dialer.due = time.monotonic() + 0.2
+    assert 0 < sub._poll_ms(dialer, far) <= 200  # type: ignore[arg-type]
+    dialer.due = time.monotonic() - 1  # overdue: no wait at all
+    assert sub._poll_ms(dialer, far) == 0  # type: ignore[arg-type]
+    dialer.due = None
+    assert 0 < sub._poll_ms(dialer, time.monotonic() + 0.3) <= 300  # type: ignore[arg-type]
+
+
 def test_bad_messages_never_stop_the_loop(indexer: Indexer) -> None:
     """Malformed messages are counted by reason and the next good frame is still applied."""
     port = free_port()
