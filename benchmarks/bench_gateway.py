@@ -49,6 +49,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import msgspec
@@ -304,18 +305,28 @@ async def peer_comparison(
         kind, _, policy = spec.partition(":")
         if kind not in bench_live.PEERS:
             raise SystemExit(f"unknown peer {kind!r} (one of {', '.join(bench_live.PEERS)})")
-        package, exe, pre = bench_live.PEERS[kind]
+        if policy == "kv_aware":
+            print(f"skipping {spec}: these pods publish no KV events")
+            continue
+        package, exe, _ = bench_live.PEERS[kind]
         try:
             binary = bench_live.ensure_venv(args.venv_dir, kind, package, exe, sys.executable)
         except RuntimeError as exc:
             print(f"skipping {spec}: {exc}")
             continue
         port = free_port()
-        cmd = [str(binary), *pre, "--host", "127.0.0.1", "--port", str(port)]
-        cmd += ["--worker-urls", *pod_urls, "--policy", policy or "cache_aware"]
-        cmd += ["--prometheus-port", str(free_port()), "--log-level", "warn"]
-        if kind == "vllm-router":
-            cmd[cmd.index("warn")] = "warning"
+        # NOTE: a peer's command line reads only the pods' URLs (the work directory, the
+        # tokenizers and the block size are kvaware's and kv_aware's).
+        pods = SimpleNamespace(urls=pod_urls, entries=[])
+        cmd = bench_live.router_command(
+            bench_live.RouterSpec(kind, policy or "cache_aware"),
+            str(binary),
+            pods,  # type: ignore[arg-type]
+            port,
+            Path(),
+            Path(),
+            16,
+        )
         peer = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
