@@ -53,6 +53,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,18 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def sample_sums(page: bytes, names: Iterable[str]) -> dict[str, float]:
+    """Per metric name in `names`: the sum of its samples over every label set of a
+    Prometheus text page."""
+    wanted = set(names)
+    sums: dict[str, float] = {}
+    for line in page.decode(errors="replace").splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in wanted:
+            sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return sums
+
+
 def wait_http(url: str, proc: subprocess.Popen[Any], timeout: float) -> None:
     """Until `url` answers 200 (bounded by `timeout`; the process must stay alive)."""
     deadline = time.monotonic() + timeout
@@ -285,12 +298,8 @@ class Pods:
         out = []
         for url in self.urls:
             _, body = http_get(url + "/metrics")
-            row = dict.fromkeys(wanted.values(), 0.0)
-            for line in body.decode().splitlines():
-                name = line.split("{", 1)[0].split(" ", 1)[0]
-                if name in wanted:
-                    row[wanted[name]] += float(line.rsplit(" ", 1)[1])
-            out.append(row)
+            sums = sample_sums(body, wanted)
+            out.append({key: sums.get(name, 0.0) for name, key in wanted.items()})
         return out
 
     def stop(self) -> None:
@@ -572,11 +581,9 @@ def gateway_means(port: int) -> dict[str, float | None]:
         return out
     if status != 200:
         return out
-    sums: dict[str, float] = {}
-    for line in body.decode(errors="replace").splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name.endswith(("_sum", "_count")):
-            sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    sums = sample_sums(
+        body, [f + suffix for f in GATEWAY_MEANS.values() for suffix in ("_sum", "_count")]
+    )
     for key, family in GATEWAY_MEANS.items():
         n = sums.get(family + "_count", 0.0)
         if n:
