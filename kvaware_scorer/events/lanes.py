@@ -55,7 +55,13 @@ class PodLanes:
         self._capacity = capacity
         self._replay_backlog = max(1, replay_backlog)
         self._on_error = on_error
-        self._cond = threading.Condition()
+        # NOTE: one lock, two conditions: a frame wakes one pool thread, and only a submitter
+        # waiting for room is woken when frames are taken. With one condition, taking frames
+        # woke every idle pool thread to find nothing (three wake-ups and GIL hand-offs per
+        # frame, most of the appliers' CPU).
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  # work is ready (pool threads wait)
+        self._room = threading.Condition(lock)  # the queue has room (submitters wait)
         self._pending: dict[str, deque[Callable[[], None]]] = {}
         self._ready: deque[str] = deque()
         self._active: set[str] = set()
@@ -88,7 +94,7 @@ class PodLanes:
                     return False
                 if self._queued < self._capacity:
                     break
-                self._cond.wait(0.1)
+                self._room.wait(0.1)
             if dq is None:
                 dq = self._pending[pod] = deque()
             dq.append(work)
@@ -134,6 +140,7 @@ class PodLanes:
             self._ready.clear()
             self._queued = 0
             self._cond.notify_all()
+            self._room.notify_all()
         for t in self._threads:
             t.join(timeout)
 
@@ -151,7 +158,7 @@ class PodLanes:
                 while dq and len(items) < _SLICE:
                     items.append(dq.popleft())
                 self._queued -= len(items)
-                cond.notify_all()  # room for waiting submitters
+                self._room.notify_all()  # room for waiting submitters (none: no wake-up)
             if not self._take_slot():
                 return
             self._local.slot = True

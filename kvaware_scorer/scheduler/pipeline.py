@@ -108,7 +108,7 @@ class Scheduler:
         self._lock = threading.RLock()
         self._running = False
         #: Marked on every decision and every look at the pool's load (flow control): the
-        #: metrics scraper slows down when it has not been for a while (idle backoff).
+        #: metrics scraper goes round when they were read (`MetricsScraper`).
         self.activity = Activity()
         self._endpoints: list[Endpoint] = []
         self._tracked: frozenset[str] = frozenset()

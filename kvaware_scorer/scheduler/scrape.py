@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_SCRAPE_INTERVAL",
-    "IDLE_AFTER",
     "IDLE_INTERVAL",
     "Activity",
     "MetricsScraper",
@@ -51,10 +50,9 @@ logger = logging.getLogger(__name__)
 #: a 16-pod fleet around a few percent of a core, and the scheduler's own in-flight counts
 #: (``active-request-scorer``) are exact between scrapes anyway.
 DEFAULT_SCRAPE_INTERVAL = 0.1
-#: Seconds without a scheduling decision after which the scraper slows to its idle interval.
-IDLE_AFTER = 10.0
-#: Seconds between rounds while idle (at most; never faster than the configured interval),
-#: below the default 2 s staleness so the first request after a quiet spell still has metrics.
+#: Seconds between rounds while nothing reads the metrics (at most; never faster than the
+#: configured interval), below the default 2 s staleness so the first request after a quiet
+#: spell still has metrics.
 IDLE_INTERVAL = 1.0
 
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
@@ -226,11 +224,15 @@ class Activity:
         if not self._wake.is_set():
             self._wake.set()
 
-    def wait(self, timeout: float) -> bool:
-        """Wait at most `timeout` seconds for the next mark; whether one came."""
+    def wait(self, timeout: float, since: float | None = None) -> bool:
+        """Wait at most `timeout` seconds for a mark at or after `since` (default: the next
+        mark); whether one came."""
         seen = self.last
         self._wake.clear()
-        if self.last != seen:  # marked between the read and the clear
+        if since is not None:
+            if self.last >= since:  # cleared after the check: a later mark sets it again
+                return True
+        elif self.last != seen:  # marked between the read and the clear
             return True
         return self._wake.wait(timeout)
 
@@ -251,11 +253,18 @@ class MetricsScraper:
     Bounded: one connection per endpoint of the current pool (those of endpoints that left are
     closed at the next round), one page of at most `pagefetch.MAX_PAGE` bytes each.
 
-    Idle backoff (with ``activity``): metrics are read only when requests are scheduled, so
-    after ``idle_after`` seconds in which ``activity`` was never marked the scraper goes round
-    every ``idle_interval`` seconds instead, and the next mark starts a round at once and the
-    configured interval again. A quiet gateway then costs neither itself nor the pods'
-    metrics endpoints ten pages a second per pod, and metrics never go stale.
+    Scraped when read (with ``activity``): the metrics are read only when a request is
+    scheduled or flow control looks at the pool's load (each such read marks ``activity``). A
+    round therefore runs ``interval`` after the previous one began only when the metrics were
+    read since that one began; otherwise the scraper waits for the next read, which starts a
+    round at once (``interval`` after the previous one at the soonest), and goes round every
+    ``idle_interval`` seconds without any read, so metrics never go stale. A gateway
+    scheduling at least one request per ``interval`` (or holding requests in flow control,
+    which looks every 10 ms) scrapes every ``interval``; one scheduling two requests a second
+    scrapes about twice a second instead of ten times, and an idle one once a second. The
+    read that starts a round sees the metrics of the round before it (the round runs beside
+    it, never in its way): they are at most the time since the previous read old, and the
+    scheduler's own in-flight account covers what happened since.
 
     Args:
         endpoints: Returns the current pool (called every round).
@@ -266,9 +275,8 @@ class MetricsScraper:
         staleness: Seconds after which metrics count as stale (for the gauge).
         activity: Marked by the scheduler whenever it schedules or looks at the pool's load
             (`Scheduler.activity`); None scrapes at ``interval`` always.
-        idle_after: Seconds without activity before the idle interval applies.
-        idle_interval: Seconds between rounds while idle (default `IDLE_INTERVAL`, at most
-            half of ``staleness``; never below ``interval``).
+        idle_interval: Seconds between rounds while nothing reads the metrics (default
+            `IDLE_INTERVAL`, at most half of ``staleness``; never below ``interval``).
     """
 
     def __init__(
@@ -281,7 +289,6 @@ class MetricsScraper:
         metrics: SchedulerMetrics | None = None,
         staleness: float | None = 2.0,
         activity: Activity | None = None,
-        idle_after: float = IDLE_AFTER,
         idle_interval: float | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0:
@@ -291,7 +298,6 @@ class MetricsScraper:
                 IDLE_INTERVAL if staleness is None else min(IDLE_INTERVAL, staleness / 2)
             )
         self.activity = activity
-        self.idle_after = idle_after
         self.idle_interval = max(interval, idle_interval)
         self._endpoints = endpoints
         self.interval = interval
@@ -378,12 +384,23 @@ class MetricsScraper:
                 self.scrape_all()
             except Exception:
                 logger.exception("metrics scrape round failed")
-            act = self.activity
-            if act is None or t0 - act.last < self.idle_after:
-                self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
-            else:
-                # NOTE: quiet: the next request (a mark) starts a round at once.
-                act.wait(max(0.0, self.idle_interval - (time.monotonic() - t0)))
+            self._wait_next(t0)
+
+    def _wait_next(self, t0: float) -> None:
+        """Wait until the round after the one that began at `t0` is due (class doc)."""
+        act = self.activity
+        if act is None:
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
+            return
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if act.last >= t0:  # read since this round began
+                self._stop.wait(max(0.0, t0 + self.interval - now))
+                return
+            left = t0 + self.idle_interval - now
+            if left <= 0:
+                return
+            act.wait(left, since=t0)
 
     def start(self) -> None:
         """Start scraping in a daemon thread; idempotent."""

@@ -137,6 +137,13 @@ def register(sub: Any) -> None:
         help="metrics scrape period (s); 0 = every step",
     )
     fleet.add_argument(
+        "--periodic-scrape",
+        action="store_true",
+        help="scrape every --metrics-interval whatever the router reads (default: as the "
+        "live scheduler does, at that interval only while the router reads the metrics at "
+        "least that often, else at its next read, and once a second without reads)",
+    )
+    fleet.add_argument(
         "--event-loss", type=float, default=0.0, help="probability a KV-event payload is lost"
     )
     fleet.add_argument(
@@ -216,6 +223,7 @@ def build_fleet(args: argparse.Namespace) -> FleetConfig:
         engine_hash=args.engine_hash,
         event_delay_s=args.event_delay,
         metrics_interval_s=args.metrics_interval,
+        scrape_on_read=not args.periodic_scrape,
         drain_timeout_s=args.drain_timeout,
         event_loss=args.event_loss,
         seed=args.seed,
@@ -343,6 +351,7 @@ def run(args: argparse.Namespace) -> int:
             "engine_hash": fleet.engine_hash,
             "event_delay_s": fleet.event_delay_s,
             "metrics_interval_s": fleet.metrics_interval_s,
+            "scrape_on_read": fleet.scrape_on_read,
             "drain_timeout_s": fleet.drain_timeout_s,
             "event_loss": fleet.event_loss,
             "drain_between_stages": fleet.drain_between_stages,

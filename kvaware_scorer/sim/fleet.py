@@ -6,7 +6,10 @@ outputs are applied (first tokens, completions, freed blocks), its KV events are
 payload, and the next step is scheduled at once if the pod has work; an idle pod starts a step
 when a request arrives. Payloads reach every sink of the router after ``event_delay_s`` with a
 per-pod sequence number starting at 0, as ``sink.ingest(pod=..., model=..., payload=..., seq=...)``.
-Endpoint metrics are scraped every ``metrics_interval_s`` (0 = after every step).
+Endpoint metrics are scraped as the live scheduler scrapes them (``scrape_on_read``: every
+``metrics_interval_s`` while the router reads them at least that often, at the next read when
+it reads them less often, once per ``idle_scrape_s`` without reads), or every
+``metrics_interval_s`` regardless, or after every step (0).
 
 With ``drain_between_stages`` the stages are independent: a stage's first arrival waits until
 every request of the stages before it has finished, and that stage and the ones after it move
@@ -216,6 +219,11 @@ class _Run:
         self.busy = [False] * len(engines)
         self.delay = cfg.event_delay_s
         self.interval = cfg.metrics_interval_s
+        # NOTE: scrape-on-read: the pending scrape's time (inf: none) and the last one's.
+        self.on_read = cfg.scrape_on_read and self.interval > 0
+        self.idle_scrape = max(cfg.idle_scrape_s, self.interval)
+        self.next_scrape = 0.0 if self.interval > 0 else float("inf")
+        self.last_scrape = 0.0
         self.loss = cfg.event_loss
         self.loss_rng = random.Random(cfg.seed)
         self.ideal_seen: set[int] = set()
@@ -243,7 +251,7 @@ class _Run:
         )
         self._next_from_source()
         if self.interval > 0:
-            self._push(0.0, _SCRAPE, None)
+            self._push(0.0, _SCRAPE, 0.0)
         self._push(0.0, _SAMPLE, None)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -436,6 +444,8 @@ class _Run:
             self.records.append(_failed(req, "", 503, ideal))
             self.bar.done()
             return
+        finally:
+            self._read(t)  # the router read the metrics for this decision
         if pod_id is None:
             self.gated[req.request_id] = (req, ideal)
             return
@@ -467,6 +477,7 @@ class _Run:
             return
         routed, shed = self.dispatcher.dispatch()
         t = self.sim.now
+        self._read(t)  # flow control looked at the pool's load
         for req in shed:
             self.records.append(_failed(req, "", 429, self.gated.pop(req.request_id)[1]))
             self.bar.done()
@@ -478,13 +489,33 @@ class _Run:
         self.pending_deliveries -= 1
         self._deliver(*data)
 
-    def on_scrape(self, t: float, data: None) -> None:
-        """The periodic metrics scrape."""
+    def _read(self, t: float) -> None:
+        """The router read the metrics at `t` (scrape-on-read: the next scrape is due
+        ``interval`` after the last one, or now when that has passed)."""
+        if not self.on_read:
+            return
+        due = max(t, self.last_scrape + self.interval)
+        if due < self.next_scrape:
+            self.next_scrape = due
+            self._push(due, _SCRAPE, due)
+
+    def on_scrape(self, t: float, data: float) -> None:
+        """A metrics scrape (periodic, or the one a read made due)."""
+        if self.on_read:
+            if data != self.next_scrape:
+                return  # superseded by an earlier one a read made due
+            self.last_scrape = t
+            self.next_scrape = float("inf")
         self.sim._scrape()
         self.router.observe(self.endpoints, self.sim.clock())
         self._dispatch_held()
-        if self._in_flight() or self.pending_deliveries:
-            self._push(t + self.interval, _SCRAPE, None)
+        if not (self._in_flight() or self.pending_deliveries):
+            return
+        if not self.on_read:
+            self._push(t + self.interval, _SCRAPE, t + self.interval)
+        elif self.next_scrape == float("inf"):
+            self.next_scrape = t + self.idle_scrape
+            self._push(self.next_scrape, _SCRAPE, self.next_scrape)
 
     def on_sample(self, t: float, data: None) -> None:
         """The periodic fleet-average sample (queue lengths, KV usage)."""

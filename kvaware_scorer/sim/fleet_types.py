@@ -28,6 +28,12 @@ class FleetConfig:
         hash_seed: The pods' PYTHONHASHSEED analogue (empty = unset).
         event_delay_s: Delay from publishing a KV-event payload to its delivery to the sinks.
         metrics_interval_s: Metrics scrape period; 0 = after every step.
+        scrape_on_read: Scrape as the live scheduler does (`MetricsScraper`): a scrape
+            ``metrics_interval_s`` after the previous one only when the router read the
+            metrics since (a routing decision, or flow control looking at held requests), else
+            at the next read (at once), and every ``idle_scrape_s`` without reads. False:
+            every ``metrics_interval_s`` whatever the router does.
+        idle_scrape_s: Scrape period without reads (``scrape_on_read``).
         sample_interval_s: Period of the report's queue / KV-usage samples.
         model: Served model name (default: the profile's model).
         num_gpu_blocks: Override the profile's pool size (tests).
@@ -46,6 +52,8 @@ class FleetConfig:
     hash_seed: str = ""
     event_delay_s: float = 0.005
     metrics_interval_s: float = 0.05
+    scrape_on_read: bool = True
+    idle_scrape_s: float = 1.0
     sample_interval_s: float = 0.5
     model: str | None = None
     num_gpu_blocks: int | None = None
@@ -57,7 +65,7 @@ class FleetConfig:
     def __post_init__(self) -> None:
         if self.num_pods < 1:
             raise ConfigError("must be >= 1", "numPods")
-        if self.event_delay_s < 0 or self.metrics_interval_s < 0:
+        if self.event_delay_s < 0 or self.metrics_interval_s < 0 or self.idle_scrape_s <= 0:
             raise ConfigError("delays and intervals must be >= 0")
         if self.sample_interval_s <= 0:
             raise ConfigError("must be > 0", "sampleInterval")

@@ -63,3 +63,32 @@ def test_work_that_raises_is_counted_and_the_pod_goes_on() -> None:
     finally:
         lanes.stop(2.0)
     assert errors == [1]
+
+
+def test_one_frame_wakes_one_pool_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Idle pool threads stay asleep: a frame wakes the one thread that runs it (taking
+    frames wakes only submitters waiting for room), so a frame costs one hand-off however
+    large the pool."""
+    wakes: list[str] = []
+
+    class Counting(threading.Condition):
+        def wait(self, timeout: float | None = None) -> bool:
+            got = super().wait(timeout)
+            wakes.append(threading.current_thread().name)
+            return got
+
+    monkeypatch.setattr(threading, "Condition", Counting)
+    lanes = PodLanes(4, 2, capacity=100, replay_backlog=10, on_error=lambda: None)
+    monkeypatch.undo()
+    try:
+        time.sleep(0.2)  # every pool thread waiting
+        wakes.clear()
+        for i in range(30):
+            ran = threading.Event()
+            assert lanes.submit(f"pod{i % 3}", ran.set)
+            assert ran.wait(5)
+            time.sleep(0.01)  # the thread back to waiting
+        # one wake-up per frame (a spurious one now and then at most), not one per thread
+        assert len(wakes) <= 36, len(wakes)
+    finally:
+        lanes.stop(2.0)

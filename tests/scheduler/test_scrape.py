@@ -309,7 +309,10 @@ def _hits_after(
     try:
         import time
 
-        time.sleep(seconds)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            s.activity.mark()  # the metrics are read all the time (a busy gateway)
+            time.sleep(0.01)
     finally:
         s.close()
     return sum(p.hits for p in pods), s
@@ -379,34 +382,56 @@ def test_parse_bounds_label_cache_and_hostile_lines() -> None:
     assert m.waiting_queue_size == 4
 
 
-def test_idle_scraper_slows_down_and_a_request_brings_it_back(pods: list[_Pod]) -> None:
-    """Without scheduling activity the scraper goes round at its idle interval; the next
-    activity starts a round at once and the configured interval again."""
+def test_scraper_goes_round_when_the_metrics_are_read(pods: list[_Pod]) -> None:
+    """Rounds follow reads: without any, one per idle interval; a read after a quiet spell
+    starts one at once and no more; reads more often than the interval keep it at the
+    interval; reads slower than the interval get one round each."""
     import time
 
     eps = [Endpoint("p0", "127.0.0.1", pods[0].port)]
     activity = Activity()
-    scraper = MetricsScraper(
-        lambda: eps, interval=0.02, activity=activity, idle_after=0.3, idle_interval=5.0
-    )
+    scraper = MetricsScraper(lambda: eps, interval=0.05, activity=activity, idle_interval=5.0)
 
-    def hits_during(seconds: float) -> int:
+    def hits_during(seconds: float, read_every: float | None = None) -> int:
         before = pods[0].hits
-        time.sleep(seconds)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            if read_every is not None:
+                activity.mark()
+            time.sleep(read_every or seconds)
         return pods[0].hits - before
 
     scraper.start()
     try:
-        busy = hits_during(0.25)  # within idle_after of the start: the configured interval
-        time.sleep(0.3)
-        idle = hits_during(0.6)  # no activity for over idle_after: one round per 5 s at most
+        time.sleep(0.1)  # the first round
+        quiet = hits_during(0.4)  # no read: the idle interval (5 s)
         activity.mark()
-        woke = hits_during(0.15)  # a round at once, then the configured interval
-        assert busy >= 4, busy
-        assert idle <= 1, idle
-        assert woke >= 2, woke
+        woke = hits_during(0.15)  # a round at once, and only one without another read
+        after = hits_during(0.3)  # none after it either
+        busy = hits_during(0.6, read_every=0.005)  # reads all the time: every 50 ms
+        time.sleep(0.1)
+        sparse = hits_during(0.9, read_every=0.3)  # a read every 300 ms: a round each
+        assert quiet == 0, quiet
+        assert woke == 1, woke
+        assert after == 0, after
+        assert 8 <= busy <= 14, busy
+        assert 2 <= sparse <= 4, sparse
     finally:
         scraper.stop()
+
+
+def test_a_read_during_the_wait_is_never_missed() -> None:
+    """`Activity.wait(since=...)`: a mark at or after `since` made before the wait began
+    returns at once (the scraper checks, then waits: a mark in between is not lost)."""
+    import time
+
+    activity = Activity()
+    t0 = time.monotonic()
+    activity.mark()
+    started = time.monotonic()
+    assert activity.wait(5.0, since=t0)
+    assert time.monotonic() - started < 1.0
+    assert not activity.wait(0.05, since=time.monotonic() + 10)
 
 
 def test_scheduling_marks_activity_for_the_scraper(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -192,3 +192,41 @@ def test_event_loss_leaves_seq_gaps() -> None:
     gaps = sum(1 for seqs in by_pod.values() for a, b in itertools.pairwise(seqs) if b != a + 1)
     assert gaps > 0
     assert all(seqs == sorted(seqs) for seqs in by_pod.values())
+
+
+def test_scrapes_follow_the_routers_reads() -> None:
+    """As the live scheduler scrapes: at the interval while requests arrive faster than it,
+    once per request when they arrive slower (right after its routing decision), and at the
+    idle period with no requests; `scrape_on_read=False` scrapes at the interval throughout."""
+
+    def run(rate: float, on_read: bool) -> tuple[list[float], list[float]]:
+        router = SinkRouter()
+        routed: list[float] = []
+        route = router.route
+
+        def recording(req: SimRequest, endpoints: list[SimEndpoint]) -> str | None:
+            routed.append(req.arrival_time)
+            return route(req, endpoints)
+
+        router.route = recording  # type: ignore[method-assign]
+        fleet = _fleet(metrics_interval_s=0.05, scrape_on_read=on_read, idle_scrape_s=1.0)
+        FleetSimulator(fleet).run(_workload(rate=rate, duration=8.0), router)
+        return [t - CLOCK_BASE for t in router.observed], routed
+
+    fast, fast_reads = run(40.0, True)
+    slow, slow_reads = run(2.0, True)
+    periodic, _ = run(2.0, False)
+    span = max(slow_reads) - min(slow_reads)
+    # 2 req/s: about one scrape per request (no more than one per read plus one a second)
+    assert len(slow) <= len(slow_reads) + span + 3, (len(slow), len(slow_reads))
+    assert len(slow) >= len(slow_reads) // 2
+    assert len(periodic) >= 15 * span  # every 50 ms
+    # every request after the first saw a scrape taken after the previous request's arrival
+    for prev, cur in itertools.pairwise(sorted(slow_reads)):
+        if cur - prev > 0.05:
+            assert any(prev - 1e-6 <= s <= cur + 1e-6 for s in slow), (prev, cur)
+    # 40 req/s: at the interval, never closer together than it
+    gaps = np.diff(sorted(fast))
+    assert gaps.min() >= 0.05 - 1e-9
+    busy = [g for g in gaps if g < 0.5]
+    assert np.median(busy) <= 0.06
