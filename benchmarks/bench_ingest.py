@@ -12,13 +12,18 @@ sent one hash per BlockRemoved as vLLM does):
 3. ``Indexer.score`` latency while the subscriber ingests at a fixed rate, against idle;
 4. memory per (block, pod) entry on the full ingestion path (the in-memory index and the
    ingestor's own state, measured with tracemalloc), against the index alone fed the same
-   writes.
+   writes;
+5. the CPU one frame costs at a live rate (frames a few milliseconds apart, as a fleet of
+   emulated pods sends them, not flat out), per thread of this process, against the same
+   frames decoded and applied back to back on one thread: what receiving and handing a frame
+   to the applying threads adds.
 
 Usage::
 
     python benchmarks/bench_ingest.py            # all parts
     python benchmarks/bench_ingest.py --quick    # smaller runs
     python benchmarks/bench_ingest.py --parts 4  # memory only
+    python benchmarks/bench_ingest.py --quick --parts 5  # CPU per frame at 50 frames/s
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import multiprocessing as mp
 import random
 import statistics
 import sys
+import threading
 import time
 import tracemalloc
 from dataclasses import dataclass, field
@@ -300,18 +306,23 @@ def bench_apply(stream: Stream, repeat: int) -> None:
 
 
 def _paced_publisher(
-    endpoints: list[str], frames: list[tuple[int, int, bytes, int]], rate: float, ready: Any
+    endpoints: list[str],
+    frames: list[tuple[int, int, bytes, int]],
+    rate: float,
+    ready: Any,
+    idle: float = 0.2,
+    per_frame: bool = False,
 ) -> None:
     pubs = [VllmEventPublisher(ep, bind=True, hwm=0) for ep in endpoints]
     for p in pubs:
         p.wait_for_subscriber(30)
     ready.set()
-    time.sleep(0.2)
+    time.sleep(idle)
     t0 = time.perf_counter()
     blocks = 0
     for i, _seq, payload, n in frames:
         pubs[i].publish(payload)
-        blocks += n
+        blocks += 1 if per_frame else n
         if rate:
             ahead = blocks / rate - (time.perf_counter() - t0)
             if ahead > 0.002:
@@ -327,8 +338,11 @@ def _blocks_in(payload: bytes, dec: EventDecoder) -> int:
     )
 
 
-def bench_zmq(stream: Stream, rate: float = 0.0) -> tuple[float, Indexer, KVEventSubscriber]:
-    """Publish the stream from another process; returns stored blocks/s as applied here."""
+def _subscribed(
+    stream: Stream,
+) -> tuple[list[tuple[int, int, bytes, int]], list[str], Indexer, KVEventSubscriber]:
+    """The stream's frames per pod index, one bind endpoint per pod, and a subscriber
+    (not started) connected to them."""
     import socket
 
     dec = EventDecoder()
@@ -345,6 +359,12 @@ def bench_zmq(stream: Stream, rate: float = 0.0) -> tuple[float, Indexer, KVEven
     sub = KVEventSubscriber(ix, {"defaultModel": MODEL, "rcvhwm": 0, "statsInterval": 0})
     for pod, ep in zip(pods, endpoints, strict=True):
         sub.add_endpoint(pod, ep)
+    return frames, endpoints, ix, sub
+
+
+def bench_zmq(stream: Stream, rate: float = 0.0) -> tuple[float, Indexer, KVEventSubscriber]:
+    """Publish the stream from another process; returns stored blocks/s as applied here."""
+    frames, endpoints, ix, sub = _subscribed(stream)
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     proc = ctx.Process(target=_paced_publisher, args=(endpoints, frames, rate, ready))
@@ -437,6 +457,86 @@ def bench_score_latency(stream: Stream, rates: list[float], score_rate: float) -
             f"| {name:<56} | {len(xs):6d} | {q(xs, 0.5):7.0f} | {q(xs, 0.9):7.0f} |"
             f" {q(xs, 0.99):7.0f} |"
         )
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of this process, by thread name."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = names.get(int(tid), "other (libzmq)")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def bench_paced(stream: Stream, frames_per_s: float, count: int, idle: float = 3.0) -> None:
+    """Part 5: CPU per frame at a live rate, per thread, against apply alone."""
+    import os
+
+    sub_stream = Stream(
+        stream.frames[:count], stream.stored, stream.removed, stream.events, stream.prompts
+    )
+    frames, endpoints, _, sub = _subscribed(sub_stream)
+    n = len(frames)
+    # the floor: the same frames decoded and applied back to back on this thread
+    alone = Indexer()
+    t0 = time.process_time()
+    for pod, seq, payload in sub_stream.frames:
+        alone.ingest(pod, MODEL, payload, seq)
+    floor_us = (time.process_time() - t0) / n * 1e6
+    ctx = mp.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(
+        target=_paced_publisher, args=(endpoints, frames, frames_per_s, ready, idle, True)
+    )
+    sub.start()
+    proc.start()
+    ready.wait(60)
+    # the idle baseline: connected, nothing sent yet
+    time.sleep(0.5)
+    c0, w0 = _thread_cpu(), time.monotonic()
+    time.sleep(idle - 1.0)
+    c1, w1 = _thread_cpu(), time.monotonic()
+    while sub.frames_handled == 0:
+        time.sleep(0.001)
+    c2, w2 = _thread_cpu(), time.monotonic()
+    deadline = time.monotonic() + 600
+    while sub.frames_handled < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    c3, w3 = _thread_cpu(), time.monotonic()
+    proc.join(30)
+    sub.stop()
+    handled = sub.frames_handled
+    print(
+        f"\n## 5. CPU per frame at {frames_per_s:g} frames/s ({handled:,} of {n:,} frames over"
+        f" {len({p for p, _, _ in sub_stream.frames})} pods, {w3 - w2:.1f} s; the idle"
+        f" baseline of each thread, measured for {w1 - w0:.1f} s before, taken off)\n"
+    )
+    print("| thread | us per frame |\n|---|---:|")
+    total = 0.0
+    for name in sorted(set(c3) | set(c2)):
+        idle_rate = (c1.get(name, 0.0) - c0.get(name, 0.0)) / (w1 - w0)
+        busy = c3.get(name, 0.0) - c2.get(name, 0.0) - idle_rate * (w3 - w2)
+        if name == threading.main_thread().name:
+            continue  # this benchmark's own polling
+        total += busy
+        print(f"| {name} | {busy / max(1, handled) * 1e6:,.0f} |")
+    per = total / max(1, handled) * 1e6
+    tick = os.sysconf("SC_CLK_TCK")
+    print(
+        f"| **all** | **{per:,.0f}** |\n\ndecode + apply alone, back to back on one thread:"
+        f" {floor_us:,.0f} us per frame; the receiving path costs {per / floor_us:.2f}x that"
+        f" (thread CPU is counted in clock ticks of {1e6 / tick:,.0f} us)"
+    )
 
 
 def index_writes(stream: Stream) -> list[tuple[str, str, list[int], list[int]]]:
@@ -552,7 +652,9 @@ def main() -> int:
         default="50000,100000,0",
         help="part 3 publishing rates in stored blocks/s (0 = flat out)",
     )
-    parser.add_argument("--parts", default="1234", help="which parts to run (e.g. 14)")
+    parser.add_argument("--parts", default="12345", help="which parts to run (e.g. 14)")
+    parser.add_argument("--paced-rate", type=float, default=50.0, help="part 5: frames per second")
+    parser.add_argument("--paced-frames", type=int, default=1000, help="part 5: frames sent")
     parser.add_argument(
         "--memory-entries", type=int, default=320_000, help="part 4: entries the stream fills"
     )
@@ -584,6 +686,8 @@ def main() -> int:
         bench_score_latency(stream, rates, args.score_rate)
     if "4" in args.parts:
         bench_memory(args.memory_entries)
+    if "5" in args.parts:
+        bench_paced(stream, args.paced_rate, args.paced_frames)
     return 0
 
 

@@ -213,7 +213,7 @@ def test_scrapes_follow_the_routers_reads() -> None:
         FleetSimulator(fleet).run(_workload(rate=rate, duration=8.0), router)
         return [t - CLOCK_BASE for t in router.observed], routed
 
-    fast, fast_reads = run(40.0, True)
+    fast, _ = run(40.0, True)
     slow, slow_reads = run(2.0, True)
     periodic, _ = run(2.0, False)
     span = max(slow_reads) - min(slow_reads)
