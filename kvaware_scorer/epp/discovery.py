@@ -213,6 +213,7 @@ class KubernetesDiscovery:
                 metrics=scheduler.sched_metrics,
                 staleness=scheduler.metrics_staleness,
                 activity=scheduler.activity,
+                on_round=scheduler.metrics_updated,
             )
 
     @classmethod

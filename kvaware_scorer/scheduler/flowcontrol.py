@@ -6,8 +6,10 @@ A request enters `FlowController.wait_turn` (from `Scheduler.aschedule`): with f
 nobody waiting it goes at once; otherwise it waits in its band (``SchedulingRequest.priority``,
 higher first) and flow (the ``x-llm-d-inference-fairness-id`` header, else the
 ``agent-identity`` attribute, else ``default-flow``). A dispatcher task hands turns out, one at
-a time, while the saturation detector reports the pool below 1.0. As upstream: a full band is
-shed with 429, a wait beyond the request TTL with 429 (503 when the pool has no endpoint), an
+a time, while the saturation detector reports the pool below 1.0; it looks at the saturation
+again whenever what the detector reads changes (`FlowController.notify`: first tokens, request
+ends, scrapes, the pool), and at least every `IDLE_LOOK` while requests wait. As upstream: a
+full band is shed with 429, a wait beyond the request TTL with 429 (503 when the pool has no endpoint), an
 empty pool with 503.
 
 The saturation detector, fairness and ordering policies are plugins (roles
@@ -25,9 +27,11 @@ Without one every ceiling is 1.0 (upstream's ``static-usage-limit-policy`` defau
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -65,8 +69,11 @@ DEFAULT_FLOW = "default-flow"
 DEFAULT_REQUEST_TTL = 60.0
 #: Requests waiting per priority band at most (upstream's default band capacity).
 DEFAULT_BAND_MAX_REQUESTS = 5000
-#: Seconds between two looks at the pool's saturation while requests wait.
-POLL_INTERVAL = 0.01
+#: Seconds the dispatcher waits at most, while requests wait, before it looks at the pool's
+#: saturation again when nothing it reads changed meanwhile. It looks at once on a change:
+#: a request's first token or end, a metrics scrape, the pool (`FlowController.notify`). The
+#: wait catches what changes with time alone (a prefill counted done at its due time).
+IDLE_LOOK = 0.1
 #: Seconds the dispatcher waits, after handing out a turn, for that request to be scheduled
 #: before it looks at the saturation again, when the detector counts scheduled requests itself
 #: (``counts_scheduled``: ``concurrency-detector``, ``predicted-ttft-scorer``, whose reading
@@ -191,6 +198,10 @@ class FlowController:
         self._bands: dict[int, _Band] = {}
         self._seq = itertools.count()
         self._dispatcher: asyncio.Task[None] | None = None
+        # NOTE: set by `notify` (from any thread) when what the detector reads changed.
+        self._changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         # NOTE: the request whose turn was handed out last and is being scheduled now.
         self._admission: tuple[SchedulingRequest, asyncio.Future[None]] | None = None
         self.shed = 0  # requests turned away (capacity, TTL, empty pool)
@@ -301,7 +312,24 @@ class FlowController:
 
     def _ensure_dispatcher(self) -> None:
         if self._dispatcher is None or self._dispatcher.done():
-            self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+            loop = asyncio.get_running_loop()
+            if self._loop is not loop or self._changed is None:
+                self._loop, self._loop_thread = loop, threading.get_ident()
+                self._changed = asyncio.Event()
+            self._dispatcher = loop.create_task(self._dispatch())
+
+    def notify(self) -> None:
+        """What the saturation detector reads changed (a request's first token or end, a
+        metrics scrape, the pool): the dispatcher looks again at once instead of at its next
+        `IDLE_LOOK`. Safe from any thread; nothing happens while no request waits."""
+        changed, loop = self._changed, self._loop
+        if changed is None or loop is None or not self._bands:
+            return
+        if threading.get_ident() == self._loop_thread:
+            changed.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                loop.call_soon_threadsafe(changed.set)
 
     # -- usage limits ------------------------------------------------------------------------------
 
@@ -382,7 +410,10 @@ class FlowController:
     async def _dispatch(self) -> None:
         # NOTE: bounded work per tick: one turn handed out, then the loop runs the request far
         # enough to count it (pre-request hooks), so the next look at saturation sees it.
+        changed = self._changed
+        assert changed is not None
         while self._bands:
+            changed.clear()  # a change from here on makes the wait below return at once
             try:
                 sat = self.saturation()
             except Exception:
@@ -396,7 +427,8 @@ class FlowController:
                         await self._await_admission(item.request)
                 await asyncio.sleep(0)
                 continue
-            await asyncio.sleep(POLL_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), IDLE_LOOK)
 
     async def _await_admission(self, request: SchedulingRequest) -> None:
         # NOTE: the request is counted by its pre-request hooks only once scheduled (after its

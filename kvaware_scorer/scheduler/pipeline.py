@@ -429,6 +429,8 @@ class Scheduler:
             except Exception:
                 logger.exception("post-response hook of plugin %s failed", name)
                 self.sched_metrics.plugin_errors.labels(name, "post_response").inc()
+        if self.flow is not None:
+            self.flow.notify()  # a request left its pod: flow control looks again
 
     def first_token(self, request: SchedulingRequest, result: SchedulingResult) -> None:
         """Tell the plugins that listen for it (``first_token(now, request, result)``) that the
@@ -445,6 +447,14 @@ class Scheduler:
                 self.sched_metrics.plugin_errors.labels(
                     str(getattr(obj, "name", type(obj).__name__)), "first_token"
                 ).inc()
+        if self.flow is not None:
+            self.flow.notify()  # a prefill ended: flow control looks again
+
+    def metrics_updated(self) -> None:
+        """Endpoint metrics were just scraped (the scrapers call this after each round):
+        flow control looks at the pool's saturation again."""
+        if self.flow is not None:
+            self.flow.notify()
 
     # -- endpoints ----------------------------------------------------------------------------------
 
@@ -465,6 +475,8 @@ class Scheduler:
             self.sched_metrics.endpoints.set(len(new))
         if not added and not removed:
             return
+        if self.flow is not None:
+            self.flow.notify()
         logger.info("endpoints changed: +%s -%s", [e.id for e in added], [e.id for e in removed])
         for listener in self._listeners:
             try:
@@ -518,6 +530,7 @@ class Scheduler:
                 metrics=self.sched_metrics,
                 staleness=self.metrics_staleness,
                 activity=self.activity,
+                on_round=self.metrics_updated,
             )
         self._watcher = watcher
         watcher.load()

@@ -277,6 +277,8 @@ class MetricsScraper:
             (`Scheduler.activity`); None scrapes at ``interval`` always.
         idle_interval: Seconds between rounds while nothing reads the metrics (default
             `IDLE_INTERVAL`, at most half of ``staleness``; never below ``interval``).
+        on_round: Called (on the scraping thread) after each round that updated at least one
+            endpoint (`Scheduler.metrics_updated`: flow control looks at the pool again).
     """
 
     def __init__(
@@ -290,6 +292,7 @@ class MetricsScraper:
         staleness: float | None = 2.0,
         activity: Activity | None = None,
         idle_interval: float | None = None,
+        on_round: Callable[[], None] | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0:
             raise ValueError("interval and timeout must be > 0")
@@ -298,6 +301,7 @@ class MetricsScraper:
                 IDLE_INTERVAL if staleness is None else min(IDLE_INTERVAL, staleness / 2)
             )
         self.activity = activity
+        self.on_round = on_round
         self.idle_interval = max(interval, idle_interval)
         self._endpoints = endpoints
         self.interval = interval
@@ -381,7 +385,8 @@ class MetricsScraper:
         while not self._stop.is_set():
             t0 = time.monotonic()
             try:
-                self.scrape_all()
+                if self.scrape_all() and self.on_round is not None:
+                    self.on_round()
             except Exception:
                 logger.exception("metrics scrape round failed")
             self._wait_next(t0)

@@ -387,3 +387,67 @@ async def test_detector_reading_scraped_metrics_drains_the_queue_at_once() -> No
     assert fc.waiting() == 50
     gate.value = 0.0
     await asyncio.wait_for(asyncio.gather(*waiters), 0.5)
+
+
+async def test_dispatcher_looks_again_on_a_change_not_on_a_timer() -> None:
+    """While requests wait and nothing changes, the saturation is read about once per
+    IDLE_LOOK, not every few milliseconds; `notify` (a first token, a request's end, a
+    scrape: from any thread) makes it look at once."""
+    import threading
+
+    from kvaware_scorer.scheduler.flowcontrol import IDLE_LOOK
+
+    class Counting(Gate):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads = 0
+
+        def saturated(self, ctx: Any, endpoints: Any) -> float:
+            self.reads += 1
+            return self.value
+
+    from kvaware_scorer.scheduler.flowcontrol import FlowController
+
+    s = build(config([{"type": "queue-scorer"}]), seed=0)
+    eps = endpoints(2)
+    gate = Counting()
+    fc = FlowController(gate, lambda: eps, s.context)
+    loop = asyncio.get_running_loop()
+    waiter = asyncio.create_task(fc.wait_turn(req("a")))
+    await asyncio.sleep(0.01)
+    gate.reads = 0
+    await asyncio.sleep(5 * IDLE_LOOK)
+    assert gate.reads <= 7, gate.reads  # ~5 idle looks (10 ms polling read ~50 times)
+    gate.value = 0.0
+    t0 = loop.time()
+    threading.Thread(target=fc.notify).start()  # e.g. the scraping thread after a round
+    await asyncio.wait_for(waiter, 1)
+    assert loop.time() - t0 < IDLE_LOOK / 2
+    # nothing waits: notify is a no-op
+    fc.notify()
+
+
+async def test_first_tokens_and_request_ends_wake_flow_control() -> None:
+    """The scheduler tells flow control when a request's first token or end arrives and after
+    each scrape round (`Scheduler.metrics_updated`), so a freed pod is used at once."""
+    data = config(
+        [
+            {"type": "concurrency-detector", "parameters": {"maxConcurrency": 1}},
+            {"type": "queue-scorer"},
+        ]
+    )
+    data["flowControl"] = {"saturationDetector": {"pluginRef": "concurrency-detector"}}
+    s = build(data, seed=0)
+    s.set_endpoints(endpoints(1))
+    assert s.flow is not None
+    loop = asyncio.get_running_loop()
+    r1 = await s.aschedule(req("1"))
+    queued = asyncio.create_task(s.aschedule(req("2")))
+    await asyncio.sleep(0.3)  # the dispatcher is in its idle wait
+    t0 = loop.time()
+    s.post_response(req("1"), r1, ResponseInfo(200))
+    r2 = await asyncio.wait_for(queued, 1)
+    from kvaware_scorer.scheduler.flowcontrol import IDLE_LOOK
+
+    assert loop.time() - t0 < IDLE_LOOK / 2
+    assert r2.target is r1.target

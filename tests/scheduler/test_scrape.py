@@ -477,3 +477,39 @@ def test_unclosed_label_sets_parse_in_linear_time() -> None:
         t0 = time.perf_counter()
         assert parse_vllm_metrics(text).running_requests_size == 1
         assert time.perf_counter() - t0 < 1.0
+
+
+def test_each_round_that_updated_metrics_is_reported(pods: list[_Pod]) -> None:
+    """`on_round` runs after every round that updated an endpoint (flow control looks at the
+    pool again), never after one that updated none."""
+    import threading
+    import time
+
+    rounds: list[str] = []
+    eps = [Endpoint("p0", "127.0.0.1", pods[0].port)]
+    scraper = MetricsScraper(
+        lambda: eps,
+        interval=0.02,
+        on_round=lambda: rounds.append(threading.current_thread().name),
+    )
+    scraper.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(rounds) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        scraper.stop()
+    assert len(rounds) >= 3 and set(rounds) == {"kvaware-scrape"}
+    idle: list[int] = []
+    dead = MetricsScraper(
+        lambda: [Endpoint("gone", "127.0.0.1", 1)],
+        interval=0.02,
+        timeout=0.05,
+        on_round=lambda: idle.append(1),
+    )
+    dead.start()
+    try:
+        time.sleep(0.2)  # several rounds, none of which updated anything
+    finally:
+        dead.stop()
+    assert idle == []
