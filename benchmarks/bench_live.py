@@ -563,7 +563,7 @@ class Result:
     metrics: dict[str, float | None] = field(default_factory=dict)
 
 
-#: kvaware's own histograms read after a run: column key -> metric family (means in ms).
+#: kvaware's own histograms read before and after a run: column key -> metric family (means in ms).
 GATEWAY_MEANS = {
     "gw_overhead_ms": "kvaware_gateway_overhead_seconds",
     "sched_ms": "kvaware_schedule_latency_seconds",
@@ -571,23 +571,30 @@ GATEWAY_MEANS = {
 }
 
 
-def gateway_means(port: int) -> dict[str, float | None]:
-    """Means (ms) of kvaware's arrival-to-forwarded, scheduling and tokenization histograms
-    over the run (the router is fresh for each run; the Rust peers have no equivalent)."""
-    out: dict[str, float | None] = dict.fromkeys(GATEWAY_MEANS)
+def gateway_sums(port: int) -> dict[str, float]:
+    """The ``_sum`` and ``_count`` samples of kvaware's histograms in `GATEWAY_MEANS` now
+    (empty when its metrics page cannot be read)."""
     try:
         status, body = http_get(f"http://127.0.0.1:{port}/metrics")
     except OSError:
-        return out
+        return {}
     if status != 200:
-        return out
-    sums = sample_sums(
+        return {}
+    return sample_sums(
         body, [f + suffix for f in GATEWAY_MEANS.values() for suffix in ("_sum", "_count")]
     )
+
+
+def gateway_means(after: dict[str, float], before: dict[str, float]) -> dict[str, float | None]:
+    """Means (ms) of kvaware's arrival-to-forwarded, scheduling and tokenization histograms
+    between two `gateway_sums` readings: over the load alone (the tokenizers' loading and
+    warm-up before the gateway listens are not in them; the Rust peers have no equivalent)."""
+    out: dict[str, float | None] = dict.fromkeys(GATEWAY_MEANS)
     for key, family in GATEWAY_MEANS.items():
-        n = sums.get(family + "_count", 0.0)
-        if n:
-            out[key] = 1000 * sums.get(family + "_sum", 0.0) / n
+        n = after.get(family + "_count", 0.0) - before.get(family + "_count", 0.0)
+        if n > 0:
+            total = after.get(family + "_sum", 0.0) - before.get(family + "_sum", 0.0)
+            out[key] = 1000 * total / n
     return out
 
 
@@ -624,6 +631,7 @@ def run_one(
             time.sleep(args.idle)
             res.metrics["idle_ms_s"] = 1000 * (cpu_seconds(router.pid) - idle0) / args.idle
         before = pods.counters()
+        hist0 = gateway_sums(port) if spec.kind == "kvaware" else {}
         cpu0 = cpu_seconds(router.pid)
         out = run_dir / "loadgen"
         cfg = loadgen_config(
@@ -683,7 +691,7 @@ def run_one(
         m["cpu_ms_req"] = 1000 * cpu / reqs if reqs else None
         m["wall_s"] = wall
         if spec.kind == "kvaware":
-            m.update(gateway_means(port))
+            m.update(gateway_means(gateway_sums(port), hist0))
         log.flush()
         text = (run_dir / "router.log").read_text(errors="replace")
         m["router_errors"] = sum(
