@@ -9,8 +9,8 @@ higher first) and flow (the ``x-llm-d-inference-fairness-id`` header, else the
 a time, while the saturation detector reports the pool below 1.0; it looks at the saturation
 again whenever what the detector reads changes (`FlowController.notify`: first tokens, request
 ends, scrapes, the pool), and at least every `IDLE_LOOK` while requests wait. As upstream: a
-full band is shed with 429, a wait beyond the request TTL with 429 (503 when the pool has no endpoint), an
-empty pool with 503.
+full band is shed with 429, a wait beyond the request TTL with 429 (503 when the pool has no
+endpoint), an empty pool with 503.
 
 The saturation detector, fairness and ordering policies are plugins (roles
 ``saturation-detector``, ``fairness-policy``, ``ordering-policy``); without them the defaults
@@ -31,7 +31,6 @@ import contextlib
 import itertools
 import logging
 import math
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -201,7 +200,6 @@ class FlowController:
         # NOTE: set by `notify` (from any thread) when what the detector reads changed.
         self._changed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
         # NOTE: the request whose turn was handed out last and is being scheduled now.
         self._admission: tuple[SchedulingRequest, asyncio.Future[None]] | None = None
         self.shed = 0  # requests turned away (capacity, TTL, empty pool)
@@ -314,7 +312,7 @@ class FlowController:
         if self._dispatcher is None or self._dispatcher.done():
             loop = asyncio.get_running_loop()
             if self._loop is not loop or self._changed is None:
-                self._loop, self._loop_thread = loop, threading.get_ident()
+                self._loop = loop
                 self._changed = asyncio.Event()
             self._dispatcher = loop.create_task(self._dispatch())
 
@@ -325,7 +323,11 @@ class FlowController:
         changed, loop = self._changed, self._loop
         if changed is None or loop is None or not self._bands:
             return
-        if threading.get_ident() == self._loop_thread:
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:  # another thread (a scraper's)
+            on_loop = False
+        if on_loop:
             changed.set()
         else:
             with contextlib.suppress(RuntimeError):  # the loop is closed

@@ -260,7 +260,8 @@ class MetricsScraper:
     round at once (``interval`` after the previous one at the soonest), and goes round every
     ``idle_interval`` seconds without any read, so metrics never go stale. A gateway
     scheduling at least one request per ``interval`` (or holding requests in flow control,
-    which looks every 10 ms) scrapes every ``interval``; one scheduling two requests a second
+    which looks again after every round, `on_round`) scrapes every ``interval``; one
+    scheduling two requests a second
     scrapes about twice a second instead of ten times, and an idle one once a second. The
     read that starts a round sees the metrics of the round before it (the round runs beside
     it, never in its way): they are at most the time since the previous read old, and the

@@ -66,7 +66,7 @@ class FleetConfig:
         if self.num_pods < 1:
             raise ConfigError("must be >= 1", "numPods")
         if self.event_delay_s < 0 or self.metrics_interval_s < 0 or self.idle_scrape_s <= 0:
-            raise ConfigError("delays and intervals must be >= 0")
+            raise ConfigError("delays and intervals must be >= 0 (the idle scrape period > 0)")
         if self.sample_interval_s <= 0:
             raise ConfigError("must be > 0", "sampleInterval")
         if not 0.0 <= self.event_loss < 1.0:
