@@ -13,18 +13,28 @@ prompt of about ``--tokens`` tokens, and times in one process (p50/p99 over ``--
 - ``score(messages) cold/warm``: a chat (the prompt as system message, a new question)
   rendered with the chat template, then scored, with an empty and a warm store.
 
-Run: ``python benchmarks/bench_tokenize.py [--tokens 8192] [--iters 200]``.
+Then growing conversations (``--sessions`` chats of ``--turns`` turns, each turn adding a user
+message and an answer of ``--turn-chars`` characters each, interleaved as a router sees them):
+the CPU time of tokenizing every turn's rendered chat (``time.process_time``, so the Rust
+tokenizer's threads count) with the store stitching a partial hit's tail, with the store
+re-tokenizing the whole text on a partial hit (the behaviour before stitching), and with no
+store; every complete result is checked against ``transformers``.
+
+Run: ``python benchmarks/bench_tokenize.py [--tokens 8192] [--iters 200]``;
+``--parts conversation`` runs the conversations alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kvaware_scorer import Indexer, IndexerConfig
 from kvaware_scorer.tokenization import builtin_corpus, install_local_tokenizer
@@ -67,7 +77,12 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--block-size", type=int, default=256, help="prefix store chunk (chars)")
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--parts", default="prompt,conversation", help="prompt, conversation")
+    ap.add_argument("--sessions", type=int, default=8, help="conversations")
+    ap.add_argument("--turns", type=int, default=16, help="turns per conversation")
+    ap.add_argument("--turn-chars", type=int, default=600, help="characters per message")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
 
     root = Path(tempfile.mkdtemp(prefix="bench-tok-"))
     corpus = builtin_corpus(seed=0, sentences=4000)
@@ -78,6 +93,15 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(root / MODEL))
+    if "prompt" in parts:
+        prompt_part(args, root, hf, build_s)
+    if "conversation" in parts:
+        conversation_part(args, root, hf)
+    return 0
+
+
+def prompt_part(args: argparse.Namespace, root: Path, hf: Any, build_s: float) -> None:
+    """One long prompt: cold, store hit, and whole score calls (the first table)."""
     rng = random.Random(1)
     lines: list[str] = []
     prompt = ""
@@ -180,7 +204,83 @@ def main() -> int:
     )
     warm.close()
     nostore.close()
-    return 0
+
+
+def conversation_part(args: argparse.Namespace, root: Path, hf: Any) -> None:
+    """Growing conversations: CPU of tokenizing every turn, stitched, re-tokenized, no store."""
+    rng = random.Random(2)
+    corpus = builtin_corpus(seed=3, sentences=6000)
+
+    def message() -> str:
+        out: list[str] = []
+        while sum(map(len, out)) < args.turn_chars:
+            out.append(rng.choice(corpus))
+        return " ".join(out)
+
+    system = message() * 4
+    chats: list[list[dict[str, str]]] = [
+        [{"role": "system", "content": system}] for _ in range(args.sessions)
+    ]
+    turns: list[list[dict[str, str]]] = []  # each request's messages, in arrival order
+    for _ in range(args.turns):
+        for chat in chats:
+            chat.append({"role": "user", "content": message()})
+            turns.append(list(chat))
+            chat.append({"role": "assistant", "content": message()})
+
+    def run(cache_size: int, stitch: bool) -> tuple[float, dict[str, int], int]:
+        indexer = Indexer(
+            IndexerConfig.from_dict(
+                {
+                    "tokenizersPoolConfig": {"local": {"autoDiscoveryDir": str(root)}},
+                    "prefixStoreConfig": {"blockSize": args.block_size, "cacheSize": cache_size},
+                }
+            )
+        )
+        svc = indexer.tokenization
+        svc.tokenize(MODEL, prompt="warm up the tokenizer")
+        tok = svc.registry.get(MODEL)
+        if tok.store_rules is not None and not stitch:
+            tok.store_rules = dataclasses.replace(tok.store_rules, stitch=False)
+        sources: dict[str, int] = {}
+        wrong = 0
+        t0 = time.process_time()
+        results = []
+        for msgs in turns:
+            r = svc.tokenize_request(MODEL, messages=msgs)
+            sources[r.source] = sources.get(r.source, 0) + 1
+            results.append(r)
+        spent = time.process_time() - t0
+        for msgs, r in zip(turns, results, strict=True):
+            text = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids = hf.encode(text, add_special_tokens=False)
+            n = len(r.token_ids)
+            if r.token_ids != ids[:n] or (r.complete and n != len(ids)):
+                wrong += 1
+        indexer.close()
+        return spent, sources, wrong
+
+    runs = {
+        "store, stitched tails": run(500_000, True),
+        "store, whole re-tokenize": run(500_000, False),
+        "no store": run(0, True),
+    }
+    chars = [
+        len(hf.apply_chat_template(m, tokenize=False, add_generation_prompt=True)) for m in turns
+    ]
+    print(
+        f"\nconversations: {args.sessions} x {args.turns} turns, rendered chats of "
+        f"{min(chars)}-{max(chars)} chars ({sum(chars) / len(chars):.0f} mean)"
+    )
+    base = runs["no store"][0]
+    print(f"{'path':<26} {'CPU ms':>9} {'ms/turn':>8} {'vs no store':>12}  sources")
+    for name, (spent, sources, wrong) in runs.items():
+        mix = ", ".join(f"{k} {v}" for k, v in sorted(sources.items()))
+        bad = f"  ({wrong} WRONG)" if wrong else ""
+        print(
+            f"{name:<26} {spent * 1e3:>9.1f} {spent * 1e3 / len(turns):>8.3f} "
+            f"{base / spent:>11.1f}x  {mix}{bad}"
+        )
 
 
 if __name__ == "__main__":

@@ -331,7 +331,9 @@ class TokenizersPoolConfig(ConfigModel):
     Attributes:
         workers_count: Threads that tokenize (and score) off the event loop.
         min_prefix_overlap_ratio: A cached text prefix covering at least this fraction of a
-            prompt's characters is used instead of tokenizing (1.0 never uses the store).
+            prompt's characters is used instead of tokenizing (the result is then a prefix of
+            the tokens); below it, the text after the cached tokens is tokenized and appended
+            where the tokenizer allows (1.0: every result is the whole tokenization).
         max_cached_tokenizers: Loaded tokenizers kept (LRU).
         local: Local sources: explicit map and auto-discovery directory.
         hf: The Hugging Face hub as a source.

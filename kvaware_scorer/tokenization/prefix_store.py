@@ -28,6 +28,15 @@ it before that limit (so the whitespace run after it, which the regex reads to i
 known to be over). Words come from the fast tokenizer's word ids and untrimmed character
 offsets. The property tests in ``tests/tokenization`` check the guarantee on many generated
 texts (unicode, whitespace runs, special tokens, repeated prefixes).
+
+The cached tokens end at a pre-token boundary of the fresh tokenization (their last word's
+end, the *cut*). For tokenizers that treat the start of a string like any other position (no
+prefix space or ``Metaspace`` prepend, no ``Prepend``/``Strip`` normalizer, no split regex
+that looks behind or anchors at the start; `BoundaryRules.stitch`), tokenizing only
+``text[cut:]`` gives the fresh tokenization's remaining tokens, so a partial hit costs only
+the new text: the cached tokens followed by the tail's are the whole tokenization
+(*stitching*), and the tail's chunks are learned from them (`safe_token_counts` with
+``start``/``floor``, `PrefixStore.insert` with ``start``/``base``).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ __all__ = [
     "PrefixHit",
     "PrefixStore",
     "PrefixStoreStats",
+    "StitchedWords",
     "WordSpans",
     "Words",
     "safe_token_counts",
@@ -119,11 +129,14 @@ class BoundaryRules:
             after a word to decide where the word ends (contractions need 3).
         added_token_margin: Longest added token in characters, plus one; 0 when there is none.
         normalizer: Whether the tokenizer normalizes (composition can cross the boundary).
+        stitch: Whether tokenizing from a cut (a safe word's end) on gives the same tokens
+            as the fresh tokenization from there (the start of a string is not special).
     """
 
     lookahead: int = 4
     added_token_margin: int = 0
     normalizer: bool = False
+    stitch: bool = False
 
     def limit(self, text: str, boundary: int, scans: _Scans | None = None) -> int:
         """Position before which a word's first following non-space char must lie (+lookahead).
@@ -138,6 +151,18 @@ class BoundaryRules:
         if self.normalizer and x > 0:
             x = sc.composable.back(x) - 1  # the starter before the marks may compose too
         return x - self.lookahead
+
+    def stitches_at(self, text: str, cut: int) -> bool:
+        """Whether ``text[cut:]`` tokenized on its own gives the fresh tokenization's tokens
+        after a safe cut (the end of a cached word).
+
+        NOTE: a normalizer's composition is the one thing a word's end offset hides: "e" and a
+        combining acute compose into one character whose token ends after the "e" (the mark
+        belongs to no token), so a tail starting with a composable character is not cut there.
+        """
+        if not self.stitch:
+            return False
+        return not (self.normalizer and cut < len(text) and _composable(text[cut]))
 
     def safe_position(self, text: str, boundary: int, scans: _Scans | None = None) -> int:
         """Words ending at or before this position are safe for `boundary` (-1: none is)."""
@@ -270,8 +295,38 @@ class EncodingWords:
         return (first, self._end(first - 1)) if first else (0, 0)
 
 
+class StitchedWords:
+    """`WordSpans` of a text whose leading `count` tokens (ending at character `cut`) came
+    from the store and whose rest is the tokenization `tail` of ``text[cut:]``.
+
+    Positions before `cut` answer the cached level: a chunk boundary past the cached chunks
+    has at least those tokens safe (safety only grows with the boundary), which is all
+    `safe_token_counts` asks of them when started there.
+    """
+
+    __slots__ = ("count", "cut", "tail")
+
+    def __init__(self, count: int, cut: int, tail: WordSpans) -> None:
+        self.count = count
+        self.cut = cut
+        self.tail = tail
+
+    def tokens_before(self, pos: int) -> tuple[int, int]:
+        """See `WordSpans.tokens_before`."""
+        if pos >= self.cut:
+            c, e = self.tail.tokens_before(pos - self.cut)
+            if c:
+                return self.count + c, self.cut + e
+        return self.count, self.cut
+
+
 def safe_token_counts(
-    text: str, words: WordSpans, block_size: int, rules: BoundaryRules
+    text: str,
+    words: WordSpans,
+    block_size: int,
+    rules: BoundaryRules,
+    start: int = 0,
+    floor: tuple[int, int] = (0, 0),
 ) -> tuple[list[int], list[int]]:
     """For every full chunk boundary of `text`: how many leading tokens are safe to cache.
 
@@ -280,17 +335,19 @@ def safe_token_counts(
         words: Its tokenization seen by word.
         block_size: Chunk length in characters.
         rules: The tokenizer's boundary rules.
+        start: Chunks already known (cached): boundaries start at ``(start + 1) * block_size``.
+        floor: ``(count, cut)`` of chunk ``start - 1`` (the cached level) when `start` > 0.
 
     Returns:
-        ``(counts, cuts)``: per boundary ``k * block_size`` (k = 1..), the number of safe
-        leading tokens and the character position their last word ends at. Both are
+        ``(counts, cuts)``: per boundary ``k * block_size`` (k = start + 1, ...), the number
+        of safe leading tokens and the character position their last word ends at. Both are
         non-decreasing and depend only on ``text[:k * block_size]``.
     """
     scans = _Scans(text)
     counts: list[int] = []
     cuts: list[int] = []
-    count = cut = 0
-    for b in range(block_size, len(text) + 1, block_size):
+    count, cut = floor
+    for b in range((start + 1) * block_size, len(text) + 1, block_size):
         pos = rules.safe_position(text, b, scans)
         if pos >= 0:
             c, e = words.tokens_before(pos)
@@ -401,23 +458,31 @@ class PrefixStore:
         counts: Sequence[int],
         cuts: Sequence[int],
         token_ids: Sequence[int],
+        start: int = 0,
+        base: int = 0,
     ) -> int:
         """Record the safe tokens of every chunk of a text.
 
         Args:
             keys: `chunk_keys` of the text.
-            counts: Safe leading token counts per chunk (from `safe_token_counts`).
+            counts: Safe leading token counts per chunk from chunk `start` on (from
+                `safe_token_counts` with the same `start`).
             cuts: Character reach of those tokens per chunk.
             token_ids: The text's tokens (without post-processor special tokens).
+            start: Chunks before it are only refreshed (they were cached when looked up).
+            base: Safe token count of chunk ``start - 1`` (0 when `start` is 0).
 
         Returns:
             Entries written (existing ones are only refreshed).
 
         Raises:
-            ValueError: `keys`, `counts` and `cuts` differ in length, or a negative token id.
+            ValueError: `counts` and `cuts` do not cover ``keys[start:]``, or a negative
+                token id.
         """
-        if len(keys) != len(counts) or len(keys) != len(cuts):
-            raise ValueError("keys, counts and cuts must have the same length")
+        if not 0 <= start <= len(keys):
+            raise ValueError("start must lie within the keys")
+        if len(keys) - start != len(counts) or len(counts) != len(cuts):
+            raise ValueError("counts and cuts must cover the keys from start on")
         if token_ids and min(token_ids) < 0:
             raise ValueError("token ids must be non-negative")
         written = 0
@@ -428,9 +493,10 @@ class PrefixStore:
                 key = keys[k]
                 if key in entries:
                     entries.move_to_end(key)
-                else:
-                    first = counts[k - 1] if k else 0
-                    entries[key] = (cuts[k], self._interned(token_ids[first : counts[k]]))
+                elif k >= start:
+                    i = k - start
+                    first = counts[i - 1] if i else base
+                    entries[key] = (cuts[i], self._interned(token_ids[first : counts[i]]))
                     written += 1
             overflow = len(entries) - self.capacity
             for _ in range(max(0, overflow)):

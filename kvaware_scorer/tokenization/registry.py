@@ -175,6 +175,63 @@ def _store_support(data: Mapping[str, Any], lookahead: int) -> str | None:
     return None
 
 
+#: Normalizers that act on each character (or a bounded, boundary-safe run) the same wherever
+#: the string starts: a text tokenized from a cut on is normalized as it is inside the text.
+_STITCH_NORMALIZERS = frozenset(
+    {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents", "Replace", "BertNormalizer"}
+)
+#: Pre-tokenizers that split a string from its start as they split it from any word boundary.
+_STITCH_PRE_TOKENIZERS = frozenset(
+    {
+        "ByteLevel",
+        "Split",
+        "Metaspace",
+        "Whitespace",
+        "WhitespaceSplit",
+        "Punctuation",
+        "Digits",
+        "BertPreTokenizer",
+        "UnicodeScripts",
+        "CharDelimiterSplit",
+    }
+)
+#: Regex constructs that read before the match position or anchor at the string's start.
+_LOOKS_BACK = re.compile(r"\\[bBAGK]|\(\?<[=!]|(?<![\[\\])\^")
+
+
+def _stitch_blocker(data: Mapping[str, Any]) -> str | None:
+    """Why a tail tokenized on its own could differ from the fresh tokenization's tail
+    (None = it cannot): the start of a string must not be special."""
+    for norm in _component_types(data.get("normalizer"), "normalizers"):
+        kind = norm.get("type")
+        if kind not in _STITCH_NORMALIZERS:
+            return f"normalizer {kind} treats the start of a string differently"
+        if kind == "Replace" and len((norm.get("pattern") or {}).get("String", "")) != 1:
+            return "a Replace normalizer of several characters may span a cut"
+    for pre in _component_types(data.get("pre_tokenizer"), "pretokenizers"):
+        kind = pre.get("type")
+        if kind not in _STITCH_PRE_TOKENIZERS:
+            return f"pre-tokenizer {kind} is not known to split a string like its tail"
+        if kind == "ByteLevel" and pre.get("add_prefix_space"):
+            return "ByteLevel adds a prefix space to a string"
+        if kind == "Metaspace":
+            scheme = pre.get("prepend_scheme")
+            if scheme is None:
+                scheme = "always" if pre.get("add_prefix_space", True) else "never"
+            if scheme != "never":
+                return "Metaspace prepends to a string"
+        if kind == "Split":
+            regex = (pre.get("pattern") or {}).get("Regex")
+            if regex is not None and _LOOKS_BACK.search(regex):
+                return "a split regex looks behind or anchors at the start"
+    for tok in data.get("added_tokens") or ():
+        if tok.get("single_word"):
+            return "a single-word added token reads the character before it"
+        if tok.get("rstrip"):
+            return "an added token swallows the whitespace after it"
+    return None
+
+
 def _split_special(
     with_special: Sequence[int], plain: Sequence[int]
 ) -> tuple[list[int], list[int]] | None:
@@ -206,6 +263,8 @@ class HFTokenizer:
         self.special_prefix: list[int] | None = None
         self.special_suffix: list[int] = []
         self.store_reason = ""
+        #: Why a partial store hit tokenizes the whole text, not only the rest ("" = it doesn't).
+        self.stitch_reason = "the prefix store is not used"
         self._lock = threading.Lock()
         self._raw: Any = None
         self._full: Any = None
@@ -250,10 +309,12 @@ class HFTokenizer:
         for tok in data.get("added_tokens") or ():
             content = str(tok.get("content", ""))
             margin = max(margin, len(unicodedata.normalize("NFKD", content)) + 1)
+        self.stitch_reason = _stitch_blocker(data) or ""
         self.store_rules = BoundaryRules(
             lookahead=lookahead,
             added_token_margin=margin,
             normalizer=data.get("normalizer") is not None,
+            stitch=not self.stitch_reason,
         )
 
     @staticmethod

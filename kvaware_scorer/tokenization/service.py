@@ -14,8 +14,10 @@ rules, mirrored here:
 
 Text (the prompt, or the rendered chat) goes through the `PrefixStore` first: when a cached
 prefix covers at least ``minPrefixOverlapRatio`` of its characters the cached leading tokens
-are returned without tokenizing (a prefix of the full tokenization, see `TokenizationResult`);
-otherwise the text is tokenized in full and the store learns its chunks.
+are returned without tokenizing (a prefix of the full tokenization, see `TokenizationResult`).
+Otherwise, for tokenizers that allow it (`BoundaryRules.stitch`), only the text after the cached
+tokens is tokenized and appended to them (``stitched``: the whole tokenization, at the cost of
+the new text), else the text is tokenized in full; either way the store learns the new chunks.
 
 A chat template given by the request itself is rendered in the `RenderSandbox` (separate,
 killable processes within ``renderTimeout`` / ``renderMaxChars``), never in the calling thread;
@@ -42,7 +44,12 @@ import msgspec
 from kvaware_scorer.config import PrefixStoreConfig, TokenizersPoolConfig
 from kvaware_scorer.metrics import Metrics
 from kvaware_scorer.tokenization.chat import CHAT_OPTIONS
-from kvaware_scorer.tokenization.prefix_store import PrefixStore, WordSpans, safe_token_counts
+from kvaware_scorer.tokenization.prefix_store import (
+    PrefixStore,
+    StitchedWords,
+    WordSpans,
+    safe_token_counts,
+)
 from kvaware_scorer.tokenization.registry import TokenizerBackend, TokenizerRegistry
 from kvaware_scorer.tokenization.sandbox import RenderBudgetError, RenderSandbox
 
@@ -54,7 +61,7 @@ logger = logging.getLogger(__name__)
 MAX_FAILED_RENDERS = 256
 
 #: Where a result's tokens came from.
-TokenSource = Literal["given", "prefix_store", "tokenizer"]
+TokenSource = Literal["given", "prefix_store", "stitched", "tokenizer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +71,8 @@ class TokenizationResult:
     Attributes:
         token_ids: The tokens. From the prefix store they are the *leading* tokens of the full
             tokenization (covering `covered_chars` of `chars`), otherwise all of them.
-        source: ``given``, ``prefix_store`` or ``tokenizer``.
+        source: ``given``, ``prefix_store``, ``stitched`` (cached leading tokens, the rest
+            tokenized from where they end) or ``tokenizer``.
         complete: Whether `token_ids` is the whole tokenization.
         chars: Characters of the tokenized text (the rendered chat for messages).
         covered_chars: Characters the tokens reach (== `chars` when complete).
@@ -356,9 +364,23 @@ class TokenizationService:
             ids = prefix + hit.tokens if prefix else hit.tokens
             return TokenizationResult(ids, "prefix_store", False, n, hit.covered_chars, text)
         self._count_lookup("partial" if hit.chunks else "miss")
-        plain, words = self._encode_words(tok, text)
-        counts, cuts = safe_token_counts(text, words, store.block_size, rules)
-        store.insert(keys, counts, cuts, plain)
+        source: TokenSource = "tokenizer"
+        if hit.tokens and rules.stitches_at(text, hit.covered_chars):
+            # NOTE: the cached tokens end at a pre-token boundary of the fresh tokenization;
+            # from there on the tokenizer cuts the text the same way whether it starts there
+            # or not, so only the new text is tokenized (a growing conversation's next turn
+            # costs its own text, not the whole context again).
+            cut, count = hit.covered_chars, len(hit.tokens)
+            tail, tail_words = self._encode_words(tok, text[cut:])
+            plain = hit.tokens + tail
+            words: WordSpans = StitchedWords(count, cut, tail_words)
+            start, floor = hit.chunks, (count, cut)
+            source = "stitched"
+        else:
+            plain, words = self._encode_words(tok, text)
+            start, floor = 0, (0, 0)
+        counts, cuts = safe_token_counts(text, words, store.block_size, rules, start, floor)
+        store.insert(keys, counts, cuts, plain, start, floor[0])
         if self.metrics is not None:
             self.metrics.prefix_store_entries.set(len(store))
         if add_special_tokens:
@@ -366,7 +388,7 @@ class TokenizationService:
             ids = tok.special_prefix + plain + tok.special_suffix
         else:
             ids = plain
-        return TokenizationResult(ids, "tokenizer", True, n, n, text)
+        return TokenizationResult(ids, source, True, n, n, text)
 
     @staticmethod
     def _encode_text(tok: TokenizerBackend, text: str, add_special_tokens: bool) -> list[int]:

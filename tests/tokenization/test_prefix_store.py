@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, example, given, note, settings
 from hypothesis import strategies as st
 
 from kvaware_scorer.config import PrefixStoreConfig, TokenizersPoolConfig
@@ -102,6 +102,24 @@ def services(tokenizer_root: Path) -> Iterator[dict[int, TokenizationService]]:
         svc.close()
 
 
+@pytest.fixture(scope="module")
+def stitching(tokenizer_root: Path) -> Iterator[dict[int, TokenizationService]]:
+    """One service per chunk length that never answers with a cached prefix alone (ratio 1):
+    every partial hit tokenizes the rest and stitches it to the cached tokens."""
+    made = {
+        bs: TokenizationService(
+            TokenizersPoolConfig.model_validate(
+                {"minPrefixOverlapRatio": 1.0, "local": {"autoDiscoveryDir": str(tokenizer_root)}}
+            ),
+            PrefixStoreConfig(block_size=bs),
+        )
+        for bs in BLOCK_SIZES
+    }
+    yield made
+    for svc in made.values():
+        svc.close()
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     a=texts,
@@ -149,6 +167,89 @@ def test_store_tokens_lead_a_fresh_tokenization(
             break
 
 
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    a=texts,
+    more=st.lists(st.tuples(st.integers(0, 400), texts), min_size=1, max_size=3),
+    bs=st.sampled_from(BLOCK_SIZES),
+    model=st.sampled_from(MODELS),
+    add_special=st.booleans(),
+)
+# NFC composes "e" and a combining acute into one character whose tokens end after the "e":
+# the cut must not leave the mark to start the tail.
+@example(
+    a="e\u0301<|im_start|><tool_call>", more=[(24, "a")], bs=8, model=LLAMA_MODEL, add_special=False
+)
+def test_stitched_tails_equal_a_fresh_tokenization(
+    stitching: dict[int, TokenizationService],
+    hf_tokenizers: dict[str, Any],
+    a: str,
+    more: list[tuple[int, str]],
+    bs: int,
+    model: str,
+    add_special: bool,
+) -> None:
+    """Cached tokens plus the rest tokenized on its own are exactly the fresh tokenization,
+    and the chunks learned from a stitched result are as safe as those of a full one: each
+    text keeps some of the previous one (cut anywhere, even inside a word, a whitespace run
+    or a special token) and adds more, so later texts hit chunks learned from stitches."""
+    svc = stitching[bs]
+    svc.store.clear()
+    hf = hf_tokenizers[model]
+    text = a
+    stitched = 0
+    for step, (cut, suffix) in enumerate([(len(a), ""), *more]):
+        text = text[: min(cut, len(text))] + suffix
+        note(f"step {step}: {text!r}")
+        got = svc.tokenize_request(model, prompt=text, add_special_tokens=add_special)
+        assert got.complete and got.source in ("stitched", "tokenizer")
+        assert got.token_ids == hf.encode(text, add_special_tokens=add_special)
+        stitched += got.source == "stitched"
+    # Every cached level still leads the fresh tokenization of the last text.
+    tok = svc.registry.get(model)
+    plain = hf.encode(text, add_special_tokens=False)
+    keys = svc.store.chunk_keys(tok.namespace, text)
+    hit = svc.store.lookup(keys)
+    assert hit.tokens == plain[: len(hit.tokens)]
+
+
+def test_a_growing_conversation_tokenizes_only_its_new_text(
+    make_service: Callable[..., TokenizationService], hf_tokenizers: dict[str, Any]
+) -> None:
+    """Each turn below the ratio tokenizes the text after the cached tokens, not the whole
+    chat: the tokenizer sees a few turns' worth of characters, and every result is exact."""
+    for model in MODELS:
+        svc = make_service(ratio=0.9, block_size=64)
+        hf = hf_tokenizers[model]
+        tok = svc.registry.get(model)
+        seen: list[int] = []
+        encode_words = tok.encode_words
+
+        def counting(text: str, _inner: Any = encode_words, _seen: list[int] = seen) -> Any:
+            _seen.append(len(text))
+            return _inner(text)
+
+        tok.encode_words = counting  # type: ignore[method-assign]
+        chat = [{"role": "system", "content": _long_text(300, "sys")}]
+        sources = []
+        for turn in range(12):
+            chat.append({"role": "user", "content": _long_text(40, f"q{turn}")})
+            got = svc.tokenize_request(model, messages=chat)
+            text = hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            fresh = hf.encode(text, add_special_tokens=False)
+            assert got.token_ids == fresh[: len(got.token_ids)]
+            assert not got.complete or got.token_ids == fresh
+            sources.append(got.source)
+            chat.append({"role": "assistant", "content": _long_text(40, f"a{turn}")})
+        assert sources[0] == "tokenizer" and "tokenizer" not in sources[1:]
+        assert sources.count("stitched") >= 4 and "prefix_store" in sources
+        # The first text in full, then only tails: far less than a whole chat per stitch.
+        assert seen[0] == len(
+            hf.apply_chat_template(chat[:2], tokenize=False, add_generation_prompt=True)
+        )
+        assert max(seen[1:]) < seen[0] < len(text)
+
+
 @settings(max_examples=150, deadline=None)
 @given(a=texts, suffix=texts, bs=st.sampled_from(BLOCK_SIZES), model=st.sampled_from(MODELS))
 def test_safe_counts_depend_only_on_the_prefix(
@@ -183,7 +284,7 @@ def test_ratio_decides_between_store_and_tokenizer(
     svc.tokenize(CHATML_MODEL, prompt=base)
     half = base[: len(base) // 2] + _long_text(200, "omega")
     low = svc.tokenize_request(CHATML_MODEL, prompt=half)
-    assert low.source == "tokenizer" and low.complete
+    assert low.source == "stitched" and low.complete
     assert low.token_ids == hf_tokenizers[CHATML_MODEL].encode(half)
     most = base[: int(len(base) * 0.95)] + " and a new question?"
     high = svc.tokenize_request(CHATML_MODEL, prompt=most)
@@ -198,17 +299,24 @@ def test_ratio_decides_between_store_and_tokenizer(
     assert metrics.prefix_store_entries._value.get() == len(svc.store)
     hist = metrics.tokenization_latency
     assert hist.labels("prefix_store")._sum.get() > 0 and hist.labels("tokenizer")._sum.get() > 0
+    assert hist.labels("stitched")._sum.get() > 0
 
 
-def test_ratio_one_and_zero_capacity_never_use_the_store(
-    make_service: Callable[..., TokenizationService],
+def test_ratio_one_always_completes_and_zero_capacity_never_uses_the_store(
+    make_service: Callable[..., TokenizationService], hf_tokenizers: dict[str, Any]
 ) -> None:
-    """With ratio 1.0 or cacheSize 0 every request is tokenized in full."""
+    """With ratio 1.0 every result is the whole tokenization (a repeat stitches the uncached
+    end to the cached tokens); with cacheSize 0 every request is tokenized in full."""
     text = _long_text(300, "beta")
-    for svc in (make_service(ratio=1.0), make_service(cache_size=0)):
-        for _ in range(2):
-            assert svc.tokenize_request(CHATML_MODEL, prompt=text).source == "tokenizer"
-    assert len(svc.store) == 0
+    fresh = hf_tokenizers[CHATML_MODEL].encode(text)
+    whole = make_service(ratio=1.0)
+    got = [whole.tokenize_request(CHATML_MODEL, prompt=text) for _ in range(2)]
+    assert [g.source for g in got] == ["tokenizer", "stitched"]
+    assert all(g.complete and g.token_ids == fresh for g in got)
+    none = make_service(cache_size=0)
+    for _ in range(2):
+        assert none.tokenize_request(CHATML_MODEL, prompt=text).source == "tokenizer"
+    assert len(none.store) == 0
 
 
 def test_completion_hit_keeps_the_bos(
@@ -273,10 +381,92 @@ def test_lru_evicts_chains_from_their_tail(tokenizer_root: Path) -> None:
 
 
 def test_store_insert_validates_lengths() -> None:
-    """insert refuses keys, counts and cuts of different lengths."""
+    """insert refuses counts and cuts that do not cover the keys from `start` on."""
     store = PrefixStore(PrefixStoreConfig(block_size=8))
-    with pytest.raises(ValueError, match="same length"):
+    with pytest.raises(ValueError, match="from start on"):
         store.insert([1, 2], [1], [1, 2], [5])
+    with pytest.raises(ValueError, match="from start on"):
+        store.insert([1, 2], [1, 2], [1, 2], [5, 6], start=1)
+    with pytest.raises(ValueError, match="within the keys"):
+        store.insert([1, 2], [], [], [5], start=3)
+    assert store.insert([1, 2], [1, 2], [3, 6], [5, 6]) == 2
+    # Chunks before `start` are only refreshed; the first new one starts at `base`.
+    assert store.insert([1, 2, 3], [4], [9], [5, 6, 7, 8], start=2, base=2) == 1
+    assert store.lookup([1, 2, 3]).tokens == [5, 6, 7, 8]
+    assert store.lookup([1, 2, 3]).covered_chars == 9
+
+
+def test_stitching_needs_a_tokenizer_that_splits_a_string_like_its_tail() -> None:
+    """A prefix space, a Metaspace prepend, a Prepend normalizer, a look-behind split regex or
+    a whitespace-swallowing added token each disable stitching, with a reason; the store
+    itself stays usable, and a partial hit then tokenizes the whole text."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate("abc \u2581")}
+
+    def made(pre: Any, norm: Any = None, added: Any = None) -> HFTokenizer:
+        t = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        t.pre_tokenizer = pre
+        if norm is not None:
+            t.normalizer = norm
+        if added is not None:
+            t.add_special_tokens([added])
+        return _wrapped(t)
+
+    blocked = {
+        "prefix space": made(pre_tokenizers.ByteLevel(add_prefix_space=True)),
+        "prepends": made(pre_tokenizers.Metaspace(prepend_scheme="first")),
+        "Prepend": made(pre_tokenizers.Whitespace(), normalizers.Prepend("\u2581")),
+        "looks behind": made(pre_tokenizers.Split(Regex(r"(?<=a)b"), "isolated")),
+        "anchors": made(pre_tokenizers.Split(Regex(r"^ab|c"), "isolated")),
+        "swallows": made(pre_tokenizers.Whitespace(), added=AddedToken("<x>", rstrip=True)),
+        "several characters": made(pre_tokenizers.Whitespace(), normalizers.Replace("ab", "c")),
+    }
+    for words, tok in blocked.items():
+        assert words in tok.stitch_reason, (words, tok.stitch_reason)
+        assert tok.store_rules is not None and not tok.store_rules.stitch
+    fine = [
+        made(pre_tokenizers.ByteLevel(add_prefix_space=False)),
+        made(pre_tokenizers.Metaspace(prepend_scheme="never")),
+        made(pre_tokenizers.Split(Regex(r"[^\s]+|\s+(?!\S)"), "isolated")),
+        made(pre_tokenizers.Whitespace(), normalizers.NFC()),
+    ]
+    for tok in fine:
+        assert tok.stitch_reason == "" and tok.store_rules is not None and tok.store_rules.stitch
+
+
+def test_a_prefix_space_tokenizer_is_not_stitched(tmp_path: Path) -> None:
+    """With a prefix space added at a string's start, the tail on its own would tokenize
+    differently: a partial hit is tokenized in full, and the result is exact."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.train_from_iterator(
+        [_long_text(200, "zeta")],
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    svc = TokenizationService(
+        TokenizersPoolConfig.model_validate(
+            {
+                "minPrefixOverlapRatio": 1.0,
+                "local": {"modelTokenizerMap": {"m": str(tmp_path / "tokenizer.json")}},
+            }
+        ),
+        PrefixStoreConfig(block_size=16),
+    )
+    text = _long_text(100, "zeta")
+    first = svc.tokenize_request("m", prompt=text)
+    again = svc.tokenize_request("m", prompt=text + " more text")
+    assert first.source == again.source == "tokenizer"
+    assert again.token_ids == tok.encode(text + " more text").ids
+    # What stitching would give at the word end before the final ".": the tail alone gets a
+    # prefix space it does not have in the text.
+    cut = len(text) - 1
+    naive = tok.encode(text[:cut]).ids + tok.encode(text[cut:]).ids
+    assert naive != tok.encode(text).ids
+    svc.close()
 
 
 def test_words_group_tokens_by_word_id() -> None:
@@ -331,7 +521,9 @@ def test_tokenizers_without_a_safe_boundary_skip_the_store() -> None:
     assert "does not split" in reasons["one"].store_reason
     assert all(t.store_rules is None for t in reasons.values())
     good = _wrapped(ok)
-    assert good.store_rules == BoundaryRules(lookahead=4, added_token_margin=0, normalizer=False)
+    assert good.store_rules == BoundaryRules(
+        lookahead=4, added_token_margin=0, normalizer=False, stitch=True
+    )
     assert good.special_prefix == [] and good.encode("ab c", True) == [0, 1, 2]
 
 
