@@ -684,6 +684,10 @@ def run_one(
         # Per pod: a router that packs sessions unevenly lets the lightly loaded pods keep
         # their histories (their hit rate rises) while the busy ones thrash.
         pod_hits = [d["cached"] / d["prompt"] for d in deltas if d["prompt"]]
+        m["pods"] = [
+            {"prompt": d["prompt"], "cached": d["cached"], "generated": d["generated"]}
+            for d in deltas
+        ]
         m["hit_min"] = min(pod_hits) if pod_hits else None
         m["hit_max"] = max(pod_hits) if pod_hits else None
         m["cpu_s"] = cpu
