@@ -180,21 +180,9 @@ def _store_support(data: Mapping[str, Any], lookahead: int) -> str | None:
 _STITCH_NORMALIZERS = frozenset(
     {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "StripAccents", "Replace", "BertNormalizer"}
 )
-#: Pre-tokenizers that split a string from its start as they split it from any word boundary.
-_STITCH_PRE_TOKENIZERS = frozenset(
-    {
-        "ByteLevel",
-        "Split",
-        "Metaspace",
-        "Whitespace",
-        "WhitespaceSplit",
-        "Punctuation",
-        "Digits",
-        "BertPreTokenizer",
-        "UnicodeScripts",
-        "CharDelimiterSplit",
-    }
-)
+#: Pre-tokenizers that split a string from its start as they split it from any word boundary
+#: (FixedLength's grid is not known to restart at a word boundary).
+_STITCH_PRE_TOKENIZERS = _LOCAL_PRE_TOKENIZERS - {"FixedLength"}
 #: Regex constructs that read before the match position or anchor at the string's start.
 _LOOKS_BACK = re.compile(r"\\[bBAGK]|\(\?<[=!]|(?<![\[\\])\^")
 

@@ -85,18 +85,22 @@ texts = st.lists(
 BLOCK_SIZES = (8, 13, 32)
 
 
-@pytest.fixture(scope="module")
-def services(tokenizer_root: Path) -> Iterator[dict[int, TokenizationService]]:
-    """One service per chunk length, using the store for any cached prefix (ratio 0)."""
-    made = {
+def _services(root: Path, ratio: float) -> dict[int, TokenizationService]:
+    return {
         bs: TokenizationService(
             TokenizersPoolConfig.model_validate(
-                {"minPrefixOverlapRatio": 0.0, "local": {"autoDiscoveryDir": str(tokenizer_root)}}
+                {"minPrefixOverlapRatio": ratio, "local": {"autoDiscoveryDir": str(root)}}
             ),
             PrefixStoreConfig(block_size=bs),
         )
         for bs in BLOCK_SIZES
     }
+
+
+@pytest.fixture(scope="module")
+def services(tokenizer_root: Path) -> Iterator[dict[int, TokenizationService]]:
+    """One service per chunk length, using the store for any cached prefix (ratio 0)."""
+    made = _services(tokenizer_root, 0.0)
     yield made
     for svc in made.values():
         svc.close()
@@ -106,15 +110,7 @@ def services(tokenizer_root: Path) -> Iterator[dict[int, TokenizationService]]:
 def stitching(tokenizer_root: Path) -> Iterator[dict[int, TokenizationService]]:
     """One service per chunk length that never answers with a cached prefix alone (ratio 1):
     every partial hit tokenizes the rest and stitches it to the cached tokens."""
-    made = {
-        bs: TokenizationService(
-            TokenizersPoolConfig.model_validate(
-                {"minPrefixOverlapRatio": 1.0, "local": {"autoDiscoveryDir": str(tokenizer_root)}}
-            ),
-            PrefixStoreConfig(block_size=bs),
-        )
-        for bs in BLOCK_SIZES
-    }
+    made = _services(tokenizer_root, 1.0)
     yield made
     for svc in made.values():
         svc.close()
