@@ -429,8 +429,7 @@ class Scheduler:
             except Exception:
                 logger.exception("post-response hook of plugin %s failed", name)
                 self.sched_metrics.plugin_errors.labels(name, "post_response").inc()
-        if self.flow is not None:
-            self.flow.notify()  # a request left its pod: flow control looks again
+        self.metrics_updated()  # a request left its pod: flow control looks again
 
     def first_token(self, request: SchedulingRequest, result: SchedulingResult) -> None:
         """Tell the plugins that listen for it (``first_token(now, request, result)``) that the
@@ -447,12 +446,12 @@ class Scheduler:
                 self.sched_metrics.plugin_errors.labels(
                     str(getattr(obj, "name", type(obj).__name__)), "first_token"
                 ).inc()
-        if self.flow is not None:
-            self.flow.notify()  # a prefill ended: flow control looks again
+        self.metrics_updated()  # a prefill ended: flow control looks again
 
     def metrics_updated(self) -> None:
-        """Endpoint metrics were just scraped (the scrapers call this after each round):
-        flow control looks at the pool's saturation again."""
+        """What the pool's saturation is read from changed: endpoint metrics were just scraped
+        (the scrapers call this after each round), a prefill or a request ended, the pool
+        changed. Flow control looks at the saturation again."""
         if self.flow is not None:
             self.flow.notify()
 
@@ -475,8 +474,7 @@ class Scheduler:
             self.sched_metrics.endpoints.set(len(new))
         if not added and not removed:
             return
-        if self.flow is not None:
-            self.flow.notify()
+        self.metrics_updated()
         logger.info("endpoints changed: +%s -%s", [e.id for e in added], [e.id for e in removed])
         for listener in self._listeners:
             try:

@@ -261,11 +261,10 @@ class MetricsScraper:
     ``idle_interval`` seconds without any read, so metrics never go stale. A gateway
     scheduling at least one request per ``interval`` (or holding requests in flow control,
     which looks again after every round, `on_round`) scrapes every ``interval``; one
-    scheduling two requests a second
-    scrapes about twice a second instead of ten times, and an idle one once a second. The
-    read that starts a round sees the metrics of the round before it (the round runs beside
-    it, never in its way): they are at most the time since the previous read old, and the
-    scheduler's own in-flight account covers what happened since.
+    scheduling two requests a second scrapes about twice a second instead of ten times, and an
+    idle one once a second. The read that starts a round sees the metrics of the round before
+    it (the round runs beside it, never in its way): they are at most the time since the
+    previous read old, and the scheduler's own in-flight account covers what happened since.
 
     Args:
         endpoints: Returns the current pool (called every round).
