@@ -491,11 +491,8 @@ class _Run:
 
     def _read(self, t: float) -> None:
         """The router read the metrics at `t` (scrape-on-read: the next scrape is due
-        ``interval`` after the last one, or now when that has passed; a read in the first half
-        of the last scrape's interval is that scrape's own, as in `MetricsScraper`)."""
+        ``interval`` after the last one, or now when that has passed)."""
         if not self.on_read:
-            return
-        if t < self.last_scrape + self.interval / 2:
             return
         due = max(t, self.last_scrape + self.interval)
         if due < self.next_scrape:

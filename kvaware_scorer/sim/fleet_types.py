@@ -30,9 +30,8 @@ class FleetConfig:
         metrics_interval_s: Metrics scrape period; 0 = after every step.
         scrape_on_read: Scrape as the live scheduler does (`MetricsScraper`): a scrape
             ``metrics_interval_s`` after the previous one only when the router read the
-            metrics since (a routing decision, or flow control looking at held requests; reads
-            in the first half of the interval are the previous scrape's own), else at the next
-            read (at once), and every ``idle_scrape_s`` without reads. False:
+            metrics since (a routing decision, or flow control looking at held requests), else
+            at the next read (at once), and every ``idle_scrape_s`` without reads. False:
             every ``metrics_interval_s`` whatever the router does.
         idle_scrape_s: Scrape period without reads (``scrape_on_read``).
         sample_interval_s: Period of the report's queue / KV-usage samples.

@@ -199,9 +199,7 @@ def test_scrapes_follow_the_routers_reads() -> None:
     once per request when they arrive slower (right after its routing decision), and at the
     idle period with no requests; `scrape_on_read=False` scrapes at the interval throughout."""
 
-    def run(
-        rate: float, on_read: bool, duration: float = 8.0
-    ) -> tuple[list[float], list[float]]:
+    def run(rate: float, on_read: bool) -> tuple[list[float], list[float]]:
         router = SinkRouter()
         routed: list[float] = []
         route = router.route
@@ -212,7 +210,7 @@ def test_scrapes_follow_the_routers_reads() -> None:
 
         router.route = recording  # type: ignore[method-assign]
         fleet = _fleet(metrics_interval_s=0.05, scrape_on_read=on_read, idle_scrape_s=1.0)
-        FleetSimulator(fleet).run(_workload(rate=rate, duration=duration), router)
+        FleetSimulator(fleet).run(_workload(rate=rate, duration=8.0), router)
         return [t - CLOCK_BASE for t in router.observed], routed
 
     fast, _ = run(40.0, True)
@@ -223,22 +221,10 @@ def test_scrapes_follow_the_routers_reads() -> None:
     assert len(slow) <= len(slow_reads) + span + 3, (len(slow), len(slow_reads))
     assert len(slow) >= len(slow_reads) // 2
     assert len(periodic) >= 15 * span  # every 50 ms
-    # every request after the first saw a scrape taken after the previous request's arrival,
-    # or at most half an interval before it (a read that early is that scrape's own)
+    # every request after the first saw a scrape taken after the previous request's arrival
     for prev, cur in itertools.pairwise(sorted(slow_reads)):
         if cur - prev > 0.05:
-            assert any(prev - 0.025 - 1e-6 <= s <= cur + 1e-6 for s in slow), (prev, cur)
-    # a request within half an interval of the scrape the one before it made, and none for a
-    # while after: that scrape is the only one for both
-    longer, reads = run(2.0, True, duration=120.0)
-    reads.sort()
-    pairs = 0
-    for prev, cur, after in zip(reads, reads[1:], reads[2:], strict=False):
-        scraped = any(abs(s - prev) < 1e-6 for s in longer)
-        if scraped and cur - prev < 0.025 and after - cur > 0.2:
-            pairs += 1
-            assert not any(prev + 1e-6 < s < after - 1e-6 for s in longer), (prev, cur, after)
-    assert pairs > 0
+            assert any(prev - 1e-6 <= s <= cur + 1e-6 for s in slow), (prev, cur)
     # 40 req/s: at the interval, never closer together than it
     gaps = np.diff(sorted(fast))
     assert gaps.min() >= 0.05 - 1e-9
