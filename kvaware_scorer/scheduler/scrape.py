@@ -256,20 +256,15 @@ class MetricsScraper:
     Scraped when read (with ``activity``): the metrics are read only when a request is
     scheduled or flow control looks at the pool's load (each such read marks ``activity``). A
     round therefore runs ``interval`` after the previous one began only when the metrics were
-    read since; otherwise the scraper waits for the next read, which starts a round at once
-    (``interval`` after the previous one at the soonest), and goes round every
-    ``idle_interval`` seconds without any read, so metrics never go stale. Reads made while a
-    round runs, or in the first half of its interval, are its own: they saw a page at most
-    half an interval older than a new round's, and one request reads twice within a
-    millisecond or two (flow control's look at the load, then its scheduling), which counted
-    as two reads doubled the rounds of a gateway scheduling less than ``1 / interval``
-    requests a second. A gateway scheduling at least one request per ``interval`` (or holding
-    requests in flow control, which looks again after every round, `on_round`) scrapes every
-    ``interval``; one scheduling two requests a second scrapes about twice a second instead of
-    ten times, and an idle one once a second. The read that starts a round sees the metrics of
-    the round before it (the round runs beside it, never in its way): they are at most the
-    time since the previous read old, and the scheduler's own in-flight account covers what
-    happened since.
+    read since that one began; otherwise the scraper waits for the next read, which starts a
+    round at once (``interval`` after the previous one at the soonest), and goes round every
+    ``idle_interval`` seconds without any read, so metrics never go stale. A gateway
+    scheduling at least one request per ``interval`` (or holding requests in flow control,
+    which looks again after every round, `on_round`) scrapes every ``interval``; one
+    scheduling two requests a second scrapes about twice a second instead of ten times, and an
+    idle one once a second. The read that starts a round sees the metrics of the round before
+    it (the round runs beside it, never in its way): they are at most the time since the
+    previous read old, and the scheduler's own in-flight account covers what happened since.
 
     Args:
         endpoints: Returns the current pool (called every round).
@@ -389,34 +384,28 @@ class MetricsScraper:
     def _run(self) -> None:
         while not self._stop.is_set():
             t0 = time.monotonic()
-            done = t0
             try:
-                updated = self.scrape_all()
-                done = time.monotonic()
-                if updated and self.on_round is not None:
+                if self.scrape_all() and self.on_round is not None:
                     self.on_round()
             except Exception:
                 logger.exception("metrics scrape round failed")
-            self._wait_next(t0, done)
+            self._wait_next(t0)
 
-    def _wait_next(self, t0: float, done: float) -> None:
-        """Wait until the round after the one that began at `t0` and ended at `done` is due
-        (class doc)."""
+    def _wait_next(self, t0: float) -> None:
+        """Wait until the round after the one that began at `t0` is due (class doc)."""
         act = self.activity
         if act is None:
             self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
             return
-        # NOTE: reads before this point are this round's own (class doc).
-        since = max(done, t0 + self.interval / 2)
         while not self._stop.is_set():
             now = time.monotonic()
-            if act.last >= since:  # read since
+            if act.last >= t0:  # read since this round began
                 self._stop.wait(max(0.0, t0 + self.interval - now))
                 return
             left = t0 + self.idle_interval - now
             if left <= 0:
                 return
-            act.wait(left, since=since)
+            act.wait(left, since=t0)
 
     def start(self) -> None:
         """Start scraping in a daemon thread; idempotent."""

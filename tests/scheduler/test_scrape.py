@@ -420,45 +420,6 @@ def test_scraper_goes_round_when_the_metrics_are_read(pods: list[_Pod]) -> None:
         scraper.stop()
 
 
-def test_reads_during_a_round_and_just_after_it_start_no_other(pods: list[_Pod]) -> None:
-    """A request reads the metrics twice within a few milliseconds (flow control's look, then
-    its scheduling): one round serves both. Reads made while a round runs, or in the first
-    half of its interval, start no other round; a read later than that starts the next one
-    when the interval is over."""
-    import time
-
-    eps = [Endpoint("p0", "127.0.0.1", pods[0].port)]
-    activity = Activity()
-    during = [False]
-
-    def pool() -> list[Endpoint]:
-        if during[0]:
-            activity.mark()  # a read while this round runs
-        return eps
-
-    scraper = MetricsScraper(pool, interval=0.4, activity=activity, idle_interval=30.0)
-
-    scraper.start()
-    try:
-        time.sleep(0.5)  # the first round, and its interval over
-        before = pods[0].hits
-        during[0] = True
-        activity.mark()  # a round at once
-        time.sleep(0.05)
-        during[0] = False
-        activity.mark()  # 50 ms into a 400 ms interval: the round's own
-        time.sleep(0.75)
-        assert pods[0].hits - before == 1
-        before = pods[0].hits
-        activity.mark()  # a round at once
-        time.sleep(0.3)
-        activity.mark()  # 300 ms in: the next round, at 400 ms
-        time.sleep(0.6)
-        assert pods[0].hits - before == 2
-    finally:
-        scraper.stop()
-
-
 def test_a_read_during_the_wait_is_never_missed() -> None:
     """`Activity.wait(since=...)`: a mark at or after `since` made before the wait began
     returns at once (the scraper checks, then waits: a mark in between is not lost)."""
