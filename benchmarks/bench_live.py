@@ -7,7 +7,9 @@ pods measured (prefix-cache hit rate from ``vllm:prompt_tokens_cached_total`` /
 ``vllm:prompt_tokens_total``, overall and per pod, preemptions, the spread of prompt tokens
 over the pods) and the router's CPU seconds per request (``/proc/<pid>/stat`` of the router
 and its children); with ``--idle S``, also its CPU per second over S seconds without traffic
-before the load starts (``idle ms/s``).
+before the load starts (``idle ms/s``). For kvaware, its own means over the load of the time
+from a request's arrival to its forwarding, of scheduling and of tokenization (``gw ovh ms``,
+``sched ms``, ``tok ms``) and the pod-metrics scrape rounds per request (``rounds/req``).
 
 Routers (``--routers``, comma separated):
 
@@ -571,18 +573,21 @@ GATEWAY_MEANS = {
 }
 
 
+#: kvaware's count of pod-metrics scrapes (every result), read with `GATEWAY_MEANS`.
+SCRAPES = "kvaware_metrics_scrapes_total"
+
+
 def gateway_sums(port: int) -> dict[str, float]:
-    """The ``_sum`` and ``_count`` samples of kvaware's histograms in `GATEWAY_MEANS` now
-    (empty when its metrics page cannot be read)."""
+    """The ``_sum`` and ``_count`` samples of kvaware's histograms in `GATEWAY_MEANS` and its
+    scrape count now (empty when its metrics page cannot be read)."""
     try:
         status, body = http_get(f"http://127.0.0.1:{port}/metrics")
     except OSError:
         return {}
     if status != 200:
         return {}
-    return sample_sums(
-        body, [f + suffix for f in GATEWAY_MEANS.values() for suffix in ("_sum", "_count")]
-    )
+    names = [f + suffix for f in GATEWAY_MEANS.values() for suffix in ("_sum", "_count")]
+    return sample_sums(body, [*names, SCRAPES])
 
 
 def gateway_means(after: dict[str, float], before: dict[str, float]) -> dict[str, float | None]:
@@ -695,7 +700,11 @@ def run_one(
         m["cpu_ms_req"] = 1000 * cpu / reqs if reqs else None
         m["wall_s"] = wall
         if spec.kind == "kvaware":
-            m.update(gateway_means(gateway_sums(port), hist0))
+            hist1 = gateway_sums(port)
+            m.update(gateway_means(hist1, hist0))
+            # NOTE: scrape rounds (every pod scraped once) per request, over the load alone.
+            scrapes = hist1.get(SCRAPES, 0.0) - hist0.get(SCRAPES, 0.0)
+            m["rounds_req"] = scrapes / len(deltas) / reqs if reqs and deltas else None
         log.flush()
         text = (run_dir / "router.log").read_text(errors="replace")
         m["router_errors"] = sum(
@@ -736,6 +745,7 @@ COLUMNS = [
     ("gw ovh ms", "gw_overhead_ms", "{:.2f}"),
     ("sched ms", "sched_ms", "{:.2f}"),
     ("tok ms", "tok_ms", "{:.2f}"),
+    ("rounds/req", "rounds_req", "{:.2f}"),
     ("rtr errs", "router_errors", "{:.0f}"),
 ]
 
