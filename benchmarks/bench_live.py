@@ -9,12 +9,16 @@ over the pods) and the router's CPU seconds per request (``/proc/<pid>/stat`` of
 and its children); with ``--idle S``, also its CPU per second over S seconds without traffic
 before the load starts (``idle ms/s``). For kvaware, its own means over the load of the time
 from a request's arrival to its forwarding, of scheduling and of tokenization (``gw ovh ms``,
-``sched ms``, ``tok ms``) and the pod-metrics scrape rounds per request (``rounds/req``).
+``sched ms``, ``tok ms``), the pod-metrics scrape rounds per request (``rounds/req``) and,
+under the table, its CPU per request by thread group (``kvaware_thread_cpu_seconds_total``:
+the event loop, tokenizing, KV-event receiving and applying, scraping, native threads).
 
 Routers (``--routers``, comma separated):
 
 * ``kvaware:<config>``: ``kvaware serve`` with a scheduler YAML (``config/*.yaml`` by default,
-  each tokenizing plugin pointed at the pods' tokenizer);
+  each tokenizing plugin pointed at the pods' tokenizer); ``kvaware:<config>@<python>`` runs
+  it with another install's Python (two revisions side by side, labelled by that install's
+  environment directory);
 * ``sglang-router:<policy>``, ``smg:<policy>``, ``vllm-router:<policy>``: the PyPI routers,
   each installed on first use in its own venv under ``--venv-dir`` (``vllm-router:kv_aware``
   subscribes to the pods' KV events). A peer that cannot be installed or started is skipped
@@ -324,11 +328,15 @@ class Pods:
 class RouterSpec:
     kind: str  # "kvaware" or a PEERS key
     arg: str  # config path or policy
+    python: str | None = None  # kvaware only: the Python whose kvaware_scorer runs it
 
     @property
     def label(self) -> str:
         if self.kind == "kvaware":
-            return f"kvaware {Path(self.arg).stem}"
+            # NOTE: another install is named by its environment's directory (two revisions
+            # measured in one session, against the same pods, alternating).
+            where = f" @{Path(self.python).parent.parent.name}" if self.python else ""
+            return f"kvaware {Path(self.arg).stem}{where}"
         return f"{self.kind} {self.arg}"
 
 
@@ -337,14 +345,19 @@ def parse_routers(text: str) -> list[RouterSpec]:
     for item in [t.strip() for t in text.split(",") if t.strip()]:
         kind, _, arg = item.partition(":")
         if kind == "kvaware":
+            arg, _, python = arg.partition("@")
             paths = sorted((ROOT / "config").glob("*.yaml")) if arg in ("", "*") else [Path(arg)]
             specs += [
-                RouterSpec("kvaware", str(p)) for p in paths if not p.name.startswith("endpoints")
+                RouterSpec("kvaware", str(p), python or None)
+                for p in paths
+                if not p.name.startswith("endpoints")
             ]
         elif kind in PEERS:
             specs.append(RouterSpec(kind, arg or "cache_aware"))
         else:
-            raise SystemExit(f"unknown router {item!r} (kvaware:<yaml>, {', '.join(PEERS)})")
+            raise SystemExit(
+                f"unknown router {item!r} (kvaware:<yaml>[@<python>], {', '.join(PEERS)})"
+            )
     return specs
 
 
@@ -365,7 +378,7 @@ def router_command(
         config = workdir / "scheduler.yaml"
         config.write_text(yaml.safe_dump(scheduler_config(spec.arg, tokenizers)))
         return [
-            kvaware_python or sys.executable,
+            spec.python or kvaware_python or sys.executable,
             "-m",
             "kvaware_scorer.cli",
             "serve",
@@ -575,6 +588,24 @@ GATEWAY_MEANS = {
 
 #: kvaware's count of pod-metrics scrapes (every result), read with `GATEWAY_MEANS`.
 SCRAPES = "kvaware_metrics_scrapes_total"
+#: kvaware's CPU seconds by thread group (``thread`` label), read with `GATEWAY_MEANS`.
+THREAD_CPU = "kvaware_thread_cpu_seconds_total"
+
+
+def labelled_samples(page: bytes, name: str, label: str) -> dict[str, float]:
+    """The samples of one metric by the value of one of its labels."""
+    out: dict[str, float] = {}
+    key = f'{label}="'.encode()
+    for line in page.splitlines():
+        if not line.startswith(name.encode() + b"{"):
+            continue
+        start = line.find(key)
+        if start < 0:
+            continue
+        start += len(key)
+        value = line[start : line.index(b'"', start)].decode(errors="replace")
+        out[value] = out.get(value, 0.0) + float(line.rsplit(b" ", 1)[1])
+    return out
 
 
 def gateway_sums(port: int) -> dict[str, float]:
@@ -587,7 +618,10 @@ def gateway_sums(port: int) -> dict[str, float]:
     if status != 200:
         return {}
     names = [f + suffix for f in GATEWAY_MEANS.values() for suffix in ("_sum", "_count")]
-    return sample_sums(body, [*names, SCRAPES])
+    sums = sample_sums(body, [*names, SCRAPES])
+    for group, cpu in labelled_samples(body, THREAD_CPU, "thread").items():
+        sums[f"thread:{group}"] = cpu
+    return sums
 
 
 def gateway_means(after: dict[str, float], before: dict[str, float]) -> dict[str, float | None]:
@@ -705,6 +739,12 @@ def run_one(
             # NOTE: scrape rounds (every pod scraped once) per request, over the load alone.
             scrapes = hist1.get(SCRAPES, 0.0) - hist0.get(SCRAPES, 0.0)
             m["rounds_req"] = scrapes / len(deltas) / reqs if reqs and deltas else None
+            # NOTE: where the CPU goes, by thread group (main: the event loop), over the load.
+            m["thread_ms_req"] = {
+                key.split(":", 1)[1]: 1000 * (v - hist0.get(key, 0.0)) / reqs
+                for key, v in hist1.items()
+                if key.startswith("thread:") and reqs
+            }
         log.flush()
         text = (run_dir / "router.log").read_text(errors="replace")
         m["router_errors"] = sum(
@@ -765,6 +805,14 @@ def format_table(results: list[Result]) -> str:
                 v *= 1000
             cells.append(f"{fmt.format(v) if v is not None else '-':>10}")
         lines.append(row + " ".join(cells))
+    threads = [r for r in results if r.ok and r.metrics.get("thread_ms_req")]
+    if threads:
+        lines.append("")
+        lines.append("kvaware CPU by thread (ms per request; main: the event loop)")
+        for r in threads:
+            parts = sorted(r.metrics["thread_ms_req"].items(), key=lambda kv: -kv[1])
+            text = ", ".join(f"{k} {v:.1f}" for k, v in parts if v >= 0.05)
+            lines.append(f"{r.workload:<14} {r.router:<26} {r.repeat:>3} {text}")
     return "\n".join(lines)
 
 

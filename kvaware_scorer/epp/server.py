@@ -36,6 +36,7 @@ from kvaware_scorer.epp.tls import load_certificate, self_signed
 from kvaware_scorer.gateway.protocol import RequestParser
 from kvaware_scorer.scheduler import Scheduler
 from kvaware_scorer.scheduler.manager import PoolListener
+from kvaware_scorer.threadcpu import register_thread_cpu
 
 __all__ = ["EXT_PROC_SERVICE", "EndpointPicker"]
 
@@ -116,6 +117,7 @@ class EndpointPicker:
         self.own_scheduler = own_scheduler
         self.pool_name = pool_name
         self.metrics = EppMetrics(scheduler.metrics_registry)
+        register_thread_cpu(scheduler.metrics_registry)
         prefix = uuid.uuid4().hex[:12]
         ids = itertools.count(1)
         self.context = StreamContext(

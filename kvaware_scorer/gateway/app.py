@@ -68,6 +68,7 @@ from kvaware_scorer.scheduler import (
     SchedulingResult,
 )
 from kvaware_scorer.scheduler.manager import PoolListener
+from kvaware_scorer.threadcpu import register_thread_cpu
 
 __all__ = ["Gateway"]
 
@@ -109,6 +110,7 @@ class Gateway:
         self.config = cfg = config if config is not None else GatewayConfig()
         self.own_scheduler = own_scheduler
         self.metrics = GatewayMetrics()
+        register_thread_cpu(scheduler.metrics_registry)
         self.credentials = Credentials.load(
             cfg.api_key_file, cfg.api_key_env, cfg.admin_key_file, cfg.admin_key_env
         )

@@ -936,6 +936,9 @@ async def test_health_models_and_metrics(tmp_path: Path, recorder: Recorder) -> 
     assert f'kvaware_decisions_total{{endpoint="127.0.0.1:{a.port}"}} 1.0' in text
     assert "kvaware_schedule_latency_seconds_count 2.0" in text
     assert 'kvaware_gateway_requests_total{route="completions",status="2xx"} 2.0' in text
+    # where the gateway's CPU goes, once (scheduler registry), the event loop as "main"
+    assert text.count("# TYPE kvaware_thread_cpu_seconds_total counter") == 1
+    assert 'kvaware_thread_cpu_seconds_total{thread="main"}' in text
     assert "kvaware_gateway_prompt_tokens_total" in text
 
 
