@@ -32,13 +32,14 @@ __all__ = ["MAX_GROUPS", "ThreadCPUCollector", "register_thread_cpu", "thread_gr
 #: Most thread groups reported; later names count as "other".
 MAX_GROUPS = 64
 
-_NUMBERED = re.compile(r"[-_ ]?\d+$")
+_NUMBERED = re.compile(r"(?:[-_ ]?\d+)+$")
 _TASKS = "/proc/self/task"
 
 
 def thread_group(name: str) -> str:
-    """The group a thread name reports under: a numbered pool thread's name without its number
-    (and the ``(target)`` suffix Python adds to unnamed threads' names)."""
+    """The group a thread name reports under: a numbered pool thread's name without its numbers
+    (``ThreadPoolExecutor-3_0`` -> ``ThreadPoolExecutor``) and without the ``(target)`` suffix
+    Python adds to unnamed threads' names."""
     base = name.split(" (", 1)[0]
     return _NUMBERED.sub("", base) or base
 
@@ -60,9 +61,14 @@ def _task_cpu(tid: int, tick: float) -> float | None:
 
 
 class ThreadCPUCollector(Collector):
-    """Collects ``kvaware_thread_cpu_seconds_total`` on every scrape of its registry."""
+    """Collects ``kvaware_thread_cpu_seconds_total`` on every scrape of its registry.
 
-    def __init__(self) -> None:
+    Args:
+        max_groups: Most groups reported (further names count as ``other``).
+    """
+
+    def __init__(self, max_groups: int = MAX_GROUPS) -> None:
+        self.max_groups = max_groups
         self._lock = threading.Lock()
         self._tick = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
         self._proc = os.path.isdir(_TASKS)
@@ -72,7 +78,11 @@ class ThreadCPUCollector(Collector):
 
     def _group(self, name: str, groups: dict[str, float]) -> str:
         group = thread_group(name)
-        if group in groups or group in self._ended or len(groups) + len(self._ended) < MAX_GROUPS:
+        if (
+            group in groups
+            or group in self._ended
+            or len(groups) + len(self._ended) < self.max_groups
+        ):
             return group
         return "other"
 

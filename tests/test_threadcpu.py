@@ -30,12 +30,14 @@ def test_thread_group_names() -> None:
     assert thread_group("kvaware-prepare_12") == "kvaware-prepare"
     assert thread_group("kvaware-scrape") == "kvaware-scrape"
     assert thread_group("Thread-7 (worker)") == "Thread"
+    assert thread_group("ThreadPoolExecutor-3_0") == "ThreadPoolExecutor"
     assert thread_group("42") == "42"  # a name that is only a number stays itself
 
 
 @linux
 def test_pool_threads_report_as_one_group_and_keep_their_cpu_after_ending() -> None:
-    collector = ThreadCPUCollector()
+    # NOTE: room for every group: earlier tests leave threads of many names in this process
+    collector = ThreadCPUCollector(max_groups=10_000)
     threads = [
         threading.Thread(target=_burn, args=(0.3,), name=f"kvaware-burner-{i}") for i in range(2)
     ]
@@ -49,17 +51,21 @@ def test_pool_threads_report_as_one_group_and_keep_their_cpu_after_ending() -> N
         t.join()
     mid = collector.sample()  # the threads ended after `first`: their last reading stays
     assert mid["kvaware-burner"] >= first["kvaware-burner"]
+    before = time.process_time()
     later = collector.sample()
+    after = time.process_time()
     assert later["kvaware-burner"] == mid["kvaware-burner"]
-    # every group only grows, and together they are the process's CPU
+    # every group only grows, and together they are the process's CPU (give or take /proc's
+    # 10 ms clock ticks per thread: `native`, the rest, never goes down)
     for name, cpu in first.items():
         assert later[name] >= cpu
-    assert sum(later.values()) == pytest.approx(time.process_time(), abs=0.05)
+    ticks = 0.01 * (len(threading.enumerate()) + 4)
+    assert before - 0.01 <= sum(later.values()) <= after + ticks
 
 
 @linux
 def test_a_busy_thread_shows_most_of_its_cpu_under_its_own_name() -> None:
-    collector = ThreadCPUCollector()
+    collector = ThreadCPUCollector(max_groups=10_000)
     done = threading.Event()
     seen: dict[str, float] = {}
 

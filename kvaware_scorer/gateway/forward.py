@@ -26,6 +26,13 @@ from kvaware_scorer.gateway.catalog import ModelCatalog
 from kvaware_scorer.gateway.config import GatewayConfig
 from kvaware_scorer.gateway.guard import LogLimiter
 from kvaware_scorer.gateway.metrics import GatewayMetrics
+from kvaware_scorer.gateway.podstream import (
+    PodConnectError,
+    PodDisconnected,
+    PodProtocolError,
+    PodResponse,
+    PodStreamPool,
+)
 from kvaware_scorer.gateway.protocol import error_body
 from kvaware_scorer.gateway.relay import Attempt, Relay
 from kvaware_scorer.scheduler import (
@@ -126,6 +133,7 @@ class Forwarder:
         self.relay = relay
         self.cooldowns = Cooldowns(config.unhealthy_cooldown)
         self.session: aiohttp.ClientSession | None = None
+        self.pod_streams: PodStreamPool | None = None
         self.catalog: ModelCatalog | None = None
         # Bounded by pool size x routes; entries of removed endpoints are forgotten.
         self._urls: dict[tuple[str, str], yarl.URL] = {}
@@ -149,12 +157,24 @@ class Forwarder:
             # NOTE: cookies from one client must never reach another's requests.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        # NOTE: streamed requests go over the gateway's own connections (podstream: the body
+        # reaches the relay by callback, half the CPU per relayed event); the same limits
+        # apply to them apart.
+        self.pod_streams = PodStreamPool(
+            per_endpoint=cfg.max_connections_per_endpoint,
+            total=cfg.max_connections,
+            keepalive=cfg.upstream_keepalive,
+            connect_timeout=cfg.connect_timeout,
+        )
         return self.session
 
     async def close_session(self) -> None:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        if self.pod_streams is not None:
+            await self.pod_streams.close()
+            self.pod_streams = None
 
     def forget(self, endpoint_ids: Iterable[str]) -> None:
         """Drop what is kept about endpoints that left the pool."""
@@ -188,12 +208,19 @@ class Forwarder:
         self.metrics.overhead.observe(time.perf_counter() - t0)
         for name in ROUTING_HEADERS:
             headers.pop(name, None)
+        pods = self.pod_streams if stream else None
+        outcome: aiohttp.ClientResponse | PodResponse | web.Response | _Failed
         while True:
             target = attempt.result.targets[0]
-            outcome = await self._try(
-                session, target, path, body, headers, attempt, info, first_byte, stream
-            )
-            if isinstance(outcome, aiohttp.ClientResponse):
+            if pods is not None:
+                outcome = await self._try_pod(
+                    pods, target, path, body, headers, attempt, info, first_byte
+                )
+            else:
+                outcome = await self._try(
+                    session, target, path, body, headers, attempt, info, first_byte, stream
+                )
+            if isinstance(outcome, aiohttp.ClientResponse | PodResponse):
                 resp = outcome
                 break
             if isinstance(outcome, web.StreamResponse):
@@ -207,9 +234,55 @@ class Forwarder:
             self.catalog.mark(target.id, reachable=True)
         info.status = resp.status
         info.error = None
+        if isinstance(resp, PodResponse):
+            if resp.content_type == "text/event-stream":
+                return await self.relay.stream_pod(request, resp, target, info, attempt)
+            return await self.relay.body_pod(resp, target, info, attempt.result.response_headers)
         if resp.content_type == "text/event-stream":
             return await self.relay.stream(request, resp, target, info, attempt)
         return await self.relay.body(resp, target, info, attempt.result.response_headers)
+
+    async def _try_pod(
+        self,
+        pods: PodStreamPool,
+        target: Endpoint,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        attempt: Attempt,
+        info: ResponseInfo,
+        first_byte: float,
+    ) -> PodResponse | web.Response | _Failed:
+        """`_try` for a streamed request, over the gateway's own pod connections."""
+        try:
+            async with asyncio.timeout(first_byte):
+                return await pods.request(
+                    target.address,
+                    target.port,
+                    path,
+                    {**headers, **attempt.result.headers},
+                    body,
+                )
+        except PodConnectError as exc:
+            return _Failed("connect", True, exc)
+        except PodDisconnected as exc:
+            return _Failed("disconnect", False, exc)
+        except (PodProtocolError, ValueError) as exc:
+            self.metrics.upstream_errors.labels(target.id, "protocol").inc()
+            logger.warning(
+                "%s %s: invalid answer from %s: %s",
+                attempt.request.request_id,
+                path,
+                target.id,
+                exc,
+            )
+            info.status, info.error = 502, f"{target.id}: {exc}"
+            return _upstream_error(502, "Invalid answer from the endpoint.", "upstream_error")
+        except TimeoutError as exc:
+            # The pod accepted the connection but did not start answering in time.
+            return _Failed("first_byte", True, exc)
+        except OSError as exc:
+            return _Failed("disconnect", False, exc)
 
     async def _try(
         self,

@@ -22,6 +22,7 @@ from kvaware_scorer.gateway.answers import JSON, json_response
 from kvaware_scorer.gateway.config import GatewayConfig
 from kvaware_scorer.gateway.guard import LogLimiter
 from kvaware_scorer.gateway.metrics import GatewayMetrics
+from kvaware_scorer.gateway.podstream import MAX_BODY, PodResponse
 from kvaware_scorer.gateway.protocol import error_body
 from kvaware_scorer.gateway.sse import SSEFramer, sse_error
 from kvaware_scorer.scheduler import Endpoint, ResponseInfo, SchedulingRequest, SchedulingResult
@@ -61,6 +62,11 @@ _DROP_REQUEST = _HOP_BY_HOP | {
 #: Response headers never relayed: hop-by-hop ones, the encoding (the client session decodes)
 #: and those the gateway's server sets itself.
 _DROP_RESPONSE = _HOP_BY_HOP | {"content-encoding", "date", "server"}
+#: Bytes waiting for a client above which the pod's stream is paused, and below which it goes
+#: on (`Relay.stream_pod`); checked every `_DRAIN_POLL` seconds while paused.
+_CLIENT_HIGH_WATER = 256 * 1024
+_CLIENT_LOW_WATER = 64 * 1024
+_DRAIN_POLL = 0.005
 
 
 class Attempt:
@@ -122,6 +128,25 @@ class _IdleWatch:
         self.handle.cancel()
 
 
+class _PodPump:
+    """What `Relay._pump_pod`'s callbacks and its task share."""
+
+    __slots__ = ("error", "finished", "gone", "kick", "paused", "stopped")
+
+    def __init__(self) -> None:
+        self.finished = False  # the pod's answer ended (error: how, None = complete)
+        self.error: BaseException | None = None
+        self.gone: str | None = None  # the client went away
+        self.paused = False  # the pod's reads are paused for a slow client
+        self.stopped = False  # the task is done with the stream: later data is ignored
+        self.kick: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        """Wake the task waiting in `Relay._pump_pod`."""
+        if self.kick is not None and not self.kick.done():
+            self.kick.set_result(None)
+
+
 class Relay:
     """Passes headers, bodies and SSE streams between the client and the pod that answers.
 
@@ -170,7 +195,7 @@ class Relay:
 
     def response_headers(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: aiohttp.ClientResponse | PodResponse,
         target: Endpoint,
         extra: Mapping[str, str] | None = None,
     ) -> CIMultiDict[str]:
@@ -237,6 +262,49 @@ class Relay:
             )
         finally:
             resp.release()
+        return self._whole(resp, data, target, info, extra)
+
+    async def body_pod(
+        self,
+        resp: PodResponse,
+        target: Endpoint,
+        info: ResponseInfo,
+        extra: Mapping[str, str] | None = None,
+    ) -> web.StreamResponse:
+        """`body` for an answer on the gateway's own pod connection (a streamed request the
+        pod answered whole, e.g. with an error)."""
+        try:
+            async with asyncio.timeout(self.config.stream_idle_timeout):
+                data = await resp.read(MAX_BODY)
+        except asyncio.CancelledError:
+            resp.close()
+            raise
+        except (OSError, ValueError, TimeoutError) as exc:
+            resp.close()
+            kind = "timeout" if isinstance(exc, TimeoutError) else "disconnect"
+            self.metrics.upstream_errors.labels(target.id, kind).inc()
+            info.status, info.error = 502, f"{target.id}: {exc!r}"
+            logger.warning("answer from %s broke off: %r", target.id, exc)
+            return json_response(
+                error_body(
+                    "The endpoint failed while answering.",
+                    "server_error",
+                    None,
+                    "upstream_error",
+                ),
+                502,
+            )
+        resp.release()
+        return self._whole(resp, data, target, info, extra)
+
+    def _whole(
+        self,
+        resp: aiohttp.ClientResponse | PodResponse,
+        data: bytes,
+        target: Endpoint,
+        info: ResponseInfo,
+        extra: Mapping[str, str] | None,
+    ) -> web.Response:
         if resp.status >= 400:
             info.error = data[:512].decode("utf-8", errors="replace")
         elif b'"usage"' in data:
@@ -340,6 +408,155 @@ class Relay:
                     self.first_token(attempt.request, attempt.result)
         finally:
             idle.close()
+
+    async def stream_pod(
+        self,
+        request: web.Request,
+        resp: PodResponse,
+        target: Endpoint,
+        info: ResponseInfo,
+        attempt: Attempt,
+    ) -> web.StreamResponse:
+        """`stream` for an answer on the gateway's own pod connection (`PodStreamPool`): each
+        piece of the body is framed and written to the client from the connection's callback,
+        no task wake-up per event; this task waits for the end (or ``streamIdleTimeout``)."""
+        out = web.StreamResponse(
+            status=resp.status,
+            headers=self.response_headers(resp, target, attempt.result.response_headers),
+        )
+        if request.version >= (1, 1):
+            # NOTE: the events are framed here (`_pump_pod` writes the chunks), so the
+            # encoding is set, not left to aiohttp's choice; HTTP/1.0 ends with the connection.
+            out.enable_chunked_encoding()
+        framer = SSEFramer()
+        failure: str | None = None
+        ended = False
+        try:
+            await out.prepare(request)
+            # NOTE: aiohttp holds a prepared response's head back until its first body write;
+            # the empty write sends it, so the events written below follow it.
+            await out.write(b"")
+            attempt.started = True
+            failure = await self._pump_pod(request, resp, out, target, framer, attempt)
+            ended = True
+            if failure is not None:
+                await self._broke_off(out, target, info, failure, framer.torn)
+            await out.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+            resp.close()
+            self.metrics.client_disconnects.inc()
+            info.status, info.error = 499, f"client disconnected: {exc}"
+            return out
+        except asyncio.CancelledError:
+            resp.close()
+            if self.draining() and out.prepared:
+                await self._cut_short(out, framer.torn)
+            raise
+        finally:
+            if framer.usage is not None:
+                self.record_usage(info, framer.usage)
+            if failure is not None or not ended:
+                resp.close()
+            else:
+                resp.release()
+        return out
+
+    async def _pump_pod(
+        self,
+        request: web.Request,
+        resp: PodResponse,
+        out: web.StreamResponse,
+        target: Endpoint,
+        framer: SSEFramer,
+        attempt: Attempt,
+    ) -> str | None:
+        """Relay the answer from the pod connection's callback until it ends; why it broke
+        off, or None when it ended with ``[DONE]``."""
+        loop = asyncio.get_running_loop()
+        client = request.transport
+        if client is None or client.is_closing():
+            raise ConnectionResetError("the client connection is closed")
+        chunked = out.chunked
+        idle = _IdleWatch(loop, self.config.stream_idle_timeout)
+        idle.reading = True
+        state = _PodPump()
+
+        def write(events: bytes) -> None:
+            if client.is_closing():
+                raise ConnectionResetError("the client went away")
+            if chunked:
+                client.write(b"%x\r\n%s\r\n" % (len(events), events))
+            else:
+                client.write(events)
+
+        def sink(data: bytes) -> None:
+            if state.stopped:
+                return
+            idle.last = loop.time()
+            events = framer.feed(data)
+            if not events:
+                return
+            try:
+                write(events)
+            except ConnectionResetError as exc:
+                state.gone = str(exc)
+                state.stopped = True
+                resp.close()
+                state.wake()
+                return
+            if not attempt.first_token:
+                # NOTE: as in `_pump`: the first event carries the first token.
+                attempt.first_token = True
+                self.first_token(attempt.request, attempt.result)
+            if not state.paused and client.get_write_buffer_size() > _CLIENT_HIGH_WATER:
+                state.paused = True
+                resp.pause()
+                state.wake()
+
+        def end(exc: BaseException | None) -> None:
+            if not state.finished:
+                state.finished, state.error = True, exc
+                state.wake()
+
+        try:
+            resp.start(sink, end)
+            while not state.finished and state.gone is None:
+                if state.paused:
+                    # NOTE: the client is slow to take the answer: the pod's reads pause, and
+                    # the wait does not count as idle.
+                    idle.reading = False
+                    await asyncio.sleep(_DRAIN_POLL)
+                    if client.is_closing():
+                        state.gone = "the client went away"
+                        resp.close()
+                    elif client.get_write_buffer_size() <= _CLIENT_LOW_WATER:
+                        state.paused = False
+                        idle.last = loop.time()
+                        idle.reading = True
+                        resp.resume()
+                    continue
+                state.kick = loop.create_future()
+                await state.kick
+        except asyncio.CancelledError:
+            if not idle.expired():
+                raise
+            self.metrics.upstream_errors.labels(target.id, "timeout").inc()
+            return f"no data for {self.config.stream_idle_timeout:g}s"
+        finally:
+            state.stopped = True
+            idle.close()
+        if state.gone is not None:
+            raise ConnectionResetError(state.gone)
+        if state.error is None:
+            last = framer.finish()
+            if last:
+                write(last)
+            if framer.done:
+                return None
+            self.metrics.upstream_errors.labels(target.id, "mid_stream").inc()
+            return "the stream ended without [DONE]"
+        self.metrics.upstream_errors.labels(target.id, "mid_stream").inc()
+        return repr(state.error)
 
     async def _broke_off(
         self,
