@@ -254,8 +254,12 @@ class Forwarder:
         first_byte: float,
     ) -> PodResponse | web.Response | _Failed:
         """`_try` for a streamed request, over the gateway's own pod connections."""
+        # NOTE: ``readTimeout`` bounds the wait for the head too (as aiohttp's sock_read did):
+        # a silent pod then gets 504, not another candidate.
+        read = self.config.read_timeout
+        silent = bool(read) and read < first_byte
         try:
-            async with asyncio.timeout(first_byte):
+            async with asyncio.timeout(read if silent else first_byte):
                 return await pods.request(
                     target.address,
                     target.port,
@@ -279,6 +283,12 @@ class Forwarder:
             info.status, info.error = 502, f"{target.id}: {exc}"
             return _upstream_error(502, "Invalid answer from the endpoint.", "upstream_error")
         except TimeoutError as exc:
+            if silent:
+                self.metrics.upstream_errors.labels(target.id, "timeout").inc()
+                info.status, info.error = 504, f"{target.id}: no answer in {read:g}s"
+                return _upstream_error(
+                    504, f"The endpoint did not answer within {read}s.", "upstream_timeout"
+                )
             # The pod accepted the connection but did not start answering in time.
             return _Failed("first_byte", True, exc)
         except OSError as exc:

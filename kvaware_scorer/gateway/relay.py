@@ -477,7 +477,12 @@ class Relay:
         if client is None or client.is_closing():
             raise ConnectionResetError("the client connection is closed")
         chunked = out.chunked
-        idle = _IdleWatch(loop, self.config.stream_idle_timeout)
+        # NOTE: ``readTimeout``, when shorter, bounds the silence inside a stream too (as
+        # aiohttp's sock_read did on the other path).
+        silence = self.config.stream_idle_timeout
+        if self.config.read_timeout:
+            silence = min(silence, self.config.read_timeout)
+        idle = _IdleWatch(loop, silence)
         idle.reading = True
         state = _PodPump()
 
@@ -541,7 +546,7 @@ class Relay:
             if not idle.expired():
                 raise
             self.metrics.upstream_errors.labels(target.id, "timeout").inc()
-            return f"no data for {self.config.stream_idle_timeout:g}s"
+            return f"no data for {silence:g}s"
         finally:
             state.stopped = True
             idle.close()

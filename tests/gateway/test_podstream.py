@@ -25,6 +25,7 @@ from kvaware_scorer.gateway.podstream import (
 )
 
 from .conftest import MODEL, start_gateway
+from .pods import FakePod
 
 CHUNKED = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -396,3 +397,28 @@ async def test_bytes_a_pod_sends_unasked_close_the_idle_connection() -> None:
         assert (await _read(pool, pod.port))[:2] == (200, b"ok")
         assert pod.connections == 2
         await pool.close()
+
+
+async def test_read_timeout_bounds_a_silent_pod_before_and_inside_a_stream(
+    tmp_path: Path, pod: FakePod
+) -> None:
+    gw = await start_gateway(tmp_path, [pod], config="random.yaml", read_timeout=0.3)
+    try:
+        async with aiohttp.ClientSession() as s:
+            # no head at all: 504 after readTimeout, not firstByteTimeout (60 s)
+            body = {"model": MODEL, "prompt": "x", "stream": True, "test_pod": {"hold": True}}
+            t0 = time.monotonic()
+            async with s.post(gw.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 504
+                assert (await resp.json())["error"]["code"] == "upstream_timeout"
+            assert time.monotonic() - t0 < 5
+            pod.release.set()
+            # silence inside the stream: it ends with an SSE error and [DONE]
+            body = {"model": MODEL, "prompt": "x", "stream": True, "test_pod": {"delay": 1.0}}
+            async with s.post(gw.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            assert "The endpoint failed during the stream" in text
+            assert text.endswith("data: [DONE]\n\n")
+    finally:
+        await gw.stop()
