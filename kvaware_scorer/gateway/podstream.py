@@ -77,11 +77,13 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self.counted = True  # in the pool's open counts until connection_lost
+        self.paused = False  # reading paused (`PodResponse.pause`)
         self.idle_handle: asyncio.TimerHandle | None = None
         self._reset()
 
     def _reset(self) -> None:
-        self.buf = b""
+        self.buf = b""  # an incomplete chunk-size or trailer line
+        self.head_buf = bytearray()  # an incomplete response head
         self.head: asyncio.Future[PodResponse] | None = None
         self.response: PodResponse | None = None
         self.sink: Sink | None = None
@@ -125,18 +127,27 @@ class _Conn(asyncio.Protocol):
 
     def _feed(self, data: bytes) -> None:
         if self.mode == "head":
-            buf = self.buf + data if self.buf else data
-            end = buf.find(b"\r\n\r\n")
+            if self.head_buf:
+                # NOTE: a head trickling in byte by byte costs linear time: appended in
+                # place, searched from where the last search stopped.
+                start = max(0, len(self.head_buf) - 3)
+                self.head_buf += data
+                buf: bytes | bytearray = self.head_buf
+                end = buf.find(b"\r\n\r\n", start)
+            else:
+                buf = data
+                end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD:
                     raise PodProtocolError(f"response head over {MAX_HEAD} bytes")
-                self.buf = buf
+                if buf is data:
+                    self.head_buf = bytearray(data)
                 return
             if end > MAX_HEAD:
                 raise PodProtocolError(f"response head over {MAX_HEAD} bytes")
-            self.buf = b""
-            response = self._parse_head(buf[:end])
-            data = buf[end + 4 :]
+            self.head_buf = bytearray()
+            response = self._parse_head(bytes(buf[:end]))
+            data = bytes(buf[end + 4 :])
             if response is None:  # an interim 1xx answer: the real head follows
                 if data:
                     self._feed(data)
@@ -362,14 +373,16 @@ class PodResponse:
 
     def pause(self) -> None:
         """Stop reading from the pod (the client is slow to take the answer)."""
-        t = self._conn.transport
-        if t is not None and not self._conn.lost:
-            t.pause_reading()
+        conn = self._conn
+        if conn.transport is not None and not conn.lost and not conn.paused:
+            conn.paused = True
+            conn.transport.pause_reading()
 
     def resume(self) -> None:
-        t = self._conn.transport
-        if t is not None and not self._conn.lost:
-            t.resume_reading()
+        conn = self._conn
+        if conn.transport is not None and not conn.lost and conn.paused:
+            conn.paused = False
+            conn.transport.resume_reading()
 
     def close(self) -> None:
         """Drop the connection (vLLM aborts a request whose connection closes)."""
@@ -382,6 +395,9 @@ class PodResponse:
         conn = self._conn
         usable = conn.transport is not None and not conn.lost and not conn.transport.is_closing()
         if self._keep and conn.finished and conn.failure is None and usable:
+            # NOTE: an answer may end while the relay had paused the reads (its last bytes
+            # were in the same read): the next request must be read.
+            self.resume()
             conn.pool._idle(conn)
         else:
             self.close()

@@ -422,3 +422,26 @@ async def test_read_timeout_bounds_a_silent_pod_before_and_inside_a_stream(
             assert text.endswith("data: [DONE]\n\n")
     finally:
         await gw.stop()
+
+
+async def test_a_connection_released_while_paused_reads_the_next_answer() -> None:
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    async with RawPod(lambda _: ok) as pod:
+        pool = _pool()
+        resp = await pool.request("127.0.0.1", pod.port, "/", {}, b"")
+        resp.pause()  # as the relay does for a slow client; the answer had ended already
+        assert await resp.read(10) == b"ok"
+        resp.release()
+        resp = await asyncio.wait_for(pool.request("127.0.0.1", pod.port, "/", {}, b""), 2)
+        assert await resp.read(10) == b"ok"
+        resp.release()
+        assert pod.connections == 1
+        await pool.close()
+
+
+async def test_a_head_trickling_in_byte_by_byte_is_read() -> None:
+    head = b"HTTP/1.1 200 OK\r\n" + b"x-pad: " + b"p" * 20_000 + b"\r\ncontent-length: 2\r\n\r\nok"
+    async with RawPod(lambda _: head, piece=1) as pod:
+        pool = _pool()
+        assert (await _read(pool, pod.port))[:2] == (200, b"ok")
+        await pool.close()
