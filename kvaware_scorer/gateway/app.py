@@ -13,10 +13,9 @@ lives in its own module. Per inference request (``POST /v1/completions``,
 3. `Scheduler.aschedule` (tokenization off the event loop; pre-request hooks count the request
    in flight and record speculative index entries), shielded from the client going away
    (`accounting`);
-4. forward to the pick (`forward`; streamed requests over the gateway's own pod connections,
-   `podstream`, the rest over one pooled `aiohttp.ClientSession`): a pod that cannot be
-   connected to (or drops the connection before answering) is replaced by scheduling the
-   same request again among the candidates left (at most ``maxAttempts`` pods);
+4. forward to the pick over the gateway's own pod connections (`forward`, `podstream`): a pod
+   that cannot be connected to (or drops the connection before answering) is replaced by
+   scheduling the same request again among the candidates left (at most ``maxAttempts`` pods);
 5. relay the answer (`relay`, `sse`): non-streamed bodies as they are; SSE streams event by
    event, ending a stream that breaks off with an SSE error event and ``data: [DONE]``;
 6. `Scheduler.post_response` exactly once, whatever happened (success, pod error, client

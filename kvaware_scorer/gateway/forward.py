@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import aiohttp
-import yarl
 from aiohttp import web
 
 from kvaware_scorer.errors import NoEndpointError
@@ -107,8 +106,8 @@ class _Failed(NamedTuple):
 class Forwarder:
     """Sends a scheduled request to its pick, retrying other candidates when a pod fails.
 
-    `open_session` opens the session toward the pods; `catalog` is set by the gateway while
-    it runs.
+    `open_session` opens the connections toward the pods (`pods`: every inference request;
+    `session`: the model catalog's polls); `catalog` is set by the gateway while it runs.
 
     Args:
         config: Gateway settings (timeouts, ``maxAttempts``, ``unhealthyCooldown``).
@@ -133,13 +132,12 @@ class Forwarder:
         self.relay = relay
         self.cooldowns = Cooldowns(config.unhealthy_cooldown)
         self.session: aiohttp.ClientSession | None = None
-        self.pod_streams: PodStreamPool | None = None
+        self.pods: PodStreamPool | None = None
         self.catalog: ModelCatalog | None = None
-        # Bounded by pool size x routes; entries of removed endpoints are forgotten.
-        self._urls: dict[tuple[str, str], yarl.URL] = {}
 
     def open_session(self) -> aiohttp.ClientSession:
-        """Open the pooled client session toward the pods (the gateway's only one)."""
+        """Open the connection pools toward the pods; the aiohttp session (for the model
+        catalog's polls) is returned."""
         cfg = self.config
         connector = aiohttp.TCPConnector(
             limit=cfg.max_connections,
@@ -157,10 +155,10 @@ class Forwarder:
             # NOTE: cookies from one client must never reach another's requests.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        # NOTE: streamed requests go over the gateway's own connections (podstream: the body
-        # reaches the relay by callback, half the CPU per relayed event); the same limits
-        # apply to them apart.
-        self.pod_streams = PodStreamPool(
+        # NOTE: inference requests go over the gateway's own connections (podstream: the
+        # answer reaches the relay by callback, half the CPU per relayed event of the aiohttp
+        # client); the same limits apply to them apart.
+        self.pods = PodStreamPool(
             per_endpoint=cfg.max_connections_per_endpoint,
             total=cfg.max_connections,
             keepalive=cfg.upstream_keepalive,
@@ -172,15 +170,13 @@ class Forwarder:
         if self.session is not None:
             await self.session.close()
             self.session = None
-        if self.pod_streams is not None:
-            await self.pod_streams.close()
-            self.pod_streams = None
+        if self.pods is not None:
+            await self.pods.close()
+            self.pods = None
 
     def forget(self, endpoint_ids: Iterable[str]) -> None:
         """Drop what is kept about endpoints that left the pool."""
         gone = set(endpoint_ids)
-        for key in [k for k in self._urls if k[0] in gone]:
-            del self._urls[key]
         for eid in gone:
             self.cooldowns.forget(eid)
 
@@ -198,8 +194,6 @@ class Forwarder:
     ) -> web.StreamResponse:
         """Send the request to ``attempt.result``'s pick (failing over as needed) and relay the
         answer; `info` ends up with the status and error the post-response hooks get."""
-        session = self.session
-        assert session is not None
         headers = self.relay.forward_headers(request, sreq)
         failed: set[str] = set()
         # NOTE: vLLM starts a stream (headers) as soon as it accepts the request, but answers a
@@ -208,20 +202,21 @@ class Forwarder:
         self.metrics.overhead.observe(time.perf_counter() - t0)
         for name in ROUTING_HEADERS:
             headers.pop(name, None)
-        pods = self.pod_streams if stream else None
-        outcome: aiohttp.ClientResponse | PodResponse | web.Response | _Failed
+        pods = self.pods
+        assert pods is not None
         while True:
             target = attempt.result.targets[0]
-            if pods is not None:
-                outcome = await self._try_pod(
-                    pods, target, path, body, headers, attempt, info, first_byte
-                )
-            else:
-                outcome = await self._try(
-                    session, target, path, body, headers, attempt, info, first_byte, stream
-                )
-            if isinstance(outcome, aiohttp.ClientResponse | PodResponse):
+            outcome = await self._try(
+                pods, target, path, body, headers, attempt, info, first_byte, stream
+            )
+            if isinstance(outcome, PodResponse):
                 resp = outcome
+                coding = resp.headers.get("content-encoding", "identity").strip().lower()
+                if coding not in ("", "identity"):
+                    # NOTE: asked for none (`PodStreamPool.request`); a coded answer could not
+                    # be framed or read for usage, nor relayed without its header.
+                    resp.close()
+                    return self._invalid(target, path, attempt, info, f"content-encoding {coding}")
                 break
             if isinstance(outcome, web.StreamResponse):
                 return outcome
@@ -234,15 +229,11 @@ class Forwarder:
             self.catalog.mark(target.id, reachable=True)
         info.status = resp.status
         info.error = None
-        if isinstance(resp, PodResponse):
-            if resp.content_type == "text/event-stream":
-                return await self.relay.stream_pod(request, resp, target, info, attempt)
-            return await self.relay.body_pod(resp, target, info, attempt.result.response_headers)
         if resp.content_type == "text/event-stream":
             return await self.relay.stream(request, resp, target, info, attempt)
         return await self.relay.body(resp, target, info, attempt.result.response_headers)
 
-    async def _try_pod(
+    async def _try(
         self,
         pods: PodStreamPool,
         target: Endpoint,
@@ -252,10 +243,17 @@ class Forwarder:
         attempt: Attempt,
         info: ResponseInfo,
         first_byte: float,
+        stream: bool,
     ) -> PodResponse | web.Response | _Failed:
-        """`_try` for a streamed request, over the gateway's own pod connections."""
-        # NOTE: ``readTimeout`` bounds the wait for the head too (as aiohttp's sock_read did):
-        # a silent pod then gets 504, not another candidate.
+        """One attempt at `target`: the pod's response head, the error answer the client
+        gets, or a failure another pod may not have.
+
+        NOTE: a redirect is the pod's answer, relayed as is (never followed: it would contact
+        a host outside the pool). The scheduler's routing headers (the P/D prefill pick for
+        the decode pod's sidecar) go with each attempt's own pick.
+        """
+        # NOTE: ``readTimeout``, when shorter, bounds the wait for the head: a silent pod then
+        # gets 504, not another candidate.
         read = self.config.read_timeout
         silent = bool(read) and read < first_byte
         try:
@@ -272,16 +270,7 @@ class Forwarder:
         except PodDisconnected as exc:
             return _Failed("disconnect", False, exc)
         except (PodProtocolError, ValueError) as exc:
-            self.metrics.upstream_errors.labels(target.id, "protocol").inc()
-            logger.warning(
-                "%s %s: invalid answer from %s: %s",
-                attempt.request.request_id,
-                path,
-                target.id,
-                exc,
-            )
-            info.status, info.error = 502, f"{target.id}: {exc}"
-            return _upstream_error(502, "Invalid answer from the endpoint.", "upstream_error")
+            return self._invalid(target, path, attempt, info, str(exc))
         except TimeoutError as exc:
             if silent:
                 self.metrics.upstream_errors.labels(target.id, "timeout").inc()
@@ -290,68 +279,22 @@ class Forwarder:
                     504, f"The endpoint did not answer within {read}s.", "upstream_timeout"
                 )
             # The pod accepted the connection but did not start answering in time.
-            return _Failed("first_byte", True, exc)
-        except OSError as exc:
-            return _Failed("disconnect", False, exc)
-
-    async def _try(
-        self,
-        session: aiohttp.ClientSession,
-        target: Endpoint,
-        path: str,
-        body: bytes,
-        headers: dict[str, str],
-        attempt: Attempt,
-        info: ResponseInfo,
-        first_byte: float,
-        stream: bool,
-    ) -> aiohttp.ClientResponse | web.Response | _Failed:
-        """One attempt at `target`: the pod's response, the error answer the client gets, or a
-        failure another pod may not have."""
-        url = self._url(target, path)
-        try:
-            # NOTE: a redirect is the pod's answer, relayed as is: following it would contact a
-            # host outside the pool. The scheduler's routing headers (the P/D prefill pick for
-            # the decode pod's sidecar) go with each attempt's own pick.
-            async with asyncio.timeout(first_byte):
-                return await session.post(
-                    url,
-                    data=body,
-                    headers={**headers, **attempt.result.headers},
-                    allow_redirects=False,
-                )
-        except (
-            aiohttp.ClientConnectorError,
-            aiohttp.ConnectionTimeoutError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-        ) as exc:
-            connect = isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
-            return _Failed("connect" if connect else "disconnect", connect, exc)
-        except aiohttp.SocketTimeoutError as exc:
-            self.metrics.upstream_errors.labels(target.id, "timeout").inc()
-            info.status, info.error = 504, f"{target.id}: {exc}"
-            return _upstream_error(
-                504,
-                f"The endpoint did not answer within {self.config.read_timeout}s.",
-                "upstream_timeout",
-            )
-        except aiohttp.ClientError as exc:
-            self.metrics.upstream_errors.labels(target.id, "protocol").inc()
-            logger.warning(
-                "%s %s: invalid answer from %s: %s",
-                attempt.request.request_id,
-                path,
-                target.id,
-                exc,
-            )
-            info.status, info.error = 502, f"{target.id}: {exc}"
-            return _upstream_error(502, "Invalid answer from the endpoint.", "upstream_error")
-        except TimeoutError as exc:
-            # The pod accepted the connection but did not start answering in time.
             if stream:
                 return _Failed("first_byte", True, exc)
             return self._timed_out(target, path, attempt, info, first_byte)
+        except OSError as exc:
+            return _Failed("disconnect", False, exc)
+
+    def _invalid(
+        self, target: Endpoint, path: str, attempt: Attempt, info: ResponseInfo, why: str
+    ) -> web.Response:
+        """The 502 of an answer that is not valid HTTP (or not one the relay can pass on)."""
+        self.metrics.upstream_errors.labels(target.id, "protocol").inc()
+        logger.warning(
+            "%s %s: invalid answer from %s: %s", attempt.request.request_id, path, target.id, why
+        )
+        info.status, info.error = 502, f"{target.id}: {why}"
+        return _upstream_error(502, "Invalid answer from the endpoint.", "upstream_error")
 
     def _timed_out(
         self,
@@ -451,15 +394,6 @@ class Forwarder:
             except Exception:
                 pass
             raise
-
-    def _url(self, target: Endpoint, path: str) -> yarl.URL:
-        key = (target.id, path)
-        url = self._urls.get(key)
-        if url is None:
-            url = self._urls[key] = yarl.URL.build(
-                scheme="http", host=target.address, port=target.port, path=path
-            )
-        return url
 
 
 def _upstream_error(status: int, message: str, code: str) -> web.Response:

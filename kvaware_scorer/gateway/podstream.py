@@ -1,12 +1,12 @@
-"""Streamed requests to the pods over the gateway's own HTTP/1.1 connections, the answer's body
-handed to a callback as it arrives.
+"""Inference requests to the pods over the gateway's own HTTP/1.1 connections, the answer's
+body handed to a callback as it arrives.
 
 Relaying SSE token events is most of the gateway's CPU. With aiohttp's client every event
 wakes the relaying task through a future (`StreamReader.readany`); here the pod connection is
 an asyncio protocol whose ``data_received`` decodes the body framing and calls the relay's sink
 at once, which writes the events to the client: no task wake-up per event. Measured with
-``benchmarks/bench_relay.py``: about half the relay CPU per streamed answer. Whole-body requests
-and everything else still go through the aiohttp session.
+``benchmarks/bench_relay.py``: about half the relay CPU per streamed answer. Only the model
+catalog's ``/v1/models`` polls still use an aiohttp session.
 
 Bounds: a response head of at most `MAX_HEAD` bytes (and `MAX_HEADERS` lines), a chunk-size
 line or trailer line of at most `MAX_LINE`; at most ``per_endpoint`` connections per pod and
@@ -43,13 +43,14 @@ MAX_HEAD = 64 * 1024
 MAX_HEADERS = 256
 #: Longest chunk-size or trailer line.
 MAX_LINE = 4096
-#: Largest whole body read (`PodResponse.read` from the relay: a streamed request the pod
-#: answered whole, such as an error).
+#: Largest whole (non-SSE) answer the relay reads (`PodResponse.read`).
 MAX_BODY = 64 * 1024 * 1024
 
 _CRLF = b"\r\n"
 #: Request headers the pool writes itself.
-_OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
+_OWN_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "accept-encoding"}
+)
 
 
 class PodConnectError(OSError):
@@ -569,6 +570,9 @@ class PodStreamPool:
                 # client, so only a plugin could produce one.
                 raise ValueError(f"header {k!r} holds a line break")
             lines.append(f"{k}: {v}")
+        # NOTE: answers must come uncompressed (the relay frames SSE events and reads usage);
+        # without Accept-Encoding any coding would be acceptable (RFC 9110 §12.5.3).
+        lines.append("Accept-Encoding: identity")
         lines.append(f"Content-Length: {len(body)}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         assert conn.transport is not None

@@ -59,11 +59,11 @@ _DROP_REQUEST = _HOP_BY_HOP | {
     "content-encoding",
     "expect",
 }
-#: Response headers never relayed: hop-by-hop ones, the encoding (the client session decodes)
-#: and those the gateway's server sets itself.
+#: Response headers never relayed: hop-by-hop ones, the encoding (pods are asked for none;
+#: an answer with one is refused by the forwarder) and those the gateway's server sets itself.
 _DROP_RESPONSE = _HOP_BY_HOP | {"content-encoding", "date", "server"}
 #: Bytes waiting for a client above which the pod's stream is paused, and below which it goes
-#: on (`Relay.stream_pod`); checked every `_DRAIN_POLL` seconds while paused.
+#: on (`Relay.stream`); checked every `_DRAIN_POLL` seconds while paused.
 _CLIENT_HIGH_WATER = 256 * 1024
 _CLIENT_LOW_WATER = 64 * 1024
 _DRAIN_POLL = 0.005
@@ -129,7 +129,7 @@ class _IdleWatch:
 
 
 class _PodPump:
-    """What `Relay._pump_pod`'s callbacks and its task share."""
+    """What `Relay._pump`'s callbacks and its task share."""
 
     __slots__ = ("error", "finished", "gone", "kick", "paused", "stopped")
 
@@ -142,7 +142,7 @@ class _PodPump:
         self.kick: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
-        """Wake the task waiting in `Relay._pump_pod`."""
+        """Wake the task waiting in `Relay._pump`."""
         if self.kick is not None and not self.kick.done():
             self.kick.set_result(None)
 
@@ -195,7 +195,7 @@ class Relay:
 
     def response_headers(
         self,
-        resp: aiohttp.ClientResponse | PodResponse,
+        resp: PodResponse,
         target: Endpoint,
         extra: Mapping[str, str] | None = None,
     ) -> CIMultiDict[str]:
@@ -233,46 +233,13 @@ class Relay:
 
     async def body(
         self,
-        resp: aiohttp.ClientResponse,
-        target: Endpoint,
-        info: ResponseInfo,
-        extra: Mapping[str, str] | None = None,
-    ) -> web.StreamResponse:
-        """Relay a non-streamed answer whole (502 when it breaks off or stalls)."""
-        try:
-            async with asyncio.timeout(self.config.stream_idle_timeout):
-                data = await resp.read()
-        except asyncio.CancelledError:
-            resp.close()
-            raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            resp.close()
-            kind = "timeout" if isinstance(exc, TimeoutError) else "disconnect"
-            self.metrics.upstream_errors.labels(target.id, kind).inc()
-            info.status, info.error = 502, f"{target.id}: {exc!r}"
-            logger.warning("answer from %s broke off: %r", target.id, exc)
-            return json_response(
-                error_body(
-                    "The endpoint failed while answering.",
-                    "server_error",
-                    None,
-                    "upstream_error",
-                ),
-                502,
-            )
-        finally:
-            resp.release()
-        return self._whole(resp, data, target, info, extra)
-
-    async def body_pod(
-        self,
         resp: PodResponse,
         target: Endpoint,
         info: ResponseInfo,
         extra: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
-        """`body` for an answer on the gateway's own pod connection (a streamed request the
-        pod answered whole, e.g. with an error)."""
+        """Relay a whole answer (at most `MAX_BODY` bytes; 502 when it breaks off or stalls
+        ``streamIdleTimeout``)."""
         try:
             async with asyncio.timeout(self.config.stream_idle_timeout):
                 data = await resp.read(MAX_BODY)
@@ -299,7 +266,7 @@ class Relay:
 
     def _whole(
         self,
-        resp: aiohttp.ClientResponse | PodResponse,
+        resp: PodResponse,
         data: bytes,
         target: Endpoint,
         info: ResponseInfo,
@@ -320,106 +287,15 @@ class Relay:
     async def stream(
         self,
         request: web.Request,
-        resp: aiohttp.ClientResponse,
-        target: Endpoint,
-        info: ResponseInfo,
-        attempt: Attempt,
-    ) -> web.StreamResponse:
-        """Relay an SSE answer as its events arrive; a stream that breaks off (or stalls past
-        ``streamIdleTimeout``) ends with an SSE error event and ``[DONE]``."""
-        out = web.StreamResponse(
-            status=resp.status,
-            headers=self.response_headers(resp, target, attempt.result.response_headers),
-        )
-        framer = SSEFramer()
-        failure: str | None = None
-        try:
-            await out.prepare(request)
-            attempt.started = True
-            failure = await self._pump(resp, out, target, framer, attempt)
-            if failure is not None:
-                await self._broke_off(out, target, info, failure, framer.torn)
-            await out.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
-            # The client went away: dropping the pod connection makes vLLM abort the request.
-            resp.close()
-            self.metrics.client_disconnects.inc()
-            info.status, info.error = 499, f"client disconnected: {exc}"
-            return out
-        except asyncio.CancelledError:
-            resp.close()
-            if self.draining() and out.prepared:
-                await self._cut_short(out, framer.torn)
-            raise
-        finally:
-            if framer.usage is not None:
-                self.record_usage(info, framer.usage)
-            if failure is not None:
-                resp.close()
-            else:
-                resp.release()
-        return out
-
-    async def _pump(
-        self,
-        resp: aiohttp.ClientResponse,
-        out: web.StreamResponse,
-        target: Endpoint,
-        framer: SSEFramer,
-        attempt: Attempt,
-    ) -> str | None:
-        """Relay complete events until the pod's stream ends; why it broke off, or None when
-        it ended with ``[DONE]``."""
-        content = resp.content
-        loop = asyncio.get_running_loop()
-        idle = _IdleWatch(loop, self.config.stream_idle_timeout)
-        try:
-            while True:
-                idle.last = loop.time()
-                idle.reading = True
-                try:
-                    chunk = await content.readany()
-                except aiohttp.ClientError as exc:
-                    self.metrics.upstream_errors.labels(target.id, "mid_stream").inc()
-                    return repr(exc)
-                except asyncio.CancelledError:
-                    if not idle.expired():
-                        raise
-                    self.metrics.upstream_errors.labels(target.id, "timeout").inc()
-                    return f"no data for {self.config.stream_idle_timeout:g}s"
-                idle.reading = False
-                if not chunk:
-                    last = framer.finish()
-                    if last:
-                        await out.write(last)
-                    if framer.done:
-                        return None
-                    self.metrics.upstream_errors.labels(target.id, "mid_stream").inc()
-                    return "the stream ended without [DONE]"
-                events = framer.feed(chunk)
-                if not events:
-                    continue
-                await out.write(events)
-                if not attempt.first_token:
-                    # NOTE: a stream's first event carries the first token: the prefill is
-                    # over (predicted-ttft-scorer stops counting it as queued and learns
-                    # from it).
-                    attempt.first_token = True
-                    self.first_token(attempt.request, attempt.result)
-        finally:
-            idle.close()
-
-    async def stream_pod(
-        self,
-        request: web.Request,
         resp: PodResponse,
         target: Endpoint,
         info: ResponseInfo,
         attempt: Attempt,
     ) -> web.StreamResponse:
-        """`stream` for an answer on the gateway's own pod connection (`PodStreamPool`): each
-        piece of the body is framed and written to the client from the connection's callback,
-        no task wake-up per event; this task waits for the end (or ``streamIdleTimeout``)."""
+        """Relay an SSE answer as its events arrive: each piece of the body is framed and
+        written to the client from the pod connection's callback (`PodStreamPool`), no task
+        wake-up per event; this task waits for the end. A stream that breaks off (or stalls
+        past ``streamIdleTimeout``) ends with an SSE error event and ``[DONE]``."""
         out = web.StreamResponse(
             status=resp.status,
             headers=self.response_headers(resp, target, attempt.result.response_headers),
@@ -437,7 +313,7 @@ class Relay:
             # the empty write sends it, so the events written below follow it.
             await out.write(b"")
             attempt.started = True
-            failure = await self._pump_pod(request, resp, out, target, framer, attempt)
+            failure = await self._pump(request, resp, out, target, framer, attempt)
             ended = True
             if failure is not None:
                 await self._broke_off(out, target, info, failure, framer.torn)
@@ -461,7 +337,7 @@ class Relay:
                 resp.release()
         return out
 
-    async def _pump_pod(
+    async def _pump(
         self,
         request: web.Request,
         resp: PodResponse,
@@ -477,8 +353,7 @@ class Relay:
         if client is None or client.is_closing():
             raise ConnectionResetError("the client connection is closed")
         chunked = out.chunked
-        # NOTE: ``readTimeout``, when shorter, bounds the silence inside a stream too (as
-        # aiohttp's sock_read did on the other path).
+        # NOTE: ``readTimeout``, when shorter, bounds the silence inside a stream too.
         silence = self.config.stream_idle_timeout
         if self.config.read_timeout:
             silence = min(silence, self.config.read_timeout)
@@ -510,7 +385,8 @@ class Relay:
                 state.wake()
                 return
             if not attempt.first_token:
-                # NOTE: as in `_pump`: the first event carries the first token.
+                # NOTE: a stream's first event carries the first token: the prefill is
+                # over (predicted-ttft-scorer stops counting it as queued and learns from it).
                 attempt.first_token = True
                 self.first_token(attempt.request, attempt.result)
             if not state.paused and client.get_write_buffer_size() > _CLIENT_HIGH_WATER:

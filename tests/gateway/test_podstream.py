@@ -272,6 +272,7 @@ class StreamingPod:
         self.port = 0
         self.finished_at: float | None = None
         self.written = 0  # events taken by the gateway so far
+        self.answer: bytes | None = None  # every POST's whole answer instead, when set
         self._server: asyncio.AbstractServer | None = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -291,6 +292,9 @@ class StreamingPod:
                         b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                         b"content-length: %d\r\n\r\n%s" % (len(body), body)
                     )
+                    continue
+                if self.answer is not None:
+                    writer.write(self.answer)
                     continue
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -382,7 +386,7 @@ async def test_streams_through_the_gateway_reuse_pod_connections(tmp_path: Path)
                     assert resp.status == 200
                     text = await resp.text()
                 assert text.count("data: {") == 5 and text.endswith("data: [DONE]\n\n")
-        pool = gw.gateway.forwarder.pod_streams
+        pool = gw.gateway.forwarder.pods
         assert pool is not None
         assert sum(len(v) for v in pool._idle_conns.values()) == 1
 
@@ -445,3 +449,22 @@ async def test_a_head_trickling_in_byte_by_byte_is_read() -> None:
         pool = _pool()
         assert (await _read(pool, pod.port))[:2] == (200, b"ok")
         await pool.close()
+
+
+async def test_a_compressed_or_invalid_answer_is_a_502(tmp_path: Path) -> None:
+    answers = (
+        b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: 2\r\n\r\nzz",
+        b"HTTP/1.1 OK\r\n\r\n",
+    )
+    async with (
+        StreamingPod(1, 10) as pod,
+        _gateway(tmp_path, pod) as gw,
+        aiohttp.ClientSession() as s,
+    ):
+        for answer in answers:
+            pod.answer = answer
+            for stream in (True, False):
+                payload = {"model": MODEL, "prompt": "hi", "stream": stream}
+                async with s.post(gw.url + "/v1/completions", json=payload) as resp:
+                    assert resp.status == 502, (answer, stream)
+                    assert (await resp.json())["error"]["code"] == "upstream_error"
