@@ -468,3 +468,20 @@ async def test_a_compressed_or_invalid_answer_is_a_502(tmp_path: Path) -> None:
                 async with s.post(gw.url + "/v1/completions", json=payload) as resp:
                     assert resp.status == 502, (answer, stream)
                     assert (await resp.json())["error"]["code"] == "upstream_error"
+
+
+async def test_total_limit_closes_an_idle_connection_for_another_pod() -> None:
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    async with RawPod(lambda _: ok) as a, RawPod(lambda _: ok) as b:
+        pool = _pool(total=1)
+        first = await pool.request("127.0.0.1", a.port, "/", {}, b"")
+        other = asyncio.ensure_future(pool.request("127.0.0.1", b.port, "/", {}, b""))
+        await asyncio.sleep(0.1)
+        assert not other.done()  # the one connection allowed is in use
+        assert await first.read(10) == b"ok"
+        first.release()  # idle now: closed to make room for the other pod
+        resp = await asyncio.wait_for(other, 2)
+        assert await resp.read(10) == b"ok"
+        resp.release()
+        assert (a.connections, b.connections) == (1, 1)
+        await pool.close()
