@@ -436,27 +436,35 @@ class PodStreamPool:
             self._open.pop(key, None)
         self._open_total += delta
 
+    def _take_idle(self, key: tuple[str, int], newest: bool) -> _Conn | None:
+        """An idle connection to `key` taken out of the pool (the newest or the oldest)."""
+        idle = self._idle_conns.get(key)
+        if not idle:
+            return None
+        conn = idle.pop() if newest else idle.popleft()
+        if not idle:
+            del self._idle_conns[key]
+        if conn.idle_handle is not None:
+            conn.idle_handle.cancel()
+            conn.idle_handle = None
+        return conn
+
     async def _acquire(self, key: tuple[str, int]) -> _Conn:
         while True:
-            idle = self._idle_conns.get(key)
-            while idle:
-                conn = idle.pop()
-                if not idle:
-                    del self._idle_conns[key]
-                if conn.idle_handle is not None:
-                    conn.idle_handle.cancel()
-                    conn.idle_handle = None
+            while (conn := self._take_idle(key, newest=True)) is not None:
                 if not conn.lost and conn.transport is not None and not conn.transport.is_closing():
                     conn._reset()
                     return conn
-                idle = self._idle_conns.get(key)
             full = (self.per_endpoint and self._open.get(key, 0) >= self.per_endpoint) or (
                 self.total and self._open_total >= self.total
             )
             if not full:
                 break
-            if self.total and self._open_total >= self.total:
-                self._drop_an_idle()  # another pod's idle connection makes room when it closes
+            if self.total and self._open_total >= self.total and self._idle_conns:
+                # NOTE: another pod's idle connection makes room once it has closed (_lost)
+                oldest = self._take_idle(next(iter(self._idle_conns)), newest=False)
+                if oldest is not None:
+                    oldest._close()
             self._waiting += 1
             try:
                 async with self._room:
@@ -468,30 +476,16 @@ class PodStreamPool:
         try:
             async with asyncio.timeout(self.connect_timeout or None):
                 _, proto = await loop.create_connection(lambda: _Conn(self, key), key[0], key[1])
-        except TimeoutError as exc:
+        except BaseException as exc:
             self._count(key, -1)
             self._notify()
-            raise PodConnectError(f"connect to {key[0]}:{key[1]} timed out") from exc
-        except OSError as exc:
-            self._count(key, -1)
-            self._notify()
-            raise PodConnectError(f"cannot connect to {key[0]}:{key[1]}: {exc}") from exc
-        except BaseException:
-            self._count(key, -1)
-            self._notify()
+            where = f"{key[0]}:{key[1]}"
+            if isinstance(exc, TimeoutError):
+                raise PodConnectError(f"connect to {where} timed out") from exc
+            if isinstance(exc, OSError):
+                raise PodConnectError(f"cannot connect to {where}: {exc}") from exc
             raise
         return proto
-
-    def _drop_an_idle(self) -> None:
-        for key, idle in self._idle_conns.items():
-            conn = idle.popleft()
-            if not idle:
-                del self._idle_conns[key]
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
-            conn._close()  # counted off in _lost
-            return
 
     def _notify(self) -> None:
         if not self._waiting:

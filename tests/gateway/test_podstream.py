@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Self
 
 import aiohttp
 import pytest
@@ -37,18 +38,18 @@ CHUNKED = (
 CHUNKED_BODY = b"data: a\n\ndata: bc\n\n\n"
 
 
-class RawPod:
-    """A server on 127.0.0.1 that answers each request head (and its content-length body)
-    with `answer(n)` for the n-th request, written in pieces of `piece` bytes."""
+class _RawServer:
+    """A server on 127.0.0.1 that reads each request (head and content-length body) and has
+    `answer` write the reply; with `close_after`, one request per connection."""
 
-    def __init__(self, answer: Callable[[int], bytes], piece: int = 0, close: bool = False):
-        self.answer = answer
-        self.piece = piece
-        self.close = close
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.server: asyncio.AbstractServer | None = None
+    def __init__(self) -> None:
         self.port = 0
+        self.connections = 0
+        self.close_after = False
+        self._server: asyncio.AbstractServer | None = None
+
+    async def answer(self, head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -59,28 +60,41 @@ class RawPod:
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":", 1)[1])
-                body = await reader.readexactly(length)
-                self.requests.append(head + body)
-                data = self.answer(len(self.requests) - 1)
-                step = self.piece or len(data)
-                for i in range(0, len(data), step):
-                    writer.write(data[i : i + step])
-                    await writer.drain()
-                if self.close:
+                await self.answer(head, await reader.readexactly(length), writer)
+                if self.close_after:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
 
-    async def __aenter__(self) -> RawPod:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
+        assert self._server is not None
+        self._server.close()
+
+
+class RawPod(_RawServer):
+    """Answers the n-th request with `reply(n)`, written in pieces of `piece` bytes."""
+
+    def __init__(self, reply: Callable[[int], bytes], piece: int = 0, close: bool = False):
+        super().__init__()
+        self.reply = reply
+        self.piece = piece
+        self.close_after = close
+        self.requests: list[bytes] = []
+
+    async def answer(self, head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        self.requests.append(head + body)
+        data = self.reply(len(self.requests) - 1)
+        step = self.piece or len(data)
+        for i in range(0, len(data), step):
+            writer.write(data[i : i + step])
+            await writer.drain()
 
 
 async def _read(pool: PodStreamPool, port: int) -> tuple[int, bytes, object]:
@@ -259,70 +273,47 @@ async def test_idle_connections_close_after_keepalive() -> None:
 # -- through the gateway ------------------------------------------------------------------------
 
 
-class StreamingPod:
-    """A pod for the gateway: ``/v1/models`` and ``/health`` answered, every completion
-    streamed as `events` SSE events of `size` bytes as fast as the connection takes them;
-    records when its last write was taken by the gateway."""
+class StreamingPod(_RawServer):
+    """A pod for the gateway: GETs (``/v1/models``, ``/health``) get the model list, every
+    completion is streamed as `events` SSE events of `size` bytes as fast as the connection
+    takes them (or answered with `answer_bytes` when set); records when its last write was
+    taken by the gateway."""
 
     def __init__(self, events: int, size: int) -> None:
+        super().__init__()
         self.events = events
         self.size = size
         self.name = "raw-0"
         self.model = MODEL
-        self.port = 0
         self.finished_at: float | None = None
         self.written = 0  # events taken by the gateway so far
-        self.answer: bytes | None = None  # every POST's whole answer instead, when set
-        self._server: asyncio.AbstractServer | None = None
+        self.answer_bytes: bytes | None = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                await reader.readexactly(length)
-                if not head.startswith(b"POST"):
-                    body = b'{"object":"list","data":[{"id":"%s","object":"model"}]}' % (
-                        MODEL.encode()
-                    )
-                    writer.write(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                        b"content-length: %d\r\n\r\n%s" % (len(body), body)
-                    )
-                    continue
-                if self.answer is not None:
-                    writer.write(self.answer)
-                    continue
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                    b"transfer-encoding: chunked\r\n\r\n"
-                )
-                for i in range(self.events):
-                    text = b"%06d" % i + b"x" * (self.size - 6)
-                    event = b'data: {"choices":[{"text":"' + text + b'"}]}\n\n'
-                    writer.write(b"%x\r\n%s\r\n" % (len(event), event))
-                    await writer.drain()
-                    self.written = i + 1
-                event = b"data: [DONE]\n\n"
-                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
-                await writer.drain()
-                self.finished_at = time.monotonic()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def __aenter__(self) -> StreamingPod:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
+    async def answer(self, head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        if not head.startswith(b"POST"):
+            models = b'{"object":"list","data":[{"id":"%s","object":"model"}]}' % MODEL.encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(models), models)
+            )
+            return
+        if self.answer_bytes is not None:
+            writer.write(self.answer_bytes)
+            return
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        for i in range(self.events):
+            text = b"%06d" % i + b"x" * (self.size - 6)
+            event = b'data: {"choices":[{"text":"' + text + b'"}]}\n\n'
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+            self.written = i + 1
+        event = b"data: [DONE]\n\n"
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+        await writer.drain()
+        self.finished_at = time.monotonic()
 
 
 @asynccontextmanager
@@ -462,7 +453,7 @@ async def test_a_compressed_or_invalid_answer_is_a_502(tmp_path: Path) -> None:
         aiohttp.ClientSession() as s,
     ):
         for answer in answers:
-            pod.answer = answer
+            pod.answer_bytes = answer
             for stream in (True, False):
                 payload = {"model": MODEL, "prompt": "hi", "stream": stream}
                 async with s.post(gw.url + "/v1/completions", json=payload) as resp:
