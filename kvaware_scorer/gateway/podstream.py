@@ -127,7 +127,7 @@ class _Conn(asyncio.Protocol):
     # -- framing --------------------------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
-        if self.mode == "head":
+        while self.mode == "head":
             if self.head_buf:
                 # NOTE: a head trickling in byte by byte costs linear time: appended in
                 # place, searched from where the last search stopped.
@@ -150,9 +150,9 @@ class _Conn(asyncio.Protocol):
             response = self._parse_head(bytes(buf[:end]))
             data = bytes(buf[end + 4 :])
             if response is None:  # an interim 1xx answer: the real head follows
-                if data:
-                    self._feed(data)
-                return
+                if not data:
+                    return
+                continue
             self.response = response
             if self.head is not None and not self.head.done():
                 self.head.set_result(response)

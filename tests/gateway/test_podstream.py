@@ -476,3 +476,12 @@ async def test_total_limit_closes_an_idle_connection_for_another_pod() -> None:
         resp.release()
         assert (a.connections, b.connections) == (1, 1)
         await pool.close()
+
+
+async def test_endless_interim_answers_cost_no_recursion() -> None:
+    flood = b"HTTP/1.1 100 Continue\r\n\r\n" * 5000  # one read of many 1xx heads
+    answer = flood + b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    async with RawPod(lambda _: answer) as pod:
+        pool = _pool()
+        assert (await _read(pool, pod.port))[:2] == (200, b"ok")
+        await pool.close()
