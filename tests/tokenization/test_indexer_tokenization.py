@@ -138,9 +138,11 @@ async def test_ascore_keeps_the_event_loop_responsive(
     assert scores == {A: 0.0, B: 0.0}
     assert elapsed > 0.15, "the prompt is too short to show anything"
     assert len(lags) >= 10
-    # Shared CI hosts add scheduling noise of their own; the bound still rules out a loop
-    # that waits for the tokenizer (which the control below shows as one long lag).
-    assert max(lags) < min(0.25, 0.3 * elapsed), (max(lags), elapsed)
+    # Shared CI hosts add scheduling noise of their own (a stall of a quarter second was seen
+    # on a loaded 2-core machine, out of 0.78 s); relative to the work, the bound still rules
+    # out a loop that waits for the tokenizer, which the control below shows as one lag about
+    # as long as the whole tokenization.
+    assert max(lags) < 0.5 * elapsed, (max(lags), elapsed)
     # Control: the same work done on the loop thread shows up as one long lag.
     lags.clear()
     done.clear()
