@@ -211,12 +211,6 @@ class Forwarder:
             )
             if isinstance(outcome, PodResponse):
                 resp = outcome
-                coding = resp.headers.get("content-encoding", "identity").strip().lower()
-                if coding not in ("", "identity"):
-                    # NOTE: asked for none (`PodStreamPool.request`); a coded answer could not
-                    # be framed or read for usage, nor relayed without its header.
-                    resp.close()
-                    return self._invalid(target, path, attempt, info, f"content-encoding {coding}")
                 break
             if isinstance(outcome, web.StreamResponse):
                 return outcome

@@ -86,7 +86,6 @@ class _Conn(asyncio.Protocol):
         self.buf = b""  # an incomplete chunk-size or trailer line
         self.head_buf = bytearray()  # an incomplete response head
         self.head: asyncio.Future[PodResponse] | None = None
-        self.response: PodResponse | None = None
         self.sink: Sink | None = None
         self.end: End | None = None
         self.pending: list[bytes] = []  # body bytes that arrived before the sink was set
@@ -153,7 +152,6 @@ class _Conn(asyncio.Protocol):
                 if not data:
                     return
                 continue
-            self.response = response
             if self.head is not None and not self.head.done():
                 self.head.set_result(response)
             if self.mode == "done":
@@ -189,6 +187,11 @@ class _Conn(asyncio.Protocol):
         http10 = parts[0] == b"HTTP/1.0"
         conn = headers.get("connection", "").lower()
         keep = ("keep-alive" in conn) if http10 else ("close" not in conn)
+        coding = headers.get("content-encoding", "identity").strip().lower()
+        if coding not in ("", "identity"):
+            # NOTE: asked for none (`PodStreamPool.request`): a coded answer could not be framed
+            # or read for usage, nor relayed without its header.
+            raise PodProtocolError(f"content-encoding {coding}")
         te = headers.get("transfer-encoding", "").lower()
         if status in (101, 204, 304):
             self.mode = "done"
@@ -325,7 +328,7 @@ class _Conn(asyncio.Protocol):
 
 
 class PodResponse:
-    """A pod's answer to one streamed request: status and headers; the body through `start`
+    """A pod's answer to one request: status and headers; the body through `start`
     (as it arrives) or `read` (whole)."""
 
     __slots__ = ("_conn", "_keep", "headers", "status")
@@ -405,7 +408,7 @@ class PodResponse:
 
 
 class PodStreamPool:
-    """Keep-alive HTTP/1.1 connections to the pods for streamed requests.
+    """Keep-alive HTTP/1.1 connections to the pods for the gateway's inference requests.
 
     Args:
         per_endpoint: Most connections open to one pod (0 = no limit).
@@ -505,7 +508,7 @@ class PodStreamPool:
             return
         # NOTE: nothing of the finished request stays reachable from an idle connection (its
         # mode stays "done": bytes a pod sends unasked close it).
-        conn.head = conn.response = conn.sink = conn.end = None
+        conn.head = conn.sink = conn.end = None
         self._idle_conns.setdefault(conn.key, deque()).append(conn)
         loop = asyncio.get_running_loop()
         conn.idle_handle = loop.call_later(self.keepalive, self._expire, conn)
@@ -513,11 +516,7 @@ class PodStreamPool:
 
     def _expire(self, conn: _Conn) -> None:
         conn.idle_handle = None
-        idle = self._idle_conns.get(conn.key)
-        if idle is not None and conn in idle:
-            idle.remove(conn)
-            if not idle:
-                del self._idle_conns[conn.key]
+        self._discard(conn)
         conn._close()
 
     def _discard(self, conn: _Conn) -> None:
