@@ -42,6 +42,11 @@ MAX_HEAD = 64 * 1024
 MAX_PAGE = 16 * 1024 * 1024
 
 _RECV = 65536
+#: poll(2) where there is one: a round's few sockets are registered in user space (epoll costs
+#: a system call to create, one per socket to register and one to remove, every round).
+_Selector: type[selectors.BaseSelector] = getattr(
+    selectors, "PollSelector", selectors.DefaultSelector
+)
 
 
 class PageConnection:
@@ -342,7 +347,7 @@ def fetch_pages(
     """
     results: list[tuple[int, bytes] | OSError | None] = [None] * len(requests)
     retried: set[int] = set()
-    with selectors.DefaultSelector() as sel:
+    with _Selector() as sel:
 
         def fail(i: int, conn: PageConnection, exc: OSError) -> None:
             if conn._sock is not None:
@@ -354,10 +359,19 @@ def fetch_pages(
             try:
                 conn._begin(path, accept)
                 assert conn._sock is not None
-                sel.register(conn._sock, selectors.EVENT_WRITE, i)
+                # NOTE: a kept-alive connection takes the request at once (a few hundred bytes
+                # into an idle socket's buffer): no wait for it to be writable first.
+                sent = not conn._connecting and conn._writable()
             except OSError as exc:
+                stale = conn._stale() and i not in retried
                 conn.close()
                 results[i] = exc
+                if stale and conn._addr is not None:
+                    retried.add(i)
+                    results[i] = None
+                    begin(i, conn, path)
+                return
+            sel.register(conn._sock, selectors.EVENT_READ if sent else selectors.EVENT_WRITE, i)
 
         start = time.monotonic()
         deadline = start + timeout

@@ -310,6 +310,9 @@ class MetricsScraper:
         self.metrics = metrics
         self.staleness = staleness
         self._pages = PagePool()
+        if metrics is not None:  # the two series every scrape counts in, looked up once
+            self._scraped = metrics.scrapes.labels("ok")
+            self._failed = metrics.scrapes.labels("error")
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -352,13 +355,13 @@ class MetricsScraper:
             except (OSError, ValueError) as exc:
                 logger.debug("scrape of %s failed: %s", e.id, exc)
                 if self.metrics is not None:
-                    self.metrics.scrapes.labels("error").inc()
+                    self._failed.inc()
                 continue
             fresh.update_time = self.clock()
             e.metrics = fresh
             ok += 1
             if self.metrics is not None:
-                self.metrics.scrapes.labels("ok").inc()
+                self._scraped.inc()
                 self.metrics.scrape_latency.observe(fetched + time.perf_counter() - t0)
         return ok
 
