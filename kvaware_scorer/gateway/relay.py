@@ -60,7 +60,7 @@ _DROP_REQUEST = _HOP_BY_HOP | {
     "expect",
 }
 #: Response headers never relayed: hop-by-hop ones, the encoding (pods are asked for none;
-#: an answer with one is refused by the forwarder) and those the gateway's server sets itself.
+#: an answer with one is refused where its head is read, `PodStreamPool`) and those the gateway's server sets itself.
 _DROP_RESPONSE = _HOP_BY_HOP | {"content-encoding", "date", "server"}
 #: Bytes waiting for a client above which the pod's stream is paused, and below which it goes
 #: on (`Relay.stream`); checked every `_DRAIN_POLL` seconds while paused.
