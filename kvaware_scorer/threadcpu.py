@@ -45,7 +45,8 @@ def thread_group(name: str) -> str:
 
 
 def _task_cpu(tid: int, tick: float) -> float | None:
-    """CPU seconds (user + system) of one thread of this process, None when it is gone."""
+    """CPU seconds (user + system) of one thread of this process, None when it cannot be read
+    (the thread is gone, or the read failed: out of file descriptors, say)."""
     try:
         with open(f"{_TASKS}/{tid}/stat", "rb") as f:
             data = f.read()
@@ -72,7 +73,8 @@ class ThreadCPUCollector(Collector):
         self._lock = threading.Lock()
         self._tick = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
         self._proc = os.path.isdir(_TASKS)
-        self._live: dict[int, tuple[str, float]] = {}  # native id -> (group, last reading)
+        # (native id, Python ident) -> (group, last reading)
+        self._live: dict[tuple[int, int | None], tuple[str, float]] = {}
         self._ended: dict[str, float] = {}  # group -> CPU of its threads that ended
         self._native = 0.0  # never reported lower than before (clock-tick rounding)
 
@@ -90,21 +92,27 @@ class ThreadCPUCollector(Collector):
         """CPU seconds by thread group now (``native``: the process's rest)."""
         with self._lock:
             groups: dict[str, float] = {}
-            seen: dict[int, tuple[str, float]] = {}
+            seen: dict[tuple[int, int | None], tuple[str, float]] = {}
             if self._proc:
                 main = threading.main_thread()
                 for t in threading.enumerate():
                     tid = t.native_id
                     if tid is None:
                         continue
+                    key = (tid, t.ident)
                     cpu = _task_cpu(tid, self._tick)
                     if cpu is None:
-                        continue
+                        # NOTE: a live thread whose file could not be read this time keeps its
+                        # last reading; moved to `_ended`, it would count twice once readable
+                        last = self._live.get(key)
+                        if last is None or not t.is_alive():
+                            continue
+                        cpu = last[1]
                     name = "main" if t is main else self._group(t.name, groups)
                     groups[name] = groups.get(name, 0.0) + cpu
-                    seen[tid] = (name, cpu)
-                for tid, (name, cpu) in self._live.items():
-                    if tid not in seen:
+                    seen[key] = (name, cpu)
+                for key, (name, cpu) in self._live.items():
+                    if key not in seen:
                         self._ended[name] = self._ended.get(name, 0.0) + cpu
                 self._live = seen
             out = dict(self._ended)
