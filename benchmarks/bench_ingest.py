@@ -15,8 +15,9 @@ sent one hash per BlockRemoved as vLLM does):
    writes;
 5. the CPU one frame costs at a live rate (frames a few milliseconds apart, as a fleet of
    emulated pods sends them, not flat out), per thread of this process, against the same
-   frames decoded and applied back to back on one thread: what receiving and handing a frame
-   to the applying threads adds.
+   frames decoded and applied back to back on one thread, and one at a time at the same rate
+   on one thread: what receiving and handing a frame to the applying threads adds, and what
+   a frame costs only for coming alone (the caches gone cold between frames).
 
 Usage::
 
@@ -24,6 +25,7 @@ Usage::
     python benchmarks/bench_ingest.py --quick    # smaller runs
     python benchmarks/bench_ingest.py --parts 4  # memory only
     python benchmarks/bench_ingest.py --quick --parts 5  # CPU per frame at 50 frames/s
+    python benchmarks/bench_ingest.py --quick --parts 5 --apply-interval 0.05  # frames grouped
 """
 
 from __future__ import annotations
@@ -339,10 +341,11 @@ def _blocks_in(payload: bytes, dec: EventDecoder) -> int:
 
 
 def _subscribed(
-    stream: Stream,
+    stream: Stream, apply_interval: float | None = None
 ) -> tuple[list[tuple[int, int, bytes, int]], list[str], Indexer, KVEventSubscriber]:
     """The stream's frames per pod index, one bind endpoint per pod, and a subscriber
-    (not started) connected to them."""
+    (not started) connected to them (`apply_interval`: the subscriber's ``applyInterval``,
+    None for its default)."""
     import socket
 
     dec = EventDecoder()
@@ -356,7 +359,10 @@ def _subscribed(
     index_of = {p: i for i, p in enumerate(pods)}
     frames = [(index_of[p], s, pl, _blocks_in(pl, dec)) for p, s, pl in stream.frames]
     ix = Indexer()
-    sub = KVEventSubscriber(ix, {"defaultModel": MODEL, "rcvhwm": 0, "statsInterval": 0})
+    cfg: dict[str, Any] = {"defaultModel": MODEL, "rcvhwm": 0, "statsInterval": 0}
+    if apply_interval is not None:
+        cfg["applyInterval"] = apply_interval
+    sub = KVEventSubscriber(ix, cfg)
     for pod, ep in zip(pods, endpoints, strict=True):
         sub.add_endpoint(pod, ep)
     return frames, endpoints, ix, sub
@@ -478,14 +484,20 @@ def _thread_cpu() -> dict[str, float]:
     return out
 
 
-def bench_paced(stream: Stream, frames_per_s: float, count: int, idle: float = 3.0) -> None:
+def bench_paced(
+    stream: Stream,
+    frames_per_s: float,
+    count: int,
+    apply_interval: float | None,
+    idle: float = 3.0,
+) -> None:
     """Part 5: CPU per frame at a live rate, per thread, against apply alone."""
     import os
 
     sub_stream = Stream(
         stream.frames[:count], stream.stored, stream.removed, stream.events, stream.prompts
     )
-    frames, endpoints, _, sub = _subscribed(sub_stream)
+    frames, endpoints, _, sub = _subscribed(sub_stream, apply_interval)
     n = len(frames)
     # the floor: the same frames decoded and applied back to back on this thread
     alone = Indexer()
@@ -493,6 +505,13 @@ def bench_paced(stream: Stream, frames_per_s: float, count: int, idle: float = 3
     for pod, seq, payload in sub_stream.frames:
         alone.ingest(pod, MODEL, payload, seq)
     floor_us = (time.process_time() - t0) / n * 1e6
+    # the same on this thread, one frame at the paced rate: no hand-off, caches gone cold
+    spaced = Indexer()
+    t0 = time.process_time()
+    for pod, seq, payload in sub_stream.frames:
+        spaced.ingest(pod, MODEL, payload, seq)
+        time.sleep(1.0 / frames_per_s)
+    spaced_us = (time.process_time() - t0) / n * 1e6
     ctx = mp.get_context("spawn")
     ready = ctx.Event()
     proc = ctx.Process(
@@ -519,7 +538,8 @@ def bench_paced(stream: Stream, frames_per_s: float, count: int, idle: float = 3
     print(
         f"\n## 5. CPU per frame at {frames_per_s:g} frames/s ({handled:,} of {n:,} frames over"
         f" {len({p for p, _, _ in sub_stream.frames})} pods, {w3 - w2:.1f} s; the idle"
-        f" baseline of each thread, measured for {w1 - w0:.1f} s before, taken off)\n"
+        f" baseline of each thread, measured for {w1 - w0:.1f} s before, taken off;"
+        f" applyInterval {sub.config.apply_interval:g} s)\n"
     )
     print("| thread | us per frame |\n|---|---:|")
     total = 0.0
@@ -535,7 +555,9 @@ def bench_paced(stream: Stream, frames_per_s: float, count: int, idle: float = 3
     print(
         f"| **all** | **{per:,.0f}** |\n\ndecode + apply alone, back to back on one thread:"
         f" {floor_us:,.0f} us per frame; the receiving path costs {per / floor_us:.2f}x that"
-        f" (thread CPU is counted in clock ticks of {1e6 / tick:,.0f} us)"
+        f" (thread CPU is counted in clock ticks of {1e6 / tick:,.0f} us); one frame every"
+        f" {1e3 / frames_per_s:g} ms on one thread, no hand-off: {spaced_us:,.0f} us per frame"
+        f" ({spaced_us / floor_us:.2f}x)"
     )
 
 
@@ -656,6 +678,13 @@ def main() -> int:
     parser.add_argument("--paced-rate", type=float, default=50.0, help="part 5: frames per second")
     parser.add_argument("--paced-frames", type=int, default=1000, help="part 5: frames sent")
     parser.add_argument(
+        "--apply-interval",
+        type=float,
+        default=None,
+        help="part 5: the subscriber's applyInterval in seconds (default: its default; 0 takes "
+        "every frame as it comes)",
+    )
+    parser.add_argument(
         "--memory-entries", type=int, default=320_000, help="part 4: entries the stream fills"
     )
     parser.add_argument("--score-rate", type=float, default=500, help="part 3 score calls/s")
@@ -687,7 +716,7 @@ def main() -> int:
     if "4" in args.parts:
         bench_memory(args.memory_entries)
     if "5" in args.parts:
-        bench_paced(stream, args.paced_rate, args.paced_frames)
+        bench_paced(stream, args.paced_rate, args.paced_frames, args.apply_interval)
     return 0
 
 

@@ -431,6 +431,16 @@ class KVEventsConfig(ConfigModel):
             this subscriber started are indexed with their parents.
         max_replay_batches: Most batches taken from one replay answer.
         stats_interval: Seconds between refreshes of the index-size gauges (0 = never).
+        apply_interval: Seconds the receiving thread lets frames gather after it took some
+            (0 = every frame at once). A frame after a quiet spell is taken at once; under
+            load, the frames that arrive within the interval wait in the sockets' queues (at
+            most `rcvhwm` each) and are taken together. A frame handled a few milliseconds
+            after the last costs several times the CPU of one handled right after another
+            (caches gone cold: ``benchmarks/bench_ingest.py --parts 5``), so a live fleet's
+            events cost less in groups; the index learns of them up to this much later
+            (speculative indexing covers the scheduler's own picks meanwhile). Off by
+            default: on the live benchmark's four pods, whose frames come tens of
+            milliseconds apart, 50 ms saved nothing measurable (docs/events.md).
         discover_pods: The scheduler dials every endpoint of its endpoints file at
             ``tcp://<address>:<socketPort>`` (see `discovery_endpoints`).
         socket_port: Publisher port used by discovery.
@@ -474,6 +484,7 @@ class KVEventsConfig(ConfigModel):
     replay_on_join: bool = True
     max_replay_batches: int = Field(100_000, ge=1)
     stats_interval: float = Field(5.0, ge=0)
+    apply_interval: float = Field(0.0, ge=0, le=1.0)
     discover_pods: bool = False
     socket_port: int = Field(5557, ge=0, le=65535)
     replay_socket_port: int = Field(0, ge=0, le=65535)

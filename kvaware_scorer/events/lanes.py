@@ -68,6 +68,12 @@ class PodLanes:
         self._replaying: dict[str, int] = {}
         self._queued = 0
         self._stopped = False
+        self._active_limit = active
+        # NOTE: threads holding work (taken from `_ready`, not in a replay). A frame wakes a
+        # thread only while fewer than `active` do: a busy thread takes the next ready pod
+        # itself once done (warm, without a wake-up and a GIL hand-off per frame), and a
+        # thread woken beyond `active` would only wait for a turn.
+        self._busy = 0
         self._slots = threading.Semaphore(active)
         self._local = threading.local()
         self._threads = [
@@ -102,20 +108,26 @@ class PodLanes:
             if pod not in self._active:
                 self._active.add(pod)
                 self._ready.append(pod)
-                self._cond.notify()
+                if self._busy < self._active_limit:
+                    self._cond.notify()
         return True
 
     def replaying(self, pod: str, on: bool) -> None:
         """Mark (or unmark) `pod` as replaying: its backlog is then bounded by `replay_backlog`.
         Called on a pool thread, the thread gives its turn to apply up while the replay runs
         (and waits for one again after)."""
+        holding = getattr(self._local, "slot", None)
         with self._cond:
             n = self._replaying.get(pod, 0) + (1 if on else -1)
             if n > 0:
                 self._replaying[pod] = n
             else:
                 self._replaying.pop(pod, None)
-        holding = getattr(self._local, "slot", None)
+            if holding is not None and on == bool(holding):
+                # a pool thread leaving (or rejoining) the applying threads for a replay
+                self._busy += -1 if on else 1
+                if on and self._ready:
+                    self._cond.notify()  # its turn is free for another pod
         if holding is None:
             return  # not a pool thread
         if on and holding:
@@ -153,6 +165,7 @@ class PodLanes:
                 if self._stopped:
                     return
                 pod = self._ready.popleft()
+                self._busy += 1
                 dq = self._pending.get(pod)
                 items: list[Callable[[], None]] = []
                 while dq and len(items) < _SLICE:
@@ -177,10 +190,10 @@ class PodLanes:
                     self._slots.release()
                 self._local.slot = None
             with cond:
+                self._busy -= 1
                 dq = self._pending.get(pod)
                 if dq:
-                    self._ready.append(pod)
-                    cond.notify()
+                    self._ready.append(pod)  # this thread looks at `_ready` next
                 else:
                     self._pending.pop(pod, None)
                     self._active.discard(pod)

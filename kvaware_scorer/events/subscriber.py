@@ -432,8 +432,16 @@ class KVEventSubscriber:
             return
         self._ready.set()
         next_stats = time.monotonic() + self.config.stats_interval
+        gather = self.config.apply_interval
+        took_at: float | None = None  # when the frames just handled began to be taken
         while not self._stop_event.is_set():
             try:
+                if took_at is not None:
+                    # NOTE: frames taken just now: let the next ones gather (applyInterval)
+                    left = took_at + gather - time.monotonic()
+                    if left > 0 and self._stop_event.wait(left):
+                        break
+                    took_at = None
                 self._commands_due(dialer)
                 events = dict(poller.poll(self._poll_ms(dialer, next_stats)))
                 for sock in events:
@@ -451,12 +459,16 @@ class KVEventSubscriber:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
+                        if gather:
+                            took_at = time.monotonic() if took_at is None else took_at
                         self.frames_received += 1
                         self._on_frames(frames, pod, model)
                         # NOTE: hand the GIL to waiting threads (the scheduler's score calls)
                         # after every frame rather than after CPython's 5 ms switch interval,
                         # so ingestion at full speed does not stretch the read path's tail.
                         time.sleep(0)
+                    else:
+                        took_at = None  # more queued than one drain takes: no wait
                 if self.config.stats_interval and time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + self.config.stats_interval
                     self.sink.stats()

@@ -92,3 +92,53 @@ def test_one_frame_wakes_one_pool_thread(monkeypatch) -> None:  # type: ignore[n
         assert len(wakes) <= 36, len(wakes)
     finally:
         lanes.stop(2.0)
+
+
+def test_frames_that_come_while_every_turn_is_taken_go_to_the_busy_thread() -> None:
+    """With one applying turn, frames of other pods submitted while a thread applies do not
+    wake the idle threads (they could only wait for the turn): the busy thread takes them
+    when done, and a replay that gives the turn up still lets another thread take them."""
+    lanes = PodLanes(3, 1, capacity=100, replay_backlog=10, on_error=lambda: None)
+    ran: dict[str, str] = {}
+    release = threading.Event()
+    started = threading.Event()
+    try:
+
+        def slow() -> None:
+            ran["a"] = threading.current_thread().name
+            started.set()
+            release.wait(5)
+
+        assert lanes.submit("a", slow)
+        assert started.wait(5)
+        for pod in ("b", "c", "d"):
+            assert lanes.submit(
+                pod, lambda pod=pod: ran.update({pod: threading.current_thread().name})
+            )
+        time.sleep(0.1)  # a woken thread would have taken a pod by now (and waited for the turn)
+        release.set()
+        deadline = time.monotonic() + 5
+        while len(ran) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert {ran[p] for p in "abcd"} == {ran["a"]}
+
+        # a replay gives the turn up: another thread applies the other pods' frames meanwhile
+        replay_started = threading.Event()
+        replay_done = threading.Event()
+
+        def replaying() -> None:
+            lanes.replaying("a", True)
+            replay_started.set()
+            replay_done.wait(5)
+            lanes.replaying("a", False)
+
+        assert lanes.submit("a", replaying)
+        assert replay_started.wait(5)
+        other = threading.Event()
+        assert lanes.submit("e", other.set)
+        assert other.wait(5)
+        replay_done.set()
+    finally:
+        release.set()
+        lanes.stop(2.0)

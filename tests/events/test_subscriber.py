@@ -683,3 +683,51 @@ def test_replay_endpoints_per_rank_and_discovery() -> None:
     plain = KVEventSubscriber(ix, KVEventsConfig())
     assert plain.replay_endpoint("10.0.0.9:8000", 0) is None
     assert plain.replay("10.0.0.9:8000", 0, 0, "gap") is None
+
+
+def test_apply_interval_takes_a_lone_frame_at_once_and_gathers_the_next(
+    indexer: Indexer,
+) -> None:
+    """``applyInterval``: the first frame after a quiet spell is taken at once; frames that
+    come within the interval after it wait in the socket's queue and are taken together once
+    it has passed, none lost; `stop` ends that wait at once."""
+    toks = list(range(48))
+    port = free_port()
+    with VllmEventPublisher(tcp(port), bind=True) as pub:
+        sub = make_sub(indexer, apply_interval=1.0)
+        sub.start()
+        try:
+            sub.add_endpoint(POD, tcp(port))
+            assert pub.wait_for_subscriber(10)
+            pub.publish([store([1], toks[:16])])
+            wait_until(lambda: sub.frames_received == 1)
+            seen = time.monotonic()
+            pub.publish([store([2], toks[16:32], parent=1)])
+            pub.publish([store([3], toks[32:], parent=2)])
+            time.sleep(0.2)
+            # NOTE: the interval began when the first frame was taken, a little before `seen`
+            # (a loaded machine may have been slower to get here)
+            if time.monotonic() - seen < 0.5:
+                assert sub.frames_received == 1
+            wait_until(lambda: sub.frames_received == 3)
+            wait_until(lambda: indexer.score(MODEL, toks, [POD]) == {POD: 1.0})
+        finally:
+            sub.stop()
+        assert counter(indexer, "kvaware_seq_gaps_total") == 0
+
+    # a stop while the loop lets frames gather ends the wait (here one far longer than the
+    # test); a new publisher, which sees this subscriber join
+    port = free_port()
+    with VllmEventPublisher(tcp(port), bind=True) as pub:
+        sub = make_sub(indexer)
+        object.__setattr__(sub.config, "apply_interval", 600.0)
+        sub.start()
+        try:
+            sub.add_endpoint("10.0.0.2:8000", tcp(port))
+            assert pub.wait_for_subscriber(10)
+            pub.publish([store([4], toks[:16])])
+            wait_until(lambda: sub.frames_received == 1)
+        finally:
+            t0 = time.monotonic()
+            sub.stop()
+        assert not sub.running and time.monotonic() - t0 < 10.0
