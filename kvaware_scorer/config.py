@@ -434,8 +434,8 @@ class KVEventsConfig(ConfigModel):
         apply_interval: Seconds the receiving thread lets frames gather after it took some
             (0 = every frame at once). A frame after a quiet spell is taken at once; under
             load, the frames that arrive within the interval wait in the sockets' queues (at
-            most `rcvhwm` each) and are taken together. A frame handled a few milliseconds
-            after the last costs several times the CPU of one handled right after another
+            most `rcvhwm` each) and are taken together. A frame handled tens of milliseconds
+            after the last costs ~3x the CPU of one handled right after another
             (caches gone cold: ``benchmarks/bench_ingest.py --parts 5``), so a live fleet's
             events cost less in groups; the index learns of them up to this much later
             (speculative indexing covers the scheduler's own picks meanwhile). Off by
