@@ -459,8 +459,8 @@ class KVEventSubscriber:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
-                        if gather:
-                            took_at = time.monotonic() if took_at is None else took_at
+                        if gather and took_at is None:
+                            took_at = time.monotonic()
                         self.frames_received += 1
                         self._on_frames(frames, pod, model)
                         # NOTE: hand the GIL to waiting threads (the scheduler's score calls)
